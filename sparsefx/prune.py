@@ -112,12 +112,10 @@ def prune(
         return work.train(model.training)
     scores = score(gm, coupling, candidates, example_inputs=inputs, **importance_options)
     removed = select(candidates, scores, ratio_of, round_to, global_ranking)
-    with torch.no_grad():
-        reference = gm(*inputs)
-    del reference
+    code_before = gm.code
     roots = [gm] if work is gm else [gm, work]
     remove_channels(roots, coupling, removed)
-    return _choose_result(work, gm, inputs).train(model.training)
+    return _choose_result(work, gm, inputs, graph_changed=gm.code != code_before).train(model.training)
 
 
 def _ratio_rule(ratio: Ratio) -> Callable[[ChannelGroup], float]:
@@ -215,10 +213,17 @@ def _global_counts(groups: list[ChannelGroup], scores: dict[int, np.ndarray],
     return counts
 
 
-def _choose_result(work: nn.Module, gm: torch.fx.GraphModule, inputs: tuple) -> nn.Module:
-    """Prefer the user's own class when it still computes what the rewritten graph does."""
+def _choose_result(work: nn.Module, gm: torch.fx.GraphModule, inputs: tuple, graph_changed: bool) -> nn.Module:
+    """Prefer the user's own class when it still computes what the rewritten graph does.
+
+    With no graph constant rewritten, the trace of the user's forward is unchanged, so
+    the user's class is that graph; otherwise compare the two on the example inputs."""
     if work is gm:
         return gm
+    if not graph_changed:
+        with torch.no_grad():
+            work(*inputs)  # surfaces a broken rewrite here, not in the user's hands
+        return work
     with torch.no_grad():
         expected = gm(*inputs)
         try:

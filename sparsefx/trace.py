@@ -111,7 +111,10 @@ def _export_trace(model: nn.Module, inputs: tuple) -> torch.fx.GraphModule:
     for shapes in (dynamic, None):
         try:
             program = torch.export.export(model, inputs, dynamic_shapes=shapes, strict=False)
-            return program.module()
+            exported = program.module()
+            # A plain GraphModule (same graph and pytree calling convention) can be trained,
+            # which the exported wrapper refuses.
+            return torch.fx.GraphModule(exported, exported.graph, class_name=f"Exported{type(model).__name__}")
         except Exception as error:  # retry with static shapes before giving up
             errors.append(error)
     raise TraceError(f"torch.export cannot capture the model: {_one_line(errors[-1])}")

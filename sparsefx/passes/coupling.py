@@ -121,6 +121,8 @@ class Ctx:
         self.slots: dict[tuple[str, int], Slot] = {}
         self.env: dict[torch.fx.Node, object] = {}
         self.patches: list[tuple[torch.fx.Node, str, dict]] = []
+        # Non-tensor nodes computed from tensor sizes: node -> {(tensor node, axis or None)}.
+        self.size_origins: dict[torch.fx.Node, set[tuple[torch.fx.Node, int | None]]] = {}
         self.modules = dict(gm.named_modules())
         self._canonical: dict[int, str] = {}
         for name, tensor in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
@@ -208,11 +210,33 @@ def analyze_coupling(gm: torch.fx.GraphModule) -> Coupling:
                 _freeze_output(ctx, item)
         elif node.meta.get("sfx_shape") is None:
             ctx.env[node] = None  # sizes, flags, None results: no channels
+            _record_size_origin(ctx, node)
         else:
             rule = lookup_rule(ctx, node) or default_rule
             ctx.env[node] = _checked(ctx, node, rule(ctx, node))
         node.meta["sfx_chan"] = ctx.env.get(node)
     return _build_groups(ctx)
+
+
+def _record_size_origin(ctx: Ctx, node: torch.fx.Node) -> None:
+    """Remember which tensor axes a size value was read from (x.size(1), x.shape, sym_size)."""
+    args = node.args
+    tensor = args[0] if args and isinstance(args[0], torch.fx.Node) and isinstance(
+        args[0].meta.get("sfx_shape"), tuple) else None
+    if tensor is not None and (node.target in ("size", getattr) or str(node.target).startswith("aten.sym_size")):
+        if node.target is getattr and args[1] != "shape":
+            return
+        dim = args[1] if len(args) > 1 and isinstance(args[1], int) else None
+        ndim = len(tensor.meta["sfx_shape"])
+        ctx.size_origins[node] = {(tensor, None if dim is None else dim % ndim)}
+        return
+    origins = set().union(*(ctx.size_origins.get(a, set()) for a in node.all_input_nodes))
+    if node.target is operator.getitem and isinstance(args[1], int) and len(origins) == 1:
+        (tensor, dim), = origins
+        if dim is None:
+            origins = {(tensor, args[1] % len(tensor.meta["sfx_shape"]))}
+    if origins:
+        ctx.size_origins[node] = origins
 
 
 def _checked(ctx: Ctx, node: torch.fx.Node, cmap: object) -> object:

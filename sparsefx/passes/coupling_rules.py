@@ -383,9 +383,32 @@ def _reshape(ctx: Ctx, node: torch.fx.Node, patch: bool) -> list[Factor]:
     x = ctx.info(node.args[0])
     out = _out_shape(node)
     cmap = layout.reshape(ctx.uf, x.shape, out, x.cmap, f"{describe_node(node)} mixes channel axes")
-    if patch and cmap:
-        ctx.patch(node, "shape", factors=cmap)
+    if patch:
+        _guard_sizes(ctx, node, cmap)
+        if cmap:
+            ctx.patch(node, "shape", factors=cmap)
     return cmap
+
+
+def _guard_sizes(ctx: Ctx, node: torch.fx.Node, cmap: list[Factor]) -> None:
+    """A size read from a channel axis that lands on an untracked axis would go stale
+    after pruning: keep those channels."""
+    rest = node.args[1:]
+    elements = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
+    if len(elements) == 1 and isinstance(elements[0], torch.fx.Node):
+        positions = [(None, elements[0])]  # a whole shape computed by the graph
+    else:
+        positions = list(enumerate(elements))
+    tracked = {a for f in cmap for a in f.axes}
+    for position, element in positions:
+        for tensor, dim in ctx.size_origins.get(element, set()) if isinstance(element, torch.fx.Node) else ():
+            source = ctx.info(tensor)
+            for factor in source.cmap if source else []:
+                axes = factor.axes if dim is None else [dim] if dim in factor.axes else []
+                for axis in axes:
+                    landing = axis if position is None else position
+                    if landing not in tracked:
+                        ctx.uf.freeze(factor.ids, f"{describe_node(node)} reuses a channel count")
 
 
 @rule("view", "reshape", torch.reshape, aten.view, aten.reshape, aten._unsafe_view, "unflatten", torch.unflatten,
@@ -422,9 +445,12 @@ def expand(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
     x = ctx.info(node.args[0])
     out = _out_shape(node)
     offset = len(out) - len(x.shape)
-    cmap = layout.permute(x.cmap, {a: a + offset for a in range(len(x.shape))})
-    if cmap and node.target != "expand_as":
-        ctx.patch(node, "shape", factors=cmap)
+    cmap = [f for f in layout.permute(x.cmap, {a: a + offset for a in range(len(x.shape))})
+            if all(out[a] == n for a, n in zip(f.axes, f.ids.shape, strict=True))]
+    if node.target != "expand_as":
+        _guard_sizes(ctx, node, cmap)
+        if cmap:
+            ctx.patch(node, "shape", factors=cmap)
     return cmap
 
 

@@ -48,7 +48,7 @@ def _norm_scores(gm: torch.nn.Module, coupling: Coupling, groups: list[ChannelGr
             return None  # running statistics describe data, not what the channel contributes
         if s not in cache:
             w = _weights(gm, slot.param).detach().float().movedim(slot.dim, 0).reshape(slot.ids.size, -1)
-            cache[s] = (w.abs().pow(p).sum(1)).numpy()
+            cache[s] = (w.abs() if p == 1 else w.pow(2)).sum(1).numpy()
         return cache[s]
 
     return {g.id: _reduce(g, coupling, per_position) for g in groups}

@@ -111,27 +111,37 @@ def reshape(uf: ChannelIds, src: tuple[int, ...], dst: tuple[int, ...], cmap: li
 
     Merging axes repeats ids (flatten -> linear); splitting a channel axis in two makes
     the outer axis the removable unit (attention heads, conv groups)."""
+    groups = reshape_groups(src, dst)
+    home = {a: k for k, (gi, _) in enumerate(groups) for a in gi}
     out: list[Factor] = []
-    for gi, gj in reshape_groups(src, dst):
-        touching = [f for f in cmap if set(f.axes) & set(gi)]
-        if not touching:
-            continue
-        if len(touching) > 1 or not set(touching[0].axes) <= set(gi) or not gj:
-            for f in touching:
-                uf.freeze(f.ids, why)
-            continue
-        factor = touching[0]
-        group_shape = [src[a] for a in gi]
-        index_shape = [src[a] if a in factor.axes else 1 for a in gi]
-        full = np.broadcast_to(factor.ids.reshape(index_shape), group_shape)
-        arr = full.reshape([dst[b] for b in gj])
-        keep = [k for k in range(arr.ndim) if not np.all(arr == arr.take([0], axis=k))]
-        if not keep:
+    for factor in cmap:
+        touched = sorted({home[a] for a in factor.axes})
+        if len(touched) == 1:
+            made = _regroup(uf, factor, *groups[touched[0]], src, dst)
+        elif all(len(groups[k][0]) == 1 and len(groups[k][1]) == 1 for k in touched):
+            made = factor.moved({groups[k][0][0]: groups[k][1][0] for k in touched})  # axes only renumbered
+        else:
+            made = None
+        if made is None:
             uf.freeze(factor.ids, why)
-            continue
-        arr = arr[tuple(slice(None) if k in keep else 0 for k in range(arr.ndim))]
-        if arr.ndim >= 2:
-            for row in arr.reshape(arr.shape[0], -1):
-                uf.union_all(row)
-        out.append(Factor(tuple(gj[k] for k in keep), np.ascontiguousarray(arr)))
+        else:
+            out.append(made)
     return out
+
+
+def _regroup(uf: ChannelIds, factor: Factor, gi: list[int], gj: list[int], src: tuple[int, ...],
+             dst: tuple[int, ...]) -> Factor | None:
+    if not gj:
+        return None
+    group_shape = [src[a] for a in gi]
+    index_shape = [src[a] if a in factor.axes else 1 for a in gi]
+    full = np.broadcast_to(factor.ids.reshape(index_shape), group_shape)
+    arr = full.reshape([dst[b] for b in gj])
+    keep = [k for k in range(arr.ndim) if not np.all(arr == arr.take([0], axis=k))]
+    if not keep:
+        return None
+    arr = arr[tuple(slice(None) if k in keep else 0 for k in range(arr.ndim))]
+    if arr.ndim >= 2:
+        for row in arr.reshape(arr.shape[0], -1):
+            uf.union_all(row)
+    return Factor(tuple(gj[k] for k in keep), np.ascontiguousarray(arr))

@@ -54,6 +54,7 @@ def remove_channels(roots: list[nn.Module], coupling: Coupling, removed: set[int
     by_param: dict[str, list] = defaultdict(list)
     for slot in coupling.slots:
         by_param[slot.param].append(slot)
+    holders = _tensor_holders(roots)
     for name, slots in by_param.items():
         tensor = operator.attrgetter(name)(gm)
         new = tensor.detach()
@@ -62,8 +63,7 @@ def remove_channels(roots: list[nn.Module], coupling: Coupling, removed: set[int
             if not mask.all():
                 new = new.index_select(slot.dim, torch.as_tensor(np.nonzero(mask)[0], device=new.device))
         if new.shape != tensor.shape:
-            for root in roots:
-                _replace_tensor(root, tensor, new.clone())
+            _replace_tensor(holders.get(id(tensor), []), tensor, new)
     for node, kind, payload in coupling.patches:
         PATCHERS[kind](gm, node, payload, kept)
     for root in roots:
@@ -77,17 +77,26 @@ def remove_channels(roots: list[nn.Module], coupling: Coupling, removed: set[int
     return before - sum(p.numel() for p in gm.parameters())
 
 
-def _replace_tensor(root: nn.Module, old: torch.Tensor, new: torch.Tensor) -> None:
-    """Swap every reference to `old` under `root` (tied weights share one tensor)."""
-    for module in root.modules():
-        for store in (module._parameters, module._buffers):
-            for key, value in store.items():
-                if value is old:
-                    store[key] = nn.Parameter(new, requires_grad=old.requires_grad) if key in module._parameters \
-                        else new
-        for key, value in list(vars(module).items()):
-            if value is old and not key.startswith("_"):  # plain tensor attributes (export constants)
-                setattr(module, key, new)
+def _tensor_holders(roots: list[nn.Module]) -> dict[int, list[tuple[dict, str]]]:
+    """Every place a tensor is stored under `roots` (tied weights share one tensor)."""
+    holders: dict[int, list[tuple[dict, str]]] = defaultdict(list)
+    seen: set[int] = set()
+    for root in roots:
+        for module in root.modules():
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            for store in (module._parameters, module._buffers, vars(module)):
+                for key, value in store.items():
+                    if isinstance(value, torch.Tensor):
+                        holders[id(value)].append((store, key))
+    return holders
+
+
+def _replace_tensor(places: list[tuple[dict, str]], old: torch.Tensor, new: torch.Tensor) -> None:
+    value = nn.Parameter(new.clone(), requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new.clone()
+    for store, key in places:
+        store[key] = value
 
 
 # --- graph constants ----------------------------------------------------------------------

@@ -1,0 +1,216 @@
+"""Command line: `sparsefx inspect|prune|demo`. Run `sparsefx -h` for usage."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import sparsefx
+from sparsefx.backends.eager import measure_latency
+from sparsefx.errors import SparsefxError
+from sparsefx.models import SPEC_HELP, load_model
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except SparsefxError as error:
+        message = " ".join(str(error).split())  # user errors are promised to be one line
+        print(f"sparsefx: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sparsefx: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `sparsefx inspect ... | head` closed stdout early; that is not an error
+        sys.stdout = open(os.devnull, "w")  # else shutdown flushes and raises again
+        return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsefx", description="Structured channel pruning for PyTorch.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    inspect = commands.add_parser("inspect", help="show channel groups and per-layer MACs/params")
+    _add_model_args(inspect)
+    inspect.set_defaults(handler=_inspect)
+
+    prune = commands.add_parser("prune", help="prune a model and save it with torch.save")
+    _add_model_args(prune)
+    prune.add_argument("--ratio", type=_ratio, default=0.5,
+                       help="fraction of channels to remove: 0.5, or per module prefix: layer1=0.3,layer2=0.5")
+    prune.add_argument("--importance", default="l1", help="channel importance criterion (default: l1)")
+    prune.add_argument("--round-to", type=int, default=1, help="keep channel counts a multiple of N")
+    prune.add_argument("--global", dest="global_ranking", action="store_true",
+                       help="rank channels across all groups instead of within each group")
+    prune.add_argument("--ignore", nargs="+", action="extend", default=[], metavar="NAME",
+                       help="module names whose channels must not be pruned")
+    prune.add_argument("--out", type=Path, required=True, help="where to save the pruned model (.pt)")
+    prune.add_argument("--repeat", type=int, default=20, help="forward passes per latency measurement")
+    prune.set_defaults(handler=_prune)
+
+    demo = commands.add_parser("demo", help="prune the built-in model at 0.5 and report the change")
+    demo.add_argument("--ratio", type=_ratio, default=0.5, help="fraction of channels to remove")
+    demo.add_argument("--repeat", type=int, default=50, help="forward passes per latency measurement")
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help=SPEC_HELP.removeprefix("use "))
+    parser.add_argument("--batch-size", type=int, default=1, help="batch size of the example input")
+    parser.add_argument("--input-shape", type=_shape, default=None, metavar="N,C,H,W",
+                        help="example input shape, e.g. 1,3,224,224 (needed for factories that return no inputs)")
+    parser.add_argument("--method", choices=("auto", "fx", "export"), default="auto",
+                        help="graph capture: torch.fx, torch.export, or fx with export as fallback")
+
+
+def _ratio(text: str) -> float | dict[str, float]:
+    try:
+        if "=" not in text:
+            return float(text)
+        pairs = (item.split("=", 1) for item in text.split(",") if item)
+        return {prefix.strip(): float(value) for prefix, value in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a ratio: write 0.5 or layer1=0.3,layer2=0.5") from None
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(dim) for dim in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape: write e.g. 1,3,224,224") from None
+
+
+def _status(message: str) -> None:
+    """Progress goes to stderr so stdout stays a clean report."""
+    print(f"[sparsefx] {message}", file=sys.stderr, flush=True)
+
+
+def _load(args: argparse.Namespace) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    _status(f"loading {args.model}")
+    return load_model(args.model, batch_size=args.batch_size, input_shape=args.input_shape)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    model, inputs = _load(args)
+    _status("tracing and finding channel groups")
+    analysis = sparsefx.analyze(model, inputs, method=args.method)
+    prunable = sum(group.prunable for group in analysis.groups)
+    print(f"channel groups: {len(analysis.groups)} ({prunable} prunable)")
+    for group in analysis.groups:
+        print(f"  {group}")
+    print()
+    print(_layer_table(analysis.gm))
+    return 0
+
+
+def _layer_table(gm: torch.fx.GraphModule) -> str:
+    """One row per node that does arithmetic or holds weights, then totals over the whole graph."""
+    modules = dict(gm.named_modules())
+    rows = [("node", "op", "output shape", "MACs", "params")]
+    total_macs = total_params = 0
+    for node in gm.graph.nodes:
+        macs, params = node.meta.get("sfx_macs", 0), node.meta.get("sfx_params", 0)
+        total_macs, total_params = total_macs + macs, total_params + params
+        if macs or params:
+            shape = node.meta.get("sfx_shape")
+            rows.append((node.name, _op_name(node, modules), _shape_text(shape), f"{macs:,}", f"{params:,}"))
+    rows.append(("total", "", "", f"{total_macs:,}", f"{total_params:,}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = [
+        "  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        for row in rows
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.insert(-1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def _op_name(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str:
+    if node.op == "call_module":
+        return type(modules[node.target]).__name__
+    if node.op in ("call_function", "call_method"):
+        return getattr(node.target, "__name__", str(node.target))
+    return node.op
+
+
+def _shape_text(shape: object) -> str:
+    if isinstance(shape, torch.Size | tuple | list) and all(isinstance(d, int) for d in shape):
+        return "x".join(map(str, shape)) or "scalar"
+    return str(shape) if shape is not None else "-"
+
+
+def _prune(args: argparse.Namespace) -> int:
+    if not args.out.parent.is_dir():
+        raise SparsefxError(f"output directory {str(args.out.parent)!r} does not exist: create it or change --out")
+    model, inputs = _load(args)
+    _status(f"pruning with ratio {args.ratio}")
+    started = time.perf_counter()
+    pruned = sparsefx.prune(
+        model, inputs, ratio=args.ratio, importance=args.importance, round_to=args.round_to,
+        global_ranking=args.global_ranking, ignore=tuple(args.ignore), method=args.method,
+    )
+    _status(f"pruned in {time.perf_counter() - started:.2f} s; measuring")
+    print(_compare(model, pruned, inputs, repeat=args.repeat))
+    torch.save(pruned, args.out)
+    print(f"saved {args.out} (load with `import sparsefx; torch.load(path, weights_only=False)`)")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    model, inputs = load_model("default")
+    _status("analysing the built-in model (TinyResNet, input 1x3x32x32)")
+    analysis = sparsefx.analyze(model, inputs)
+    prunable = [group for group in analysis.groups if group.prunable]
+    print(f"TinyResNet: {len(analysis.groups)} channel groups, {len(prunable)} prunable")
+    for group in analysis.groups:
+        print(f"  {group}")
+    _status(f"pruning {args.ratio} of the channels in each group")
+    started = time.perf_counter()
+    pruned = sparsefx.prune(model, inputs, ratio=args.ratio)
+    print(f"pruned in {time.perf_counter() - started:.2f} s")
+    _status("measuring latency")
+    print(_compare(model, pruned, inputs, repeat=args.repeat))
+    with torch.inference_mode():
+        dense_shape, pruned_shape = model(*inputs).shape, pruned(*inputs).shape
+    if dense_shape != pruned_shape:
+        print(f"FAIL: output shape changed {tuple(dense_shape)} -> {tuple(pruned_shape)}", file=sys.stderr)
+        return 1
+    print(f"forward check: output shape {tuple(pruned_shape)} unchanged")
+    return 0
+
+
+def _compare(dense: nn.Module, pruned: nn.Module, inputs: tuple[torch.Tensor, ...], repeat: int) -> str:
+    """MACs, params and eager latency before -> after, measured the same way for both models."""
+    macs = sparsefx.count_macs(dense, inputs), sparsefx.count_macs(pruned, inputs)
+    params = sparsefx.count_params(dense), sparsefx.count_params(pruned)
+    latency = [measure_latency(m, inputs, repeat=repeat)["median_ms"] for m in (dense, pruned)]
+    return "\n".join([
+        _before_after("MACs", *macs, _human),
+        _before_after("params", *params, _human),
+        _before_after("latency", *latency, lambda ms: f"{ms:.2f} ms", suffix=" (eager CPU, median)"),
+    ])
+
+
+def _before_after(label: str, before: float, after: float, fmt, suffix: str = "") -> str:
+    change = f"{(after - before) / before:+.1%}" if before else "n/a"
+    return f"{label:<8} {fmt(before):>10} -> {fmt(after):>10}  ({change}){suffix}"
+
+
+def _human(count: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(count) >= scale:
+            return f"{count / scale:.2f} {unit}"
+    return f"{count:.0f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

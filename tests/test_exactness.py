@@ -1,0 +1,77 @@
+"""Physical removal is exact: channels whose own weights are zero can go without changing outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import sparsefx
+from sparsefx.passes.importance import OWN_ROLES
+
+from .models_zoo import CASES
+
+
+def zero_lowest_classes(model: torch.nn.Module, inputs: tuple, ratio: float, method: str, seed: int = 0) -> int:
+    """Zero the own parameters (producer rows, norm affine terms) of a random `ratio` of
+    every prunable group's units; returns how many units were zeroed."""
+    analysis = sparsefx.analyze(model, inputs, method=method)
+    rng = np.random.default_rng(seed)
+    zeroed = 0
+    with torch.no_grad():
+        for group in analysis.groups:
+            if not group.prunable:
+                continue
+            free = group.free
+            chosen = rng.choice(len(free), size=int(len(free) * ratio), replace=False)
+            for index in chosen:
+                members = group.members[free[index]]
+                for s, positions in members.items():
+                    slot = group.slot_objs[s]
+                    if slot.roles & OWN_ROLES:
+                        tensor = dict(model.named_parameters()) | dict(model.named_buffers())
+                        tensor[slot.param].index_fill_(slot.dim, torch.as_tensor(positions), 0.0)
+                zeroed += 1
+    return zeroed
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_pruning_zeroed_channels_is_exact(case: str, method: str) -> None:
+    torch.manual_seed(0)
+    build, make_inputs = CASES[case]
+    model, inputs = build().eval(), make_inputs()
+    assert zero_lowest_classes(model, inputs, 0.5, method) > 0
+    with torch.no_grad():
+        expected = model(*inputs)
+    pruned = sparsefx.prune(model, inputs, ratio=0.5, importance="l1", method=method)
+    assert sparsefx.count_params(pruned) < sparsefx.count_params(model)
+    with torch.no_grad():
+        actual = pruned(*inputs)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_structure_has_prunable_groups(case: str) -> None:
+    build, make_inputs = CASES[case]
+    analysis = sparsefx.analyze(build().eval(), make_inputs())
+    assert any(g.prunable for g in analysis.groups)
+
+
+def test_attention_prunes_whole_heads() -> None:
+    build, make_inputs = CASES["attention"]
+    analysis = sparsefx.analyze(build().eval(), make_inputs())
+    heads = [g for g in analysis.groups if any(s.layer == "q" for s in g.producers())]
+    assert len(heads) == 1
+    group = heads[0]
+    assert len(group.classes) == 4 and group.size == 32  # 4 heads of 8 channels
+    assert {s.layer for s in group.producers()} == {"q", "k", "v"}
+
+
+def test_depthwise_and_grouped_convs_lose_whole_groups() -> None:
+    build, make_inputs = CASES["depthwise"]
+    model, inputs = build().eval(), make_inputs()
+    pruned = sparsefx.prune(model, inputs, ratio=0.5)
+    assert pruned.dw[0].groups == pruned.dw[0].in_channels == pruned.dw[0].out_channels == 24
+    assert pruned.grouped[0].groups == 2 and pruned.norm.num_groups * 4 == pruned.norm.num_channels
+    assert pruned(*inputs).shape == model(*inputs).shape
