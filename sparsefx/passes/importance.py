@@ -92,7 +92,7 @@ def taylor(gm: torch.nn.Module, coupling: Coupling, groups: list[ChannelGroup], 
     tensors = {name: _weights(gm, name) for name in params}
     grads_on = {name: t.requires_grad for name, t in tensors.items()}
     for t in tensors.values():
-        if t.is_floating_point():
+        if isinstance(t, torch.nn.Parameter):  # buffers (running statistics) take no gradient
             t.requires_grad_(True)
     was_training = gm.training
     gm.eval()
