@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import sparsefx
-from sparsefx.backends.eager import measure_latency
+from sparsefx.backends.eager import measure_latencies
 from sparsefx.errors import SparsefxError
 from sparsefx.models import SPEC_HELP, load_model
 
@@ -192,11 +192,11 @@ def _compare(dense: nn.Module, pruned: nn.Module, inputs: tuple[torch.Tensor, ..
     """MACs, params and eager latency before -> after, measured the same way for both models."""
     macs = sparsefx.count_macs(dense, inputs), sparsefx.count_macs(pruned, inputs)
     params = sparsefx.count_params(dense), sparsefx.count_params(pruned)
-    latency = [measure_latency(m, inputs, repeat=repeat)["median_ms"] for m in (dense, pruned)]
+    latency = measure_latencies({"dense": dense, "pruned": pruned}, inputs, repeat=repeat)
     return "\n".join([
         _before_after("MACs", *macs, _human),
         _before_after("params", *params, _human),
-        _before_after("latency", *latency, lambda ms: f"{ms:.2f} ms", suffix=" (eager CPU, median)"),
+        _before_after("latency", latency["dense"], latency["pruned"], lambda ms: f"{ms:.2f} ms", suffix=" (eager CPU, median)"),
     ])
 
 

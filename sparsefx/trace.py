@@ -8,7 +8,6 @@ documented in `sparsefx.passes.annotate`.
 
 from __future__ import annotations
 
-import sys
 import traceback
 from collections.abc import Sequence
 
@@ -139,5 +138,3 @@ def _silence_export_logs() -> None:
 
 
 _silence_export_logs()
-if sys.version_info < (3, 11):  # pragma: no cover - pyproject requires 3.11
-    raise ImportError("sparsefx needs Python 3.11 or newer")

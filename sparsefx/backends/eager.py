@@ -34,3 +34,16 @@ def measure_latency(
             times_ms.append((time.perf_counter() - t0) * 1e3)
     p10, median, p90 = np.percentile(times_ms, [10, 50, 90])
     return {"median_ms": float(median), "p10_ms": float(p10), "p90_ms": float(p90), "runs": len(times_ms)}
+
+
+def measure_latencies(
+    models: dict[str, nn.Module], example_inputs: tuple[torch.Tensor, ...], repeat: int = 20, rounds: int = 5
+) -> dict[str, float]:
+    """Median latency in ms per model, measured in alternating rounds so that load from other
+    processes (common on shared CPUs) hits every model alike instead of whichever ran during it."""
+    per_round: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            stats = measure_latency(model, example_inputs, warmup=1, repeat=max(1, repeat // rounds))
+            per_round[name].append(stats["median_ms"])
+    return {name: float(np.median(times)) for name, times in per_round.items()}

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 import torch.fx
 
-from .annotate import target_key
 from .channels import ChannelIds, Factor
 
 PRODUCER_ROLES = frozenset({"out"})
@@ -82,6 +81,15 @@ class ChannelGroup:
 
     def producers(self) -> list[Slot]:
         return [self.slot_objs[s] for s in self.slots if self.slot_objs[s].roles & PRODUCER_ROLES]
+
+    def as_dict(self) -> dict:
+        """Plain data (JSON-ready): what the group holds and why it can or cannot shrink."""
+        return {
+            "id": self.id, "channels": self.size, "units": len(self.classes), "free_units": len(self.free),
+            "prunable": self.prunable, "reason": self.reason(),
+            "slots": [{"param": self.slot_objs[s].param, "dim": self.slot_objs[s].dim, "layer": self.slot_objs[s].layer,
+                       "roles": sorted(self.slot_objs[s].roles)} for s in self.slots],
+        }
 
     def reason(self) -> str:
         if self.prunable:
@@ -275,12 +283,16 @@ def _build_groups(ctx: Ctx) -> Coupling:
     roots = ctx.uf.roots()
     slots = list(ctx.slots.values())
     members: dict[int, dict[int, np.ndarray]] = defaultdict(dict)
-    for index, slot in enumerate(slots):
-        slot_roots = roots[slot.ids]
-        order = np.argsort(slot_roots, kind="stable")
-        unique, starts = np.unique(slot_roots[order], return_index=True)
-        for root, chunk in zip(unique.tolist(), np.split(order, starts[1:]), strict=True):
-            members[root][index] = np.sort(chunk)
+    if slots:
+        root = np.concatenate([roots[slot.ids] for slot in slots])
+        owner = np.concatenate([np.full(slot.ids.size, i) for i, slot in enumerate(slots)])
+        position = np.concatenate([np.arange(slot.ids.size) for slot in slots])
+        order = np.lexsort((position, owner, root))
+        root, owner, position = root[order], owner[order], position[order]
+        starts = np.flatnonzero(np.r_[True, (root[1:] != root[:-1]) | (owner[1:] != owner[:-1])])
+        ends = np.r_[starts[1:], root.size]
+        for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
+            members[int(root[start])][int(owner[start])] = position[start:end]
     by_key: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for root, where in members.items():
         by_key[tuple(sorted(where))].append(root)

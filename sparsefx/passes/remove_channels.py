@@ -57,7 +57,7 @@ def remove_channels(roots: list[nn.Module], coupling: Coupling, removed: set[int
     holders = _tensor_holders(roots)
     for name, slots in by_param.items():
         tensor = operator.attrgetter(name)(gm)
-        new = tensor.detach()
+        new = tensor.detach()  # index_select copies, so the input model's tensors stay intact
         for slot in slots:
             mask = kept.mask(slot.ids)
             if not mask.all():
@@ -94,7 +94,7 @@ def _tensor_holders(roots: list[nn.Module]) -> dict[int, list[tuple[dict, str]]]
 
 
 def _replace_tensor(places: list[tuple[dict, str]], old: torch.Tensor, new: torch.Tensor) -> None:
-    value = nn.Parameter(new.clone(), requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new.clone()
+    value = nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
     for store, key in places:
         store[key] = value
 

@@ -1,0 +1,72 @@
+"""The `sparsefx` command end to end on the embedded default model."""
+
+import pytest
+import torch
+
+import sparsefx
+from sparsefx.backends.eager import measure_latencies, measure_latency
+from sparsefx.cli import main
+from sparsefx.models import load_model
+
+
+def test_inspect_default_lists_groups_and_layer_totals(capsys):
+    assert main(["inspect", "default"]) == 0
+    out = capsys.readouterr().out
+    assert "channel groups:" in out
+    total_line = [line for line in out.splitlines() if line.startswith("total")]
+    assert len(total_line) == 1
+    model, inputs = load_model("default")
+    assert f"{sparsefx.count_macs(model, inputs):,}" in total_line[0]
+
+
+def test_prune_default_saves_a_smaller_loadable_model(tmp_path, capsys):
+    out_file = tmp_path / "pruned.pt"
+    assert main(["prune", "default", "--ratio", "0.5", "--repeat", "2", "--out", str(out_file)]) == 0
+    assert "MACs" in capsys.readouterr().out
+    pruned = torch.load(out_file, weights_only=False)
+    dense, inputs = load_model("default")
+    with torch.inference_mode():
+        assert pruned(*inputs).shape == dense(*inputs).shape
+    assert sparsefx.count_macs(pruned, inputs) < sparsefx.count_macs(dense, inputs)
+    assert sparsefx.count_params(pruned) < sparsefx.count_params(dense)
+
+
+def test_demo_prunes_and_checks_the_forward_shape(capsys):
+    assert main(["demo", "--repeat", "2"]) == 0
+    assert "unchanged" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["inspect", "no-such-model"],
+        ["prune", "torchvision:resnet81", "--out", "x.pt"],
+        ["prune", "default", "--out", "/no/such/dir/x.pt"],
+    ],
+)
+def test_user_errors_exit_2_with_one_line(argv, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    # Progress lines ("[sparsefx] ...") may come first; the error itself is one final line.
+    assert err.splitlines()[-1].startswith("sparsefx: error: ")
+    assert sum(line.startswith("sparsefx:") for line in err.splitlines()) == 1
+    assert "Traceback" not in err
+
+
+def test_bad_ratio_is_rejected_by_argparse():
+    with pytest.raises(SystemExit) as info:
+        main(["prune", "default", "--ratio", "half", "--out", "x.pt"])
+    assert info.value.code == 2
+
+
+def test_measure_latency_reports_ordered_percentiles():
+    model, inputs = load_model("default")
+    stats = measure_latency(model, inputs, warmup=1, repeat=5)
+    assert stats["runs"] >= 5
+    assert 0 < stats["p10_ms"] <= stats["median_ms"] <= stats["p90_ms"]
+
+
+def test_measure_latencies_times_every_model():
+    model, inputs = load_model("default")
+    latencies = measure_latencies({"a": model, "b": model}, inputs, repeat=4, rounds=2)
+    assert set(latencies) == {"a", "b"} and all(ms > 0 for ms in latencies.values())
