@@ -20,6 +20,8 @@ from sparsefx.models import SPEC_HELP, load_model
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     try:
         return args.handler(args)
     except SparsefxError as error:
@@ -54,11 +56,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="module names whose channels must not be pruned")
     prune.add_argument("--out", type=Path, required=True, help="where to save the pruned model (.pt)")
     prune.add_argument("--repeat", type=int, default=20, help="forward passes per latency measurement")
+    _add_threads_arg(prune)
     prune.set_defaults(handler=_prune)
 
     demo = commands.add_parser("demo", help="prune the built-in model at 0.5 and report the change")
     demo.add_argument("--ratio", type=_ratio, default=0.5, help="fraction of channels to remove")
     demo.add_argument("--repeat", type=int, default=50, help="forward passes per latency measurement")
+    _add_threads_arg(demo)
     demo.set_defaults(handler=_demo)
     return parser
 
@@ -70,6 +74,12 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="example input shape, e.g. 1,3,224,224 (needed for factories that return no inputs)")
     parser.add_argument("--method", choices=("auto", "fx", "export"), default="auto",
                         help="graph capture: torch.fx, torch.export, or fx with export as fallback")
+
+
+def _add_threads_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads for latency (default: torch's choice; use 1 on a busy machine, "
+                        "where spinning worker threads can make timings 10-100x slower)")
 
 
 def _ratio(text: str) -> float | dict[str, float]:

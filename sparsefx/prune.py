@@ -19,6 +19,7 @@ from .passes import importance as importance_mod
 from .passes.annotate import total_macs
 from .passes.coupling import ChannelGroup, Coupling, analyze_coupling
 from .passes.remove_channels import remove_channels
+from .passes.split_attention import split_attention
 from .trace import as_inputs, trace
 
 Ratio = float | dict[str, float]
@@ -48,15 +49,22 @@ class Analysis:
 
 
 def analyze(model: nn.Module, example_inputs: object, method: str = "auto") -> Analysis:
-    """Trace `model` and compute its channel-coupling groups; nothing is modified."""
+    """Trace a copy of `model` and compute its channel-coupling groups; nothing is modified.
+
+    Packed `nn.MultiheadAttention` layers are analysed as separate q/k/v/out projections
+    (`HeadAttention`), which is also what `prune` hands back when it removes heads."""
     inputs = as_inputs(example_inputs)
-    was_training = model.training
-    model.eval()
-    try:
-        gm = trace(model, inputs, method)
-        return Analysis(gm, analyze_coupling(gm))
-    finally:
-        model.train(was_training)
+    work = _working_copy(model)
+    gm = trace(work, inputs, method)
+    return Analysis(gm, analyze_coupling(gm))
+
+
+def _working_copy(model: nn.Module) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise PruneError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    work = copy.deepcopy(model).eval()
+    split_attention(work)
+    return work
 
 
 def count_macs(model: nn.Module, example_inputs: object, method: str = "auto") -> int:
@@ -97,8 +105,7 @@ def prune(
         raise PruneError(f"round_to must be a positive integer, got {round_to!r}")
     inputs = as_inputs(example_inputs)
     ignore = [ignore] if isinstance(ignore, str) else list(ignore)
-    work = copy.deepcopy(model)
-    work.eval()
+    work = _working_copy(model)
     gm = trace(work, inputs, method)
     names = [n for n, _ in work.named_modules() if n] + [n for n, _ in gm.named_modules() if n]
     _check_names(ignore, names, "ignore")

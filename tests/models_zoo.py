@@ -112,6 +112,21 @@ class SdpaAttention(Attention):
         return self.head(x.mean(1))
 
 
+class PackedAttention(nn.Module):
+    """Transformer block on nn.MultiheadAttention (packed q/k/v, as torchvision's ViT)."""
+
+    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.head = nn.Linear(dim, 3)  # no LayerNorm: its statistics change when channels go
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        return self.head(x[:, 0])
+
+
 def image() -> tuple[torch.Tensor]:
     return (torch.randn(2, 3, 16, 16),)
 
@@ -123,5 +138,5 @@ def tokens() -> tuple[torch.Tensor]:
 CASES = {
     "residual": (Residual, image), "concat": (Concat, image), "depthwise": (Depthwise, image),
     "squeeze_excite": (SqueezeExcite, image), "attention": (Attention, tokens),
-    "sdpa_attention": (SdpaAttention, tokens),
+    "sdpa_attention": (SdpaAttention, tokens), "packed_attention": (PackedAttention, tokens),
 }

@@ -8,6 +8,7 @@ import torch
 
 import sparsefx
 from sparsefx.passes.importance import OWN_ROLES
+from sparsefx.passes.split_attention import split_attention
 
 from .models_zoo import CASES
 
@@ -41,6 +42,7 @@ def test_pruning_zeroed_channels_is_exact(case: str, method: str) -> None:
     torch.manual_seed(0)
     build, make_inputs = CASES[case]
     model, inputs = build().eval(), make_inputs()
+    split_attention(model)  # so that parameter names match the analysed copy's
     assert zero_lowest_classes(model, inputs, 0.5, method) > 0
     with torch.no_grad():
         expected = model(*inputs)
@@ -66,6 +68,16 @@ def test_attention_prunes_whole_heads() -> None:
     group = heads[0]
     assert len(group.classes) == 4 and group.size == 32  # 4 heads of 8 channels
     assert {s.layer for s in group.producers()} == {"q", "k", "v"}
+
+
+def test_packed_multihead_attention_prunes_heads_and_stays_equivalent() -> None:
+    build, make_inputs = CASES["packed_attention"]
+    model, inputs = build().eval(), make_inputs()
+    analysis = sparsefx.analyze(model, inputs)
+    heads = [g for g in analysis.groups if any(s.layer == "attn.q_proj" for s in g.producers())]
+    assert len(heads) == 1 and len(heads[0].classes) == 4
+    pruned = sparsefx.prune(model, inputs, ratio=0.5)
+    assert pruned.attn.q_proj.out_features == 16 and pruned(*inputs).shape == model(*inputs).shape
 
 
 def test_depthwise_and_grouped_convs_lose_whole_groups() -> None:
