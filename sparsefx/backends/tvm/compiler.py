@@ -1,0 +1,174 @@
+"""`sparsefx.compile`: a PyTorch model in, a TVM-compiled callable out."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import tvm
+import tvm_ffi
+from torch import nn
+from tvm import relax
+
+from ... import __version__
+from ...errors import SparsefxError
+from ...target import Target, resolve_target
+from ...trace import as_inputs
+from . import pipeline
+from .importer import to_relax
+
+ARTIFACT_VERSION = 1
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr() -> Iterator[None]:
+    """TVM's C++ runtime logs a warning per constant when saving or loading a VM executable."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _log(message: str) -> None:
+    print(f"[sparsefx] {message}", file=sys.stderr, flush=True)
+
+
+def build_module(mod: tvm.IRModule, tvm_target: tvm.target.Target, target: Target | None = None,
+                 tuned: tvm.transform.Pass | None = None) -> tvm.runtime.Executable:
+    """Lower an (already optimised) Relax module with sparsefx's pipeline and build it."""
+    target = target or Target("cpu", "llvm", "", 1, 512)
+    passes = pipeline.lowering_passes(target, tvm_target, tuned)
+    return tvm.compile(mod, tvm_target, relax_pipeline=pipeline.as_pipeline(passes))
+
+
+def compile(model: nn.Module, example_inputs: object, target: object = "cpu", tune: int = 0,
+            dispatch: bool = True, verbose: bool = True) -> CompiledModel:
+    """Compile `model` for `target` ('cpu', 'cuda[:sm_XX]' or a Target).
+
+    `dispatch` lets each conv/matmul run on PyTorch's kernels where they measure faster
+    than TIR on this CPU (recorded in the artifact); `tune` is the MetaSchedule trial
+    budget (0: default schedules only; records persist in the on-disk database)."""
+    inputs = as_inputs(example_inputs)
+    if not isinstance(model, nn.Module):
+        raise SparsefxError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(tune, int) or tune < 0:
+        raise SparsefxError(f"tune must be a trial budget >= 0, got {tune!r}")
+    spec = resolve_target(target)
+    tvm_target = spec.to_tvm()
+    log = _log if verbose else (lambda _m: None)
+    started = time.perf_counter()
+    log(f"importing {type(model).__name__} into Relax")
+    mod, route = to_relax(model, inputs)
+    mod = pipeline.run(pipeline.optimize_passes(), mod, tvm_target)
+    tuned, tuning = None, {"trials": 0, "seconds": 0.0}
+    if tune:
+        from .tuning import tune_module
+
+        tuned, tuning = tune_module(mod, spec, tvm_target, tune, log)
+    decisions = {}
+    if dispatch and not spec.is_gpu:
+        decisions = pipeline.decide_dispatch(mod, spec, tvm_target,
+                                             lambda m, t: build_module(m, t, spec, tuned), log)
+        mod = pipeline.run([pipeline.dispatch(decisions)], mod, tvm_target)
+    log(f"building for {spec}")
+    executable = build_module(mod, tvm_target, spec, tuned)
+    manifest = {
+        "format": "sparsefx-tvm", "version": ARTIFACT_VERSION, "sparsefx": __version__, "tvm": tvm.__version__,
+        "target": spec.as_dict(), "import_route": route,
+        "inputs": [{"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")} for x in inputs],
+        "dispatch": decisions, "tuning": tuning, "compile_seconds": round(time.perf_counter() - started, 3),
+        "passes": [name for name, _ in pipeline.optimize_passes()] + (["DispatchToTorch"] if decisions else [])
+        + [name for name, _ in pipeline.lowering_passes(spec, tvm_target, tuned)],
+    }
+    log(f"compiled in {manifest['compile_seconds']:.1f} s "
+        f"({sum(d['impl'] == 'torch' for d in decisions.values())}/{len(decisions)} workloads on torch kernels)")
+    return CompiledModel(executable, manifest)
+
+
+class CompiledModel:
+    """A compiled model: call it with torch tensors, get torch tensors back."""
+
+    def __init__(self, executable: object, manifest: dict, library_path: str | None = None) -> None:
+        self.executable, self.manifest = executable, manifest
+        self.target = Target.from_dict(manifest["target"])
+        self.device = tvm.cuda(0) if self.target.is_gpu else tvm.cpu(0)
+        self._library_path = library_path
+        self._vm = None
+
+    @property
+    def vm(self) -> relax.VirtualMachine:
+        if self._vm is None:
+            self._vm = relax.VirtualMachine(self.executable, self.device)
+        return self._vm
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        expected = self.manifest["inputs"]
+        if len(inputs) != len(expected) or any(list(x.shape) != e["shape"] for x, e in zip(inputs, expected)):
+            got = [tuple(x.shape) for x in inputs]
+            raise SparsefxError(f"compiled for inputs {[tuple(e['shape']) for e in expected]}, got {got}; "
+                                "compile again with example inputs of the new shape")
+        args = [tvm_ffi.from_dlpack(x.detach().contiguous()) for x in inputs]
+        return _to_torch(self.vm["main"](*args))
+
+    def export(self, path: str | Path) -> Path:
+        """One file: the compiled library plus a JSON manifest (target, inputs, dispatch, tuning)."""
+        path = Path(path)
+        with tempfile.TemporaryDirectory() as tmp:
+            library = Path(tmp) / "model.so"
+            with _quiet_native_stderr():
+                self.executable.export_library(str(library))
+            (Path(tmp) / "manifest.json").write_text(json.dumps(self.manifest, indent=1))
+            with tarfile.open(path, "w") as tar:
+                tar.add(Path(tmp) / "manifest.json", "manifest.json")
+                tar.add(library, "model.so")
+        return path
+
+    def __repr__(self) -> str:
+        return f"CompiledModel(target={self.target}, inputs={[tuple(i['shape']) for i in self.manifest['inputs']]})"
+
+
+def _to_torch(value: object) -> torch.Tensor | tuple:
+    if isinstance(value, (tuple, list)) or type(value).__name__ == "Array":
+        items = tuple(_to_torch(v) for v in value)
+        return items
+    return torch.from_dlpack(value)
+
+
+def load(path: str | Path) -> CompiledModel:
+    """Load an artifact written by `CompiledModel.export`."""
+    path = Path(path)
+    if not path.is_file():
+        raise SparsefxError(f"no compiled model at {path}; export one with CompiledModel.export(path)")
+    extract = Path(tempfile.mkdtemp(prefix="sparsefx-"))
+    try:
+        with tarfile.open(path) as tar:
+            tar.extractall(extract, filter="data")
+        manifest = json.loads((extract / "manifest.json").read_text())
+        if manifest.get("format") != "sparsefx-tvm":
+            raise ValueError("wrong format tag")
+    except (tarfile.TarError, OSError, ValueError, KeyError) as error:
+        raise SparsefxError(f"{path} is not a sparsefx compiled model or is corrupt ({type(error).__name__}); "
+                            "export it again with CompiledModel.export") from None
+    if manifest["version"] > ARTIFACT_VERSION:
+        raise SparsefxError(f"{path} was written by a newer sparsefx (artifact v{manifest['version']}); upgrade")
+    try:
+        with _quiet_native_stderr():
+            library = tvm.runtime.load_module(str(extract / "model.so"))
+    except Exception as error:
+        raise SparsefxError(f"{path}: cannot load its library ({str(error).splitlines()[0][:120]}); "
+                            "export it again with CompiledModel.export") from None
+    return CompiledModel(library, manifest, str(extract / "model.so"))
+

@@ -1,0 +1,183 @@
+"""Kernel dispatch: run an op on the faster of TVM's TIR and PyTorch's CPU kernels.
+
+Untuned TIR convolutions run far slower than oneDNN/MKL. For every convolution and
+matmul workload the compiler measures both implementations on the target and rewrites
+the ones PyTorch wins into `call_dps_packed` calls of the kernels registered here; the
+decisions (with both timings) are cached per target and recorded in the artifact.
+Those calls need `import sparsefx` (and torch) where the artifact runs; GPU builds and
+`dispatch=False` never use them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tvm
+import tvm_ffi
+from tvm import relax
+
+from ...target import cache_dir
+
+CONV = "sparsefx.torch.conv2d"
+MATMUL = "sparsefx.torch.matmul"
+
+
+@tvm_ffi.register_global_func(CONV, override=True)
+def _torch_conv2d(x: object, w: object, sh: int, sw: int, ph: int, pw: int, dh: int, dw: int, groups: int,
+                  out: object) -> None:
+    result = F.conv2d(torch.from_dlpack(x), torch.from_dlpack(w), None, (sh, sw), (ph, pw), (dh, dw), groups)
+    torch.from_dlpack(out).copy_(result)
+
+
+@tvm_ffi.register_global_func(MATMUL, override=True)
+def _torch_matmul(a: object, b: object, out: object) -> None:
+    torch.matmul(torch.from_dlpack(a), torch.from_dlpack(b), out=torch.from_dlpack(out))
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One op at one shape: the unit the dispatch decision is made for."""
+
+    op: str
+    shapes: tuple[tuple[int, ...], ...]
+    attrs: tuple[int, ...]
+
+    @property
+    def key(self) -> str:
+        return f"{self.op}|{self.shapes}|{self.attrs}"
+
+    @property
+    def flops(self) -> float:
+        if self.op == "conv2d":
+            (n, _, _, _), (co, ci, kh, kw), (_, _, oh, ow) = self.shapes
+            return 2.0 * n * co * oh * ow * ci * kh * kw
+        a, _, out = self.shapes
+        return 2.0 * float(np.prod(out)) * a[-1]
+
+
+def workload_of(call: relax.Call) -> Workload | None:
+    """The workload of a dispatchable call, or None (unsupported attributes, symbolic shapes)."""
+    if not isinstance(call.op, tvm.ir.Op):
+        return None
+    try:
+        shapes = tuple(tuple(int(d) for d in arg.ty.shape) for arg in call.args) + (
+            tuple(int(d) for d in call.ty.shape),)
+    except (TypeError, AttributeError):
+        return None
+    if call.op.name == "relax.nn.conv2d":
+        a = call.attrs
+        pad = [int(v) for v in a.padding]
+        if a.data_layout != "NCHW" or a.kernel_layout != "OIHW" or pad[0] != pad[2] or pad[1] != pad[3] \
+                or str(call.ty.dtype) != "float32":
+            return None
+        s, d = [int(v) for v in a.strides], [int(v) for v in a.dilation]
+        return Workload("conv2d", shapes, (s[0], s[1], pad[0], pad[1], d[0], d[1], int(a.groups)))
+    if call.op.name == "relax.matmul" and str(call.ty.dtype) == "float32" and len(shapes[1]) == 2:
+        return Workload("matmul", shapes, ())
+    return None
+
+
+def _torch_time(w: Workload, repeat: int = 10) -> float:
+    args = [torch.randn(s) for s in w.shapes[:2]]
+    if w.op == "conv2d":
+        s0, s1, p0, p1, d0, d1, g = w.attrs
+        run = lambda: F.conv2d(args[0], args[1], None, (s0, s1), (p0, p1), (d0, d1), g)  # noqa: E731
+    else:
+        run = lambda: torch.matmul(*args)  # noqa: E731
+    return _median_time(run, repeat)
+
+
+def _median_time(run: object, repeat: int) -> float:
+    run()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) * 1e3
+
+
+def _tir_time(w: Workload, target: tvm.target.Target, build: object, repeat: int = 5) -> float:
+    """Compile the op alone with the TIR pipeline and time it (same schedules as the model)."""
+    from tvm.script import relax as R  # noqa: F401  (registers the relax script printer)
+
+    bb = relax.BlockBuilder()
+    params = [relax.Var(f"x{i}", relax.TensorType(s, "float32")) for i, s in enumerate(w.shapes[:2])]
+    with bb.function("main", params):
+        with bb.dataflow():
+            if w.op == "conv2d":
+                s0, s1, p0, p1, d0, d1, g = w.attrs
+                out = bb.emit(relax.op.nn.conv2d(params[0], params[1], (s0, s1), (p0, p1, p0, p1), (d0, d1), g))
+            else:
+                out = bb.emit(relax.op.matmul(params[0], params[1]))
+            result = bb.emit_output(out)
+        bb.emit_func_output(result)
+    vm = relax.VirtualMachine(build(bb.get(), target), tvm.cpu())
+    args = [tvm.runtime.tensor(np.random.randn(*s).astype("float32")) for s in w.shapes[:2]]
+    budget = _median_time(lambda: vm["main"](*args), 1)
+    return budget if budget > 50 else _median_time(lambda: vm["main"](*args), repeat)
+
+
+class DispatchTable:
+    """Measured per-workload choice between 'tir' and 'torch', cached on disk per target."""
+
+    def __init__(self, target_key: str) -> None:
+        self.path = cache_dir() / "dispatch" / f"{target_key}.json"
+        self.entries: dict[str, dict] = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def decide(self, w: Workload, target: tvm.target.Target, build: object) -> dict:
+        if w.key not in self.entries:
+            torch_ms = _torch_time(w)
+            tir_ms = _tir_time(w, target, build)
+            self.entries[w.key] = {"impl": "torch" if torch_ms < tir_ms else "tir", "torch_ms": torch_ms,
+                                   "tir_ms": tir_ms, "gflop": w.flops / 1e9}
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.entries, indent=1))
+        return self.entries[w.key]
+
+
+def dispatch_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
+    """Relax pass: rewrite calls whose workload was decided 'torch' into packed calls."""
+
+    @relax.expr_functor.mutator
+    class _Rewrite(relax.PyExprMutator):
+        def visit_call_(self, call: relax.Call) -> relax.Expr:
+            call = super().visit_call_(call)
+            w = workload_of(call)
+            if w is None or decisions.get(w.key, {}).get("impl") != "torch":
+                return call
+            if w.op == "conv2d":
+                extra = [relax.prim_value(v) for v in w.attrs]
+                return relax.call_dps_packed(CONV, [call.args[0], call.args[1], *extra], call.ty)
+            return relax.call_dps_packed(MATMUL, [call.args[0], call.args[1]], call.ty)
+
+    @tvm.transform.module_pass(opt_level=0, name="DispatchToTorch")
+    def _pass(mod: tvm.IRModule, _ctx: object) -> tvm.IRModule:
+        for gvar, func in list(mod.functions.items()):
+            if isinstance(func, relax.Function):
+                mod[gvar] = _Rewrite().visit_expr(func)
+        return mod
+
+    return _pass
+
+
+def collect_workloads(mod: tvm.IRModule) -> list[Workload]:
+    found: dict[str, Workload] = {}
+
+    @relax.expr_functor.visitor
+    class _Collect(relax.PyExprVisitor):
+        def visit_call_(self, call: relax.Call) -> None:
+            super().visit_call_(call)
+            w = workload_of(call)
+            if w is not None:
+                found.setdefault(w.key, w)
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            _Collect().visit_expr(func)
+    return list(found.values())

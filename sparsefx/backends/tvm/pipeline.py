@@ -1,0 +1,76 @@
+"""The Relax compilation pipeline as named passes, so each step can be listed and tested."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import tvm
+from tvm import relax
+from tvm.relax.backend import gpu_generic
+from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+
+from ...target import Target
+from .dispatch import DispatchTable, collect_workloads, dispatch_pass
+from .schedule import default_schedule_pass
+
+NamedPass = tuple[str, tvm.transform.Pass]
+
+
+def optimize_passes() -> list[NamedPass]:
+    """Graph-level clean-up before any dispatch decision: BN and friends become element-wise
+    arithmetic on constants, which FoldConstant then folds."""
+    return [
+        ("DecomposeOpsForInference", relax.transform.DecomposeOpsForInference()),
+        ("CanonicalizeBindings", relax.transform.CanonicalizeBindings()),
+        ("FoldConstant", relax.transform.FoldConstant()),
+        ("DeadCodeElimination", relax.transform.DeadCodeElimination()),
+    ]
+
+
+def lowering_passes(target: Target, tvm_target: tvm.target.Target, tuned: tvm.transform.Pass | None) -> list[NamedPass]:
+    generic = gpu_generic if target.is_gpu else cpu_generic
+    passes: list[NamedPass] = [(type(p).__name__, p) for p in generic.library_dispatch_passes(tvm_target)]
+    passes += [
+        ("LegalizeOps", relax.transform.LegalizeOps()),
+        ("AnnotateTIROpPattern", relax.transform.AnnotateTIROpPattern()),
+        ("FoldConstant", relax.transform.FoldConstant()),
+        ("FuseOps", relax.transform.FuseOps()),
+        ("FuseTIR", relax.transform.FuseTIR()),
+    ]
+    if tuned is not None:
+        passes.append(("MetaScheduleApplyDatabase", tuned))
+    passes.append(("DefaultSchedule", default_schedule_pass(tvm_target, target.vector_bits or 512)))
+    passes += [(type(p).__name__, p) for p in generic.dataflow_lower_passes(tvm_target)]
+    passes += [(type(p).__name__, p) for p in generic.finalize_passes(tvm_target)]
+    return passes
+
+
+def run(passes: list[NamedPass], mod: tvm.IRModule, tvm_target: tvm.target.Target) -> tvm.IRModule:
+    with tvm_target, tvm.transform.PassContext(opt_level=3):
+        for _, p in passes:
+            mod = p(mod)
+    return mod
+
+
+def as_pipeline(passes: list[NamedPass]) -> tvm.transform.Pass:
+    return tvm.transform.Sequential([p for _, p in passes], name="sparsefx")
+
+
+def decide_dispatch(mod: tvm.IRModule, target: Target, tvm_target: tvm.target.Target,
+                    build: Callable[[tvm.IRModule, tvm.target.Target], object],
+                    progress: Callable[[str], None] | None = None) -> dict[str, dict]:
+    """Measured torch-vs-TIR choice for each conv/matmul workload of `mod` (CPU only)."""
+    if target.is_gpu:
+        return {}
+    table = DispatchTable(f"{target.arch}-{target.cores}")
+    decisions = {}
+    workloads = collect_workloads(mod)
+    for i, w in enumerate(workloads):
+        if progress and w.key not in table.entries:
+            progress(f"measuring {w.op} workload {i + 1}/{len(workloads)}")
+        decisions[w.key] = table.decide(w, tvm_target, build)
+    return decisions
+
+
+def dispatch(decisions: dict[str, dict]) -> NamedPass:
+    return ("DispatchToTorch", dispatch_pass(decisions))

@@ -1,0 +1,72 @@
+"""Default schedules: what TIR gets when nothing was tuned for it.
+
+GPU: TVM's DLight rules (matmul, GEMV, reductions, fallback). CPU: DLight's GEMV and
+reduction rules, then `CPUFallback`, which inlines element-wise chains and runs every
+remaining loop nest parallel over the cores and vectorised over the SIMD width instead
+of TVM's untuned serial loops.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base import try_inline
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+
+PARALLEL_GRAIN = 64  # spatial iterations per parallel task: keeps small tensors serial
+
+
+class CPUFallback(CPUScheduleRule):
+    def __init__(self, vector_lanes: int = 16) -> None:
+        self.vector_lanes = vector_lanes
+
+    def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = normalize_prim_func(sch)
+        if blocks is None:
+            return None
+        blocks = try_inline(sch, blocks)
+        reductions = []
+        for info in blocks:
+            block = info.block_rv
+            loops = sch.get_loops(block)
+            if not loops:
+                continue
+            kinds = info.dom_kind()
+            spatial = [loop for loop, kind in zip(loops, kinds, strict=False) if kind == "S"]
+            reduce = [loop for loop, kind in zip(loops, kinds, strict=False) if kind == "R"]
+            if not spatial or len(spatial) + len(reduce) != len(loops):
+                continue
+            sch.reorder(*spatial, *reduce)
+            fused = sch.fuse(*spatial)
+            extent = sch.get(fused).extent
+            if reduce:
+                reductions.append((block, reduce[0]))
+                if isinstance(extent, tirx.IntImm) and extent.value >= 2:
+                    sch.parallel(fused)
+                continue
+            if isinstance(extent, tirx.IntImm) and extent.value % self.vector_lanes == 0 \
+                    and extent.value >= self.vector_lanes * 2:
+                outer, inner = sch.split(fused, [None, self.vector_lanes])
+                sch.vectorize(inner)
+                if extent.value >= self.vector_lanes * PARALLEL_GRAIN:
+                    sch.parallel(outer)
+            elif isinstance(extent, tirx.IntImm) and extent.value >= PARALLEL_GRAIN:
+                sch.parallel(fused)
+        for block, loop in reductions:
+            sch.decompose_reduction(block, loop)
+        return sch
+
+
+def default_schedule_pass(target: tvm.target.Target, vector_bits: int = 512) -> tvm.transform.Pass:
+    if "gpu" in target.keys:
+        rules = [dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(), dlight.gpu.GeneralReduction(),
+                 dlight.gpu.Fallback()]
+    else:
+        lanes = max(vector_bits // 32, 4)
+        rules = [dlight.cpu.GEMV(), dlight.cpu.Reduction(), CPUFallback(lanes)]
+    return dlight.ApplyDefaultSchedule(*rules)

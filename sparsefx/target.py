@@ -1,0 +1,155 @@
+"""Targets: the device a model is compiled for and what it can do.
+
+A `Target` names the device (host CPU through LLVM, an NVIDIA GPU through CUDA), its
+architecture, core count, SIMD width, and peak compute / memory bandwidth: measured on
+the host CPU (cached on disk), nominal data-sheet figures for GPUs. The cost model reads
+the peaks; the TVM backend reads `to_tvm()`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from .errors import SparsefxError
+
+# Nominal FP32 (non-tensor-core) TFLOP/s and HBM GB/s of common data-centre parts, by arch.
+CUDA_ARCHS = {
+    "sm_70": ("V100", 15.7, 900), "sm_75": ("T4", 8.1, 320), "sm_80": ("A100", 19.5, 2039),
+    "sm_86": ("A10", 31.2, 600), "sm_89": ("L4", 30.3, 300), "sm_90": ("H100", 67.0, 3350),
+    "sm_90a": ("H100", 67.0, 3350), "sm_100": ("B200", 80.0, 8000), "sm_120": ("RTX 5090", 104.8, 1792),
+}
+TARGET_NAMES = ("cpu", "llvm", "cuda")
+
+
+def cache_dir() -> Path:
+    """Where sparsefx keeps measurements and tuning records (override: SPARSEFX_CACHE)."""
+    root = Path(os.environ.get("SPARSEFX_CACHE", Path.home() / ".cache" / "sparsefx"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str  # "cpu" or "cuda"
+    kind: str  # TVM target kind: "llvm" or "cuda"
+    arch: str  # LLVM CPU name (e.g. znver5) or CUDA compute capability (e.g. sm_90)
+    cores: int
+    vector_bits: int  # SIMD register width; 0 when unknown
+    peak_gflops: float | None = None
+    bandwidth_gbs: float | None = None
+    device_name: str = ""
+
+    def to_tvm(self) -> object:
+        import tvm
+
+        if self.kind == "llvm":
+            return tvm.target.Target({"kind": "llvm", "mcpu": self.arch, "num-cores": self.cores})
+        return tvm.target.Target({"kind": "cuda", "arch": self.arch},
+                                 host={"kind": "llvm", "mcpu": _host_cpu(), "num-cores": _host_cores()})
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.kind == "cuda"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Target:
+        return cls(**data)
+
+    def __str__(self) -> str:
+        peaks = ""
+        if self.peak_gflops:
+            peaks = f", {self.peak_gflops:.0f} GFLOP/s, {self.bandwidth_gbs:.0f} GB/s"
+        return f"{self.name} ({self.device_name or self.arch}, {self.cores} cores, {self.vector_bits}-bit SIMD{peaks})"
+
+
+def resolve_target(spec: object = "cpu", measure: bool = False) -> Target:
+    """'cpu' (the host), 'cuda' (sm_80), 'cuda:sm_90', a Target, or a dict of Target fields."""
+    if isinstance(spec, Target):
+        return spec
+    if isinstance(spec, dict):
+        return Target.from_dict(spec)
+    if not isinstance(spec, str):
+        raise SparsefxError(f"target must be a name like 'cpu' or 'cuda:sm_90', got {type(spec).__name__}")
+    name, _, arch = spec.strip().lower().partition(":")
+    if name in ("cpu", "llvm"):
+        target = host_cpu()
+        return with_measured_peaks(target) if measure else target
+    if name == "cuda":
+        arch = arch or "sm_80"
+        if arch not in CUDA_ARCHS:
+            raise SparsefxError(f"CUDA arch {arch!r} does not exist or is not supported; use one of "
+                                f"{', '.join(CUDA_ARCHS)} (e.g. target='cuda:sm_90')")
+        device, tflops, bandwidth = CUDA_ARCHS[arch]
+        return Target("cuda", "cuda", arch, 0, 1024, tflops * 1e3, bandwidth, device)
+    raise SparsefxError(f"unknown target {spec!r}; use 'cpu' (host CPU via LLVM) or 'cuda[:sm_XX]'")
+
+
+def _host_cpu() -> str:
+    import tvm.target.codegen
+
+    return str(tvm.target.codegen.llvm_get_system_cpu())
+
+
+def _host_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _vector_bits() -> int:
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split()
+    except (OSError, IndexError):
+        return 0
+    for flag, bits in (("avx512f", 512), ("avx2", 256), ("avx", 256), ("sse2", 128), ("asimd", 128)):
+        if flag in flags:
+            return bits
+    return 0
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def host_cpu() -> Target:
+    return Target("cpu", "llvm", _host_cpu(), _host_cores(), _vector_bits(), device_name=_cpu_model())
+
+
+def with_measured_peaks(target: Target) -> Target:
+    """Fill peak GFLOP/s (large fp32 matmul) and bandwidth (large copy), measured once per host."""
+    if target.kind != "llvm":
+        return target
+    path = cache_dir() / "peaks.json"
+    key = f"{target.arch}/{target.cores}/{target.device_name}"
+    table = json.loads(path.read_text()) if path.exists() else {}
+    if key not in table:
+        table[key] = _measure_cpu_peaks()
+        path.write_text(json.dumps(table, indent=1))
+    return replace(target, peak_gflops=table[key][0], bandwidth_gbs=table[key][1])
+
+
+def _measure_cpu_peaks() -> tuple[float, float]:
+    import torch
+
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    src, dst = torch.randn(32 * 2**20 // 4), torch.empty(32 * 2**20 // 4)
+    flops, copies = [], []
+    for _ in range(5):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        flops.append(2 * 1024**3 / (time.perf_counter() - start) / 1e9)
+        start = time.perf_counter()
+        dst.copy_(src)
+        copies.append(2 * src.numel() * 4 / (time.perf_counter() - start) / 1e9)
+    return max(flops), max(copies)
