@@ -1,0 +1,145 @@
+"""Which models can sparsefx prune? Prune every torchvision classifier plus three HF transformers.
+
+A model passes at a ratio when pruning succeeds, the forward pass runs, every output keeps its
+shape and MACs fall. A model passes overall when it passes at every ratio.
+
+    python benchmarks/coverage.py                       # all models (hours on a laptop CPU)
+    python benchmarks/coverage.py --models resnet18,hf:bert-base --out results
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+
+import sparsefx
+from sparsefx.models import load_model
+
+RATIOS = (0.3, 0.5)
+HF_MODELS = ("hf:bert-base", "hf:gpt2", "hf:vit-base")
+
+
+def default_models() -> list[str]:
+    return [*torchvision.models.list_models(module=torchvision.models), *HF_MODELS]
+
+
+def spec_of(name: str) -> str:
+    return name if ":" in name or name == "default" else f"torchvision:{name}"
+
+
+def output_shapes(output: object) -> list[tuple[int, ...]]:
+    """Shapes of every tensor in an output (tensor, tuple, dict or HF ModelOutput) in a fixed order."""
+    leaves = torch.utils._pytree.tree_leaves(output)
+    return [tuple(leaf.shape) for leaf in leaves if isinstance(leaf, torch.Tensor)]
+
+
+def one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def check_model(name: str, ratios: tuple[float, ...]) -> list[dict]:
+    """One result row per ratio; any exception becomes a failed row instead of ending the run."""
+    try:
+        model, inputs = load_model(spec_of(name))
+        with torch.inference_mode():
+            dense_shapes = output_shapes(model(*inputs))
+        dense_macs, dense_params = sparsefx.count_macs(model, inputs), sparsefx.count_params(model)
+    except Exception as error:
+        return [{"model": name, "ratio": r, "status": "fail", "reason": f"dense model: {one_line(error)}"}
+                for r in ratios]
+    rows = []
+    for ratio in ratios:
+        row = {"model": name, "ratio": ratio, "dense_macs": dense_macs, "dense_params": dense_params}
+        try:
+            started = time.perf_counter()
+            pruned = sparsefx.prune(model, inputs, ratio=ratio, importance="l1")
+            row["prune_s"] = round(time.perf_counter() - started, 3)
+            with torch.inference_mode():
+                pruned_shapes = output_shapes(pruned(*inputs))
+            row["pruned_macs"] = sparsefx.count_macs(pruned, inputs)
+            row["pruned_params"] = sparsefx.count_params(pruned)
+            row["reason"] = failure_reason(row, dense_shapes, pruned_shapes)
+            if sparsefx.count_params(model) != dense_params:
+                row["reason"] = row["reason"] or "prune() modified the input model"
+            del pruned
+        except Exception as error:
+            row["reason"] = one_line(error)
+        row["status"] = "fail" if row["reason"] else "pass"
+        rows.append(row)
+    return rows
+
+
+def failure_reason(row: dict, dense_shapes: list, pruned_shapes: list) -> str:
+    if pruned_shapes != dense_shapes:
+        return f"output shapes changed: {dense_shapes} -> {pruned_shapes}"
+    if row["pruned_macs"] >= row["dense_macs"]:
+        return f"MACs did not fall ({row['dense_macs']:,} -> {row['pruned_macs']:,})"
+    return ""
+
+
+def write_reports(rows: list[dict], models: list[str], out_dir: Path) -> str:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    passed = [m for m in models if all(r["status"] == "pass" for r in rows if r["model"] == m)]
+    summary = f"{len(passed)}/{len(models)} models pass"
+    meta = {"torch": torch.__version__, "ratios": list(RATIOS), "importance": "l1", "summary": summary}
+    (out_dir / "coverage.json").write_text(json.dumps({**meta, "results": rows}, indent=1) + "\n")
+    (out_dir / "coverage.md").write_text(markdown(rows, summary))
+    return summary
+
+
+def markdown(rows: list[dict], summary: str) -> str:
+    lines = [
+        "# sparsefx coverage (importance=l1, MACs from sparsefx.count_macs)",
+        "",
+        "| model | ratio | status | MACs dense | MACs pruned | MACs kept | params dense | params pruned | prune s | reason |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        kept = f"{r['pruned_macs'] / r['dense_macs']:.0%}" if r.get("pruned_macs") and r.get("dense_macs") else ""
+        cells = [r["model"], r["ratio"], r["status"], _count(r.get("dense_macs")), _count(r.get("pruned_macs")), kept,
+                 _count(r.get("dense_params")), _count(r.get("pruned_params")), r.get("prune_s", ""),
+                 r.get("reason", "").replace("|", "/")]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join([*lines, "", summary, ""])
+
+
+def _count(value: int | None) -> str:
+    return "" if value is None else f"{value / 1e6:,.1f}M"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", help="comma-separated names (torchvision names or hf:NAME); default: all")
+    parser.add_argument("--out", type=Path, default=Path("results"), help="output directory (default: results)")
+    args = parser.parse_args(argv)
+    models = args.models.split(",") if args.models else default_models()
+    torch.manual_seed(0)
+    rows: list[dict] = []
+    summary = ""
+    for i, name in enumerate(models, 1):
+        print(f"[{i}/{len(models)}] {name} ...", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        model_rows = check_model(name, RATIOS)
+        rows.extend(model_rows)
+        verdicts = ", ".join(f"{r['ratio']}: {r['status']}" for r in model_rows)
+        print(f"    {verdicts} ({time.perf_counter() - started:.1f} s)", file=sys.stderr, flush=True)
+        for r in model_rows:
+            if r["reason"]:
+                print(f"    {r['ratio']}: {r['reason']}", file=sys.stderr)
+        gc.collect()  # big models (regnet_y_128gf, vit_h_14) must not pile up
+        # Rewrite reports after every model so a crash or Ctrl-C still leaves partial results.
+        summary = write_reports(rows, models[:i], args.out)
+    print(summary, file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

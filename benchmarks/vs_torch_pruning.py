@@ -1,0 +1,220 @@
+"""sparsefx against Torch-Pruning on the same models, ratio and criterion.
+
+Both tools remove the same fraction of channels in every prunable group (local ranking) by L1
+magnitude, and leave the classifier's outputs alone. Both results are counted with the same
+counter (sparsefx.count_macs / count_params) and timed with the same eager CPU loop.
+
+    python benchmarks/vs_torch_pruning.py --models resnet18 --ratio 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+import sparsefx
+from sparsefx.backends.eager import measure_latencies
+from sparsefx.models import load_model
+
+DEFAULT_MODELS = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "densenet121", "vgg16",
+                  "convnext_tiny", "vit_b_16", "regnet_y_400mf", "shufflenet_v2_x1_0")
+TIMING_GOAL_S = 10.0
+
+# Torch-Pruning warns about every unwrapped parameter it guesses a dimension for; that noise hides progress.
+warnings.filterwarnings("ignore", category=UserWarning, module="torch_pruning")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def spec_of(name: str) -> str:
+    return name if ":" in name or name == "default" else f"torchvision:{name}"
+
+
+def prune_with_sparsefx(model: nn.Module, inputs: tuple, ratio: float) -> nn.Module:
+    return sparsefx.prune(model, inputs, ratio=ratio, importance="l1", global_ranking=False)
+
+
+def prune_with_torch_pruning(model: nn.Module, inputs: tuple, ratio: float) -> nn.Module:
+    model = copy.deepcopy(model)  # Torch-Pruning edits in place; keep the dense model for the other tool
+    attention = {m: m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    pruner = tp.pruner.MetaPruner(
+        model,
+        inputs,
+        importance=tp.importance.MagnitudeImportance(p=1),
+        pruning_ratio=ratio,
+        global_pruning=False,
+        ignored_layers=[final_classifier(model, inputs)],
+        num_heads=attention,  # documented way to keep head_dim * num_heads consistent in ViT
+    )
+    pruner.step()
+    return model
+
+
+def final_classifier(model: nn.Module, inputs: tuple) -> nn.Module:
+    """The last Linear/Conv whose width is the model's output width (fc, heads.head, classifier[6], ...)."""
+    with torch.inference_mode():
+        width = model(*inputs).shape[-1]
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    matching = [m for m in layers if getattr(m, "out_features", getattr(m, "out_channels", None)) == width]
+    if not matching:
+        raise RuntimeError(f"no layer produces the {width} outputs; cannot protect the classifier")
+    return matching[-1]
+
+
+def measure(model: nn.Module, inputs: tuple) -> dict:
+    with torch.inference_mode():
+        shape = tuple(model(*inputs).shape)
+    return {"macs": sparsefx.count_macs(model, inputs), "params": sparsefx.count_params(model), "output_shape": shape}
+
+
+def run_tool(prune: Callable, model: nn.Module, inputs: tuple, ratio: float, dense: dict) -> tuple[dict, nn.Module | None]:
+    try:
+        started = time.perf_counter()
+        pruned = prune(model, inputs, ratio)
+        prune_s = time.perf_counter() - started
+        result = {"status": "pass", "prune_s": round(prune_s, 3), **measure(pruned, inputs)}
+        if result["output_shape"] != dense["output_shape"]:
+            result.update(status="fail", reason=f"output shape {dense['output_shape']} -> {result['output_shape']}")
+        for key in ("macs", "params"):
+            result[f"{key}_vs_dense"] = round(result[key] / dense[key], 4)
+        return result, pruned
+    except Exception as error:
+        return {"status": "fail", "reason": one_line(error)}, None
+
+
+def compare_model(name: str, ratio: float, repeat: int) -> dict:
+    row: dict = {"model": name}
+    try:
+        model, inputs = load_model(spec_of(name))
+        row["dense"] = dense = measure(model, inputs)
+    except Exception as error:
+        return {**row, "error": f"dense model: {one_line(error)}"}
+    timed = {"dense": model}
+    for tool, prune in (("sparsefx", prune_with_sparsefx), ("torch_pruning", prune_with_torch_pruning)):
+        log(f"    {tool} ...")
+        row[tool], pruned = run_tool(prune, model, inputs, ratio, dense)
+        if pruned is not None:
+            timed[tool] = pruned
+    log("    latency ...")
+    try:
+        for key, latency_ms in measure_latencies(timed, inputs, repeat).items():
+            row[key]["latency_ms"] = round(latency_ms, 3)
+            row[key]["latency_ms_vs_dense"] = round(latency_ms / row["dense"]["latency_ms"], 4)
+    except Exception as error:
+        row["latency_error"] = one_line(error)
+    return row
+
+
+def time_resnet50(ratio: float) -> dict:
+    """End-to-end cost of sparsefx on ResNet-50: trace, analysis and the whole prune call."""
+    model, inputs = load_model("torchvision:resnet50")
+    timings: dict = {"model": "resnet50", "goal_s": TIMING_GOAL_S}
+    steps = (
+        ("trace_s", lambda: sparsefx.trace(model, inputs, method="auto")),
+        ("analyze_s", lambda: sparsefx.analyze(model, inputs)),
+        ("prune_first_call_s", lambda: prune_with_sparsefx(model, inputs, ratio)),
+        ("prune_second_call_s", lambda: prune_with_sparsefx(model, inputs, ratio)),
+    )
+    for key, step in steps:
+        try:
+            started = time.perf_counter()
+            step()
+            timings[key] = round(time.perf_counter() - started, 3)
+        except Exception as error:
+            timings[key] = None
+            timings.setdefault("errors", []).append(f"{key}: {one_line(error)}")
+    prune_s = timings.get("prune_first_call_s")
+    timings["meets_goal"] = prune_s is not None and prune_s < TIMING_GOAL_S
+    return timings
+
+
+def markdown(rows: list[dict], timing: dict, ratio: float) -> str:
+    lines = [
+        f"# sparsefx vs Torch-Pruning {tp.__version__} (ratio {ratio}, L1 magnitude, local ranking)",
+        "",
+        "MACs and params of every model are counted with `sparsefx.count_macs` / `count_params`;",
+        "latency is the median eager CPU forward pass, dense and both pruned models measured in alternating rounds.",
+        "",
+        "| model | tool | status | MACs kept | params kept | prune s | latency ms | latency vs dense | reason |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['model']} | both | fail | | | | | | {row['error']} |")
+            continue
+        dense = row["dense"]
+        dense_cells = [f"{dense['macs'] / 1e6:,.0f}M", f"{dense['params'] / 1e6:,.2f}M", "",
+                       _cell(dense, "latency_ms", ".2f"), "1.00"]
+        lines.append(f"| {row['model']} | dense | | " + " | ".join(dense_cells) + f" | {row.get('latency_error', '')} |")
+        for tool in ("sparsefx", "torch_pruning"):
+            r = row[tool]
+            cells = [_cell(r, "macs_vs_dense", ".1%"), _cell(r, "params_vs_dense", ".1%"), _cell(r, "prune_s", ".2f"),
+                     _cell(r, "latency_ms", ".2f"), _cell(r, "latency_ms_vs_dense", ".2f")]
+            reason = r.get("reason", "").replace("|", "/")
+            lines.append(f"| {row['model']} | {tool} | {r['status']} | " + " | ".join(cells) + f" | {reason} |")
+    prune_s = timing.get("prune_first_call_s")
+    lines += [
+        "",
+        f"sparsefx on ResNet-50: trace {timing.get('trace_s')} s, analyze {timing.get('analyze_s')} s, "
+        f"prune (trace + analysis + rewrite) {prune_s} s first call, {timing.get('prune_second_call_s')} s second; "
+        f"goal < {TIMING_GOAL_S:.0f} s: {'met' if timing['meets_goal'] else 'NOT met'}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _cell(result: dict, key: str, spec: str) -> str:
+    return format(result[key], spec) if key in result else ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated model names")
+    parser.add_argument("--ratio", type=float, default=0.5, help="channel ratio removed per group (default 0.5)")
+    parser.add_argument("--repeat", type=int, default=20, help="timed forward passes per model, split over 5 rounds (default 20)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's choice); 1 keeps timings sane on a busy CPU")
+    parser.add_argument("--out", type=Path, default=Path("results"), help="output directory (default: results)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        # Spinning OpenMP workers slow down 10-100x when another process takes a core; fewer threads avoid it.
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    models = args.models.split(",")
+    rows = []
+    for i, name in enumerate(models, 1):
+        log(f"[{i}/{len(models)}] {name}")
+        rows.append(compare_model(name, args.ratio, args.repeat))
+        gc.collect()
+    log("timing sparsefx on resnet50")
+    timing = time_resnet50(args.ratio)
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"ratio": args.ratio, "torch": torch.__version__, "torch_pruning": tp.__version__,
+            "counter": "sparsefx.count_macs", "threads": torch.get_num_threads()}
+    report = {**meta, "results": rows, "resnet50_timing": timing}
+    (args.out / "vs_torch_pruning.json").write_text(json.dumps(report, indent=1) + "\n")
+    (args.out / "vs_torch_pruning.md").write_text(markdown(rows, timing, args.ratio))
+    log(f"wrote {args.out / 'vs_torch_pruning.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
