@@ -5,7 +5,34 @@ from .prune import Analysis, analyze, count_macs, count_params, prune
 from .trace import trace
 
 __all__ = [
-    "Analysis", "PruneError", "SparsefxError", "TraceError", "analyze", "count_macs", "count_params", "prune",
-    "trace",
+    "Analysis", "Evaluation", "Gradual", "GradualPruner", "History", "Iterative", "MaskCallback", "OneShot",
+    "PruneError", "SparsefxError", "Sparsity", "TraceError", "analyze", "apply_masks", "block_mask",
+    "compute_masks", "count_macs", "count_params", "cubic_sparsity", "evaluate", "finetune", "nm_mask", "prune",
+    "remove_masks", "trace", "unstructured_mask", "weight_density",
 ]
 __version__ = "0.1.0"
+
+# Recovery and evaluation (issue 6): masks, schedules, fine-tuning, per-class evaluation.
+from .evaluate import Evaluation, evaluate  # noqa: E402
+from .masks import (  # noqa: E402
+    MaskCallback,
+    Sparsity,
+    apply_masks,
+    block_mask,
+    compute_masks,
+    nm_mask,
+    remove_masks,
+    unstructured_mask,
+    weight_density,
+)
+from .recovery import History, finetune  # noqa: E402
+from .schedules import Gradual, GradualPruner, Iterative, OneShot, cubic_sparsity  # noqa: E402
+
+
+def __getattr__(name: str) -> object:
+    """`sparsefx.compile`, `sparsefx.load` and `sparsefx.CompiledModel` load TVM on first use only."""
+    if name in ("compile", "load", "CompiledModel"):
+        from .backends import tvm as backend
+
+        return getattr(backend, name)
+    raise AttributeError(f"module 'sparsefx' has no attribute {name!r}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import operator
 import re
 
 import torch
@@ -25,6 +27,7 @@ def to_relax(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[tvm.IR
     errors = []
     try:
         gm = model if isinstance(model, torch.fx.GraphModule) and not _is_aten(model) else torch.fx.symbolic_trace(model)
+        gm = select_integer_indices(torch.fx.GraphModule(gm, copy.deepcopy(gm.graph)))
         with torch.no_grad():
             mod = from_fx(gm, info, keep_params_as_input=True, unwrap_unit_return_tuple=True)
         return _bind_params(mod, len(inputs)), "fx"
@@ -37,6 +40,32 @@ def to_relax(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[tvm.IR
         return _bind_params(mod, len(inputs)), "export"
     except Exception as error:
         raise _explain(error, model, inputs) from None
+
+
+def select_integer_indices(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Rewrite `x[:, 0]`-style integer indexing into slicing plus `torch.select`, which the
+    Relax importer translates correctly (its getitem keeps the indexed axis)."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not operator.getitem:
+            continue
+        index = node.args[1]
+        if not isinstance(index, tuple) or not any(isinstance(i, int) for i in index) or any(
+                not isinstance(i, (int, slice, type(None))) for i in index):
+            continue
+        axes, axis = [], 0  # output axis of each integer index once every int is a full slice
+        for item in index:
+            if isinstance(item, int):
+                axes.append((axis, item))
+            axis += 1
+        with gm.graph.inserting_before(node):
+            value = gm.graph.call_function(operator.getitem, (node.args[0], tuple(
+                slice(None) if isinstance(i, int) else i for i in index)))
+            for axis, item in reversed(axes):
+                value = gm.graph.call_function(torch.select, (value, axis, item))
+        node.replace_all_uses_with(value)
+        gm.graph.erase_node(node)
+    gm.recompile()
+    return gm
 
 
 def _is_aten(gm: torch.fx.GraphModule) -> bool:
@@ -67,9 +96,15 @@ def _find_node(model: nn.Module, inputs: tuple, op: str) -> str | None:
         gm = trace(model, inputs, "auto")
     except SparsefxError:
         return None
-    short = op.rsplit(".", 1)[-1]
+    parts = op.split(".")
+    base = parts[-2] if len(parts) > 1 and parts[-1] in _OVERLOADS else parts[-1]
     for node in gm.graph.nodes:
-        name = getattr(node.target, "__name__", str(node.target))
-        if name.split(".")[0] == short.split(".")[0] or short in str(node.target):
+        if node.op not in ("call_function", "call_method", "call_module"):
+            continue
+        name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+        if name == base or name.endswith(base) or base.endswith(name):
             return node.name
     return None
+
+
+_OVERLOADS = {"default", "Tensor", "Scalar", "int", "dim", "self", "out"}

@@ -1,0 +1,104 @@
+"""TVM backend: compiled outputs match eager, artifacts round-trip, bad input is refused clearly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparsefx
+from sparsefx.backends.tvm import compile, load
+from sparsefx.target import resolve_target
+
+from .models_zoo import CASES
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEFX_CACHE", str(tmp_path / "cache"))
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    scale = expected.abs().max().clamp_min(1e-6)
+    assert (actual - expected).abs().max() / scale < 1e-4
+
+
+@pytest.mark.parametrize("case", ["residual", "concat", "depthwise", "squeeze_excite", "attention",
+                                  "sdpa_attention", "packed_attention"])
+@pytest.mark.parametrize("pruned", [False, True])
+def test_compiled_matches_eager(case: str, pruned: bool) -> None:
+    torch.manual_seed(0)
+    build, make_inputs = CASES[case]
+    model, inputs = build().eval(), make_inputs()
+    if pruned:
+        model = sparsefx.prune(model, inputs, ratio=0.5)
+    compiled = compile(model, inputs, target="cpu", verbose=False)
+    with torch.no_grad():
+        _close(compiled(*inputs), model(*inputs))
+
+
+def test_dispatch_can_be_disabled_and_is_recorded() -> None:
+    build, make_inputs = CASES["residual"]
+    model, inputs = build().eval(), make_inputs()
+    pure = compile(model, inputs, dispatch=False, verbose=False)
+    assert pure.manifest["dispatch"] == {} and "DispatchToTorch" not in pure.manifest["passes"]
+    mixed = compile(model, inputs, verbose=False)
+    assert mixed.manifest["dispatch"] and all(d["impl"] in ("tir", "torch") for d in mixed.manifest["dispatch"].values())
+    with torch.no_grad():
+        _close(pure(*inputs), model(*inputs))
+
+
+def test_export_and_load_round_trip(tmp_path) -> None:
+    build, make_inputs = CASES["squeeze_excite"]
+    model, inputs = build().eval(), make_inputs()
+    compiled = compile(model, inputs, verbose=False)
+    path = compiled.export(tmp_path / "model.sfx")
+    loaded = load(path)
+    assert loaded.manifest["inputs"] == compiled.manifest["inputs"]
+    with torch.no_grad():
+        _close(loaded(*inputs), model(*inputs))
+
+
+def test_corrupt_artifact_is_one_line_error(tmp_path) -> None:
+    path = tmp_path / "broken.sfx"
+    path.write_bytes(b"not a tar file at all")
+    with pytest.raises(sparsefx.SparsefxError) as error:
+        load(path)
+    assert "not a sparsefx compiled model" in str(error.value) and "\n" not in str(error.value)
+    with pytest.raises(sparsefx.SparsefxError, match="no compiled model"):
+        load(tmp_path / "missing.sfx")
+
+
+def test_bad_targets() -> None:
+    with pytest.raises(sparsefx.SparsefxError, match="unknown target 'tpu'"):
+        resolve_target("tpu")
+    with pytest.raises(sparsefx.SparsefxError, match="CUDA arch 'sm_99' does not exist"):
+        resolve_target("cuda:sm_99")
+
+
+def test_wrong_input_shape_is_refused() -> None:
+    build, make_inputs = CASES["residual"]
+    model, inputs = build().eval(), make_inputs()
+    compiled = compile(model, inputs, verbose=False)
+    with pytest.raises(sparsefx.SparsefxError, match="compiled for inputs"):
+        compiled(torch.randn(1, 3, 8, 8))
+
+
+class _Unsupported(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.special.bessel_j0(x) + 1
+
+
+def test_unsupported_op_names_op_and_node() -> None:
+    with pytest.raises(sparsefx.SparsefxError) as error:
+        compile(_Unsupported(), (torch.randn(2, 3),), verbose=False)
+    text = str(error.value)
+    assert "bessel_j0" in text and "node" in text and "\n" not in text
+
+
+def test_cuda_compiles_on_a_cpu_only_host(tmp_path) -> None:
+    build, make_inputs = CASES["residual"]
+    model, inputs = build().eval(), make_inputs()
+    compiled = compile(model, inputs, target="cuda:sm_90", verbose=False)
+    assert compiled.manifest["target"]["arch"] == "sm_90" and compiled.manifest["dispatch"] == {}
+    path = compiled.export(tmp_path / "gpu.sfx")
+    assert path.stat().st_size > 0
