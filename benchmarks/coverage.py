@@ -118,7 +118,7 @@ def _count(value: int | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", help="comma-separated names (torchvision names or hf:NAME); default: all")
-    parser.add_argument("--out", type=Path, default=Path("results"), help="output directory (default: results)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output directory (default: benchmarks/results)")
     args = parser.parse_args(argv)
     models = args.models.split(",") if args.models else default_models()
     torch.manual_seed(0)

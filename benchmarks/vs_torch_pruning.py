@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=20, help="timed forward passes per model, split over 5 rounds (default 20)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice); 1 keeps timings sane on a busy CPU")
-    parser.add_argument("--out", type=Path, default=Path("results"), help="output directory (default: results)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output directory (default: benchmarks/results)")
     args = parser.parse_args(argv)
     if args.threads:
         # Spinning OpenMP workers slow down 10-100x when another process takes a core; fewer threads avoid it.

@@ -73,16 +73,15 @@ def compile(model: nn.Module, example_inputs: object, target: object = "cpu", tu
     log(f"importing {type(model).__name__} into Relax")
     mod, route = to_relax(model, inputs)
     mod = pipeline.run(pipeline.optimize_passes(), mod, tvm_target)
-    tuned, tuning = None, {"trials": 0, "seconds": 0.0}
-    if tune:
+    decisions = {}
+    if dispatch and not spec.is_gpu:
+        decisions = pipeline.decide_dispatch(mod, spec, tvm_target, lambda m, t: build_module(m, t, spec), log)
+        mod = pipeline.run([pipeline.dispatch(decisions)], mod, tvm_target)
+    tuned, tuning = None, {"trials_per_task": 0, "tasks": 0, "tuned_tasks": 0, "seconds": 0.0}
+    if tune:  # after dispatch: only what still runs as TIR is worth tuning
         from .tuning import tune_module
 
         tuned, tuning = tune_module(mod, spec, tvm_target, tune, log)
-    decisions = {}
-    if dispatch and not spec.is_gpu:
-        decisions = pipeline.decide_dispatch(mod, spec, tvm_target,
-                                             lambda m, t: build_module(m, t, spec, tuned), log)
-        mod = pipeline.run([pipeline.dispatch(decisions)], mod, tvm_target)
     log(f"building for {spec}")
     executable = build_module(mod, tvm_target, spec, tuned)
     manifest = {
