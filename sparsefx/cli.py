@@ -1,4 +1,4 @@
-"""Command line: `sparsefx inspect|prune|demo`. Run `sparsefx -h` for usage."""
+"""Command line: `sparsefx inspect|prune|compile|bench|demo`. Run `sparsefx -h` for usage."""
 
 from __future__ import annotations
 
@@ -59,6 +59,19 @@ def _parser() -> argparse.ArgumentParser:
     _add_threads_arg(prune)
     prune.set_defaults(handler=_prune)
 
+    compile_ = commands.add_parser("compile", help="compile a model with TVM (optionally pruned first) and export it")
+    _add_model_args(compile_)
+    _add_compile_args(compile_)
+    compile_.add_argument("--out", type=Path, required=True, help="artifact to write (.sfx)")
+    compile_.set_defaults(handler=_compile)
+
+    bench = commands.add_parser("bench", help="eager vs TVM latency, dense and pruned, measured side by side")
+    _add_model_args(bench)
+    _add_compile_args(bench)
+    bench.add_argument("--repeat", type=int, default=20, help="timed forward passes per model")
+    _add_threads_arg(bench)
+    bench.set_defaults(handler=_bench)
+
     demo = commands.add_parser("demo", help="prune the built-in model at 0.5 and report the change")
     demo.add_argument("--ratio", type=_ratio, default=0.5, help="fraction of channels to remove")
     demo.add_argument("--repeat", type=int, default=50, help="forward passes per latency measurement")
@@ -74,6 +87,15 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="example input shape, e.g. 1,3,224,224 (needed for factories that return no inputs)")
     parser.add_argument("--method", choices=("auto", "fx", "export"), default="auto",
                         help="graph capture: torch.fx, torch.export, or fx with export as fallback")
+
+
+def _add_compile_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default="cpu", help="cpu (host CPU via LLVM) or cuda[:sm_XX] (default: cpu)")
+    parser.add_argument("--tune", type=int, default=0, metavar="TRIALS",
+                        help="MetaSchedule trials per new TIR workload (0: default schedules; records persist)")
+    parser.add_argument("--no-dispatch", dest="dispatch", action="store_false",
+                        help="never run conv/matmul on PyTorch kernels, even where they measure faster")
+    parser.add_argument("--prune", type=_ratio, default=None, metavar="RATIO", help="prune channels first")
 
 
 def _add_threads_arg(parser: argparse.ArgumentParser) -> None:
@@ -173,6 +195,65 @@ def _prune(args: argparse.Namespace) -> int:
     torch.save(pruned, args.out)
     print(f"saved {args.out} (load with `import sparsefx; torch.load(path, weights_only=False)`)")
     return 0
+
+
+def _maybe_pruned(args: argparse.Namespace, model: nn.Module, inputs: tuple) -> nn.Module:
+    if args.prune is None:
+        return model
+    _status(f"pruning with ratio {args.prune}")
+    return sparsefx.prune(model, inputs, ratio=args.prune, method=args.method)
+
+
+def _compile(args: argparse.Namespace) -> int:
+    if not args.out.parent.is_dir():
+        raise SparsefxError(f"output directory {str(args.out.parent)!r} does not exist: create it or change --out")
+    model, inputs = _load(args)
+    model = _maybe_pruned(args, model, inputs)
+    compiled = sparsefx.compile(model, inputs, target=args.target, tune=args.tune, dispatch=args.dispatch)
+    print(_compile_summary(compiled))
+    print(f"wrote {compiled.export(args.out)} (load with sparsefx.load(path))")
+    return 0
+
+
+def _compile_summary(compiled: object) -> str:
+    m = compiled.manifest
+    on_torch = sum(d["impl"] == "torch" for d in m["dispatch"].values())
+    tuning = m["tuning"]
+    return (f"target: {compiled.target}\nimport route: {m['import_route']}, compile {m['compile_seconds']:.1f} s\n"
+            f"kernels: {on_torch}/{len(m['dispatch'])} conv/matmul workloads dispatched to PyTorch (measured faster)\n"
+            f"tuning: {tuning['tuned_tasks']}/{tuning['tasks']} workloads tuned, {tuning['seconds']:.0f} s")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    model, inputs = _load(args)
+    models = {"eager dense": model}
+    pruned = _maybe_pruned(args, model, inputs)
+    if pruned is not model:
+        models["eager pruned"] = pruned
+    for name, source in list(models.items()):
+        _status(f"compiling {name.split()[1]} model for {args.target}")
+        compiled = sparsefx.compile(source, inputs, target=args.target, tune=args.tune, dispatch=args.dispatch)
+        if compiled.target.is_gpu:
+            raise SparsefxError("bench runs on this host's CPU; benchmark a CUDA build on the GPU host instead")
+        models[name.replace("eager", "tvm")] = _Callable(compiled)
+    _status("measuring (alternating rounds)")
+    latency = measure_latencies(models, inputs, repeat=args.repeat)
+    base = latency["eager dense"]
+    print(f"{'model':<14} {'median ms':>10} {'vs eager dense':>15}")
+    for name, ms in latency.items():
+        print(f"{name:<14} {ms:>10.3f} {base / ms:>14.2f}x")
+    return 0
+
+
+class _Callable(nn.Module):
+    """Lets a compiled model be timed like an nn.Module."""
+
+    def __init__(self, compiled: object) -> None:
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, *inputs: torch.Tensor) -> object:
+        return self.compiled(*inputs)
 
 
 def _demo(args: argparse.Namespace) -> int:

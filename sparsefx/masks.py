@@ -25,10 +25,14 @@ PATTERNS = ("unstructured", "block", "nm")
 MASKABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def _matrix(weight: torch.Tensor) -> torch.Tensor:
+def _shape(weight: torch.Tensor) -> tuple[int, int]:
     if weight.dim() < 2:
         raise SparsefxError(f"a mask needs a weight of 2 or more dimensions, got shape {tuple(weight.shape)}")
-    return weight.detach().abs().reshape(weight.shape[0], -1)
+    return weight.shape[0], weight[0].numel()
+
+
+def _matrix(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach().abs().reshape(_shape(weight))
 
 
 def _check_density(density: float) -> None:
@@ -37,16 +41,16 @@ def _check_density(density: float) -> None:
 
 
 def _check_block(weight: torch.Tensor, block: tuple[int, int]) -> None:
-    if len(block) != 2 or not all(isinstance(b, int) and b >= 1 for b in block):
+    if not isinstance(block, (tuple, list)) or len(block) != 2 or not all(isinstance(b, int) and b >= 1 for b in block):
         raise SparsefxError(f"block must be two positive integers (rows, cols), got {block!r}")
-    (rows, cols), (br, bc) = _matrix(weight).shape, block
+    (rows, cols), (br, bc) = _shape(weight), block
     if rows % br or cols % bc:
         raise SparsefxError(f"block {br}x{bc} does not divide the {rows}x{cols} weight matrix "
                             f"(shape {tuple(weight.shape)}); choose a block whose sides divide both")
 
 
 def _check_m(weight: torch.Tensor, m: int) -> None:
-    cols = _matrix(weight).shape[1]
+    cols = _shape(weight)[1]
     if cols % m:
         raise SparsefxError(f"M={m} does not divide the input size {cols} of weight "
                             f"{tuple(weight.shape)}; pick an M that divides it")

@@ -7,6 +7,7 @@ model keeps its shape) or by channel removal through `sparsefx.prune` (a new, sm
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
@@ -100,10 +101,12 @@ class GradualPruner:
     """
 
     def __init__(self, model: nn.Module, schedule: Schedule, masks: dict[str, Sparsity] | Sparsity | None = None,
-                 channels: float | None = None, example_inputs: object = None, importance: str = "l1") -> None:
+                 channels: float | None = None, example_inputs: object = None,
+                 importance: str | Callable = "l1") -> None:
         if (masks is None) == (channels is None):
             raise SparsefxError("GradualPruner needs exactly one of masks= (weight sparsity) or channels= (removal)")
         self.model, self.schedule, self.changed = model, schedule, False
+        self.plan: dict[str, Sparsity] | None = None
         if masks is not None:
             self.plan = dict.fromkeys(maskable_layers(model), masks) if isinstance(masks, Sparsity) else dict(masks)
             compute_masks(model, self.plan)  # fail now, not mid-training, if a pattern does not fit
@@ -119,7 +122,7 @@ class GradualPruner:
 
     def step(self, t: int) -> nn.Module:
         self.changed = False
-        if hasattr(self, "plan"):
+        if self.plan is not None:
             self._mask_step(t)
         else:
             self._channel_step(t)

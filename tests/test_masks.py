@@ -1,0 +1,118 @@
+"""Weight masks: patterns and densities, masked training keeps zeros, bad arguments fail clearly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import sparsefx
+from sparsefx import MaskCallback, SparsefxError, Sparsity, apply_masks, block_mask, nm_mask, remove_masks
+from sparsefx.masks import current_masks, unstructured_mask
+
+
+@pytest.fixture
+def weight() -> torch.Tensor:
+    return torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+
+
+def test_unstructured_keeps_the_largest(weight):
+    mask = unstructured_mask(weight, 0.25)
+    assert int(mask.sum()) == 32
+    assert weight.abs()[mask].min() >= weight.abs()[~mask].max()
+
+
+def test_block_mask_pattern_and_density(weight):
+    mask = block_mask(weight, (2, 4), density=0.25)
+    assert mask.shape == weight.shape and int(mask.sum()) == 0.25 * weight.numel()
+    blocks = mask.reshape(4, 2, 4, 4).permute(0, 2, 1, 3).reshape(16, 8)
+    assert all(row.all() or not row.any() for row in blocks)  # every 2x4 block is all kept or all pruned
+    scores = weight.abs().reshape(4, 2, 4, 4).sum(dim=(1, 3)).flatten()
+    kept = blocks.all(dim=1)
+    assert scores[kept].min() >= scores[~kept].max()
+
+
+def test_nm_mask_pattern(weight):
+    mask = nm_mask(weight, 2, 4)
+    assert (mask.reshape(8, 4, 4).sum(-1) == 2).all() and mask.float().mean() == 0.5
+    groups, kept = weight.abs().reshape(8, 4, 4), mask.reshape(8, 4, 4)
+    assert (groups.masked_fill(~kept, 0).amax(-1) >= groups.masked_fill(kept, 0).amax(-1)).all()
+
+
+def test_conv_weight_is_viewed_as_output_rows():
+    conv = torch.randn(4, 2, 3, 3)
+    mask = nm_mask(conv, 1, 6)  # 18 inputs per output: three groups of 6
+    assert (mask.reshape(4, 3, 6).sum(-1) == 1).all()
+    assert block_mask(conv, (1, 9), 0.5).reshape(4, 2, 9).all(-1).sum() == 4
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda w: block_mask(w, (3, 4), 0.5), "does not divide"),
+    (lambda w: block_mask(w, (1, 4), 0.0), "density must be in"),
+    (lambda w: nm_mask(w, 4, 4), "1 <= N < M"),
+    (lambda w: nm_mask(w, 2, 5), "M=5 does not divide"),
+    (lambda w: unstructured_mask(w, 1.5), "density must be in"),
+    (lambda w: Sparsity(0.1, "nm", m=4), "fewer than 1 of every 4"),
+    (lambda w: Sparsity(0.5, "diagonal"), "unknown sparsity pattern"),
+    (lambda w: block_mask(w[0], (1, 4), 0.5), "2 or more dimensions"),
+])
+def test_bad_arguments_fail_in_one_line(weight, call, message):
+    with pytest.raises(SparsefxError, match=message) as info:
+        call(weight)
+    assert "\n" not in str(info.value)
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def test_masks_survive_training_and_removal():
+    model = _mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)  # made before masking
+    masks = sparsefx.compute_masks(model, {"0": Sparsity(0.25, "block", (1, 4)), "2": Sparsity(0.5, "nm", m=4)})
+    apply_masks(model, masks)
+    x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+    for _ in range(5):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    for name, mask in masks.items():
+        assert (model.get_submodule(name).weight[~mask] == 0).all()
+        assert (model.get_submodule(name).weight[mask] != 0).all()
+    assert current_masks(model).keys() == masks.keys()
+    remove_masks(model)
+    assert sorted(n for n, _ in model.named_parameters()) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    assert (model[0].weight[~masks["0"]] == 0).all() and sparsefx.weight_density(model) == pytest.approx(
+        (0.25 * 512 + 0.5 * 128) / 640)
+
+
+def test_updating_masks_keeps_one_parametrization():
+    model = _mlp()
+    apply_masks(model, sparsefx.compute_masks(model, {"0": Sparsity(0.5)}))
+    apply_masks(model, sparsefx.compute_masks(model, {"0": Sparsity(0.25)}))
+    assert len(model[0].parametrizations.weight) == 1
+    assert int((model[0].weight != 0).sum()) == 128
+
+
+def test_mask_callback_in_a_plain_loop():
+    model = _mlp()
+    masks = sparsefx.compute_masks(model, {"0": Sparsity(0.1)})
+    callback = MaskCallback(model, masks)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(8, 16)).sum().backward()
+        optimizer.step()
+        callback.on_step()
+    assert (model[0].weight[~masks["0"]] == 0).all() and isinstance(model[0].weight, nn.Parameter)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: apply_masks(m, {"5": torch.ones(4, 32)}), "no layer named '5'"),
+    (lambda m: apply_masks(m, {"1": torch.ones(1)}), "masks apply to Linear and Conv"),
+    (lambda m: apply_masks(m, {"0": torch.ones(4, 4)}), "has shape"),
+])
+def test_bad_mask_targets(call, message):
+    with pytest.raises(SparsefxError, match=message):
+        call(_mlp())
