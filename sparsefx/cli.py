@@ -69,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_args(bench)
     _add_compile_args(bench)
     bench.add_argument("--repeat", type=int, default=20, help="timed forward passes per model")
+    bench.add_argument("--rpc", metavar="HOST:PORT", help="measure the TVM builds on a device behind this RPC tracker")
+    bench.add_argument("--rpc-key", default="sparsefx", help="the device's key at the tracker (default: sparsefx)")
     _add_threads_arg(bench)
     bench.set_defaults(handler=_bench)
 
@@ -225,6 +227,8 @@ def _compile_summary(compiled: object) -> str:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.rpc:
+        return _bench_remote(args)
     model, inputs = _load(args)
     models = {"eager dense": model}
     pruned = _maybe_pruned(args, model, inputs)
@@ -242,6 +246,20 @@ def _bench(args: argparse.Namespace) -> int:
     print(f"{'model':<14} {'median ms':>10} {'vs eager dense':>15}")
     for name, ms in latency.items():
         print(f"{name:<14} {ms:>10.3f} {base / ms:>14.2f}x")
+    return 0
+
+
+def _bench_remote(args: argparse.Namespace) -> int:
+    from sparsefx.backends.tvm.remote import measure_remote
+
+    model, inputs = _load(args)
+    print(f"{'model':<12} {'median ms':>10}  (on {args.rpc_key} via {args.rpc})")
+    for name, source in (("tvm dense", model), ("tvm pruned", _maybe_pruned(args, model, inputs))):
+        if name == "tvm pruned" and source is model:
+            continue
+        compiled = sparsefx.compile(source, inputs, target=args.target, tune=args.tune, dispatch=False)
+        result = measure_remote(compiled, args.rpc, args.rpc_key, repeat=args.repeat)
+        print(f"{name:<12} {result['median_ms']:>10.3f}")
     return 0
 
 
