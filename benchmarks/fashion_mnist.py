@@ -207,7 +207,7 @@ def goals(records: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("results/fashion_mnist"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/fashion_mnist"))
     parser.add_argument("--quick", action="store_true", help="a reduced run (subset, fewer epochs and levels)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (one keeps a shared CPU fair)")
     parser.add_argument("--models", default="lenet300,lenet5,resnet")

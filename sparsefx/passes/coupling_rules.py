@@ -331,7 +331,8 @@ def groupnorm_function(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
       nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Upsample,
       nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d,
       F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
-      F.adaptive_max_pool2d, F.interpolate, aten.max_pool2d, aten.avg_pool2d, aten.adaptive_avg_pool2d,
+      F.adaptive_max_pool2d, F.interpolate, torch.max_pool1d, torch.max_pool2d, torch.max_pool3d, torch.avg_pool1d,
+      torch.adaptive_avg_pool1d, torch._C._nn.adaptive_avg_pool2d, torch._C._nn.avg_pool2d, aten.max_pool2d, aten.avg_pool2d, aten.adaptive_avg_pool2d,
       aten.adaptive_avg_pool1d, aten.upsample_nearest2d, aten.upsample_bilinear2d, aten.max_pool2d_with_indices)
 def spatial(ctx: Ctx, node: torch.fx.Node) -> object:
     x = ctx.info(node.args[0])
