@@ -77,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="prune the built-in model at 0.5 and report the change")
     demo.add_argument("--ratio", type=_ratio, default=0.5, help="fraction of channels to remove")
     demo.add_argument("--repeat", type=int, default=50, help="forward passes per latency measurement")
+    demo.add_argument("--no-compile", dest="compile", action="store_false", help="skip the TVM compile step")
     _add_threads_arg(demo)
     demo.set_defaults(handler=_demo)
     return parser
@@ -239,7 +240,7 @@ def _bench(args: argparse.Namespace) -> int:
         compiled = sparsefx.compile(source, inputs, target=args.target, tune=args.tune, dispatch=args.dispatch)
         if compiled.target.is_gpu:
             raise SparsefxError("bench runs on this host's CPU; benchmark a CUDA build on the GPU host instead")
-        models[name.replace("eager", "tvm")] = _Callable(compiled)
+        models[name.replace("eager", "tvm")] = compiled
     _status("measuring (alternating rounds)")
     latency = measure_latencies(models, inputs, repeat=args.repeat)
     base = latency["eager dense"]
@@ -263,16 +264,6 @@ def _bench_remote(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Callable(nn.Module):
-    """Lets a compiled model be timed like an nn.Module."""
-
-    def __init__(self, compiled: object) -> None:
-        super().__init__()
-        self.compiled = compiled
-
-    def forward(self, *inputs: torch.Tensor) -> object:
-        return self.compiled(*inputs)
-
 
 def _demo(args: argparse.Namespace) -> int:
     model, inputs = load_model("default")
@@ -293,6 +284,19 @@ def _demo(args: argparse.Namespace) -> int:
     if dense_shape != pruned_shape:
         print(f"FAIL: output shape changed {tuple(dense_shape)} -> {tuple(pruned_shape)}", file=sys.stderr)
         return 1
+    if args.compile:
+        _status("compiling dense and pruned models with TVM for this CPU")
+        timed = {"eager dense": model, "eager pruned": pruned}
+        for label, source in (("dense", model), ("pruned", pruned)):
+            compiled = sparsefx.compile(source, inputs, target="cpu", verbose=False)
+            with torch.inference_mode():
+                error = (compiled(*inputs) - source(*inputs)).abs().max().item()
+            print(f"TVM {label}: {_compile_summary(compiled).splitlines()[2]}; max abs error vs eager {error:.1e}")
+            timed[f"tvm {label}"] = compiled
+        latency = measure_latencies(timed, inputs, repeat=args.repeat)
+        base = latency["eager dense"]
+        print("latency (median ms, alternating rounds): " + ", ".join(
+            f"{name} {ms:.2f} ({base / ms:.2f}x)" for name, ms in latency.items()))
     print(f"forward check: output shape {tuple(pruned_shape)} unchanged")
     return 0
 

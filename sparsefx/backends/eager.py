@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 
 def measure_latency(
-    model: nn.Module,
+    model: nn.Module | Callable[..., object],
     example_inputs: tuple[torch.Tensor, ...],
     warmup: int = 3,
     repeat: int = 20,
@@ -22,7 +23,8 @@ def measure_latency(
     get enough samples for a stable median. Thread settings are left alone on purpose: callers
     compare models under the same settings, whatever they are.
     """
-    model.eval()
+    if isinstance(model, nn.Module):  # compiled models are plain callables
+        model.eval()
     times_ms: list[float] = []
     with torch.inference_mode():
         for _ in range(warmup):
@@ -37,7 +39,7 @@ def measure_latency(
 
 
 def measure_latencies(
-    models: dict[str, nn.Module], example_inputs: tuple[torch.Tensor, ...], repeat: int = 20, rounds: int = 5
+    models: dict[str, nn.Module | Callable[..., object]], example_inputs: tuple[torch.Tensor, ...], repeat: int = 20, rounds: int = 5
 ) -> dict[str, float]:
     """Median latency in ms per model, measured in alternating rounds so that load from other
     processes (common on shared CPUs) hits every model alike instead of whichever ran during it."""

@@ -63,13 +63,11 @@ def decide_dispatch(mod: tvm.IRModule, target: Target, tvm_target: tvm.target.Ta
     if target.is_gpu:
         return {}
     table = DispatchTable(f"{target.arch}-{target.cores}")
-    decisions = {}
     workloads = collect_workloads(mod)
-    for i, w in enumerate(workloads):
-        if progress and w.key not in table.entries:
-            progress(f"measuring {w.op} workload {i + 1}/{len(workloads)}")
-        decisions[w.key] = table.decide(w, tvm_target, build)
-    return decisions
+    fresh = [w for w in workloads if w.key not in table.entries]
+    if progress and fresh:
+        progress(f"measuring {len(fresh)} conv/matmul workloads on TIR and on PyTorch kernels")
+    return table.decide(workloads, tvm_target, build)
 
 
 def dispatch(decisions: dict[str, dict]) -> NamedPass:

@@ -1,0 +1,15 @@
+"""Keep tests hermetic: measurements and tuning records go to a per-session cache."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SPARSEFX_CACHE", str(tmp_path_factory.mktemp("sparsefx-cache")))
+    yield
+    mp.undo()
