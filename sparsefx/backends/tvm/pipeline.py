@@ -20,6 +20,7 @@ def optimize_passes() -> list[NamedPass]:
     """Graph-level clean-up before any dispatch decision: BN and friends become element-wise
     arithmetic on constants, which FoldConstant then folds."""
     return [
+        ("FoldBatchnormToConv2D", relax.transform.FoldBatchnormToConv2D()),
         ("DecomposeOpsForInference", relax.transform.DecomposeOpsForInference()),
         ("CanonicalizeBindings", relax.transform.CanonicalizeBindings()),
         ("FoldConstant", relax.transform.FoldConstant()),
