@@ -17,7 +17,7 @@ from torch import nn
 from .errors import PruneError
 from .passes import importance as importance_mod
 from .passes.annotate import total_macs
-from .passes.coupling import ChannelGroup, Coupling, analyze_coupling
+from .passes.coupling import PRODUCER_ROLES, ChannelGroup, Coupling, analyze_coupling
 from .passes.remove_channels import remove_channels
 from .passes.split_attention import split_attention
 from .trace import as_inputs, trace
@@ -176,8 +176,8 @@ def select(groups: list[ChannelGroup], scores: dict[int, np.ndarray], ratio_of: 
 
 
 def _class_width(group: ChannelGroup) -> int:
-    producer = group.producers()[0]
-    slot = group.slots[[group.slot_objs[s] for s in group.slots].index(producer)]
+    """Channels one unit removes from the group's first producer (1, or a head's width)."""
+    slot = next(s for s in group.slots if group.slot_objs[s].roles & PRODUCER_ROLES)
     return len(group.members[group.classes[0]][slot])
 
 
@@ -188,23 +188,20 @@ def _rounded(group: ChannelGroup, count: int, round_to: int) -> int:
         return max(count, 0)
     width = _class_width(group)
     step = round_to // math.gcd(round_to, width)
-    frozen = len(group.classes) - len(group.free)
-    keep = len(group.classes) - count
-    keep = min(len(group.classes), math.ceil(keep / step) * step)
-    return max(0, min(len(group.classes) - keep, len(group.free) - 1 - 0 * frozen))
+    keep = min(len(group.classes), math.ceil((len(group.classes) - count) / step) * step)
+    return max(0, min(len(group.classes) - keep, len(group.free) - 1))
 
 
 def _global_counts(groups: list[ChannelGroup], scores: dict[int, np.ndarray],
                    ratio_of: Callable[[ChannelGroup], float]) -> dict[int, int]:
     """One ranking over all groups (scores normalised by each group's mean), removing
     `ratio` of all free channels; every group keeps at least one unit."""
-    entries, total = [], 0
+    entries = []
     for group in groups:
         index = {root: i for i, root in enumerate(group.classes)}
         free_scores = np.array([scores[group.id][index[r]] for r in group.free], dtype=float)
         scale = free_scores.mean() or 1.0
         width = _class_width(group)
-        total += width * len(group.free)
         entries += [(s / scale, group.id, width) for s in free_scores]
     budget = sum(ratio_of(g) * _class_width(g) * len(g.free) for g in groups)
     counts = dict.fromkeys((g.id for g in groups), 0)
@@ -216,7 +213,6 @@ def _global_counts(groups: list[ChannelGroup], scores: dict[int, np.ndarray],
         if counts[gid] < limit[gid]:
             counts[gid] += 1
             spent += width
-    del total
     return counts
 
 
