@@ -9,7 +9,7 @@ DATASET := /usr/share/datasets/fashion-mnist
 run: $(STAMP) dataset
 	$(VENV)/bin/sparsefx demo
 
-test: $(STAMP)
+test: $(STAMP) dataset
 	$(PYTHON) -m pytest -q
 	$(VENV)/bin/ruff check .
 

@@ -74,6 +74,26 @@ def _parser() -> argparse.ArgumentParser:
     _add_threads_arg(bench)
     bench.set_defaults(handler=_bench)
 
+    finetune = commands.add_parser("finetune", help="fine-tune a saved model on Fashion-MNIST (optionally distilled)")
+    finetune.add_argument("model", type=Path, help="model saved with torch.save (e.g. by `sparsefx prune`)")
+    finetune.add_argument("--epochs", type=int, default=3)
+    finetune.add_argument("--lr", type=float, default=1e-3)
+    finetune.add_argument("--distill-from", type=Path, default=None, metavar="DENSE.pt",
+                          help="teacher model for knowledge distillation (usually the dense model)")
+    finetune.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
+    finetune.add_argument("--out", type=Path, required=True, help="where to save the fine-tuned model")
+    _add_threads_arg(finetune)
+    finetune.set_defaults(handler=_finetune)
+
+    evaluate = commands.add_parser("evaluate", help="accuracy overall, per class and on corrupted data")
+    evaluate.add_argument("model", type=Path, help="model saved with torch.save")
+    evaluate.add_argument("--reference", type=Path, default=None, metavar="DENSE.pt",
+                          help="model to compare per-class accuracy with (largest drops first)")
+    evaluate.add_argument("--corruptions", default="noise,blur,contrast",
+                          help="corrupted copies of the test set to score (empty: none)")
+    _add_threads_arg(evaluate)
+    evaluate.set_defaults(handler=_evaluate)
+
     demo = commands.add_parser("demo", help="prune the built-in model at 0.5 and report the change")
     demo.add_argument("--ratio", type=_ratio, default=0.5, help="fraction of channels to remove")
     demo.add_argument("--repeat", type=int, default=50, help="forward passes per latency measurement")
@@ -263,6 +283,51 @@ def _bench_remote(args: argparse.Namespace) -> int:
         print(f"{name:<12} {result['median_ms']:>10.3f}")
     return 0
 
+
+
+def _saved_model(path: Path) -> nn.Module:
+    if not path.is_file():
+        raise SparsefxError(f"no saved model at {path}; save one with torch.save(model, path) or `sparsefx prune`")
+    try:
+        model = torch.load(path, weights_only=False, map_location="cpu")
+    except Exception as error:  # truncated file, not a pickle, missing class
+        raise SparsefxError(f"cannot load {path} ({type(error).__name__}); it must be a torch.save'd nn.Module") from None
+    if not isinstance(model, nn.Module):
+        raise SparsefxError(f"{path} holds a {type(model).__name__}, not an nn.Module; save the model itself")
+    return model
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from sparsefx.data import fashion_mnist
+
+    model = _saved_model(args.model)
+    teacher = _saved_model(args.distill_from) if args.distill_from else None
+    data = fashion_mnist(train_limit=args.train_limit)
+    history = sparsefx.finetune(model, data.train, epochs=args.epochs, lr=args.lr, distill_from=teacher,
+                                val_loader=data.test)
+    for epoch, loss in enumerate(history.loss, 1):
+        accuracy = f", test accuracy {100 * history.val_accuracy[epoch - 1]:.2f}%" if history.val_accuracy else ""
+        print(f"epoch {epoch}: loss {loss:.4f}{accuracy}")
+    torch.save(history.model or model, args.out)
+    print(f"saved {args.out}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from sparsefx.data import fashion_mnist
+
+    model = _saved_model(args.model)
+    reference = _saved_model(args.reference) if args.reference else None
+    data = fashion_mnist()
+    report = sparsefx.evaluate(model, data.test, reference=reference, class_names=list(data.class_names))
+    reference_text = "" if report.reference_accuracy is None else f" (reference {100 * report.reference_accuracy:.2f}%)"
+    print(f"accuracy {100 * report.accuracy:.2f}%{reference_text}")
+    print(report.table())
+    for kind in filter(None, args.corruptions.split(",")):
+        corrupted = report.corrupted(kind)
+        ref = "" if corrupted.reference_accuracy is None else f" (reference {100 * corrupted.reference_accuracy:.2f}%)"
+        print(f"{kind}: accuracy {100 * corrupted.accuracy:.2f}%{ref}")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -1,5 +1,7 @@
 """The `sparsefx` command end to end on the embedded default model."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -70,3 +72,23 @@ def test_measure_latencies_times_every_model():
     model, inputs = load_model("default")
     latencies = measure_latencies({"a": model, "b": model}, inputs, repeat=4, rounds=2)
     assert set(latencies) == {"a", "b"} and all(ms > 0 for ms in latencies.values())
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="dataset-fashion-mnist missing")
+def test_finetune_then_evaluate_on_fashion_mnist(tmp_path, capsys):
+    from sparsefx.zoo import ZOO
+
+    torch.manual_seed(0)
+    dense = ZOO["lenet5"]()
+    torch.save(dense, tmp_path / "dense.pt")
+    assert main(["finetune", str(tmp_path / "dense.pt"), "--epochs", "1", "--train-limit", "2000",
+                 "--out", str(tmp_path / "tuned.pt")]) == 0
+    assert main(["evaluate", str(tmp_path / "tuned.pt"), "--reference", str(tmp_path / "dense.pt"),
+                 "--corruptions", "noise"]) == 0
+    out = capsys.readouterr().out
+    assert "epoch 1: loss" in out and "| class |" in out and "noise: accuracy" in out
+
+
+def test_evaluate_missing_model_is_one_line_error(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "nope.pt")]) == 2
+    assert "no saved model" in capsys.readouterr().err
