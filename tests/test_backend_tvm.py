@@ -102,3 +102,18 @@ def test_cuda_compiles_on_a_cpu_only_host(tmp_path) -> None:
     assert compiled.manifest["target"]["arch"] == "sm_90" and compiled.manifest["dispatch"] == {}
     path = compiled.export(tmp_path / "gpu.sfx")
     assert path.stat().st_size > 0
+
+
+def test_torch_convs_keep_bias_residual_and_relu_in_one_call() -> None:
+    from sparsefx.backends.tvm import pipeline
+    from sparsefx.backends.tvm.importer import to_relax
+
+    build, make_inputs = CASES["depthwise"]  # bias-free convs + BN (folded), ReLUs and a residual add
+    model, inputs = build().eval(), make_inputs()
+    target = resolve_target("cpu")
+    mod, _ = to_relax(model, inputs)
+    mod = pipeline.run(pipeline.optimize_passes(), mod, target.to_tvm())
+    decisions = {w.key: {"impl": "torch"} for w in pipeline.collect_workloads(mod)}
+    text = str(pipeline.run(pipeline.dispatch(decisions), mod, target.to_tvm())["main"])
+    assert "sparsefx.torch.conv2d_bias_residual" in text and "sparsefx.torch.conv2d_bias\"" in text
+    assert text.count("R.nn.relu") == 1  # only the ReLU after GroupNorm stays in TIR

@@ -76,7 +76,7 @@ def compile(model: nn.Module, example_inputs: object, target: object = "cpu", tu
     decisions = {}
     if dispatch and not spec.is_gpu:
         decisions = pipeline.decide_dispatch(mod, spec, tvm_target, lambda m, t: build_module(m, t, spec), log)
-        mod = pipeline.run([pipeline.dispatch(decisions)], mod, tvm_target)
+        mod = pipeline.run(pipeline.dispatch(decisions), mod, tvm_target)
     tuned, tuning = None, {"trials_per_task": 0, "tasks": 0, "tuned_tasks": 0, "seconds": 0.0}
     if tune:  # after dispatch: only what still runs as TIR is worth tuning
         from .tuning import tune_module
@@ -89,7 +89,7 @@ def compile(model: nn.Module, example_inputs: object, target: object = "cpu", tu
         "target": spec.as_dict(), "import_route": route,
         "inputs": [{"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")} for x in inputs],
         "dispatch": decisions, "tuning": tuning, "compile_seconds": round(time.perf_counter() - started, 3),
-        "passes": [name for name, _ in pipeline.optimize_passes()] + (["DispatchToTorch"] if decisions else [])
+        "passes": [name for name, _ in pipeline.optimize_passes()] + ([name for name, _ in pipeline.dispatch({})] if decisions else [])
         + [name for name, _ in pipeline.lowering_passes(spec, tvm_target, tuned)],
     }
     log(f"compiled in {manifest['compile_seconds']:.1f} s "

@@ -24,6 +24,8 @@ from tvm import relax
 from ...target import cache_dir
 
 CONV = "sparsefx.torch.conv2d"
+CONV_EPILOGUE = "sparsefx.torch.conv2d_bias"
+CONV_RESIDUAL = "sparsefx.torch.conv2d_bias_residual"
 MATMUL = "sparsefx.torch.matmul"
 
 
@@ -34,6 +36,24 @@ def _torch_conv2d(x: object, w: object, sh: int, sw: int, ph: int, pw: int, dh: 
                   groups: int) -> object:
     result = F.conv2d(torch.from_dlpack(x), torch.from_dlpack(w), None, (sh, sw), (ph, pw), (dh, dw), groups)
     return tvm_ffi.from_dlpack(result)
+
+
+@tvm_ffi.register_global_func(CONV_EPILOGUE, override=True)
+def _torch_conv2d_epilogue(x: object, w: object, b: object, sh: int, sw: int, ph: int, pw: int, dh: int, dw: int,
+                           groups: int, relu: int) -> object:
+    """conv + per-channel bias (+ ReLU) in PyTorch: one oneDNN call, then an in-place ReLU."""
+    out = F.conv2d(torch.from_dlpack(x), torch.from_dlpack(w), torch.from_dlpack(b).reshape(-1), (sh, sw), (ph, pw),
+                   (dh, dw), groups)
+    return tvm_ffi.from_dlpack(out.relu_() if relu else out)
+
+
+@tvm_ffi.register_global_func(CONV_RESIDUAL, override=True)
+def _torch_conv2d_residual(x: object, w: object, b: object, residual: object, sh: int, sw: int, ph: int, pw: int,
+                           dh: int, dw: int, groups: int, relu: int) -> object:
+    """conv + bias + residual (+ ReLU): the ResNet block tail, without leaving PyTorch."""
+    out = F.conv2d(torch.from_dlpack(x), torch.from_dlpack(w), torch.from_dlpack(b).reshape(-1), (sh, sw), (ph, pw),
+                   (dh, dw), groups).add_(torch.from_dlpack(residual))
+    return tvm_ffi.from_dlpack(out.relu_() if relu else out)
 
 
 @tvm_ffi.register_global_func(MATMUL, override=True)
@@ -170,6 +190,50 @@ def dispatch_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
         for gvar, func in list(mod.functions.items()):
             if isinstance(func, relax.Function):
                 mod[gvar] = _Rewrite().visit_expr(func)
+        return mod
+
+    return _pass
+
+
+def _per_channel(bias: relax.Expr, channels: int) -> bool:
+    shape = [int(d) for d in bias.ty.shape]
+    return shape in ([1, channels, 1, 1], [channels, 1, 1])
+
+
+def epilogue_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
+    """Relax pass: a conv PyTorch runs keeps its bias, residual add and ReLU in the same
+    call, so no TIR kernel has to re-read its output (runs before `dispatch_pass`)."""
+    from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+
+    x, w, b, residual = wildcard(), is_const(), is_const(), wildcard()
+    conv = is_op("relax.nn.conv2d")(x, w)
+    biased = is_op("relax.add")(conv, b)
+    summed = is_op("relax.add")(biased, residual) | is_op("relax.add")(residual, biased)
+    patterns = [is_op("relax.nn.relu")(summed), is_op("relax.nn.relu")(biased), summed, biased]
+
+    def rewriter(expr: relax.Expr, matches: dict) -> relax.Expr:
+        call = matches[conv]
+        wl = workload_of(call)
+        if wl is None or decisions.get(wl.key, {}).get("impl") != "torch" or \
+                not _per_channel(matches[b], wl.shapes[1][0]):
+            return expr
+        relu = relax.prim_value(int(isinstance(expr, relax.Call) and expr.op.name == "relax.nn.relu"))
+        attrs = [relax.prim_value(v) for v in wl.attrs]
+        if residual in matches and summed in matches and matches[summed] is not None:
+            if [int(d) for d in matches[residual].ty.shape] != list(wl.shapes[2]):
+                return expr
+            return relax.call_pure_packed(CONV_RESIDUAL, matches[x], matches[w], matches[b], matches[residual],
+                                          *attrs, relu, ty_args=expr.ty)
+        return relax.call_pure_packed(CONV_EPILOGUE, matches[x], matches[w], matches[b], *attrs, relu,
+                                      ty_args=expr.ty)
+
+    @tvm.transform.module_pass(opt_level=0, name="FuseTorchEpilogue")
+    def _pass(mod: tvm.IRModule, _ctx: object) -> tvm.IRModule:
+        for gvar, func in list(mod.functions.items()):
+            if isinstance(func, relax.Function):
+                for pattern in patterns:
+                    func = rewrite_call(pattern, rewriter, func)
+                mod[gvar] = func
         return mod
 
     return _pass

@@ -10,7 +10,7 @@ from tvm.relax.backend import gpu_generic
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
 from ...target import Target
-from .dispatch import DispatchTable, collect_workloads, dispatch_pass
+from .dispatch import DispatchTable, collect_workloads, dispatch_pass, epilogue_pass  # noqa: F401
 from .schedule import default_schedule_pass
 
 NamedPass = tuple[str, tvm.transform.Pass]
@@ -71,5 +71,5 @@ def decide_dispatch(mod: tvm.IRModule, target: Target, tvm_target: tvm.target.Ta
     return table.decide(workloads, tvm_target, build)
 
 
-def dispatch(decisions: dict[str, dict]) -> NamedPass:
-    return ("DispatchToTorch", dispatch_pass(decisions))
+def dispatch(decisions: dict[str, dict]) -> list[NamedPass]:
+    return [("FuseTorchEpilogue", epilogue_pass(decisions)), ("DispatchToTorch", dispatch_pass(decisions))]
