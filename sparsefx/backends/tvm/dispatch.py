@@ -99,7 +99,8 @@ def workload_of(call: relax.Call) -> Workload | None:
             return None
         s, d = [int(v) for v in a.strides], [int(v) for v in a.dilation]
         return Workload("conv2d", shapes, (s[0], s[1], pad[0], pad[1], d[0], d[1], int(a.groups)))
-    if call.op.name == "relax.matmul" and str(call.ty.dtype) == "float32" and len(shapes[1]) == 2:
+    if call.op.name == "relax.matmul" and str(call.ty.dtype) == "float32" and len(shapes[0]) >= 2 \
+            and len(shapes[1]) >= 2:
         return Workload("matmul", shapes, ())
     return None
 
