@@ -100,11 +100,10 @@ def compile(model: nn.Module, example_inputs: object, target: object = "cpu", tu
 class CompiledModel:
     """A compiled model: call it with torch tensors, get torch tensors back."""
 
-    def __init__(self, executable: object, manifest: dict, library_path: str | None = None) -> None:
+    def __init__(self, executable: object, manifest: dict) -> None:
         self.executable, self.manifest = executable, manifest
         self.target = Target.from_dict(manifest["target"])
         self.device = tvm.cuda(0) if self.target.is_gpu else tvm.cpu(0)
-        self._library_path = library_path
         self._vm = None
 
     @property
@@ -140,9 +139,8 @@ class CompiledModel:
 
 
 def _to_torch(value: object) -> torch.Tensor | tuple:
-    if isinstance(value, (tuple, list)) or type(value).__name__ == "Array":
-        items = tuple(_to_torch(v) for v in value)
-        return items
+    if isinstance(value, (tuple, list)) or type(value).__name__ == "Array":  # a Relax tuple output
+        return tuple(_to_torch(v) for v in value)
     return torch.from_dlpack(value)
 
 
@@ -169,5 +167,5 @@ def load(path: str | Path) -> CompiledModel:
     except Exception as error:
         raise SparsefxError(f"{path}: cannot load its library ({str(error).splitlines()[0][:120]}); "
                             "export it again with CompiledModel.export") from None
-    return CompiledModel(library, manifest, str(extract / "model.so"))
+    return CompiledModel(library, manifest)
 

@@ -16,7 +16,7 @@ from ...errors import SparsefxError
 from ...trace import trace
 
 
-class ImportError_(SparsefxError):
+class UnsupportedOpError(SparsefxError):
     """TVM's importer cannot translate an op of the model."""
 
 
@@ -87,7 +87,7 @@ def _explain(error: BaseException, model: nn.Module, inputs: tuple) -> SparsefxE
     node = _find_node(model, inputs, op) if op else None
     where = f" at node {node}" if node else ""
     what = f"op {op!r}{where}" if op else f"the model ({text[:200]})"
-    return ImportError_(f"TVM's Relax importer does not support {what}; replace that op, or keep this model on "
+    return UnsupportedOpError(f"TVM's Relax importer does not support {what}; replace that op, or keep this model on "
                         "the torch eager backend")
 
 
