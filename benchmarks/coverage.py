@@ -20,6 +20,7 @@ import torch
 import torchvision
 
 import sparsefx
+from sparsefx.errors import one_line
 from sparsefx.models import load_model
 
 RATIOS = (0.3, 0.5)
@@ -38,11 +39,6 @@ def output_shapes(output: object) -> list[tuple[int, ...]]:
     """Shapes of every tensor in an output (tensor, tuple, dict or HF ModelOutput) in a fixed order."""
     leaves = torch.utils._pytree.tree_leaves(output)
     return [tuple(leaf.shape) for leaf in leaves if isinstance(leaf, torch.Tensor)]
-
-
-def one_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 def check_model(name: str, ratios: tuple[float, ...]) -> list[dict]:

@@ -25,6 +25,7 @@ from torch import nn
 
 import sparsefx
 from sparsefx.backends.eager import measure_latencies
+from sparsefx.errors import one_line
 from sparsefx.models import load_model
 
 DEFAULT_MODELS = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "densenet121", "vgg16",
@@ -37,11 +38,6 @@ warnings.filterwarnings("ignore", category=UserWarning, module="torch_pruning")
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def one_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 def spec_of(name: str) -> str:

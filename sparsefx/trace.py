@@ -15,7 +15,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from .errors import TraceError
+from .errors import TraceError, one_line
 from .passes.annotate import annotate
 from .passes.shape_prop import ShapeProp
 
@@ -64,19 +64,15 @@ def trace(model: nn.Module, example_inputs: object, method: str = "fx") -> torch
     except TraceError:
         raise
     except Exception as error:  # the captured graph must run on the example inputs
-        raise TraceError(f"the traced graph does not run on the example inputs: {_one_line(error)}") from None
+        raise TraceError(f"the traced graph does not run on the example inputs: {one_line(error)}") from None
     annotate(gm)
-    gm.meta["sfx_method"] = "export" if method == "export" or _is_export(gm) else "fx"
+    gm.meta["sfx_method"] = "export" if is_aten_graph(gm) else "fx"
     return gm
 
 
-def _is_export(gm: torch.fx.GraphModule) -> bool:
+def is_aten_graph(gm: torch.fx.GraphModule) -> bool:
+    """True for graphs of aten ops (the torch.export route), False for torch.fx graphs."""
     return any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.nodes)
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
 
 
 def _fx_trace(model: nn.Module) -> torch.fx.GraphModule:
@@ -85,7 +81,7 @@ def _fx_trace(model: nn.Module) -> torch.fx.GraphModule:
     except Exception as error:
         where = _offending_frame(model, error)
         raise TraceError(
-            f"torch.fx cannot trace {where}: {_one_line(error)}; fix: make that module a leaf "
+            f"torch.fx cannot trace {where}: {one_line(error)}; fix: make that module a leaf "
             "(torch.fx.Tracer.is_leaf_module) or capture with method='export' (torch.export)"
         ) from None
 
@@ -116,7 +112,7 @@ def _export_trace(model: nn.Module, inputs: tuple) -> torch.fx.GraphModule:
             return torch.fx.GraphModule(exported, exported.graph, class_name=f"Exported{type(model).__name__}")
         except Exception as error:  # retry with static shapes before giving up
             errors.append(error)
-    raise TraceError(f"torch.export cannot capture the model: {_one_line(errors[-1])}")
+    raise TraceError(f"torch.export cannot capture the model: {one_line(errors[-1])}")
 
 
 def _dynamic_dims(x: object) -> dict | None:

@@ -19,7 +19,7 @@ from torch import nn
 from tvm import relax
 
 from ... import __version__
-from ...errors import SparsefxError
+from ...errors import SparsefxError, one_line
 from ...target import Target, resolve_target
 from ...trace import as_inputs
 from . import pipeline
@@ -165,7 +165,7 @@ def load(path: str | Path) -> CompiledModel:
         with _quiet_native_stderr():
             library = tvm.runtime.load_module(str(extract / "model.so"))
     except Exception as error:
-        raise SparsefxError(f"{path}: cannot load its library ({str(error).splitlines()[0][:120]}); "
+        raise SparsefxError(f"{path}: cannot load its library ({one_line(error)}); "
                             "export it again with CompiledModel.export") from None
     return CompiledModel(library, manifest)
 

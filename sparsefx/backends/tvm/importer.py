@@ -13,7 +13,7 @@ from tvm import relax
 from tvm.relax.frontend.torch import from_exported_program, from_fx
 
 from ...errors import SparsefxError
-from ...trace import trace
+from ...trace import is_aten_graph, trace
 
 
 class UnsupportedOpError(SparsefxError):
@@ -26,7 +26,8 @@ def to_relax(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[tvm.IR
     info = [(tuple(x.shape), str(x.dtype).removeprefix("torch.")) for x in inputs]
     errors = []
     try:
-        gm = model if isinstance(model, torch.fx.GraphModule) and not _is_aten(model) else torch.fx.symbolic_trace(model)
+        gm = model if isinstance(model, torch.fx.GraphModule) and not is_aten_graph(model) \
+            else torch.fx.symbolic_trace(model)
         gm = select_integer_indices(torch.fx.GraphModule(gm, copy.deepcopy(gm.graph)))
         with torch.no_grad():
             mod = from_fx(gm, info, keep_params_as_input=True, unwrap_unit_return_tuple=True)
@@ -66,10 +67,6 @@ def select_integer_indices(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         gm.graph.erase_node(node)
     gm.recompile()
     return gm
-
-
-def _is_aten(gm: torch.fx.GraphModule) -> bool:
-    return any(isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.nodes)
 
 
 def _bind_params(mod: tvm.IRModule, num_inputs: int) -> tvm.IRModule:

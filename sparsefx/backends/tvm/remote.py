@@ -15,7 +15,7 @@ import numpy as np
 import tvm
 from tvm import relax, rpc
 
-from ...errors import SparsefxError
+from ...errors import SparsefxError, one_line
 from .compiler import CompiledModel, _quiet_native_stderr
 
 
@@ -43,7 +43,7 @@ def measure_remote(compiled: CompiledModel, tracker: str, key: str, repeat: int 
         session = client.request(key, priority=1, session_timeout=timeout_s)
     except Exception as error:  # connection refused, unknown key, timeout
         raise SparsefxError(f"cannot reach device {key!r} through tracker {tracker} "
-                            f"({str(error).splitlines()[0]}); {hint}") from None
+                            f"({one_line(error)}); {hint}") from None
     with tempfile.TemporaryDirectory() as tmp:
         library = Path(tmp) / "model.so"
         with _quiet_native_stderr():
