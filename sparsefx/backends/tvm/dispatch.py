@@ -2,7 +2,7 @@
 
 Untuned TIR convolutions run far slower than oneDNN/MKL. For every convolution and
 matmul workload the compiler measures both implementations on the target and rewrites
-the ones PyTorch wins into `call_dps_packed` calls of the kernels registered here; the
+the ones PyTorch wins into `call_pure_packed` calls of the kernels registered here; the
 decisions (with both timings) are cached per target and recorded in the artifact.
 Those calls need `import sparsefx` (and torch) where the artifact runs; GPU builds and
 `dispatch=False` never use them.
@@ -29,30 +29,36 @@ CONV_RESIDUAL = "sparsefx.torch.conv2d_bias_residual"
 MATMUL = "sparsefx.torch.matmul"
 
 
+def _conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, attrs: tuple[int, ...]) -> torch.Tensor:
+    """PyTorch's conv2d for a workload's attrs (stride, padding, dilation pairs, groups)."""
+    s0, s1, p0, p1, d0, d1, groups = attrs
+    return F.conv2d(x, w, b, (s0, s1), (p0, p1), (d0, d1), groups)
+
+
 # The kernels return the tensor PyTorch allocated (shared through DLPack, no copy) rather than
 # writing into a buffer TVM allocated, which would cost one more pass over every output.
 @tvm_ffi.register_global_func(CONV, override=True)
-def _torch_conv2d(x: object, w: object, sh: int, sw: int, ph: int, pw: int, dh: int, dw: int,
-                  groups: int) -> object:
-    result = F.conv2d(torch.from_dlpack(x), torch.from_dlpack(w), None, (sh, sw), (ph, pw), (dh, dw), groups)
-    return tvm_ffi.from_dlpack(result)
+def _torch_conv2d(x: object, w: object, *attrs: int) -> object:
+    return tvm_ffi.from_dlpack(_conv(torch.from_dlpack(x), torch.from_dlpack(w), None, attrs))
 
 
 @tvm_ffi.register_global_func(CONV_EPILOGUE, override=True)
-def _torch_conv2d_epilogue(x: object, w: object, b: object, sh: int, sw: int, ph: int, pw: int, dh: int, dw: int,
-                           groups: int, relu: int) -> object:
+def _torch_conv2d_epilogue(x: object, w: object, b: object, *attrs_relu: int) -> object:
     """conv + per-channel bias (+ ReLU) in PyTorch: one oneDNN call, then an in-place ReLU."""
-    out = F.conv2d(torch.from_dlpack(x), torch.from_dlpack(w), torch.from_dlpack(b).reshape(-1), (sh, sw), (ph, pw),
-                   (dh, dw), groups)
-    return tvm_ffi.from_dlpack(out.relu_() if relu else out)
+    return _conv_tail(x, w, b, None, attrs_relu)
 
 
 @tvm_ffi.register_global_func(CONV_RESIDUAL, override=True)
-def _torch_conv2d_residual(x: object, w: object, b: object, residual: object, sh: int, sw: int, ph: int, pw: int,
-                           dh: int, dw: int, groups: int, relu: int) -> object:
+def _torch_conv2d_residual(x: object, w: object, b: object, residual: object, *attrs_relu: int) -> object:
     """conv + bias + residual (+ ReLU): the ResNet block tail, without leaving PyTorch."""
-    out = F.conv2d(torch.from_dlpack(x), torch.from_dlpack(w), torch.from_dlpack(b).reshape(-1), (sh, sw), (ph, pw),
-                   (dh, dw), groups).add_(torch.from_dlpack(residual))
+    return _conv_tail(x, w, b, residual, attrs_relu)
+
+
+def _conv_tail(x: object, w: object, b: object, residual: object | None, attrs_relu: tuple[int, ...]) -> object:
+    *attrs, relu = attrs_relu
+    out = _conv(torch.from_dlpack(x), torch.from_dlpack(w), torch.from_dlpack(b).reshape(-1), tuple(attrs))
+    if residual is not None:
+        out.add_(torch.from_dlpack(residual))
     return tvm_ffi.from_dlpack(out.relu_() if relu else out)
 
 
@@ -106,13 +112,8 @@ def workload_of(call: relax.Call) -> Workload | None:
 
 
 def _torch_time(w: Workload, repeat: int = 10) -> float:
-    args = [torch.randn(s) for s in w.shapes[:2]]
-    if w.op == "conv2d":
-        s0, s1, p0, p1, d0, d1, g = w.attrs
-        run = lambda: F.conv2d(args[0], args[1], None, (s0, s1), (p0, p1), (d0, d1), g)  # noqa: E731
-    else:
-        run = lambda: torch.matmul(*args)  # noqa: E731
-    return _best_time(run, repeat)
+    a, b = (torch.randn(s) for s in w.shapes[:2])
+    return _best_time(lambda: _conv(a, b, None, w.attrs) if w.op == "conv2d" else torch.matmul(a, b), repeat)
 
 
 def _best_time(run: object, repeat: int) -> float:
@@ -186,11 +187,17 @@ def dispatch_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
                 return relax.call_pure_packed(CONV, call.args[0], call.args[1], *extra, ty_args=call.ty)
             return relax.call_pure_packed(MATMUL, call.args[0], call.args[1], ty_args=call.ty)
 
-    @tvm.transform.module_pass(opt_level=0, name="DispatchToTorch")
+    return _each_relax_function("DispatchToTorch", lambda func: _Rewrite().visit_expr(func))
+
+
+def _each_relax_function(name: str, rewrite: object) -> tvm.transform.Pass:
+    """A module pass that applies `rewrite` to every Relax function of the module."""
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
     def _pass(mod: tvm.IRModule, _ctx: object) -> tvm.IRModule:
         for gvar, func in list(mod.functions.items()):
             if isinstance(func, relax.Function):
-                mod[gvar] = _Rewrite().visit_expr(func)
+                mod[gvar] = rewrite(func)
         return mod
 
     return _pass
@@ -220,7 +227,7 @@ def epilogue_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
             return expr
         relu = relax.prim_value(int(isinstance(expr, relax.Call) and expr.op.name == "relax.nn.relu"))
         attrs = [relax.prim_value(v) for v in wl.attrs]
-        if residual in matches and summed in matches and matches[summed] is not None:
+        if residual in matches:  # only the patterns with the residual add bind it
             if [int(d) for d in matches[residual].ty.shape] != list(wl.shapes[2]):
                 return expr
             return relax.call_pure_packed(CONV_RESIDUAL, matches[x], matches[w], matches[b], matches[residual],
@@ -228,16 +235,12 @@ def epilogue_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
         return relax.call_pure_packed(CONV_EPILOGUE, matches[x], matches[w], matches[b], *attrs, relu,
                                       ty_args=expr.ty)
 
-    @tvm.transform.module_pass(opt_level=0, name="FuseTorchEpilogue")
-    def _pass(mod: tvm.IRModule, _ctx: object) -> tvm.IRModule:
-        for gvar, func in list(mod.functions.items()):
-            if isinstance(func, relax.Function):
-                for pattern in patterns:
-                    func = rewrite_call(pattern, rewriter, func)
-                mod[gvar] = func
-        return mod
+    def rewrite_all(func: relax.Function) -> relax.Function:
+        for pattern in patterns:
+            func = rewrite_call(pattern, rewriter, func)
+        return func
 
-    return _pass
+    return _each_relax_function("FuseTorchEpilogue", rewrite_all)
 
 
 def collect_workloads(mod: tvm.IRModule) -> list[Workload]:
