@@ -120,8 +120,7 @@ def prune(
     scores = score(gm, coupling, candidates, example_inputs=inputs, **importance_options)
     removed = select(candidates, scores, ratio_of, round_to, global_ranking)
     code_before = gm.code
-    roots = [gm] if work is gm else [gm, work]
-    remove_channels(roots, coupling, removed)
+    remove_channels([gm, work], coupling, removed)
     return _choose_result(work, gm, inputs, graph_changed=gm.code != code_before).train(model.training)
 
 
@@ -169,10 +168,15 @@ def select(groups: list[ChannelGroup], scores: dict[int, np.ndarray], ratio_of: 
     removed: set[int] = set()
     for group in groups:
         count = _rounded(group, counts[group.id], round_to)
-        index = {root: i for i, root in enumerate(group.classes)}
-        ranked = sorted(group.free, key=lambda r: scores[group.id][index[r]])
-        removed.update(ranked[:count])
+        ranked = sorted(zip(group.free, _free_scores(group, scores), strict=True), key=lambda pair: pair[1])
+        removed.update(root for root, _ in ranked[:count])
     return removed
+
+
+def _free_scores(group: ChannelGroup, scores: dict[int, np.ndarray]) -> np.ndarray:
+    """Scores of the group's removable units, in `group.free` order."""
+    index = {root: i for i, root in enumerate(group.classes)}
+    return np.array([scores[group.id][index[r]] for r in group.free], dtype=float)
 
 
 def _class_width(group: ChannelGroup) -> int:
@@ -198,8 +202,7 @@ def _global_counts(groups: list[ChannelGroup], scores: dict[int, np.ndarray],
     `ratio` of all free channels; every group keeps at least one unit."""
     entries = []
     for group in groups:
-        index = {root: i for i, root in enumerate(group.classes)}
-        free_scores = np.array([scores[group.id][index[r]] for r in group.free], dtype=float)
+        free_scores = _free_scores(group, scores)
         scale = free_scores.mean() or 1.0
         width = _class_width(group)
         entries += [(s / scale, group.id, width) for s in free_scores]
@@ -221,8 +224,6 @@ def _choose_result(work: nn.Module, gm: torch.fx.GraphModule, inputs: tuple, gra
 
     With no graph constant rewritten, the trace of the user's forward is unchanged, so
     the user's class is that graph; otherwise compare the two on the example inputs."""
-    if work is gm:
-        return gm
     if not graph_changed:
         with torch.no_grad():
             work(*inputs)  # surfaces a broken rewrite here, not in the user's hands

@@ -494,16 +494,14 @@ def stack(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
 
 
 @rule(torch.split, "split", torch.chunk, "chunk", aten.split, aten.split_with_sizes, aten.chunk, torch.tensor_split,
-      "tensor_split", aten.unbind, torch.unbind, "unbind")
+      "tensor_split")
 def split(ctx: Ctx, node: torch.fx.Node) -> tuple:
+    """Pieces along one axis keep their slice of its ids (unbind, which drops the axis, is unknown: frozen)."""
     x = ctx.info(node.args[0])
     shapes = node.meta["sfx_shape"]
-    name = getattr(node.target, "__name__", str(node.target))
-    dim_default = 0
-    dim = ctx.value(_arg(node, 2, "dim", dim_default)) if "unbind" not in name else ctx.value(_arg(node, 1, "dim", 0))
-    axis = _axis(dim, len(x.shape))
-    if "unbind" in name or any(len(s) != len(x.shape) for s in shapes):
+    if any(len(s) != len(x.shape) for s in shapes):
         return default_rule(ctx, node)
+    axis = _axis(ctx.value(_arg(node, 2, "dim", 0)), len(x.shape))
     own = _channel_factor(ctx, x, axis, "split of a reshaped channel axis")
     others = [f for f in x.cmap if f is not own]
     if own is None:
