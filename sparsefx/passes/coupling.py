@@ -116,9 +116,6 @@ class Coupling:
     roots: np.ndarray  # channel id -> class root
     patches: list[tuple[torch.fx.Node, str, dict]]  # shape constants to rewrite after removal
 
-    def removed_mask(self, ids: np.ndarray, removed: set[int]) -> np.ndarray:
-        return np.isin(self.roots[ids], np.fromiter(removed, dtype=np.int64, count=len(removed)))
-
 
 class Ctx:
     """What a coupling rule sees: the graph, the union-find and the slot table."""

@@ -8,6 +8,7 @@ pruning a channel removes its producer, so the producer's weights say what is lo
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 
 import numpy as np
@@ -21,8 +22,6 @@ Scores = dict[int, np.ndarray]  # group id -> one score per class, in group.clas
 
 
 def _weights(gm: torch.nn.Module, name: str) -> torch.Tensor:
-    import operator
-
     return operator.attrgetter(name)(gm)
 
 

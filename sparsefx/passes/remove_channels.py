@@ -34,10 +34,11 @@ def patched_shape(shape: tuple | list, sizes: tuple[tuple[int, int], ...]) -> tu
 
 class _Kept:
     def __init__(self, coupling: Coupling, removed: set[int]) -> None:
-        self.coupling, self.removed = coupling, removed
+        # one lookup table, id -> survives, instead of a set test per slot and patch
+        self.keep = ~np.isin(coupling.roots, np.fromiter(removed, dtype=np.int64, count=len(removed)))
 
     def mask(self, ids: np.ndarray) -> np.ndarray:
-        return ~self.coupling.removed_mask(ids, self.removed)
+        return self.keep[ids]
 
     def along(self, factor: Factor, axis: int) -> int:
         return int(self.mask(factor.axis_ids(axis)).any(axis=1).sum())
