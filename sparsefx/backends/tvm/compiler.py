@@ -46,12 +46,10 @@ def _log(message: str) -> None:
     print(f"[sparsefx] {message}", file=sys.stderr, flush=True)
 
 
-def build_module(mod: tvm.IRModule, tvm_target: tvm.target.Target, target: Target | None = None,
-                 tuned: tvm.transform.Pass | None = None) -> tvm.runtime.Executable:
-    """Lower an (already optimised) Relax module with sparsefx's pipeline and build it."""
-    target = target or Target("cpu", "llvm", "", 1, 512)
-    passes = pipeline.lowering_passes(target, tvm_target, tuned)
-    return tvm.compile(mod, tvm_target, relax_pipeline=pipeline.as_pipeline(passes))
+def build_module(mod: tvm.IRModule, tvm_target: tvm.target.Target, target: Target) -> tvm.runtime.Executable:
+    """Lower an (already optimised) Relax module with sparsefx's untuned pipeline and build it."""
+    return tvm.compile(mod, tvm_target, relax_pipeline=pipeline.as_pipeline(pipeline.lowering_passes(
+        target, tvm_target, None)))
 
 
 def compile(model: nn.Module, example_inputs: object, target: object = "cpu", tune: int = 0,
@@ -72,25 +70,28 @@ def compile(model: nn.Module, example_inputs: object, target: object = "cpu", tu
     started = time.perf_counter()
     log(f"importing {type(model).__name__} into Relax")
     mod, route = to_relax(model, inputs)
-    mod = pipeline.run(pipeline.optimize_passes(), mod, tvm_target)
+    ran = pipeline.optimize_passes()
+    mod = pipeline.run(ran, mod, tvm_target)
     decisions = {}
     if dispatch and not spec.is_gpu:
         decisions = pipeline.decide_dispatch(mod, spec, tvm_target, lambda m, t: build_module(m, t, spec), log)
-        mod = pipeline.run(pipeline.dispatch(decisions), mod, tvm_target)
+        rewrites = pipeline.dispatch(decisions)
+        mod = pipeline.run(rewrites, mod, tvm_target)
+        ran += rewrites
     tuned, tuning = None, {"trials_per_task": 0, "tasks": 0, "tuned_tasks": 0, "seconds": 0.0}
     if tune:  # after dispatch: only what still runs as TIR is worth tuning
         from .tuning import tune_module
 
         tuned, tuning = tune_module(mod, spec, tvm_target, tune, log)
     log(f"building for {spec}")
-    executable = build_module(mod, tvm_target, spec, tuned)
+    lowering = pipeline.lowering_passes(spec, tvm_target, tuned)
+    executable = tvm.compile(mod, tvm_target, relax_pipeline=pipeline.as_pipeline(lowering))
     manifest = {
         "format": "sparsefx-tvm", "version": ARTIFACT_VERSION, "sparsefx": __version__, "tvm": tvm.__version__,
         "target": spec.as_dict(), "import_route": route,
         "inputs": [{"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")} for x in inputs],
         "dispatch": decisions, "tuning": tuning, "compile_seconds": round(time.perf_counter() - started, 3),
-        "passes": [name for name, _ in pipeline.optimize_passes()] + ([name for name, _ in pipeline.dispatch({})] if decisions else [])
-        + [name for name, _ in pipeline.lowering_passes(spec, tvm_target, tuned)],
+        "passes": [name for name, _ in ran + lowering],
     }
     log(f"compiled in {manifest['compile_seconds']:.1f} s "
         f"({sum(d['impl'] == 'torch' for d in decisions.values())}/{len(decisions)} workloads on torch kernels)")

@@ -60,9 +60,7 @@ def as_pipeline(passes: list[NamedPass]) -> tvm.transform.Pass:
 def decide_dispatch(mod: tvm.IRModule, target: Target, tvm_target: tvm.target.Target,
                     build: Callable[[tvm.IRModule, tvm.target.Target], object],
                     progress: Callable[[str], None] | None = None) -> dict[str, dict]:
-    """Measured torch-vs-TIR choice for each conv/matmul workload of `mod` (CPU only)."""
-    if target.is_gpu:
-        return {}
+    """Measured torch-vs-TIR choice for each conv/matmul workload of `mod` (CPU targets)."""
     table = DispatchTable(f"{target.arch}-{target.cores}")
     workloads = collect_workloads(mod)
     fresh = [w for w in workloads if w.key not in table.entries]
