@@ -240,11 +240,15 @@ def _compile(args: argparse.Namespace) -> int:
 
 def _compile_summary(compiled: object) -> str:
     m = compiled.manifest
-    on_torch = sum(d["impl"] == "torch" for d in m["dispatch"].values())
     tuning = m["tuning"]
     return (f"target: {compiled.target}\nimport route: {m['import_route']}, compile {m['compile_seconds']:.1f} s\n"
-            f"kernels: {on_torch}/{len(m['dispatch'])} conv/matmul workloads dispatched to PyTorch (measured faster)\n"
+            f"{_kernel_summary(m)}\n"
             f"tuning: {tuning['tuned_tasks']}/{tuning['tasks']} workloads tuned, {tuning['seconds']:.0f} s")
+
+
+def _kernel_summary(manifest: dict) -> str:
+    on_torch = sum(d["impl"] == "torch" for d in manifest["dispatch"].values())
+    return f"kernels: {on_torch}/{len(manifest['dispatch'])} conv/matmul workloads dispatched to PyTorch (measured faster)"
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -356,7 +360,7 @@ def _demo(args: argparse.Namespace) -> int:
             compiled = sparsefx.compile(source, inputs, target="cpu", verbose=False)
             with torch.inference_mode():
                 error = (compiled(*inputs) - source(*inputs)).abs().max().item()
-            print(f"TVM {label}: {_compile_summary(compiled).splitlines()[2]}; max abs error vs eager {error:.1e}")
+            print(f"TVM {label}: {_kernel_summary(compiled.manifest)}; max abs error vs eager {error:.1e}")
             timed[f"tvm {label}"] = compiled
         latency = measure_latencies(timed, inputs, repeat=args.repeat)
         base = latency["eager dense"]
