@@ -143,28 +143,19 @@ def _patch_shape(gm: torch.fx.GraphModule, node: torch.fx.Node, payload: dict, k
     if all(sizes[a] == old[a] for a in sizes):
         return
     if node.target in ("unflatten", torch.unflatten, aten.unflatten.int):
-        dim = node.args[1] % len(old) if isinstance(node.args[1], int) else 0
-        new = list(node.args[2])
-        for a, size in sizes.items():
-            if dim <= a < dim + len(new):
-                new[a - dim] = size
-        _set_arg(node, 2, "sizes", new)
+        dim, inner = node.args[1] % len(old) if isinstance(node.args[1], int) else 0, node.args[2]
+        _set_arg(node, 2, "sizes", list(patched_shape(
+            inner, tuple((a - dim, size) for a, size in sizes.items() if dim <= a < dim + len(inner)))))
         return
-    rest = list(node.args[1:])
+    rest, changes = list(node.args[1:]), tuple(sorted(sizes.items()))
     if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
-        new = list(rest[0])
-        for a, size in sizes.items():
-            new[a] = size
-        node.args = (node.args[0], type(rest[0])(new))
+        node.args = (node.args[0], type(rest[0])(patched_shape(rest[0], changes)))
     elif len(rest) == 1 and isinstance(rest[0], torch.fx.Node) and isinstance(rest[0].meta.get("sfx_value"), tuple):
-        with node.graph.inserting_before(node):
-            fixed = node.graph.call_function(patched_shape, (rest[0], tuple(sorted(sizes.items()))))
+        with node.graph.inserting_before(node):  # a shape the graph computes: patch it at run time
+            fixed = node.graph.call_function(patched_shape, (rest[0], changes))
         node.args = (node.args[0], fixed)
     else:
-        new = list(rest)
-        for a, size in sizes.items():
-            new[a] = size
-        node.args = (node.args[0], *new)
+        node.args = (node.args[0], *patched_shape(rest, changes))
 
 
 def _patch_split(gm: torch.fx.GraphModule, node: torch.fx.Node, payload: dict, kept: _Kept) -> None:
