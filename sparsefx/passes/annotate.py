@@ -32,17 +32,18 @@ def _shape(arg: object) -> tuple | None:
     return arg.meta.get("sfx_shape") if isinstance(arg, torch.fx.Node) else None
 
 
-def _arg(node: torch.fx.Node, index: int, name: str) -> object:
-    return node.args[index] if len(node.args) > index else node.kwargs.get(name)
+def node_arg(node: torch.fx.Node, index: int, name: str, default: object = None) -> object:
+    """Argument `name` of a call node, given positionally at `index` or by keyword."""
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
 def _conv_fn(node: torch.fx.Node, gm: torch.fx.GraphModule) -> int:
-    weight = _shape(_arg(node, 1, "weight"))
+    weight = _shape(node_arg(node, 1, "weight"))
     return _numel(node.meta["sfx_shape"]) * math.prod(weight[1:]) if weight else 0
 
 
 def _linear_fn(node: torch.fx.Node, gm: torch.fx.GraphModule) -> int:
-    weight = _shape(_arg(node, 1, "weight"))
+    weight = _shape(node_arg(node, 1, "weight"))
     return _numel(node.meta["sfx_shape"]) * weight[-1] if weight else 0
 
 

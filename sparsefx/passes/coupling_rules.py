@@ -20,7 +20,7 @@ import torchvision
 from torch import nn
 
 from . import layout
-from .annotate import target_key
+from .annotate import node_arg, target_key
 from .channels import Factor
 from .coupling import Ctx, TensorInfo, describe_node
 
@@ -51,10 +51,6 @@ def default_rule(ctx: Ctx, node: torch.fx.Node) -> object:
         ctx.freeze(info, f"unsupported op {describe_node(node)}")
     shape = node.meta["sfx_shape"]
     return tuple([] for _ in shape) if isinstance(shape, list) else []
-
-
-def _arg(node: torch.fx.Node, index: int, name: str, default: object = None) -> object:
-    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
 def _out_shape(node: torch.fx.Node) -> tuple[int, ...]:
@@ -181,12 +177,12 @@ def conv_module(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
 
 @rule(F.conv1d, F.conv2d, F.conv3d, aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution)
 def conv_function(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
-    weight, bias = ctx.param_name(_arg(node, 1, "weight")), ctx.param_name(_arg(node, 2, "bias"))
+    weight, bias = ctx.param_name(node_arg(node, 1, "weight")), ctx.param_name(node_arg(node, 2, "bias"))
     transposed = node.target is aten.convolution.default and ctx.value(node.args[6])
     if weight is None or transposed:
         return default_rule(ctx, node)
     index = 8 if node.target is aten.convolution.default else 6
-    groups = ctx.value(_arg(node, index, "groups", 1))
+    groups = ctx.value(node_arg(node, index, "groups", 1))
     return conv(ctx, node, ctx.info(node.args[0]), weight, bias, groups, weight.rsplit(".", 1)[0])
 
 
@@ -212,7 +208,7 @@ def linear_module(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
 
 @rule(F.linear, aten.linear)
 def linear_function(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
-    weight, bias = ctx.param_name(_arg(node, 1, "weight")), ctx.param_name(_arg(node, 2, "bias"))
+    weight, bias = ctx.param_name(node_arg(node, 1, "weight")), ctx.param_name(node_arg(node, 2, "bias"))
     if weight is None:
         return default_rule(ctx, node)
     return linear(ctx, node, ctx.info(node.args[0]), weight, bias, weight.rsplit(".", 1)[0])
@@ -234,7 +230,7 @@ def embedding_module(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
 
 @rule(F.embedding, aten.embedding)
 def embedding_function(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
-    weight = ctx.param_name(node.args[0] if node.target is aten.embedding.default else _arg(node, 1, "weight"))
+    weight = ctx.param_name(node.args[0] if node.target is aten.embedding.default else node_arg(node, 1, "weight"))
     if weight is None:
         return default_rule(ctx, node)
     return [Factor((len(_out_shape(node)) - 1,), ctx.param_ids(weight, 1, "out", weight.rsplit(".", 1)[0]))]
@@ -286,8 +282,8 @@ def layernorm_module(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
 
 @rule(F.layer_norm, aten.layer_norm)
 def layernorm_function(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
-    params = [ctx.param_name(_arg(node, 2, "weight")), ctx.param_name(_arg(node, 3, "bias"))]
-    dims = len(ctx.value(_arg(node, 1, "normalized_shape")))
+    params = [ctx.param_name(node_arg(node, 2, "weight")), ctx.param_name(node_arg(node, 3, "bias"))]
+    dims = len(ctx.value(node_arg(node, 1, "normalized_shape")))
     layer = next((p.rsplit(".", 1)[0] for p in params if p), node.name)
     return _layernorm(ctx, node, ctx.info(node.args[0]), dims, params, layer)
 
@@ -308,7 +304,7 @@ def _layernorm(ctx: Ctx, node: torch.fx.Node, x: TensorInfo, dims: int, params: 
 @rule(F.batch_norm, aten.batch_norm, aten._native_batch_norm_legit_no_training)
 def batchnorm_function(ctx: Ctx, node: torch.fx.Node) -> object:
     if node.target in (F.batch_norm,):
-        names = [_arg(node, 3, "weight"), _arg(node, 4, "bias"), node.args[1], node.args[2]]
+        names = [node_arg(node, 3, "weight"), node_arg(node, 4, "bias"), node.args[1], node.args[2]]
     else:
         names = [node.args[1], node.args[2], node.args[3], node.args[4]]
     params = [ctx.param_name(n) for n in names]
@@ -321,7 +317,7 @@ def batchnorm_function(ctx: Ctx, node: torch.fx.Node) -> object:
 @rule(F.group_norm, aten.group_norm)
 def groupnorm_function(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
     groups = ctx.value(node.args[1])
-    params = [ctx.param_name(_arg(node, 2, "weight")), ctx.param_name(_arg(node, 3, "bias"))]
+    params = [ctx.param_name(node_arg(node, 2, "weight")), ctx.param_name(node_arg(node, 3, "bias"))]
     layer = next((p.rsplit(".", 1)[0] for p in params if p), node.name)
     return norm(ctx, node, ctx.info(node.args[0]), params, 1, layer, groups)
 
@@ -345,7 +341,7 @@ def spatial(ctx: Ctx, node: torch.fx.Node) -> object:
 @rule(F.pad, aten.constant_pad_nd, aten.pad)
 def pad(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
     x = ctx.info(node.args[0])
-    widths = ctx.value(_arg(node, 1, "pad"))
+    widths = ctx.value(node_arg(node, 1, "pad"))
     padded = {len(x.shape) - 1 - i // 2 for i, w in enumerate(widths) if w}
     keep = [f for f in x.cmap if not set(f.axes) & padded]
     ctx.freeze([f for f in x.cmap if f not in keep], "padding along a channel axis")
@@ -357,7 +353,7 @@ def pad(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
       "log_softmax", aten._softmax, aten.softmax, aten._log_softmax, aten.log_softmax)
 def softmax(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
     x = ctx.info(node.args[0])
-    dim = ctx.modules[node.target].dim if node.op == "call_module" else ctx.value(_arg(node, 1, "dim"))
+    dim = ctx.modules[node.target].dim if node.op == "call_module" else ctx.value(node_arg(node, 1, "dim"))
     axis = _axis(dim, len(x.shape))
     touched = [f for f in x.cmap if axis in f.axes]
     ctx.freeze(touched, f"{describe_node(node)} normalises over channels")
@@ -367,13 +363,13 @@ def softmax(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
 @rule(torch.mean, torch.sum, torch.amax, "mean", "sum", "amax", aten.mean, aten.sum, aten.amax)
 def reduction(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
     x = ctx.info(node.args[0])
-    dims = ctx.value(_arg(node, 1, "dim"))
+    dims = ctx.value(node_arg(node, 1, "dim"))
     if dims is None or dims == []:
         return default_rule(ctx, node)
     dims = {_axis(d, len(x.shape)) for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
     touched = [f for f in x.cmap if set(f.axes) & dims]
     ctx.freeze(touched, f"{describe_node(node)} reduces over channels")
-    if ctx.value(_arg(node, 2, "keepdim", False)):
+    if ctx.value(node_arg(node, 2, "keepdim", False)):
         return [f for f in x.cmap if f not in touched]
     mapping = {a: a - sum(d < a for d in dims) for a in range(len(x.shape)) if a not in dims}
     return layout.permute([f for f in x.cmap if f not in touched], mapping)
@@ -458,11 +454,11 @@ def expand(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
 # --- concat, split, indexing ----------------------------------------------------------------
 @rule(torch.cat, torch.concat, aten.cat, aten.concat)
 def cat(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
-    infos = [ctx.info(t) for t in _arg(node, 0, "tensors")]
+    infos = [ctx.info(t) for t in node_arg(node, 0, "tensors")]
     if any(i is None for i in infos):
         return default_rule(ctx, node)
     out = _out_shape(node)
-    axis = _axis(ctx.value(_arg(node, 1, "dim", 0)), len(out))
+    axis = _axis(ctx.value(node_arg(node, 1, "dim", 0)), len(out))
     pieces, tracked = [], False
     others_shapes, others_cmaps = [], []
     for info in infos:
@@ -485,10 +481,10 @@ def cat(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
 
 @rule(torch.stack, aten.stack)
 def stack(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
-    infos = [ctx.info(t) for t in _arg(node, 0, "tensors")]
+    infos = [ctx.info(t) for t in node_arg(node, 0, "tensors")]
     if any(i is None for i in infos):
         return default_rule(ctx, node)
-    axis = _axis(ctx.value(_arg(node, 1, "dim", 0)), len(_out_shape(node)))
+    axis = _axis(ctx.value(node_arg(node, 1, "dim", 0)), len(_out_shape(node)))
     merged = layout.merge(ctx.uf, [i.shape for i in infos], [i.cmap for i in infos], "stack with an untracked tensor")
     return layout.permute(merged, {a: a + (a >= axis) for a in range(len(infos[0].shape))})
 
@@ -501,7 +497,7 @@ def split(ctx: Ctx, node: torch.fx.Node) -> tuple:
     shapes = node.meta["sfx_shape"]
     if any(len(s) != len(x.shape) for s in shapes):
         return default_rule(ctx, node)
-    axis = _axis(ctx.value(_arg(node, 2, "dim", 0)), len(x.shape))
+    axis = _axis(ctx.value(node_arg(node, 2, "dim", 0)), len(x.shape))
     own = _channel_factor(ctx, x, axis, "split of a reshaped channel axis")
     others = [f for f in x.cmap if f is not own]
     if own is None:
@@ -575,8 +571,8 @@ def _slice_layout(ctx: Ctx, node: torch.fx.Node, x: TensorInfo, mapping: dict[in
 @rule(aten.slice)
 def aten_slice(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
     x = ctx.info(node.args[0])
-    axis = _axis(ctx.value(_arg(node, 1, "dim", 0)), len(x.shape))
-    start, stop, step = (ctx.value(_arg(node, i, n, d)) for i, n, d in ((2, "start", None), (3, "end", None),
+    axis = _axis(ctx.value(node_arg(node, 1, "dim", 0)), len(x.shape))
+    start, stop, step = (ctx.value(node_arg(node, i, n, d)) for i, n, d in ((2, "start", None), (3, "end", None),
                                                                          (4, "step", 1)))
     mapping = {a: a for a in range(len(x.shape))}
     whole = (start in (None, 0)) and (stop is None or stop >= x.shape[axis]) and step == 1
@@ -635,8 +631,8 @@ def matmul(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
 @rule(F.scaled_dot_product_attention, aten.scaled_dot_product_attention)
 def attention(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
     """softmax(q @ k^T + mask) @ v: q/k meet per head and feature, heads tie to v's heads."""
-    q, k, v = (ctx.info(_arg(node, i, n)) for i, n in enumerate(("query", "key", "value")))
-    mask = ctx.info(_arg(node, 3, "attn_mask"))
+    q, k, v = (ctx.info(node_arg(node, i, n)) for i, n in enumerate(("query", "key", "value")))
+    mask = ctx.info(node_arg(node, 3, "attn_mask"))
     why = "attention with an untracked operand"
     nd = len(q.shape)
     k_t = TensorInfo(k.node, k.shape[:-2] + (k.shape[-1], k.shape[-2]),
