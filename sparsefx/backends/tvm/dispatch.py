@@ -4,6 +4,8 @@ Untuned TIR convolutions run far slower than oneDNN/MKL. For every convolution a
 matmul workload the compiler measures both implementations on the target and rewrites
 the ones PyTorch wins into `call_pure_packed` calls of the kernels registered here; the
 decisions (with both timings) are cached per target and recorded in the artifact.
+Workloads PyTorch runs far faster than TIR's default schedules can (see `prefilter`) are
+decided without a TIR build.
 Those calls need `import sparsefx` (and torch) where the artifact runs; GPU builds and
 `dispatch=False` never use them.
 """
@@ -22,6 +24,7 @@ import tvm_ffi
 from tvm import relax
 
 from ...target import cache_dir
+from . import prefilter
 
 CONV = "sparsefx.torch.conv2d"
 CONV_EPILOGUE = "sparsefx.torch.conv2d_bias"
@@ -154,22 +157,49 @@ def _tir_times(workloads: list[Workload], target: tvm.target.Target, build: obje
 
 
 class DispatchTable:
-    """Measured per-workload choice between 'tir' and 'torch', cached on disk per target."""
+    """Measured per-workload choice between 'tir' and 'torch', cached on disk per target.
+
+    Every new workload is timed on PyTorch; only those the pre-filter cannot rule out are built
+    and timed in TIR. Entries the filter decided say so (`decided_by: prefilter`, `tir_ms: None`)."""
 
     def __init__(self, target_key: str) -> None:
         self.path = cache_dir() / "dispatch" / f"{target_key}.json"
         self.entries: dict[str, dict] = json.loads(self.path.read_text()) if self.path.exists() else {}
 
     def decide(self, workloads: list[Workload], target: tvm.target.Target, build: object) -> dict[str, dict]:
-        new = [w for w in workloads if w.key not in self.entries]
+        new = {w.key: w for w in workloads if w.key not in self.entries}
         if new:
-            for w, tir_ms in zip(new, _tir_times(new, target, build), strict=True):
-                torch_ms = _torch_time(w)
-                self.entries[w.key] = {"impl": "torch" if torch_ms < tir_ms else "tir", "torch_ms": torch_ms,
-                                       "tir_ms": tir_ms, "gflop": w.flops / 1e9}
+            candidates = [prefilter.Candidate(w.key, prefilter.op_class(w.op, w.attrs), w.flops / 1e9, _torch_time(w))
+                          for w in new.values()]
+            first = prefilter.calibration(candidates, self.entries.values())
+            self._measure(first, new, target, build)
+            ceilings = prefilter.tir_ceilings(self.entries.values())
+            rest = []
+            for c in candidates:
+                if c.key in self.entries:
+                    continue
+                ceiling = prefilter.skip(c, ceilings)
+                if ceiling is None:
+                    rest.append(c)
+                else:
+                    self.entries[c.key] = {**self._entry(c, None), "decided_by": "prefilter",
+                                           "tir_ceiling_gflops": round(ceiling, 2)}
+            self._measure(rest, new, target, build)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps(self.entries, indent=1))
         return {w.key: self.entries[w.key] for w in workloads}
+
+    def _measure(self, candidates: list[prefilter.Candidate], workloads: dict[str, Workload],
+                 target: tvm.target.Target, build: object) -> None:
+        if candidates:
+            times = _tir_times([workloads[c.key] for c in candidates], target, build)
+            for c, tir_ms in zip(candidates, times, strict=True):
+                self.entries[c.key] = {**self._entry(c, tir_ms), "decided_by": "measured"}
+
+    @staticmethod
+    def _entry(c: prefilter.Candidate, tir_ms: float | None) -> dict:
+        impl = "torch" if tir_ms is None or c.torch_ms < tir_ms else "tir"
+        return {"impl": impl, "torch_ms": c.torch_ms, "tir_ms": tir_ms, "gflop": c.gflop, "op_class": c.op_class}
 
 
 def dispatch_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:

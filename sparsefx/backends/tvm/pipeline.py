@@ -65,8 +65,12 @@ def decide_dispatch(mod: tvm.IRModule, target: Target, tvm_target: tvm.target.Ta
     workloads = collect_workloads(mod)
     fresh = [w for w in workloads if w.key not in table.entries]
     if progress and fresh:
-        progress(f"measuring {len(fresh)} conv/matmul workloads on TIR and on PyTorch kernels")
-    return table.decide(workloads, tvm_target, build)
+        progress(f"measuring {len(fresh)} conv/matmul workloads on PyTorch kernels, and on TIR where it could win")
+    decisions = table.decide(workloads, tvm_target, build)
+    if progress and fresh:
+        skipped = sum(table.entries[w.key].get("decided_by") == "prefilter" for w in fresh)
+        progress(f"{len(fresh) - skipped} built in TIR, {skipped} decided by the pre-filter (PyTorch far faster)")
+    return decisions
 
 
 def dispatch(decisions: dict[str, dict]) -> list[NamedPass]:

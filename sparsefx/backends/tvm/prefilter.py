@@ -1,0 +1,70 @@
+"""Dispatch pre-filter: build in TIR only the workloads where TIR could plausibly win.
+
+Timing a workload on PyTorch costs milliseconds; building it in TIR costs an LLVM build plus
+slow untuned runs (EfficientNet-B0's ~80 distinct convs took minutes). Default TIR schedules
+reach a fairly stable GFLOP/s per op class on a target, so a workload whose PyTorch time already
+beats `MARGIN` times the best TIR GFLOP/s measured for its class is decided 'torch' without a
+TIR build. A class with fewer than `CALIBRATE` TIR measurements has no ceiling yet: its
+workloads that PyTorch runs slowest (the likeliest TIR wins) are measured first to set it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+MARGIN = 2.0  # TIR's GFLOP/s varies with shape; only skip when PyTorch wins by more than this
+CALIBRATE = 2  # TIR measurements a class needs before its ceiling is trusted
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What the filter needs of a workload: its key, op class, work and PyTorch time."""
+
+    key: str
+    op_class: str
+    gflop: float
+    torch_ms: float
+
+    @property
+    def torch_gflops(self) -> float:
+        return self.gflop / self.torch_ms * 1e3
+
+
+def op_class(op: str, attrs: tuple[int, ...]) -> str:
+    """Grouped/depthwise convs are memory-bound and schedule differently from dense ones."""
+    if op == "conv2d":
+        return "conv2d_grouped" if attrs[-1] > 1 else "conv2d"
+    return op
+
+
+def tir_ceilings(entries: Iterable[dict]) -> dict[str, tuple[float, int]]:
+    """Per op class: the best TIR GFLOP/s measured so far and how many measurements back it."""
+    best: dict[str, tuple[float, int]] = {}
+    for entry in entries:
+        if entry.get("tir_ms") is None or "op_class" not in entry:
+            continue
+        gflops = entry["gflop"] / entry["tir_ms"] * 1e3
+        top, count = best.get(entry["op_class"], (0.0, 0))
+        best[entry["op_class"]] = (max(top, gflops), count + 1)
+    return best
+
+
+def calibration(candidates: list[Candidate], entries: Iterable[dict]) -> list[Candidate]:
+    """For each class short of `CALIBRATE` measurements, its candidates PyTorch runs slowest."""
+    ceilings = tir_ceilings(entries)
+    picked = []
+    for cls in sorted({c.op_class for c in candidates}):
+        missing = CALIBRATE - ceilings.get(cls, (0.0, 0))[1]
+        if missing > 0:
+            ranked = sorted((c for c in candidates if c.op_class == cls), key=lambda c: c.torch_gflops)
+            picked += ranked[:missing]
+    return picked
+
+
+def skip(candidate: Candidate, ceilings: dict[str, tuple[float, int]]) -> float | None:
+    """The TIR ceiling (GFLOP/s) that rules the candidate out, or None when TIR must be built."""
+    ceiling, count = ceilings.get(candidate.op_class, (0.0, 0))
+    if count < CALIBRATE or candidate.torch_gflops <= MARGIN * ceiling:
+        return None
+    return ceiling

@@ -1,0 +1,56 @@
+"""Dispatch pre-filter: TIR is built only where it could win, and the table says which entries it decided."""
+
+from __future__ import annotations
+
+import pytest
+
+from sparsefx.backends.tvm import dispatch, prefilter
+from sparsefx.backends.tvm.compiler import build_module
+from sparsefx.target import resolve_target
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEFX_CACHE", str(tmp_path / "cache"))
+
+
+def _conv(channels: int) -> dispatch.Workload:
+    return dispatch.Workload("conv2d", ((1, channels, 8, 8), (channels, channels, 3, 3), (1, channels, 8, 8)),
+                             (1, 1, 1, 1, 1, 1, 1))
+
+
+def test_filter_needs_calibration_then_skips_only_far_faster_torch() -> None:
+    fast = prefilter.Candidate("fast", "conv2d", gflop=1.0, torch_ms=1.0)  # 1000 GFLOP/s
+    slow = prefilter.Candidate("slow", "conv2d", gflop=1.0, torch_ms=500.0)  # 2 GFLOP/s
+    assert prefilter.calibration([fast, slow], []) == [slow, fast]  # no ceiling yet: slowest first
+    measured = [{"op_class": "conv2d", "gflop": 1.0, "tir_ms": 200.0}] * 2  # TIR reaches 5 GFLOP/s
+    ceilings = prefilter.tir_ceilings(measured)
+    assert ceilings == {"conv2d": (5.0, 2)} and prefilter.calibration([fast], measured) == []
+    assert prefilter.skip(fast, ceilings) == 5.0 and prefilter.skip(slow, ceilings) is None
+    other_class = prefilter.Candidate("dw", "conv2d_grouped", gflop=1.0, torch_ms=1.0)
+    assert prefilter.skip(other_class, ceilings) is None  # a ceiling only speaks for its own class
+
+
+def test_table_builds_calibration_and_plausible_tir_wins_only(monkeypatch) -> None:
+    workloads = [_conv(c) for c in (8, 16, 24, 32, 40)]
+    slowest = workloads[-1]
+    # PyTorch is absurdly fast on all but one workload, which it runs absurdly slowly
+    monkeypatch.setattr(dispatch, "_torch_time", lambda w: 1e6 if w is slowest else 1e-4)
+    built: list[int] = []
+    target = resolve_target("cpu")
+
+    def counting_build(mod, tvm_target):
+        built.append(sum(1 for gv in mod.functions if gv.name_hint.startswith("op")))
+        return build_module(mod, tvm_target, target)
+
+    table = dispatch.DispatchTable("test")
+    decisions = table.decide(workloads, target.to_tvm(), counting_build)
+    assert built == [prefilter.CALIBRATE]  # the two slowest on PyTorch set the ceiling; the rest are ruled out
+    by = {w.key: decisions[w.key]["decided_by"] for w in workloads}
+    assert list(by.values()).count("prefilter") == len(workloads) - prefilter.CALIBRATE
+    assert by[slowest.key] == "measured" and decisions[slowest.key]["impl"] == "tir"
+    skipped = [d for d in decisions.values() if d["decided_by"] == "prefilter"]
+    assert all(d["impl"] == "torch" and d["tir_ms"] is None and d["tir_ceiling_gflops"] > 0 for d in skipped)
+    # the cached table answers a second compile without building anything
+    assert dispatch.DispatchTable("test").decide(workloads, target.to_tvm(), counting_build) == decisions
+    assert built == [prefilter.CALIBRATE]
