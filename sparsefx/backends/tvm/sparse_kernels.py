@@ -1,0 +1,334 @@
+"""TIR kernels for sparse weights: BSR and N:M times a dense operand, for CPU and CUDA.
+
+Every kernel computes out = W @ D + bias for a sparse W (rows × cols, `sparsefx.formats`)
+and a dense D of shape (batch, cols, width): a Linear is D = xᵀ (width = tokens), a 1×1
+conv is D = x viewed as (batch, in_channels, h·w), a k×k conv is D = im2col(x). Shapes and
+the nonzero count are compile-time constants: weights are constants of the model.
+
+CPU: parallel over (batch, column tile, block row); the inner loop runs over a block row's
+nonzero blocks and is vectorised over a tile of D's columns (width), so each weight is one
+broadcast and each D load feeds a whole block column of accumulators. Width 1 (a GEMV,
+Linear at one token) vectorises over the block instead, with several accumulators.
+CUDA: one thread per output element (row, column), threads over columns so D loads coalesce.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+from tvm.script import tirx as T
+
+OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps must not fuse into a hand-scheduled kernel
+LANES = 16  # fp32 lanes of one AVX-512 register
+TILE = 64  # D columns per CPU tile: 4 registers per accumulator row
+ROW_TILE = 4  # accumulator rows per CPU tile: 16 accumulator registers with TILE = 64
+UNROLL = 4  # independent accumulators of the GEMV kernel (hides FMA latency)
+THREADS = 64  # CUDA threads per block
+STACK = "global"  # scope of CPU scratch buffers: "global" ones small enough go on the stack, "local" ones
+# become a TVMBackendAllocWorkspace call per loop iteration
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One sparse kernel: format, weight shape, nonzeros and the dense operand's shape.
+
+    fmt "bsr": `block` = (br, bc), `nnz` = stored blocks. fmt "nm": `block` = (n, m),
+    `nnz` = values per row (cols·n/m). `transpose_out` writes (width, rows) instead of
+    (batch, rows, width), the layout of a Linear's output (batch must be 1)."""
+
+    fmt: str
+    rows: int
+    cols: int
+    block: tuple[int, int]
+    nnz: int
+    batch: int
+    width: int
+    transpose_out: bool = False
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return (self.width, self.rows) if self.transpose_out else (self.batch, self.rows, self.width)
+
+    @property
+    def name(self) -> str:
+        t = "t" if self.transpose_out else ""
+        return f"sparse_{self.fmt}{self.block[0]}x{self.block[1]}_{self.rows}x{self.cols}_nz{self.nnz}_" \
+               f"b{self.batch}w{self.width}{t}"
+
+
+def kernel(spec: KernelSpec, target: tvm.target.Target) -> tvm.tirx.PrimFunc:
+    """The scheduled PrimFunc of `spec` for `target` (marked scheduled and opaque)."""
+    gpu = "gpu" in target.keys
+    if spec.transpose_out and spec.batch != 1:
+        raise ValueError("transpose_out needs batch 1")
+    if spec.fmt == "bsr":
+        make = _bsr_cuda if gpu else (_bsr_gemv_cpu if spec.width == 1 else _bsr_spmm_cpu)
+    else:
+        make = _nm_cuda if gpu else (_nm_gemv_cpu if spec.width == 1 else _nm_spmm_cpu)
+    return make(spec).with_attr({"global_symbol": spec.name, "op_pattern": OPAQUE, "tir.is_scheduled": True,
+                                 "tir.noalias": True})
+
+
+def _row_tile(br: int) -> int:
+    return next(t for t in (ROW_TILE, 2, 1) if br % t == 0)
+
+
+def _store(spec: KernelSpec):  # noqa: ANN202 (returns a TVMScript macro)
+    """Where output (b, n, p) goes: the one place the two output layouts differ."""
+    if spec.transpose_out:
+        @T.macro
+        def store(out, b, n, p, value):  # noqa: ANN001, ANN202
+            out[p, n] = value
+    else:
+        @T.macro
+        def store(out, b, n, p, value):  # noqa: ANN001, ANN202
+            out[b, n, p] = value
+    return store
+
+
+def _group(s: KernelSpec, rows: int) -> int:
+    """Output rows per CPU task: a transposed output is written a cache line (16 rows) at a
+    time through a staging tile, since one column per row at the row stride (a multiple of
+    4 KiB for sizes like 3072) would evict its own lines from the same cache set."""
+    if not s.transpose_out:
+        return rows
+    group = rows * -(-LANES // rows)
+    return group if s.rows % group == 0 else rows
+
+
+def _bsr_spmm_cpu(s: KernelSpec) -> tvm.tirx.PrimFunc:
+    (br, bc), nrb = s.block, s.rows // s.block[0]
+    rt, group = _row_tile(br), _group(s, br)
+    bpg, ngroups = group // br, s.rows // group
+    pt = min(TILE, s.width)
+    npo, tail = divmod(s.width, pt)
+    staged = s.transpose_out
+    store = _store(s)
+
+    @T.macro
+    def tile(D, V, I, R, bias, out, b, g, p0, width):  # noqa: ANN001, ANN202
+        stage = T.alloc_buffer((group, width) if staged else (1, 1), "float32", scope=STACK)
+        for ib in range(bpg):
+            i: T.let = g * bpg + ib
+            for rs in range(br // rt):
+                acc = T.alloc_buffer((rt, width), "float32", scope=STACK)
+                for r in T.unroll(rt):
+                    for p in T.vectorized(width):
+                        acc[r, p] = bias[i * br + rs * rt + r]
+                for j in range(R[i], R[i + 1]):
+                    for c in T.unroll(bc):
+                        for r in T.unroll(rt):
+                            for p in T.vectorized(width):
+                                acc[r, p] = acc[r, p] + V[j, rs * rt + r, c] * D[b, I[j] * bc + c, p0 + p]
+                for r in range(rt):
+                    for p in T.vectorized(width):
+                        if T.bool(staged):
+                            stage[ib * br + rs * rt + r, p] = acc[r, p]
+                        else:
+                            store(out, b, i * br + rs * rt + r, p0 + p, acc[r, p])
+        if T.bool(staged):
+            for p in range(width):
+                for r in T.vectorized(group):
+                    store(out, b, g * group + r, p0 + p, stage[r, p])
+
+    @T.prim_func(private=True)
+    def f(D: T.Buffer((s.batch, s.cols, s.width), "float32"), V: T.Buffer((s.nnz, br, bc), "float32"),
+          I: T.Buffer((s.nnz,), "int32"), R: T.Buffer((nrb + 1,), "int32"), bias: T.Buffer((s.rows,), "float32"),
+          out: T.Buffer(s.out_shape, "float32")):
+        for t in T.parallel(s.batch * npo * ngroups):
+            tile(D, V, I, R, bias, out, t // (npo * ngroups), t % ngroups, t // ngroups % npo * pt, pt)
+        if T.bool(tail > 0):
+            for t in T.parallel(s.batch * ngroups):
+                tile(D, V, I, R, bias, out, t // ngroups, t % ngroups, npo * pt, max(tail, 1))
+
+    return f
+
+
+def _bsr_gemv_cpu(s: KernelSpec) -> tvm.tirx.PrimFunc:
+    (br, bc), nrb = s.block, s.rows // s.block[0]
+    lanes = br * bc
+    store = _store(s)
+
+    @T.prim_func(private=True)
+    def f(D: T.Buffer((s.batch, s.cols, 1), "float32"), V: T.Buffer((s.nnz, br, bc), "float32"),
+          I: T.Buffer((s.nnz,), "int32"), R: T.Buffer((nrb + 1,), "int32"), bias: T.Buffer((s.rows,), "float32"),
+          out: T.Buffer(s.out_shape, "float32")):
+        for t in T.parallel(s.batch * nrb):
+            b: T.let = t // nrb
+            i: T.let = t % nrb
+            acc = T.alloc_buffer((UNROLL, lanes), "float32", scope=STACK)
+            for u in T.unroll(UNROLL):
+                for k in T.vectorized(lanes):
+                    acc[u, k] = T.float32(0)
+            start: T.let = R[i]
+            count: T.let = R[i + 1] - R[i]
+            for jo in range(count // UNROLL):
+                for u in T.unroll(UNROLL):
+                    for k in T.vectorized(lanes):
+                        acc[u, k] = acc[u, k] + V[start + jo * UNROLL + u, k // bc, k % bc] * \
+                            _block_input(D, b, I[start + jo * UNROLL + u] * bc, k, bc, lanes)
+            for j in range(start + count // UNROLL * UNROLL, start + count):
+                for k in T.vectorized(lanes):
+                    acc[0, k] = acc[0, k] + V[j, k // bc, k % bc] * _block_input(D, b, I[j] * bc, k, bc, lanes)
+            for u in range(1, UNROLL):
+                for k in T.vectorized(lanes):
+                    acc[0, k] = acc[0, k] + acc[u, k]
+            for r in range(br):
+                total = T.alloc_buffer((1,), "float32", scope=STACK)
+                total[0] = bias[i * br + r]
+                for c in range(bc):
+                    total[0] = total[0] + acc[0, r * bc + c]
+                store(out, b, i * br + r, 0, total[0])
+
+    return f
+
+
+def _nm_spmm_cpu(s: KernelSpec) -> tvm.tirx.PrimFunc:
+    n, m = s.block
+    group = _group(s, 1)
+    ngroups = s.rows // group
+    pt = min(TILE, s.width)
+    npo, tail = divmod(s.width, pt)
+    staged = s.transpose_out
+    store = _store(s)
+
+    @T.macro
+    def tile(D, V, I, bias, out, b, g, p0, width):  # noqa: ANN001, ANN202
+        stage = T.alloc_buffer((group, width) if staged else (1, 1), "float32", scope=STACK)
+        for ir in range(group):
+            row: T.let = g * group + ir
+            acc = T.alloc_buffer((width,), "float32", scope=STACK)
+            for p in T.vectorized(width):
+                acc[p] = bias[row]
+            for k in range(s.nnz // n):
+                for e in T.unroll(n):
+                    for p in T.vectorized(width):
+                        acc[p] = acc[p] + V[row, k * n + e] * \
+                            D[b, k * m + T.Cast("int32", I[row, k * n + e]), p0 + p]
+            for p in T.vectorized(width):
+                if T.bool(staged):
+                    stage[ir, p] = acc[p]
+                else:
+                    store(out, b, row, p0 + p, acc[p])
+        if T.bool(staged):
+            for p in range(width):
+                for r in T.vectorized(group):
+                    store(out, b, g * group + r, p0 + p, stage[r, p])
+
+    @T.prim_func(private=True)
+    def f(D: T.Buffer((s.batch, s.cols, s.width), "float32"), V: T.Buffer((s.rows, s.nnz), "float32"),
+          I: T.Buffer((s.rows, s.nnz), "int8"), bias: T.Buffer((s.rows,), "float32"),
+          out: T.Buffer(s.out_shape, "float32")):
+        for t in T.parallel(s.batch * npo * ngroups):
+            tile(D, V, I, bias, out, t // (npo * ngroups), t % ngroups, t // ngroups % npo * pt, pt)
+        if T.bool(tail > 0):
+            for t in T.parallel(s.batch * ngroups):
+                tile(D, V, I, bias, out, t // ngroups, t % ngroups, npo * pt, max(tail, 1))
+
+    return f
+
+
+def transposed_operands(spec: KernelSpec) -> bool:
+    """Whether the kernel takes N:M values and indices transposed, (nnz, rows)."""
+    return spec.fmt == "nm" and spec.width == 1
+
+
+def _window(D, b, base, position, m):  # noqa: ANN001, ANN202
+    """D[b, base + position, 0] for a vector of positions < m, as m - 1 selects between m
+    broadcast loads: TVM's LLVM backend lowers a gather to one scalar load per lane."""
+    value = D[b, base, 0]
+    for e in range(1, m):
+        value = tvm.tirx.Select(position == e, D[b, base + e, 0], value)
+    return value
+
+
+def _block_input(D, b, base, k, bc, lanes):  # noqa: ANN001, ANN202
+    """D[b, base + k % bc, 0] for lane k of a flattened br × bc block: a contiguous load when
+    the block is one row, else bc broadcasts blended by lane (no per-lane gather)."""
+    if bc == lanes or bc == 1:
+        return D[b, base + k % bc, 0]
+    return _window(D, b, base, k % bc, bc)
+
+
+def _nm_gemv_cpu(s: KernelSpec) -> tvm.tirx.PrimFunc:
+    """Vectorised over rows (values stored transposed): every row reads from the same
+    window of M inputs per group, so a lane picks its input with selects, not a gather."""
+    n, m = s.block
+    lanes = next(w for w in (LANES, 8, 4, 2, 1) if s.rows % w == 0)
+    store = _store(s)
+
+    @T.prim_func(private=True)
+    def f(D: T.Buffer((s.batch, s.cols, 1), "float32"), V: T.Buffer((s.nnz, s.rows), "float32"),
+          I: T.Buffer((s.nnz, s.rows), "int8"), bias: T.Buffer((s.rows,), "float32"),
+          out: T.Buffer(s.out_shape, "float32")):
+        for t in T.parallel(s.batch * (s.rows // lanes)):
+            b: T.let = t // (s.rows // lanes)
+            r0: T.let = t % (s.rows // lanes) * lanes
+            acc = T.alloc_buffer((lanes,), "float32", scope=STACK)
+            for k in T.vectorized(lanes):
+                acc[k] = bias[r0 + k]
+            for j in range(s.nnz):
+                for k in T.vectorized(lanes):
+                    acc[k] = acc[k] + V[j, r0 + k] * _window(D, b, j // n * m, I[j, r0 + k], m)
+            for k in T.vectorized(lanes):
+                store(out, b, r0 + k, 0, acc[k])
+
+    return f
+
+
+def _bsr_cuda(s: KernelSpec, bind: bool = True) -> tvm.tirx.PrimFunc:
+    """Thread (row, column): walks its block row. `bind=False` gives the same loops serial,
+    which runs on the CPU so tests can check the CUDA kernel's indexing without a GPU."""
+    (br, bc), nrb = s.block, s.rows // s.block[0]
+    threads = min(THREADS, s.width)
+    blocks = (s.width + threads - 1) // threads
+    store = _store(s)
+    outer = (lambda e: T.thread_binding(e, "blockIdx.x")) if bind else T.serial
+    inner = (lambda e: T.thread_binding(e, "threadIdx.x")) if bind else T.serial
+
+    @T.prim_func(private=True)
+    def f(D: T.Buffer((s.batch, s.cols, s.width), "float32"), V: T.Buffer((s.nnz, br, bc), "float32"),
+          I: T.Buffer((s.nnz,), "int32"), R: T.Buffer((nrb + 1,), "int32"), bias: T.Buffer((s.rows,), "float32"),
+          out: T.Buffer(s.out_shape, "float32")):
+        for bx in outer(s.batch * s.rows * blocks):
+            for tx in inner(threads):
+                b: T.let = bx // (s.rows * blocks)
+                row: T.let = bx // blocks % s.rows
+                p: T.let = bx % blocks * threads + tx
+                if p < s.width:
+                    acc = T.alloc_local((1,), "float32")
+                    acc[0] = bias[row]
+                    for j in range(R[row // br], R[row // br + 1]):
+                        for c in range(bc):
+                            acc[0] = acc[0] + V[j, row % br, c] * D[b, I[j] * bc + c, p]
+                    store(out, b, row, p, acc[0])
+
+    return f
+
+
+def _nm_cuda(s: KernelSpec, bind: bool = True) -> tvm.tirx.PrimFunc:
+    n, m = s.block
+    threads = min(THREADS, s.width)
+    blocks = (s.width + threads - 1) // threads
+    store = _store(s)
+    outer = (lambda e: T.thread_binding(e, "blockIdx.x")) if bind else T.serial
+    inner = (lambda e: T.thread_binding(e, "threadIdx.x")) if bind else T.serial
+
+    @T.prim_func(private=True)
+    def f(D: T.Buffer((s.batch, s.cols, s.width), "float32"), V: T.Buffer((s.rows, s.nnz), "float32"),
+          I: T.Buffer((s.rows, s.nnz), "int8"), bias: T.Buffer((s.rows,), "float32"),
+          out: T.Buffer(s.out_shape, "float32")):
+        for bx in outer(s.batch * s.rows * blocks):
+            for tx in inner(threads):
+                b: T.let = bx // (s.rows * blocks)
+                row: T.let = bx // blocks % s.rows
+                p: T.let = bx % blocks * threads + tx
+                if p < s.width:
+                    acc = T.alloc_local((1,), "float32")
+                    acc[0] = bias[row]
+                    for j in range(s.nnz):
+                        acc[0] = acc[0] + V[row, j] * D[b, j // n * m + T.Cast("int32", I[row, j]), p]
+                    store(out, b, row, p, acc[0])
+
+    return f
