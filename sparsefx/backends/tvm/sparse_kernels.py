@@ -107,7 +107,7 @@ def _bsr_spmm_cpu(s: KernelSpec) -> tvm.tirx.PrimFunc:
     store = _store(s)
 
     @T.macro
-    def tile(D, V, I, R, bias, out, b, g, p0, width):  # noqa: ANN001, ANN202
+    def tile(D, V, Id, R, bias, out, b, g, p0, width):  # noqa: ANN001, ANN202
         stage = T.alloc_buffer((group, width) if staged else (1, 1), "float32", scope=STACK)
         for ib in range(bpg):
             i: T.let = g * bpg + ib
@@ -120,7 +120,7 @@ def _bsr_spmm_cpu(s: KernelSpec) -> tvm.tirx.PrimFunc:
                     for c in T.unroll(bc):
                         for r in T.unroll(rt):
                             for p in T.vectorized(width):
-                                acc[r, p] = acc[r, p] + V[j, rs * rt + r, c] * D[b, I[j] * bc + c, p0 + p]
+                                acc[r, p] = acc[r, p] + V[j, rs * rt + r, c] * D[b, Id[j] * bc + c, p0 + p]
                 for r in range(rt):
                     for p in T.vectorized(width):
                         if T.bool(staged):
@@ -134,13 +134,13 @@ def _bsr_spmm_cpu(s: KernelSpec) -> tvm.tirx.PrimFunc:
 
     @T.prim_func(private=True)
     def f(D: T.Buffer((s.batch, s.cols, s.width), "float32"), V: T.Buffer((s.nnz, br, bc), "float32"),
-          I: T.Buffer((s.nnz,), "int32"), R: T.Buffer((nrb + 1,), "int32"), bias: T.Buffer((s.rows,), "float32"),
+          Id: T.Buffer((s.nnz,), "int32"), R: T.Buffer((nrb + 1,), "int32"), bias: T.Buffer((s.rows,), "float32"),
           out: T.Buffer(s.out_shape, "float32")):
         for t in T.parallel(s.batch * npo * ngroups):
-            tile(D, V, I, R, bias, out, t // (npo * ngroups), t % ngroups, t // ngroups % npo * pt, pt)
+            tile(D, V, Id, R, bias, out, t // (npo * ngroups), t % ngroups, t // ngroups % npo * pt, pt)
         if T.bool(tail > 0):
             for t in T.parallel(s.batch * ngroups):
-                tile(D, V, I, R, bias, out, t // ngroups, t % ngroups, npo * pt, max(tail, 1))
+                tile(D, V, Id, R, bias, out, t // ngroups, t % ngroups, npo * pt, max(tail, 1))
 
     return f
 
@@ -152,7 +152,7 @@ def _bsr_gemv_cpu(s: KernelSpec) -> tvm.tirx.PrimFunc:
 
     @T.prim_func(private=True)
     def f(D: T.Buffer((s.batch, s.cols, 1), "float32"), V: T.Buffer((s.nnz, br, bc), "float32"),
-          I: T.Buffer((s.nnz,), "int32"), R: T.Buffer((nrb + 1,), "int32"), bias: T.Buffer((s.rows,), "float32"),
+          Id: T.Buffer((s.nnz,), "int32"), R: T.Buffer((nrb + 1,), "int32"), bias: T.Buffer((s.rows,), "float32"),
           out: T.Buffer(s.out_shape, "float32")):
         for t in T.parallel(s.batch * nrb):
             b: T.let = t // nrb
@@ -167,10 +167,10 @@ def _bsr_gemv_cpu(s: KernelSpec) -> tvm.tirx.PrimFunc:
                 for u in T.unroll(UNROLL):
                     for k in T.vectorized(lanes):
                         acc[u, k] = acc[u, k] + V[start + jo * UNROLL + u, k // bc, k % bc] * \
-                            _block_input(D, b, I[start + jo * UNROLL + u] * bc, k, bc, lanes)
+                            _block_input(D, b, Id[start + jo * UNROLL + u] * bc, k, bc, lanes)
             for j in range(start + count // UNROLL * UNROLL, start + count):
                 for k in T.vectorized(lanes):
-                    acc[0, k] = acc[0, k] + V[j, k // bc, k % bc] * _block_input(D, b, I[j] * bc, k, bc, lanes)
+                    acc[0, k] = acc[0, k] + V[j, k // bc, k % bc] * _block_input(D, b, Id[j] * bc, k, bc, lanes)
             for u in range(1, UNROLL):
                 for k in T.vectorized(lanes):
                     acc[0, k] = acc[0, k] + acc[u, k]
@@ -194,7 +194,7 @@ def _nm_spmm_cpu(s: KernelSpec) -> tvm.tirx.PrimFunc:
     store = _store(s)
 
     @T.macro
-    def tile(D, V, I, bias, out, b, g, p0, width):  # noqa: ANN001, ANN202
+    def tile(D, V, Id, bias, out, b, g, p0, width):  # noqa: ANN001, ANN202
         stage = T.alloc_buffer((group, width) if staged else (1, 1), "float32", scope=STACK)
         for ir in range(group):
             row: T.let = g * group + ir
@@ -205,7 +205,7 @@ def _nm_spmm_cpu(s: KernelSpec) -> tvm.tirx.PrimFunc:
                 for e in T.unroll(n):
                     for p in T.vectorized(width):
                         acc[p] = acc[p] + V[row, k * n + e] * \
-                            D[b, k * m + T.Cast("int32", I[row, k * n + e]), p0 + p]
+                            D[b, k * m + T.Cast("int32", Id[row, k * n + e]), p0 + p]
             for p in T.vectorized(width):
                 if T.bool(staged):
                     stage[ir, p] = acc[p]
@@ -218,13 +218,13 @@ def _nm_spmm_cpu(s: KernelSpec) -> tvm.tirx.PrimFunc:
 
     @T.prim_func(private=True)
     def f(D: T.Buffer((s.batch, s.cols, s.width), "float32"), V: T.Buffer((s.rows, s.nnz), "float32"),
-          I: T.Buffer((s.rows, s.nnz), "int8"), bias: T.Buffer((s.rows,), "float32"),
+          Id: T.Buffer((s.rows, s.nnz), "int8"), bias: T.Buffer((s.rows,), "float32"),
           out: T.Buffer(s.out_shape, "float32")):
         for t in T.parallel(s.batch * npo * ngroups):
-            tile(D, V, I, bias, out, t // (npo * ngroups), t % ngroups, t // ngroups % npo * pt, pt)
+            tile(D, V, Id, bias, out, t // (npo * ngroups), t % ngroups, t // ngroups % npo * pt, pt)
         if T.bool(tail > 0):
             for t in T.parallel(s.batch * ngroups):
-                tile(D, V, I, bias, out, t // ngroups, t % ngroups, npo * pt, max(tail, 1))
+                tile(D, V, Id, bias, out, t // ngroups, t % ngroups, npo * pt, max(tail, 1))
 
     return f
 
@@ -260,7 +260,7 @@ def _nm_gemv_cpu(s: KernelSpec) -> tvm.tirx.PrimFunc:
 
     @T.prim_func(private=True)
     def f(D: T.Buffer((s.batch, s.cols, 1), "float32"), V: T.Buffer((s.nnz, s.rows), "float32"),
-          I: T.Buffer((s.nnz, s.rows), "int8"), bias: T.Buffer((s.rows,), "float32"),
+          Id: T.Buffer((s.nnz, s.rows), "int8"), bias: T.Buffer((s.rows,), "float32"),
           out: T.Buffer(s.out_shape, "float32")):
         for t in T.parallel(s.batch * (s.rows // lanes)):
             b: T.let = t // (s.rows // lanes)
@@ -270,7 +270,7 @@ def _nm_gemv_cpu(s: KernelSpec) -> tvm.tirx.PrimFunc:
                 acc[k] = bias[r0 + k]
             for j in range(s.nnz):
                 for k in T.vectorized(lanes):
-                    acc[k] = acc[k] + V[j, r0 + k] * _window(D, b, j // n * m, I[j, r0 + k], m)
+                    acc[k] = acc[k] + V[j, r0 + k] * _window(D, b, j // n * m, Id[j, r0 + k], m)
             for k in T.vectorized(lanes):
                 store(out, b, r0 + k, 0, acc[k])
 
@@ -289,7 +289,7 @@ def _bsr_cuda(s: KernelSpec, bind: bool = True) -> tvm.tirx.PrimFunc:
 
     @T.prim_func(private=True)
     def f(D: T.Buffer((s.batch, s.cols, s.width), "float32"), V: T.Buffer((s.nnz, br, bc), "float32"),
-          I: T.Buffer((s.nnz,), "int32"), R: T.Buffer((nrb + 1,), "int32"), bias: T.Buffer((s.rows,), "float32"),
+          Id: T.Buffer((s.nnz,), "int32"), R: T.Buffer((nrb + 1,), "int32"), bias: T.Buffer((s.rows,), "float32"),
           out: T.Buffer(s.out_shape, "float32")):
         for bx in outer(s.batch * s.rows * blocks):
             for tx in inner(threads):
@@ -301,7 +301,7 @@ def _bsr_cuda(s: KernelSpec, bind: bool = True) -> tvm.tirx.PrimFunc:
                     acc[0] = bias[row]
                     for j in range(R[row // br], R[row // br + 1]):
                         for c in range(bc):
-                            acc[0] = acc[0] + V[j, row % br, c] * D[b, I[j] * bc + c, p]
+                            acc[0] = acc[0] + V[j, row % br, c] * D[b, Id[j] * bc + c, p]
                     store(out, b, row, p, acc[0])
 
     return f
@@ -317,7 +317,7 @@ def _nm_cuda(s: KernelSpec, bind: bool = True) -> tvm.tirx.PrimFunc:
 
     @T.prim_func(private=True)
     def f(D: T.Buffer((s.batch, s.cols, s.width), "float32"), V: T.Buffer((s.rows, s.nnz), "float32"),
-          I: T.Buffer((s.rows, s.nnz), "int8"), bias: T.Buffer((s.rows,), "float32"),
+          Id: T.Buffer((s.rows, s.nnz), "int8"), bias: T.Buffer((s.rows,), "float32"),
           out: T.Buffer(s.out_shape, "float32")):
         for bx in outer(s.batch * s.rows * blocks):
             for tx in inner(threads):
@@ -328,7 +328,7 @@ def _nm_cuda(s: KernelSpec, bind: bool = True) -> tvm.tirx.PrimFunc:
                     acc = T.alloc_local((1,), "float32")
                     acc[0] = bias[row]
                     for j in range(s.nnz):
-                        acc[0] = acc[0] + V[row, j] * D[b, j // n * m + T.Cast("int32", I[row, j]), p]
+                        acc[0] = acc[0] + V[row, j] * D[b, j // n * m + T.Cast("int32", Id[row, j]), p]
                     store(out, b, row, p, acc[0])
 
     return f
