@@ -14,6 +14,7 @@ from tvm.relax.frontend.torch import from_exported_program, from_fx
 
 from ...errors import SparsefxError
 from ...trace import is_aten_graph, trace
+from .sparse_relax import CONVERT_MAP
 
 
 class UnsupportedOpError(SparsefxError):
@@ -30,14 +31,16 @@ def to_relax(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[tvm.IR
             else torch.fx.symbolic_trace(model)
         gm = select_integer_indices(torch.fx.GraphModule(gm, copy.deepcopy(gm.graph)))
         with torch.no_grad():
-            mod = from_fx(gm, info, keep_params_as_input=True, unwrap_unit_return_tuple=True)
+            mod = from_fx(gm, info, keep_params_as_input=True, unwrap_unit_return_tuple=True,
+                          custom_convert_map=CONVERT_MAP)
         return _bind_params(mod, len(inputs)), "fx"
     except Exception as error:  # fall through to torch.export, which covers more Python
         errors.append((error, model if isinstance(model, torch.fx.GraphModule) else None))
     try:
         program = torch.export.export(model, inputs, strict=False)
         with torch.no_grad():
-            mod = from_exported_program(program, keep_params_as_input=True, unwrap_unit_return_tuple=True)
+            mod = from_exported_program(program, keep_params_as_input=True, unwrap_unit_return_tuple=True,
+                                         custom_convert_map=CONVERT_MAP)
         return _bind_params(mod, len(inputs)), "export"
     except Exception as error:
         raise _explain(error, model, inputs) from None

@@ -12,6 +12,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 from ...target import Target
 from .dispatch import DispatchTable, collect_workloads, dispatch_pass, epilogue_pass  # noqa: F401
 from .schedule import default_schedule_pass
+from .sparse_relax import sparse_kernel_pass
 
 NamedPass = tuple[str, tvm.transform.Pass]
 
@@ -32,6 +33,7 @@ def lowering_passes(target: Target, tvm_target: tvm.target.Target, tuned: tvm.tr
     generic = gpu_generic if target.is_gpu else cpu_generic
     passes: list[NamedPass] = [(type(p).__name__, p) for p in generic.library_dispatch_passes(tvm_target)]
     passes += [
+        ("SparseKernels", sparse_kernel_pass(tvm_target)),  # sparse layers' kernels for this target
         ("LegalizeOps", relax.transform.LegalizeOps()),
         ("AnnotateTIROpPattern", relax.transform.AnnotateTIROpPattern()),
         ("FoldConstant", relax.transform.FoldConstant()),

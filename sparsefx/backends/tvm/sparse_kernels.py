@@ -66,8 +66,13 @@ def kernel(spec: KernelSpec, target: tvm.target.Target) -> tvm.tirx.PrimFunc:
         make = _bsr_cuda if gpu else (_bsr_gemv_cpu if spec.width == 1 else _bsr_spmm_cpu)
     else:
         make = _nm_cuda if gpu else (_nm_gemv_cpu if spec.width == 1 else _nm_spmm_cpu)
-    return make(spec).with_attr({"global_symbol": spec.name, "op_pattern": OPAQUE, "tir.is_scheduled": True,
-                                 "tir.noalias": True})
+    return make(spec).with_attr({"op_pattern": OPAQUE, "tirx.is_scheduled": True, "tirx.noalias": True})
+
+
+def build(specs: list[KernelSpec], target: tvm.target.Target) -> tvm.runtime.Module:
+    """One library holding the kernels of `specs` (one LLVM/NVCC build), each under its `name`."""
+    funcs = {s.name: kernel(s, target).with_attr("global_symbol", s.name) for s in dict.fromkeys(specs)}
+    return tvm.compile(tvm.IRModule(funcs), target)
 
 
 def _row_tile(br: int) -> int:
