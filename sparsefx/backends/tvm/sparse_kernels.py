@@ -23,6 +23,7 @@ OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps must not fuse into a hand-sch
 LANES = 16  # fp32 lanes of one AVX-512 register
 TILE = 64  # D columns per CPU tile: 4 registers per accumulator row
 ROW_TILE = 4  # accumulator rows per CPU tile: 16 accumulator registers with TILE = 64
+CHUNK = 256  # columns of D per N:M chunk (256 × 64 floats: 64 KiB, L2-resident)
 UNROLL = 4  # independent accumulators of the GEMV kernel (hides FMA latency)
 THREADS = 64  # CUDA threads per block
 STACK = "global"  # scope of CPU scratch buffers: "global" ones small enough go on the stack, "local" ones
@@ -190,35 +191,43 @@ def _bsr_gemv_cpu(s: KernelSpec) -> tvm.tirx.PrimFunc:
 
 
 def _nm_spmm_cpu(s: KernelSpec) -> tvm.tirx.PrimFunc:
+    """A task owns `group` rows and walks the columns in chunks of CHUNK: the rows of D a
+    chunk touches (CHUNK × tile floats) stay in L2 for every row of the group, where a
+    whole-row walk would stream all of D from L3 once per row."""
     n, m = s.block
-    group = _group(s, 1)
+    group = next(g for g in (LANES, 8, 4, 2, 1) if s.rows % g == 0)
     ngroups = s.rows // group
     pt = min(TILE, s.width)
     npo, tail = divmod(s.width, pt)
-    staged = s.transpose_out
+    per_chunk = next(c for c in range(max(1, CHUNK // m), 0, -1) if (s.cols // m) % c == 0)  # groups of m
     store = _store(s)
 
     @T.macro
     def tile(D, V, Id, bias, out, b, g, p0, width):  # noqa: ANN001, ANN202
-        stage = T.alloc_buffer((group, width) if staged else (1, 1), "float32", scope=STACK)
-        for ir in range(group):
-            row: T.let = g * group + ir
-            acc = T.alloc_buffer((width,), "float32", scope=STACK)
+        stage = T.alloc_buffer((group, width), "float32", scope=STACK)
+        for r in range(group):
             for p in T.vectorized(width):
-                acc[p] = bias[row]
-            for k in range(s.nnz // n):
-                for e in T.unroll(n):
-                    for p in T.vectorized(width):
-                        acc[p] = acc[p] + V[row, k * n + e] * \
-                            D[b, k * m + T.Cast("int32", Id[row, k * n + e]), p0 + p]
-            for p in T.vectorized(width):
-                if T.bool(staged):
-                    stage[ir, p] = acc[p]
-                else:
-                    store(out, b, row, p0 + p, acc[p])
-        if T.bool(staged):
+                stage[r, p] = bias[g * group + r]
+        for kc in range(s.cols // m // per_chunk):
+            for r in range(group):
+                row: T.let = g * group + r
+                acc = T.alloc_buffer((width,), "float32", scope=STACK)
+                for p in T.vectorized(width):
+                    acc[p] = stage[r, p]
+                for k in range(kc * per_chunk, kc * per_chunk + per_chunk):
+                    for e in T.unroll(n):
+                        for p in T.vectorized(width):
+                            acc[p] = acc[p] + V[row, k * n + e] * \
+                                D[b, k * m + T.Cast("int32", Id[row, k * n + e]), p0 + p]
+                for p in T.vectorized(width):
+                    stage[r, p] = acc[p]
+        if T.bool(s.transpose_out):
             for p in range(width):
                 for r in T.vectorized(group):
+                    store(out, b, g * group + r, p0 + p, stage[r, p])
+        else:
+            for r in range(group):
+                for p in T.vectorized(width):
                     store(out, b, g * group + r, p0 + p, stage[r, p])
 
     @T.prim_func(private=True)
