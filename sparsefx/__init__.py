@@ -1,11 +1,13 @@
 """sparsefx: compiler-pass sparsity optimizer for PyTorch."""
 
 from .errors import PruneError, SparsefxError, TraceError
+from .plan import Plan, PlanError
+from .planner import apply, plan
 from .prune import Analysis, analyze, count_macs, count_params, prune
 from .trace import trace
 
 __all__ = [
-    "Analysis", "Evaluation", "Gradual", "GradualPruner", "History", "Iterative", "MaskCallback", "OneShot",
+    "Analysis", "Evaluation", "Plan", "PlanError", "apply", "plan", "Gradual", "GradualPruner", "History", "Iterative", "MaskCallback", "OneShot",
     "PruneError", "SparsefxError", "Sparsity", "TraceError", "analyze", "apply_masks", "block_mask",
     "compute_masks", "count_macs", "count_params", "cubic_sparsity", "evaluate", "finetune", "nm_mask", "prune",
     "remove_masks", "trace", "unstructured_mask", "weight_density",

@@ -1,4 +1,4 @@
-"""Command line: `sparsefx inspect|prune|compile|bench|demo`. Run `sparsefx -h` for usage."""
+"""Command line: `sparsefx inspect|prune|compile|bench|plan|apply|optimize|finetune|evaluate|demo`. Run `sparsefx -h` for usage."""
 
 from __future__ import annotations
 
@@ -94,6 +94,10 @@ def _parser() -> argparse.ArgumentParser:
     _add_threads_arg(evaluate)
     evaluate.set_defaults(handler=_evaluate)
 
+    from .cli_plan import add_commands
+
+    add_commands(commands, _add_model_args, _add_threads_arg)
+
     demo = commands.add_parser("demo", help="prune the built-in model at 0.5 and report the change")
     demo.add_argument("--ratio", type=_ratio, default=0.5, help="fraction of channels to remove")
     demo.add_argument("--repeat", type=int, default=50, help="forward passes per latency measurement")
@@ -151,6 +155,10 @@ def _status(message: str) -> None:
 
 def _load(args: argparse.Namespace) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     _status(f"loading {args.model}")
+    if args.model.endswith(".pt"):  # a model saved with torch.save: it says nothing of its inputs
+        if args.input_shape is None:
+            raise SparsefxError(f"{args.model} is a saved model; give its example input with --input-shape, e.g. 1,1,28,28")
+        return _saved_model(Path(args.model)).eval(), (torch.randn(args.input_shape),)
     return load_model(args.model, batch_size=args.batch_size, input_shape=args.input_shape)
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from sparsefx.errors import SparsefxError
 
-SPEC_HELP = "use 'default', 'torchvision:NAME', 'hf:NAME' or 'path/to/file.py:FUNC'"
+SPEC_HELP = "use 'default', 'torchvision:NAME', 'hf:NAME', 'path/to/file.py:FUNC' or a torch.save'd 'model.pt'"
 DEFAULT_SEED = 0
 
 # Models whose architecture fixes the input size; everything else runs at 224 to stay cheap.

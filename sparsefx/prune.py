@@ -54,12 +54,12 @@ def analyze(model: nn.Module, example_inputs: object, method: str = "auto") -> A
     Packed `nn.MultiheadAttention` layers are analysed as separate q/k/v/out projections
     (`HeadAttention`), which is also what `prune` hands back when it removes heads."""
     inputs = as_inputs(example_inputs)
-    work = _working_copy(model)
+    work = working_copy(model)
     gm = trace(work, inputs, method)
     return Analysis(gm, analyze_coupling(gm))
 
 
-def _working_copy(model: nn.Module) -> nn.Module:
+def working_copy(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise PruneError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     work = copy.deepcopy(model).eval()
@@ -105,7 +105,7 @@ def prune(
         raise PruneError(f"round_to must be a positive integer, got {round_to!r}")
     inputs = as_inputs(example_inputs)
     ignore = [ignore] if isinstance(ignore, str) else list(ignore)
-    work = _working_copy(model)
+    work = working_copy(model)
     gm = trace(work, inputs, method)
     names = [n for n, _ in work.named_modules() if n] + [n for n, _ in gm.named_modules() if n]
     _check_names(ignore, names, "ignore")
@@ -119,9 +119,16 @@ def prune(
         return work.train(model.training)
     scores = score(gm, coupling, candidates, example_inputs=inputs, **importance_options)
     removed = select(candidates, scores, ratio_of, round_to, global_ranking)
+    return remove(work, gm, coupling, removed, inputs).train(model.training)
+
+
+def remove(work: nn.Module, gm: torch.fx.GraphModule, coupling: Coupling, removed: set[int],
+           inputs: tuple) -> nn.Module:
+    """Remove the classes `removed` from `work` (a working copy) and its trace `gm`; returns
+    the module to hand back (see `_choose_result`)."""
     code_before = gm.code
     remove_channels([gm, work], coupling, removed)
-    return _choose_result(work, gm, inputs, graph_changed=gm.code != code_before).train(model.training)
+    return _choose_result(work, gm, inputs, graph_changed=gm.code != code_before)
 
 
 def _ratio_rule(ratio: Ratio) -> Callable[[ChannelGroup], float]:

@@ -1,0 +1,117 @@
+"""Planner, plan files and apply: budgets met on the applied model, editable JSON, clear errors."""
+
+import json
+
+import pytest
+import torch
+
+import sparsefx
+from sparsefx.costmodel import CostModel
+from sparsefx.models import load_model
+from sparsefx.plan import Plan, PlanError
+from sparsefx.planner import apply, fingerprint, plan
+
+from .models_zoo import CASES
+
+
+def _case(name):
+    torch.manual_seed(0)
+    model_cls, make_inputs = CASES[name]
+    return model_cls().eval(), make_inputs()
+
+
+@pytest.mark.parametrize("name", ["residual", "concat", "depthwise", "squeeze_excite", "attention", "packed_attention"])
+def test_predicted_macs_equal_the_applied_models(name):
+    """The shape simulation the planner searches with agrees with the real rewrite."""
+    model, inputs = _case(name)
+    result = plan(model, inputs, macs_ratio=0.6, verbose=False)
+    pruned = apply(model, result, inputs)
+    actual = sparsefx.count_macs(pruned, inputs) / sparsefx.count_macs(model, inputs)
+    assert actual == pytest.approx(result.predicted["macs_ratio"], abs=1e-4)
+    assert actual <= 0.6 + 1e-9
+    with torch.inference_mode():
+        assert pruned(*inputs).shape == model(*inputs).shape
+
+
+def test_latency_plan_meets_its_predicted_speedup_and_rounds_to_vector_widths():
+    model, inputs = load_model("default", input_shape=(1, 3, 128, 128))
+    cost = CostModel("cuda:sm_90")  # roofline only: deterministic, nothing measured
+    result = plan(model, inputs, target="cuda:sm_90", speedup=1.3, cost=cost, verbose=False)
+    assert result.predicted["speedup"] >= 1.3
+    for entry in result.entries:
+        assert entry.keep % cost.lanes == 0 or entry.channels < 2 * cost.lanes
+
+
+def test_plan_roundtrips_and_an_edit_changes_the_result(tmp_path):
+    model, inputs = _case("residual")
+    result = plan(model, inputs, macs_ratio=0.7, verbose=False)
+    path = result.save(tmp_path / "plan.json")
+    loaded = Plan.load(path)
+    assert loaded.to_dict() == result.to_dict()
+    data = json.loads(path.read_text())
+    data["entries"] = [{**data["entries"][0], "ratio": 0.5}]
+    path.write_text(json.dumps(data))
+    edited = apply(model, str(path), inputs)
+    group_channels = data["entries"][0]["channels"]
+    layer = dict(edited.named_modules())[data["entries"][0]["name"]]
+    assert layer.weight.shape[0] == group_channels - round(0.5 * group_channels)
+
+
+def _plan_file(tmp_path, **changes):
+    model, inputs = _case("residual")
+    data = plan(model, inputs, macs_ratio=0.7, verbose=False).to_dict()
+    for key, value in changes.items():
+        if key == "ratio":
+            data["entries"][0]["ratio"] = value
+        else:
+            data[key] = value
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    return model, inputs, path
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"ratio": 1.5}, "out of range"), ({"ratio": -0.1}, "out of range"), ({"version": 99}, "newer"),
+    ({"schema": "other"}, "not a sparsefx plan"),
+])
+def test_bad_plan_files_are_refused_and_the_model_is_untouched(tmp_path, change, message):
+    model, inputs, path = _plan_file(tmp_path, **change)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PlanError, match=message):
+        apply(model, str(path), inputs)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_plan_for_another_model_is_refused(tmp_path):
+    model, inputs = _case("residual")
+    other, other_inputs = _case("concat")
+    result = plan(other, other_inputs, macs_ratio=0.7, verbose=False)
+    with pytest.raises(PlanError, match="another model"):
+        apply(model, result, inputs)
+    assert fingerprint(model) != fingerprint(other)
+
+
+def test_unreachable_budget_says_how_close_it_gets():
+    model, inputs = _case("residual")
+    with pytest.raises(sparsefx.SparsefxError, match=r"cannot be met.*reaches"):
+        plan(model, inputs, macs_ratio=0.001, verbose=False)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"macs_ratio": 0.5, "granularities": ()}, "granularities is empty"),
+    ({"macs_ratio": 0.5, "granularities": ("rows",)}, "unknown granularity"),
+    ({"macs_ratio": 0.5, "speedup": 2.0}, "exactly one budget"),
+    ({"speedup": 0.5}, "out of range"),
+])
+def test_bad_planner_arguments(kwargs, message):
+    model, inputs = _case("residual")
+    with pytest.raises(sparsefx.SparsefxError, match=message):
+        plan(model, inputs, verbose=False, **kwargs)
+
+
+def test_explain_lists_every_entry():
+    model, inputs = _case("concat")
+    result = plan(model, inputs, macs_ratio=0.6, verbose=False)
+    text = result.explain()
+    assert all(entry.name in text for entry in result.entries)
+    assert "importance retained" in text
