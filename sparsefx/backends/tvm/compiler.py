@@ -126,14 +126,25 @@ class CompiledModel:
         """One file: the compiled library plus a JSON manifest (target, inputs, dispatch, tuning)."""
         path = Path(path)
         with tempfile.TemporaryDirectory() as tmp:
-            library = Path(tmp) / "model.so"
-            with _quiet_native_stderr():
-                self.executable.export_library(str(library))
+            library = self.export_library(Path(tmp) / "model.so")
             (Path(tmp) / "manifest.json").write_text(json.dumps(self.manifest, indent=1))
             with tarfile.open(path, "w") as tar:
                 tar.add(Path(tmp) / "manifest.json", "manifest.json")
                 tar.add(library, "model.so")
         return path
+
+    def export_library(self, path: str | Path) -> Path:
+        """The compiled library alone (weights included), loadable by the TVM runtime."""
+        with _quiet_native_stderr():
+            self.executable.export_library(str(path))
+        return Path(path)
+
+    def export_bundle(self, path: str | Path, python: str = "3.12", numpy: bool = True) -> Path:
+        """A directory (or .tar.gz) that runs this model on a host with Python `python` and no TVM
+        compiler: library, TVM runtime libraries, wheels and run.py (see `bundle`)."""
+        from .bundle import export_bundle
+
+        return export_bundle(self, path, python, numpy)
 
     def __repr__(self) -> str:
         return f"CompiledModel(target={self.target}, inputs={[tuple(i['shape']) for i in self.manifest['inputs']]})"
