@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_args(compile_)
     _add_compile_args(compile_)
     compile_.add_argument("--out", type=Path, required=True, help="artifact to write (.sfx)")
+    compile_.add_argument("--bundle", type=Path, metavar="PATH",
+                          help="also write a runtime-only bundle (directory, or .tar.gz) for a host with no TVM "
+                          "compiler and Python 3.12; CPU targets need --no-dispatch")
     compile_.set_defaults(handler=_compile)
 
     bench = commands.add_parser("bench", help="eager vs TVM latency, dense and pruned, measured side by side")
@@ -243,6 +246,8 @@ def _compile(args: argparse.Namespace) -> int:
     compiled = sparsefx.compile(model, inputs, target=args.target, tune=args.tune, dispatch=args.dispatch)
     print(_compile_summary(compiled))
     print(f"wrote {compiled.export(args.out)} (load with sparsefx.load(path))")
+    if args.bundle:
+        print(f"wrote {compiled.export_bundle(args.bundle)} (run it with: python run.py [inputs.npy])")
     return 0
 
 
