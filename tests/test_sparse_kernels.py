@@ -1,0 +1,145 @@
+"""TIR sparse kernels: CPU results against dense numpy, CUDA builds, Relax lowering, latency table."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from torch import nn
+
+import sparsefx
+from sparsefx import SparsefxError
+from sparsefx.backends.tvm import sparse_kernels
+from sparsefx.backends.tvm.sparse_kernels import KernelSpec, build
+from sparsefx.backends.tvm.sparse_latency import measure_sparse_latency, random_operands
+from sparsefx.masks import Sparsity
+from sparsefx.models import load_model
+from sparsefx.passes.sparsify import sparsify
+from sparsefx.target import cache_dir, resolve_target
+
+# Every CPU code path: GEMV (width 1) and SpMM, both output layouts, width tails, batches,
+# row tiles 1/2/4, row groups that do not fill 16, N:M with chunked columns.
+SPECS = [
+    KernelSpec("bsr", 64, 48, (1, 16), 5, 1, 1), KernelSpec("bsr", 64, 48, (16, 1), 40, 2, 1),
+    KernelSpec("bsr", 64, 48, (4, 4), 50, 1, 1), KernelSpec("bsr", 96, 64, (32, 1), 30, 1, 1),
+    KernelSpec("bsr", 24, 16, (2, 2), 20, 1, 1), KernelSpec("bsr", 64, 48, (1, 4), 100, 1, 70, True),
+    KernelSpec("bsr", 64, 48, (4, 4), 60, 1, 64, True), KernelSpec("bsr", 24, 48, (2, 1), 80, 1, 5, True),
+    KernelSpec("bsr", 64, 48, (16, 1), 40, 2, 67), KernelSpec("bsr", 32, 48, (1, 1), 300, 1, 20),
+    KernelSpec("nm", 64, 48, (2, 4), 24, 1, 1), KernelSpec("nm", 24, 64, (1, 4), 16, 2, 1),
+    KernelSpec("nm", 64, 1024, (2, 4), 512, 1, 70, True), KernelSpec("nm", 40, 64, (4, 8), 32, 2, 9),
+]
+
+
+def _dense(spec: KernelSpec, operands: list[np.ndarray]) -> np.ndarray:
+    if spec.fmt == "bsr":
+        _, values, indices, indptr, _ = operands
+        (br, bc), weight = spec.block, np.zeros((spec.rows, spec.cols), np.float32)
+        for i in range(len(indptr) - 1):
+            for j in range(indptr[i], indptr[i + 1]):
+                weight[i * br:(i + 1) * br, indices[j] * bc:(indices[j] + 1) * bc] = values[j]
+        return weight
+    values, indices = operands[1:3]
+    if spec.width == 1:  # GEMV operands are stored transposed
+        values, indices = values.T, indices.T
+    n, m = spec.block
+    weight = np.zeros((spec.rows, spec.cols // m, m), np.float32)
+    np.put_along_axis(weight, indices.astype(np.int64).reshape(spec.rows, -1, n), values.reshape(spec.rows, -1, n), 2)
+    return weight.reshape(spec.rows, spec.cols)
+
+
+def _expected(spec: KernelSpec, operands: list[np.ndarray]) -> np.ndarray:
+    out = np.einsum("nk,bkp->bnp", _dense(spec, operands), operands[0]) + operands[-1][None, :, None]
+    return out[0].T if spec.transpose_out else out
+
+
+def _run(lib: object, spec: KernelSpec, operands: list[np.ndarray], name: str | None = None) -> np.ndarray:
+    out = tvm.runtime.empty(spec.out_shape, "float32")
+    lib[name or spec.name](*[tvm.runtime.tensor(a) for a in operands], out)
+    return out.numpy()
+
+
+def _rel(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-12))
+
+
+def test_cpu_kernels_match_dense() -> None:
+    lib = build(SPECS, resolve_target("cpu").to_tvm())
+    for spec in SPECS:
+        operands = random_operands(spec)
+        assert _rel(_run(lib, spec, operands), _expected(spec, operands)) < 1e-4, spec
+
+
+def test_cuda_kernel_loops_match_dense_when_run_serially() -> None:
+    """The CUDA kernels with their thread loops serial: checks their indexing on the CPU."""
+    specs = [s for s in SPECS if s.width > 1]
+    funcs = {f"k{i}": (sparse_kernels._bsr_cuda if s.fmt == "bsr" else sparse_kernels._nm_cuda)(s, bind=False)
+             .with_attr("global_symbol", f"k{i}") for i, s in enumerate(specs)}
+    lib = tvm.compile(tvm.IRModule(funcs), resolve_target("cpu").to_tvm())
+    for i, spec in enumerate(specs):
+        operands = random_operands(spec)
+        assert _rel(_run(lib, spec, operands, f"k{i}"), _expected(spec, operands)) < 1e-4, spec
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_cuda_kernels_compile(arch: str) -> None:
+    specs = [SPECS[0], SPECS[5], SPECS[10], SPECS[12]]
+    lib = build(specs, resolve_target(f"cuda:{arch}").to_tvm())
+    source = lib.mod.imports[0].inspect_source()
+    assert all(s.name in source for s in specs)
+
+
+def _mixed_model() -> tuple[nn.Module, torch.Tensor]:
+    """Removed channels (prune), dense layers and BSR / N:M / CSR layers in one model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 1, stride=2), nn.ReLU(),
+                          nn.Conv2d(32, 16, 3, padding=1), nn.Flatten(), nn.Linear(16 * 4 * 4, 64), nn.ReLU(),
+                          nn.Linear(64, 16)).eval()
+    x = torch.randn(2, 8, 8, 8)
+    pruned = sparsefx.prune(model, (x,), ratio={"0": 0.5})
+    specs = {"2": Sparsity(0.25, "block", block=(4, 4)), "4": Sparsity(0.5, "nm", m=4),
+             "6": Sparsity(0.1, "block", block=(16, 1)), "8": Sparsity(0.3)}
+    return sparsify(pruned, specs), x
+
+
+def test_compiled_mixed_model_matches_reference() -> None:
+    model, x = _mixed_model()
+    want = model(x)
+    for inputs in ((x,), (x[:1],)):
+        compiled = sparsefx.compile(model, inputs, verbose=False)
+        assert compiled.manifest["import_route"] == "fx"
+        assert _rel(compiled(*inputs).numpy(), model(*inputs).detach().numpy()) < 1e-4
+    assert want.shape == (2, 16)
+
+
+def test_export_route_lowers_sparse_layers() -> None:
+    model, inputs = load_model("hf:bert-base?layers=1&hidden_size=64&intermediate_size=128"
+                               "&num_attention_heads=2&vocab_size=100", input_shape=(1, 16))
+    sparse = sparsify(model, {"encoder.layer.0.intermediate.dense": Sparsity(0.2, "block", block=(16, 1)),
+                              "encoder.layer.0.output.dense": Sparsity(0.5, "nm", m=4)})
+    compiled = sparsefx.compile(sparse, inputs, verbose=False)
+    assert compiled.manifest["import_route"] == "export"
+    got, want = compiled(*inputs)[0], sparse(*inputs).last_hidden_state
+    assert _rel(got.numpy(), want.detach().numpy()) < 1e-4
+
+
+def test_mixed_model_compiles_for_cuda() -> None:
+    model, x = _mixed_model()
+    compiled = sparsefx.compile(model, (x,), target="cuda:sm_80", verbose=False)
+    assert "SparseKernels" in compiled.manifest["passes"]
+
+
+def test_measured_latency_is_cached() -> None:
+    spec = Sparsity(0.1, "block", block=(16, 1))
+    first = measure_sparse_latency(spec, 64, 128, 1)
+    assert first > 0 and measure_sparse_latency(spec, 64, 128, 1) == first
+    target = resolve_target("cpu")
+    table = json.loads((cache_dir() / "sparse" / f"{target.arch}-{target.cores}.json").read_text())
+    assert first in table.values()
+    for bad in [lambda: measure_sparse_latency(spec, 60, 128, 1), lambda: measure_sparse_latency(spec, 64, 128, 0),
+                lambda: measure_sparse_latency(Sparsity(1.0, "nm"), 64, 128, 1),
+                lambda: measure_sparse_latency(spec, 64, 128, 1, target="cuda:sm_80")]:
+        with pytest.raises(SparsefxError):
+            bad()
