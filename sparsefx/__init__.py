@@ -8,9 +8,9 @@ from .trace import trace
 
 __all__ = [
     "Analysis", "Evaluation", "Plan", "PlanError", "apply", "plan", "Gradual", "GradualPruner", "History", "Iterative", "MaskCallback", "OneShot",
-    "PruneError", "SparsefxError", "Sparsity", "TraceError", "analyze", "apply_masks", "block_mask",
+    "PruneError", "SparseConv2d", "SparseLinear", "SparsefxError", "Sparsity", "TraceError", "analyze", "apply_masks", "block_mask",
     "compute_masks", "count_macs", "count_params", "cubic_sparsity", "evaluate", "finetune", "nm_mask", "prune",
-    "remove_masks", "trace", "unstructured_mask", "weight_density",
+    "remove_masks", "sparsify", "to_sparse", "trace", "unstructured_mask", "weight_density",
 ]
 __version__ = "0.1.0"
 
@@ -27,8 +27,10 @@ from .masks import (  # noqa: E402
     unstructured_mask,
     weight_density,
 )
+from .passes.sparsify import sparsify, to_sparse  # noqa: E402
 from .recovery import History, finetune  # noqa: E402
 from .schedules import Gradual, GradualPruner, Iterative, OneShot, cubic_sparsity  # noqa: E402
+from .sparse_ops import SparseConv2d, SparseLinear  # noqa: E402  (sparse layers: issue 5)
 
 
 def __getattr__(name: str) -> object:
