@@ -143,3 +143,26 @@ def test_measured_latency_is_cached() -> None:
                 lambda: measure_sparse_latency(spec, 64, 128, 1, target="cuda:sm_80")]:
         with pytest.raises(SparsefxError):
             bad()
+
+
+def test_tir_emits_sparse_tensor_core_mma() -> None:
+    """TIR reaches 2:4 sparse tensor cores: `T.ptx` emits mma.sp, which nvcc accepts for sm_80."""
+    from tvm.script import tirx as T
+
+    chain = "mma.sp.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
+
+    @T.prim_func
+    def probe(a: T.Buffer((32, 2), "uint32"), b: T.Buffer((32, 2), "uint32"), e: T.Buffer((32,), "uint32"),
+              out: T.Buffer((32, 4), "float32")):
+        T.func_attr({"global_symbol": "probe"})
+        for tx in T.thread_binding(32, "threadIdx.x"):
+            d = T.alloc_buffer((4,), "float32", scope="local")
+            for i in range(4):
+                d[i] = T.float32(0)
+            T.ptx[chain](d[0], d[1], d[2], d[3], a[tx, 0], a[tx, 1], b[tx, 0], b[tx, 1], d[0], d[1], d[2], d[3],
+                         e[tx], 0)
+            for i in range(4):
+                out[tx, i] = d[i]
+
+    lib = tvm.compile(tvm.IRModule({"probe": probe}), resolve_target("cuda:sm_80").to_tvm())
+    assert chain in lib.mod.imports[0].inspect_source()
