@@ -167,22 +167,46 @@ def node_kernels(node: torch.fx.Node, gm: torch.fx.GraphModule, shape_of: ShapeO
     return handler(node, gm, shape_of, lanes)
 
 
+EPILOGUE_MODULES = (nn.BatchNorm2d, nn.ReLU)
+EPILOGUE_FUNCTIONS = (F.relu, torch.relu, operator.add, torch.add, operator.iadd, "relu", "relu_", "add", "add_",
+                      aten.relu, aten.relu_, aten.add, aten.add_, aten._native_batch_norm_legit_no_training,
+                      aten.batch_norm)
+
+
+def _epilogue_op(node: torch.fx.Node, gm: torch.fx.GraphModule) -> bool:
+    """What a dispatched convolution's epilogue absorbs: bias (folded BN), residual add, ReLU."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), EPILOGUE_MODULES)
+    return target_key(node) in EPILOGUE_FUNCTIONS
+
+
 def fused_nodes(gm: torch.fx.GraphModule, lanes: int) -> set[torch.fx.Node]:
-    """Element-wise nodes that run inside their producer's kernel (structural: pruning keeps it)."""
+    """Element-wise nodes that run inside another node's kernel (structural: pruning keeps it).
+
+    A convolution runs on PyTorch with an epilogue that takes BN, a residual add and ReLU;
+    anything else after it starts a TIR kernel, into which following element-wise ops fuse,
+    as they do after matmuls (whose bias add is a TIR kernel), reductions and pools."""
     shape = lambda n: n.meta.get("sfx_shape")
     kinds = {n: [k.op for k in node_kernels(n, gm, shape, lanes)] for n in gm.graph.nodes}
+    host: dict[torch.fx.Node, str] = {}
     fused = set()
     for node in gm.graph.nodes:
-        if kinds[node] != ["elementwise"]:
+        ops = kinds[node]
+        if not ops:
+            continue
+        if ops != ["elementwise"]:
+            host[node] = "conv" if ops[-1] == "conv2d" else "tir"
             continue
         producer = next((a for a in node.all_input_nodes if a.op != "get_attr"), None)
         while producer is not None and not kinds.get(producer) and producer.op not in ("placeholder", "get_attr") \
                 and len(producer.users) == 1 and producer.all_input_nodes:
             producer = producer.all_input_nodes[0]  # look through views: they compile to nothing
-        if producer is None or len(producer.users) != 1 or not kinds.get(producer):
-            continue
-        if kinds[producer][-1] in (*COMPUTE_OPS, "elementwise") or producer in fused:
+        where = host.get(producer) if producer is not None and len(producer.users) == 1 else None
+        if where == "tir" or (where == "conv" and _epilogue_op(node, gm)):
             fused.add(node)
+            host[node] = where
+        else:
+            host[node] = "tir"
     return fused
 
 

@@ -1,0 +1,167 @@
+"""Cost model: predicted versus measured latency, per layer and end to end, on this CPU.
+
+For each model and channel ratio (uniform removal, so channel counts fall between the
+cost model's grid points and its interpolation is what gets tested):
+- per layer: every convolution/matmul kernel of the pruned model, predicted from the
+  tables (interpolated on the dense model's grid) versus timed afresh at its exact shape;
+- end to end: the planner's predicted latency versus the pruned model compiled with
+  `sparsefx.compile` (TVM, measured dispatch) and timed: its fastest of `--repeat` runs, as
+  the kernel tables hold fastest runs (the median is recorded too: on a CPU shared with
+  other jobs the median measures the neighbours as much as the model).
+
+    python benchmarks/costmodel.py                      # ResNet-18/50, MobileNetV2, BERT-base
+    python benchmarks/costmodel.py --models resnet18 --ratios 0.5 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MODELS = ("resnet18", "resnet50", "mobilenet_v2", "hf:bert-base")
+RATIOS = (0.0, 0.3, 0.5, 0.7)
+
+
+def _spec(name: str) -> str:
+    return name if ":" in name else f"torchvision:{name}"
+
+
+def run_model(name: str, ratios: list[float], target: object, repeat: int) -> tuple[list[dict], list[dict]]:
+    import sparsefx
+    from sparsefx.costmodel import MEASURED, CostModel, _run_torch, _time_ms
+    from sparsefx.models import load_model
+    from sparsefx.passes.latency import node_kernels
+    from sparsefx.planner import Planner
+
+    model, inputs = load_model(_spec(name))
+    cost = CostModel(target)
+    planner = Planner(model, inputs, cost=cost)
+    meta = lambda n: n.meta.get("sfx_shape")
+    layers, ends = [], []
+    for ratio in ratios:
+        removed = planner.uniform(ratio)
+        predicted = planner.evaluate(removed)
+        for node in planner.gm.graph.nodes:
+            kernels = node_kernels(node, planner.gm, lambda x, r=removed: planner.shrink.shape(x, r), cost.lanes)
+            refs = node_kernels(node, planner.gm, meta, cost.lanes)
+            for kernel, ref in zip(kernels, refs):
+                if kernel.op not in MEASURED:
+                    continue
+                with torch.inference_mode():
+                    measured = _time_ms(_run_torch(kernel)) + cost._overhead()
+                layers.append({"model": name, "ratio": ratio, "node": node.name, "kernel": kernel.key,
+                               "predicted_ms": cost.latency(kernel, ref), "measured_ms": measured})
+        pruned = sparsefx.prune(model, inputs, ratio=ratio) if ratio else model
+        compiled = sparsefx.compile(pruned, inputs, target=target, verbose=False)
+        times = _run_times(compiled, inputs, repeat)
+        measured = float(np.min(times))  # see the module doc: a shared CPU inflates medians, not the fast runs
+        ends.append({"model": name, "ratio": ratio, "predicted_ms": predicted, "measured_ms": measured,
+                     "measured_median_ms": float(np.median(times)),
+                     "macs_ratio": sparsefx.count_macs(pruned, inputs) / sparsefx.count_macs(model, inputs)})
+        print(f"{name} ratio {ratio}: predicted {predicted:.3f} ms, measured {measured:.3f} ms "
+              f"({100 * (predicted / measured - 1):+.1f}%)", file=sys.stderr, flush=True)
+    cost.save()
+    return layers, ends
+
+
+def _run_times(compiled: object, inputs: tuple, repeat: int) -> list[float]:
+    with torch.inference_mode():
+        for _ in range(3):
+            compiled(*inputs)
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            compiled(*inputs)
+            times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def _errors(rows: list[dict]) -> np.ndarray:
+    return np.array([abs(r["predicted_ms"] / r["measured_ms"] - 1) for r in rows])
+
+
+def write(out: Path, layers: list[dict], ends: list[dict], target: object) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    layer_err, end_err = _errors(layers), _errors(ends)
+    summary = {
+        "target": str(target), "layers": len(layers),
+        "per_layer_median_abs_error": float(np.median(layer_err)), "per_layer_p90_abs_error": float(np.percentile(layer_err, 90)),
+        "end_to_end_median_abs_error": float(np.median(end_err)), "end_to_end_p90_abs_error": float(np.percentile(end_err, 90)),
+        "goals": {"per_layer_median_within_10pct": bool(np.median(layer_err) <= 0.10),
+                  "end_to_end_within_15pct": bool(np.max(end_err) <= 0.15)},
+    }
+    (out / "costmodel.json").write_text(json.dumps({"summary": summary, "end_to_end": ends, "layers": layers}, indent=1))
+    lines = [f"# Cost model: predicted vs measured latency ({target})", "",
+             f"Per layer ({len(layers)} conv/matmul kernels): median |error| {100 * summary['per_layer_median_abs_error']:.1f}%, "
+             f"90th percentile {100 * summary['per_layer_p90_abs_error']:.1f}% (goal: median within 10%).",
+             f"End to end: median |error| {100 * summary['end_to_end_median_abs_error']:.1f}%, "
+             f"90th percentile {100 * summary['end_to_end_p90_abs_error']:.1f}%, worst {100 * end_err.max():.1f}% "
+             "(goal: within 15%).", "",
+             "| model | ratio | MACs kept | predicted ms | measured ms (TVM, fastest) | median ms | error | per-layer median error |",
+             "|---|---|---|---|---|---|---|---|"]
+    for e in ends:
+        mine = [r for r in layers if r["model"] == e["model"] and r["ratio"] == e["ratio"]]
+        lines.append(f"| {e['model']} | {e['ratio']} | {e['macs_ratio']:.2f} | {e['predicted_ms']:.3f} | "
+                     f"{e['measured_ms']:.3f} | {e['measured_median_ms']:.3f} | {100 * (e['predicted_ms'] / e['measured_ms'] - 1):+.1f}% | "
+                     f"{100 * float(np.median(_errors(mine))):.1f}% |")
+    (out / "costmodel.md").write_text("\n".join(lines) + "\n")
+    _plot(out / "costmodel.png", layers, ends)
+    return summary
+
+
+def _plot(path: Path, layers: list[dict], ends: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
+    for ax, rows, title in ((axes[0], layers, "per layer (conv/matmul kernels)"), (axes[1], ends, "end to end")):
+        for model in dict.fromkeys(r["model"] for r in rows):
+            mine = [r for r in rows if r["model"] == model]
+            ax.scatter([r["measured_ms"] for r in mine], [r["predicted_ms"] for r in mine], s=12, label=model, alpha=0.7)
+        lo = min(min(r["measured_ms"], r["predicted_ms"]) for r in rows)
+        hi = max(max(r["measured_ms"], r["predicted_ms"]) for r in rows)
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+        ax.fill_between([lo, hi], [lo * 0.9, hi * 0.9], [lo * 1.1, hi * 1.1], color="grey", alpha=0.15, label="±10%")
+        ax.set(xscale="log", yscale="log", xlabel="measured ms", ylabel="predicted ms", title=title)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--ratios", default=",".join(map(str, RATIOS)))
+    parser.add_argument("--threads", type=int, default=None, help="CPU cores to use (default: all)")
+    parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    from sparsefx.target import resolve_target
+
+    target = resolve_target("cpu")
+    if args.threads:
+        os.environ["TVM_NUM_THREADS"] = str(args.threads)
+        target = dataclasses.replace(target, cores=args.threads)
+    torch.set_num_threads(target.cores)
+    layers, ends = [], []
+    for name in args.models.split(","):
+        more_layers, more_ends = run_model(name, [float(r) for r in args.ratios.split(",")], target, args.repeat)
+        layers += more_layers
+        ends += more_ends
+    summary = write(args.out, layers, ends, target)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
