@@ -134,8 +134,7 @@ class CostModel:
     """Predicted latency (ms) of kernels on `target`, from measurements where it can."""
 
     def __init__(self, target: object = "cpu", measure: bool = True, path: Path | None = None) -> None:
-        spec = resolve_target(target)
-        self.target: Target = with_measured_peaks(spec) if spec.kind == "llvm" else spec
+        self.target: Target = resolve_target(target)
         self.measure = measure and not self.target.is_gpu
         self.lanes = max(1, (self.target.vector_bits or 128) // 32) if not self.target.is_gpu else 8
         self.path = path or cache_dir() / "costmodel" / f"{self.target.arch}-{self.target.cores}.json"
@@ -217,6 +216,8 @@ class CostModel:
         return min(ref, math.ceil(d / step) * step) if step and d != ref else d
 
     def _roofline(self, kernel: Kernel) -> float:
+        if self.target.kind == "llvm" and not self.target.peak_gflops:
+            self.target = with_measured_peaks(self.target)  # measured once per host, only when needed
         peak = (self.target.peak_gflops or 100.0) * ROOFLINE_EFFICIENCY
         bandwidth = self.target.bandwidth_gbs or 20.0
         self.sources["roofline"] = self.sources.get("roofline", 0) + 1

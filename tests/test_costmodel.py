@@ -1,0 +1,97 @@
+"""Cost model: staircase rounding, interpolation between measured points, roofline, latency facts."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import sparsefx
+from sparsefx.cli import main
+from sparsefx.costmodel import CostModel, _grid, conv2d_kernel, matmul_kernel
+from sparsefx.models import load_model
+from sparsefx.passes.latency import annotate_latency, fused_nodes
+from sparsefx.target import resolve_target
+
+
+def _fake_cost(monkeypatch, tmp_path):
+    """A CPU cost model whose 'measurements' are a known function of the shape."""
+    cost = CostModel(resolve_target("cpu"), path=tmp_path / "table.json")
+    calls = []
+
+    def measured(kernel):
+        calls.append(kernel.dims)
+        return kernel.flops / 1e9
+
+    monkeypatch.setattr(cost, "measured", measured)
+    monkeypatch.setattr(cost, "_overhead", lambda: 0.0)
+    return cost, calls
+
+
+def test_channel_counts_round_up_to_the_vector_width(monkeypatch, tmp_path):
+    cost, _ = _fake_cost(monkeypatch, tmp_path)
+    ref = matmul_kernel(1, 128, 768, 3072, cost.lanes)
+    # 3000 and 3008 output features sit on one step: the staircase makes them cost the same
+    a = cost.latency(matmul_kernel(1, 128, 768, 3000, cost.lanes), ref)
+    b = cost.latency(matmul_kernel(1, 128, 768, 3008, cost.lanes), ref)
+    assert a == b
+
+
+def test_interpolation_is_exact_for_a_linear_cost_and_only_measures_grid_points(monkeypatch, tmp_path):
+    cost, calls = _fake_cost(monkeypatch, tmp_path)
+    ref = conv2d_kernel((1, 256, 14, 14), (1, 256, 14, 14), 1, (3, 3), (1, 1), (1, 1), (1, 1), cost.lanes)
+    kernel = conv2d_kernel((1, 256, 14, 14), (1, 176, 14, 14), 1, (3, 3), (1, 1), (1, 1), (1, 1), cost.lanes)
+    assert cost.latency(kernel, ref) == pytest.approx(kernel.flops / 1e9)
+    grid = _grid(256, cost.lanes)
+    assert all(dims[3] in grid for dims in calls)
+
+
+def test_cuda_targets_use_the_roofline_and_never_measure():
+    cost = CostModel("cuda:sm_90")
+    small = matmul_kernel(1, 64, 768, 768, cost.lanes)
+    large = matmul_kernel(1, 4096, 768, 3072, cost.lanes)
+    assert 0 < cost.latency(small) < cost.latency(large)
+    assert set(cost.sources) == {"roofline"}
+
+
+class ConvBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()
+        self.six = nn.ReLU6()
+
+    def forward(self, x):
+        return self.six(self.act(self.bn(self.conv(x)))) * 2
+
+
+def test_latency_pass_fuses_the_conv_epilogue_and_annotates_every_node():
+    model, inputs = ConvBlock().eval(), (torch.randn(1, 8, 32, 32),)
+    gm = sparsefx.trace(model, inputs)
+    total = annotate_latency(gm, CostModel("cuda:sm_90"))
+    fused = {n.name for n in fused_nodes(gm, 8)}
+    assert {"bn", "act"} <= fused  # BN folds into the conv's bias and ReLU rides in its epilogue
+    assert "six" not in fused and "mul" in fused  # ReLU6 starts a TIR kernel; the multiply fuses into it
+    assert all("sfx_latency_ms" in n.meta for n in gm.graph.nodes)
+    assert total == pytest.approx(sum(n.meta["sfx_latency_ms"] for n in gm.graph.nodes))
+    assert gm.graph.find_nodes(op="call_module", target="conv")[0].meta["sfx_latency_ms"] > 0
+
+
+def test_cli_plan_then_apply(tmp_path, capsys):
+    plan_file, out = tmp_path / "plan.json", tmp_path / "small.pt"
+    assert main(["plan", "default", "--macs-ratio", "0.6", "--out", str(plan_file)]) == 0
+    assert "importance retained" in capsys.readouterr().out
+    assert main(["apply", "default", str(plan_file), "--out", str(out)]) == 0
+    small = torch.load(out, weights_only=False)
+    dense, inputs = load_model("default")
+    assert sparsefx.count_macs(small, inputs) <= 0.6 * sparsefx.count_macs(dense, inputs)
+
+
+def test_cli_apply_refuses_a_bad_edit_and_writes_nothing(tmp_path, capsys):
+    plan_file, out = tmp_path / "plan.json", tmp_path / "small.pt"
+    assert main(["plan", "default", "--macs-ratio", "0.6", "--out", str(plan_file)]) == 0
+    data = json.loads(plan_file.read_text())
+    data["entries"][0]["ratio"] = 2.0
+    plan_file.write_text(json.dumps(data))
+    assert main(["apply", "default", str(plan_file), "--out", str(out)]) == 2
+    assert "out of range" in capsys.readouterr().err
+    assert not out.exists()
