@@ -142,6 +142,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--fmnist", action="store_true", help="add the Fashion-MNIST small ResNet with accuracy")
+    parser.add_argument("--fmnist-speedups", default="1.25", help="speedups asked of the Fashion-MNIST model")
     parser.add_argument("--epochs", type=int, default=2, help="dense training and fine-tuning epochs (--fmnist)")
     parser.add_argument("--train-limit", type=int, default=20000)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -160,11 +161,12 @@ def main() -> int:
         model, inputs = load_model(name if ":" in name or name == "default" else f"torchvision:{name}")
         for s in speedups:
             rows.append({"model": name, **compare(model, inputs, s, target, args.rounds)})
+            write(args.out, rows, target)  # a later failure keeps what was measured
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "_models"}, default=str)[:400], file=sys.stderr)
     if args.fmnist:
         dense = train_small_resnet(args.epochs, args.train_limit)
         inputs = (torch.randn(64, 1, 28, 28),)
-        for s in speedups:
+        for s in [float(v) for v in args.fmnist_speedups.split(",")]:
             row = {"model": "fmnist-small-resnet (batch 64)", **compare(dense, inputs, s, target, args.rounds)}
             fmnist_accuracy(row, dense, args.epochs, args.train_limit)
             rows.append(row)
