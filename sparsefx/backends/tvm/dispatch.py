@@ -2,7 +2,7 @@
 
 Untuned TIR convolutions run far slower than oneDNN/MKL. For every convolution and
 matmul workload the compiler measures both implementations on the target and rewrites
-the ones PyTorch wins into `call_pure_packed` calls of the kernels registered here; the
+the ones PyTorch wins into `call_pure_packed` calls of the kernels in `torch_kernels`; the
 decisions (with both timings) are cached per target and recorded in the artifact.
 Workloads PyTorch runs far faster than TIR's default schedules can (see `prefilter`) are
 decided without a TIR build.
@@ -13,61 +13,26 @@ Those calls need `import sparsefx` (and torch) where the artifact runs; GPU buil
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 import tvm
-import tvm_ffi
 from tvm import relax
 
 from ...target import cache_dir
 from . import prefilter
+from .torch_kernels import (
+    ACTIVATIONS,
+    CONV,
+    CONV_EPILOGUE,
+    CONV_RESIDUAL,
+    MATMUL,
+    best_time,
+    torch_time,
+    weight_key,
+)
 
-CONV = "sparsefx.torch.conv2d"
-CONV_EPILOGUE = "sparsefx.torch.conv2d_bias"
-CONV_RESIDUAL = "sparsefx.torch.conv2d_bias_residual"
-MATMUL = "sparsefx.torch.matmul"
-
-
-def _conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, attrs: tuple[int, ...]) -> torch.Tensor:
-    """PyTorch's conv2d for a workload's attrs (stride, padding, dilation pairs, groups)."""
-    s0, s1, p0, p1, d0, d1, groups = attrs
-    return F.conv2d(x, w, b, (s0, s1), (p0, p1), (d0, d1), groups)
-
-
-# The kernels return the tensor PyTorch allocated (shared through DLPack, no copy) rather than
-# writing into a buffer TVM allocated, which would cost one more pass over every output.
-@tvm_ffi.register_global_func(CONV, override=True)
-def _torch_conv2d(x: object, w: object, *attrs: int) -> object:
-    return tvm_ffi.from_dlpack(_conv(torch.from_dlpack(x), torch.from_dlpack(w), None, attrs))
-
-
-@tvm_ffi.register_global_func(CONV_EPILOGUE, override=True)
-def _torch_conv2d_epilogue(x: object, w: object, b: object, *attrs_relu: int) -> object:
-    """conv + per-channel bias (+ ReLU) in PyTorch: one oneDNN call, then an in-place ReLU."""
-    return _conv_tail(x, w, b, None, attrs_relu)
-
-
-@tvm_ffi.register_global_func(CONV_RESIDUAL, override=True)
-def _torch_conv2d_residual(x: object, w: object, b: object, residual: object, *attrs_relu: int) -> object:
-    """conv + bias + residual (+ ReLU): the ResNet block tail, without leaving PyTorch."""
-    return _conv_tail(x, w, b, residual, attrs_relu)
-
-
-def _conv_tail(x: object, w: object, b: object, residual: object | None, attrs_relu: tuple[int, ...]) -> object:
-    *attrs, relu = attrs_relu
-    out = _conv(torch.from_dlpack(x), torch.from_dlpack(w), torch.from_dlpack(b).reshape(-1), tuple(attrs))
-    if residual is not None:
-        out.add_(torch.from_dlpack(residual))
-    return tvm_ffi.from_dlpack(out.relu_() if relu else out)
-
-
-@tvm_ffi.register_global_func(MATMUL, override=True)
-def _torch_matmul(a: object, b: object) -> object:
-    return tvm_ffi.from_dlpack(torch.matmul(torch.from_dlpack(a), torch.from_dlpack(b)).contiguous())
+TABLE_VERSION = 2  # v2: convolutions timed with prepacked weights; v1 timings would mislead
 
 
 @dataclass(frozen=True)
@@ -114,21 +79,8 @@ def workload_of(call: relax.Call) -> Workload | None:
     return None
 
 
-def _torch_time(w: Workload, repeat: int = 10) -> float:
-    a, b = (torch.randn(s) for s in w.shapes[:2])
-    return _best_time(lambda: _conv(a, b, None, w.attrs) if w.op == "conv2d" else torch.matmul(a, b), repeat)
-
-
-def _best_time(run: object, repeat: int) -> float:
-    """Fastest of `repeat` runs in ms: on a shared CPU the minimum is what the kernel can do,
-    the median is what the neighbours let it do."""
-    run()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return float(np.min(times)) * 1e3
+def _torch_time(w: Workload) -> float:
+    return torch_time(w.op, w.shapes, w.attrs)
 
 
 def _tir_times(workloads: list[Workload], target: tvm.target.Target, build: object,
@@ -151,8 +103,8 @@ def _tir_times(workloads: list[Workload], target: tvm.target.Target, build: obje
     times = []
     for i, w in enumerate(workloads):
         args = [tvm.runtime.tensor(np.random.randn(*s).astype("float32")) for s in w.shapes[:2]]
-        once = _best_time(lambda i=i, args=args: vm[f"op{i}"](*args), 1)
-        times.append(once if once > 50 else _best_time(lambda i=i, args=args: vm[f"op{i}"](*args), repeat))
+        once = best_time(lambda i=i, args=args: vm[f"op{i}"](*args), 1)
+        times.append(once if once > 50 else best_time(lambda i=i, args=args: vm[f"op{i}"](*args), repeat))
     return times
 
 
@@ -163,7 +115,7 @@ class DispatchTable:
     and timed in TIR. Entries the filter decided say so (`decided_by: prefilter`, `tir_ms: None`)."""
 
     def __init__(self, target_key: str) -> None:
-        self.path = cache_dir() / "dispatch" / f"{target_key}.json"
+        self.path = cache_dir() / "dispatch" / f"{target_key}.v{TABLE_VERSION}.json"
         self.entries: dict[str, dict] = json.loads(self.path.read_text()) if self.path.exists() else {}
 
     def decide(self, workloads: list[Workload], target: tvm.target.Target, build: object) -> dict[str, dict]:
@@ -213,7 +165,7 @@ def dispatch_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
             if w is None or decisions.get(w.key, {}).get("impl") != "torch":
                 return call
             if w.op == "conv2d":
-                extra = [relax.prim_value(v) for v in w.attrs]
+                extra = [relax.prim_value(v) for v in (*w.attrs, _key(call.args[1]))]
                 return relax.call_pure_packed(CONV, call.args[0], call.args[1], *extra, ty_args=call.ty)
             return relax.call_pure_packed(MATMUL, call.args[0], call.args[1], ty_args=call.ty)
 
@@ -233,37 +185,43 @@ def _each_relax_function(name: str, rewrite: object) -> tvm.transform.Pass:
     return _pass
 
 
+def _key(weight: relax.Expr) -> int:
+    """The prepacking key of a constant weight (0 for a computed one, which is never prepacked)."""
+    return weight_key(weight.value.numpy()) if isinstance(weight, tvm.ir.expr.Constant) else 0
+
+
 def _per_channel(bias: relax.Expr, channels: int) -> bool:
     shape = [int(d) for d in bias.ty.shape]
     return shape in ([1, channels, 1, 1], [channels, 1, 1])
 
 
 def epilogue_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
-    """Relax pass: a conv PyTorch runs keeps its bias, residual add and ReLU in the same
-    call, so no TIR kernel has to re-read its output (runs before `dispatch_pass`)."""
+    """Relax pass: a conv PyTorch runs keeps its bias, residual add and activation (ReLU, ReLU6,
+    SiLU) in the same call, so no TIR kernel has to re-read its output (runs before `dispatch_pass`)."""
     from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
     x, w, b, residual = wildcard(), is_const(), is_const(), wildcard()
     conv = is_op("relax.nn.conv2d")(x, w)
     biased = is_op("relax.add")(conv, b)
     summed = is_op("relax.add")(biased, residual) | is_op("relax.add")(residual, biased)
-    patterns = [is_op("relax.nn.relu")(summed), is_op("relax.nn.relu")(biased), summed, biased]
+    patterns = [act(inner) for inner in (summed, biased) for act in (
+        is_op("relax.nn.relu"), is_op("relax.nn.silu"), lambda t: is_op("relax.clip")(t, wildcard(), wildcard()))]
+    patterns += [summed, biased]
 
     def rewriter(expr: relax.Expr, matches: dict) -> relax.Expr:
         call = matches[conv]
         wl = workload_of(call)
-        if wl is None or decisions.get(wl.key, {}).get("impl") != "torch" or \
+        act = _activation(expr)
+        if wl is None or act is None or decisions.get(wl.key, {}).get("impl") != "torch" or \
                 not _per_channel(matches[b], wl.shapes[1][0]):
             return expr
-        relu = relax.prim_value(int(isinstance(expr, relax.Call) and expr.op.name == "relax.nn.relu"))
-        attrs = [relax.prim_value(v) for v in wl.attrs]
+        attrs = [relax.prim_value(v) for v in (*wl.attrs, _key(matches[w]), ACTIVATIONS.index(act))]
         if residual in matches:  # only the patterns with the residual add bind it
             if [int(d) for d in matches[residual].ty.shape] != list(wl.shapes[2]):
                 return expr
             return relax.call_pure_packed(CONV_RESIDUAL, matches[x], matches[w], matches[b], matches[residual],
-                                          *attrs, relu, ty_args=expr.ty)
-        return relax.call_pure_packed(CONV_EPILOGUE, matches[x], matches[w], matches[b], *attrs, relu,
-                                      ty_args=expr.ty)
+                                          *attrs, ty_args=expr.ty)
+        return relax.call_pure_packed(CONV_EPILOGUE, matches[x], matches[w], matches[b], *attrs, ty_args=expr.ty)
 
     def rewrite_all(func: relax.Function) -> relax.Function:
         for pattern in patterns:
@@ -271,6 +229,15 @@ def epilogue_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
         return func
 
     return _each_relax_function("FuseTorchEpilogue", rewrite_all)
+
+
+def _activation(expr: relax.Expr) -> str | None:
+    """The activation a matched epilogue ends in ('none' for a bare add); None for a clip other than ReLU6."""
+    name = expr.op.name if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) else ""
+    if name == "relax.clip":
+        bounds = [getattr(a, "value", None) for a in expr.args[1:]]
+        return "relu6" if [float(v) if v is not None else None for v in bounds] == [0.0, 6.0] else None
+    return {"relax.nn.relu": "relu", "relax.nn.silu": "silu"}.get(name, "none")
 
 
 def collect_workloads(mod: tvm.IRModule) -> list[Workload]:

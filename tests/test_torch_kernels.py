@@ -1,0 +1,71 @@
+"""Dispatched PyTorch convolutions: prepacked oneDNN weights and fused ReLU6/SiLU epilogues match eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sparsefx.backends.tvm import compile, dispatch, pipeline, torch_kernels
+from sparsefx.backends.tvm.importer import to_relax
+from sparsefx.target import resolve_target
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEFX_CACHE", str(tmp_path / "cache"))
+
+
+class _Activations(nn.Module):
+    """conv-BN-ReLU6, conv-BN-SiLU, a residual conv-BN and a clip that is not ReLU6."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU6())
+        self.b = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(16), nn.SiLU())
+        self.c = nn.Sequential(nn.Conv2d(16, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.d = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.b(self.a(x))
+        return self.d(self.c(y) + y).clamp(-1, 1)
+
+
+def _model() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    torch.manual_seed(0)
+    model = _Activations().eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):  # non-trivial folded bias and scale
+            nn.init.uniform_(m.running_mean, -1, 1), nn.init.uniform_(m.running_var, 0.5, 2)
+    return model, (torch.randn(2, 3, 12, 12),)
+
+
+def test_activations_fuse_into_dispatched_convs() -> None:
+    model, inputs = _model()
+    target = resolve_target("cpu")
+    mod, _ = to_relax(model, inputs)
+    mod = pipeline.run(pipeline.optimize_passes(), mod, target.to_tvm())
+    decisions = {w.key: {"impl": "torch"} for w in pipeline.collect_workloads(mod)}
+    text = str(pipeline.run(pipeline.dispatch(decisions), mod, target.to_tvm())["main"])
+    assert "R.nn.silu" not in text and "conv2d_bias_residual" in text
+    assert text.count("R.clip") == 1  # clamp(-1, 1) is no ReLU6 and stays in TIR
+
+
+@pytest.mark.parametrize("prepack", [True, False])
+def test_dispatched_model_matches_eager(prepack: bool, monkeypatch) -> None:
+    monkeypatch.setattr(torch_kernels, "PREPACK", prepack and torch_kernels.PREPACK)
+    monkeypatch.setattr(dispatch, "_torch_time", lambda w: 1e-6)  # every conv on PyTorch
+    model, inputs = _model()
+    compiled = compile(model, inputs, verbose=False)
+    assert all(d["impl"] == "torch" for d in compiled.manifest["dispatch"].values())
+    with torch.no_grad():
+        expected = model(*inputs)
+        for _ in range(2):  # the second call reuses the packed weights
+            actual = compiled(*inputs)
+            assert (actual - expected).abs().max() / expected.abs().max() < 1e-4
+
+
+def test_weight_key_names_contents() -> None:
+    w = torch.randn(8, 4, 3, 3).numpy()
+    assert torch_kernels.weight_key(w) == torch_kernels.weight_key(w.copy()) > 0
+    assert torch_kernels.weight_key(w) != torch_kernels.weight_key(w * 2)
