@@ -35,7 +35,7 @@ def test_table_builds_calibration_and_plausible_tir_wins_only(monkeypatch) -> No
     workloads = [_conv(c) for c in (8, 16, 24, 32, 40)]
     slowest = workloads[-1]
     # PyTorch is absurdly fast on all but one workload, which it runs absurdly slowly
-    monkeypatch.setattr(dispatch, "_torch_time", lambda w: 1e6 if w is slowest else 1e-4)
+    monkeypatch.setattr(dispatch, "_torch_time", lambda w: (1e6 if w is slowest else 1e-4, False))
     built: list[int] = []
     target = resolve_target("cpu")
 

@@ -54,7 +54,7 @@ def test_activations_fuse_into_dispatched_convs() -> None:
 @pytest.mark.parametrize("prepack", [True, False])
 def test_dispatched_model_matches_eager(prepack: bool, monkeypatch) -> None:
     monkeypatch.setattr(torch_kernels, "PREPACK", prepack and torch_kernels.PREPACK)
-    monkeypatch.setattr(dispatch, "_torch_time", lambda w: 1e-6)  # every conv on PyTorch
+    monkeypatch.setattr(dispatch, "_torch_time", lambda w: (1e-6, True))  # every conv on PyTorch
     model, inputs = _model()
     compiled = compile(model, inputs, verbose=False)
     assert all(d["impl"] == "torch" for d in compiled.manifest["dispatch"].values())

@@ -32,7 +32,7 @@ from .torch_kernels import (
     weight_key,
 )
 
-TABLE_VERSION = 2  # v2: convolutions timed with prepacked weights; v1 timings would mislead
+TABLE_VERSION = 3  # v3: convolutions timed plain and prepacked, the faster recorded
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,8 @@ def workload_of(call: relax.Call) -> Workload | None:
     return None
 
 
-def _torch_time(w: Workload) -> float:
+def _torch_time(w: Workload) -> tuple[float, bool]:
+    """Best PyTorch time in ms, and whether prepacked weights gave it (convs only)."""
     return torch_time(w.op, w.shapes, w.attrs)
 
 
@@ -121,7 +122,8 @@ class DispatchTable:
     def decide(self, workloads: list[Workload], target: tvm.target.Target, build: object) -> dict[str, dict]:
         new = {w.key: w for w in workloads if w.key not in self.entries}
         if new:
-            candidates = [prefilter.Candidate(w.key, prefilter.op_class(w.op, w.attrs), w.flops / 1e9, _torch_time(w))
+            timed = {key: _torch_time(w) for key, w in new.items()}
+            candidates = [prefilter.Candidate(w.key, prefilter.op_class(w.op, w.attrs), w.flops / 1e9, timed[w.key][0])
                           for w in new.values()]
             first = prefilter.calibration(candidates, self.entries.values())
             self._measure(first, new, target, build)
@@ -137,6 +139,8 @@ class DispatchTable:
                     self.entries[c.key] = {**self._entry(c, None), "decided_by": "prefilter",
                                            "tir_ceiling_gflops": round(ceiling, 2)}
             self._measure(rest, new, target, build)
+            for key, (_, prepack) in timed.items():
+                self.entries[key]["prepack"] = prepack
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps(self.entries, indent=1))
         return {w.key: self.entries[w.key] for w in workloads}
@@ -165,7 +169,7 @@ def dispatch_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
             if w is None or decisions.get(w.key, {}).get("impl") != "torch":
                 return call
             if w.op == "conv2d":
-                extra = [relax.prim_value(v) for v in (*w.attrs, _key(call.args[1]))]
+                extra = [relax.prim_value(v) for v in (*w.attrs, _key(call.args[1], decisions[w.key]))]
                 return relax.call_pure_packed(CONV, call.args[0], call.args[1], *extra, ty_args=call.ty)
             return relax.call_pure_packed(MATMUL, call.args[0], call.args[1], ty_args=call.ty)
 
@@ -185,9 +189,11 @@ def _each_relax_function(name: str, rewrite: object) -> tvm.transform.Pass:
     return _pass
 
 
-def _key(weight: relax.Expr) -> int:
-    """The prepacking key of a constant weight (0 for a computed one, which is never prepacked)."""
-    return weight_key(weight.value.numpy()) if isinstance(weight, tvm.ir.expr.Constant) else 0
+def _key(weight: relax.Expr, decision: dict) -> int:
+    """The prepacking key of a constant weight where prepacking measured faster; 0: plain F.conv2d."""
+    if not decision.get("prepack") or not isinstance(weight, tvm.ir.expr.Constant):
+        return 0
+    return weight_key(weight.value.numpy())
 
 
 def _per_channel(bias: relax.Expr, channels: int) -> bool:
@@ -215,7 +221,8 @@ def epilogue_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
         if wl is None or act is None or decisions.get(wl.key, {}).get("impl") != "torch" or \
                 not _per_channel(matches[b], wl.shapes[1][0]):
             return expr
-        attrs = [relax.prim_value(v) for v in (*wl.attrs, _key(matches[w]), ACTIVATIONS.index(act))]
+        attrs = [relax.prim_value(v) for v in (*wl.attrs, _key(matches[w], decisions[wl.key]),
+                                               ACTIVATIONS.index(act))]
         if residual in matches:  # only the patterns with the residual add bind it
             if [int(d) for d in matches[residual].ty.shape] != list(wl.shapes[2]):
                 return expr

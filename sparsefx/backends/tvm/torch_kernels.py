@@ -3,9 +3,10 @@
 Convolutions with constant weights run on oneDNN with the weights reordered once into its blocked
 layout (`mkldnn._reorder_convolution_weight`, what TorchInductor's freezing does) instead of on every
 call as `F.conv2d` does: at batch 1 that reorder costs as much as the convolution itself in the 7x7
-stages (ResNet-18 256->256 3x3 at 7x7: 0.72 ms plain, 0.21 ms prepacked, one thread). The compiler
-names each weight by a hash of its contents, so a weight is packed once per process and input shape,
-also when the artifact is loaded elsewhere. The kernels return the tensor PyTorch allocated (shared
+stages (ResNet-18 256->256 3x3 at 7x7: 0.72 ms plain, 0.21 ms prepacked, one thread). Dispatch
+measures both per workload and keeps the faster (see `torch_time`). The compiler names each prepacked
+weight by a hash of its contents, so it is packed once per process and input shape, also when the
+artifact is loaded elsewhere. The kernels return the tensor PyTorch allocated (shared
 through DLPack, no copy) rather than writing into a buffer TVM allocated.
 """
 
@@ -90,13 +91,21 @@ def _torch_matmul(a: object, b: object) -> object:
     return tvm_ffi.from_dlpack(torch.matmul(_t(a), _t(b)).contiguous())
 
 
-def torch_time(op: str, shapes: tuple[tuple[int, ...], ...], attrs: tuple[int, ...], repeat: int = 10) -> float:
-    """Best-of time in ms of the kernel a dispatched op would run (prepacked weights for convs)."""
+def torch_time(op: str, shapes: tuple[tuple[int, ...], ...], attrs: tuple[int, ...],
+               repeat: int = 10) -> tuple[float, bool]:
+    """Best-of time in ms of the kernel a dispatched op would run, and whether it is the prepacked
+    one: prepacked convs output channels-last, and the copy back to NCHW costs more than the weight
+    reorder it saves where activations are large and weights small (early layers, 1x1, depthwise)."""
     a, b = (torch.randn(s) for s in shapes[:2])
-    if op == "conv2d":
-        key = weight_key(b.numpy())
-        return best_time(lambda: conv(a, b, None, attrs, key), repeat)
-    return best_time(lambda: torch.matmul(a, b), repeat)
+    if op != "conv2d":
+        return best_time(lambda: torch.matmul(a, b), repeat), False
+    plain = best_time(lambda: conv(a, b, None, attrs), repeat)
+    if not PREPACK:
+        return plain, False
+    key = weight_key(b.numpy())
+    packed = best_time(lambda: conv(a, b, None, attrs, key), repeat)
+    _packed.pop((key, tuple(a.shape)), None)  # a random weight: do not keep it
+    return min(plain, packed), packed < plain
 
 
 def best_time(run: object, repeat: int) -> float:
