@@ -16,9 +16,7 @@ cost model's grid points and its interpolation is what gets tested):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -146,12 +144,9 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
-    from sparsefx.target import resolve_target
+    from sparsefx.target import resolve_target, with_threads
 
-    target = resolve_target("cpu")
-    if args.threads:
-        os.environ["TVM_NUM_THREADS"] = str(args.threads)
-        target = dataclasses.replace(target, cores=args.threads)
+    target = with_threads(resolve_target("cpu"), args.threads)
     torch.set_num_threads(target.cores)
     layers, ends = [], []
     for name in args.models.split(","):

@@ -18,23 +18,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import sparsefx
+from sparsefx.backends.tvm.torch_kernels import best_time
 from sparsefx.masks import Sparsity, apply_masks, compute_masks
 from sparsefx.models import load_model
 from sparsefx.target import resolve_target
 
 
 def _best(run: object, repeat: int = 10) -> float:
-    run()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return float(np.min(times)) * 1e3
+    return best_time(run, repeat)
 
 
 def _hidden(output: object) -> torch.Tensor:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import matplotlib
@@ -30,6 +29,7 @@ from torch import nn  # noqa: E402
 import sparsefx  # noqa: E402
 from sparsefx.backends.tvm.sparse_kernels import KernelSpec  # noqa: E402
 from sparsefx.backends.tvm.sparse_latency import kernel_spec, time_kernels  # noqa: E402
+from sparsefx.backends.tvm.torch_kernels import best_time
 from sparsefx.masks import Sparsity  # noqa: E402
 from sparsefx.target import resolve_target  # noqa: E402
 
@@ -47,13 +47,7 @@ LAYERS = [
 
 
 def _best(run: object, repeat: int = 30) -> float:
-    run()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return float(np.min(times)) * 1e3
+    return best_time(run, repeat)
 
 
 def _dense_layer(rows: int, cols: int, batch: int, hw: int | None) -> tuple[nn.Module, torch.Tensor]:

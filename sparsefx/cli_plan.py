@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -18,7 +16,7 @@ from sparsefx.backends.eager import measure_latencies
 from sparsefx.errors import SparsefxError
 from sparsefx.plan import GRANULARITIES, Plan
 from sparsefx.planner import apply, plan
-from sparsefx.target import Target, resolve_target
+from sparsefx.target import Target, resolve_target, with_threads
 
 
 def add_commands(commands: argparse._SubParsersAction, model_args: object, threads_arg: object) -> None:
@@ -62,11 +60,7 @@ def _add_plan_args(parser: argparse.ArgumentParser) -> None:
 
 def _target(args: argparse.Namespace) -> Target:
     """The target; on the CPU, --threads also sets the cores kernels are measured and compiled for."""
-    target = resolve_target(args.target)
-    if getattr(args, "threads", None) and not target.is_gpu:
-        os.environ["TVM_NUM_THREADS"] = str(args.threads)  # TVM's runtime thread pool reads it at start
-        target = replace(target, cores=args.threads)
-    return target
+    return with_threads(resolve_target(args.target), getattr(args, "threads", None))
 
 
 def _make_plan(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple) -> Plan:

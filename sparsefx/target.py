@@ -153,3 +153,15 @@ def _measure_cpu_peaks() -> tuple[float, float]:
         dst.copy_(src)
         copies.append(2 * src.numel() * 4 / (time.perf_counter() - start) / 1e9)
     return max(flops), max(copies)
+
+
+def with_threads(target: Target, threads: int | None) -> Target:
+    """`target` run with `threads` cores: sets torch's and TVM's thread pools to match, so that
+    kernels are measured and compiled for the same core count (1 on a busy machine)."""
+    if not threads or target.is_gpu:
+        return target
+    import torch
+
+    os.environ["TVM_NUM_THREADS"] = str(threads)  # TVM's runtime thread pool reads it at start
+    torch.set_num_threads(threads)
+    return replace(target, cores=threads)
