@@ -51,6 +51,22 @@ def schedules(steps_per_epoch: int, epochs: int, gradual_steps: int) -> dict[str
             "gradual": Gradual(steps=gradual_steps, every=max(1, total // (2 * gradual_steps)))}
 
 
+def recipes(cfg: dict, steps_per_epoch: int, level: str, quick: bool) -> list[tuple[str, object, int, float]]:
+    """(name, schedule, epochs, distillation alpha) for one level: every schedule on the same budget,
+    plus, where the config asks, a longer gradual run that leans on the labels more than on the
+    teacher (alpha 0.2): at 2% kept the sparse model needs the epochs, and the dense teacher's
+    soft targets on the training set carry its overfitting (94% train vs 89% test accuracy)."""
+    epochs = cfg["finetune_epochs"]
+    runs = [(name, schedule, epochs, 0.5)
+            for name, schedule in schedules(steps_per_epoch, epochs, cfg["gradual_steps"]).items()
+            if not (quick and name == "iterative")]
+    long = cfg.get("long")
+    if long is not None and level in long["levels"]:
+        schedule = schedules(steps_per_epoch, long["epochs"], cfg["gradual_steps"])["gradual"]
+        runs.append((f"gradual {long['epochs']}ep", schedule, long["epochs"], long["alpha"]))
+    return runs
+
+
 def channel_ratio_for(model: torch.nn.Module, x: torch.Tensor, macs_fraction: float) -> float:
     """Smallest channel ratio (in steps of 0.025) whose pruned model has at most that share of MACs."""
     dense = sparsefx.count_macs(model, x)
@@ -111,26 +127,23 @@ def run_model(name: str, cfg: dict, data, out: Path, quick: bool) -> list[dict]:
                      "train_s": round(history.seconds, 1)}
     print(f"[{name}] dense {100 * dense_record['accuracy']:.2f}% in {time.perf_counter() - started:.0f}s", flush=True)
     records, worst_eval = [dense_record], None
-    spe, epochs = len(data.train), cfg["finetune_epochs"]
     for level, method, target in cfg["runs"](dense, x1):
-        for sched_name, schedule in schedules(spe, epochs, cfg["gradual_steps"]).items():
-            if quick and sched_name == "iterative":
-                continue
+        for sched_name, schedule, epochs, alpha in recipes(cfg, len(data.train), level, quick):
             model = copy.deepcopy(dense)
             if method == "channel":
                 pruner = GradualPruner(model, schedule, channels=target, example_inputs=x1)
             else:
                 pruner = GradualPruner(model, schedule, masks=target)
             history = finetune(model, data.train, epochs=epochs, lr=cfg["finetune_lr"], distill_from=dense,
-                               pruner=pruner, progress=False)
+                               alpha=alpha, pruner=pruner, progress=False)
             model = remove_masks(history.model)
             record, result = measure(model, dense, data, x1, xb)
             record |= {"model": name, "method": method, "schedule": sched_name, "level": level,
-                       "finetune_s": round(history.seconds, 1)}
+                       "finetune_epochs": epochs, "alpha": alpha, "finetune_s": round(history.seconds, 1)}
             records.append(record)
             if worst_eval is None or record["density"] <= worst_eval[0]:
                 worst_eval = (record["density"], result, f"{name} {method} {sched_name} {level}")
-            print(f"[{name}] {method:12s} {sched_name:9s} {level:>9s}: {100 * record['accuracy']:.2f}% "
+            print(f"[{name}] {method:12s} {sched_name:12s} {level:>9s}: {100 * record['accuracy']:.2f}% "
                   f"kept {record['density']:.3f} macs {record['macs'] / dense_record['macs']:.2f} "
                   f"latency x{record['dense_latency_ms'] / record['latency_ms']:.2f} ({history.seconds:.0f}s)",
                   flush=True)
@@ -155,7 +168,8 @@ def configs(quick: bool) -> dict[str, dict]:
     scale = 0.5 if quick else 1.0
     return {
         "lenet300": {"train_epochs": max(2, round(10 * scale)), "train_lr": 1e-3, "finetune_epochs": max(2, round(8 * scale)),
-                     "finetune_lr": 2e-3, "gradual_steps": 20, "runs": lenet300_runs},
+                     "finetune_lr": 2e-3, "gradual_steps": 20, "runs": lenet300_runs,
+                     "long": {"levels": ["2% kept"], "epochs": 30, "alpha": 0.2}},
         "lenet5": {"train_epochs": max(2, round(8 * scale)), "train_lr": 1e-3, "finetune_epochs": max(1, round(4 * scale)),
                    "finetune_lr": 2e-3, "gradual_steps": 10, "runs": channel_runs([0.5] if quick else [0.5, 0.35])},
         "resnet": {"train_epochs": max(1, round(5 * scale)), "train_lr": 2e-3, "finetune_epochs": max(1, round(3 * scale)),
@@ -197,9 +211,9 @@ def goals(records: list[dict]) -> str:
     structured = lambda limit: lambda r: r["method"] in ("block1x4", "nm") and r["density"] <= limit * 1.05
     half_macs = lambda r: r["method"] == "channel" and r["macs"] <= 0.5 * dense[r["model"]]["macs"]
     lines = [f"- LeNet-300-100, ≤5% weights kept (block/N:M): {best('lenet300', structured(0.05))}",
-             f"- LeNet-300-100, ≤2% weights kept (block/N:M): {best('lenet300', structured(0.02))}",
-             f"- LeNet-300-100, ≤2% kept, unstructured reference: "
-             f"{best('lenet300', lambda r: r['method'] == 'unstructured' and r['density'] <= 0.021)}",
+             f"- LeNet-300-100, ≤2% weights kept (any pattern): "
+             f"{best('lenet300', lambda r: r['density'] <= 0.02 * 1.05)}",
+             f"- LeNet-300-100, ≤2% weights kept, block/N:M only: {best('lenet300', structured(0.02))}",
              f"- LeNet-5, ≤50% MACs by channel removal: {best('lenet5', half_macs)}",
              f"- small ResNet, ≤50% MACs by channel removal: {best('resnet', half_macs)}"]
     return "\n".join(lines)
