@@ -4,8 +4,11 @@ For each model and batch size: eager dense, TVM dense, eager pruned (50% of chan
 TVM pruned; compile (and tuning) time and trials; which conv/matmul workloads the
 measured dispatch put on PyTorch kernels. Writes JSON and a markdown table.
 
-    python benchmarks/backend.py                                  # the issue's six models, batch 1 and 8
+    python benchmarks/backend.py --threads 1                      # the issue's six models, batch 1 and 8
     python benchmarks/backend.py --models resnet18 --batches 1 --tune 16
+
+--threads sets PyTorch's and TVM's thread pools alike (TVM_NUM_THREADS); on a shared CPU one
+thread keeps spin-waiting workers from turning other jobs' load into 10-100x slowdowns.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,15 +30,14 @@ from sparsefx.models import load_model
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "vit_b_16", "hf:bert-base")
 
 
-
 def _spec(name: str) -> str:
     return name if ":" in name else f"torchvision:{name}"
 
 
-def bench_model(name: str, batch: int, tune: int, repeat: int) -> dict:
+def bench_model(name: str, batch: int, tune: int, repeat: int, round_to: int = 1) -> dict:
     model, inputs = load_model(_spec(name), batch_size=batch)
-    row: dict = {"model": name, "batch": batch}
-    pruned = sparsefx.prune(model, inputs, ratio=0.5)
+    row: dict = {"model": name, "batch": batch, "round_to": round_to}
+    pruned = sparsefx.prune(model, inputs, ratio=0.5, round_to=round_to)
     row["macs_ratio"] = sparsefx.count_macs(pruned, inputs) / sparsefx.count_macs(model, inputs)
     timed = {"eager dense": model, "eager pruned": pruned}
     for label, source in (("dense", model), ("pruned", pruned)):
@@ -44,6 +47,7 @@ def bench_model(name: str, batch: int, tune: int, repeat: int) -> dict:
         row[f"tuning_{label}"] = compiled.manifest["tuning"]
         dispatch = compiled.manifest["dispatch"].values()
         row[f"torch_kernels_{label}"] = f"{sum(d['impl'] == 'torch' for d in dispatch)}/{len(dispatch)}"
+        row[f"prepacked_{label}"] = sum(bool(d.get("prepack")) and d["impl"] == "torch" for d in dispatch)
         with torch.no_grad():
             expected, actual = source(*inputs), compiled(*inputs)
         expected = expected if isinstance(expected, torch.Tensor) else torch.utils._pytree.tree_leaves(expected)[0]
@@ -59,10 +63,12 @@ def bench_model(name: str, batch: int, tune: int, repeat: int) -> dict:
     return row
 
 
-def markdown(rows: list[dict], threads: int) -> str:
-    lines = [f"# TVM backend vs eager ({threads} torch thread(s); median ms, alternating rounds)", "",
+def markdown(rows: list[dict], threads: int, round_to: int) -> str:
+    rounding = f"; pruned channel counts rounded to multiples of {round_to}" if round_to > 1 else ""
+    lines = [f"# TVM backend vs eager ({threads} thread(s) for PyTorch and TVM; median ms, alternating rounds"
+             f"{rounding})", "",
              "| model | batch | eager dense | TVM dense | eager pruned | TVM pruned | TVM dense vs eager | "
-             "TVM pruned vs TVM dense | MACs kept | speedup / (1/MACs) | torch kernels dense/pruned | compile s | max rel err |",
+             "TVM pruned vs TVM dense | MACs kept | speedup / (1/MACs) | PyTorch kernels dense / pruned | compile s | max rel err |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
@@ -73,11 +79,16 @@ def markdown(rows: list[dict], threads: int) -> str:
             f"| {r['model']} | {r['batch']} | {lat['eager dense']:.2f} | {lat['tvm dense']:.2f} | "
             f"{lat['eager pruned']:.2f} | {lat['tvm pruned']:.2f} | {r['tvm_dense_vs_eager']:.2f}x | "
             f"{r['tvm_pruned_vs_tvm_dense']:.2f}x | {r['macs_ratio']:.0%} | {r['pruned_speedup_over_macs_bound']:.2f} | "
-            f"{r['torch_kernels_dense']} / {r['torch_kernels_pruned']} | {r['compile_s_dense']} / {r['compile_s_pruned']} | "
+            f"{_kernels(r, 'dense')} / {_kernels(r, 'pruned')} | {r['compile_s_dense']} / {r['compile_s_pruned']} | "
             f"{max(r['max_rel_err_dense'], r['max_rel_err_pruned']):.1e} |")
     lines += ["", "Goals: TVM dense >= eager on ResNet-18/50 at batch 1 (column 7 >= 1.00); TVM pruned faster than "
               "TVM dense by at least 0.8x the MACs ratio (column 10 >= 0.80)."]
     return "\n".join(lines) + "\n"
+
+
+def _kernels(row: dict, label: str) -> str:
+    """Dispatched-to-PyTorch workloads, with how many of those run on prepacked weights."""
+    return f"{row[f'torch_kernels_{label}']} ({row.get(f'prepacked_{label}', 0)} prepacked)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,22 +97,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--tune", type=int, default=0, help="MetaSchedule trials per new TIR workload")
     parser.add_argument("--repeat", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None, help="PyTorch and TVM threads (default: their choice)")
+    parser.add_argument("--round-to", type=int, default=1, help="prune keeps channel counts multiples of this")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+        os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read when TVM's pool first starts
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.models.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
             print(f"[backend] {name} batch {batch}", file=sys.stderr, flush=True)
             try:
-                rows.append(bench_model(name, batch, args.tune, args.repeat))
+                rows.append(bench_model(name, batch, args.tune, args.repeat, args.round_to))
             except Exception as error:  # keep going: one model's failure is a row, not the end of the run
                 rows.append({"model": name, "batch": batch, "error": f"{type(error).__name__}: {str(error)[:200]}"})
             (args.out / "backend.json").write_text(json.dumps(rows, indent=1) + "\n")
-            (args.out / "backend.md").write_text(markdown(rows, torch.get_num_threads()))
+            (args.out / "backend.md").write_text(markdown(rows, torch.get_num_threads(), args.round_to))
             gc.collect()
     print((args.out / "backend.md").read_text())
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 import tvm
 from tvm import relax
 from tvm.relax.backend import gpu_generic
@@ -63,7 +64,8 @@ def decide_dispatch(mod: tvm.IRModule, target: Target, tvm_target: tvm.target.Ta
                     build: Callable[[tvm.IRModule, tvm.target.Target], object],
                     progress: Callable[[str], None] | None = None) -> dict[str, dict]:
     """Measured torch-vs-TIR choice for each conv/matmul workload of `mod` (CPU targets)."""
-    table = DispatchTable(f"{target.arch}-{target.cores}")
+    # PyTorch's kernels and TIR's parallel loops scale differently with threads: decide per thread count
+    table = DispatchTable(f"{target.arch}-{target.cores}-t{torch.get_num_threads()}")
     workloads = collect_workloads(mod)
     fresh = [w for w in workloads if w.key not in table.entries]
     if progress and fresh:
