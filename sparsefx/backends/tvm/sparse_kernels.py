@@ -291,15 +291,21 @@ def _nm_gemv_cpu(s: KernelSpec) -> tvm.tirx.PrimFunc:
     return f
 
 
+def _cuda_grid(s: KernelSpec, bind: bool):  # noqa: ANN202 (TVMScript loop makers)
+    """One thread per (batch, row, column tile) output: threads per block, block count, the
+    store macro and the two loop makers (bound to the GPU grid, or serial for CPU checks)."""
+    threads = min(THREADS, s.width)
+    blocks = (s.width + threads - 1) // threads
+    outer = (lambda e: T.thread_binding(e, "blockIdx.x")) if bind else T.serial
+    inner = (lambda e: T.thread_binding(e, "threadIdx.x")) if bind else T.serial
+    return threads, blocks, _store(s), outer, inner
+
+
 def _bsr_cuda(s: KernelSpec, bind: bool = True) -> tvm.tirx.PrimFunc:
     """Thread (row, column): walks its block row. `bind=False` gives the same loops serial,
     which runs on the CPU so tests can check the CUDA kernel's indexing without a GPU."""
     (br, bc), nrb = s.block, s.rows // s.block[0]
-    threads = min(THREADS, s.width)
-    blocks = (s.width + threads - 1) // threads
-    store = _store(s)
-    outer = (lambda e: T.thread_binding(e, "blockIdx.x")) if bind else T.serial
-    inner = (lambda e: T.thread_binding(e, "threadIdx.x")) if bind else T.serial
+    threads, blocks, store, outer, inner = _cuda_grid(s, bind)
 
     @T.prim_func(private=True)
     def f(D: T.Buffer((s.batch, s.cols, s.width), "float32"), V: T.Buffer((s.nnz, br, bc), "float32"),
@@ -323,11 +329,7 @@ def _bsr_cuda(s: KernelSpec, bind: bool = True) -> tvm.tirx.PrimFunc:
 
 def _nm_cuda(s: KernelSpec, bind: bool = True) -> tvm.tirx.PrimFunc:
     n, m = s.block
-    threads = min(THREADS, s.width)
-    blocks = (s.width + threads - 1) // threads
-    store = _store(s)
-    outer = (lambda e: T.thread_binding(e, "blockIdx.x")) if bind else T.serial
-    inner = (lambda e: T.thread_binding(e, "threadIdx.x")) if bind else T.serial
+    threads, blocks, store, outer, inner = _cuda_grid(s, bind)
 
     @T.prim_func(private=True)
     def f(D: T.Buffer((s.batch, s.cols, s.width), "float32"), V: T.Buffer((s.rows, s.nnz), "float32"),
