@@ -182,13 +182,13 @@ class CostModel:
     def _interpolated(self, kernel: Kernel, reference: Kernel) -> float:
         """Multilinear interpolation over grid points of each dimension that differs from the
         reference, after rounding channel-like dimensions up to the vector width."""
-        dims = [self._stair(d, ref, step) for d, ref, step in zip(kernel.dims, reference.dims, kernel.steps or
-                                                                   (0,) * len(kernel.dims))]
+        steps = kernel.steps or (0,) * len(kernel.dims)
+        dims = [self._stair(d, ref, step) for d, ref, step in zip(kernel.dims, reference.dims, steps)]
         axes = []
         for i, (d, ref) in enumerate(zip(dims, reference.dims)):
             if d == ref:
                 continue
-            points = _grid(ref, (kernel.steps or (0,) * len(dims))[i])
+            points = _grid(ref, steps[i])
             if d in points:
                 continue
             lo = max(p for p in points if p < d) if any(p < d for p in points) else 0

@@ -31,7 +31,7 @@ from .costmodel import CostModel, Kernel
 from .errors import SparsefxError
 from .passes import importance as importance_mod
 from .passes.coupling import ChannelGroup, Coupling
-from .passes.latency import fused_nodes, node_kernels
+from .passes.latency import dense_kernels, fused_nodes, node_kernels
 from .passes.shrink import ShrinkModel, removal_order
 from .plan import GRANULARITIES, Entry, Plan, PlanError
 from .prune import _check_names, _ignored, _under, analyze, remove, working_copy
@@ -57,9 +57,8 @@ class _Search:
     def __init__(self, gm: torch.fx.GraphModule, shrink: ShrinkModel, price: Callable[[Kernel, Kernel], float],
                  lanes: int) -> None:
         self.gm, self.shrink, self.price, self.lanes = gm, shrink, price, lanes
-        meta = lambda n: n.meta.get("sfx_shape")
-        self.refs = {n: node_kernels(n, gm, meta, lanes) for n in gm.graph.nodes}
-        self.fused = fused_nodes(gm, lanes)
+        self.refs = dense_kernels(gm, lanes)
+        self.fused = fused_nodes(gm, self.refs)
         self.removed: dict[int, int] = {}
         self.chosen: dict[torch.fx.Node, SparseOption] = {}  # layers running a sparse kernel
         self.ms = {n: self.node_ms(n, self.removed) for n in gm.graph.nodes}

@@ -97,7 +97,7 @@ def sparse_options(gm: torch.fx.GraphModule, specs: list[Sparsity], target: obje
         mean = float(magnitude.mean()) or 1.0
         for spec in specs:
             if _fits(spec, *shape[:2]):
-                kept = spec.mask(weight.reshape(shape[0], shape[1]).reshape(weight.shape))
+                kept = spec.mask(weight)  # masks view conv weights as (rows, cols) themselves
                 loss = 2 * float(magnitude[~kept].sum()) / mean
                 found.append((node, spec, shape, loss))
     if not found:

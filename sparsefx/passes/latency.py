@@ -26,17 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..costmodel import CostModel, Kernel, conv2d_kernel, matmul_kernel
-from .annotate import node_arg, target_key
+from .annotate import _numel, node_arg, target_key
 
 aten = torch.ops.aten
 ShapeOf = Callable[[torch.fx.Node], object]
 Handler = Callable[[torch.fx.Node, torch.fx.GraphModule, ShapeOf, int], list[Kernel]]
-
-
-def _numel(shape: object) -> int:
-    if isinstance(shape, (list, tuple)) and shape and isinstance(shape[0], (list, tuple)):
-        return sum(_numel(s) for s in shape if s is not None)
-    return math.prod(shape) if isinstance(shape, tuple) else 0
 
 
 def _bytes(node: torch.fx.Node, shape_of: ShapeOf) -> int:
@@ -180,14 +174,19 @@ def _epilogue_op(node: torch.fx.Node, gm: torch.fx.GraphModule) -> bool:
     return target_key(node) in EPILOGUE_FUNCTIONS
 
 
-def fused_nodes(gm: torch.fx.GraphModule, lanes: int) -> set[torch.fx.Node]:
+def dense_kernels(gm: torch.fx.GraphModule, lanes: int) -> dict[torch.fx.Node, list[Kernel]]:
+    """Every node's kernels at its traced shapes: the reference grid and the fusion structure."""
+    shape = lambda n: n.meta.get("sfx_shape")
+    return {n: node_kernels(n, gm, shape, lanes) for n in gm.graph.nodes}
+
+
+def fused_nodes(gm: torch.fx.GraphModule, kernels: dict[torch.fx.Node, list[Kernel]]) -> set[torch.fx.Node]:
     """Element-wise nodes that run inside another node's kernel (structural: pruning keeps it).
 
     A convolution runs on PyTorch with an epilogue that takes BN, a residual add and ReLU;
     anything else after it starts a TIR kernel, into which following element-wise ops fuse,
     as they do after matmuls (whose bias add is a TIR kernel), reductions and pools."""
-    shape = lambda n: n.meta.get("sfx_shape")
-    kinds = {n: [k.op for k in node_kernels(n, gm, shape, lanes)] for n in gm.graph.nodes}
+    kinds = {n: [k.op for k in ks] for n, ks in kernels.items()}
     host: dict[torch.fx.Node, str] = {}
     fused = set()
     for node in gm.graph.nodes:
@@ -212,11 +211,11 @@ def fused_nodes(gm: torch.fx.GraphModule, lanes: int) -> set[torch.fx.Node]:
 
 def annotate_latency(gm: torch.fx.GraphModule, cost: CostModel) -> float:
     """Write `sfx_latency_ms` on every node; returns the predicted end-to-end ms."""
-    shape = lambda n: n.meta.get("sfx_shape")
-    fused = fused_nodes(gm, cost.lanes)
+    kernels = dense_kernels(gm, cost.lanes)
+    fused = fused_nodes(gm, kernels)
     total = 0.0
     for node in gm.graph.nodes:
-        ms = 0.0 if node in fused else sum(cost.latency(k) for k in node_kernels(node, gm, shape, cost.lanes))
+        ms = 0.0 if node in fused else sum(cost.latency(k) for k in kernels[node])
         node.meta["sfx_latency_ms"] = ms
         total += ms
     cost.save()
