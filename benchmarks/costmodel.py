@@ -34,27 +34,28 @@ def _spec(name: str) -> str:
 
 def run_model(name: str, ratios: list[float], target: object, repeat: int) -> tuple[list[dict], list[dict]]:
     import sparsefx
-    from sparsefx.costmodel import MEASURED, CostModel, _run_torch, _time_ms
+    from sparsefx.costmodel import MEASURED, CostModel, time_kernel
     from sparsefx.models import load_model
-    from sparsefx.passes.latency import node_kernels
+    from sparsefx.passes.latency import priced_kernels
     from sparsefx.planner import Planner
 
     model, inputs = load_model(_spec(name))
     cost = CostModel(target)
     planner = Planner(model, inputs, cost=cost)
-    meta = lambda n: n.meta.get("sfx_shape")
+    meta, fusion = (lambda n: n.meta.get("sfx_shape")), planner.search.fusion
     layers, ends = [], []
     for ratio in ratios:
         removed = planner.uniform(ratio)
         predicted = planner.evaluate(removed)
         for node in planner.gm.graph.nodes:
-            kernels = node_kernels(node, planner.gm, lambda x, r=removed: planner.shrink.shape(x, r), cost.lanes)
-            refs = node_kernels(node, planner.gm, meta, cost.lanes)
+            shape = lambda x, r=removed: planner.shrink.shape(x, r)
+            kernels = priced_kernels(node, planner.gm, shape, cost.lanes, fusion)
+            refs = priced_kernels(node, planner.gm, meta, cost.lanes, fusion)
             for kernel, ref in zip(kernels, refs):
                 if kernel.op not in MEASURED:
                     continue
                 with torch.inference_mode():
-                    measured = _time_ms(_run_torch(kernel)) + cost._overhead()
+                    measured = time_kernel(kernel) + cost._overhead()
                 layers.append({"model": name, "ratio": ratio, "node": node.name, "kernel": kernel.key,
                                "predicted_ms": cost.latency(kernel, ref), "measured_ms": measured})
         pruned = sparsefx.prune(model, inputs, ratio=ratio) if ratio else model

@@ -2,7 +2,8 @@
 
 Sources, best first:
 - measured: convolutions and matmuls are timed on the kernels the compiled model runs on
-  this CPU (PyTorch's, which `DispatchToTorch` picks for nearly every workload), at the
+  this CPU (PyTorch's, which the dispatch picks for nearly every workload: a conv plain or
+  on oneDNN with its weight prepacked, whichever is faster), at the
   exact shape or at points of a per-dimension grid, and interpolated between them;
 - calibrated: element-wise, reduction and pooling kernels run as fused TIR; their cost is
   `overhead + bytes / bandwidth`, both fitted per kernel class from TVM builds on the target;
@@ -27,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .target import Target, cache_dir, resolve_target, with_measured_peaks
 
@@ -36,6 +36,8 @@ CALIBRATED = ("elementwise", "reduce", "pool")
 GRID = (1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0)
 LAUNCH_MS = {"llvm": 0.004, "cuda": 0.005}  # roofline per-kernel overhead where not calibrated
 ROOFLINE_EFFICIENCY = 0.5  # what a tuned kernel reaches of the peak, for unmeasured targets
+EPILOGUE_ACTIVATIONS = ("none", "relu", "relu6", "silu")  # as `backends.tvm.torch_kernels.ACTIVATIONS`
+TABLE_VERSION = 2  # bumped when what a measurement times changes; older kernel tables are re-measured
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,12 @@ class Kernel:
     def with_dims(self, dims: tuple[int, ...]) -> Kernel:
         return Kernel(self.op, tuple(dims), self.attrs, self.steps)
 
+    def with_epilogue(self, activation: str, residual: bool) -> Kernel:
+        """A conv that also applies an activation (an index into `EPILOGUE_ACTIVATIONS`) and adds a
+        residual, as the compiled model runs it: a oneDNN post-op or one more pass over the output."""
+        code = EPILOGUE_ACTIVATIONS.index(activation)
+        return Kernel(self.op, self.dims, (*self.attrs[:8], code, int(residual)), self.steps)
+
 
 def conv2d_kernel(x: tuple[int, ...], out: tuple[int, ...], groups: int, kernel: tuple[int, int],
                   stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int], lanes: int) -> Kernel:
@@ -109,15 +117,28 @@ def _time_ms(run: Callable[[], object], repeat: int = 15, budget_s: float = 0.25
     return min(times) * 1e3
 
 
-def _run_torch(kernel: Kernel) -> Callable[[], object]:
+def time_kernel(kernel: Kernel) -> float:
+    """Fastest ms of the PyTorch kernel a dispatched op runs: a conv with its bias, plain or on
+    oneDNN with the weight prepacked, whichever is faster (the dispatch makes the same choice)."""
     if kernel.op == "conv2d":
+        from .backends.tvm.torch_kernels import PREPACK, conv, forget_packed, weight_key
+
         n, g, ci, co, oh, ow, ih, iw = kernel.dims
-        kh, kw, sh, sw, ph, pw, dh, dw = kernel.attrs
+        kh, kw, sh, sw, ph, pw, dh, dw, *epilogue = kernel.attrs
+        act, residual = epilogue or (0, 0)
         x, w, b = torch.randn(n, g * ci, ih, iw), torch.randn(g * co, ci, kh, kw), torch.randn(g * co)
-        return lambda: F.conv2d(x, w, b, (sh, sw), (ph, pw), (dh, dw), g)  # BN folds into a bias
+        add = torch.randn(n, g * co, oh, ow) if residual else None
+        run = lambda key: conv(x, w, b, (sh, sw, ph, pw, dh, dw, g), key, EPILOGUE_ACTIVATIONS[act], add)
+        plain = _time_ms(lambda: run(0))  # BN folds into the bias
+        if not PREPACK:
+            return plain
+        key = weight_key(w.numpy())
+        packed = _time_ms(lambda: run(key))
+        forget_packed(key)
+        return min(plain, packed)
     b, m, k, n = kernel.dims
     a, w = (torch.randn(m, k), torch.randn(k, n)) if b == 1 else (torch.randn(b, m, k), torch.randn(b, k, n))
-    return lambda: torch.matmul(a, w)
+    return _time_ms(lambda: torch.matmul(a, w))
 
 
 @contextmanager
@@ -139,7 +160,7 @@ class CostModel:
         self.lanes = max(1, (self.target.vector_bits or 128) // 32) if not self.target.is_gpu else 8
         self.path = path or cache_dir() / "costmodel" / f"{self.target.arch}-{self.target.cores}.json"
         data = json.loads(self.path.read_text()) if self.path.exists() else {}
-        self.table: dict[str, float] = data.get("kernels", {})
+        self.table: dict[str, float] = data.get("kernels", {}) if data.get("version") == TABLE_VERSION else {}
         self.calibration: dict[str, list[float]] = data.get("calibration", {})
         self.sources: dict[str, int] = {}
         self._dirty = False
@@ -161,7 +182,7 @@ class CostModel:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"target": self.target.as_dict(), "calibration": self.calibration,
+        tmp.write_text(json.dumps({"version": TABLE_VERSION, "target": self.target.as_dict(), "calibration": self.calibration,
                                    "kernels": self.table}, indent=0))
         tmp.replace(self.path)
         self._dirty = False
@@ -171,7 +192,7 @@ class CostModel:
         key = kernel.key
         if key not in self.table:
             with _threads(self.target.cores), torch.inference_mode():
-                self.table[key] = _time_ms(_run_torch(kernel)) + self._overhead()
+                self.table[key] = time_kernel(kernel) + self._overhead()
             self._dirty = True
             if self.progress:
                 self.progress(1)

@@ -31,7 +31,7 @@ from .costmodel import CostModel, Kernel
 from .errors import SparsefxError
 from .passes import importance as importance_mod
 from .passes.coupling import ChannelGroup, Coupling
-from .passes.latency import dense_kernels, fused_nodes, node_kernels
+from .passes.latency import analyze_fusion, dense_kernels, priced_kernels
 from .passes.shrink import ShrinkModel, removal_order
 from .plan import GRANULARITIES, Entry, Plan, PlanError
 from .prune import _check_names, _ignored, _under, analyze, remove, working_copy
@@ -58,7 +58,7 @@ class _Search:
                  lanes: int) -> None:
         self.gm, self.shrink, self.price, self.lanes = gm, shrink, price, lanes
         self.refs = dense_kernels(gm, lanes)
-        self.fused = fused_nodes(gm, self.refs)
+        self.fusion = analyze_fusion(gm, self.refs)
         self.removed: dict[int, int] = {}
         self.chosen: dict[torch.fx.Node, SparseOption] = {}  # layers running a sparse kernel
         self.ms = {n: self.node_ms(n, self.removed) for n in gm.graph.nodes}
@@ -66,9 +66,9 @@ class _Search:
     def node_ms(self, node: object, removed: dict[int, int]) -> float:
         if node in self.chosen:
             return self.chosen[node].ms
-        if node in self.fused or not self.refs[node]:
+        if not self.refs[node]:
             return 0.0
-        kernels = node_kernels(node, self.gm, lambda x: self.shrink.shape(x, removed), self.lanes)
+        kernels = priced_kernels(node, self.gm, lambda x: self.shrink.shape(x, removed), self.lanes, self.fusion)
         return sum(self.price(k, ref) for k, ref in zip(kernels, self.refs[node]))
 
     @property

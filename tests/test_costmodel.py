@@ -10,7 +10,7 @@ import sparsefx
 from sparsefx.cli import main
 from sparsefx.costmodel import CostModel, _grid, conv2d_kernel, matmul_kernel
 from sparsefx.models import load_model
-from sparsefx.passes.latency import annotate_latency, dense_kernels, fused_nodes
+from sparsefx.passes.latency import analyze_fusion, annotate_latency, dense_kernels, fused_nodes
 from sparsefx.target import resolve_target
 
 
@@ -74,6 +74,29 @@ def test_latency_pass_fuses_the_conv_epilogue_and_annotates_every_node():
     assert all("sfx_latency_ms" in n.meta for n in gm.graph.nodes)
     assert total == pytest.approx(sum(n.meta["sfx_latency_ms"] for n in gm.graph.nodes))
     assert gm.graph.find_nodes(op="call_module", target="conv")[0].meta["sfx_latency_ms"] > 0
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.expand, self.bn2, self.act2 = nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6()
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)) + x)
+        return self.act2(self.bn2(self.expand(y))) + 1
+
+
+def test_fusion_records_each_convs_epilogue_as_the_compiled_model_runs_it():
+    model, inputs = ResidualBlock().eval(), (torch.randn(1, 8, 16, 16),)
+    gm = sparsefx.trace(model, inputs)
+    fusion = analyze_fusion(gm, dense_kernels(gm, 8))
+    epilogues = {n.name: e for n, e in fusion.epilogues.items()}
+    assert epilogues == {"conv": ("relu", True), "expand": ("relu6", False)}
+    assert "add_1" not in {n.name for n in fusion.fused}  # nothing after the activation rides in the conv
+    priced = CostModel("cuda:sm_90")
+    total = annotate_latency(gm, priced)
+    assert total > 0 and gm.graph.find_nodes(op="call_module", target="act2")[0].meta["sfx_latency_ms"] == 0
 
 
 def test_cli_plan_then_apply(tmp_path, capsys):

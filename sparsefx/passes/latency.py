@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx
@@ -161,17 +162,25 @@ def node_kernels(node: torch.fx.Node, gm: torch.fx.GraphModule, shape_of: ShapeO
     return handler(node, gm, shape_of, lanes)
 
 
-EPILOGUE_MODULES = (nn.BatchNorm2d, nn.ReLU)
-EPILOGUE_FUNCTIONS = (F.relu, torch.relu, operator.add, torch.add, operator.iadd, "relu", "relu_", "add", "add_",
-                      aten.relu, aten.relu_, aten.add, aten.add_, aten._native_batch_norm_legit_no_training,
-                      aten.batch_norm)
+# What a dispatched convolution's epilogue absorbs, in this order (see
+# `backends.tvm.dispatch.epilogue_pass`): the bias (BN folds into it), one residual add, one
+# activation that oneDNN applies as a post-op. Stage numbers say how far an epilogue has got.
+_BIAS, _ADD, _ACT = 0, 1, 2
+EPILOGUE_MODULES: dict[type, tuple[int, str]] = {nn.BatchNorm2d: (_BIAS, ""), nn.ReLU: (_ACT, "relu"),
+                                                 nn.ReLU6: (_ACT, "relu6"), nn.SiLU: (_ACT, "silu")}
+EPILOGUE_FUNCTIONS: dict[object, tuple[int, str]] = {
+    aten._native_batch_norm_legit_no_training: (_BIAS, ""), aten.batch_norm: (_BIAS, ""),
+    **dict.fromkeys((operator.add, torch.add, operator.iadd, "add", "add_", aten.add, aten.add_), (_ADD, "")),
+    **dict.fromkeys((F.relu, torch.relu, "relu", "relu_", aten.relu, aten.relu_), (_ACT, "relu")),
+    **dict.fromkeys((F.relu6, aten.hardtanh, aten.hardtanh_), (_ACT, "relu6")),
+    **dict.fromkeys((F.silu, aten.silu, aten.silu_), (_ACT, "silu")),
+}
 
 
-def _epilogue_op(node: torch.fx.Node, gm: torch.fx.GraphModule) -> bool:
-    """What a dispatched convolution's epilogue absorbs: bias (folded BN), residual add, ReLU."""
+def _epilogue_step(node: torch.fx.Node, gm: torch.fx.GraphModule) -> tuple[int, str] | None:
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), EPILOGUE_MODULES)
-    return target_key(node) in EPILOGUE_FUNCTIONS
+        return EPILOGUE_MODULES.get(type(gm.get_submodule(node.target)))
+    return EPILOGUE_FUNCTIONS.get(target_key(node))
 
 
 def dense_kernels(gm: torch.fx.GraphModule, lanes: int) -> dict[torch.fx.Node, list[Kernel]]:
@@ -180,42 +189,79 @@ def dense_kernels(gm: torch.fx.GraphModule, lanes: int) -> dict[torch.fx.Node, l
     return {n: node_kernels(n, gm, shape, lanes) for n in gm.graph.nodes}
 
 
-def fused_nodes(gm: torch.fx.GraphModule, kernels: dict[torch.fx.Node, list[Kernel]]) -> set[torch.fx.Node]:
-    """Element-wise nodes that run inside another node's kernel (structural: pruning keeps it).
+@dataclass
+class Fusion:
+    """Which nodes run inside another node's kernel (structural: pruning keeps it).
 
-    A convolution runs on PyTorch with an epilogue that takes BN, a residual add and ReLU;
-    anything else after it starts a TIR kernel, into which following element-wise ops fuse,
-    as they do after matmuls (whose bias add is a TIR kernel), reductions and pools."""
+    A convolution runs on PyTorch with an epilogue (bias, residual add, activation); anything
+    else after it starts a TIR kernel, into which following element-wise ops fuse, as they do
+    after matmuls (whose bias add is a TIR kernel), reductions and pools. `epilogues` gives each
+    convolution's (activation, residual) for `Kernel.with_epilogue`."""
+
+    fused: set[torch.fx.Node] = field(default_factory=set)
+    epilogues: dict[torch.fx.Node, tuple[str, bool]] = field(default_factory=dict)
+
+
+def analyze_fusion(gm: torch.fx.GraphModule, kernels: dict[torch.fx.Node, list[Kernel]]) -> Fusion:
     kinds = {n: [k.op for k in ks] for n, ks in kernels.items()}
-    host: dict[torch.fx.Node, str] = {}
-    fused = set()
+    host: dict[torch.fx.Node, tuple[str, torch.fx.Node, int]] = {}  # node -> (kind, host node, stage)
+    fusion = Fusion()
     for node in gm.graph.nodes:
         ops = kinds[node]
         if not ops:
             continue
         if ops != ["elementwise"]:
-            host[node] = "conv" if ops[-1] == "conv2d" else "tir"
+            host[node] = ("conv", node, _BIAS) if ops[-1] == "conv2d" else ("tir", node, 0)
             continue
-        producer = next((a for a in node.all_input_nodes if a.op != "get_attr"), None)
-        while producer is not None and not kinds.get(producer) and producer.op not in ("placeholder", "get_attr") \
+        where = _producer_host(node, kinds, host)
+        step = _epilogue_step(node, gm)
+        if where and where[0] == "tir":
+            fusion.fused.add(node)
+            host[node] = where
+        elif where and where[0] == "conv" and step and (step[0] > where[2] or step[0] == where[2] == _BIAS):
+            conv, (stage, act) = where[1], step
+            fusion.fused.add(node)
+            host[node] = ("conv", conv, stage)
+            old_act, residual = fusion.epilogues.get(conv, ("none", False))
+            fusion.epilogues[conv] = (act or old_act, residual or stage == _ADD)
+        else:
+            host[node] = ("tir", node, 0)
+    return fusion
+
+
+def _producer_host(node: torch.fx.Node, kinds: dict, host: dict) -> tuple[str, torch.fx.Node, int] | None:
+    """The kernel `node` could ride in: its first (for an add, either) tensor input's, when that
+    input has no other user."""
+    for producer in [a for a in node.all_input_nodes if a.op != "get_attr"][:2]:
+        while not kinds.get(producer) and producer.op not in ("placeholder", "get_attr") \
                 and len(producer.users) == 1 and producer.all_input_nodes:
             producer = producer.all_input_nodes[0]  # look through views: they compile to nothing
-        where = host.get(producer) if producer is not None and len(producer.users) == 1 else None
-        if where == "tir" or (where == "conv" and _epilogue_op(node, gm)):
-            fused.add(node)
-            host[node] = where
-        else:
-            host[node] = "tir"
-    return fused
+        if len(producer.users) == 1 and producer in host:
+            return host[producer]
+    return None
+
+
+def fused_nodes(gm: torch.fx.GraphModule, kernels: dict[torch.fx.Node, list[Kernel]]) -> set[torch.fx.Node]:
+    return analyze_fusion(gm, kernels).fused
+
+
+def priced_kernels(node: torch.fx.Node, gm: torch.fx.GraphModule, shape_of: ShapeOf, lanes: int,
+                   fusion: Fusion) -> list[Kernel]:
+    """The kernels the compiled model runs for `node`: none when fused, a conv with its epilogue."""
+    if node in fusion.fused:
+        return []
+    kernels = node_kernels(node, gm, shape_of, lanes)
+    epilogue = fusion.epilogues.get(node)
+    return [k.with_epilogue(*epilogue) if epilogue and k.op == "conv2d" else k for k in kernels]
 
 
 def annotate_latency(gm: torch.fx.GraphModule, cost: CostModel) -> float:
     """Write `sfx_latency_ms` on every node; returns the predicted end-to-end ms."""
-    kernels = dense_kernels(gm, cost.lanes)
-    fused = fused_nodes(gm, kernels)
+    fusion = analyze_fusion(gm, dense_kernels(gm, cost.lanes))
+    shape = lambda n: n.meta.get("sfx_shape")
     total = 0.0
     for node in gm.graph.nodes:
-        ms = 0.0 if node in fused else sum(cost.latency(k) for k in kernels[node])
+        ms = sum(cost.latency(k) for k in priced_kernels(node, gm, shape, cost.lanes, fusion))
         node.meta["sfx_latency_ms"] = ms
         total += ms
     cost.save()

@@ -104,8 +104,14 @@ def torch_time(op: str, shapes: tuple[tuple[int, ...], ...], attrs: tuple[int, .
         return plain, False
     key = weight_key(b.numpy())
     packed = best_time(lambda: conv(a, b, None, attrs, key), repeat)
-    _packed.pop((key, tuple(a.shape)), None)  # a random weight: do not keep it
+    forget_packed(key)
     return min(plain, packed), packed < plain
+
+
+def forget_packed(key: int) -> None:
+    """Drop the prepacked copies of a weight that was only timed (a random one: never used again)."""
+    for entry in [e for e in _packed if e[0] == key]:
+        del _packed[entry]
 
 
 def best_time(run: object, repeat: int) -> float:
