@@ -117,3 +117,26 @@ def test_torch_convs_keep_bias_residual_and_relu_in_one_call() -> None:
     text = str(pipeline.run(pipeline.dispatch(decisions), mod, target.to_tvm())["main"])
     assert "sparsefx.torch.conv2d_bias_residual" in text and "sparsefx.torch.conv2d_bias\"" in text
     assert text.count("R.nn.relu") == 1  # only the ReLU after GroupNorm stays in TIR
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_functional_layer_norm_keeps_eps_weight_and_bias(pruned: bool) -> None:
+    """ConvNeXt's LayerNorm2d calls F.layer_norm with keyword weight, bias and eps=1e-6; TVM's fx
+    importer read only positional arguments: eps 1e-5 put ConvNeXt (affine at its init) 3-8e-4 off;
+    with the trained-like weight and bias here, the dropped affine put it ~0.5 off."""
+    from torchvision.models.convnext import LayerNorm2d
+
+    torch.manual_seed(0)
+    norm = LayerNorm2d(32, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.5)
+        norm.bias.normal_(0, 0.5)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 4, stride=4), norm, torch.nn.Conv2d(32, 8, 1)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(0.1)
+    inputs = (torch.randn(1, 3, 32, 32),)
+    if pruned:
+        model = sparsefx.prune(model, inputs, ratio=0.5)
+    compiled = compile(model, inputs, target="cpu", dispatch=False, verbose=False)
+    with torch.no_grad():
+        _close(compiled(*inputs), model(*inputs))

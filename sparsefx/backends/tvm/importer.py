@@ -32,7 +32,7 @@ def to_relax(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[tvm.IR
         gm = select_integer_indices(torch.fx.GraphModule(gm, copy.deepcopy(gm.graph)))
         with torch.no_grad():
             mod = from_fx(gm, info, keep_params_as_input=True, unwrap_unit_return_tuple=True,
-                          custom_convert_map=CONVERT_MAP)
+                          custom_convert_map=FX_CONVERT_MAP)
         return _bind_params(mod, len(inputs)), "fx"
     except Exception as error:  # fall through to torch.export, which covers more Python
         errors.append((error, model if isinstance(model, torch.fx.GraphModule) else None))
@@ -40,10 +40,28 @@ def to_relax(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[tvm.IR
         program = torch.export.export(model, inputs, strict=False)
         with torch.no_grad():
             mod = from_exported_program(program, keep_params_as_input=True, unwrap_unit_return_tuple=True,
-                                         custom_convert_map=CONVERT_MAP)
+                                         custom_convert_map=FX_CONVERT_MAP)
         return _bind_params(mod, len(inputs)), "export"
     except Exception as error:
         raise _explain(error, model, inputs) from None
+
+
+def _layer_norm(node: torch.fx.Node, importer: object) -> relax.Expr:
+    """`F.layer_norm` with its keyword arguments. torch.fx records the call as
+    `layer_norm(x, shape, weight=w, bias=b, eps=e)` (torchvision's LayerNorm2d, and any
+    nn.LayerNorm traced into), and TVM's fx importer reads only positional arguments: it
+    dropped weight, bias and eps, so ConvNeXt's LayerNorms ran with eps 1e-5 instead of 1e-6
+    (3-8e-4 relative error where a position's channel variance is small) and without their
+    affine parameters."""
+    args = dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), node.args, strict=False))
+    args.update(node.kwargs)
+    weight, bias = (importer._retrieve_args(args.get(k)) for k in ("weight", "bias"))
+    return importer._layer_norm_impl(importer.env[args["input"]], weight, bias, args.get("eps", 1e-5),
+                                     args["normalized_shape"])
+
+
+# from_fx only: from_exported_program sees aten's `layer_norm.default`, always positional
+FX_CONVERT_MAP = {**CONVERT_MAP, "layer_norm": _layer_norm}
 
 
 def select_integer_indices(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
