@@ -1,16 +1,19 @@
 """Calibrate the cost model's TIR kernel classes on the target: build element-wise,
 reduction and pooling ops at a few sizes with the pipeline compiled models get, time them,
-and fit `overhead + bytes / bandwidth` per class."""
+and fit `overhead + bytes / bandwidth` per class. Also measures what a dispatched PyTorch
+kernel costs beyond the kernel itself (the call out of the VM, DLPack both ways)."""
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 import tvm
 from tvm import relax
 
 from ...costmodel import _time_ms, fit_line
 from ...target import Target
 from .compiler import build_module
+from .torch_kernels import MATMUL
 
 SIZES = (1 << 14, 1 << 17, 1 << 20, 1 << 22)  # float32 elements
 
@@ -41,12 +44,19 @@ def _emit(bb: relax.BlockBuilder, op: str, name: str, shapes: list[tuple[int, ..
         bb.emit_func_output(result)
 
 
+def _emit_dispatch(bb: relax.BlockBuilder) -> None:
+    a, b = (relax.Var(n, relax.TensorType((1, 1), "float32")) for n in "ab")
+    with bb.function("dispatch", [a, b]):
+        bb.emit_func_output(relax.call_pure_packed(MATMUL, a, b, ty_args=relax.TensorType((1, 1), "float32")))
+
+
 def calibrate(target: Target) -> dict[str, list[float]]:
     """{class: [overhead ms, GB/s]} measured on the host `target`."""
     cases = _cases()
     bb = relax.BlockBuilder()
     for op, name, shapes, _ in cases:
         _emit(bb, op, name, shapes)
+    _emit_dispatch(bb)
     tvm_target = target.to_tvm()
     vm = relax.VirtualMachine(build_module(bb.get(), tvm_target, target), tvm.cpu())
     points: dict[str, tuple[list[float], list[float]]] = {}
@@ -56,4 +66,9 @@ def calibrate(target: Target) -> dict[str, list[float]]:
         xs, ys = points.setdefault(op, ([], []))
         xs.append(moved)
         ys.append(ms)
-    return {op: list(fit_line(xs, ys)) for op, (xs, ys) in points.items()}
+    fitted = {op: list(fit_line(xs, ys)) for op, (xs, ys) in points.items()}
+    a, b = torch.ones(1, 1), torch.ones(1, 1)
+    args = [tvm.runtime.tensor(t.numpy()) for t in (a, b)]
+    extra = _time_ms(lambda: vm["dispatch"](*args)) - _time_ms(lambda: torch.matmul(a, b))
+    fitted["dispatch"] = [max(extra, 0.0)]  # ms a dispatched call costs beyond its kernel
+    return fitted
