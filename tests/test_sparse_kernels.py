@@ -30,6 +30,12 @@ SPECS = [
     KernelSpec("bsr", 64, 48, (16, 1), 40, 2, 67), KernelSpec("bsr", 32, 48, (1, 1), 300, 1, 20),
     KernelSpec("nm", 64, 48, (2, 4), 24, 1, 1), KernelSpec("nm", 24, 64, (1, 4), 16, 2, 1),
     KernelSpec("nm", 64, 1024, (2, 4), 512, 1, 70, True), KernelSpec("nm", 40, 64, (4, 8), 32, 2, 9),
+    # ResNet-50-like 1×1 convs: width 49 (7×7, last vector shifted back) on 2048 rows, width 196
+    # (a one-vector tail tile with 16-row tiles), a shifted vector in the transposed output
+    KernelSpec("bsr", 2048, 32, (16, 1), 2000, 1, 49), KernelSpec("bsr", 2048, 32, (4, 4), 1000, 2, 49),
+    KernelSpec("bsr", 2048, 32, (1, 16), 2000, 1, 49), KernelSpec("bsr", 96, 64, (32, 1), 40, 1, 196),
+    KernelSpec("bsr", 64, 48, (16, 1), 40, 1, 20, True), KernelSpec("nm", 2048, 32, (2, 4), 16, 1, 49),
+    KernelSpec("nm", 64, 48, (1, 4), 12, 1, 37, True),
 ]
 
 

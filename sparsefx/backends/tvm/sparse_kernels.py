@@ -6,8 +6,9 @@ conv is D = x viewed as (batch, in_channels, h·w), a k×k conv is D = im2col(x)
 the nonzero count are compile-time constants: weights are constants of the model.
 
 CPU: parallel over (batch, column tile, block row); the inner loop runs over a block row's
-nonzero blocks and is vectorised over a tile of D's columns (width), so each weight is one
-broadcast and each D load feeds a whole block column of accumulators. Width 1 (a GEMV,
+nonzero blocks and is vectorised over a tile of whole 16-lane vectors of D's columns (the
+last vector shifted back to end at the width), so each weight is one broadcast and each D
+load feeds up to a whole block column of accumulators. Width 1 (a GEMV,
 Linear at one token) vectorises over the block instead, with several accumulators.
 CUDA: one thread per output element (row, column), threads over columns so D loads coalesce.
 """
@@ -21,8 +22,8 @@ from tvm.script import tirx as T
 
 OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps must not fuse into a hand-scheduled kernel
 LANES = 16  # fp32 lanes of one AVX-512 register
-TILE = 64  # D columns per CPU tile: 4 registers per accumulator row
-ROW_TILE = 4  # accumulator rows per CPU tile: 16 accumulator registers with TILE = 64
+VECS = 4  # D vectors (of LANES columns) per CPU tile
+ACCS = 24  # accumulator registers per CPU tile (of 32: the rest hold D vectors and a weight)
 CHUNK = 256  # columns of D per N:M chunk (256 × 64 floats: 64 KiB, L2-resident)
 UNROLL = 4  # independent accumulators of the GEMV kernel (hides FMA latency)
 THREADS = 64  # CUDA threads per block
@@ -76,8 +77,25 @@ def build(specs: list[KernelSpec], target: tvm.target.Target) -> tvm.runtime.Mod
     return tvm.compile(tvm.IRModule(funcs), target)
 
 
-def _row_tile(br: int) -> int:
-    return next(t for t in (ROW_TILE, 2, 1) if br % t == 0)
+def _row_tile(br: int, vectors: int) -> int:
+    """Accumulator rows per pass over a block row: as many as fit ACCS registers, so each D
+    vector load feeds several rows (a tall block re-walks its row's block list less often)."""
+    return next(t for t in (32, 16, 8, 4, 2, 1) if br % t == 0 and t * vectors <= ACCS)
+
+
+def _vectors(width: int) -> tuple[int, int, int, int]:
+    """D's columns as whole vectors: lanes per vector (LANES, or `width` below that), vectors
+    per CPU tile, full tiles and the vectors of the last, partial tile (0 if none)."""
+    lanes = min(LANES, width)
+    count = -(-width // lanes)
+    per_tile = min(VECS, count)
+    return lanes, per_tile, *divmod(count, per_tile)
+
+
+def _column(vector, lanes: int, width: int):  # noqa: ANN001, ANN202 (TIR expressions)
+    """First column of D vector `vector`: the last one is shifted back to end at `width` (it
+    recomputes a few columns of the one before), so no vector is ragged."""
+    return T.min(vector * lanes, width - lanes)
 
 
 def _store(spec: KernelSpec):  # noqa: ANN202 (returns a TVMScript macro)
@@ -104,49 +122,60 @@ def _group(s: KernelSpec, rows: int) -> int:
 
 
 def _bsr_spmm_cpu(s: KernelSpec) -> tvm.tirx.PrimFunc:
+    """A task owns up to VECS whole vectors of D's columns (`_vectors`) and a group of block
+    rows: a ragged vector (width 49 = 3·16 + 1 as one 49-lane vector) made LLVM split the
+    accumulators into scalars and spill them to the stack on every step (5-10× slower)."""
     (br, bc), nrb = s.block, s.rows // s.block[0]
-    rt, group = _row_tile(br), _group(s, br)
+    group = _group(s, br)
     bpg, ngroups = group // br, s.rows // group
-    pt = min(TILE, s.width)
-    npo, tail = divmod(s.width, pt)
+    lanes, nv, ntiles, tailv = _vectors(s.width)
     staged = s.transpose_out
     store = _store(s)
 
     @T.macro
-    def tile(D, V, Id, R, bias, out, b, g, p0, width):  # noqa: ANN001, ANN202
-        stage = T.alloc_buffer((group, width) if staged else (1, 1), "float32", scope=STACK)
+    def tile(D, V, Id, R, bias, out, b, g, k0, vecs, rt):  # noqa: ANN001, ANN202
+        stage = T.alloc_buffer((group, vecs * lanes) if staged else (1, 1), "float32", scope=STACK)
         for ib in range(bpg):
             i: T.let = g * bpg + ib
             for rs in range(br // rt):
-                acc = T.alloc_buffer((rt, width), "float32", scope=STACK)
+                acc = T.alloc_buffer((rt, vecs * lanes), "float32", scope=STACK)
                 for r in T.unroll(rt):
-                    for p in T.vectorized(width):
-                        acc[r, p] = bias[i * br + rs * rt + r]
+                    for v in T.unroll(vecs):
+                        for p in T.vectorized(lanes):
+                            acc[r, v * lanes + p] = bias[i * br + rs * rt + r]
                 for j in range(R[i], R[i + 1]):
                     for c in T.unroll(bc):
                         for r in T.unroll(rt):
-                            for p in T.vectorized(width):
-                                acc[r, p] = acc[r, p] + V[j, rs * rt + r, c] * D[b, Id[j] * bc + c, p0 + p]
+                            for v in T.unroll(vecs):
+                                for p in T.vectorized(lanes):
+                                    acc[r, v * lanes + p] = acc[r, v * lanes + p] + V[j, rs * rt + r, c] * \
+                                        D[b, Id[j] * bc + c, _column(k0 + v, lanes, s.width) + p]
                 for r in range(rt):
-                    for p in T.vectorized(width):
-                        if T.bool(staged):
-                            stage[ib * br + rs * rt + r, p] = acc[r, p]
-                        else:
-                            store(out, b, i * br + rs * rt + r, p0 + p, acc[r, p])
+                    for v in T.unroll(vecs):
+                        for p in T.vectorized(lanes):
+                            if T.bool(staged):
+                                stage[ib * br + rs * rt + r, v * lanes + p] = acc[r, v * lanes + p]
+                            else:
+                                store(out, b, i * br + rs * rt + r, _column(k0 + v, lanes, s.width) + p,
+                                      acc[r, v * lanes + p])
         if T.bool(staged):
-            for p in range(width):
-                for r in T.vectorized(group):
-                    store(out, b, g * group + r, p0 + p, stage[r, p])
+            for v in range(vecs):
+                for p in range(lanes):
+                    for r in T.vectorized(group):
+                        store(out, b, g * group + r, _column(k0 + v, lanes, s.width) + p,
+                              stage[r, v * lanes + p])
 
     @T.prim_func(private=True)
     def f(D: T.Buffer((s.batch, s.cols, s.width), "float32"), V: T.Buffer((s.nnz, br, bc), "float32"),
           Id: T.Buffer((s.nnz,), "int32"), R: T.Buffer((nrb + 1,), "int32"), bias: T.Buffer((s.rows,), "float32"),
           out: T.Buffer(s.out_shape, "float32")):
-        for t in T.parallel(s.batch * npo * ngroups):
-            tile(D, V, Id, R, bias, out, t // (npo * ngroups), t % ngroups, t // ngroups % npo * pt, pt)
-        if T.bool(tail > 0):
+        for t in T.parallel(s.batch * ntiles * ngroups):
+            tile(D, V, Id, R, bias, out, t // (ntiles * ngroups), t % ngroups, t // ngroups % ntiles * nv, nv,
+                 _row_tile(br, nv))
+        if T.bool(tailv > 0):
             for t in T.parallel(s.batch * ngroups):
-                tile(D, V, Id, R, bias, out, t // ngroups, t % ngroups, npo * pt, max(tail, 1))
+                tile(D, V, Id, R, bias, out, t // ngroups, t % ngroups, ntiles * nv, max(tailv, 1),
+                     _row_tile(br, max(tailv, 1)))
 
     return f
 
@@ -193,52 +222,54 @@ def _bsr_gemv_cpu(s: KernelSpec) -> tvm.tirx.PrimFunc:
 def _nm_spmm_cpu(s: KernelSpec) -> tvm.tirx.PrimFunc:
     """A task owns `group` rows and walks the columns in chunks of CHUNK: the rows of D a
     chunk touches (CHUNK × tile floats) stay in L2 for every row of the group, where a
-    whole-row walk would stream all of D from L3 once per row."""
+    whole-row walk would stream all of D from L3 once per row. D's columns are cut into whole
+    vectors as in `_bsr_spmm_cpu`."""
     n, m = s.block
     group = next(g for g in (LANES, 8, 4, 2, 1) if s.rows % g == 0)
     ngroups = s.rows // group
-    pt = min(TILE, s.width)
-    npo, tail = divmod(s.width, pt)
+    lanes, nv, ntiles, tailv = _vectors(s.width)
     per_chunk = next(c for c in range(max(1, CHUNK // m), 0, -1) if (s.cols // m) % c == 0)  # groups of m
     store = _store(s)
 
     @T.macro
-    def tile(D, V, Id, bias, out, b, g, p0, width):  # noqa: ANN001, ANN202
-        stage = T.alloc_buffer((group, width), "float32", scope=STACK)
+    def tile(D, V, Id, bias, out, b, g, k0, vecs):  # noqa: ANN001, ANN202
+        stage = T.alloc_buffer((group, vecs * lanes), "float32", scope=STACK)
         for r in range(group):
-            for p in T.vectorized(width):
-                stage[r, p] = bias[g * group + r]
+            for q in T.vectorized(vecs * lanes):
+                stage[r, q] = bias[g * group + r]
         for kc in range(s.cols // m // per_chunk):
             for r in range(group):
                 row: T.let = g * group + r
-                acc = T.alloc_buffer((width,), "float32", scope=STACK)
-                for p in T.vectorized(width):
-                    acc[p] = stage[r, p]
+                acc = T.alloc_buffer((vecs * lanes,), "float32", scope=STACK)
+                for q in T.vectorized(vecs * lanes):
+                    acc[q] = stage[r, q]
                 for k in range(kc * per_chunk, kc * per_chunk + per_chunk):
                     for e in T.unroll(n):
-                        for p in T.vectorized(width):
-                            acc[p] = acc[p] + V[row, k * n + e] * \
-                                D[b, k * m + T.Cast("int32", Id[row, k * n + e]), p0 + p]
-                for p in T.vectorized(width):
-                    stage[r, p] = acc[p]
-        if T.bool(s.transpose_out):
-            for p in range(width):
-                for r in T.vectorized(group):
-                    store(out, b, g * group + r, p0 + p, stage[r, p])
-        else:
-            for r in range(group):
-                for p in T.vectorized(width):
-                    store(out, b, g * group + r, p0 + p, stage[r, p])
+                        for v in T.unroll(vecs):
+                            for p in T.vectorized(lanes):
+                                acc[v * lanes + p] = acc[v * lanes + p] + V[row, k * n + e] * \
+                                    D[b, k * m + T.Cast("int32", Id[row, k * n + e]), _column(k0 + v, lanes, s.width) + p]
+                for q in T.vectorized(vecs * lanes):
+                    stage[r, q] = acc[q]
+        for v in T.unroll(vecs):
+            if T.bool(s.transpose_out):
+                for p in range(lanes):
+                    for r in T.vectorized(group):
+                        store(out, b, g * group + r, _column(k0 + v, lanes, s.width) + p, stage[r, v * lanes + p])
+            else:
+                for r in range(group):
+                    for p in T.vectorized(lanes):
+                        store(out, b, g * group + r, _column(k0 + v, lanes, s.width) + p, stage[r, v * lanes + p])
 
     @T.prim_func(private=True)
     def f(D: T.Buffer((s.batch, s.cols, s.width), "float32"), V: T.Buffer((s.rows, s.nnz), "float32"),
           Id: T.Buffer((s.rows, s.nnz), "int8"), bias: T.Buffer((s.rows,), "float32"),
           out: T.Buffer(s.out_shape, "float32")):
-        for t in T.parallel(s.batch * npo * ngroups):
-            tile(D, V, Id, bias, out, t // (npo * ngroups), t % ngroups, t // ngroups % npo * pt, pt)
-        if T.bool(tail > 0):
+        for t in T.parallel(s.batch * ntiles * ngroups):
+            tile(D, V, Id, bias, out, t // (ntiles * ngroups), t % ngroups, t // ngroups % ntiles * nv, nv)
+        if T.bool(tailv > 0):
             for t in T.parallel(s.batch * ngroups):
-                tile(D, V, Id, bias, out, t // ngroups, t % ngroups, npo * pt, max(tail, 1))
+                tile(D, V, Id, bias, out, t // ngroups, t % ngroups, ntiles * nv, max(tailv, 1))
 
     return f
 

@@ -70,8 +70,9 @@ def random_operands(spec: KernelSpec, seed: int = 0) -> list[np.ndarray]:
     return [d, values, (chosen % block_cols).astype(np.int32), indptr, bias]
 
 
-def time_kernels(specs: list[KernelSpec], target: tvm.target.Target) -> list[float]:
-    """Build all kernels in one module and time each (ms, best of REPEAT)."""
+def time_kernels(specs: list[KernelSpec], target: tvm.target.Target, repeat: int = REPEAT) -> list[float]:
+    """Build all kernels in one module and time each (ms, best of `repeat`: a benchmark on a
+    busy machine takes more, so that some repeat runs with both cores free)."""
     lib = build(specs, target)
     device = tvm.cpu(0)
     times = []
@@ -80,7 +81,7 @@ def time_kernels(specs: list[KernelSpec], target: tvm.target.Target) -> list[flo
         timer = lib.mod.time_evaluator(spec.name, device, number=1, repeat=1, min_repeat_ms=20)
         once = timer(*args).mean  # seconds per run, ~20 ms of runs: sizes the real measurement
         number = max(1, int(0.01 / max(once, 1e-7)))
-        runs = lib.mod.time_evaluator(spec.name, device, number=number, repeat=REPEAT)(*args)
+        runs = lib.mod.time_evaluator(spec.name, device, number=number, repeat=repeat)(*args)
         times.append(float(np.min(runs.results)) * 1e3)
     return times
 
