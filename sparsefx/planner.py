@@ -217,6 +217,8 @@ def plan(model: nn.Module, example_inputs: object, target: object = "cpu", speed
             goal = {"speedup": planner.dense / value, "latency_ms": value, "macs_ratio": planner.dense * value}[name]
             groups = planner.groups if "channel" in granularities else []
             _greedy(search, groups, planner.losses, options, goal, cost.lanes, max_ratio)
+            if groups and not search.chosen:
+                _uniform_if_better(planner, goal, cost.lanes, max_ratio)
             if search.total > goal * 1.0001:
                 what = f"{planner.dense / search.total:.2f}x ({search.total:.3f} {'MACs' if planner.by_macs else 'ms'})"
                 raise SparsefxError(f"budget {budget} cannot be met on {cost.target.name} with "
@@ -225,6 +227,32 @@ def plan(model: nn.Module, example_inputs: object, target: object = "cpu", speed
         cost.save()
         cost.progress = None
     return _as_plan(model, planner, budget)
+
+
+def _aligned_uniform(planner: Planner, ratio: float, allowed: dict[int, list[int]]) -> dict[int, int]:
+    """`ratio` of every group, rounded down to a removal that leaves a fast channel count."""
+    return {gid: max([0] + [u for u in allowed[gid] if u <= units]) for gid, units in planner.uniform(ratio).items()}
+
+
+def _uniform_if_better(planner: Planner, goal: float, lanes: int, max_ratio: float, steps: int = 14) -> None:
+    """A second opinion on the greedy. It takes one move at a time on measured tables that are
+    not always monotone in the channel count (small kernels where oneDNN switches algorithm),
+    and can end below a plain uniform ratio meeting the same goal; the plan then takes that."""
+    allowed = {g.id: _allowed_removals(g, lanes, max_ratio) for g in planner.groups}
+    meets = lambda ratio: planner.evaluate(_aligned_uniform(planner, ratio, allowed)) <= goal
+    if not meets(max_ratio):
+        return
+    lo, hi = 0.0, max_ratio
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if meets(mid) else (mid, hi)
+    uniform, search = _aligned_uniform(planner, hi, allowed), planner.search
+    if planner.retained(uniform) <= planner.retained(search.removed):
+        return
+    for gid in list(search.removed):
+        search.commit(gid, 0)
+    for gid, units in uniform.items():
+        search.commit(gid, units)
 
 
 def _force(planner: Planner, options: dict, sparsity: float, granularities: tuple[str, ...]) -> None:

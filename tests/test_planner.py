@@ -9,7 +9,7 @@ import sparsefx
 from sparsefx.costmodel import CostModel
 from sparsefx.models import load_model
 from sparsefx.plan import Plan, PlanError
-from sparsefx.planner import apply, fingerprint, plan
+from sparsefx.planner import Planner, apply, fingerprint, plan
 
 from .models_zoo import CASES
 
@@ -40,6 +40,19 @@ def test_latency_plan_meets_its_predicted_speedup_and_rounds_to_vector_widths():
     assert result.predicted["speedup"] >= 1.3
     for entry in result.entries:
         assert entry.keep % cost.lanes == 0 or entry.channels < 2 * cost.lanes
+
+
+def test_the_plan_keeps_at_least_the_importance_of_a_uniform_ratio_at_the_same_latency():
+    """Where the greedy ends below the uniform ratio that meets the same budget, the plan is that ratio."""
+    model, inputs = load_model("default", input_shape=(1, 3, 128, 128))
+    cost = CostModel("cuda:sm_90")
+    result = plan(model, inputs, target="cuda:sm_90", speedup=1.3, cost=cost, verbose=False)
+    planner = Planner(model, inputs, cost=cost)
+    goal = planner.dense / 1.3
+    best_uniform = max((planner.retained(planner.uniform(r / 100)) for r in range(0, 90)
+                        if planner.evaluate(planner.uniform(r / 100)) <= goal), default=0.0)
+    assert result.predicted["importance_retained"] >= best_uniform - 0.02  # uniform here is not lane-aligned
+    assert result.predicted["speedup"] >= 1.3
 
 
 def test_plan_roundtrips_and_an_edit_changes_the_result(tmp_path):
