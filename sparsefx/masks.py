@@ -13,6 +13,7 @@ no optimizer (momentum, Adam state, weight decay) can bring a pruned weight back
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -22,6 +23,7 @@ from torch.nn.utils import parametrize
 from .errors import SparsefxError
 
 PATTERNS = ("unstructured", "block", "nm")
+RULES = ("uniform", "erk")
 MASKABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -166,6 +168,80 @@ def compute_masks(model: nn.Module, plan: dict[str, Sparsity]) -> dict[str, torc
     """Masks for the named layers from their current (already masked) weights, so that a
     lower density computed later keeps a subset of what an earlier mask kept."""
     return {name: sparsity.mask(_layer(model, name).weight) for name, sparsity in plan.items()}
+
+
+def allocate(model: nn.Module, density: float, pattern: str = "unstructured", block: tuple[int, int] = (1, 4),
+             rule: str = "erk", power: float = 1.0, layers: Sequence[str] | None = None,
+             fixed: dict[str, float] | None = None, max_m: int = 128) -> dict[str, Sparsity]:
+    """Per-layer Sparsity keeping `density` of all the named layers' weights together (a plan
+    for `compute_masks` or `GradualPruner(masks=...)`; default layers: every Linear/Conv).
+
+    "uniform" gives every layer `density`. "erk" (Erdős–Rényi-Kernel, Evci et al. 2020) makes a
+    layer's density proportional to (sum of its weight's dims / their product) ** power: a
+    784-input first layer reads largely redundant pixels and can lose far more than a 10-way
+    classifier, where every weight decides a class; power > 1 leans further toward the small
+    layers. A layer that would exceed density 1 stays dense and the others share the rest.
+    For "nm" each layer, largest first, takes the densest N:M not above its share, with M a
+    divisor of its inputs up to `max_m` (the N:M format stores positions as int8); what the
+    rounding leaves over is shared among the layers not yet placed. `fixed` pins layers to a
+    density of their own (1.0 keeps one dense: first/last-layer protection); they count
+    toward the total and the other layers share the rest."""
+    _check_density(density)
+    if rule not in RULES:
+        raise SparsefxError(f"unknown allocation rule {rule!r}; use one of {', '.join(RULES)}")
+    if pattern not in PATTERNS:
+        raise SparsefxError(f"unknown sparsity pattern {pattern!r}; use one of {', '.join(PATTERNS)}")
+    if not isinstance(power, (int, float)) or power <= 0:
+        raise SparsefxError(f"power must be a positive number, got {power!r}")
+    names = list(layers) if layers is not None else maskable_layers(model)
+    if not names:
+        raise SparsefxError(f"{type(model).__name__} has no Linear/Conv layers to allocate sparsity to")
+    shapes = {name: tuple(_layer(model, name).weight.shape) for name in names}
+    budget = density * sum(math.prod(s) for s in shapes.values())
+    plan: dict[str, Sparsity] = {}
+    for name, share in (fixed or {}).items():
+        if name not in shapes:
+            raise SparsefxError(f"fixed names {name!r}, not one of the allocated layers: {', '.join(names)}")
+        _check_density(share)
+        plan[name] = _fit(share, pattern, block, shapes[name], max_m)
+        budget -= plan[name].density * math.prod(shapes[name])
+    for name in sorted(set(names) - set(plan), key=lambda n: math.prod(shapes[n]), reverse=True):
+        share = _spread({n: s for n, s in shapes.items() if n not in plan}, budget, rule, power)[name]
+        plan[name] = _fit(share, pattern, block, shapes[name], max_m)
+        budget -= plan[name].density * math.prod(shapes[name])
+    return {name: plan[name] for name in names}
+
+
+def _spread(shapes: dict[str, tuple[int, ...]], budget: float, rule: str, power: float) -> dict[str, float]:
+    """Densities proportional to the rule's score that keep `budget` weights, capped at 1."""
+    score = {n: 1.0 if rule == "uniform" else (sum(s) / math.prod(s)) ** power for n, s in shapes.items()}
+    dense: set[str] = set()
+    while True:
+        left = budget - sum(math.prod(shapes[n]) for n in dense)
+        weight = sum(score[n] * math.prod(s) for n, s in shapes.items() if n not in dense)
+        scale = max(left, 0.0) / weight if weight else 0.0
+        over = {n for n in shapes if n not in dense and score[n] * scale >= 1}
+        if not over:
+            return {n: 1.0 if n in dense else score[n] * scale for n in shapes}
+        dense |= over
+
+
+def _fit(share: float, pattern: str, block: tuple[int, int], shape: tuple[int, ...], max_m: int) -> Sparsity:
+    if share >= 1:
+        return Sparsity(1.0)  # kept whole: no pattern constraint to check
+    if pattern != "nm":
+        return Sparsity(max(share, 1e-6), pattern, tuple(block))
+    cols = math.prod(shape[1:])
+    ms = [m for m in range(2, min(cols, max_m) + 1) if cols % m == 0]
+    if not ms:
+        raise SparsefxError(f"no M in 2..{max_m} divides the {cols} inputs of a {tuple(shape)} weight; "
+                            "raise max_m or use another pattern")
+    # Densest n/m not above the share (ties: the smallest M); below every 1/M, the sparsest 1/M.
+    fits = [(n / m, -m) for m in ms if (n := math.floor(share * m + 1e-9)) >= 1]  # 1e-9: 0.4 * 5 is 2
+    if not fits:
+        return Sparsity(1 / ms[-1], "nm", m=ms[-1])
+    kept, neg_m = max(fits)
+    return Sparsity(kept, "nm", m=-neg_m)
 
 
 def _mask_module(module: nn.Module) -> _Mask | None:

@@ -116,3 +116,62 @@ def test_mask_callback_in_a_plain_loop():
 def test_bad_mask_targets(call, message):
     with pytest.raises(SparsefxError, match=message):
         call(_mlp())
+
+
+def _lenet300() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10))
+
+
+def _kept(model: nn.Module, masks: dict[str, torch.Tensor]) -> float:
+    return sum(int(m.sum()) for m in masks.values()) / sum(model.get_submodule(n).weight.numel() for n in masks)
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "block"])
+@pytest.mark.parametrize("rule, power", [("uniform", 1.0), ("erk", 1.0), ("erk", 1.5)])
+def test_allocate_keeps_the_total_and_each_layer_its_share(pattern, rule, power):
+    model = _lenet300()
+    plan = sparsefx.masks.allocate(model, 0.02, pattern, rule=rule, power=power)
+    masks = sparsefx.compute_masks(model, plan)
+    assert _kept(model, masks) == pytest.approx(0.02, abs=2e-4)
+    for name, mask in masks.items():  # every layer holds the fraction it was allocated
+        assert mask.float().mean().item() == pytest.approx(plan[name].density, abs=2e-3)
+    densities = [plan[n].density for n in ("0", "2", "4")]
+    if rule == "uniform":
+        assert densities == pytest.approx([0.02] * 3)
+    else:  # the smaller the layer, the denser; the 10-way output layer at power 1.5 is kept whole
+        assert densities[0] < densities[1] < densities[2] <= 1
+        assert (densities[2] == 1.0) == (power == 1.5)
+
+
+def test_allocate_nm_fits_each_layer_and_stays_within_the_budget():
+    model = _lenet300()
+    plan = sparsefx.masks.allocate(model, 0.02, "nm", max_m=128)
+    masks = sparsefx.compute_masks(model, plan)
+    assert 0.018 <= _kept(model, masks) <= 0.02
+    for name, s in plan.items():
+        cols = model.get_submodule(name).weight.shape[1]
+        if s.density < 1:
+            assert s.pattern == "nm" and cols % s.m == 0 and s.m <= 128
+            n = round(s.density * s.m)  # exactly n of every m kept in every group
+            assert (masks[name].reshape(-1, s.m).sum(-1) == n).all()
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: sparsefx.masks.allocate(m, 0.1, rule="random"), "unknown allocation rule"),
+    (lambda m: sparsefx.masks.allocate(m, 0.1, "diagonal"), "unknown sparsity pattern"),
+    (lambda m: sparsefx.masks.allocate(m, 0.1, power=0), "power must be"),
+    (lambda m: sparsefx.masks.allocate(m, 0.1, "nm", max_m=3), "no M in 2..3 divides"),
+])
+def test_allocate_bad_arguments(call, message):
+    with pytest.raises(SparsefxError, match=message):
+        call(nn.Sequential(nn.Linear(5, 5)))
+
+
+def test_allocate_fixed_layers_count_toward_the_total():
+    model = _lenet300()
+    plan = sparsefx.masks.allocate(model, 0.02, "block", power=1.5, fixed={"4": 0.4})
+    assert plan["4"].density == pytest.approx(0.4) and plan["0"].density < plan["2"].density < 0.4
+    assert _kept(model, sparsefx.compute_masks(model, plan)) == pytest.approx(0.02, abs=2e-4)
+    with pytest.raises(SparsefxError, match="fixed names 'fc9'"):
+        sparsefx.masks.allocate(model, 0.02, fixed={"fc9": 1.0})
