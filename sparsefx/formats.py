@@ -8,12 +8,15 @@ conv's in_channels × kh × kw in memory order), the view `sparsefx.masks` docum
   block row i owns blocks indptr[i]:indptr[i+1]. Block 1×1 is CSR (unstructured masks).
 - `NM`: exactly N kept of every M consecutive weights of a row. `values` (rows, cols·N/M)
   and `indices` (rows, cols·N/M) int8, the position (0..M-1) of each value inside its group.
+- `mma24_pack`: a 2:4 `NM` in the operand layout of the sparse tensor cores (`mma.sp`, used by
+  `backends/tvm/sparse_mma.py`); `mma24_unpack` is its pure-numpy inverse.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .errors import SparsefxError
@@ -111,6 +114,52 @@ class NM:
 
 
 SparseFormat = BSR | NM
+
+
+def _mma24_shifts() -> np.ndarray:
+    """Bit offset of each 2-bit position in a metadata word, indexed (row half, column j)."""
+    return (16 * np.arange(2)[:, None] + 2 * np.arange(8)[None, :]).astype(np.uint32)
+
+
+def mma24_pack(nm: NM) -> tuple[np.ndarray, np.ndarray]:
+    """A 2:4 weight as `mma.sp.*.m16n8k32.row.col.f32.f16.f16.f32` takes it: (values, meta).
+
+    `values` (rows, cols/2) float16: the two kept weights of each group of 4, in column order
+    (exactly `nm.values`), so a b32 register is two neighbouring kept values of one row.
+    `meta` (rows/16, cols/32, 16) uint32: one word per (16-row tile, 32-column step, word w),
+    w = 2·g + h for g = 0..7, h = 0, 1; bits 2j..2j+1 (j = 0..7) hold the position (0..3 inside its
+    group of 4) of kept value 8h + j of tile row g within the step (its group is (8h + j) // 2),
+    bits 16 + 2j.. the same for tile row g + 8. Lane l of a warp reads word 2·(l // 4) + l % 2:
+    with sparsity selector 0 lanes with l % 4 = 0, 1 supply it (PTX ISA 9.7.16.6, m16n8k32 f16).
+    Needs rows % 16 == 0, cols % 32 == 0 and sorted positions (`NM.from_dense` sorts them), which
+    `mma.sp::ordered_metadata` requires."""
+    if (nm.n, nm.m) != (2, 4):
+        raise SparsefxError(f"the sparse tensor cores take 2:4 sparsity, got {nm.n}:{nm.m}")
+    rows, cols = nm.shape
+    if rows % 16 or cols % 32:
+        raise SparsefxError(f"mma.sp packing needs rows % 16 == 0 and cols % 32 == 0, got {rows}x{cols}")
+    position = nm.indices.detach().cpu().numpy().astype(np.uint32).reshape(rows, cols // 4, 2)
+    if not (position[..., 0] < position[..., 1]).all() or position.max() > 3:
+        raise SparsefxError("mma.sp metadata needs two distinct, sorted positions 0..3 per group of 4")
+    values = nm.values.detach().cpu().to(torch.float16).numpy().reshape(rows, cols // 2)
+    # (tile, row half, g, step, h, j) -> word (tile, step, g, h)
+    fields = position.reshape(rows // 16, 2, 8, cols // 32, 2, 8) << _mma24_shifts()[None, :, None, None, None, :]
+    meta = np.bitwise_or.reduce(np.bitwise_or.reduce(fields, axis=5), axis=1)
+    return np.ascontiguousarray(values), np.ascontiguousarray(meta.transpose(0, 2, 1, 3).reshape(rows // 16, -1, 16))
+
+
+def mma24_unpack(values: np.ndarray, meta: np.ndarray) -> np.ndarray:
+    """The dense (rows, cols) float32 matrix that `mma24_pack`'s (values, meta) stand for,
+    decoded from the metadata words alone (the reference the packing is tested against)."""
+    rows, half = values.shape
+    cols = half * 2
+    words = np.asarray(meta, np.uint32).reshape(rows // 16, cols // 32, 8, 2).transpose(0, 2, 1, 3)
+    fields = (words[:, None, :, :, :, None] >> _mma24_shifts()[None, :, None, None, None, :]) & 3
+    position = fields.reshape(rows, cols // 2).astype(np.int64)
+    dense = np.zeros((rows, cols), np.float32)
+    group = np.arange(cols // 2) // 2 * 4
+    np.put_along_axis(dense, group[None, :] + position, np.asarray(values, np.float32), axis=1)
+    return dense
 
 
 def from_dense(weight: torch.Tensor, sparsity: Sparsity, mask: torch.Tensor | None = None) -> SparseFormat:

@@ -6,6 +6,13 @@ im2col), one `call_tir` and a reshape. The kernel is emitted for the CPU with a
 `sparsefx.kernel` attribute; `sparse_kernel_pass` swaps in the kernel for the build target.
 The calls are `call_tir`, not Relax ops, so the torch dispatch and epilogue passes, which
 match `relax.nn.conv2d` / `relax.matmul`, leave them alone.
+
+A 2:4 `nm_linear` on float16 input with constant weights and shapes the `mma.sp` kernel tiles
+(rows, tokens % 64, cols % 64) is lowered instead to the operands of `sparse_mma`
+(`formats.mma24_pack`'s layout, computed in TE and folded to constants), with `sparse_mma.reference_kernel` for the CPU
+and the sparse-tensor-core kernel swapped in on CUDA (`MMA_ATTR`). That CUDA kernel is compiled
+and its layout checked in numpy, but has not run on a GPU yet; float32 models keep the existing
+N:M kernels.
 """
 
 from __future__ import annotations
@@ -17,9 +24,11 @@ import numpy as np
 import tvm
 from tvm import relax, te, tirx
 
+from . import sparse_mma
 from .sparse_kernels import KernelSpec, kernel, transposed_operands
 
 ATTR = "sparsefx.kernel"
+MMA_ATTR = "sparsefx.mma_kernel"
 _CPU = tvm.target.Target({"kind": "llvm"})
 
 
@@ -104,9 +113,45 @@ def _bsr_linear(node: object, importer: object) -> relax.Expr:
     return _matmul(importer, "bsr", x, [values, indices, indptr], bias, *_bsr_geometry(values, indptr))
 
 
+def _mma24_meta(indices: te.Tensor) -> te.Tensor:
+    """`formats.mma24_pack`'s metadata words from N:M indices (rows, cols/2), in TE so that
+    FoldConstant turns it into a constant once the weights are bound (the fields do not
+    overlap, so their sum is their bitwise or)."""
+    rows, half = (int(d) for d in indices.shape)
+    rh, j = te.reduce_axis((0, 2), "rh"), te.reduce_axis((0, 8), "j")
+
+    def word(tile: tirx.Var, step: tirx.Var, w: tirx.Var) -> tirx.PrimExpr:
+        position = indices[tile * 16 + rh * 8 + w // 2, step * 16 + w % 2 * 8 + j].astype("uint32")
+        return te.sum(tirx.shift_left(position, (rh * 16 + j * 2).astype("uint32")), axis=[rh, j])
+
+    return te.compute((rows // 16, half // 16, 16), word, name="mma24_meta")
+
+
+def _mma_linear(importer: object, x: relax.Expr, values: relax.Expr, indices: relax.Expr, bias: relax.Expr | None,
+                rows: int) -> relax.Expr | None:
+    """The 2:4 fp16 linear on the sparse-tensor-core operands, or None where it does not apply."""
+    *lead, cols = _shape(x)
+    tokens = int(np.prod(lead))
+    if x.ty.dtype != "float16" or not sparse_mma.supported(rows, cols, tokens):
+        return None
+    bb = importer.block_builder
+    meta = bb.emit_te(_mma24_meta, indices)
+    packed = bb.emit(relax.op.astype(values, "float16"))
+    bias = relax.const(np.zeros(rows, "float32")) if bias is None else bb.emit(relax.op.astype(bias, "float32"))
+    spec = sparse_mma.MmaSpec(rows, cols, tokens, "float16")
+    func = sparse_mma.reference_kernel(spec).with_attr(MMA_ATTR, json.dumps(spec.__dict__))
+    gvar = bb.add_func(func, spec.name)
+    flat = bb.emit(relax.op.reshape(x, (tokens, cols)))
+    out = bb.emit(relax.call_tir(gvar, [flat, packed, meta, bias], relax.TensorType((tokens, rows), "float16")))
+    return bb.emit(relax.op.reshape(out, (*lead, rows)))
+
+
 def _nm_linear(node: object, importer: object) -> relax.Expr:
     x, values, indices, bias, m = importer.retrieve_args(node)
-    return _matmul(importer, "nm", x, [values, indices], bias, *_nm_geometry(values, m, _shape(x)[-1]))
+    rows, block, nnz = _nm_geometry(values, m, _shape(x)[-1])
+    if block == (2, 4) and (lowered := _mma_linear(importer, x, values, indices, bias, rows)) is not None:
+        return lowered
+    return _matmul(importer, "nm", x, [values, indices], bias, rows, block, nnz)
 
 
 def _bsr_conv2d(node: object, importer: object) -> relax.Expr:
@@ -137,6 +182,9 @@ def sparse_kernel_pass(target: tvm.target.Target) -> tvm.transform.Pass:
                 spec = json.loads(str(func.attrs[ATTR]))
                 spec = KernelSpec(**{**spec, "block": tuple(spec["block"])})
                 mod[gvar] = kernel(spec, target).with_attr(ATTR, func.attrs[ATTR])
+            elif isinstance(func, tirx.PrimFunc) and func.attrs is not None and MMA_ATTR in func.attrs:
+                spec = sparse_mma.MmaSpec(**json.loads(str(func.attrs[MMA_ATTR])))
+                mod[gvar] = sparse_mma.kernel(spec).with_attr(MMA_ATTR, func.attrs[MMA_ATTR])
         return mod
 
     return _pass

@@ -1,0 +1,314 @@
+"""2:4 sparse GEMM on NVIDIA sparse tensor cores (`mma.sp`, sm_80+), written in TIR.
+
+What TVM 0.27 offers. There is no `T.ptx_mma_sp` / `tirx.ptx_mma_sp` builtin any more (older TVM
+had one; `T.ptx_legacy` here only keeps `mma` and `ldmatrix`), and no tensor intrinsic or
+MetaSchedule rule for sparse tensor cores. What it has is the table-driven `T.ptx` dialect
+(`tvm/backend/cuda/ptx/table.py`): every PTX ISA syntax line becomes an op `tirx.ptx.<name>` that
+renders an inline-asm helper. `mma.sp` / `mma.sp::ordered_metadata` are registered for
+`.m16n8k16` (f16/bf16/tf32, selector 0..3), `.m16n8k32` (f16/bf16, selector 0..1, the shape
+CUTLASS uses), `.m16n8k64` (e4m3/e5m2), f16 accumulators and the integer shapes; the operands
+are the raw registers (d: 4 × f32, a: 4 × b32, b: 4 × b32, c: 4 × f32, e: b32, f: immediate).
+So the instruction is reachable, but everything around it is by hand: packing the 2:4 values
+and metadata, giving each lane its fragment registers, tiling, shared memory and the epilogue.
+
+The kernel: out (N, M) = x (N, K) @ Wᵀ + bias for a 2:4 weight W (M × K), fp16 inputs, fp32
+accumulation, output fp16 or fp32. W is operand A of `mma.sp.sync.aligned.m16n8k32.row.col.
+f32.f16.f16.f32` (the sparse operand must be A), xᵀ is B in its `.col` layout, which is x's own
+row-major layout, so neither operand is transposed. A block of 128 threads (4 warps, 2 × 2) owns a
+BM × BN tile of Wx (BM, BN ∈ {128, 64}); each warp a (BM/2) × (BN/2) tile of m16n8 accumulators.
+Per BK = 64 columns of K it stages the compressed values (BM × 32 fp16), x (BN × 64 fp16) and the
+metadata in shared memory (128-bit loads, rows padded so fragment reads are conflict-free), then
+each warp runs two k32 steps of (BM/32) × (BN/16) `mma.sp`. Single-buffered, no cp.async or
+ldmatrix: correctness first. The fragment and metadata layouts are the PTX ISA's (9.7.16.6.2,
+the same as upstream TVM's `tests/python/tir-base/test_tir_ptx_mma_sp.py`); `sparsefx.formats.
+mma24_pack` documents the metadata words. Variant `sp::ordered_metadata` (indices sorted, which
+`NM` guarantees) when nvcc is 12.5 or newer, else plain `sp`.
+
+Verified here (no GPU): the packing round trip, the TIR kernel compiles to CUDA for sm_80 and
+sm_90 and nvcc accepts the `mma.sp` it contains, and `emulate` (numpy) — which walks the kernel's
+own index functions lane by lane through a model of `mma.sp` written from the PTX ISA fragment
+tables — matches the dense product. NOT verified: that it runs and is right on a GPU, or any
+speed; `benchmarks/sparse_mma_gpu.py` checks both the moment a GPU is lent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm.script import tirx as T
+
+OPAQUE = 8  # relax OpPatternKind.kOpaque
+THREADS = 128  # 4 warps, 2 × 2 over the block tile
+BK = 64  # dense K per shared-memory stage (two k32 mma.sp steps)
+A_LD = BK // 4 + 4  # uint32 row stride of the staged values: 16 + 4 pad, conflict-free fragment reads
+B_LD = BK // 2 + 4  # uint32 row stride of the staged x rows: 32 + 4 pad
+
+
+@dataclass(frozen=True)
+class MmaSpec:
+    """out (tokens, rows) = x (tokens, cols) @ Wᵀ + bias, W 2:4 along cols."""
+
+    rows: int
+    cols: int
+    tokens: int
+    out_dtype: str = "float16"
+
+    @property
+    def tile(self) -> tuple[int, int]:
+        return (128 if self.rows % 128 == 0 else 64), (128 if self.tokens % 128 == 0 else 64)
+
+    @property
+    def name(self) -> str:
+        return f"sparse_mma24_{self.rows}x{self.cols}_t{self.tokens}_{self.out_dtype}"
+
+
+def supported(rows: int, cols: int, tokens: int) -> bool:
+    """Whether the kernel covers these shapes: whole 64 × 64 tiles and whole BK stages."""
+    return rows % 64 == 0 and tokens % 64 == 0 and cols % BK == 0 and min(rows, cols, tokens) > 0
+
+
+def _variant() -> str:
+    """`sp::ordered_metadata` (what ptxas advises from CUDA 12.5 on; our indices are sorted)
+    where the local nvcc is 12.5 or newer, else plain `sp` (CUDA 11+)."""
+    from tvm.support import nvcc
+
+    try:
+        version = tuple(int(p) for p in nvcc.get_cuda_version()[:2])
+    except Exception:  # noqa: BLE001 (no CUDA toolkit here: the plain form assembles everywhere)
+        return "sp"
+    return "sp::ordered_metadata" if version >= (12, 5) else "sp"
+
+
+def instruction(variant: str | None = None) -> str:
+    return f"mma.{variant or _variant()}.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32"
+
+
+# Index functions shared by the TIR kernel and `emulate` (they take TIR vars or numpy ints).
+def _a_copy(q, v):  # noqa: ANN001, ANN202 — staged values (row, u32 col) of quad q, lane v
+    return q // 4, q % 4 * 4 + v
+
+
+def _b_copy(q, v):  # noqa: ANN001, ANN202 — staged x (row, u32 col)
+    return q // 8, q % 8 * 4 + v
+
+
+def _e_copy(q):  # noqa: ANN001, ANN202 — staged metadata (m16 tile, k32 step, word)
+    return q // 32, q // 16 % 2, q % 16
+
+
+def _a_frag(wrow, mi, g, t, ks, j):  # noqa: ANN001, ANN202 — A register j of m16 tile mi
+    return wrow + mi * 16 + g + j % 2 * 8, ks * 8 + j // 2 * 4 + t
+
+
+def _b_frag(wcol, ni, g, t, ks, j):  # noqa: ANN001, ANN202 — B register j of n8 tile ni
+    return wcol + ni * 8 + g, ks * 16 + j * 4 + t
+
+
+def _e_frag(wrow, mi, g, t, ks):  # noqa: ANN001, ANN202 — metadata word (selector 0: lanes t = 0, 1)
+    return wrow // 16 + mi, ks, g * 2 + t % 2
+
+
+def _c_frag(wrow, wcol, mi, ni, g, t, i):  # noqa: ANN001, ANN202 — accumulator i → (row of W, token)
+    return wrow + mi * 16 + g + i // 2 * 8, wcol + ni * 8 + t * 2 + i % 2
+
+
+def kernel(s: MmaSpec, variant: str | None = None) -> tvm.tirx.PrimFunc:
+    """The scheduled CUDA PrimFunc (x, values, meta, bias, out) of `s`; see the module docstring."""
+    if not supported(s.rows, s.cols, s.tokens):
+        raise ValueError(f"mma.sp kernel needs rows, tokens % 64 == 0 and cols % {BK} == 0, got {s}")
+    M, K, N = s.rows, s.cols, s.tokens  # noqa: N806
+    bm, bn = s.tile
+    wm, wn = bm // 2, bn // 2
+    mt, nt = wm // 16, wn // 8
+    a_quads, b_quads, e_words = bm * BK // 16, bn * BK // 8, bm // 16 * (BK // 32) * 16
+    chain = instruction(variant)
+
+    @T.prim_func(private=True)
+    def f(X: T.Buffer((N, K), "float16"), V: T.Buffer((M, K // 2), "float16"),
+          E: T.Buffer((M // 16, K // 32, 16), "uint32"), bias: T.Buffer((M,), "float32"),
+          out: T.Buffer((N, M), s.out_dtype)):
+        X32 = T.decl_buffer((N, K // 2), "uint32", data=X.data)
+        V32 = T.decl_buffer((M, K // 4), "uint32", data=V.data)
+        for by in T.thread_binding(M // bm, "blockIdx.y"):
+            for bx in T.thread_binding(N // bn, "blockIdx.x"):
+                for tid in T.thread_binding(THREADS, "threadIdx.x"):
+                    a_s = T.alloc_shared((bm, A_LD), "uint32")
+                    b_s = T.alloc_shared((bn, B_LD), "uint32")
+                    e_s = T.alloc_shared((bm // 16, BK // 32, 16), "uint32")
+                    acc = T.alloc_local((mt, nt, 4), "float32")
+                    af = T.alloc_local((mt, 4), "uint32")
+                    bf = T.alloc_local((nt, 4), "uint32")
+                    ef = T.alloc_local((mt,), "uint32")
+                    wrow: T.let = tid // 64 * wm
+                    wcol: T.let = tid // 32 % 2 * wn
+                    g: T.let = tid % 32 // 4
+                    t: T.let = tid % 4
+                    for mi, ni, i in T.grid(mt, nt, 4):
+                        acc[mi, ni, i] = T.float32(0)
+                    for ko in range(K // BK):
+                        for it in T.unroll(a_quads // THREADS):
+                            for v in T.vectorized(4):
+                                r, c = _a_copy(it * THREADS + tid, v)
+                                a_s[r, c] = V32[by * bm + r, ko * (BK // 4) + c]
+                        for it in T.unroll(b_quads // THREADS):
+                            for v in T.vectorized(4):
+                                r, c = _b_copy(it * THREADS + tid, v)
+                                b_s[r, c] = X32[bx * bn + r, ko * (BK // 2) + c]
+                        for it in T.unroll(e_words // THREADS):
+                            m16, k32, w = _e_copy(it * THREADS + tid)
+                            e_s[m16, k32, w] = E[by * (bm // 16) + m16, ko * (BK // 32) + k32, w]
+                        T.tvm_storage_sync("shared")
+                        for ks in T.unroll(BK // 32):
+                            for mi in T.unroll(mt):
+                                for j in T.unroll(4):
+                                    ar, ac = _a_frag(wrow, mi, g, t, ks, j)
+                                    af[mi, j] = a_s[ar, ac]
+                                em, ek, ew = _e_frag(wrow, mi, g, t, ks)
+                                ef[mi] = e_s[em, ek, ew]
+                            for ni in T.unroll(nt):
+                                for j in T.unroll(4):
+                                    br, bc = _b_frag(wcol, ni, g, t, ks, j)
+                                    bf[ni, j] = b_s[br, bc]
+                            for mi in T.unroll(mt):
+                                for ni in T.unroll(nt):
+                                    T.ptx[chain](acc[mi, ni, 0], acc[mi, ni, 1], acc[mi, ni, 2], acc[mi, ni, 3],
+                                                 af[mi, 0], af[mi, 1], af[mi, 2], af[mi, 3],
+                                                 bf[ni, 0], bf[ni, 1], bf[ni, 2], bf[ni, 3],
+                                                 acc[mi, ni, 0], acc[mi, ni, 1], acc[mi, ni, 2], acc[mi, ni, 3],
+                                                 ef[mi], 0)
+                        T.tvm_storage_sync("shared")
+                    for mi in T.unroll(mt):
+                        for ni in T.unroll(nt):
+                            for i in T.unroll(4):
+                                r, c = _c_frag(wrow, wcol, mi, ni, g, t, i)
+                                out[bx * bn + c, by * bm + r] = T.Cast(s.out_dtype, acc[mi, ni, i] + bias[by * bm + r])
+
+    return f.with_attr({"op_pattern": OPAQUE, "tirx.is_scheduled": True, "tirx.noalias": True})
+
+
+def build(specs: list[MmaSpec], target: tvm.target.Target, variant: str | None = None) -> tvm.runtime.Module:
+    funcs = {s.name: kernel(s, variant).with_attr("global_symbol", s.name) for s in dict.fromkeys(specs)}
+    return tvm.compile(tvm.IRModule(funcs), target)
+
+
+# ---------------------------------------------------------------------------------------------
+# numpy model: the kernel's index functions, lane by lane, through mma.sp as the PTX ISA states it
+# ---------------------------------------------------------------------------------------------
+
+
+def _halves(word: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The two fp16 of a b32 register, low half first."""
+    pair = np.asarray(word, np.uint32).reshape(-1).view(np.float16).reshape(*np.shape(word), 2)
+    return pair[..., 0].astype(np.float32), pair[..., 1].astype(np.float32)
+
+
+def mma_sp_m16n8k32(a: np.ndarray, b: np.ndarray, c: np.ndarray, e: np.ndarray, selector: int = 0) -> np.ndarray:
+    """What `mma.sp.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 d, a, b, c, e, selector` computes
+    from 32 lanes' registers a (32, 4) b32, b (32, 4) b32, c (32, 4) f32, e (32,) b32, written
+    from the PTX ISA fragment tables (groupID = lane >> 2, threadID_in_group = lane % 4):
+    A (16 × 16 compressed) a_i: row groupID (+8 for i % 4 >= 2), col 2·tig + i % 2 (+8 for i >= 4);
+    B (32 × 8) b_i: row 8·(i // 2) + 2·tig + i % 2, col groupID; C/D c_i: row groupID (+8 for
+    i >= 2), col 2·tig + i % 2; metadata from lanes tig = selector·2 + h, h = 0, 1: bits 0-15 are
+    the 2-bit positions of compressed cols 8h..8h+7 of row groupID, bits 16-31 of row groupID + 8."""
+    dense_a, dense_b, out = np.zeros((16, 32), np.float32), np.zeros((32, 8), np.float32), np.zeros((32, 4), np.float32)
+    comp = np.zeros((16, 16), np.float32)
+    for lane in range(32):
+        gid, tig = lane >> 2, lane % 4
+        for i in range(8):
+            value = _halves(a[lane, i // 2])[i % 2]
+            comp[gid + (8 if i % 4 >= 2 else 0), 2 * tig + i % 2 + (8 if i >= 4 else 0)] = value
+            dense_b[8 * (i // 2) + 2 * tig + i % 2, gid] = _halves(b[lane, i // 2])[i % 2]
+    for lane in range(32):
+        gid, tig = lane >> 2, lane % 4
+        if tig // 2 != selector:
+            continue
+        h = tig % 2
+        for half, row in ((0, gid), (1, gid + 8)):
+            for j in range(8):
+                position = int(e[lane]) >> (16 * half + 2 * j) & 3
+                col = 8 * h + j
+                dense_a[row, col // 2 * 4 + position] += comp[row, col]
+    d = dense_a @ dense_b
+    for lane in range(32):
+        gid, tig = lane >> 2, lane % 4
+        for i in range(4):
+            out[lane, i] = c[lane, i] + d[gid + 8 * (i // 2), 2 * tig + i % 2]
+    return out
+
+
+def emulate(s: MmaSpec, x: np.ndarray, values: np.ndarray, meta: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """The kernel run in numpy: each block's shared tiles are filled through `_a_copy` / `_b_copy`
+    / `_e_copy`, each lane's registers through `_a_frag` / `_b_frag` / `_e_frag`, each warp's
+    step through `mma_sp_m16n8k32`, and the output through `_c_frag`. Slow; for small shapes."""
+    M, K, N = s.rows, s.cols, s.tokens  # noqa: N806
+    bm, bn = s.tile
+    wm, wn = bm // 2, bn // 2
+    x32 = np.ascontiguousarray(x, np.float16).view(np.uint32)
+    v32 = np.ascontiguousarray(values, np.float16).view(np.uint32)
+    out = np.full((N, M), np.nan, np.float32)
+    for by in range(M // bm):
+        for bx in range(N // bn):
+            acc = np.zeros((THREADS, wm // 16, wn // 8, 4), np.float32)
+            for ko in range(K // BK):
+                a_s, b_s = np.zeros((bm, A_LD), np.uint32), np.zeros((bn, B_LD), np.uint32)
+                e_s = np.zeros((bm // 16, BK // 32, 16), np.uint32)
+                for tid in range(THREADS):
+                    for it in range(bm * BK // 16 // THREADS):
+                        for v in range(4):
+                            r, c = _a_copy(it * THREADS + tid, v)
+                            a_s[r, c] = v32[by * bm + r, ko * (BK // 4) + c]
+                    for it in range(bn * BK // 8 // THREADS):
+                        for v in range(4):
+                            r, c = _b_copy(it * THREADS + tid, v)
+                            b_s[r, c] = x32[bx * bn + r, ko * (BK // 2) + c]
+                    for it in range(bm // 16 * (BK // 32) * 16 // THREADS):
+                        m16, k32, w = _e_copy(it * THREADS + tid)
+                        e_s[m16, k32, w] = meta[by * (bm // 16) + m16, ko * (BK // 32) + k32, w]
+                for warp in range(THREADS // 32):
+                    tids = np.arange(warp * 32, warp * 32 + 32)
+                    wrow, wcol = warp // 2 * wm, warp % 2 * wn
+                    for ks in range(BK // 32):
+                        for mi in range(wm // 16):
+                            a = np.array([[a_s[_a_frag(wrow, mi, lane // 4, lane % 4, ks, j)] for j in range(4)]
+                                          for lane in range(32)], np.uint32)
+                            e = np.array([e_s[_e_frag(wrow, mi, lane // 4, lane % 4, ks)] for lane in range(32)],
+                                         np.uint32)
+                            for ni in range(wn // 8):
+                                b = np.array([[b_s[_b_frag(wcol, ni, lane // 4, lane % 4, ks, j)] for j in range(4)]
+                                              for lane in range(32)], np.uint32)
+                                acc[tids, mi, ni] = mma_sp_m16n8k32(a, b, acc[tids, mi, ni], e)
+            for tid in range(THREADS):
+                warp, lane = tid // 32, tid % 32
+                wrow, wcol = warp // 2 * wm, warp % 2 * wn
+                for mi in range(wm // 16):
+                    for ni in range(wn // 8):
+                        for i in range(4):
+                            r, c = _c_frag(wrow, wcol, mi, ni, lane // 4, lane % 4, i)
+                            out[bx * bn + c, by * bm + r] = acc[tid, mi, ni, i] + bias[by * bm + r]
+    return out
+
+
+def reference_kernel(s: MmaSpec) -> tvm.tirx.PrimFunc:
+    """The same computation and operands for the CPU: a plain loop nest (parallel over tokens)
+    that decodes each position from the metadata words. It is what a 2:4 fp16 linear runs
+    off the GPU, and a TIR-side check of the `mma24_pack` layout."""
+    M, K, N = s.rows, s.cols, s.tokens  # noqa: N806
+
+    @T.prim_func(private=True)
+    def f(X: T.Buffer((N, K), "float16"), V: T.Buffer((M, K // 2), "float16"),
+          E: T.Buffer((M // 16, K // 32, 16), "uint32"), bias: T.Buffer((M,), "float32"),
+          out: T.Buffer((N, M), s.out_dtype)):
+        for n in T.parallel(N):
+            for m in range(M):
+                acc = T.alloc_buffer((1,), "float32", scope="global")
+                acc[0] = bias[m]
+                for c in range(K // 2):
+                    word: T.let = E[m // 16, c // 16, m % 8 * 2 + c % 16 // 8]
+                    position: T.let = T.Cast("int32", T.shift_right(word, T.Cast("uint32", m % 16 // 8 * 16 + c % 8 * 2))
+                                             & T.uint32(3))
+                    acc[0] = acc[0] + T.Cast("float32", V[m, c]) * T.Cast("float32", X[n, c // 2 * 4 + position])
+                out[n, m] = T.Cast(s.out_dtype, acc[0])
+
+    return f.with_attr({"op_pattern": OPAQUE, "tirx.is_scheduled": True, "tirx.noalias": True})
