@@ -8,6 +8,7 @@ do). Break-even: the highest density (kept fraction) at which a kernel is still 
 fast as the faster dense baseline. Writes results/sparse_kernels.{json,md,png}.
 
     nice -n 10 flock /tmp/sparsefx-bench.lock .venv/bin/python benchmarks/sparse_kernels.py
+    ... benchmarks/sparse_kernels.py --convs-only --batch 8 --out /tmp/convs   # a subset, elsewhere
 """
 
 from __future__ import annotations
@@ -154,9 +155,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--quick", action="store_true", help="only the 768x3072 linear at batch 1")
+    parser.add_argument("--convs-only", action="store_true", help="only the ResNet-50 1x1 convs")
+    parser.add_argument("--batch", type=int, help="only the layers at this batch")
     args = parser.parse_args()
     torch.set_num_threads(resolve_target("cpu").cores)
     layers = [LAYERS[1]] if args.quick else LAYERS
+    layers = [la for la in layers if (la[4] is not None or not args.convs_only) and args.batch in (None, la[3])]
     rows = bench(layers)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sparse_kernels.json").write_text(json.dumps({"target": str(resolve_target("cpu")), "rows": rows},

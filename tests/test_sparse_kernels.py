@@ -36,6 +36,11 @@ SPECS = [
     KernelSpec("bsr", 2048, 32, (1, 16), 2000, 1, 49), KernelSpec("bsr", 96, 64, (32, 1), 40, 1, 196),
     KernelSpec("bsr", 64, 48, (16, 1), 40, 1, 20, True), KernelSpec("nm", 2048, 32, (2, 4), 16, 1, 49),
     KernelSpec("nm", 64, 48, (1, 4), 12, 1, 37, True),
+    # batch > 1 with a width that is not whole vectors runs as one (cols, batch·width) problem:
+    # vectors span images (stored lane by lane), a tail tile, lanes < 16 per image
+    KernelSpec("bsr", 2048, 64, (4, 4), 4000, 3, 49), KernelSpec("bsr", 2048, 64, (16, 1), 4000, 3, 49),
+    KernelSpec("bsr", 256, 64, (32, 1), 200, 3, 196), KernelSpec("bsr", 64, 32, (1, 4), 200, 2, 5),
+    KernelSpec("nm", 2048, 64, (2, 4), 32, 3, 49), KernelSpec("nm", 64, 32, (1, 4), 8, 3, 7),
 ]
 
 
@@ -76,6 +81,22 @@ def test_cpu_kernels_match_dense() -> None:
     for spec in SPECS:
         operands = random_operands(spec)
         assert _rel(_run(lib, spec, operands), _expected(spec, operands)) < 1e-4, spec
+
+
+def test_batched_convs_run_as_one_wide_problem() -> None:
+    flat = [s for s in SPECS if sparse_kernels._flat(s)]
+    assert len(flat) == 9 and all(s.batch > 1 and s.width % sparse_kernels.LANES for s in flat)
+
+
+def test_compiled_batched_conv_at_7x7_matches_reference() -> None:
+    """1×1 convs at 7×7, batch 3, BSR 4×4 / 16×1 and N:M through the Relax lowering."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(32, 64, 1), nn.ReLU(), nn.Conv2d(64, 64, 1), nn.ReLU(), nn.Conv2d(64, 32, 1)).eval()
+    model = sparsify(model, {"0": Sparsity(0.5, "block", block=(4, 4)), "2": Sparsity(0.3, "block", block=(16, 1)),
+                             "4": Sparsity(0.5, "nm", m=4)})
+    x = torch.randn(3, 32, 7, 7)
+    compiled = sparsefx.compile(model, (x,), verbose=False)
+    assert _rel(compiled(x).numpy(), model(x).detach().numpy()) < 1e-4
 
 
 def test_cuda_kernel_loops_match_dense_when_run_serially() -> None:

@@ -5,11 +5,13 @@ and a dense D of shape (batch, cols, width): a Linear is D = xᵀ (width = token
 conv is D = x viewed as (batch, in_channels, h·w), a k×k conv is D = im2col(x). Shapes and
 the nonzero count are compile-time constants: weights are constants of the model.
 
-CPU: parallel over (batch, column tile, block row); the inner loop runs over a block row's
-nonzero blocks and is vectorised over a tile of whole 16-lane vectors of D's columns (the
-last vector shifted back to end at the width), so each weight is one broadcast and each D
-load feeds up to a whole block column of accumulators. Width 1 (a GEMV,
-Linear at one token) vectorises over the block instead, with several accumulators.
+CPU: parallel over (batch, column tile, block row), or over (column tile, block row) of D
+copied to (cols, batch·width) where a batch's width is not whole vectors (7×7 or 14×14 convs,
+`_flat`); the inner loop runs over a block row's nonzero blocks and is vectorised over a tile
+of whole 16-lane vectors of D's columns (the last vector shifted back to end at the width),
+so each weight is one broadcast and each D load feeds up to a whole block column of
+accumulators. Width 1 (a GEMV, Linear at one token) vectorises over the block instead, with
+several accumulators.
 CUDA: one thread per output element (row, column), threads over columns so D loads coalesce.
 """
 
@@ -23,6 +25,8 @@ from tvm.script import tirx as T
 OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps must not fuse into a hand-scheduled kernel
 LANES = 16  # fp32 lanes of one AVX-512 register
 VECS = 4  # D vectors (of LANES columns) per CPU tile
+FLAT_VECS = 3  # the same for a batch run as one wide problem (`_flat`): 16×1 and 32×1 blocks then take 8-row
+# tiles (24 accumulators, 3 D loads per 24 FMAs): 1.2-1.3× faster than 4 vectors on 512->2048 @7×7 at batch 8
 ACCS = 24  # accumulator registers per CPU tile (of 32: the rest hold D vectors and a weight)
 CHUNK = 256  # columns of D per N:M chunk (256 × 64 floats: 64 KiB, L2-resident)
 UNROLL = 4  # independent accumulators of the GEMV kernel (hides FMA latency)
@@ -83,12 +87,12 @@ def _row_tile(br: int, vectors: int) -> int:
     return next(t for t in (32, 16, 8, 4, 2, 1) if br % t == 0 and t * vectors <= ACCS)
 
 
-def _vectors(width: int) -> tuple[int, int, int, int]:
+def _vectors(width: int, vecs: int = VECS) -> tuple[int, int, int, int]:
     """D's columns as whole vectors: lanes per vector (LANES, or `width` below that), vectors
-    per CPU tile, full tiles and the vectors of the last, partial tile (0 if none)."""
+    per CPU tile (at most `vecs`), full tiles and the vectors of the last, partial tile (0 if none)."""
     lanes = min(LANES, width)
     count = -(-width // lanes)
-    per_tile = min(VECS, count)
+    per_tile = min(vecs, count)
     return lanes, per_tile, *divmod(count, per_tile)
 
 
@@ -111,6 +115,44 @@ def _store(spec: KernelSpec):  # noqa: ANN202 (returns a TVMScript macro)
     return store
 
 
+def _flat(s: KernelSpec) -> bool:
+    """Whether the CPU SpMM runs the batch as one wide problem: D repacked to (cols, batch·width)
+    so that vectors run across images. Only where width is not whole vectors (a 7×7 or 14×14
+    conv): width 49 is 4 vectors per image (64 columns computed for 49), 392 at batch 8 is 25."""
+    return s.batch > 1 and s.width > 1 and s.width % LANES != 0 and not s.transpose_out
+
+
+@T.macro
+def _pack(D, P, s):  # noqa: ANN001, ANN202
+    """P[0, c, b·width + w] = D[b, c, w]: one copy of D (8×512×49 floats is 0.8 MB)."""
+    for c in T.parallel(s.cols):
+        for b in range(s.batch):
+            for w in T.vectorized(s.width):
+                P[0, c, b * s.width + w] = D[b, c, w]
+
+
+def _spread_store(s: KernelSpec, lanes: int):  # noqa: ANN202 (returns a TVMScript macro)
+    """Store accumulator vector (r, v) of row n at flat column q of (batch·width): one vector
+    store, or lane by lane where the vector spans two images (one vector per image boundary).
+    A no-op where the kernel is not flat (its branch is dead, but must still parse)."""
+    if not _flat(s):
+        @T.macro
+        def skip(out, n, q, acc, r, v):  # noqa: ANN001, ANN202
+            T.evaluate(0)
+        return skip
+
+    @T.macro
+    def spread(out, n, q, acc, r, v):  # noqa: ANN001, ANN202
+        if q % s.width + lanes <= s.width:
+            for p in T.vectorized(lanes):
+                out[q // s.width, n, q % s.width + p] = acc[r, v * lanes + p]
+        else:
+            for p in T.unroll(lanes):
+                out[(q + p) // s.width, n, (q + p) % s.width] = acc[r, v * lanes + p]
+
+    return spread
+
+
 def _group(s: KernelSpec, rows: int) -> int:
     """Output rows per CPU task: a transposed output is written a cache line (16 rows) at a
     time through a staging tile, since one column per row at the row stride (a multiple of
@@ -124,13 +166,18 @@ def _group(s: KernelSpec, rows: int) -> int:
 def _bsr_spmm_cpu(s: KernelSpec) -> tvm.tirx.PrimFunc:
     """A task owns up to VECS whole vectors of D's columns (`_vectors`) and a group of block
     rows: a ragged vector (width 49 = 3·16 + 1 as one 49-lane vector) made LLVM split the
-    accumulators into scalars and spill them to the stack on every step (5-10× slower)."""
+    accumulators into scalars and spill them to the stack on every step (5-10× slower). A batch
+    whose width is not whole vectors runs as one problem of width batch·width (`_flat`): D is
+    copied to (cols, batch·width) and a vector that spans two images is stored lane by lane."""
     (br, bc), nrb = s.block, s.rows // s.block[0]
     group = _group(s, br)
     bpg, ngroups = group // br, s.rows // group
-    lanes, nv, ntiles, tailv = _vectors(s.width)
+    flat = _flat(s)
+    width = s.batch * s.width if flat else s.width
+    lanes, nv, ntiles, tailv = _vectors(width, FLAT_VECS if flat else VECS)
     staged = s.transpose_out
     store = _store(s)
+    spread = _spread_store(s, lanes)
 
     @T.macro
     def tile(D, V, Id, R, bias, out, b, g, k0, vecs, rt):  # noqa: ANN001, ANN202
@@ -149,21 +196,39 @@ def _bsr_spmm_cpu(s: KernelSpec) -> tvm.tirx.PrimFunc:
                             for v in T.unroll(vecs):
                                 for p in T.vectorized(lanes):
                                     acc[r, v * lanes + p] = acc[r, v * lanes + p] + V[j, rs * rt + r, c] * \
-                                        D[b, Id[j] * bc + c, _column(k0 + v, lanes, s.width) + p]
+                                        D[b, Id[j] * bc + c, _column(k0 + v, lanes, width) + p]
                 for r in range(rt):
                     for v in T.unroll(vecs):
-                        for p in T.vectorized(lanes):
-                            if T.bool(staged):
-                                stage[ib * br + rs * rt + r, v * lanes + p] = acc[r, v * lanes + p]
-                            else:
-                                store(out, b, i * br + rs * rt + r, _column(k0 + v, lanes, s.width) + p,
-                                      acc[r, v * lanes + p])
+                        if T.bool(flat):
+                            spread(out, i * br + rs * rt + r, _column(k0 + v, lanes, width), acc, r, v)
+                        else:
+                            for p in T.vectorized(lanes):
+                                if T.bool(staged):
+                                    stage[ib * br + rs * rt + r, v * lanes + p] = acc[r, v * lanes + p]
+                                else:
+                                    store(out, b, i * br + rs * rt + r, _column(k0 + v, lanes, s.width) + p,
+                                          acc[r, v * lanes + p])
         if T.bool(staged):
             for v in range(vecs):
                 for p in range(lanes):
                     for r in T.vectorized(group):
                         store(out, b, g * group + r, _column(k0 + v, lanes, s.width) + p,
                               stage[r, v * lanes + p])
+
+    if flat:
+        @T.prim_func(private=True)
+        def f_flat(D: T.Buffer((s.batch, s.cols, s.width), "float32"), V: T.Buffer((s.nnz, br, bc), "float32"),
+                   Id: T.Buffer((s.nnz,), "int32"), R: T.Buffer((nrb + 1,), "int32"),
+                   bias: T.Buffer((s.rows,), "float32"), out: T.Buffer(s.out_shape, "float32")):
+            P = T.alloc_buffer((1, s.cols, width), "float32")
+            _pack(D, P, s)
+            for t in T.parallel(ntiles * ngroups):
+                tile(P, V, Id, R, bias, out, 0, t % ngroups, t // ngroups * nv, nv, _row_tile(br, nv))
+            if T.bool(tailv > 0):
+                for t in T.parallel(ngroups):
+                    tile(P, V, Id, R, bias, out, 0, t, ntiles * nv, max(tailv, 1), _row_tile(br, max(tailv, 1)))
+
+        return f_flat
 
     @T.prim_func(private=True)
     def f(D: T.Buffer((s.batch, s.cols, s.width), "float32"), V: T.Buffer((s.nnz, br, bc), "float32"),
@@ -223,13 +288,16 @@ def _nm_spmm_cpu(s: KernelSpec) -> tvm.tirx.PrimFunc:
     """A task owns `group` rows and walks the columns in chunks of CHUNK: the rows of D a
     chunk touches (CHUNK × tile floats) stay in L2 for every row of the group, where a
     whole-row walk would stream all of D from L3 once per row. D's columns are cut into whole
-    vectors as in `_bsr_spmm_cpu`."""
+    vectors, and a batch run as one wide problem (`_flat`), as in `_bsr_spmm_cpu`."""
     n, m = s.block
     group = next(g for g in (LANES, 8, 4, 2, 1) if s.rows % g == 0)
     ngroups = s.rows // group
-    lanes, nv, ntiles, tailv = _vectors(s.width)
     per_chunk = next(c for c in range(max(1, CHUNK // m), 0, -1) if (s.cols // m) % c == 0)  # groups of m
     store = _store(s)
+    flat = _flat(s)
+    width = s.batch * s.width if flat else s.width
+    lanes, nv, ntiles, tailv = _vectors(width)
+    spread = _spread_store(s, lanes)
 
     @T.macro
     def tile(D, V, Id, bias, out, b, g, k0, vecs):  # noqa: ANN001, ANN202
@@ -248,7 +316,7 @@ def _nm_spmm_cpu(s: KernelSpec) -> tvm.tirx.PrimFunc:
                         for v in T.unroll(vecs):
                             for p in T.vectorized(lanes):
                                 acc[v * lanes + p] = acc[v * lanes + p] + V[row, k * n + e] * \
-                                    D[b, k * m + T.Cast("int32", Id[row, k * n + e]), _column(k0 + v, lanes, s.width) + p]
+                                    D[b, k * m + T.Cast("int32", Id[row, k * n + e]), _column(k0 + v, lanes, width) + p]
                 for q in T.vectorized(vecs * lanes):
                     stage[r, q] = acc[q]
         for v in T.unroll(vecs):
@@ -256,10 +324,28 @@ def _nm_spmm_cpu(s: KernelSpec) -> tvm.tirx.PrimFunc:
                 for p in range(lanes):
                     for r in T.vectorized(group):
                         store(out, b, g * group + r, _column(k0 + v, lanes, s.width) + p, stage[r, v * lanes + p])
+            elif T.bool(flat):
+                for r in range(group):
+                    spread(out, g * group + r, _column(k0 + v, lanes, width), stage, r, v)
             else:
                 for r in range(group):
                     for p in T.vectorized(lanes):
                         store(out, b, g * group + r, _column(k0 + v, lanes, s.width) + p, stage[r, v * lanes + p])
+
+    if flat:
+        @T.prim_func(private=True)
+        def f_flat(D: T.Buffer((s.batch, s.cols, s.width), "float32"), V: T.Buffer((s.rows, s.nnz), "float32"),
+                   Id: T.Buffer((s.rows, s.nnz), "int8"), bias: T.Buffer((s.rows,), "float32"),
+                   out: T.Buffer(s.out_shape, "float32")):
+            P = T.alloc_buffer((1, s.cols, width), "float32")
+            _pack(D, P, s)
+            for t in T.parallel(ntiles * ngroups):
+                tile(P, V, Id, bias, out, 0, t % ngroups, t // ngroups * nv, nv)
+            if T.bool(tailv > 0):
+                for t in T.parallel(ngroups):
+                    tile(P, V, Id, bias, out, 0, t, ntiles * nv, max(tailv, 1))
+
+        return f_flat
 
     @T.prim_func(private=True)
     def f(D: T.Buffer((s.batch, s.cols, s.width), "float32"), V: T.Buffer((s.rows, s.nnz), "float32"),
