@@ -40,7 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="hf:bert-base")
     parser.add_argument("--densities", default="0.2,0.1", help="kept fractions (0.2 = 80%% sparse)")
-    parser.add_argument("--block", default="1x16")
+    parser.add_argument("--block", default="16x1")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     torch.set_num_threads(resolve_target("cpu").cores)
