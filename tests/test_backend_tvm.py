@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -140,3 +144,14 @@ def test_functional_layer_norm_keeps_eps_weight_and_bias(pruned: bool) -> None:
     compiled = compile(model, inputs, target="cpu", dispatch=False, verbose=False)
     with torch.no_grad():
         _close(compiled(*inputs), model(*inputs))
+
+
+@pytest.mark.parametrize(("preset", "expected"), [(None, "0"), ("5000", "5000")])
+def test_tvm_pool_workers_sleep_unless_the_user_says_otherwise(preset, expected):
+    """Spinning TVM workers starve the PyTorch threads dispatched kernels run on; a user's setting wins."""
+    env = {k: v for k, v in os.environ.items() if k != "TVM_THREAD_POOL_SPIN_COUNT"}
+    if preset is not None:
+        env["TVM_THREAD_POOL_SPIN_COUNT"] = preset
+    code = "import os, sparsefx.backends.tvm; print(os.environ['TVM_THREAD_POOL_SPIN_COUNT'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == expected
