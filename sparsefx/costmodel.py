@@ -17,6 +17,7 @@ are cached on disk per target (`cache_dir()/costmodel/<arch>-<cores>.json`).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -36,7 +37,7 @@ CALIBRATED = ("elementwise", "reduce", "pool")
 GRID = (1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0)
 LAUNCH_MS = {"llvm": 0.004, "cuda": 0.005}  # roofline per-kernel overhead where not calibrated
 ROOFLINE_EFFICIENCY = 0.5  # what a tuned kernel reaches of the peak, for unmeasured targets
-EPILOGUE_ACTIVATIONS = ("none", "relu", "relu6", "silu")  # as `backends.tvm.torch_kernels.ACTIVATIONS`
+EPILOGUE_ACTIVATIONS = ("none", "relu", "relu6", "silu")  # codes in Kernel attrs and dispatched convs' calls
 TABLE_VERSION = 5  # bumped when what a measurement times changes; older tables are re-measured
 
 
@@ -80,7 +81,7 @@ class Kernel:
         return Kernel(self.op, tuple(dims), self.attrs, self.steps)
 
     def with_epilogue(self, activation: str, residual: bool) -> Kernel:
-        """A conv that also applies an activation (an index into `EPILOGUE_ACTIVATIONS`) and adds a
+        """A conv that also applies `activation` (one of `EPILOGUE_ACTIVATIONS`) and adds a
         residual, as the compiled model runs it: a oneDNN post-op or one more pass over the output."""
         code = EPILOGUE_ACTIVATIONS.index(activation)
         return Kernel(self.op, self.dims, (*self.attrs[:8], code, int(residual)), self.steps)
@@ -100,33 +101,28 @@ def matmul_kernel(batch: int, m: int, k: int, n: int, lanes: int) -> Kernel:
     return Kernel("matmul", (batch, m, k, n), (), (0, 0, lanes, lanes))
 
 
-def _last_level_cache_bytes() -> int:
-    """Size of the CPU's last-level cache (Linux sysfs), 32 MiB where it cannot be read."""
-    sizes = []
-    for level in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        text = level.read_text().strip()
-        sizes.append(int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20}.get(text[-1], 1) if text[-1] in "KM"
-                     else int(text))
-    return max(sizes, default=32 << 20)
-
-
-# Written before each timed run. Inside a model the caches hold other layers' activations and
-# weights (dirty lines among them), so a kernel finds little of its own data there; rewriting
-# half the last-level cache reproduces that (ResNet-18/50, MobileNetV2 and BERT-base at one
-# thread: end to end median 8% off, where the L2 only left them 13-35% low). How much of it a
-# model really evicts grows with its footprint: three quarters fitted the dense MobileNetV2 (1%)
-# but over-predicted the pruned models by up to 60%.
-_SCRATCH = torch.zeros(_last_level_cache_bytes() // 8)  # float32: half the cache in bytes
+@functools.cache
+def _scratch() -> torch.Tensor:
+    """Written before each timed run. Inside a model the caches hold other layers' activations and
+    weights (dirty lines among them), so a kernel finds little of its own data there; rewriting
+    half the last-level cache reproduces that (ResNet-18/50, MobileNetV2 and BERT-base at one
+    thread: end to end median 8% off, where the L2 only left them 13-35% low). How much of it a
+    model really evicts grows with its footprint: three quarters fitted the dense MobileNetV2 (1%)
+    but over-predicted the pruned models by up to 60%. Made on first use, not at import."""
+    units = {"K": 1 << 10, "M": 1 << 20}
+    sizes = [int(text.rstrip("KM")) * units.get(text[-1], 1)
+             for text in (f.read_text().strip() for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"))]
+    return torch.zeros(max(sizes, default=32 << 20) // 8)  # float32: half the last-level cache (32 MiB if unknown)
 
 
 def _time_ms(run: Callable[[], object], repeat: int = 15, budget_s: float = 0.25) -> float:
     """Fastest run in ms: on a shared CPU the minimum is what the kernel can do. Half the
-    last-level cache is rewritten before each run (see `_SCRATCH`)."""
+    last-level cache is rewritten before each run (see `_scratch`)."""
     run()
     times: list[float] = []
     started = time.perf_counter()
     while len(times) < 3 or (len(times) < repeat and time.perf_counter() - started < budget_s):
-        _SCRATCH.add_(1.0)
+        _scratch().add_(1.0)
         t0 = time.perf_counter()
         run()
         times.append(time.perf_counter() - t0)
@@ -137,21 +133,14 @@ def time_kernel(kernel: Kernel) -> float:
     """Fastest ms of the PyTorch kernel a dispatched op runs: a conv with its bias, plain or on
     oneDNN with the weight prepacked, whichever is faster (the dispatch makes the same choice)."""
     if kernel.op == "conv2d":
-        from .backends.tvm.torch_kernels import PREPACK, conv, forget_packed, weight_key
+        from .backends.tvm.torch_kernels import conv_time
 
         n, g, ci, co, oh, ow, ih, iw = kernel.dims
         kh, kw, sh, sw, ph, pw, dh, dw, *epilogue = kernel.attrs
         act, residual = epilogue or (0, 0)
         x, w, b = torch.randn(n, g * ci, ih, iw), torch.randn(g * co, ci, kh, kw), torch.randn(g * co)
-        add = torch.randn(n, g * co, oh, ow) if residual else None
-        run = lambda key: conv(x, w, b, (sh, sw, ph, pw, dh, dw, g), key, EPILOGUE_ACTIVATIONS[act], add)
-        plain = _time_ms(lambda: run(0))  # BN folds into the bias
-        if not PREPACK:
-            return plain
-        key = weight_key(w.numpy())
-        packed = _time_ms(lambda: run(key))
-        forget_packed(key)
-        return min(plain, packed)
+        add = torch.randn(n, g * co, oh, ow) if residual else None  # BN folds into the bias
+        return conv_time(x, w, b, (sh, sw, ph, pw, dh, dw, g), _time_ms, EPILOGUE_ACTIVATIONS[act], add)[0]
     b, m, k, n = kernel.dims
     a, w = (torch.randn(m, k), torch.randn(k, n)) if b == 1 else (torch.randn(b, m, k), torch.randn(b, k, n))
     return _time_ms(lambda: torch.matmul(a, w))
@@ -267,9 +256,6 @@ class CostModel:
         overhead, gbs = self._fit(kernel.op)
         self.sources["calibrated"] = self.sources.get("calibrated", 0) + 1
         return overhead + kernel.bytes / gbs / 1e6
-
-    def _overhead(self) -> float:
-        return self._fit("elementwise")[0] if self.measure else LAUNCH_MS.get(self.target.kind, 0.005)
 
     def dispatch_overhead(self) -> float:
         """ms a kernel the compiled model dispatches to PyTorch costs beyond the kernel itself."""

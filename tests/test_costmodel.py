@@ -10,7 +10,7 @@ import sparsefx
 from sparsefx.cli import main
 from sparsefx.costmodel import CostModel, _grid, conv2d_kernel, matmul_kernel
 from sparsefx.models import load_model
-from sparsefx.passes.latency import analyze_fusion, annotate_latency, dense_kernels, fused_nodes
+from sparsefx.passes.latency import analyze_fusion, annotate_latency, dense_kernels
 from sparsefx.target import resolve_target
 
 
@@ -24,7 +24,7 @@ def _fake_cost(monkeypatch, tmp_path):
         return kernel.flops / 1e9
 
     monkeypatch.setattr(cost, "measured", measured)
-    monkeypatch.setattr(cost, "_overhead", lambda: 0.0)
+    monkeypatch.setattr(cost, "dispatch_overhead", lambda: 0.0)
     return cost, calls
 
 
@@ -68,7 +68,7 @@ def test_latency_pass_fuses_the_conv_epilogue_and_annotates_every_node():
     model, inputs = ConvBlock().eval(), (torch.randn(1, 8, 32, 32),)
     gm = sparsefx.trace(model, inputs)
     total = annotate_latency(gm, CostModel("cuda:sm_90"))
-    fused = {n.name for n in fused_nodes(gm, dense_kernels(gm, 8))}
+    fused = {n.name for n in analyze_fusion(gm, dense_kernels(gm, 8)).fused}
     assert {"bn", "act"} <= fused  # BN folds into the conv's bias and ReLU rides in its epilogue
     assert "six" not in fused and "mul" in fused  # ReLU6 starts a TIR kernel; the multiply fuses into it
     assert all("sfx_latency_ms" in n.meta for n in gm.graph.nodes)

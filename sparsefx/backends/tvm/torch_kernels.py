@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import tvm_ffi
 
+from ...costmodel import EPILOGUE_ACTIVATIONS as ACTIVATIONS  # the codes dispatched convs take
+
 CONV = "sparsefx.torch.conv2d"
 CONV_EPILOGUE = "sparsefx.torch.conv2d_bias"
 CONV_RESIDUAL = "sparsefx.torch.conv2d_bias_residual"
 MATMUL = "sparsefx.torch.matmul"
 
-ACTIVATIONS = ("none", "relu", "relu6", "silu")  # the activation codes dispatched convs take
 _ONEDNN_ACT = {"none": ("none", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0]), "silu": ("swish", [])}
 _EAGER_ACT = {"none": lambda t: t, "relu": torch.relu_, "relu6": lambda t: t.clamp_(0, 6),
               "silu": lambda t: F.silu(t, inplace=True)}
@@ -99,19 +101,22 @@ def torch_time(op: str, shapes: tuple[tuple[int, ...], ...], attrs: tuple[int, .
     a, b = (torch.randn(s) for s in shapes[:2])
     if op != "conv2d":
         return best_time(lambda: torch.matmul(a, b), repeat), False
-    plain = best_time(lambda: conv(a, b, None, attrs), repeat)
+    return conv_time(a, b, None, attrs, lambda run: best_time(run, repeat))
+
+
+def conv_time(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, attrs: tuple[int, ...],
+              timer: Callable[[Callable[[], object]], float], act: str = "none",
+              residual: torch.Tensor | None = None) -> tuple[float, bool]:
+    """`timer`'s ms for `conv` plain and (where oneDNN is there) on a prepacked copy of the
+    random weight `w`, the faster, and whether the prepacked one won; the copy is dropped after."""
+    plain = timer(lambda: conv(x, w, b, attrs, 0, act, residual))
     if not PREPACK:
         return plain, False
-    key = weight_key(b.numpy())
-    packed = best_time(lambda: conv(a, b, None, attrs, key), repeat)
-    forget_packed(key)
-    return min(plain, packed), packed < plain
-
-
-def forget_packed(key: int) -> None:
-    """Drop the prepacked copies of a weight that was only timed (a random one: never used again)."""
-    for entry in [e for e in _packed if e[0] == key]:
+    key = weight_key(w.numpy())
+    packed = timer(lambda: conv(x, w, b, attrs, key, act, residual))
+    for entry in [e for e in _packed if e[0] == key]:  # a random weight: never used again
         del _packed[entry]
+    return min(plain, packed), packed < plain
 
 
 def best_time(run: object, repeat: int) -> float:
