@@ -42,16 +42,15 @@ def run_model(name: str, ratios: list[float], target: object, repeat: int) -> tu
     model, inputs = load_model(_spec(name))
     cost = CostModel(target)
     planner = Planner(model, inputs, cost=cost)
-    meta, fusion = (lambda n: n.meta.get("sfx_shape")), planner.search.fusion
+    search = planner.search
     layers, ends = [], []
     for ratio in ratios:
         removed = planner.uniform(ratio)
         predicted = planner.evaluate(removed)
         for node in planner.gm.graph.nodes:
             shape = lambda x, r=removed: planner.shrink.shape(x, r)
-            kernels = priced_kernels(node, planner.gm, shape, cost.lanes, fusion)
-            refs = priced_kernels(node, planner.gm, meta, cost.lanes, fusion)
-            for kernel, ref in zip(kernels, refs):
+            kernels = priced_kernels(node, planner.gm, shape, cost.lanes, search.fusion)
+            for kernel, ref in zip(kernels, search.refs[node]):  # the planner's dense kernels: the grid
                 if kernel.op not in MEASURED:
                     continue
                 with torch.inference_mode():

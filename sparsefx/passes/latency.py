@@ -241,10 +241,6 @@ def _producer_host(node: torch.fx.Node, kinds: dict, host: dict) -> tuple[str, t
     return None
 
 
-def fused_nodes(gm: torch.fx.GraphModule, kernels: dict[torch.fx.Node, list[Kernel]]) -> set[torch.fx.Node]:
-    return analyze_fusion(gm, kernels).fused
-
-
 def priced_kernels(node: torch.fx.Node, gm: torch.fx.GraphModule, shape_of: ShapeOf, lanes: int,
                    fusion: Fusion) -> list[Kernel]:
     """The kernels the compiled model runs for `node`: none when fused, a conv with its epilogue."""
