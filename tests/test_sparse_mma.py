@@ -97,6 +97,10 @@ def test_mma_kernel_compiles_and_assembles(arch: str, tmp_path: object) -> None:
     source = lib.mod.imports[0].inspect_source()
     assert sparse_mma.instruction() in source and all(s.name in source for s in specs)
     assert source.count("asm volatile(\"mma.sp") == 1  # one helper, called per m16n8 tile
+    # every staging copy moves whole 128-bit words: a (row, col) tuple bound inside the vectorized copy
+    # once became a scalar, so 3 of every 4 words were never staged (wrong results on an H200)
+    for tile in ("a_s_ptr", "b_s_ptr"):
+        assert source.count(f"*(uint4*)({tile}") >= len(specs)
     if shutil.which("nvcc") is None:
         pytest.skip("no nvcc: the CUDA source was generated but not assembled")
     path = tmp_path / "k.cu"

@@ -27,8 +27,12 @@ mma24_pack` documents the metadata words. Variant `sp::ordered_metadata` (indice
 Verified here (no GPU): the packing round trip, the TIR kernel compiles to CUDA for sm_80 and
 sm_90 and nvcc accepts the `mma.sp` it contains, and `emulate` (numpy) — which walks the kernel's
 own index functions lane by lane through a model of `mma.sp` written from the PTX ISA fragment
-tables — matches the dense product. NOT verified: that it runs and is right on a GPU, or any
-speed; `benchmarks/sparse_mma_gpu.py` checks both the moment a GPU is lent.
+tables — matches the dense product. Verified on an H200 (`benchmarks/gpu_backend.py`): the
+output matches the fp32 product within 4e-4 (fp16 output) on 4096³ and BERT-base's MLP shapes;
+speed is 0.35-0.56x cuBLAS dense fp16 except 1.46x on 3072x768 at 128 tokens (single-buffered,
+no cp.async or ldmatrix yet). The emulation could not catch that binding `r, c = _a_copy(...)`
+inside a vectorized loop left a scalar index (one word staged of every four); the copies now
+index inline.
 """
 
 from __future__ import annotations
@@ -98,6 +102,10 @@ def _e_copy(q):  # noqa: ANN001, ANN202 — staged metadata (m16 tile, k32 step,
     return q // 32, q // 16 % 2, q % 16
 
 
+def _offset(index, rows, cols):  # noqa: ANN001, ANN202 — a staged (row, col) in the global buffer
+    return index[0] + rows, index[1] + cols
+
+
 def _a_frag(wrow, mi, g, t, ks, j):  # noqa: ANN001, ANN202 — A register j of m16 tile mi
     return wrow + mi * 16 + g + j % 2 * 8, ks * 8 + j // 2 * 4 + t
 
@@ -149,13 +157,13 @@ def kernel(s: MmaSpec, variant: str | None = None) -> tvm.tirx.PrimFunc:
                         acc[mi, ni, i] = T.float32(0)
                     for ko in range(K // BK):
                         for it in T.unroll(a_quads // THREADS):
-                            for v in T.vectorized(4):
-                                r, c = _a_copy(it * THREADS + tid, v)
-                                a_s[r, c] = V32[by * bm + r, ko * (BK // 4) + c]
+                            for v in T.vectorized(4):  # indices inline: a tuple bound here is a scalar, not a vector
+                                a_s[_a_copy(it * THREADS + tid, v)] = V32[_offset(_a_copy(it * THREADS + tid, v),
+                                                                                  by * bm, ko * (BK // 4))]
                         for it in T.unroll(b_quads // THREADS):
                             for v in T.vectorized(4):
-                                r, c = _b_copy(it * THREADS + tid, v)
-                                b_s[r, c] = X32[bx * bn + r, ko * (BK // 2) + c]
+                                b_s[_b_copy(it * THREADS + tid, v)] = X32[_offset(_b_copy(it * THREADS + tid, v),
+                                                                                  bx * bn, ko * (BK // 2))]
                         for it in T.unroll(e_words // THREADS):
                             m16, k32, w = _e_copy(it * THREADS + tid)
                             e_s[m16, k32, w] = E[by * (bm // 16) + m16, ko * (BK // 32) + k32, w]
