@@ -20,7 +20,7 @@ import tvm
 from tvm import relax
 
 from ...target import cache_dir
-from . import prefilter
+from . import depthwise, prefilter
 from .torch_kernels import (
     ACTIVATIONS,
     CONV,
@@ -32,7 +32,7 @@ from .torch_kernels import (
     weight_key,
 )
 
-TABLE_VERSION = 3  # v3: convolutions timed plain and prepacked, the faster recorded
+TABLE_VERSION = 4  # v4: depthwise convs also timed on sparsefx's own TIR kernel (`depthwise`)
 
 
 @dataclass(frozen=True)
@@ -141,6 +141,8 @@ class DispatchTable:
             self._measure(rest, new, target, build)
             for key, (_, prepack) in timed.items():
                 self.entries[key]["prepack"] = prepack
+            self._measure_depthwise([w for w in new.values() if w.op == "conv2d" and
+                                     depthwise.supported(w.attrs, w.shapes)], target)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps(self.entries, indent=1))
         return {w.key: self.entries[w.key] for w in workloads}
@@ -151,6 +153,21 @@ class DispatchTable:
             times = _tir_times([workloads[c.key] for c in candidates], target, build)
             for c, tir_ms in zip(candidates, times, strict=True):
                 self.entries[c.key] = {**self._entry(c, tir_ms), "decided_by": "measured"}
+
+    def _measure_depthwise(self, workloads: list[Workload], target: tvm.target.Target) -> None:
+        """Time the depthwise kernel (one build for all) and keep it where it beats both others."""
+        if not workloads:
+            return
+        specs = [depthwise.spec_of(w.attrs, w.shapes) for w in workloads]
+        library = depthwise.build(specs, target)
+        for w, spec in zip(workloads, specs, strict=True):
+            args = [tvm.runtime.tensor(np.random.randn(*shape).astype("float32"))
+                    for shape in (*w.shapes[:2], (spec.channels,), spec.out_shape)]
+            ms = best_time(lambda spec=spec, args=args: library[spec.name](*args), 5)
+            entry = self.entries[w.key]
+            entry["depthwise_ms"] = ms
+            if ms < min(entry["torch_ms"], entry["tir_ms"] or float("inf")):
+                entry["impl"] = "depthwise"
 
     @staticmethod
     def _entry(c: prefilter.Candidate, tir_ms: float | None) -> dict:

@@ -11,6 +11,7 @@ from tvm.relax.backend import gpu_generic
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
 from ...target import Target
+from .depthwise import depthwise_pass
 from .dispatch import DispatchTable, collect_workloads, dispatch_pass, epilogue_pass  # noqa: F401
 from .schedule import default_schedule_pass
 from .sparse_relax import sparse_kernel_pass
@@ -78,4 +79,5 @@ def decide_dispatch(mod: tvm.IRModule, target: Target, tvm_target: tvm.target.Ta
 
 
 def dispatch(decisions: dict[str, dict]) -> list[NamedPass]:
-    return [("FuseTorchEpilogue", epilogue_pass(decisions)), ("DispatchToTorch", dispatch_pass(decisions))]
+    return [("FuseDepthwise", depthwise_pass(decisions)), ("FuseTorchEpilogue", epilogue_pass(decisions)),
+            ("DispatchToTorch", dispatch_pass(decisions))]

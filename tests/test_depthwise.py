@@ -1,0 +1,78 @@
+"""Depthwise TIR kernel: equals PyTorch's conv (with bias and activation), and the pass swaps it in."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import tvm
+from torch import nn
+
+from sparsefx.backends.tvm import depthwise, pipeline
+from sparsefx.backends.tvm.compiler import build_module
+from sparsefx.backends.tvm.importer import to_relax
+from sparsefx.target import resolve_target
+
+ACT = {"none": lambda t: t, "relu": F.relu, "relu6": lambda t: t.clamp(0, 6), "silu": F.silu}
+SPECS = [  # (batch, channels, height, width, kernel, stride, padding, activation)
+    (1, 8, 16, 16, 3, 1, 1, "relu6"), (2, 5, 15, 13, 3, 2, 1, "relu"), (1, 4, 7, 7, 5, 1, 2, "silu"),
+    (1, 3, 14, 14, 5, 2, 2, "none"), (1, 6, 9, 11, 3, 1, 0, "none"), (1, 2, 6, 6, 3, 2, 1, "relu6"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEFX_CACHE", str(tmp_path / "cache"))
+
+
+def test_kernel_matches_torch_conv_with_bias_and_activation() -> None:
+    specs = [depthwise.DepthwiseSpec(*s) for s in SPECS]
+    library = depthwise.build(specs, resolve_target("cpu").to_tvm())
+    torch.manual_seed(0)
+    for s in specs:
+        x, w, b = torch.randn(s.batch, s.channels, s.height, s.width), torch.randn(s.channels, 1, s.kernel, s.kernel), \
+            torch.randn(s.channels)
+        want = ACT[s.activation](F.conv2d(x, w, b, s.stride, s.padding, 1, s.channels))
+        out = tvm.runtime.empty(s.out_shape, "float32")
+        library[s.name](*[tvm.runtime.tensor(t.numpy()) for t in (x, w, b)], out)
+        np.testing.assert_allclose(out.numpy(), want.numpy(), rtol=1e-5, atol=1e-5, err_msg=s.name)
+
+
+def test_supported_takes_only_plain_depthwise_convs() -> None:
+    shapes = ((1, 8, 16, 16), (8, 1, 3, 3), (1, 8, 16, 16))
+    assert depthwise.supported((1, 1, 1, 1, 1, 1, 8), shapes)
+    assert not depthwise.supported((1, 1, 1, 1, 2, 2, 8), shapes)  # dilated
+    assert not depthwise.supported((1, 1, 1, 1, 1, 1, 4), ((1, 8, 16, 16), (8, 2, 3, 3), (1, 8, 16, 16)))  # grouped
+    assert not depthwise.supported((3, 3, 1, 1, 1, 1, 8), ((1, 8, 16, 16), (8, 1, 3, 3), (1, 8, 6, 6)))  # stride 3
+
+
+class _Block(nn.Module):
+    """Depthwise conv + BN + ReLU6 (BN folds into a bias), then a pointwise conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dw, self.bn = nn.Conv2d(12, 12, 3, 2, 1, groups=12, bias=False), nn.BatchNorm2d(12)
+        self.pw = nn.Conv2d(12, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pw(F.relu6(self.bn(self.dw(x))))
+
+
+def test_pass_swaps_in_the_kernel_with_its_epilogue_and_matches_eager() -> None:
+    torch.manual_seed(0)
+    model, inputs = _Block().eval(), (torch.randn(1, 12, 15, 15),)
+    with torch.no_grad():
+        model.bn.running_mean.normal_()
+        model.bn.running_var.uniform_(0.5, 2)
+    target = resolve_target("cpu")
+    mod, _ = to_relax(model, inputs)
+    mod = pipeline.run(pipeline.optimize_passes(), mod, target.to_tvm())
+    decisions = {w.key: {"impl": "depthwise" if w.attrs[-1] > 1 else "tir"} for w in pipeline.collect_workloads(mod)}
+    mod = pipeline.run(pipeline.dispatch(decisions), mod, target.to_tvm())
+    text = str(mod["main"])
+    assert "depthwise_c12_15x15_k3s2p1_b1_relu6" in text and "R.clip" not in text  # bias and ReLU6 fused in
+    vm = tvm.relax.VirtualMachine(build_module(mod, target.to_tvm(), target), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(inputs[0].numpy())).numpy()
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(*inputs).numpy(), rtol=1e-4, atol=1e-5)
