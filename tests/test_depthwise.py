@@ -33,6 +33,7 @@ def test_kernel_matches_torch_conv_with_bias_and_activation() -> None:
     for s in specs:
         x, w, b = torch.randn(s.batch, s.channels, s.height, s.width), torch.randn(s.channels, 1, s.kernel, s.kernel), \
             torch.randn(s.channels)
+        x = x * 20 if s.activation == "silu" else x  # reach exp's clamp: no inf or nan from a large |x|
         want = ACT[s.activation](F.conv2d(x, w, b, s.stride, s.padding, 1, s.channels))
         out = tvm.runtime.empty(s.out_shape, "float32")
         library[s.name](*[tvm.runtime.tensor(t.numpy()) for t in (x, w, b)], out)

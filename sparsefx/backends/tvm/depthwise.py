@@ -73,8 +73,22 @@ def _activate(value, activation: str):  # noqa: ANN001, ANN202 (TIR expressions)
     if activation == "relu6":
         return T.min(T.max(value, T.float32(0)), T.float32(6))
     if activation == "silu":
-        return value / (T.float32(1) + T.exp(-value))
+        return value / (T.float32(1) + _exp(-value))
     return value
+
+
+def _exp(value):  # noqa: ANN001, ANN202 (TIR expressions)
+    """exp that vectorises: LLVM turns `T.exp` into one libm call per lane, which made a fused SiLU
+    cost 3-5x the convolution. Cephes' expf: n = round(x·log2 e), a degree-5 polynomial on the
+    remainder (within 2 ulp), times 2^n built in the exponent bits; |x| clamped to 88.38 (no inf)."""
+    x = T.max(T.min(value, T.float32(88.3762626647949)), T.float32(-88.3762626647949))
+    n = T.floor(x * T.float32(1.44269504088896341) + T.float32(0.5))
+    r = x - n * T.float32(0.693359375) + n * T.float32(2.12194440e-4)
+    p = T.float32(1.9875691500e-4)
+    for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        p = p * r + T.float32(c)
+    scale = T.reinterpret("float32", T.shift_left(T.Cast("int32", n) + 127, 23))
+    return (p * r * r + r + T.float32(1)) * scale
 
 
 def kernel(s: DepthwiseSpec) -> tvm.tirx.PrimFunc:
