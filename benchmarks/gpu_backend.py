@@ -172,29 +172,15 @@ def _bare_sparsefx() -> None:
         sys.modules["sparsefx"] = package
 
 
-def _serve_cubins(kernel_dir: Path, digests: list[str]) -> None:
-    import hashlib
-
+def run_mma(mma: Path, bundle: Path, repeat: int) -> list[dict]:
+    """The 2:4 kernels, on the TVM runtime and wheels that `bundle` ships (its run.py loads them)."""
+    runtime = _bundle_module(bundle)
+    runtime.unpack_wheels()
     import tvm_ffi
 
-    cubins = {d: (kernel_dir / f"{d}.cubin").read_bytes() for d in digests}
-
-    @tvm_ffi.register_global_func("tvm_callback_cuda_compile", override=True)
-    def _precompiled(source: str) -> bytes:
-        return cubins[hashlib.sha256(source.encode()).hexdigest()]
-
-
-def run_mma(mma: Path, site: Path, lib: Path, repeat: int) -> list[dict]:
-    import ctypes
-
-    sys.path.insert(0, str(site))
-    import tvm_ffi
-
+    runtime.load_runtime(json.loads((bundle / "manifest.json").read_text())["bundle"]["runtime_libs"])
     manifest = json.loads((mma / "manifest.json").read_text())
-    for name in ("libcudart", "libtvm_runtime.so", "libtvm_runtime_cuda.so"):
-        for found in sorted(lib.glob(f"{name}*")):
-            ctypes.CDLL(str(found), mode=ctypes.RTLD_GLOBAL)
-    _serve_cubins(mma / "kernels", manifest["cuda_kernels"])
+    runtime.serve_precompiled_kernels(tvm_ffi, mma / "kernels", manifest["cuda_kernels"])
     module = tvm_ffi.load_module(str(mma / "mma.so"))
     _bare_sparsefx()
     import sparsefx.formats as formats
@@ -255,8 +241,7 @@ def run(kit: Path, out: Path, rounds: int) -> int:
         models.append(json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0
                       else {"model": bundle.name, "error": done.stderr.strip().splitlines()[-1:]})
         print(json.dumps(models[-1]), flush=True)
-    site = next((kit / "models").iterdir()) / "site"
-    done = subprocess.run([sys.executable, __file__, "run-mma", str(kit / "mma"), str(site), str(kit / "lib")],
+    done = subprocess.run([sys.executable, __file__, "run-mma", str(kit / "mma"), str(next((kit / "models").iterdir()))],
                           capture_output=True, text=True)
     print(done.stderr[-2000:], file=sys.stderr)
     mma = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else \
@@ -314,8 +299,7 @@ def main() -> int:
     one.add_argument("--rounds", type=int, default=7)
     mma = sub.add_parser("run-mma")
     mma.add_argument("mma", type=Path)
-    mma.add_argument("site", type=Path)
-    mma.add_argument("lib", type=Path)
+    mma.add_argument("bundle", type=Path, help="a bundle of the kit: its runtime libraries and wheels are used")
     mma.add_argument("--repeat", type=int, default=20)
     args = parser.parse_args()
     if args.command == "build":
@@ -328,7 +312,7 @@ def main() -> int:
         print(json.dumps(run_one(args.bundle, args.rounds)))
         return 0
     if args.command == "run-mma":
-        print(json.dumps(run_mma(args.mma, args.site, args.lib, args.repeat)))
+        print(json.dumps(run_mma(args.mma, args.bundle, args.repeat)))
         return 0
     return run(args.kit, args.out, args.rounds)
 

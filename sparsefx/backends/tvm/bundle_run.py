@@ -22,7 +22,7 @@ POOLED_ALLOCATOR = 2
 CPU, CUDA = 1, 2  # DLPack device types
 
 
-def _unpack_wheels() -> None:
+def unpack_wheels() -> None:
     site = HERE / "site"
     for wheel in sorted((HERE / "wheels").glob("*.whl")):
         marker = site / f".{wheel.name}.unpacked"
@@ -33,10 +33,16 @@ def _unpack_wheels() -> None:
     sys.path.insert(0, str(site))
 
 
-def _serve_precompiled_kernels(tvm_ffi: object, digests: list[str]) -> None:
+def load_runtime(names: list[str]) -> None:
+    """Load the bundled TVM runtime libraries, dependencies first, global so later ones link."""
+    for name in names:
+        ctypes.CDLL(str(HERE / "lib" / name), mode=ctypes.RTLD_GLOBAL)
+
+
+def serve_precompiled_kernels(tvm_ffi: object, kernel_dir: Path, digests: list[str]) -> None:
     """TVM's CUDA runtime compiles kernel source through this callback when the library loads;
     answer with the cubins compiled when the bundle was made, so no CUDA compiler is needed here."""
-    cubins = {d: (HERE / "kernels" / f"{d}.cubin").read_bytes() for d in digests}
+    cubins = {d: (kernel_dir / f"{d}.cubin").read_bytes() for d in digests}
 
     @tvm_ffi.register_global_func("tvm_callback_cuda_compile", override=True)
     def _precompiled(source: str) -> bytes:
@@ -51,15 +57,14 @@ class Model:
 
     def __init__(self) -> None:
         self.manifest = json.loads((HERE / "manifest.json").read_text())
-        _unpack_wheels()
+        unpack_wheels()
         import tvm_ffi
 
         self.ffi = tvm_ffi
-        for name in self.manifest["bundle"]["runtime_libs"]:  # dependencies first; global so later ones link
-            ctypes.CDLL(str(HERE / "lib" / name), mode=ctypes.RTLD_GLOBAL)
+        load_runtime(self.manifest["bundle"]["runtime_libs"])
         self.gpu = self.manifest["target"]["kind"] == "cuda"
         if self.gpu:
-            _serve_precompiled_kernels(tvm_ffi, self.manifest["bundle"]["cuda_kernels"])
+            serve_precompiled_kernels(tvm_ffi, HERE / "kernels", self.manifest["bundle"]["cuda_kernels"])
         self.device = tvm_ffi.device("cuda" if self.gpu else "cpu", 0)
         self.vm = tvm_ffi.load_module(str(HERE / "model.so"))["vm_load_executable"]()
         devices = [CUDA, 0, POOLED_ALLOCATOR, CPU, 0, POOLED_ALLOCATOR] if self.gpu else [CPU, 0, POOLED_ALLOCATOR]
