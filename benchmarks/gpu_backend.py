@@ -228,24 +228,26 @@ def _event_ms(call: object, repeat: int) -> float:
     return min(times)
 
 
+def _child(*args: str) -> tuple[object, str]:
+    """Run a subcommand of this script in its own process: (its last stdout line as JSON, or None; stderr)."""
+    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    print(done.stderr[-2000:], file=sys.stderr)
+    error = done.stderr.strip().splitlines()[-1:]
+    return (json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None), error
+
+
 def run(kit: Path, out: Path, rounds: int) -> int:
-    for bundle in sorted((kit / "models").iterdir()):
+    bundles = sorted((kit / "models").iterdir())
+    models = []
+    for bundle in bundles:  # one process each: each bundle registers its own cubins
         for shared in ("lib", "wheels"):
             if not (bundle / shared).exists():
                 shutil.copytree(kit / shared, bundle / shared)
-    models = []
-    for bundle in sorted((kit / "models").iterdir()):  # one process each: each bundle registers its own cubins
-        done = subprocess.run([sys.executable, __file__, "run-one", str(bundle), "--rounds", str(rounds)],
-                              capture_output=True, text=True)
-        print(done.stderr[-2000:], file=sys.stderr)
-        models.append(json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0
-                      else {"model": bundle.name, "error": done.stderr.strip().splitlines()[-1:]})
+        row, error = _child("run-one", str(bundle), "--rounds", str(rounds))
+        models.append(row or {"model": bundle.name, "error": error})
         print(json.dumps(models[-1]), flush=True)
-    done = subprocess.run([sys.executable, __file__, "run-mma", str(kit / "mma"), str(next((kit / "models").iterdir()))],
-                          capture_output=True, text=True)
-    print(done.stderr[-2000:], file=sys.stderr)
-    mma = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else \
-        [{"error": done.stderr.strip().splitlines()[-1:]}]
+    mma, error = _child("run-mma", str(kit / "mma"), str(bundles[0]))
+    mma = mma or [{"error": error}]
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
               "python": sys.version.split()[0], "models": models, "mma24": mma,
               "instruction": json.loads((kit / "mma" / "manifest.json").read_text())["instruction"]}

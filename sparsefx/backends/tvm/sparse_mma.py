@@ -29,7 +29,7 @@ sm_90 and nvcc accepts the `mma.sp` it contains, and `emulate` (numpy) — which
 own index functions lane by lane through a model of `mma.sp` written from the PTX ISA fragment
 tables — matches the dense product. Verified on an H200 (`benchmarks/gpu_backend.py`): the
 output matches the fp32 product within 4e-4 (fp16 output) on 4096³ and BERT-base's MLP shapes;
-speed is 0.35-0.44x cuBLAS dense fp16 except 1.11x on 3072x768 at 128 tokens (single-buffered,
+speed is 0.35-0.44x cuBLAS dense fp16, about even (0.99-1.46x) on 3072x768 at 128 tokens (single-buffered,
 no cp.async or ldmatrix yet). The emulation could not catch that binding `r, c = _a_copy(...)`
 inside a vectorized loop left a scalar index (one word staged of every four); the copies now
 index inline.
