@@ -48,6 +48,7 @@ def bench_model(name: str, batch: int, tune: int, repeat: int, round_to: int = 1
         dispatch = compiled.manifest["dispatch"].values()
         row[f"torch_kernels_{label}"] = f"{sum(d['impl'] == 'torch' for d in dispatch)}/{len(dispatch)}"
         row[f"prepacked_{label}"] = sum(bool(d.get("prepack")) and d["impl"] == "torch" for d in dispatch)
+        row[f"depthwise_{label}"] = sum(d["impl"] == "depthwise" for d in dispatch)
         with torch.no_grad():
             expected, actual = source(*inputs), compiled(*inputs)
         expected = expected if isinstance(expected, torch.Tensor) else torch.utils._pytree.tree_leaves(expected)[0]
@@ -68,7 +69,7 @@ def markdown(rows: list[dict], threads: int, round_to: int) -> str:
     lines = [f"# TVM backend vs eager ({threads} thread(s) for PyTorch and TVM; median ms, alternating rounds"
              f"{rounding})", "",
              "| model | batch | eager dense | TVM dense | eager pruned | TVM pruned | TVM dense vs eager | "
-             "TVM pruned vs TVM dense | MACs kept | speedup / (1/MACs) | PyTorch kernels dense / pruned | compile s | max rel err |",
+             "TVM pruned vs TVM dense | MACs kept | speedup / (1/MACs) | conv/matmul on PyTorch kernels dense / pruned | compile s | max rel err |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
@@ -87,8 +88,10 @@ def markdown(rows: list[dict], threads: int, round_to: int) -> str:
 
 
 def _kernels(row: dict, label: str) -> str:
-    """Dispatched-to-PyTorch workloads, with how many of those run on prepacked weights."""
-    return f"{row[f'torch_kernels_{label}']} ({row.get(f'prepacked_{label}', 0)} prepacked)"
+    """Dispatched-to-PyTorch workloads (how many on prepacked weights) and those on the depthwise kernel."""
+    depthwise = row.get(f"depthwise_{label}", 0)
+    return f"{row[f'torch_kernels_{label}']} ({row.get(f'prepacked_{label}', 0)} prepacked)" + \
+        (f" + {depthwise} depthwise" if depthwise else "")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,3 +54,18 @@ def test_table_builds_calibration_and_plausible_tir_wins_only(monkeypatch) -> No
     # the cached table answers a second compile without building anything
     assert dispatch.DispatchTable("test").decide(workloads, target.to_tvm(), counting_build) == decisions
     assert built == [prefilter.CALIBRATE]
+
+
+def test_depthwise_convs_build_only_sparsefx_kernel_not_the_default_tir(monkeypatch) -> None:
+    depthwise = dispatch.Workload("conv2d", ((1, 32, 16, 16), (32, 1, 3, 3), (1, 32, 16, 16)), (1, 1, 1, 1, 1, 1, 32))
+    monkeypatch.setattr(dispatch, "_torch_time", lambda w: (1e6, False))  # PyTorch loses: TIR would be built
+    built: list[int] = []
+    target = resolve_target("cpu")
+
+    def counting_build(mod, tvm_target):
+        built.append(len(mod.functions))
+        return build_module(mod, tvm_target, target)
+
+    decision = dispatch.DispatchTable("test").decide([depthwise], target.to_tvm(), counting_build)[depthwise.key]
+    assert built == [] and decision["decided_by"] == "depthwise" and decision["tir_ms"] is None
+    assert decision["impl"] == "depthwise" and decision["depthwise_ms"] > 0

@@ -73,8 +73,9 @@ def decide_dispatch(mod: tvm.IRModule, target: Target, tvm_target: tvm.target.Ta
         progress(f"measuring {len(fresh)} conv/matmul workloads on PyTorch kernels, and on TIR where it could win")
     decisions = table.decide(workloads, tvm_target, build)
     if progress and fresh:
-        skipped = sum(table.entries[w.key].get("decided_by") == "prefilter" for w in fresh)
-        progress(f"{len(fresh) - skipped} built in TIR, {skipped} decided by the pre-filter (PyTorch far faster)")
+        by = [table.entries[w.key].get("decided_by") for w in fresh]
+        progress(f"{by.count('measured')} built in TIR, {by.count('depthwise')} depthwise (sparsefx's kernel, not TIR's default), "
+                 f"{by.count('prefilter')} decided by the pre-filter (PyTorch far faster)")
     return decisions
 
 
