@@ -7,7 +7,8 @@ cost model's grid points and its interpolation is what gets tested):
 - end to end: the planner's predicted latency versus the pruned model compiled with
   `sparsefx.compile` (TVM, measured dispatch) and timed: its fastest of `--repeat` runs, as
   the kernel tables hold fastest runs (the median is recorded too: on a CPU shared with
-  other jobs the median measures the neighbours as much as the model).
+  other jobs the median measures the neighbours as much as the model). A model's ratios
+  take turns, in blocks of back-to-back runs.
 
     python benchmarks/costmodel.py                      # ResNet-18/50, MobileNetV2, BERT-base
     python benchmarks/costmodel.py --models resnet18 --ratios 0.5 --threads 1
@@ -34,7 +35,7 @@ def _spec(name: str) -> str:
 
 def run_model(name: str, ratios: list[float], target: object, repeat: int) -> tuple[list[dict], list[dict]]:
     import sparsefx
-    from sparsefx.costmodel import MEASURED, CostModel, time_kernel
+    from sparsefx.costmodel import MEASURED, CostModel
     from sparsefx.models import load_model
     from sparsefx.passes.latency import priced_kernels
     from sparsefx.planner import Planner
@@ -43,7 +44,7 @@ def run_model(name: str, ratios: list[float], target: object, repeat: int) -> tu
     cost = CostModel(target)
     planner = Planner(model, inputs, cost=cost)
     search = planner.search
-    layers, ends = [], []
+    layers, ends, compiled = [], [], {}
     for ratio in ratios:
         removed = planner.uniform(ratio)
         predicted = planner.evaluate(removed)
@@ -53,32 +54,37 @@ def run_model(name: str, ratios: list[float], target: object, repeat: int) -> tu
             for kernel, ref in zip(kernels, search.refs[node]):  # the planner's dense kernels: the grid
                 if kernel.op not in MEASURED:
                     continue
-                with torch.inference_mode():
-                    measured = time_kernel(kernel) + cost.dispatch_overhead()
+                measured = cost.time_now(kernel)
                 layers.append({"model": name, "ratio": ratio, "node": node.name, "kernel": kernel.key,
                                "predicted_ms": cost.latency(kernel, ref), "measured_ms": measured})
         pruned = sparsefx.prune(model, inputs, ratio=ratio) if ratio else model
-        compiled = sparsefx.compile(pruned, inputs, target=target, verbose=False)
-        times = _run_times(compiled, inputs, repeat)
-        measured = float(np.min(times))  # see the module doc: a shared CPU inflates medians, not the fast runs
-        ends.append({"model": name, "ratio": ratio, "predicted_ms": predicted, "measured_ms": measured,
-                     "measured_median_ms": float(np.median(times)),
+        compiled[ratio] = sparsefx.compile(pruned, inputs, target=target, verbose=False)
+        ends.append({"model": name, "ratio": ratio, "predicted_ms": predicted,
                      "macs_ratio": sparsefx.count_macs(pruned, inputs) / sparsefx.count_macs(model, inputs)})
-        print(f"{name} ratio {ratio}: predicted {predicted:.3f} ms, measured {measured:.3f} ms "
-              f"({100 * (predicted / measured - 1):+.1f}%)", file=sys.stderr, flush=True)
+    times = _run_times(compiled, inputs, repeat)
+    for end in ends:
+        end["measured_ms"] = float(np.min(times[end["ratio"]]))  # see the module doc
+        end["measured_median_ms"] = float(np.median(times[end["ratio"]]))
+        print(f"{name} ratio {end['ratio']}: predicted {end['predicted_ms']:.3f} ms, measured {end['measured_ms']:.3f} ms "
+              f"({100 * (end['predicted_ms'] / end['measured_ms'] - 1):+.1f}%)", file=sys.stderr, flush=True)
     cost.save()
     return layers, ends
 
 
-def _run_times(compiled: object, inputs: tuple, repeat: int) -> list[float]:
+def _run_times(compiled: dict, inputs: tuple, repeat: int, rounds: int = 3) -> dict:
+    """ms per run of each compiled model: `rounds` blocks of consecutive runs per model, the
+    models taking turns. A shared CPU has slow spells of a minute or more, so each model runs
+    at several times; within a block its first two runs re-warm the caches the other models
+    took and are not counted (a deployed model runs back to back)."""
+    times: dict = {key: [] for key in compiled}
     with torch.inference_mode():
-        for _ in range(3):
-            compiled(*inputs)
-        times = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            compiled(*inputs)
-            times.append((time.perf_counter() - start) * 1e3)
+        for _ in range(rounds):
+            for key, model in compiled.items():
+                for i in range(2 + max(1, repeat // rounds)):
+                    start = time.perf_counter()
+                    model(*inputs)
+                    if i >= 2:
+                        times[key].append((time.perf_counter() - start) * 1e3)
     return times
 
 

@@ -3,12 +3,17 @@
 Sources, best first:
 - measured: convolutions and matmuls are timed on the kernels the compiled model runs on
   this CPU (PyTorch's, which the dispatch picks for nearly every workload: a conv plain or
-  on oneDNN with its weight prepacked, whichever is faster), at the
+  on oneDNN with its weight prepacked, whichever is faster; for a depthwise conv also
+  sparsefx's TIR kernel, and the faster counts), at the
   exact shape or at points of a per-dimension grid, and interpolated between them;
 - calibrated: element-wise, reduction and pooling kernels run as fused TIR; their cost is
   `overhead + bytes / bandwidth`, both fitted per kernel class from TVM builds on the target;
 - roofline: FLOPs against the target's peak and bytes against its bandwidth, where nothing
   can be measured (CUDA targets on this host, `measure=False`).
+
+Measured kernels run as a layer inside a model does: on a weight from memory (copies cycled, see
+`weight_copies`), writing an output buffer out of cache (`CostModel.output_ms`), with the code of
+the call path warm.
 
 Latency is a staircase in the channel count (SIMD width, blocked layouts): a channel-like
 dimension is first rounded up to the target's vector lanes, then looked up. Measurements
@@ -38,7 +43,7 @@ GRID = (1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0)
 LAUNCH_MS = {"llvm": 0.004, "cuda": 0.005}  # roofline per-kernel overhead where not calibrated
 ROOFLINE_EFFICIENCY = 0.5  # what a tuned kernel reaches of the peak, for unmeasured targets
 EPILOGUE_ACTIVATIONS = ("none", "relu", "relu6", "silu")  # codes in Kernel attrs and dispatched convs' calls
-TABLE_VERSION = 5  # bumped when what a measurement times changes; older tables are re-measured
+TABLE_VERSION = 6  # bumped when what a measurement times changes; older tables are re-measured
 
 
 @dataclass(frozen=True)
@@ -101,32 +106,63 @@ def matmul_kernel(batch: int, m: int, k: int, n: int, lanes: int) -> Kernel:
     return Kernel("matmul", (batch, m, k, n), (), (0, 0, lanes, lanes))
 
 
+COLD_BYTES = 256 << 20  # what a weight's timed copies span (see `weight_copies`)
+
+
 @functools.cache
-def _scratch() -> torch.Tensor:
-    """Written before each timed run. Inside a model the caches hold other layers' activations and
-    weights (dirty lines among them), so a kernel finds little of its own data there; rewriting
-    half the last-level cache reproduces that (ResNet-18/50, MobileNetV2 and BERT-base at one
-    thread: end to end median 8% off, where the L2 only left them 13-35% low). How much of it a
-    model really evicts grows with its footprint: three quarters fitted the dense MobileNetV2 (1%)
-    but over-predicted the pruned models by up to 60%. Made on first use, not at import."""
-    units = {"K": 1 << 10, "M": 1 << 20}
-    sizes = [int(text.rstrip("KM")) * units.get(text[-1], 1)
-             for text in (f.read_text().strip() for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"))]
-    return torch.zeros(max(sizes, default=32 << 20) // 8)  # float32: half the last-level cache (32 MiB if unknown)
+def _pool() -> torch.Tensor:
+    """Random float32s that timed weights are cut from (made on first use, not at import)."""
+    return torch.randn(COLD_BYTES // 4)
 
 
-def _time_ms(run: Callable[[], object], repeat: int = 15, budget_s: float = 0.25) -> float:
-    """Fastest run in ms: on a shared CPU the minimum is what the kernel can do. Half the
-    last-level cache is rewritten before each run (see `_scratch`)."""
-    run()
+def weight_copies(shape: tuple[int, ...], limit: int = 256) -> list[torch.Tensor]:
+    """Distinct random weights of `shape`, as many as fit in `COLD_BYTES` (at least two), which a
+    timing cycles through (see `_time_ms`). Inside a model a layer's input was just written by its
+    producer, but its weight was last read one inference ago, with the whole model's data in
+    between: from memory, not cache. Cycling through copies reproduces that and leaves the code
+    of the call path warm, as it is in a model. Rewriting half the last-level cache before each
+    run, as this did before, evicted that code too: on an Intel Xeon VM a 1x1 conv on a 4x4
+    input took 5 us hot and 67 us after the write, and MobileNetV2 pruned to half its channels
+    was predicted 37% slow."""
+    size = math.prod(shape)
+    count = min(limit, max(2, COLD_BYTES // 4 // max(size, 1)))
+    if size * count > _pool().numel():
+        return [torch.randn(shape) for _ in range(count)]
+    return [_pool()[i * size:(i + 1) * size].view(shape) for i in range(count)]
+
+
+def _time_ms(runs: list[Callable[[], object]], repeat: int = 15, budget_s: float = 0.25) -> float:
+    """Fastest run in ms, taking `runs` (the same kernel on different copies of its weight) in
+    turn after running each once: on a shared CPU the minimum is what the kernel can do."""
+    for run in runs:
+        run()
     times: list[float] = []
     started = time.perf_counter()
     while len(times) < 3 or (len(times) < repeat and time.perf_counter() - started < budget_s):
-        _scratch().add_(1.0)
+        run = runs[len(times) % len(runs)]
         t0 = time.perf_counter()
         run()
         times.append(time.perf_counter() - t0)
     return min(times) * 1e3
+
+
+@functools.cache
+def l2_bytes() -> int:
+    """This CPU's per-core L2 cache (1 MiB where /sys does not say)."""
+    units = {"K": 1 << 10, "M": 1 << 20}
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        if (index / "level").read_text().strip() == "2":
+            text = (index / "size").read_text().strip()
+            return int(text.rstrip("KM")) * units.get(text[-1], 1)
+    return 1 << 20
+
+
+def cold_write_gbs() -> float:
+    """GB/s of writing memory last written long ago (a 256 MiB region, 1 MiB at a time)."""
+    region, chunk = torch.zeros(COLD_BYTES // 4), (1 << 20) // 4
+    chunks = region.split(chunk)
+    ms = _time_ms([lambda part=part: part.fill_(1.0) for part in chunks], repeat=30)
+    return chunk * 4 / ms / 1e6
 
 
 def time_kernel(kernel: Kernel) -> float:
@@ -138,12 +174,46 @@ def time_kernel(kernel: Kernel) -> float:
         n, g, ci, co, oh, ow, ih, iw = kernel.dims
         kh, kw, sh, sw, ph, pw, dh, dw, *epilogue = kernel.attrs
         act, residual = epilogue or (0, 0)
-        x, w, b = torch.randn(n, g * ci, ih, iw), torch.randn(g * co, ci, kh, kw), torch.randn(g * co)
+        x, b = torch.randn(n, g * ci, ih, iw), torch.randn(g * co)
+        weights = weight_copies((g * co, ci, kh, kw))
         add = torch.randn(n, g * co, oh, ow) if residual else None  # BN folds into the bias
-        return conv_time(x, w, b, (sh, sw, ph, pw, dh, dw, g), _time_ms, EPILOGUE_ACTIVATIONS[act], add)[0]
+        return conv_time(x, weights, b, (sh, sw, ph, pw, dh, dw, g), _time_ms, EPILOGUE_ACTIVATIONS[act], add)[0]
     b, m, k, n = kernel.dims
-    a, w = (torch.randn(m, k), torch.randn(k, n)) if b == 1 else (torch.randn(b, m, k), torch.randn(b, k, n))
-    return _time_ms(lambda: torch.matmul(a, w))
+    if b > 1:  # attention's batched matmuls multiply two activations, both just written
+        x, y = torch.randn(b, m, k), torch.randn(b, k, n)
+        return _time_ms([lambda: torch.matmul(x, y)])
+    x = torch.randn(m, k)
+    return _time_ms([lambda w=w: torch.matmul(x, w) for w in weight_copies((k, n))])
+
+
+def depthwise_spec(kernel: Kernel) -> object | None:
+    """The TIR depthwise kernel's spec for a conv it can run (bias and activation fused), else None;
+    a residual add is not fused into it, so such convs stay PyTorch's."""
+    if kernel.op != "conv2d":
+        return None
+    from .backends.tvm import depthwise
+
+    n, g, ci, co, oh, ow, ih, iw = kernel.dims
+    kh, kw, sh, sw, ph, pw, dh, dw, *epilogue = kernel.attrs
+    act, residual = epilogue or (0, 0)
+    attrs, shapes = (sh, sw, ph, pw, dh, dw, g), ((n, g * ci, ih, iw), (g * co, ci, kh, kw), (n, g * co, oh, ow))
+    if residual or not depthwise.supported(attrs, shapes):
+        return None
+    return depthwise.spec_of(attrs, shapes, EPILOGUE_ACTIVATIONS[act])
+
+
+def time_depthwise(spec: object, target: Target) -> float:
+    """Fastest ms of sparsefx's TIR depthwise kernel for `spec` (one LLVM build per spec)."""
+    import tvm
+
+    from .backends.tvm import depthwise
+
+    library = depthwise.build([spec], target.to_tvm())
+    x, b, out = (tvm.runtime.tensor(np.random.randn(*shape).astype("float32"))
+                 for shape in ((spec.batch, spec.channels, spec.height, spec.width), (spec.channels,), spec.out_shape))
+    w_shape = (spec.channels, 1, spec.kernel, spec.kernel)
+    weights = [tvm.runtime.tensor(w.numpy()) for w in weight_copies(w_shape)]
+    return _time_ms([lambda w=w: library[spec.name](x, w, b, out) for w in weights])
 
 
 @contextmanager
@@ -197,13 +267,33 @@ class CostModel:
         """Time `kernel` at exactly its shape (cached)."""
         key = kernel.key
         if key not in self.table:
-            with _threads(self.target.cores), torch.inference_mode():
-                self.table[key] = time_kernel(kernel) + self.dispatch_overhead()
+            self.table[key] = self.time_now(kernel)
             self._dirty = True
             if self.progress:
                 self.progress(1)
         self.sources["measured"] = self.sources.get("measured", 0) + 1
         return self.table[key]
+
+    def time_now(self, kernel: Kernel) -> float:
+        """ms of `kernel` as the compiled model runs it, timed now (uncached): PyTorch's kernel plus
+        the call out of the VM, or sparsefx's depthwise kernel plus a TIR call where that is faster;
+        plus the cold output (see `output_ms`)."""
+        with _threads(self.target.cores), torch.inference_mode():
+            ms = time_kernel(kernel) + self.dispatch_overhead()
+            spec = depthwise_spec(kernel)
+            if spec is not None:
+                ms = min(ms, time_depthwise(spec, self.target) + self._fit("elementwise")[0])
+        return ms + self.output_ms(kernel)
+
+    def output_ms(self, kernel: Kernel) -> float:
+        """What writing the output costs in a model beyond a timing loop: the loop's output lands
+        in the buffer the previous run freed, still in L2, where a model's layer writes a buffer
+        last written an inference ago. The part of the output the L2 would hold is charged at the
+        calibrated cold-write bandwidth. MobileNetV2's 1x1 conv from 32 to 192 channels at 28x28:
+        0.10 ms in the loop, 0.16-0.25 ms in the model (Intel Xeon VM, one thread)."""
+        n, m = (kernel.dims[0] * kernel.dims[1] * kernel.dims[3] * kernel.dims[4] * kernel.dims[5], 1) \
+            if kernel.op == "conv2d" else (kernel.dims[0] * kernel.dims[1], kernel.dims[3])
+        return min(4 * n * m, l2_bytes()) / self._calibration("cold_write")[0] / 1e6
 
     # --- sources ------------------------------------------------------------------------
     def _interpolated(self, kernel: Kernel, reference: Kernel) -> float:

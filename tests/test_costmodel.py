@@ -118,3 +118,38 @@ def test_cli_apply_refuses_a_bad_edit_and_writes_nothing(tmp_path, capsys):
     assert main(["apply", "default", str(plan_file), "--out", str(out)]) == 2
     assert "out of range" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_timed_weights_are_distinct_copies_spanning_the_cold_region():
+    from sparsefx.costmodel import COLD_BYTES, weight_copies
+
+    copies = weight_copies((64, 64, 3, 3))
+    assert len(copies) >= 2 and len({c.data_ptr() for c in copies}) == len(copies)
+    assert all(c.shape == (64, 64, 3, 3) for c in copies) and not torch.equal(copies[0], copies[1])
+    big = weight_copies((COLD_BYTES // 4 // 2 + 1,))  # two do not fit in the pool: fresh tensors
+    assert len(big) == 2
+
+
+def test_output_write_is_charged_up_to_the_l2(monkeypatch, tmp_path):
+    from sparsefx.costmodel import l2_bytes
+
+    cost = CostModel(resolve_target("cpu"), path=tmp_path / "table.json")
+    monkeypatch.setattr(cost, "_calibration", lambda entry: [10.0])  # 10 GB/s cold writes
+    small = conv2d_kernel((1, 8, 8, 8), (1, 8, 8, 8), 1, (3, 3), (1, 1), (1, 1), (1, 1), cost.lanes)
+    assert cost.output_ms(small) == pytest.approx(4 * 8 * 8 * 8 / 10e9 * 1e3)
+    huge = matmul_kernel(1, 4096, 64, 4096, cost.lanes)
+    assert cost.output_ms(huge) == pytest.approx(l2_bytes() / 10e9 * 1e3)
+
+
+def test_depthwise_convs_are_also_timed_on_sparsefx_kernel(monkeypatch, tmp_path):
+    from sparsefx import costmodel
+
+    cost = CostModel(resolve_target("cpu"), path=tmp_path / "table.json")
+    monkeypatch.setattr(cost, "_calibration", lambda entry: {"cold_write": [1e9]}.get(entry, [1e-6, 1e3]))
+    monkeypatch.setattr(costmodel, "time_kernel", lambda kernel: 1e3)  # PyTorch absurdly slow
+    depthwise = conv2d_kernel((1, 32, 16, 16), (1, 32, 16, 16), 32, (3, 3), (1, 1), (1, 1), (1, 1), cost.lanes)
+    assert costmodel.depthwise_spec(depthwise.with_epilogue("relu6", False)).activation == "relu6"
+    assert costmodel.depthwise_spec(depthwise.with_epilogue("relu", True)) is None  # a residual stays PyTorch's
+    dense = conv2d_kernel((1, 32, 16, 16), (1, 32, 16, 16), 1, (3, 3), (1, 1), (1, 1), (1, 1), cost.lanes)
+    assert costmodel.depthwise_spec(dense) is None
+    assert 0 < cost.time_now(depthwise) < 1e3 and cost.time_now(dense) >= 1e3

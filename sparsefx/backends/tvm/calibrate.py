@@ -1,7 +1,8 @@
 """Calibrate the cost model's TIR kernel classes on the target: build element-wise,
 reduction and pooling ops at a few sizes with the pipeline compiled models get, time them,
 and fit `overhead + bytes / bandwidth` per class. Also measures what a dispatched PyTorch
-kernel costs beyond the kernel itself (the call out of the VM, DLPack both ways)."""
+kernel costs beyond the kernel itself (the call out of the VM, DLPack both ways), and the
+bandwidth of writing memory no recent kernel wrote (`CostModel.output_ms`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 import tvm
 from tvm import relax
 
-from ...costmodel import _time_ms, fit_line
+from ...costmodel import _time_ms, cold_write_gbs, fit_line
 from ...target import Target
 from .compiler import build_module
 from .torch_kernels import MATMUL
@@ -62,13 +63,14 @@ def calibrate(target: Target) -> dict[str, list[float]]:
     points: dict[str, tuple[list[float], list[float]]] = {}
     for op, name, shapes, moved in cases:
         args = [tvm.runtime.tensor(np.random.randn(*s).astype("float32")) for s in shapes]
-        ms = _time_ms(lambda name=name, args=args: vm[name](*args))
+        ms = _time_ms([lambda name=name, args=args: vm[name](*args)])  # inputs just written, as in a model
         xs, ys = points.setdefault(op, ([], []))
         xs.append(moved)
         ys.append(ms)
     fitted = {op: list(fit_line(xs, ys)) for op, (xs, ys) in points.items()}
     a, b = torch.ones(1, 1), torch.ones(1, 1)
     args = [tvm.runtime.tensor(t.numpy()) for t in (a, b)]
-    extra = _time_ms(lambda: vm["dispatch"](*args)) - _time_ms(lambda: torch.matmul(a, b))
+    extra = _time_ms([lambda: vm["dispatch"](*args)]) - _time_ms([lambda: torch.matmul(a, b)])
     fitted["dispatch"] = [max(extra, 0.0)]  # ms a dispatched call costs beyond its kernel
+    fitted["cold_write"] = [cold_write_gbs()]
     return fitted

@@ -13,6 +13,7 @@ through DLPack, no copy) rather than writing into a buffer TVM allocated.
 from __future__ import annotations
 
 import hashlib
+import random
 import time
 from collections.abc import Callable
 
@@ -101,20 +102,20 @@ def torch_time(op: str, shapes: tuple[tuple[int, ...], ...], attrs: tuple[int, .
     a, b = (torch.randn(s) for s in shapes[:2])
     if op != "conv2d":
         return best_time(lambda: torch.matmul(a, b), repeat), False
-    return conv_time(a, b, None, attrs, lambda run: best_time(run, repeat))
+    return conv_time(a, [b], None, attrs, lambda runs: best_time(runs[0], repeat))
 
 
-def conv_time(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, attrs: tuple[int, ...],
-              timer: Callable[[Callable[[], object]], float], act: str = "none",
+def conv_time(x: torch.Tensor, weights: list[torch.Tensor], b: torch.Tensor | None, attrs: tuple[int, ...],
+              timer: Callable[[list[Callable[[], object]]], float], act: str = "none",
               residual: torch.Tensor | None = None) -> tuple[float, bool]:
-    """`timer`'s ms for `conv` plain and (where oneDNN is there) on a prepacked copy of the
-    random weight `w`, the faster, and whether the prepacked one won; the copy is dropped after."""
-    plain = timer(lambda: conv(x, w, b, attrs, 0, act, residual))
+    """`timer`'s ms for `conv` over copies of one random weight, plain and (where oneDNN is there)
+    prepacked, the faster, and whether the prepacked one won; the packed copies are dropped after."""
+    plain = timer([lambda w=w: conv(x, w, b, attrs, 0, act, residual) for w in weights])
     if not PREPACK:
         return plain, False
-    key = weight_key(w.numpy())
-    packed = timer(lambda: conv(x, w, b, attrs, key, act, residual))
-    for entry in [e for e in _packed if e[0] == key]:  # a random weight: never used again
+    keys = [random.getrandbits(62) or 1 for _ in weights]  # names for the packed copies; hashing them costs more
+    packed = timer([lambda w=w, key=key: conv(x, w, b, attrs, key, act, residual) for w, key in zip(weights, keys)])
+    for entry in [e for e in _packed if e[0] in keys]:  # random weights: never used again
         del _packed[entry]
     return min(plain, packed), packed < plain
 
