@@ -69,3 +69,26 @@ def test_depthwise_convs_build_only_sparsefx_kernel_not_the_default_tir(monkeypa
     decision = dispatch.DispatchTable("test").decide([depthwise], target.to_tvm(), counting_build)[depthwise.key]
     assert built == [] and decision["decided_by"] == "depthwise" and decision["tir_ms"] is None
     assert decision["impl"] == "depthwise" and decision["depthwise_ms"] > 0
+
+
+def _se_conv_prim_func(cin: int, cout: int):
+    import tvm
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x, w = relax.Var("x", relax.TensorType((1, cin, 1, 1), "float32")), relax.Var("w", relax.TensorType((cout, cin, 1, 1), "float32"))
+    with bb.function("main", [x, w]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.op.nn.conv2d(x, w)))
+        bb.emit_func_output(out)
+    mod = relax.transform.LegalizeOps()(bb.get())
+    return next(f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc))
+
+
+def test_dlight_gemv_only_schedules_reduction_heavy_kernels() -> None:
+    # DLight's GEMV rule on an SE block's expanding conv (48 -> 1152 at 1x1) kept LLVM busy for minutes
+    from sparsefx.backends.tvm.schedule import ReductionHeavyGEMV
+
+    target = resolve_target("cpu").to_tvm()
+    assert ReductionHeavyGEMV().apply(_se_conv_prim_func(48, 1152), target, False) is None
+    assert ReductionHeavyGEMV().apply(_se_conv_prim_func(1152, 48), target, False) is not None
