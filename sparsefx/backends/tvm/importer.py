@@ -15,6 +15,7 @@ from tvm.relax.frontend.torch import from_exported_program, from_fx
 from ...errors import SparsefxError
 from ...trace import is_aten_graph, trace
 from .sparse_relax import CONVERT_MAP
+from .unbroadcast import unbroadcast_matmul
 
 
 class UnsupportedOpError(SparsefxError):
@@ -41,7 +42,7 @@ def to_relax(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[tvm.IR
         with torch.no_grad():
             mod = from_exported_program(program, keep_params_as_input=True, unwrap_unit_return_tuple=True,
                                          custom_convert_map=FX_CONVERT_MAP)
-        return _bind_params(mod, len(inputs)), "export"
+        return _bind_params(unbroadcast_matmul(mod), len(inputs)), "export"
     except Exception as error:
         raise _explain(error, model, inputs) from None
 
