@@ -165,19 +165,26 @@ def cold_write_gbs() -> float:
     return chunk * 4 / ms / 1e6
 
 
+def _conv_workload(kernel: Kernel) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...], str, bool]:
+    """A conv kernel as the dispatch sees it: attrs (strides, padding, dilation, groups), shapes
+    (input, weight, output), its epilogue activation and whether it adds a residual."""
+    n, g, ci, co, oh, ow, ih, iw = kernel.dims
+    kh, kw, sh, sw, ph, pw, dh, dw, *epilogue = kernel.attrs
+    act, residual = epilogue or (0, 0)
+    shapes = ((n, g * ci, ih, iw), (g * co, ci, kh, kw), (n, g * co, oh, ow))
+    return (sh, sw, ph, pw, dh, dw, g), shapes, EPILOGUE_ACTIVATIONS[act], bool(residual)
+
+
 def time_kernel(kernel: Kernel) -> float:
     """Fastest ms of the PyTorch kernel a dispatched op runs: a conv with its bias, plain or on
     oneDNN with the weight prepacked, whichever is faster (the dispatch makes the same choice)."""
     if kernel.op == "conv2d":
         from .backends.tvm.torch_kernels import conv_time
 
-        n, g, ci, co, oh, ow, ih, iw = kernel.dims
-        kh, kw, sh, sw, ph, pw, dh, dw, *epilogue = kernel.attrs
-        act, residual = epilogue or (0, 0)
-        x, b = torch.randn(n, g * ci, ih, iw), torch.randn(g * co)
-        weights = weight_copies((g * co, ci, kh, kw))
-        add = torch.randn(n, g * co, oh, ow) if residual else None  # BN folds into the bias
-        return conv_time(x, weights, b, (sh, sw, ph, pw, dh, dw, g), _time_ms, EPILOGUE_ACTIVATIONS[act], add)[0]
+        attrs, (x_shape, w_shape, out_shape), act, residual = _conv_workload(kernel)
+        x, b = torch.randn(x_shape), torch.randn(w_shape[0])
+        add = torch.randn(out_shape) if residual else None  # BN folds into the bias
+        return conv_time(x, weight_copies(w_shape), b, attrs, _time_ms, act, add)[0]
     b, m, k, n = kernel.dims
     if b > 1:  # attention's batched matmuls multiply two activations, both just written
         x, y = torch.randn(b, m, k), torch.randn(b, k, n)
@@ -193,13 +200,10 @@ def depthwise_spec(kernel: Kernel) -> object | None:
         return None
     from .backends.tvm import depthwise
 
-    n, g, ci, co, oh, ow, ih, iw = kernel.dims
-    kh, kw, sh, sw, ph, pw, dh, dw, *epilogue = kernel.attrs
-    act, residual = epilogue or (0, 0)
-    attrs, shapes = (sh, sw, ph, pw, dh, dw, g), ((n, g * ci, ih, iw), (g * co, ci, kh, kw), (n, g * co, oh, ow))
+    attrs, shapes, act, residual = _conv_workload(kernel)
     if residual or not depthwise.supported(attrs, shapes):
         return None
-    return depthwise.spec_of(attrs, shapes, EPILOGUE_ACTIVATIONS[act])
+    return depthwise.spec_of(attrs, shapes, act)
 
 
 def time_depthwise(spec: object, target: Target) -> float:
@@ -209,9 +213,8 @@ def time_depthwise(spec: object, target: Target) -> float:
     from .backends.tvm import depthwise
 
     library = depthwise.build([spec], target.to_tvm())
-    x, b, out = (tvm.runtime.tensor(np.random.randn(*shape).astype("float32"))
-                 for shape in ((spec.batch, spec.channels, spec.height, spec.width), (spec.channels,), spec.out_shape))
-    w_shape = (spec.channels, 1, spec.kernel, spec.kernel)
+    x_shape, w_shape, b_shape, out_shape = spec.arg_shapes
+    x, b, out = (tvm.runtime.tensor(np.random.randn(*shape).astype("float32")) for shape in (x_shape, b_shape, out_shape))
     weights = [tvm.runtime.tensor(w.numpy()) for w in weight_copies(w_shape)]
     return _time_ms([lambda w=w: library[spec.name](x, w, b, out) for w in weights])
 
@@ -282,7 +285,7 @@ class CostModel:
             ms = time_kernel(kernel) + self.dispatch_overhead()
             spec = depthwise_spec(kernel)
             if spec is not None:
-                ms = min(ms, time_depthwise(spec, self.target) + self._fit("elementwise")[0])
+                ms = min(ms, time_depthwise(spec, self.target) + self._calibration("elementwise")[0])
         return ms + self.output_ms(kernel)
 
     def output_ms(self, kernel: Kernel) -> float:
@@ -291,9 +294,9 @@ class CostModel:
         last written an inference ago. The part of the output the L2 would hold is charged at the
         calibrated cold-write bandwidth. MobileNetV2's 1x1 conv from 32 to 192 channels at 28x28:
         0.10 ms in the loop, 0.16-0.25 ms in the model (Intel Xeon VM, one thread)."""
-        n, m = (kernel.dims[0] * kernel.dims[1] * kernel.dims[3] * kernel.dims[4] * kernel.dims[5], 1) \
-            if kernel.op == "conv2d" else (kernel.dims[0] * kernel.dims[1], kernel.dims[3])
-        return min(4 * n * m, l2_bytes()) / self._calibration("cold_write")[0] / 1e6
+        d = kernel.dims  # conv: n, groups, ci, co, oh, ow, ...; matmul: batch, m, k, n
+        elements = d[0] * d[1] * d[3] * d[4] * d[5] if kernel.op == "conv2d" else d[0] * d[1] * d[3]
+        return min(4 * elements, l2_bytes()) / self._calibration("cold_write")[0] / 1e6
 
     # --- sources ------------------------------------------------------------------------
     def _interpolated(self, kernel: Kernel, reference: Kernel) -> float:
@@ -343,17 +346,13 @@ class CostModel:
     def _calibrated(self, kernel: Kernel) -> float:
         if not self.measure:
             return self._roofline(kernel)
-        overhead, gbs = self._fit(kernel.op)
+        overhead, gbs = self._calibration(kernel.op)
         self.sources["calibrated"] = self.sources.get("calibrated", 0) + 1
         return overhead + kernel.bytes / gbs / 1e6
 
     def dispatch_overhead(self) -> float:
         """ms a kernel the compiled model dispatches to PyTorch costs beyond the kernel itself."""
         return self._calibration("dispatch")[0]
-
-    def _fit(self, op: str) -> tuple[float, float]:
-        overhead, gbs = self._calibration(op)
-        return overhead, gbs
 
     def _calibration(self, entry: str) -> list[float]:
         if entry not in self.calibration:

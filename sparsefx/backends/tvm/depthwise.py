@@ -49,6 +49,12 @@ class DepthwiseSpec:
         return (self.batch, self.channels, *self.out_hw)
 
     @property
+    def arg_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Shapes of the kernel's arguments: input, weight, bias, output."""
+        return ((self.batch, self.channels, self.height, self.width), (self.channels, 1, self.kernel, self.kernel),
+                (self.channels,), self.out_shape)
+
+    @property
     def name(self) -> str:
         return f"depthwise_c{self.channels}_{self.height}x{self.width}_k{self.kernel}s{self.stride}p{self.padding}_" \
                f"b{self.batch}_{self.activation}"
@@ -111,9 +117,8 @@ def kernel(s: DepthwiseSpec) -> tvm.tirx.PrimFunc:
             plane[(i + p) % st * st + b, (i + p) // st * wq + (firsts[b] + p) // st + j] = x[n, c, i, firsts[b] + j * st]
 
     @T.prim_func(private=True)
-    def f(x: T.Buffer((s.batch, s.channels, s.height, s.width), "float32"),
-          w: T.Buffer((s.channels, 1, k, k), "float32"), bias: T.Buffer((s.channels,), "float32"),
-          out: T.Buffer(s.out_shape, "float32")):
+    def f(x: T.Buffer(s.arg_shapes[0], "float32"), w: T.Buffer(s.arg_shapes[1], "float32"),
+          bias: T.Buffer(s.arg_shapes[2], "float32"), out: T.Buffer(s.arg_shapes[3], "float32")):
         for t in T.parallel(s.batch * s.channels):
             n: T.let = t // s.channels
             c: T.let = t % s.channels

@@ -128,9 +128,11 @@ class DispatchTable:
             # The depthwise kernel is a TIR schedule written for exactly these convs; it beat the
             # default one on all 11 MobileNetV2 shapes both were timed on, so only it is built.
             own = [w for w in new.values() if w.op == "conv2d" and depthwise.supported(w.attrs, w.shapes)]
-            for c in [c for c in candidates if c.key in {w.key for w in own}]:
-                self.entries[c.key] = {**self._entry(c, None), "decided_by": "depthwise"}
-                candidates.remove(c)
+            own_keys = {w.key for w in own}
+            for c in candidates:
+                if c.key in own_keys:
+                    self.entries[c.key] = {**self._entry(c, None), "decided_by": "depthwise"}
+            candidates = [c for c in candidates if c.key not in own_keys]
             first = prefilter.calibration(candidates, self.entries.values())
             self._measure(first, new, target, build)
             ceilings = prefilter.tir_ceilings(self.entries.values())
@@ -166,8 +168,7 @@ class DispatchTable:
         specs = [depthwise.spec_of(w.attrs, w.shapes) for w in workloads]
         library = depthwise.build(specs, target)
         for w, spec in zip(workloads, specs, strict=True):
-            args = [tvm.runtime.tensor(np.random.randn(*shape).astype("float32"))
-                    for shape in (*w.shapes[:2], (spec.channels,), spec.out_shape)]
+            args = [tvm.runtime.tensor(np.random.randn(*shape).astype("float32")) for shape in spec.arg_shapes]
             ms = best_time(lambda spec=spec, args=args: library[spec.name](*args), 5)
             entry = self.entries[w.key]
             entry["depthwise_ms"] = ms

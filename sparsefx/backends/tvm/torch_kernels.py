@@ -115,7 +115,8 @@ def conv_time(x: torch.Tensor, weights: list[torch.Tensor], b: torch.Tensor | No
         return plain, False
     keys = [random.getrandbits(62) or 1 for _ in weights]  # names for the packed copies; hashing them costs more
     packed = timer([lambda w=w, key=key: conv(x, w, b, attrs, key, act, residual) for w, key in zip(weights, keys)])
-    for entry in [e for e in _packed if e[0] in keys]:  # random weights: never used again
+    dropped = set(keys)
+    for entry in [e for e in _packed if e[0] in dropped]:  # random weights: never used again
         del _packed[entry]
     return min(plain, packed), packed < plain
 
