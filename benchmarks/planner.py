@@ -4,8 +4,12 @@
 For each model and requested speedup: `sparsefx.plan(speedup=s)`; then the uniform ratio and
 the global-ranking ratio whose plans the cost model prices at the same latency (bisection).
 All three are applied, compiled with `sparsefx.compile` and timed side by side with the
-dense TVM build (alternating rounds). Reported: measured speedup (the goal: the cost-driven
-plan within 10% of what was asked), retained importance, MACs kept. With --fmnist, the
+dense TVM build (alternating rounds). A fourth plan, "cost-driven, measured", is
+`sparsefx.plan_measured`: the cost model's plan re-planned until the compiled model measures
+as asked (sparsefx/measured_plan.py). Reported: measured speedup (the goal: the cost-driven
+plans within 10% of what was asked, judged on the median of the alternating rounds, the
+statistic `sparsefx optimize` reports; the fastest run is shown too), retained importance,
+MACs kept. With --fmnist, the
 small ResNet of the recovery benchmark is trained on Fashion-MNIST and each plan is
 fine-tuned the same way, and accuracy is compared.
 
@@ -58,6 +62,7 @@ def compare(model: torch.nn.Module, inputs: tuple, speedup: float, target: objec
     from sparsefx.prune import _global_counts
 
     planned = sparsefx.plan(model, inputs, target=target, speedup=speedup, verbose=False)
+    remeasured = sparsefx.plan_measured(model, inputs, target=target, speedup=speedup, verbose=True)
     planner = Planner(model, inputs, cost=CostModel(target))
     goal_ms = planned.predicted["planned_ms"]
     uniform_r = _bisect(lambda r: planner.evaluate(planner.uniform(r)), goal_ms)
@@ -65,6 +70,8 @@ def compare(model: torch.nn.Module, inputs: tuple, speedup: float, target: objec
     global_r = _bisect(lambda r: planner.evaluate(global_counts(r)), goal_ms)
     variants = {
         "cost-driven": (sparsefx.apply(model, planned, inputs), planned.predicted["importance_retained"], goal_ms),
+        "cost-driven, measured": (sparsefx.apply(model, remeasured, inputs), remeasured.predicted["importance_retained"],
+                                  remeasured.predicted["planned_ms"]),
         "uniform": (sparsefx.prune(model, inputs, ratio=uniform_r), planner.retained(planner.uniform(uniform_r)),
                     planner.evaluate(planner.uniform(uniform_r))),
         "MACs-global": (sparsefx.prune(model, inputs, ratio=global_r, global_ranking=True),
@@ -84,7 +91,9 @@ def compare(model: torch.nn.Module, inputs: tuple, speedup: float, target: objec
             "measured_speedup": times["dense"]["fastest_ms"] / times[name]["fastest_ms"],
             "measured_speedup_median": times["dense"]["median_ms"] / times[name]["median_ms"],
         }
-    row["goal_met"] = abs(row["variants"]["cost-driven"]["measured_speedup"] / speedup - 1) <= 0.10
+    row["measured_planning"] = remeasured.measured
+    for name in ("cost-driven", "cost-driven, measured"):
+        row["variants"][name]["goal_met"] = abs(row["variants"][name]["measured_speedup_median"] / speedup - 1) <= 0.10
     row["_models"] = {name: v[0] for name, v in variants.items()}
     return row
 
@@ -118,17 +127,18 @@ def write(out: Path, rows: list[dict], target: object) -> None:
     (out / "planner.json").write_text(json.dumps({"target": str(target), "rows": clean}, indent=1))
     lines = [f"# Cost-driven plan vs uniform and MACs-driven global pruning ({target})", "",
              "Baselines are matched to the cost-driven plan's *predicted* latency; all are then compiled "
-             "with `sparsefx.compile` and timed side by side with the dense TVM build (fastest of the "
-             "alternating runs; median in brackets). Retained importance: fraction of magnitude-weighted "
+             "with `sparsefx.compile` and timed side by side with the dense TVM build: median of the "
+             "alternating rounds (fastest run in brackets). \"cost-driven, measured\" is `sparsefx.plan_measured` "
+             "(re-planned until the compiled model measures as asked). Retained importance: fraction of magnitude-weighted "
              "weights kept (see sparsefx/planner.py).", "",
-             "| model | asked | plan | measured speedup | predicted ms | measured ms | retained importance | MACs kept | accuracy |",
+             "| model | asked | plan | measured speedup | predicted ms | measured ms (fastest) | retained importance | MACs kept | accuracy |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in clean:
         for name, v in r["variants"].items():
             acc = f"{100 * v['accuracy']:.2f}% (dense {100 * r['dense_accuracy']:.2f}%)" if "accuracy" in v else "-"
-            goal = (" ✓" if r["goal_met"] else " ✗") if name == "cost-driven" else ""
-            lines.append(f"| {r['model']} | {r['requested_speedup']}x | {name} | {v['measured_speedup']:.2f}x{goal} "
-                         f"({v['measured_speedup_median']:.2f}x) | {v['predicted_ms']:.3f} | "
+            goal = (" ✓" if v["goal_met"] else " ✗") if "goal_met" in v else ""
+            lines.append(f"| {r['model']} | {r['requested_speedup']}x | {name} | {v['measured_speedup_median']:.2f}x{goal} "
+                         f"({v['measured_speedup']:.2f}x) | {v['predicted_ms']:.3f} | "
                          f"{v['measured']['fastest_ms']:.3f} | {v['retained_importance']:.3f} | {v['macs_ratio']:.2f} | {acc} |")
     (out / "planner.md").write_text("\n".join(lines) + "\n")
 

@@ -1,13 +1,14 @@
 """sparsefx: compiler-pass sparsity optimizer for PyTorch."""
 
 from .errors import PruneError, SparsefxError, TraceError
+from .measured_plan import plan_measured
 from .plan import Plan, PlanError
 from .planner import apply, plan
 from .prune import Analysis, analyze, count_macs, count_params, prune
 from .trace import trace
 
 __all__ = [
-    "Analysis", "Evaluation", "Plan", "PlanError", "apply", "plan", "Gradual", "GradualPruner", "History", "Iterative", "MaskCallback", "OneShot",
+    "Analysis", "Evaluation", "Plan", "PlanError", "apply", "plan", "plan_measured", "Gradual", "GradualPruner", "History", "Iterative", "MaskCallback", "OneShot",
     "PruneError", "SparseConv2d", "SparseLinear", "SparsefxError", "Sparsity", "TraceError", "analyze", "apply_masks", "block_mask",
     "compute_masks", "count_macs", "count_params", "cubic_sparsity", "evaluate", "finetune", "nm_mask", "prune",
     "remove_masks", "sparsify", "to_sparse", "trace", "unstructured_mask", "weight_density",

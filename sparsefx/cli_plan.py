@@ -14,6 +14,7 @@ import torch
 import sparsefx
 from sparsefx.backends.eager import measure_latencies
 from sparsefx.errors import SparsefxError
+from sparsefx.measured_plan import plan_measured
 from sparsefx.plan import GRANULARITIES, Plan
 from sparsefx.planner import apply, plan
 from sparsefx.target import Target, resolve_target, with_threads
@@ -40,6 +41,10 @@ def add_commands(commands: argparse._SubParsersAction, model_args: object, threa
                    help="fine-tune and evaluate on this dataset after pruning (distilled from the dense model)")
     o.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs when --data is given")
     o.add_argument("--repeat", type=int, default=20, help="timed forward passes per model")
+    o.add_argument("--rounds", type=int, default=3,
+                   help="CPU, --speedup/--latency-ms: plans tried until the compiled model measures within "
+                        "--tolerance of the budget (1: trust the cost model's prediction)")
+    o.add_argument("--tolerance", type=float, default=0.05, help="relative miss accepted by --rounds (default 0.05)")
     o.add_argument("--out", type=Path, required=True, help="directory to create with plan, model, artifact, report")
     threads_arg(o)
     o.set_defaults(handler=_optimize)
@@ -47,8 +52,9 @@ def add_commands(commands: argparse._SubParsersAction, model_args: object, threa
 
 def _add_plan_args(parser: argparse.ArgumentParser) -> None:
     budget = parser.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--speedup", type=float, help="predicted speedup to reach on the target, e.g. 2.0")
-    budget.add_argument("--latency-ms", type=float, help="predicted latency to reach on the target")
+    budget.add_argument("--speedup", type=float, help="speedup to reach on the target, e.g. 2.0 (predicted; "
+                        "measured by optimize on the CPU)")
+    budget.add_argument("--latency-ms", type=float, help="latency to reach on the target (as --speedup)")
     budget.add_argument("--macs-ratio", type=float, help="fraction of MACs to keep")
     parser.add_argument("--target", default="cpu", help="cpu (host CPU via LLVM) or cuda[:sm_XX] (default: cpu)")
     parser.add_argument("--granularity", default="channel", help=f"comma list from {', '.join(GRANULARITIES)}")
@@ -63,15 +69,24 @@ def _target(args: argparse.Namespace) -> Target:
     return with_threads(resolve_target(args.target), getattr(args, "threads", None))
 
 
-def _make_plan(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple) -> Plan:
+def _make_plan(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple, rounds: int = 1) -> Plan:
+    """The plan from the cost model; with `rounds` > 1, re-planned until it measures as asked
+    (speedup or latency budgets on the CPU, see sparsefx/measured_plan.py)."""
     from sparsefx.cli import _status
 
     target = _target(args)
     _status(f"planning for {target} (kernel latencies are measured once and cached)")
     started = time.perf_counter()
-    result = plan(model, inputs, target=target, speedup=args.speedup, latency_ms=args.latency_ms,
-                  macs_ratio=args.macs_ratio, granularities=[g.strip() for g in args.granularity.split(",") if g.strip()],
-                  importance=args.importance, ignore=tuple(args.ignore), max_ratio=args.max_ratio)
+    options = dict(granularities=[g.strip() for g in args.granularity.split(",") if g.strip()],
+                   importance=args.importance, ignore=tuple(args.ignore), max_ratio=args.max_ratio)
+    if rounds != 1 and args.macs_ratio is None and not target.is_gpu:
+        _status(f"re-planning until the compiled model measures within {100 * args.tolerance:g}% of the budget "
+                f"(at most {rounds} plans, each compiled and timed)")
+        result = plan_measured(model, inputs, target=target, speedup=args.speedup, latency_ms=args.latency_ms,
+                               rounds=rounds, tolerance=args.tolerance, **options)
+    else:
+        result = plan(model, inputs, target=target, speedup=args.speedup, latency_ms=args.latency_ms,
+                      macs_ratio=args.macs_ratio, **options)
     _status(f"planned in {time.perf_counter() - started:.1f} s")
     return result
 
@@ -114,11 +129,11 @@ def _optimize(args: argparse.Namespace) -> int:
         raise SparsefxError(f"{args.out} already exists; choose a new --out directory (nothing is overwritten)")
     _check_out(args.out)
     model, inputs = _load(args)
-    result = _make_plan(args, model, inputs)
+    result = _make_plan(args, model, inputs, args.rounds)
     print(result.explain())
     _status("applying the plan")
     optimized = apply(model, result, inputs)
-    report: dict = {"plan": result.predicted}
+    report: dict = {"plan": result.predicted, "measured_planning": result.measured}
     if args.data:
         report["accuracy"] = _finetune(model, optimized, args.epochs)
     _status(f"compiling dense and optimized models with TVM for {args.target}")

@@ -77,6 +77,7 @@ class Plan:
     importance: str
     entries: list[Entry]
     predicted: dict = field(default_factory=dict)
+    measured: dict = field(default_factory=dict)  # measured planning's record (see measured_plan.py)
     version: int = VERSION
 
     def to_dict(self) -> dict:
@@ -117,7 +118,7 @@ class Plan:
         if twice:
             raise PlanError(f"{source}: {', '.join(twice)} planned twice; keep one entry per group or layer")
         return cls(data["model"], data["target"], data["budget"], data["importance"], entries,
-                   data.get("predicted", {}), version)
+                   data.get("predicted", {}), data.get("measured", {}), version)
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
@@ -142,6 +143,10 @@ class Plan:
             rows.append(f"predicted on {self.target.get('name', '?')}: {p.get('dense_ms', 0):.3f} ms -> "
                         f"{p.get('planned_ms', 0):.3f} ms ({p.get('speedup', 0):.2f}x), MACs kept "
                         f"{p.get('macs_ratio', 1):.2f}, importance retained {p.get('importance_retained', 1):.3f}")
+        m = self.measured
+        if m:
+            rows.append(f"measured on this host: {m['dense_ms']:.3f} ms -> {m['planned_ms']:.3f} ms "
+                        f"({m['measured_speedup']:.2f}x, asked {m['asked_speedup']:.2f}x) after {len(m['rounds'])} round(s)")
         return "\n".join(rows)
 
     def __str__(self) -> str:

@@ -11,6 +11,7 @@ from sparsefx.cli import main
 from sparsefx.costmodel import CostModel, _grid, conv2d_kernel, matmul_kernel
 from sparsefx.models import load_model
 from sparsefx.passes.latency import analyze_fusion, annotate_latency, dense_kernels
+from sparsefx.plan import Plan
 from sparsefx.target import resolve_target
 
 
@@ -153,3 +154,15 @@ def test_depthwise_convs_are_also_timed_on_sparsefx_kernel(monkeypatch, tmp_path
     dense = conv2d_kernel((1, 32, 16, 16), (1, 32, 16, 16), 1, (3, 3), (1, 1), (1, 1), (1, 1), cost.lanes)
     assert costmodel.depthwise_spec(dense) is None
     assert 0 < cost.time_now(depthwise) < 1e3 and cost.time_now(dense) >= 1e3
+
+
+def test_cli_optimize_replans_until_measured_and_writes_everything(tmp_path, capsys):
+    out = tmp_path / "opt"
+    assert main(["optimize", "default", "--speedup", "1.3", "--rounds", "2", "--repeat", "4", "--threads", "1",
+                 "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["model.pt", "model.sfx", "plan.json", "report.json"]
+    report = json.loads((out / "report.json").read_text())
+    rounds = report["measured_planning"]["rounds"]
+    assert 1 <= len(rounds) <= 2 and all(r["dense_ms"] > 0 and r["planned_ms"] > 0 for r in rounds)
+    assert Plan.load(out / "plan.json").measured == report["measured_planning"]
+    assert "measured on this host" in capsys.readouterr().out
