@@ -44,6 +44,7 @@ LAUNCH_MS = {"llvm": 0.004, "cuda": 0.005}  # roofline per-kernel overhead where
 ROOFLINE_EFFICIENCY = 0.5  # what a tuned kernel reaches of the peak, for unmeasured targets
 EPILOGUE_ACTIVATIONS = ("none", "relu", "relu6", "silu")  # codes in Kernel attrs and dispatched convs' calls
 TABLE_VERSION = 6  # bumped when what a measurement times changes; older tables are re-measured
+CALIBRATION_VERSION = 2  # v2: reductions also timed on PyTorch (dispatched softmax); older ones re-fitted
 
 
 @dataclass(frozen=True)
@@ -240,7 +241,8 @@ class CostModel:
         data = json.loads(self.path.read_text()) if self.path.exists() else {}
         data = data if data.get("version") == TABLE_VERSION else {}
         self.table: dict[str, float] = data.get("kernels", {})
-        self.calibration: dict[str, list[float]] = data.get("calibration", {})
+        fresh = data.get("calibration_version") == CALIBRATION_VERSION
+        self.calibration: dict[str, list[float]] = data.get("calibration", {}) if fresh else {}
         self.sources: dict[str, int] = {}
         self._dirty = False
         self.progress: Callable[[int], None] | None = None
@@ -261,7 +263,8 @@ class CostModel:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"version": TABLE_VERSION, "target": self.target.as_dict(), "calibration": self.calibration,
+        tmp.write_text(json.dumps({"version": TABLE_VERSION, "calibration_version": CALIBRATION_VERSION,
+                                   "target": self.target.as_dict(), "calibration": self.calibration,
                                    "kernels": self.table}, indent=0))
         tmp.replace(self.path)
         self._dirty = False

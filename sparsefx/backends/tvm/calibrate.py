@@ -1,6 +1,7 @@
 """Calibrate the cost model's TIR kernel classes on the target: build element-wise,
 reduction and pooling ops at a few sizes with the pipeline compiled models get, time them,
-and fit `overhead + bytes / bandwidth` per class. Also measures what a dispatched PyTorch
+and fit `overhead + bytes / bandwidth` per class. A reduction (softmax) is timed also as the
+dispatch may run it, on PyTorch (`math_ops`), and the faster counts. Also measures what a dispatched PyTorch
 kernel costs beyond the kernel itself (the call out of the VM, DLPack both ways), and the
 bandwidth of writing memory no recent kernel wrote (`CostModel.output_ms`)."""
 
@@ -14,6 +15,7 @@ from tvm import relax
 from ...costmodel import _time_ms, cold_write_gbs, fit_line
 from ...target import Target
 from .compiler import build_module
+from .math_ops import BY_NAME
 from .torch_kernels import MATMUL
 
 SIZES = (1 << 14, 1 << 17, 1 << 20, 1 << 22)  # float32 elements
@@ -39,6 +41,8 @@ def _emit(bb: relax.BlockBuilder, op: str, name: str, shapes: list[tuple[int, ..
                 out = bb.emit(relax.op.nn.relu(relax.op.add(params[0], params[1])))
             elif op == "reduce":
                 out = bb.emit(relax.op.nn.softmax(params[0], axis=-1))
+            elif op == "reduce_torch":
+                out = bb.emit(relax.call_pure_packed(BY_NAME["softmax"].packed, params[0], ty_args=params[0].ty))
             else:
                 out = bb.emit(relax.op.nn.max_pool2d(params[0], (3, 3), (2, 2), (1, 1, 1, 1)))
             result = bb.emit_output(out)
@@ -57,6 +61,8 @@ def calibrate(target: Target) -> dict[str, list[float]]:
     bb = relax.BlockBuilder()
     for op, name, shapes, _ in cases:
         _emit(bb, op, name, shapes)
+        if op == "reduce":
+            _emit(bb, "reduce_torch", f"{name}_torch", shapes)
     _emit_dispatch(bb)
     tvm_target = target.to_tvm()
     vm = relax.VirtualMachine(build_module(bb.get(), tvm_target, target), tvm.cpu())
@@ -64,6 +70,8 @@ def calibrate(target: Target) -> dict[str, list[float]]:
     for op, name, shapes, moved in cases:
         args = [tvm.runtime.tensor(np.random.randn(*s).astype("float32")) for s in shapes]
         ms = _time_ms([lambda name=name, args=args: vm[name](*args)])  # inputs just written, as in a model
+        if op == "reduce":
+            ms = min(ms, _time_ms([lambda name=name, args=args: vm[f"{name}_torch"](*args)]))
         xs, ys = points.setdefault(op, ([], []))
         xs.append(moved)
         ys.append(ms)

@@ -16,11 +16,13 @@ import json
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 import tvm
 from tvm import relax
 
 from ...target import cache_dir
 from . import depthwise, prefilter
+from .math_ops import BY_NAME, MATH_OPS
 from .torch_kernels import (
     ACTIVATIONS,
     CONV,
@@ -40,8 +42,8 @@ class Workload:
     """One op at one shape: the unit the dispatch decision is made for."""
 
     op: str
-    shapes: tuple[tuple[int, ...], ...]
-    attrs: tuple[int, ...]
+    shapes: tuple[tuple[int, ...], ...]  # inputs..., output
+    attrs: tuple[float, ...]
 
     @property
     def key(self) -> str:
@@ -49,6 +51,9 @@ class Workload:
 
     @property
     def flops(self) -> float:
+        """FLOPs of a conv or matmul; for a math op (`math_ops`) its output's element count."""
+        if self.op in BY_NAME:
+            return float(np.prod(self.shapes[-1]))
         if self.op == "conv2d":
             (n, _, _, _), (co, ci, kh, kw), (_, _, oh, ow) = self.shapes
             return 2.0 * n * co * oh * ow * ci * kh * kw
@@ -65,6 +70,9 @@ def workload_of(call: relax.Call) -> Workload | None:
             tuple(int(d) for d in call.ty.shape),)
     except (TypeError, AttributeError):
         return None
+    if call.op.name in MATH_OPS and str(call.ty.dtype) == "float32":
+        attrs = MATH_OPS[call.op.name].attrs(call, len(shapes[0]))
+        return None if attrs is None else Workload(MATH_OPS[call.op.name].name, shapes, attrs)
     if call.op.name == "relax.nn.conv2d":
         a = call.attrs
         pad = [int(v) for v in a.padding]
@@ -81,6 +89,9 @@ def workload_of(call: relax.Call) -> Workload | None:
 
 def _torch_time(w: Workload) -> tuple[float, bool]:
     """Best PyTorch time in ms, and whether prepacked weights gave it (convs only)."""
+    if w.op in BY_NAME:
+        args = [torch.randn(s) for s in w.shapes[:-1]]
+        return best_time(lambda: BY_NAME[w.op].run(args, w.attrs), 10), False
     return torch_time(w.op, w.shapes, w.attrs)
 
 
@@ -90,10 +101,12 @@ def _tir_times(workloads: list[Workload], target: tvm.target.Target, build: obje
     model gets, and time each."""
     bb = relax.BlockBuilder()
     for i, w in enumerate(workloads):
-        params = [relax.Var(f"x{j}", relax.TensorType(s, "float32")) for j, s in enumerate(w.shapes[:2])]
+        params = [relax.Var(f"x{j}", relax.TensorType(s, "float32")) for j, s in enumerate(w.shapes[:-1])]
         with bb.function(f"op{i}", params):
             with bb.dataflow():
-                if w.op == "conv2d":
+                if w.op in BY_NAME:
+                    out = bb.emit(BY_NAME[w.op].emit(params, w.attrs))
+                elif w.op == "conv2d":
                     s0, s1, p0, p1, d0, d1, g = w.attrs
                     out = bb.emit(relax.op.nn.conv2d(params[0], params[1], (s0, s1), (p0, p1, p0, p1), (d0, d1), g))
                 else:
@@ -103,7 +116,7 @@ def _tir_times(workloads: list[Workload], target: tvm.target.Target, build: obje
     vm = relax.VirtualMachine(build(bb.get(), target), tvm.cpu())
     times = []
     for i, w in enumerate(workloads):
-        args = [tvm.runtime.tensor(np.random.randn(*s).astype("float32")) for s in w.shapes[:2]]
+        args = [tvm.runtime.tensor(np.random.randn(*s).astype("float32")) for s in w.shapes[:-1]]
         once = best_time(lambda i=i, args=args: vm[f"op{i}"](*args), 1)
         times.append(once if once > 50 else best_time(lambda i=i, args=args: vm[f"op{i}"](*args), repeat))
     return times
@@ -191,6 +204,9 @@ def dispatch_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
             w = workload_of(call)
             if w is None or decisions.get(w.key, {}).get("impl") != "torch":
                 return call
+            if w.op in BY_NAME:
+                attrs = [relax.prim_value(a) for a in w.attrs]
+                return relax.call_pure_packed(BY_NAME[w.op].packed, *call.args, *attrs, ty_args=call.ty)
             if w.op == "conv2d":
                 extra = [relax.prim_value(v) for v in (*w.attrs, _key(call.args[1], decisions[w.key]))]
                 return relax.call_pure_packed(CONV, call.args[0], call.args[1], *extra, ty_args=call.ty)
