@@ -13,6 +13,7 @@ import torch
 
 import sparsefx
 from sparsefx.backends.eager import measure_latencies
+from sparsefx.costmodel import CostModel
 from sparsefx.errors import SparsefxError
 from sparsefx.measured_plan import plan_measured
 from sparsefx.plan import GRANULARITIES, Plan
@@ -25,6 +26,9 @@ def add_commands(commands: argparse._SubParsersAction, model_args: object, threa
     model_args(p)
     _add_plan_args(p)
     p.add_argument("--out", type=Path, required=True, help="plan file to write (.json)")
+    p.add_argument("--rpc", metavar="HOST:PORT", help="time kernels on the device this TVM RPC tracker serves "
+                   "(pure TIR, as a dispatch=False build runs there; needs --rpc-key)")
+    p.add_argument("--rpc-key", help="the device's key at the tracker")
     threads_arg(p)
     p.set_defaults(handler=_plan)
 
@@ -79,6 +83,14 @@ def _make_plan(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple, 
     started = time.perf_counter()
     options = dict(granularities=[g.strip() for g in args.granularity.split(",") if g.strip()],
                    importance=args.importance, ignore=tuple(args.ignore), max_ratio=args.max_ratio)
+    if getattr(args, "rpc", None):
+        if not args.rpc_key:
+            raise SparsefxError("--rpc needs --rpc-key, the key the device registered with at the tracker")
+        from sparsefx.backends.tvm.remote import parse_tracker
+
+        parse_tracker(args.rpc)
+        options["cost"] = CostModel(target, rpc=(args.rpc, args.rpc_key))
+        _status(f"kernels are timed on device {args.rpc_key!r} through {args.rpc}")
     if rounds != 1 and args.macs_ratio is None and not target.is_gpu:
         _status(f"re-planning until the compiled model measures within {100 * args.tolerance:g}% of the budget "
                 f"(at most {rounds} plans, each compiled and timed)")

@@ -233,11 +233,21 @@ def _threads(count: int) -> Iterator[None]:
 class CostModel:
     """Predicted latency (ms) of kernels on `target`, from measurements where it can."""
 
-    def __init__(self, target: object = "cpu", measure: bool = True, path: Path | None = None) -> None:
+    def __init__(self, target: object = "cpu", measure: bool = True, path: Path | None = None,
+                 rpc: tuple[str, str] | None = None) -> None:
+        """`rpc=("HOST:PORT", key)` times conv/matmul kernels on the device a TVM RPC tracker serves
+        under `key` (pure TIR, as a `dispatch=False` build runs there; other kernels: roofline of
+        `target`'s declared peaks), in a table of its own."""
         self.target: Target = resolve_target(target)
-        self.measure = measure and not self.target.is_gpu
+        self.remote = None
+        if rpc is not None:
+            from .backends.tvm.remote_kernels import RemoteKernels
+
+            self.remote = RemoteKernels(*rpc, self.target)
+        self.measure = measure and (self.remote is not None or not self.target.is_gpu)
         self.lanes = max(1, (self.target.vector_bits or 128) // 32) if not self.target.is_gpu else 8
-        self.path = path or cache_dir() / "costmodel" / f"{self.target.arch}-{self.target.cores}.json"
+        device = f"-rpc-{rpc[1]}" if rpc else ""
+        self.path = path or cache_dir() / "costmodel" / f"{self.target.arch}-{self.target.cores}{device}.json"
         data = json.loads(self.path.read_text()) if self.path.exists() else {}
         data = data if data.get("version") == TABLE_VERSION else {}
         self.table: dict[str, float] = data.get("kernels", {})
@@ -283,7 +293,9 @@ class CostModel:
     def time_now(self, kernel: Kernel) -> float:
         """ms of `kernel` as the compiled model runs it, timed now (uncached): PyTorch's kernel plus
         the call out of the VM, or sparsefx's depthwise kernel plus a TIR call where that is faster;
-        plus the cold output (see `output_ms`)."""
+        plus the cold output (see `output_ms`). On an RPC device: the TIR kernel timed there."""
+        if self.remote is not None:
+            return self.remote.time(kernel)
         with _threads(self.target.cores), torch.inference_mode():
             ms = time_kernel(kernel) + self.dispatch_overhead()
             spec = depthwise_spec(kernel)
@@ -339,7 +351,7 @@ class CostModel:
         return min(ref, math.ceil(d / step) * step) if step and d != ref else d
 
     def _roofline(self, kernel: Kernel) -> float:
-        if self.target.kind == "llvm" and not self.target.peak_gflops:
+        if self.target.kind == "llvm" and not self.target.peak_gflops and self.remote is None:
             self.target = with_measured_peaks(self.target)  # measured once per host, only when needed
         peak = (self.target.peak_gflops or 100.0) * ROOFLINE_EFFICIENCY
         bandwidth = self.target.bandwidth_gbs or 20.0
@@ -347,7 +359,7 @@ class CostModel:
         return max(kernel.flops / peak / 1e6, kernel.bytes / bandwidth / 1e6) + LAUNCH_MS.get(self.target.kind, 0.005)
 
     def _calibrated(self, kernel: Kernel) -> float:
-        if not self.measure:
+        if not self.measure or self.remote is not None:  # calibrations are of this host's TIR and PyTorch
             return self._roofline(kernel)
         overhead, gbs = self._calibration(kernel.op)
         self.sources["calibrated"] = self.sources.get("calibrated", 0) + 1

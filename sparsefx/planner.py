@@ -200,6 +200,9 @@ def plan(model: nn.Module, example_inputs: object, target: object = "cpu", speed
         raise SparsefxError("a macs_ratio budget needs 'channel' among the granularities: sparse kernels keep MACs")
     cost = cost or CostModel(target)
     sparse = tuple(g for g in granularities if g != "channel")
+    if sparse and cost.remote is not None:
+        raise SparsefxError("block and N:M kernels are timed on this host, not on an RPC device; "
+                            "plan them without rpc, or use granularities=('channel',)")
     if sparse and cost.target.is_gpu:
         raise SparsefxError(f"block and N:M kernels are timed on the host CPU; plan them with target='cpu', "
                             f"or use granularities=('channel',) for {cost.target.name}")

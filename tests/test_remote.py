@@ -9,6 +9,7 @@ from tvm.rpc.tracker import Tracker
 import sparsefx
 from sparsefx.backends.tvm import compile
 from sparsefx.backends.tvm.remote import measure_remote, parse_tracker
+from sparsefx.costmodel import CostModel, conv2d_kernel, matmul_kernel
 
 from .models_zoo import CASES
 
@@ -39,3 +40,33 @@ def test_unreachable_device_is_a_clear_error(device, tmp_path, monkeypatch):
         measure_remote(compiled, device, "nope", repeat=1, timeout_s=2)
     with pytest.raises(sparsefx.SparsefxError, match="HOST:PORT"):
         parse_tracker("localhost")
+
+
+def test_cost_model_times_kernels_on_the_rpc_device_in_a_table_of_its_own(device, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEFX_CACHE", str(tmp_path))
+    cost = CostModel("cpu", rpc=(device, "sfx-test"))
+    conv = conv2d_kernel((1, 16, 16, 16), (1, 32, 16, 16), 1, (3, 3), (1, 1), (1, 1), (1, 1),
+                         cost.lanes).with_epilogue("relu", True)
+    depthwise = conv2d_kernel((1, 32, 16, 16), (1, 32, 8, 8), 32, (3, 3), (2, 2), (1, 1), (1, 1), cost.lanes)
+    matmul = matmul_kernel(1, 8, 64, 64, cost.lanes)
+    times = [cost.latency(k) for k in (conv, depthwise, matmul)]
+    assert all(t > 0 for t in times) and cost.sources == {"measured": 3}
+    cost.save()
+    assert cost.path.name.endswith("-rpc-sfx-test.json")
+    again = CostModel("cpu", rpc=(device, "unreachable-but-cached"), path=cost.path)
+    assert [again.latency(k) for k in (conv, depthwise, matmul)] == times  # from the table, no session needed
+    assert not (tmp_path / "costmodel" / f"{cost.target.arch}-{cost.target.cores}.json").exists()
+
+
+def test_cli_plan_on_the_rpc_device(device, tmp_path, monkeypatch, capsys):
+    from sparsefx.cli import main
+    from sparsefx.plan import Plan
+
+    monkeypatch.setenv("SPARSEFX_CACHE", str(tmp_path))
+    out = tmp_path / "plan.json"
+    assert main(["plan", "default", "--speedup", "1.2", "--rpc", device, "--out", str(out)]) == 2
+    assert "--rpc-key" in capsys.readouterr().err
+    assert main(["plan", "default", "--input-shape", "1,3,32,32", "--speedup", "1.2", "--rpc", device,
+                 "--rpc-key", "sfx-test", "--out", str(out)]) == 0
+    assert Plan.load(out).predicted["speedup"] >= 1.2
+    assert list((tmp_path / "costmodel").glob("*-rpc-sfx-test.json"))

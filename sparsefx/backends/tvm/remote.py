@@ -9,6 +9,7 @@ with `dispatch=False` (no PyTorch kernels).
 from __future__ import annotations
 
 import tempfile
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +27,8 @@ def parse_tracker(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def measure_remote(compiled: CompiledModel, tracker: str, key: str, repeat: int = 20,
-                   timeout_s: int = 60) -> dict[str, float]:
-    """Median/min latency (ms) of `compiled` on a device registered with the tracker under `key`."""
-    if compiled.manifest["dispatch"] and any(d["impl"] == "torch" for d in compiled.manifest["dispatch"].values()):
-        raise SparsefxError("this artifact runs some ops on PyTorch kernels, which a TVM RPC device lacks; "
-                            "compile with dispatch=False to measure it remotely")
+def connect(tracker: str, key: str, timeout_s: int = 60) -> rpc.RPCSession:
+    """A session on the device the tracker serves under `key` (one-line error if there is none)."""
     host, port = parse_tracker(tracker)
     hint = "start one with python -m tvm.exec.rpc_server --tracker HOST:PORT --key KEY"
     try:
@@ -40,16 +37,33 @@ def measure_remote(compiled: CompiledModel, tracker: str, key: str, repeat: int 
         keys = {info["key"].split(":", 1)[-1] for info in client.summary().get("server_info", [])}
         if key not in keys:
             raise LookupError(f"the tracker knows {sorted(keys) or 'no devices'}")
-        session = client.request(key, priority=1, session_timeout=timeout_s)
+        return client.request(key, priority=1, session_timeout=timeout_s)
     except Exception as error:  # connection refused, unknown key, timeout
         raise SparsefxError(f"cannot reach device {key!r} through tracker {tracker} "
                             f"({one_line(error)}); {hint}") from None
+
+
+def upload(session: rpc.RPCSession, executable: object) -> tvm.runtime.Module:
+    """Export `executable` as a shared library, send it to the device and load it there. Each
+    upload gets a new name: the device's loader hands back an already loaded library of the same
+    path, and the server crashed running a second kernel through the first one's functions."""
+    name = f"sfx-{uuid.uuid4().hex}.so"
     with tempfile.TemporaryDirectory() as tmp:
-        library = Path(tmp) / "model.so"
+        library = Path(tmp) / name
         with _quiet_native_stderr():
-            compiled.executable.export_library(str(library))
+            executable.export_library(str(library))
         session.upload(str(library))
-        remote_lib = session.load_module("model.so")
+        return session.load_module(name)
+
+
+def measure_remote(compiled: CompiledModel, tracker: str, key: str, repeat: int = 20,
+                   timeout_s: int = 60) -> dict[str, float]:
+    """Median/min latency (ms) of `compiled` on a device registered with the tracker under `key`."""
+    if compiled.manifest["dispatch"] and any(d["impl"] == "torch" for d in compiled.manifest["dispatch"].values()):
+        raise SparsefxError("this artifact runs some ops on PyTorch kernels, which a TVM RPC device lacks; "
+                            "compile with dispatch=False to measure it remotely")
+    session = connect(tracker, key, timeout_s)
+    remote_lib = upload(session, compiled.executable)
     device = session.cuda(0) if compiled.target.is_gpu else session.cpu(0)
     vm = relax.VirtualMachine(remote_lib, device)
     inputs = [tvm.runtime.tensor(np.random.rand(*i["shape"]).astype(i["dtype"]), device)
