@@ -268,6 +268,24 @@ class CostModel:
             return self._roofline(kernel)
         return self._interpolated(kernel, reference or kernel)
 
+    def drift(self) -> list[tuple[str, float, float]]:
+        """(probe, ms in the table, ms now) for two probe kernels timed afresh: a dense 3x3 conv
+        (compute-bound) and a depthwise one (memory-bound). On a shared host the same kernels run
+        tens of percent faster or slower an hour later (tables measured while this VM's host was
+        busier over-predicted MobileNetV2 by 32-53% in a quieter spell); a table whose probes
+        moved no longer describes the machine. A probe missing from the table is measured into it."""
+        if not self.measure or self.remote is not None:
+            return []
+        probes = {"3x3 conv": conv2d_kernel((1, 64, 56, 56), (1, 64, 56, 56), 1, (3, 3), (1, 1), (1, 1), (1, 1), self.lanes),
+                  "depthwise conv": conv2d_kernel((1, 96, 56, 56), (1, 96, 56, 56), 96, (3, 3), (1, 1), (1, 1), (1, 1),
+                                                  self.lanes)}
+        moved = []
+        for name, kernel in probes.items():
+            then = self.table.get(kernel.key)
+            now = self.measured(kernel) if then is None else self.time_now(kernel)
+            moved.append((name, then or now, now))
+        return moved
+
     def save(self) -> None:
         if not self._dirty:
             return

@@ -20,6 +20,7 @@ import hashlib
 import math
 import operator
 import sys
+import warnings
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -208,6 +209,8 @@ def plan(model: nn.Module, example_inputs: object, target: object = "cpu", speed
                             f"or use granularities=('channel',) for {cost.target.name}")
     with tqdm(desc="measuring kernels", unit=" kernel", disable=not verbose, file=sys.stderr, leave=False) as bar:
         cost.progress = bar.update
+        if "speedup" in budget or "latency_ms" in budget:
+            _warn_if_drifted(cost)
         planner = Planner(model, example_inputs, importance=importance, ignore=ignore, cost=cost,
                           by_macs="macs_ratio" in budget, require_groups="channel" in granularities)
         search = planner.search
@@ -230,6 +233,17 @@ def plan(model: nn.Module, example_inputs: object, target: object = "cpu", speed
         cost.save()
         cost.progress = None
     return _as_plan(model, planner, budget)
+
+
+def _warn_if_drifted(cost: CostModel, tolerance: float = 0.2) -> None:
+    """Say so when the cost tables no longer describe this machine's speed (see `CostModel.drift`;
+    a new table takes its probes now, with the rest of its measurements)."""
+    for name, then, now in cost.drift():
+        if abs(now / then - 1) > tolerance:
+            warnings.warn(f"the cost tables in {cost.path} were measured when a probe {name} took {then:.3f} ms; it takes "
+                          f"{now:.3f} ms now ({100 * (now / then - 1):+.0f}%), so predictions may be off by as much: delete "
+                          "the file to re-measure under today's load, or use plan_measured", stacklevel=3)
+            return
 
 
 def _aligned_uniform(planner: Planner, ratio: float, allowed: dict[int, list[int]]) -> dict[int, int]:

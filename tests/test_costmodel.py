@@ -166,3 +166,17 @@ def test_cli_optimize_replans_until_measured_and_writes_everything(tmp_path, cap
     assert 1 <= len(rounds) <= 2 and all(r["dense_ms"] > 0 and r["planned_ms"] > 0 for r in rounds)
     assert Plan.load(out / "plan.json").measured == report["measured_planning"]
     assert "measured on this host" in capsys.readouterr().out
+
+
+def test_a_plan_warns_when_the_machine_no_longer_runs_at_the_speed_its_tables_say(tmp_path):
+    model, inputs = load_model("default", input_shape=(1, 3, 32, 32))
+    path = tmp_path / "table.json"
+    cost = CostModel("cpu", path=path)
+    probes = cost.drift()  # a new table takes its probes into it: nothing has moved yet
+    assert len(probes) == 2 and all(then == now > 0 for _, then, now in probes) and len(cost.table) == 2
+    cost.save()
+    stale = CostModel("cpu", path=path)
+    for key in stale.table:
+        stale.table[key] /= 3  # as if measured when the machine ran three times faster
+    with pytest.warns(UserWarning, match="re-measure"):
+        sparsefx.plan(model, inputs, speedup=1.1, cost=stale, verbose=False)
