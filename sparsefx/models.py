@@ -123,6 +123,9 @@ def _load_torchvision(
     # aux_logits would add a second output that only exists in training mode.
     kwargs = {"aux_logits": False, "init_weights": True} if name in ("inception_v3", "googlenet") else {}
     model = torchvision.models.get_model(name, weights=None, **kwargs)
+    for layer in model.modules():  # ViT heads start at zero: every output 0, every comparison of outputs vacuous
+        if isinstance(layer, nn.Linear) and not layer.weight.any():
+            nn.init.normal_(layer.weight, std=0.02)
     size = TORCHVISION_INPUT_SIZE.get(name, 224)
     return model, (torch.randn(shape or (batch_size, 3, size, size)),)
 
