@@ -255,6 +255,7 @@ class CostModel:
         self.calibration: dict[str, list[float]] = data.get("calibration", {}) if fresh else {}
         self.sources: dict[str, int] = {}
         self._dirty = False
+        self._drift: list[tuple[str, float, float]] | None = None
         self.progress: Callable[[int], None] | None = None
 
     # --- public -------------------------------------------------------------------------
@@ -273,18 +274,21 @@ class CostModel:
         (compute-bound) and a depthwise one (memory-bound). On a shared host the same kernels run
         tens of percent faster or slower an hour later (tables measured while this VM's host was
         busier over-predicted MobileNetV2 by 32-53% in a quieter spell); a table whose probes
-        moved no longer describes the machine. A probe missing from the table is measured into it."""
+        moved no longer describes the machine. A probe missing from the table is measured into it.
+        Timed once per CostModel: a planning run that plans several times asks again."""
+        if self._drift is not None:
+            return self._drift
+        self._drift = []
         if not self.measure or self.remote is not None:
-            return []
+            return self._drift
         probes = {"3x3 conv": conv2d_kernel((1, 64, 56, 56), (1, 64, 56, 56), 1, (3, 3), (1, 1), (1, 1), (1, 1), self.lanes),
                   "depthwise conv": conv2d_kernel((1, 96, 56, 56), (1, 96, 56, 56), 96, (3, 3), (1, 1), (1, 1), (1, 1),
                                                   self.lanes)}
-        moved = []
         for name, kernel in probes.items():
             then = self.table.get(kernel.key)
             now = self.measured(kernel) if then is None else self.time_now(kernel)
-            moved.append((name, then or now, now))
-        return moved
+            self._drift.append((name, then or now, now))
+        return self._drift
 
     def save(self) -> None:
         if not self._dirty:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from .costmodel import CostModel
 from .errors import SparsefxError
 from .plan import Plan
 from .planner import apply, plan
@@ -27,22 +28,30 @@ from .trace import as_inputs
 Measure = Callable[[nn.Module, nn.Module, tuple, Target], tuple[float, float]]
 
 
-def measure_pair(dense: nn.Module, pruned: nn.Module, inputs: tuple, target: Target) -> tuple[float, float]:
-    """Median ms of the dense and the pruned model compiled with TVM, timed in alternating rounds."""
-    from .backends.eager import measure_latencies
-    from .backends.tvm import compile
+class MeasurePair:
+    """Median ms of the dense and the pruned model compiled with TVM, timed in alternating rounds.
+    The dense build is made on the first call and timed again beside every later plan (one
+    instance serves one planning run, whose dense model does not change)."""
 
-    compiled = {name: compile(m, inputs, target=target, verbose=False) for name, m in (("dense", dense), ("pruned", pruned))}
-    ms = measure_latencies(compiled, inputs, repeat=30, rounds=6)
-    return ms["dense"], ms["pruned"]
+    def __init__(self) -> None:
+        self._dense = None
+
+    def __call__(self, dense: nn.Module, pruned: nn.Module, inputs: tuple, target: Target) -> tuple[float, float]:
+        from .backends.eager import measure_latencies
+        from .backends.tvm import compile
+
+        self._dense = self._dense or compile(dense, inputs, target=target, verbose=False)
+        ms = measure_latencies({"dense": self._dense, "pruned": compile(pruned, inputs, target=target, verbose=False)},
+                               inputs, repeat=30, rounds=6)
+        return ms["dense"], ms["pruned"]
 
 
 def plan_measured(model: nn.Module, example_inputs: object, target: object = "cpu", speedup: float | None = None,
                   latency_ms: float | None = None, rounds: int = 3, tolerance: float = 0.05, verbose: bool = True,
-                  measure: Measure = measure_pair, **plan_options: object) -> Plan:
+                  measure: Measure | None = None, **plan_options: object) -> Plan:
     """`sparsefx.plan` to a `speedup` or `latency_ms` that the compiled model reaches when timed on
-    this host (see the module doc). Other keyword arguments go to `sparsefx.plan`. The returned
-    plan records every round under `measured`."""
+    this host (see the module doc; `measure` defaults to a `MeasurePair`). Other keyword arguments
+    go to `sparsefx.plan`. The returned plan records every round under `measured`."""
     target = resolve_target(target)
     if target.is_gpu:
         raise SparsefxError(f"measured planning times models on this host's CPU, not on {target.name}; "
@@ -53,6 +62,8 @@ def plan_measured(model: nn.Module, example_inputs: object, target: object = "cp
     if rounds < 1 or not 0 < tolerance < 1:
         raise SparsefxError(f"rounds={rounds!r} must be at least 1 and tolerance={tolerance!r} in (0, 1)")
     inputs = as_inputs(example_inputs)
+    measure = measure or MeasurePair()
+    plan_options["cost"] = plan_options.get("cost") or CostModel(target)  # one table read, one drift check
     budget = {"speedup": speedup} if speedup is not None else {"latency_ms": latency_ms}
     tried: list[tuple[float, Plan]] = []
     records: list[dict] = []

@@ -5,7 +5,7 @@ import torch
 
 import sparsefx
 from sparsefx.costmodel import CostModel
-from sparsefx.measured_plan import measure_pair, plan_measured
+from sparsefx.measured_plan import MeasurePair, plan_measured
 from sparsefx.models import load_model
 from sparsefx.plan import Plan
 from sparsefx.target import resolve_target
@@ -63,7 +63,7 @@ def test_measure_pair_times_the_compiled_models():
     model_cls, make_inputs = CASES["residual"]
     model, inputs = model_cls().eval(), make_inputs()
     pruned = sparsefx.prune(model, inputs, ratio=0.5)
-    dense_ms, pruned_ms = measure_pair(model, pruned, inputs, resolve_target("cpu"))
+    dense_ms, pruned_ms = MeasurePair()(model, pruned, inputs, resolve_target("cpu"))
     assert dense_ms > 0 and pruned_ms > 0
 
 
