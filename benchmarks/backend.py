@@ -1,8 +1,8 @@
 """TVM backend vs PyTorch eager, dense and pruned, measured side by side in one run.
 
 For each model and batch size: eager dense, TVM dense, eager pruned (50% of channels),
-TVM pruned; compile (and tuning) time and trials; which conv/matmul workloads the
-measured dispatch put on PyTorch kernels. Writes JSON and a markdown table.
+TVM pruned; compile (and tuning) time and trials; which workloads (convs, matmuls, GELU/softmax/LayerNorm)
+the measured dispatch put on PyTorch kernels. Writes JSON and a markdown table.
 
     python benchmarks/backend.py --threads 1                      # the issue's six models, batch 1 and 8
     python benchmarks/backend.py --models resnet18 --batches 1 --tune 16
@@ -69,7 +69,7 @@ def markdown(rows: list[dict], threads: int, round_to: int) -> str:
     lines = [f"# TVM backend vs eager ({threads} thread(s) for PyTorch and TVM; median ms, alternating rounds"
              f"{rounding})", "",
              "| model | batch | eager dense | TVM dense | eager pruned | TVM pruned | TVM dense vs eager | "
-             "TVM pruned vs TVM dense | MACs kept | speedup / (1/MACs) | conv/matmul on PyTorch kernels dense / pruned | compile s | max rel err |",
+             "TVM pruned vs TVM dense | MACs kept | speedup / (1/MACs) | workloads on PyTorch kernels dense / pruned | compile s | max rel err |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:

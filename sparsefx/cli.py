@@ -124,7 +124,7 @@ def _add_compile_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tune", type=int, default=0, metavar="TRIALS",
                         help="MetaSchedule trials per new TIR workload (0: default schedules; records persist)")
     parser.add_argument("--no-dispatch", dest="dispatch", action="store_false",
-                        help="never run conv/matmul on PyTorch kernels, even where they measure faster")
+                        help="never run convs, matmuls or math ops on PyTorch kernels, even where they measure faster")
     parser.add_argument("--prune", type=_ratio, default=None, metavar="RATIO", help="prune channels first")
 
 
@@ -261,7 +261,7 @@ def _compile_summary(compiled: object) -> str:
 
 def _kernel_summary(manifest: dict) -> str:
     on_torch = sum(d["impl"] == "torch" for d in manifest["dispatch"].values())
-    return f"kernels: {on_torch}/{len(manifest['dispatch'])} conv/matmul workloads dispatched to PyTorch (measured faster)"
+    return f"kernels: {on_torch}/{len(manifest['dispatch'])} conv/matmul/math-op workloads dispatched to PyTorch (measured faster)"
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -56,8 +56,8 @@ def compile(model: nn.Module, example_inputs: object, target: object = "cpu", tu
             dispatch: bool = True, verbose: bool = True) -> CompiledModel:
     """Compile `model` for `target` ('cpu', 'cuda[:sm_XX]' or a Target).
 
-    `dispatch` lets each conv/matmul run on PyTorch's kernels where they measure faster
-    than TIR on this CPU (recorded in the artifact); `tune` is the MetaSchedule trial
+    `dispatch` lets each conv, matmul, GELU, softmax and LayerNorm run on PyTorch's kernels
+    where they measure faster than TIR on this CPU (recorded in the artifact); `tune` is the MetaSchedule trial
     budget (0: default schedules only; records persist in the on-disk database)."""
     inputs = as_inputs(example_inputs)
     if not isinstance(model, nn.Module):

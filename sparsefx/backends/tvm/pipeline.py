@@ -64,13 +64,13 @@ def as_pipeline(passes: list[NamedPass]) -> tvm.transform.Pass:
 def decide_dispatch(mod: tvm.IRModule, target: Target, tvm_target: tvm.target.Target,
                     build: Callable[[tvm.IRModule, tvm.target.Target], object],
                     progress: Callable[[str], None] | None = None) -> dict[str, dict]:
-    """Measured torch-vs-TIR choice for each conv/matmul workload of `mod` (CPU targets)."""
+    """Measured torch-vs-TIR choice for each conv, matmul and math-op (`math_ops`) workload of `mod` (CPU targets)."""
     # PyTorch's kernels and TIR's parallel loops scale differently with threads: decide per thread count
     table = DispatchTable(f"{target.arch}-{target.cores}-t{torch.get_num_threads()}")
     workloads = collect_workloads(mod)
     fresh = [w for w in workloads if w.key not in table.entries]
     if progress and fresh:
-        progress(f"measuring {len(fresh)} conv/matmul workloads on PyTorch kernels, and on TIR where it could win")
+        progress(f"measuring {len(fresh)} conv/matmul/math-op workloads on PyTorch kernels, and on TIR where it could win")
     decisions = table.decide(workloads, tvm_target, build)
     if progress and fresh:
         by = [table.entries[w.key].get("decided_by") for w in fresh]
