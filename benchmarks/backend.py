@@ -48,7 +48,8 @@ def bench_model(name: str, batch: int, tune: int, repeat: int, round_to: int = 1
         dispatch = compiled.manifest["dispatch"].values()
         row[f"torch_kernels_{label}"] = f"{sum(d['impl'] == 'torch' for d in dispatch)}/{len(dispatch)}"
         row[f"prepacked_{label}"] = sum(bool(d.get("prepack")) and d["impl"] == "torch" for d in dispatch)
-        row[f"depthwise_{label}"] = sum(d["impl"] == "depthwise" for d in dispatch)
+        for kind in ("depthwise", "pointwise"):
+            row[f"{kind}_{label}"] = sum(d["impl"] == kind for d in dispatch)
         with torch.no_grad():
             expected, actual = source(*inputs), compiled(*inputs)
         expected = expected if isinstance(expected, torch.Tensor) else torch.utils._pytree.tree_leaves(expected)[0]
@@ -88,10 +89,11 @@ def markdown(rows: list[dict], threads: int, round_to: int) -> str:
 
 
 def _kernels(row: dict, label: str) -> str:
-    """Dispatched-to-PyTorch workloads (how many on prepacked weights) and those on the depthwise kernel."""
-    depthwise = row.get(f"depthwise_{label}", 0)
-    return f"{row[f'torch_kernels_{label}']} ({row.get(f'prepacked_{label}', 0)} prepacked)" + \
-        (f" + {depthwise} depthwise" if depthwise else "")
+    """Dispatched-to-PyTorch workloads (how many on prepacked weights) and those on sparsefx's own
+    depthwise and 1x1 kernels."""
+    own = "".join(f" + {row[f'{kind}_{label}']} {name}" for kind, name in (("depthwise", "depthwise"), ("pointwise", "1x1"))
+                  if row.get(f"{kind}_{label}"))
+    return f"{row[f'torch_kernels_{label}']} ({row.get(f'prepacked_{label}', 0)} prepacked){own}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@
 Sources, best first:
 - measured: convolutions and matmuls are timed on the kernels the compiled model runs on
   this CPU (PyTorch's, which the dispatch picks for nearly every workload: a conv plain or
-  on oneDNN with its weight prepacked, whichever is faster; for a depthwise conv also
+  on oneDNN with its weight prepacked, whichever is faster; for a depthwise or 1x1 conv also
   sparsefx's TIR kernel, and the faster counts), at the
   exact shape or at points of a per-dimension grid, and interpolated between them;
 - calibrated: element-wise, reduction and pooling kernels run as fused TIR; their cost is
@@ -43,7 +43,7 @@ GRID = (1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0)
 LAUNCH_MS = {"llvm": 0.004, "cuda": 0.005}  # roofline per-kernel overhead where not calibrated
 ROOFLINE_EFFICIENCY = 0.5  # what a tuned kernel reaches of the peak, for unmeasured targets
 EPILOGUE_ACTIVATIONS = ("none", "relu", "relu6", "silu")  # codes in Kernel attrs and dispatched convs' calls
-TABLE_VERSION = 6  # bumped when what a measurement times changes; older tables are re-measured
+TABLE_VERSION = 7  # bumped when what a measurement times changes; older tables are re-measured (v7: 1x1 kernel)
 CALIBRATION_VERSION = 2  # v2: reductions also timed on PyTorch (dispatched softmax); older ones re-fitted
 
 
@@ -194,30 +194,32 @@ def time_kernel(kernel: Kernel) -> float:
     return _time_ms([lambda w=w: torch.matmul(x, w) for w in weight_copies((k, n))])
 
 
-def depthwise_spec(kernel: Kernel) -> object | None:
-    """The TIR depthwise kernel's spec for a conv it can run (bias and activation fused), else None;
-    a residual add is not fused into it, so such convs stay PyTorch's."""
+def own_kernel_spec(kernel: Kernel) -> tuple[object, object] | None:
+    """(module, spec) of the sparsefx TIR kernel (`own_kernels`) that can run this conv with its
+    bias, activation and residual fused, else None."""
     if kernel.op != "conv2d":
         return None
-    from .backends.tvm import depthwise
+    from .backends.tvm import own_kernels
 
     attrs, shapes, act, residual = _conv_workload(kernel)
-    if residual or not depthwise.supported(attrs, shapes):
+    kind = own_kernels.kind_of(attrs, shapes)
+    if kind is None:
         return None
-    return depthwise.spec_of(attrs, shapes, act)
+    module = own_kernels.KERNELS[kind]
+    if residual and not module.FUSES_RESIDUAL:
+        return None  # the residual add would be a kernel of its own: PyTorch's fused one is priced
+    return module, module.spec_of(attrs, shapes, act, residual=True) if residual else module.spec_of(attrs, shapes, act)
 
 
-def time_depthwise(spec: object, target: Target) -> float:
-    """Fastest ms of sparsefx's TIR depthwise kernel for `spec` (one LLVM build per spec)."""
+def time_own_kernel(module: object, spec: object, target: Target) -> float:
+    """Fastest ms of a sparsefx TIR kernel for `spec` (one LLVM build per spec), its weight (the
+    second argument) cycled through copies as for PyTorch's kernels."""
     import tvm
 
-    from .backends.tvm import depthwise
-
-    library = depthwise.build([spec], target.to_tvm())
-    x_shape, w_shape, b_shape, out_shape = spec.arg_shapes
-    x, b, out = (tvm.runtime.tensor(np.random.randn(*shape).astype("float32")) for shape in (x_shape, b_shape, out_shape))
-    weights = [tvm.runtime.tensor(w.numpy()) for w in weight_copies(w_shape)]
-    return _time_ms([lambda w=w: library[spec.name](x, w, b, out) for w in weights])
+    run = module.build([spec], target.to_tvm())[spec.name]  # looked up once: lookups cost 10-80 us
+    args = [tvm.runtime.tensor(np.random.randn(*shape).astype("float32")) for shape in spec.arg_shapes]
+    weights = [tvm.runtime.tensor(w.numpy()) for w in weight_copies(spec.arg_shapes[1])]
+    return _time_ms([lambda w=w: run(args[0], w, *args[2:]) for w in weights])
 
 
 @contextmanager
@@ -314,15 +316,15 @@ class CostModel:
 
     def time_now(self, kernel: Kernel) -> float:
         """ms of `kernel` as the compiled model runs it, timed now (uncached): PyTorch's kernel plus
-        the call out of the VM, or sparsefx's depthwise kernel plus a TIR call where that is faster;
+        the call out of the VM, or sparsefx's own TIR kernel (depthwise, 1x1) plus a TIR call where that is faster;
         plus the cold output (see `output_ms`). On an RPC device: the TIR kernel timed there."""
         if self.remote is not None:
             return self.remote.time(kernel)
         with _threads(self.target.cores), torch.inference_mode():
             ms = time_kernel(kernel) + self.dispatch_overhead()
-            spec = depthwise_spec(kernel)
-            if spec is not None:
-                ms = min(ms, time_depthwise(spec, self.target) + self._calibration("elementwise")[0])
+            own = own_kernel_spec(kernel)
+            if own is not None:
+                ms = min(ms, time_own_kernel(*own, self.target) + self._calibration("elementwise")[0])
         return ms + self.output_ms(kernel)
 
     def output_ms(self, kernel: Kernel) -> float:

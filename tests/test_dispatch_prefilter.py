@@ -56,8 +56,11 @@ def test_table_builds_calibration_and_plausible_tir_wins_only(monkeypatch) -> No
     assert built == [prefilter.CALIBRATE]
 
 
-def test_depthwise_convs_build_only_sparsefx_kernel_not_the_default_tir(monkeypatch) -> None:
-    depthwise = dispatch.Workload("conv2d", ((1, 32, 16, 16), (32, 1, 3, 3), (1, 32, 16, 16)), (1, 1, 1, 1, 1, 1, 32))
+@pytest.mark.parametrize("kind, workload", [
+    ("depthwise", dispatch.Workload("conv2d", ((1, 32, 16, 16), (32, 1, 3, 3), (1, 32, 16, 16)), (1, 1, 1, 1, 1, 1, 32))),
+    ("pointwise", dispatch.Workload("conv2d", ((1, 32, 16, 16), (24, 32, 1, 1), (1, 24, 16, 16)), (1, 1, 0, 0, 1, 1, 1))),
+])
+def test_own_kernel_convs_build_only_sparsefx_kernel_not_the_default_tir(monkeypatch, kind, workload) -> None:
     monkeypatch.setattr(dispatch, "_torch_time", lambda w: (1e6, False))  # PyTorch loses: TIR would be built
     built: list[int] = []
     target = resolve_target("cpu")
@@ -66,9 +69,17 @@ def test_depthwise_convs_build_only_sparsefx_kernel_not_the_default_tir(monkeypa
         built.append(len(mod.functions))
         return build_module(mod, tvm_target, target)
 
-    decision = dispatch.DispatchTable("test").decide([depthwise], target.to_tvm(), counting_build)[depthwise.key]
-    assert built == [] and decision["decided_by"] == "depthwise" and decision["tir_ms"] is None
-    assert decision["impl"] == "depthwise" and decision["depthwise_ms"] > 0
+    decision = dispatch.DispatchTable("test").decide([workload], target.to_tvm(), counting_build)[workload.key]
+    assert built == [] and decision["decided_by"] == kind and decision["tir_ms"] is None
+    assert decision["impl"] == kind and decision[f"{kind}_ms"] > 0
+
+
+def test_pytorch_is_charged_its_call_overhead_against_tir() -> None:
+    overhead = dispatch.call_overhead_ms()
+    assert 0 <= overhead < 1.0  # microseconds, not a kernel's worth
+    close = prefilter.Candidate("k", "conv", 1e-3, torch_ms=0.050)
+    assert dispatch.DispatchTable._entry(close, 0.050 + overhead / 2)["impl"] == "tir"  # PyTorch faster alone
+    assert dispatch.DispatchTable._entry(close, 0.050 + overhead + 0.01)["impl"] == "torch"
 
 
 def _se_conv_prim_func(cin: int, cout: int):

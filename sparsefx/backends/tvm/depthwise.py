@@ -9,17 +9,14 @@ unstrided one), then computes the output over the phase planes' flat index, whol
 vectors over rows and columns alike: width 7 is as vectorisable as width 112. Flat positions
 past an output row's end are computed and dropped when the plane is written out with the
 bias and activation. The dispatch times it beside PyTorch and TIR per workload (`supported`
-says where it applies) and `depthwise_pass` swaps in the winners.
+says where it applies) and `own_kernels.own_kernel_pass` swaps in the winners.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import tvm
-from tvm import relax
 from tvm.script import tirx as T
 
 from .sparse_kernels import LANES, OPAQUE, STACK
@@ -68,12 +65,15 @@ def supported(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...]) -> bo
         and d0 == d1 == 1 and oh * ow >= 4
 
 
+FUSES_RESIDUAL = False  # a residual add after it stays a TIR element-wise kernel
+
+
 def spec_of(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...], activation: str = "none") -> DepthwiseSpec:
     (n, c, h, w), (_, _, k, _) = shapes[:2]
     return DepthwiseSpec(n, c, h, w, k, attrs[0], attrs[2], activation)
 
 
-def _activate(value, activation: str):  # noqa: ANN001, ANN202 (TIR expressions)
+def activate(value, activation: str):  # noqa: ANN001, ANN202 (TIR expressions)
     if activation == "relu":
         return T.max(value, T.float32(0))
     if activation == "relu6":
@@ -142,7 +142,7 @@ def kernel(s: DepthwiseSpec) -> tvm.tirx.PrimFunc:
                             acc[lane] = acc[lane] + w[c, 0, kh, kw] * \
                                 plane[kh % st * st + kw % st, start + lane + kh // st * wq + kw // st]
                 for lane in T.vectorized(lanes):
-                    flat[start + lane] = _activate(acc[lane], act)
+                    flat[start + lane] = activate(acc[lane], act)
             for oh in range(ho):
                 for ow in T.vectorized(wo):
                     out[n, c, oh, ow] = flat[oh * wq + ow]
@@ -154,62 +154,3 @@ def build(specs: list[DepthwiseSpec], target: tvm.target.Target) -> tvm.runtime.
     """One library holding the kernels of `specs` (one LLVM build), each under its `name`."""
     funcs = {s.name: kernel(s).with_attr("global_symbol", s.name) for s in dict.fromkeys(specs)}
     return tvm.compile(tvm.IRModule(funcs), target)
-
-
-def depthwise_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
-    """Relax pass: a depthwise conv decided 'depthwise', with its per-channel bias and activation
-    (ReLU, ReLU6, SiLU) where they follow, becomes one `call_tir` of this kernel (runs before the
-    torch epilogue and dispatch passes, which leave `call_tir` alone)."""
-    from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
-
-    from .dispatch import _activation, _per_channel, workload_of
-
-    x, w, b = wildcard(), is_const(), is_const()
-    conv = is_op("relax.nn.conv2d")(x, w)
-    biased = is_op("relax.add")(conv, b)
-    patterns = [act(biased) for act in (is_op("relax.nn.relu"), is_op("relax.nn.silu"),
-                                        lambda t: is_op("relax.clip")(t, wildcard(), wildcard()))]
-    patterns += [biased, conv]
-
-    def spec_for(expr: relax.Expr, matches: dict) -> DepthwiseSpec | None:
-        wl = workload_of(matches[conv])
-        act = _activation(expr) if b in matches else "none"
-        if wl is None or act is None or decisions.get(wl.key, {}).get("impl") != "depthwise" or \
-                (b in matches and not _per_channel(matches[b], wl.shapes[1][0])):
-            return None
-        return spec_of(wl.attrs, wl.shapes, act)
-
-    def rewrite_all(mod: tvm.IRModule, rewriter: Callable) -> tvm.IRModule:
-        for gvar, func in list(mod.functions.items()):
-            if isinstance(func, relax.Function):
-                for pattern in patterns:
-                    func = rewrite_call(pattern, rewriter, func)
-                mod[gvar] = func
-        return mod
-
-    @tvm.transform.module_pass(opt_level=0, name="FuseDepthwise")
-    def _pass(mod: tvm.IRModule, _ctx: object) -> tvm.IRModule:
-        # a call_tir needs its callee typed, i.e. already in the module: find the kernels first
-        specs: dict[str, DepthwiseSpec] = {}
-
-        def find(expr: relax.Expr, matches: dict) -> relax.Expr:
-            if (spec := spec_for(expr, matches)) is not None:
-                specs[spec.name] = spec
-            return expr
-
-        rewrite_all(mod, find)
-        if not specs:
-            return mod
-        bb = relax.BlockBuilder(mod)
-        gvars = {name: bb.add_func(kernel(spec), name) for name, spec in specs.items()}
-
-        def swap(expr: relax.Expr, matches: dict) -> relax.Expr:
-            if (spec := spec_for(expr, matches)) is None:
-                return expr
-            bias = matches[b].value.numpy().reshape(-1) if b in matches else np.zeros(spec.channels, "float32")
-            return relax.call_tir(gvars[spec.name], [matches[x], matches[w], relax.const(bias)],
-                                  relax.TensorType(spec.out_shape, "float32"))
-
-        return rewrite_all(bb.get(), swap)
-
-    return _pass

@@ -12,6 +12,7 @@ Those calls need `import sparsefx` (and torch) where the artifact runs; GPU buil
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ import tvm
 from tvm import relax
 
 from ...target import cache_dir
-from . import depthwise, prefilter
+from . import own_kernels, prefilter
 from .math_ops import BY_NAME, MATH_OPS
 from .torch_kernels import (
     ACTIVATIONS,
@@ -30,11 +31,12 @@ from .torch_kernels import (
     CONV_RESIDUAL,
     MATMUL,
     best_time,
+    conv,
     torch_time,
     weight_key,
 )
 
-TABLE_VERSION = 4  # v4: depthwise convs also timed on sparsefx's own TIR kernel (`depthwise`)
+TABLE_VERSION = 5  # v5: 1x1 convs also timed on sparsefx's own TIR kernel (`pointwise`), as depthwise ones since v4
 
 
 @dataclass(frozen=True)
@@ -138,14 +140,15 @@ class DispatchTable:
             timed = {key: _torch_time(w) for key, w in new.items()}
             candidates = [prefilter.Candidate(w.key, prefilter.op_class(w.op, w.attrs), w.flops / 1e9, timed[w.key][0])
                           for w in new.values()]
-            # The depthwise kernel is a TIR schedule written for exactly these convs; it beat the
-            # default one on all 11 MobileNetV2 shapes both were timed on, so only it is built.
-            own = [w for w in new.values() if w.op == "conv2d" and depthwise.supported(w.attrs, w.shapes)]
-            own_keys = {w.key for w in own}
+            # sparsefx's own kernels are TIR schedules written for exactly these convs; the depthwise
+            # one beat the default schedule on all 11 MobileNetV2 shapes both were timed on, so only
+            # they are built (besides PyTorch's)
+            own = {w.key: kind for w in new.values() if w.op == "conv2d"
+                   and (kind := own_kernels.kind_of(w.attrs, w.shapes)) is not None}
             for c in candidates:
-                if c.key in own_keys:
-                    self.entries[c.key] = {**self._entry(c, None), "decided_by": "depthwise"}
-            candidates = [c for c in candidates if c.key not in own_keys]
+                if c.key in own:
+                    self.entries[c.key] = {**self._entry(c, None), "decided_by": own[c.key]}
+            candidates = [c for c in candidates if c.key not in own]
             first = prefilter.calibration(candidates, self.entries.values())
             self._measure(first, new, target, build)
             ceilings = prefilter.tir_ceilings(self.entries.values())
@@ -162,7 +165,8 @@ class DispatchTable:
             self._measure(rest, new, target, build)
             for key, (_, prepack) in timed.items():
                 self.entries[key]["prepack"] = prepack
-            self._measure_depthwise(own, target)
+            for kind in dict.fromkeys(own.values()):
+                self._measure_own(kind, [new[key] for key, k in own.items() if k == kind], target)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps(self.entries, indent=1))
         return {w.key: self.entries[w.key] for w in workloads}
@@ -174,24 +178,36 @@ class DispatchTable:
             for c, tir_ms in zip(candidates, times, strict=True):
                 self.entries[c.key] = {**self._entry(c, tir_ms), "decided_by": "measured"}
 
-    def _measure_depthwise(self, workloads: list[Workload], target: tvm.target.Target) -> None:
-        """Time the depthwise kernel (one build for all) and keep it where it beats both others."""
-        if not workloads:
-            return
-        specs = [depthwise.spec_of(w.attrs, w.shapes) for w in workloads]
-        library = depthwise.build(specs, target)
+    def _measure_own(self, kind: str, workloads: list[Workload], target: tvm.target.Target) -> None:
+        """Time an own kernel (one build for all its workloads) and keep it where it beats the others."""
+        module = own_kernels.KERNELS[kind]
+        specs = [module.spec_of(w.attrs, w.shapes) for w in workloads]
+        library = module.build(specs, target)
         for w, spec in zip(workloads, specs, strict=True):
             args = [tvm.runtime.tensor(np.random.randn(*shape).astype("float32")) for shape in spec.arg_shapes]
-            ms = best_time(lambda spec=spec, args=args: library[spec.name](*args), 5)
+            run = library[spec.name]  # looked up once: a library lookup costs 10-80 us, more than small kernels
+            ms = best_time(lambda run=run, args=args: run(*args), 5)
             entry = self.entries[w.key]
-            entry["depthwise_ms"] = ms
-            if ms < min(entry["torch_ms"], entry["tir_ms"] or float("inf")):
-                entry["impl"] = "depthwise"
+            entry[f"{kind}_ms"] = ms
+            if ms < min(entry["torch_ms"] + call_overhead_ms(), entry["tir_ms"] or float("inf")):
+                entry["impl"] = kind
 
     @staticmethod
     def _entry(c: prefilter.Candidate, tir_ms: float | None) -> dict:
-        impl = "torch" if tir_ms is None or c.torch_ms < tir_ms else "tir"
+        impl = "torch" if tir_ms is None or c.torch_ms + call_overhead_ms() < tir_ms else "tir"
         return {"impl": impl, "torch_ms": c.torch_ms, "tir_ms": tir_ms, "gflop": c.gflop, "op_class": c.op_class}
+
+
+@functools.cache
+def call_overhead_ms() -> float:
+    """ms a PyTorch kernel costs the compiled model beyond the kernel itself: the call out through a
+    packed function and the DLPack hand-overs (about 0.01 ms here). TIR kernels are called in place;
+    the comparison charges it to PyTorch, so small kernels within it of a TIR one stay in TIR."""
+    x, w, b = torch.ones(1, 1, 1, 1), torch.ones(1, 1, 1, 1), torch.ones(1)
+    packed, args = tvm.get_global_func(CONV_EPILOGUE), [tvm.runtime.tensor(t.numpy()) for t in (x, w, b)]
+    attrs = (1, 1, 0, 0, 1, 1, 1)
+    through = best_time(lambda: packed(*args, *attrs, 0, 0), 200)
+    return max(through - best_time(lambda: conv(x, w, b, attrs), 200), 0.0)
 
 
 def dispatch_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:

@@ -1,0 +1,83 @@
+"""1x1 conv TIR kernel: equals PyTorch's conv (bias, residual, activation), and the pass swaps it in."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import tvm
+from torch import nn
+
+from sparsefx.backends.tvm import pipeline, pointwise
+from sparsefx.backends.tvm.compiler import build_module
+from sparsefx.backends.tvm.importer import to_relax
+from sparsefx.target import resolve_target
+
+ACT = {"none": lambda t: t, "relu": F.relu, "relu6": lambda t: t.clamp(0, 6), "silu": F.silu}
+SPECS = [  # (batch, cin, cout, height, width, activation, residual): channel and pixel counts off the blocks
+    (1, 12, 72, 8, 8, "relu6", False), (2, 5, 3, 7, 7, "relu", True), (1, 20, 13, 9, 5, "silu", False),
+    (1, 3, 8, 4, 8, "none", True), (3, 16, 17, 6, 11, "relu", False),
+]
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEFX_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("by_channel", [True, False])
+def test_kernel_matches_torch_conv_with_bias_residual_and_activation(monkeypatch, by_channel) -> None:
+    monkeypatch.setattr(pointwise, "INPUT_IN_CACHE", 1 << 30 if by_channel else 0)  # both loop orders
+    specs = [pointwise.PointwiseSpec(*s) for s in SPECS]
+    library = pointwise.build(specs, resolve_target("cpu").to_tvm())
+    torch.manual_seed(0)
+    for s in specs:
+        args = [torch.randn(shape) for shape in s.arg_shapes[:-1]]
+        x, w, b = args[:3]
+        want = F.conv2d(x, w, b) + (args[3] if s.residual else 0)
+        want = ACT[s.activation](want)
+        out = tvm.runtime.empty(s.out_shape, "float32")
+        library[s.name](*[tvm.runtime.tensor(t.numpy()) for t in args], out)
+        np.testing.assert_allclose(out.numpy(), want.numpy(), rtol=1e-5, atol=1e-5, err_msg=s.name)
+
+
+def test_supported_takes_only_unstrided_ungrouped_1x1_convs_on_a_whole_pixel_block() -> None:
+    shapes = ((1, 8, 8, 8), (16, 8, 1, 1), (1, 16, 8, 8))
+    assert pointwise.supported((1, 1, 0, 0, 1, 1, 1), shapes)
+    assert not pointwise.supported((2, 2, 0, 0, 1, 1, 1), shapes)  # strided
+    assert not pointwise.supported((1, 1, 0, 0, 1, 1, 2), ((1, 8, 8, 8), (16, 4, 1, 1), (1, 16, 8, 8)))  # grouped
+    assert not pointwise.supported((1, 1, 1, 1, 1, 1, 1), ((1, 8, 8, 8), (16, 8, 3, 3), (1, 16, 8, 8)))  # 3x3
+    assert not pointwise.supported((1, 1, 0, 0, 1, 1, 1), ((1, 8, 4, 4), (16, 8, 1, 1), (1, 16, 4, 4)))  # 16 pixels
+
+
+class _Bottleneck(nn.Module):
+    """1x1 conv + BN (folds into a bias) + residual add + ReLU, then a bias-only 1x1 with SiLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reduce, self.bn = nn.Conv2d(6, 6, 1, bias=False), nn.BatchNorm2d(6)
+        self.expand = nn.Conv2d(6, 10, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(self.expand(F.relu(self.bn(self.reduce(x)) + x)))
+
+
+def test_pass_fuses_bias_residual_and_activation_and_matches_eager() -> None:
+    torch.manual_seed(0)
+    model, inputs = _Bottleneck().eval(), (torch.randn(2, 6, 9, 7),)
+    with torch.no_grad():
+        model.bn.running_mean.normal_()
+        model.bn.running_var.uniform_(0.5, 2)
+    target = resolve_target("cpu")
+    mod, _ = to_relax(model, inputs)
+    mod = pipeline.run(pipeline.optimize_passes(), mod, target.to_tvm())
+    decisions = {w.key: {"impl": "pointwise"} for w in pipeline.collect_workloads(mod)}
+    mod = pipeline.run(pipeline.dispatch(decisions), mod, target.to_tvm())
+    text = str(mod["main"])
+    assert "pointwise_6to6_9x7_b2_relu_res" in text and "pointwise_6to10_9x7_b2_silu" in text
+    assert "R.add" not in text and "R.nn.relu" not in text and "R.nn.silu" not in text  # all fused in
+    vm = tvm.relax.VirtualMachine(build_module(mod, target.to_tvm(), target), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(inputs[0].numpy())).numpy()
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(*inputs).numpy(), rtol=1e-4, atol=1e-5)
