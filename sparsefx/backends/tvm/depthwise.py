@@ -22,6 +22,7 @@ from tvm.script import tirx as T
 from .sparse_kernels import LANES, OPAQUE, STACK
 
 ACTIVATIONS = ("none", "relu", "relu6", "silu")
+FUSES_RESIDUAL = False  # a residual add after it stays a TIR element-wise kernel
 
 
 @dataclass(frozen=True)
@@ -63,9 +64,6 @@ def supported(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...]) -> bo
     (_, cin, _, _), (cout, ci, kh, kw), (_, _, oh, ow) = shapes
     return groups == cin == cout and ci == 1 and kh == kw and s0 == s1 in (1, 2) and p0 == p1 < kh \
         and d0 == d1 == 1 and oh * ow >= 4
-
-
-FUSES_RESIDUAL = False  # a residual add after it stays a TIR element-wise kernel
 
 
 def spec_of(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...], activation: str = "none") -> DepthwiseSpec:

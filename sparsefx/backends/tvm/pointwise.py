@@ -24,6 +24,7 @@ from .sparse_kernels import OPAQUE, STACK
 
 ROWS, PIXELS = 8, 32  # output channels x pixels held in registers; (8, 32) beat (4|6|12|16, 16-64) on MobileNetV2
 INPUT_IN_CACHE = 1 << 20  # bytes of input read once per channel block at most (half this Xeon's L2)
+FUSES_RESIDUAL = True
 
 
 @dataclass(frozen=True)
@@ -58,9 +59,6 @@ def supported(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...]) -> bo
     no padding or groups, and at least one whole block of pixels (smaller maps stay on PyTorch)."""
     (_, _, h, w), (_, _, kh, kw) = shapes[:2]
     return attrs == (1, 1, 0, 0, 1, 1, 1) and kh == kw == 1 and h * w >= PIXELS
-
-
-FUSES_RESIDUAL = True
 
 
 def spec_of(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...], activation: str = "none",
