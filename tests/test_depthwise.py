@@ -9,10 +9,10 @@ import torch.nn.functional as F
 import tvm
 from torch import nn
 
-from sparsefx.backends.tvm import depthwise, pipeline
-from sparsefx.backends.tvm.compiler import build_module
-from sparsefx.backends.tvm.importer import to_relax
+from sparsefx.backends.tvm import depthwise
 from sparsefx.target import resolve_target
+
+from .own_kernels_helper import dispatched, with_random_bn_stats
 
 ACT = {"none": lambda t: t, "relu": F.relu, "relu6": lambda t: t.clamp(0, 6), "silu": F.silu}
 SPECS = [  # (batch, channels, height, width, kernel, stride, padding, activation)
@@ -61,19 +61,9 @@ class _Block(nn.Module):
 
 
 def test_pass_swaps_in_the_kernel_with_its_epilogue_and_matches_eager() -> None:
-    torch.manual_seed(0)
-    model, inputs = _Block().eval(), (torch.randn(1, 12, 15, 15),)
-    with torch.no_grad():
-        model.bn.running_mean.normal_()
-        model.bn.running_var.uniform_(0.5, 2)
-    target = resolve_target("cpu")
-    mod, _ = to_relax(model, inputs)
-    mod = pipeline.run(pipeline.optimize_passes(), mod, target.to_tvm())
-    decisions = {w.key: {"impl": "depthwise" if w.attrs[-1] > 1 else "tir"} for w in pipeline.collect_workloads(mod)}
-    mod = pipeline.run(pipeline.dispatch(decisions), mod, target.to_tvm())
-    text = str(mod["main"])
+    model = with_random_bn_stats(_Block())
+    inputs = (torch.randn(1, 12, 15, 15),)
+    text, got = dispatched(model, inputs, lambda w: "depthwise" if w.attrs[-1] > 1 else "tir")
     assert "depthwise_c12_15x15_k3s2p1_b1_relu6" in text and "R.clip" not in text  # bias and ReLU6 fused in
-    vm = tvm.relax.VirtualMachine(build_module(mod, target.to_tvm(), target), tvm.cpu())
-    got = vm["main"](tvm.runtime.tensor(inputs[0].numpy())).numpy()
     with torch.no_grad():
         np.testing.assert_allclose(got, model(*inputs).numpy(), rtol=1e-4, atol=1e-5)

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 import tvm
 from torch import nn
 
-from sparsefx.backends.tvm import pipeline, pointwise
-from sparsefx.backends.tvm.compiler import build_module
-from sparsefx.backends.tvm.importer import to_relax
+from sparsefx.backends.tvm import pointwise
 from sparsefx.target import resolve_target
+
+from .own_kernels_helper import dispatched, with_random_bn_stats
 
 ACT = {"none": lambda t: t, "relu": F.relu, "relu6": lambda t: t.clamp(0, 6), "silu": F.silu}
 SPECS = [  # (batch, cin, cout, height, width, activation, residual): channel and pixel counts off the blocks
@@ -64,20 +64,10 @@ class _Bottleneck(nn.Module):
 
 
 def test_pass_fuses_bias_residual_and_activation_and_matches_eager() -> None:
-    torch.manual_seed(0)
-    model, inputs = _Bottleneck().eval(), (torch.randn(2, 6, 9, 7),)
-    with torch.no_grad():
-        model.bn.running_mean.normal_()
-        model.bn.running_var.uniform_(0.5, 2)
-    target = resolve_target("cpu")
-    mod, _ = to_relax(model, inputs)
-    mod = pipeline.run(pipeline.optimize_passes(), mod, target.to_tvm())
-    decisions = {w.key: {"impl": "pointwise"} for w in pipeline.collect_workloads(mod)}
-    mod = pipeline.run(pipeline.dispatch(decisions), mod, target.to_tvm())
-    text = str(mod["main"])
+    model = with_random_bn_stats(_Bottleneck())
+    inputs = (torch.randn(2, 6, 9, 7),)
+    text, got = dispatched(model, inputs, lambda w: "pointwise")
     assert "pointwise_6to6_9x7_b2_relu_res" in text and "pointwise_6to10_9x7_b2_silu" in text
     assert "R.add" not in text and "R.nn.relu" not in text and "R.nn.silu" not in text  # all fused in
-    vm = tvm.relax.VirtualMachine(build_module(mod, target.to_tvm(), target), tvm.cpu())
-    got = vm["main"](tvm.runtime.tensor(inputs[0].numpy())).numpy()
     with torch.no_grad():
         np.testing.assert_allclose(got, model(*inputs).numpy(), rtol=1e-4, atol=1e-5)
