@@ -25,6 +25,7 @@ import torch
 
 import sparsefx
 from sparsefx.backends.eager import measure_latencies
+from sparsefx.backends.tvm import own_kernels
 from sparsefx.models import load_model
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "vit_b_16", "hf:bert-base")
@@ -48,7 +49,7 @@ def bench_model(name: str, batch: int, tune: int, repeat: int, round_to: int = 1
         dispatch = compiled.manifest["dispatch"].values()
         row[f"torch_kernels_{label}"] = f"{sum(d['impl'] == 'torch' for d in dispatch)}/{len(dispatch)}"
         row[f"prepacked_{label}"] = sum(bool(d.get("prepack")) and d["impl"] == "torch" for d in dispatch)
-        for kind in ("depthwise", "pointwise"):
+        for kind in own_kernels.KERNELS:
             row[f"{kind}_{label}"] = sum(d["impl"] == kind for d in dispatch)
         with torch.no_grad():
             expected, actual = source(*inputs), compiled(*inputs)
@@ -90,9 +91,9 @@ def markdown(rows: list[dict], threads: int, round_to: int) -> str:
 
 def _kernels(row: dict, label: str) -> str:
     """Dispatched-to-PyTorch workloads (how many on prepacked weights) and those on sparsefx's own
-    depthwise and 1x1 kernels."""
-    own = "".join(f" + {row[f'{kind}_{label}']} {name}" for kind, name in (("depthwise", "depthwise"), ("pointwise", "1x1"))
-                  if row.get(f"{kind}_{label}"))
+    depthwise, 1x1 and dense k x k kernels."""
+    names = {"depthwise": "depthwise", "pointwise": "1x1", "direct": "kxk"}
+    own = "".join(f" + {row[f'{kind}_{label}']} {name}" for kind, name in names.items() if row.get(f"{kind}_{label}"))
     return f"{row[f'torch_kernels_{label}']} ({row.get(f'prepacked_{label}', 0)} prepacked){own}"
 
 

@@ -43,7 +43,7 @@ GRID = (1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0)
 LAUNCH_MS = {"llvm": 0.004, "cuda": 0.005}  # roofline per-kernel overhead where not calibrated
 ROOFLINE_EFFICIENCY = 0.5  # what a tuned kernel reaches of the peak, for unmeasured targets
 EPILOGUE_ACTIVATIONS = ("none", "relu", "relu6", "silu")  # codes in Kernel attrs and dispatched convs' calls
-TABLE_VERSION = 7  # bumped when what a measurement times changes; older tables are re-measured (v7: 1x1 kernel)
+TABLE_VERSION = 8  # bumped when what a measurement times changes; older tables are re-measured (v8: k x k kernel)
 CALIBRATION_VERSION = 2  # v2: reductions also timed on PyTorch (dispatched softmax); older ones re-fitted
 
 
@@ -194,8 +194,8 @@ def time_kernel(kernel: Kernel) -> float:
     return _time_ms([lambda w=w: torch.matmul(x, w) for w in weight_copies((k, n))])
 
 
-def own_kernel_spec(kernel: Kernel) -> tuple[object, object] | None:
-    """(module, spec) of the sparsefx TIR kernel (`own_kernels`) that can run this conv with its
+def own_kernel_spec(kernel: Kernel) -> tuple[str, object] | None:
+    """(kind, spec) of the sparsefx TIR kernel (`own_kernels`) that can run this conv with its
     bias, activation and residual fused, else None."""
     if kernel.op != "conv2d":
         return None
@@ -208,15 +208,17 @@ def own_kernel_spec(kernel: Kernel) -> tuple[object, object] | None:
     module = own_kernels.KERNELS[kind]
     if residual and not module.FUSES_RESIDUAL:
         return None  # the residual add would be a kernel of its own: PyTorch's fused one is priced
-    return module, module.spec_of(attrs, shapes, act, residual=True) if residual else module.spec_of(attrs, shapes, act)
+    return kind, module.spec_of(attrs, shapes, act, residual=True) if residual else module.spec_of(attrs, shapes, act)
 
 
-def time_own_kernel(module: object, spec: object, target: Target) -> float:
+def time_own_kernel(kind: str, spec: object, target: Target) -> float:
     """Fastest ms of a sparsefx TIR kernel for `spec` (one LLVM build per spec), its weight (the
     second argument) cycled through copies as for PyTorch's kernels."""
     import tvm
 
-    run = module.build([spec], target.to_tvm())[spec.name]  # looked up once: lookups cost 10-80 us
+    from .backends.tvm import own_kernels
+
+    run = own_kernels.build(kind, [spec], target.to_tvm())[spec.name]  # looked up once: lookups cost 10-80 us
     args = [tvm.runtime.tensor(np.random.randn(*shape).astype("float32")) for shape in spec.arg_shapes]
     weights = [tvm.runtime.tensor(w.numpy()) for w in weight_copies(spec.arg_shapes[1])]
     return _time_ms([lambda w=w: run(args[0], w, *args[2:]) for w in weights])

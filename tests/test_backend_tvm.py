@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import sparsefx
-from sparsefx.backends.tvm import compile, load
+from sparsefx.backends.tvm import compile, load, own_kernels
 from sparsefx.target import resolve_target
 
 from .models_zoo import CASES
@@ -46,7 +46,8 @@ def test_dispatch_can_be_disabled_and_is_recorded() -> None:
     pure = compile(model, inputs, dispatch=False, verbose=False)
     assert pure.manifest["dispatch"] == {} and "DispatchToTorch" not in pure.manifest["passes"]
     mixed = compile(model, inputs, verbose=False)
-    assert mixed.manifest["dispatch"] and all(d["impl"] in ("tir", "torch") for d in mixed.manifest["dispatch"].values())
+    impls = ("tir", "torch", *own_kernels.KERNELS)
+    assert mixed.manifest["dispatch"] and all(d["impl"] in impls for d in mixed.manifest["dispatch"].values())
     with torch.no_grad():
         _close(pure(*inputs), model(*inputs))
 

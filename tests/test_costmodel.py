@@ -142,23 +142,27 @@ def test_output_write_is_charged_up_to_the_l2(monkeypatch, tmp_path):
     assert cost.output_ms(huge) == pytest.approx(l2_bytes() / 10e9 * 1e3)
 
 
-def test_depthwise_and_1x1_convs_are_also_timed_on_sparsefx_kernels(monkeypatch, tmp_path):
+def test_depthwise_1x1_and_dense_convs_are_also_timed_on_sparsefx_kernels(monkeypatch, tmp_path):
     from sparsefx import costmodel
 
     cost = CostModel(resolve_target("cpu"), path=tmp_path / "table.json")
     monkeypatch.setattr(cost, "_calibration", lambda entry: {"cold_write": [1e9]}.get(entry, [1e-6, 1e3]))
     monkeypatch.setattr(costmodel, "time_kernel", lambda kernel: 1e3)  # PyTorch absurdly slow
     depthwise = conv2d_kernel((1, 32, 16, 16), (1, 32, 16, 16), 32, (3, 3), (1, 1), (1, 1), (1, 1), cost.lanes)
-    module, spec = costmodel.own_kernel_spec(depthwise.with_epilogue("relu6", False))
-    assert module.__name__.endswith("depthwise") and spec.activation == "relu6"
+    kind, spec = costmodel.own_kernel_spec(depthwise.with_epilogue("relu6", False))
+    assert kind == "depthwise" and spec.activation == "relu6"
     assert costmodel.own_kernel_spec(depthwise.with_epilogue("relu", True)) is None  # a residual stays PyTorch's
     pointwise = conv2d_kernel((1, 32, 16, 16), (1, 24, 16, 16), 1, (1, 1), (1, 1), (0, 0), (1, 1), cost.lanes)
-    module, spec = costmodel.own_kernel_spec(pointwise.with_epilogue("relu", True))  # fuses the residual
-    assert module.__name__.endswith("pointwise") and spec.residual and spec.activation == "relu"
+    kind, spec = costmodel.own_kernel_spec(pointwise.with_epilogue("relu", True))  # fuses the residual
+    assert kind == "pointwise" and spec.residual and spec.activation == "relu"
     dense = conv2d_kernel((1, 32, 16, 16), (1, 32, 16, 16), 1, (3, 3), (1, 1), (1, 1), (1, 1), cost.lanes)
-    assert costmodel.own_kernel_spec(dense) is None
-    assert 0 < cost.time_now(depthwise) < 1e3 and 0 < cost.time_now(pointwise.with_epilogue("relu", True)) < 1e3
-    assert cost.time_now(dense) >= 1e3
+    kind, spec = costmodel.own_kernel_spec(dense.with_epilogue("relu", True))
+    assert kind == "direct" and spec.residual and spec.kernel == 3
+    dilated = conv2d_kernel((1, 32, 16, 16), (1, 32, 16, 16), 1, (3, 3), (1, 1), (2, 2), (2, 2), cost.lanes)
+    assert costmodel.own_kernel_spec(dilated) is None
+    for kernel in (depthwise, pointwise.with_epilogue("relu", True), dense):
+        assert 0 < cost.time_now(kernel) < 1e3
+    assert cost.time_now(dilated) >= 1e3
 
 
 def test_cli_optimize_replans_until_measured_and_writes_everything(tmp_path, capsys):

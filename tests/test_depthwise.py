@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import tvm
 from torch import nn
 
-from sparsefx.backends.tvm import depthwise
+from sparsefx.backends.tvm import depthwise, own_kernels
 from sparsefx.target import resolve_target
 
 from .own_kernels_helper import dispatched, with_random_bn_stats
@@ -28,7 +28,7 @@ def _private_cache(tmp_path, monkeypatch):
 
 def test_kernel_matches_torch_conv_with_bias_and_activation() -> None:
     specs = [depthwise.DepthwiseSpec(*s) for s in SPECS]
-    library = depthwise.build(specs, resolve_target("cpu").to_tvm())
+    library = own_kernels.build("depthwise", specs, resolve_target("cpu").to_tvm())
     torch.manual_seed(0)
     for s in specs:
         x, w, b = torch.randn(s.batch, s.channels, s.height, s.width), torch.randn(s.channels, 1, s.kernel, s.kernel), \

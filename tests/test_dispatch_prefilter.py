@@ -15,15 +15,16 @@ def _private_cache(tmp_path, monkeypatch):
 
 
 def _conv(channels: int) -> dispatch.Workload:
+    """A dilated 3x3 conv: no own kernel runs it, so TIR's default schedule is the other candidate."""
     return dispatch.Workload("conv2d", ((1, channels, 8, 8), (channels, channels, 3, 3), (1, channels, 8, 8)),
-                             (1, 1, 1, 1, 1, 1, 1))
+                             (1, 1, 2, 2, 2, 2, 1))
 
 
 def test_filter_needs_calibration_then_skips_only_far_faster_torch() -> None:
     fast = prefilter.Candidate("fast", "conv2d", gflop=1.0, torch_ms=1.0)  # 1000 GFLOP/s
     slow = prefilter.Candidate("slow", "conv2d", gflop=1.0, torch_ms=500.0)  # 2 GFLOP/s
     assert prefilter.calibration([fast, slow], []) == [slow, fast]  # no ceiling yet: slowest first
-    measured = [{"op_class": "conv2d", "gflop": 1.0, "tir_ms": 200.0}] * 2  # TIR reaches 5 GFLOP/s
+    measured = [{"op_class": "conv2d", "gflop": 1.0, "tir_ms": 200.0, "torch_ms": 1.0}] * 2  # TIR reaches 5 GFLOP/s
     ceilings = prefilter.tir_ceilings(measured)
     assert ceilings == {"conv2d": (5.0, 2)} and prefilter.calibration([fast], measured) == []
     assert prefilter.skip(fast, ceilings) == 5.0 and prefilter.skip(slow, ceilings) is None
@@ -31,11 +32,22 @@ def test_filter_needs_calibration_then_skips_only_far_faster_torch() -> None:
     assert prefilter.skip(other_class, ceilings) is None  # a ceiling only speaks for its own class
 
 
+def test_workloads_pytorch_runs_in_a_few_microseconds_are_always_built_and_set_no_ceiling() -> None:
+    tiny = prefilter.Candidate("se", "conv2d", gflop=1e-6, torch_ms=prefilter.TINY_MS / 10)  # 0.2 GFLOP/s
+    big = prefilter.Candidate("big", "conv2d", gflop=1.0, torch_ms=500.0)
+    assert prefilter.calibration([tiny, big], []) == [big]  # the tiny one says nothing about throughput
+    measured = [{"op_class": "conv2d", "gflop": 1e-6, "tir_ms": 0.1, "torch_ms": tiny.torch_ms}] * 2  # 0.01 GFLOP/s
+    assert prefilter.tir_ceilings(measured) == {}
+    ceilings = {"conv2d": (0.01, 2)}  # a ceiling far below the tiny one's PyTorch GFLOP/s
+    assert prefilter.skip(tiny, ceilings) is None and prefilter.skip(big, ceilings) == 0.01
+
+
 def test_table_builds_calibration_and_plausible_tir_wins_only(monkeypatch) -> None:
-    workloads = [_conv(c) for c in (8, 16, 24, 32, 40)]
+    workloads = [_conv(c) for c in (64, 72, 80, 88, 96)]
     slowest = workloads[-1]
-    # PyTorch is absurdly fast on all but one workload, which it runs absurdly slowly
-    monkeypatch.setattr(dispatch, "_torch_time", lambda w: (1e6 if w is slowest else 1e-4, False))
+    # PyTorch is absurdly fast on all but one workload (100+ GFLOP/s, yet not so fast that the time is
+    # all call-out), which it runs absurdly slowly
+    monkeypatch.setattr(dispatch, "_torch_time", lambda w: (1e6 if w is slowest else prefilter.TINY_MS, False))
     built: list[int] = []
     target = resolve_target("cpu")
 
@@ -59,6 +71,7 @@ def test_table_builds_calibration_and_plausible_tir_wins_only(monkeypatch) -> No
 @pytest.mark.parametrize("kind, workload", [
     ("depthwise", dispatch.Workload("conv2d", ((1, 32, 16, 16), (32, 1, 3, 3), (1, 32, 16, 16)), (1, 1, 1, 1, 1, 1, 32))),
     ("pointwise", dispatch.Workload("conv2d", ((1, 32, 16, 16), (24, 32, 1, 1), (1, 24, 16, 16)), (1, 1, 0, 0, 1, 1, 1))),
+    ("direct", dispatch.Workload("conv2d", ((1, 8, 16, 16), (24, 8, 3, 3), (1, 24, 8, 8)), (2, 2, 1, 1, 1, 1, 1))),
 ])
 def test_own_kernel_convs_build_only_sparsefx_kernel_not_the_default_tir(monkeypatch, kind, workload) -> None:
     monkeypatch.setattr(dispatch, "_torch_time", lambda w: (1e6, False))  # PyTorch loses: TIR would be built

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import tvm
 from torch import nn
 
-from sparsefx.backends.tvm import pointwise
+from sparsefx.backends.tvm import own_kernels, pointwise
 from sparsefx.target import resolve_target
 
 from .own_kernels_helper import dispatched, with_random_bn_stats
@@ -30,7 +30,7 @@ def _private_cache(tmp_path, monkeypatch):
 def test_kernel_matches_torch_conv_with_bias_residual_and_activation(monkeypatch, by_channel) -> None:
     monkeypatch.setattr(pointwise, "INPUT_IN_CACHE", 1 << 30 if by_channel else 0)  # both loop orders
     specs = [pointwise.PointwiseSpec(*s) for s in SPECS]
-    library = pointwise.build(specs, resolve_target("cpu").to_tvm())
+    library = own_kernels.build("pointwise", specs, resolve_target("cpu").to_tvm())
     torch.manual_seed(0)
     for s in specs:
         args = [torch.randn(shape) for shape in s.arg_shapes[:-1]]

@@ -147,8 +147,3 @@ def kernel(s: DepthwiseSpec) -> tvm.tirx.PrimFunc:
 
     return f.with_attr({"op_pattern": OPAQUE, "tirx.is_scheduled": True, "tirx.noalias": True})
 
-
-def build(specs: list[DepthwiseSpec], target: tvm.target.Target) -> tvm.runtime.Module:
-    """One library holding the kernels of `specs` (one LLVM build), each under its `name`."""
-    funcs = {s.name: kernel(s).with_attr("global_symbol", s.name) for s in dict.fromkeys(specs)}
-    return tvm.compile(tvm.IRModule(funcs), target)

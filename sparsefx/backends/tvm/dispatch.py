@@ -36,7 +36,7 @@ from .torch_kernels import (
     weight_key,
 )
 
-TABLE_VERSION = 5  # v5: 1x1 convs also timed on sparsefx's own TIR kernel (`pointwise`), as depthwise ones since v4
+TABLE_VERSION = 6  # v6: dense k x k convs also timed on sparsefx's own TIR kernel (`direct`), 1x1 (`pointwise`) since v5
 
 
 @dataclass(frozen=True)
@@ -141,8 +141,8 @@ class DispatchTable:
             candidates = [prefilter.Candidate(w.key, prefilter.op_class(w.op, w.attrs), w.flops / 1e9, timed[w.key][0])
                           for w in new.values()]
             # sparsefx's own kernels are TIR schedules written for exactly these convs; the depthwise
-            # one beat the default schedule on all 11 MobileNetV2 shapes both were timed on, so only
-            # they are built (besides PyTorch's)
+            # one beat the default schedule on all 11 MobileNetV2 shapes both were timed on (and TIR's
+            # default dense conv runs 10-50x slower than PyTorch), so only they are built besides PyTorch's
             own = {w.key: kind for w in new.values() if w.op == "conv2d"
                    and (kind := own_kernels.kind_of(w.attrs, w.shapes)) is not None}
             for c in candidates:
@@ -180,9 +180,8 @@ class DispatchTable:
 
     def _measure_own(self, kind: str, workloads: list[Workload], target: tvm.target.Target) -> None:
         """Time an own kernel (one build for all its workloads) and keep it where it beats the others."""
-        module = own_kernels.KERNELS[kind]
-        specs = [module.spec_of(w.attrs, w.shapes) for w in workloads]
-        library = module.build(specs, target)
+        specs = [own_kernels.KERNELS[kind].spec_of(w.attrs, w.shapes) for w in workloads]
+        library = own_kernels.build(kind, specs, target)
         for w, spec in zip(workloads, specs, strict=True):
             args = [tvm.runtime.tensor(np.random.randn(*shape).astype("float32")) for shape in spec.arg_shapes]
             run = library[spec.name]  # looked up once: a library lookup costs 10-80 us, more than small kernels
@@ -256,18 +255,42 @@ def _per_channel(bias: relax.Expr, channels: int) -> bool:
     return shape in ([1, channels, 1, 1], [channels, 1, 1])
 
 
-def epilogue_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
-    """Relax pass: a conv PyTorch runs keeps its bias, residual add and activation (ReLU, ReLU6,
-    SiLU) in the same call, so no TIR kernel has to re-read its output (runs before `dispatch_pass`)."""
-    from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+@dataclass(frozen=True)
+class EpiloguePatterns:
+    """Patterns for a conv with its per-channel bias, a residual add and an activation after it, the
+    longest first; `x`, `w`, `b`, `residual`, `conv` name their parts in a match."""
+
+    x: object
+    w: object
+    b: object
+    residual: object
+    conv: object
+    patterns: tuple
+
+
+def epilogue_patterns() -> EpiloguePatterns:
+    from tvm.relax.dpl import is_const, is_op, wildcard
 
     x, w, b, residual = wildcard(), is_const(), is_const(), wildcard()
     conv = is_op("relax.nn.conv2d")(x, w)
     biased = is_op("relax.add")(conv, b)
-    summed = is_op("relax.add")(biased, residual) | is_op("relax.add")(residual, biased)
-    patterns = [act(inner) for inner in (summed, biased) for act in (
-        is_op("relax.nn.relu"), is_op("relax.nn.silu"), lambda t: is_op("relax.clip")(t, wildcard(), wildcard()))]
-    patterns += [summed, biased]
+    # both orders of the add as patterns of their own, not one `|`: a match does not fall back to the
+    # other order when the rewriter turns it down (ResNet-50's relu(conv3 on PyTorch + strided 1x1 on
+    # sparsefx's kernel))
+    summed = (is_op("relax.add")(biased, residual), is_op("relax.add")(residual, biased))
+    activations = (is_op("relax.nn.relu"), is_op("relax.nn.silu"),
+                   lambda t: is_op("relax.clip")(t, wildcard(), wildcard()))
+    patterns = [act(inner) for inner in (*summed, biased) for act in activations] + [*summed, biased]
+    return EpiloguePatterns(x, w, b, residual, conv, tuple(patterns))
+
+
+def epilogue_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
+    """Relax pass: a conv PyTorch runs keeps its bias, residual add and activation (ReLU, ReLU6,
+    SiLU) in the same call, so no TIR kernel has to re-read its output (runs before `dispatch_pass`)."""
+    from tvm.relax.dpl import rewrite_call
+
+    ep = epilogue_patterns()
+    x, w, b, residual, conv = ep.x, ep.w, ep.b, ep.residual, ep.conv
 
     def rewriter(expr: relax.Expr, matches: dict) -> relax.Expr:
         call = matches[conv]
@@ -286,7 +309,7 @@ def epilogue_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
         return relax.call_pure_packed(CONV_EPILOGUE, matches[x], matches[w], matches[b], *attrs, ty_args=expr.ty)
 
     def rewrite_all(func: relax.Function) -> relax.Function:
-        for pattern in patterns:
+        for pattern in ep.patterns:
             func = rewrite_call(pattern, rewriter, func)
         return func
 

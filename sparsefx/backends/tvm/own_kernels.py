@@ -1,9 +1,9 @@
 """sparsefx's own TIR kernels for convolutions, and the Relax pass that swaps them in.
 
-Each kernel module (`depthwise`, `pointwise`) says which conv workloads it runs (`supported`),
-builds a spec for one (`spec_of`), and whether it fuses a residual add (`FUSES_RESIDUAL`); the
-dispatch times it beside PyTorch and records `impl: <name>` where it wins, and the cost model
-prices the same choice.
+Each kernel module (`depthwise`, `pointwise` for 1x1, `direct` for dense k x k) says which conv
+workloads it runs (`supported`), builds a spec for one (`spec_of`) and its PrimFunc (`kernel`),
+and whether it fuses a residual add (`FUSES_RESIDUAL`); the dispatch times it beside PyTorch and
+records `impl: <name>` where it wins, and the cost model prices the same choice.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from . import depthwise, pointwise
+from . import depthwise, direct, pointwise
 
-KERNELS: dict[str, ModuleType] = {"depthwise": depthwise, "pointwise": pointwise}
+# first match wins (`kind_of`); their `supported` sets do not overlap
+KERNELS: dict[str, ModuleType] = {"depthwise": depthwise, "pointwise": pointwise, "direct": direct}
 
 
 def kind_of(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...]) -> str | None:
@@ -25,22 +26,24 @@ def kind_of(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...]) -> str 
     return next((name for name, module in KERNELS.items() if module.supported(attrs, shapes)), None)
 
 
+def build(kind: str, specs: list, target: tvm.target.Target) -> tvm.runtime.Module:
+    """One library holding the `kind` kernels of `specs` (one LLVM build), each under its spec's `name`."""
+    funcs = {s.name: KERNELS[kind].kernel(s).with_attr("global_symbol", s.name) for s in dict.fromkeys(specs)}
+    return tvm.compile(tvm.IRModule(funcs), target)
+
+
 def own_kernel_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
     """Relax pass: a conv decided for an own kernel, with its per-channel bias, the residual add
     where the kernel fuses one, and the activation (ReLU, ReLU6, SiLU) where they follow, becomes
     one `call_tir` of that kernel (runs before the torch epilogue and dispatch passes, which leave
     `call_tir` alone)."""
-    from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+    from tvm.relax.dpl import rewrite_call
 
-    from .dispatch import _activation, _per_channel, workload_of
+    from .dispatch import _activation, _per_channel, epilogue_patterns, workload_of
 
-    x, w, b, residual = wildcard(), is_const(), is_const(), wildcard()
-    conv = is_op("relax.nn.conv2d")(x, w)
-    biased = is_op("relax.add")(conv, b)
-    summed = is_op("relax.add")(biased, residual) | is_op("relax.add")(residual, biased)
-    activations = (is_op("relax.nn.relu"), is_op("relax.nn.silu"),
-                   lambda t: is_op("relax.clip")(t, wildcard(), wildcard()))
-    patterns = [act(inner) for inner in (summed, biased) for act in activations] + [summed, biased, conv]
+    ep = epilogue_patterns()
+    x, w, b, residual, conv = ep.x, ep.w, ep.b, ep.residual, ep.conv
+    patterns = [*ep.patterns, conv]
 
     def spec_for(expr: relax.Expr, matches: dict) -> tuple[str, object] | None:
         wl = workload_of(matches[conv])

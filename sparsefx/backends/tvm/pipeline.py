@@ -11,6 +11,7 @@ from tvm.relax.backend import gpu_generic
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
 from ...target import Target
+from . import own_kernels
 from .dispatch import DispatchTable, collect_workloads, dispatch_pass, epilogue_pass  # noqa: F401
 from .own_kernels import own_kernel_pass
 from .schedule import default_schedule_pass
@@ -74,8 +75,8 @@ def decide_dispatch(mod: tvm.IRModule, target: Target, tvm_target: tvm.target.Ta
     decisions = table.decide(workloads, tvm_target, build)
     if progress and fresh:
         by = [table.entries[w.key].get("decided_by") for w in fresh]
-        progress(f"{by.count('measured')} built in TIR, {by.count('depthwise')} depthwise and {by.count('pointwise')} 1x1 "
-                 f"(sparsefx's kernels, not TIR's default), "
+        own = ", ".join(f"{by.count(kind)} {kind}" for kind in own_kernels.KERNELS)
+        progress(f"{by.count('measured')} built in TIR, {own} (sparsefx's kernels, not TIR's default), "
                  f"{by.count('prefilter')} decided by the pre-filter (PyTorch far faster)")
     return decisions
 

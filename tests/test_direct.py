@@ -1,0 +1,101 @@
+"""Dense k x k conv TIR kernel: equals PyTorch's conv (strides, padding, bias, residual, activation),
+and the pass swaps it in."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import tvm
+from torch import nn
+
+from sparsefx.backends.tvm import direct, own_kernels
+from sparsefx.target import resolve_target
+
+from .own_kernels_helper import dispatched, with_random_bn_stats
+
+ACT = {"none": lambda t: t, "relu": F.relu, "relu6": lambda t: t.clamp(0, 6), "silu": F.silu}
+SPECS = [  # (batch, cin, cout, height, width, kernel, stride, padding, activation, residual)
+    (1, 5, 12, 9, 9, 3, 1, 1, "relu", True), (2, 3, 7, 11, 12, 3, 2, 1, "none", False),
+    (1, 3, 9, 15, 13, 7, 2, 3, "relu", False), (3, 4, 8, 8, 10, 5, 1, 2, "silu", True),
+    (1, 6, 16, 10, 10, 3, 1, 0, "relu6", False), (1, 2, 3, 14, 14, 3, 2, 0, "none", True),
+    (2, 9, 10, 15, 16, 1, 2, 0, "relu", True),
+]
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEFX_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("by_channel", [True, False])
+def test_kernel_matches_torch_conv_with_stride_padding_bias_residual_and_activation(monkeypatch, by_channel) -> None:
+    monkeypatch.setattr(direct, "INPUT_IN_CACHE", 1 << 30 if by_channel else 0)  # both loop orders
+    specs = [direct.DirectSpec(*s) for s in SPECS]
+    library = own_kernels.build("direct", specs, resolve_target("cpu").to_tvm())
+    torch.manual_seed(0)
+    for s in specs:
+        assert direct.supported((s.stride,) * 2 + (s.padding,) * 2 + (1, 1, 1), s.arg_shapes[:2] + (s.out_shape,))
+        args = [torch.randn(shape) for shape in s.arg_shapes[:-1]]
+        x, w, b = args[:3]
+        want = F.conv2d(x, w, b, stride=s.stride, padding=s.padding) + (args[3] if s.residual else 0)
+        want = ACT[s.activation](want)
+        out = tvm.runtime.empty(s.out_shape, "float32")
+        library[s.name](*[tvm.runtime.tensor(t.numpy()) for t in args], out)
+        np.testing.assert_allclose(out.numpy(), want.numpy(), rtol=1e-5, atol=1e-5, err_msg=s.name)
+
+
+def test_supported_takes_dense_square_unit_or_2_strided_undilated_convs_but_unstrided_1x1() -> None:
+    attrs, shapes = (1, 1, 1, 1, 1, 1, 1), ((1, 8, 8, 8), (16, 8, 3, 3), (1, 16, 8, 8))
+    assert direct.supported(attrs, shapes)
+    assert direct.supported((2, 2, 1, 1, 1, 1, 1), ((1, 8, 16, 16), (16, 8, 3, 3), (1, 16, 8, 8)))
+    assert not direct.supported((1, 1, 0, 0, 1, 1, 1), ((1, 8, 8, 8), (16, 8, 1, 1), (1, 16, 8, 8)))  # 1x1
+    assert direct.supported((2, 2, 0, 0, 1, 1, 1), ((1, 8, 16, 16), (16, 8, 1, 1), (1, 16, 8, 8)))  # strided 1x1
+    assert not direct.supported((1, 1, 1, 1, 1, 1, 2), ((1, 8, 8, 8), (16, 4, 3, 3), (1, 16, 8, 8)))  # grouped
+    assert not direct.supported((1, 1, 2, 2, 2, 2, 1), shapes)  # dilated
+    assert not direct.supported((3, 3, 1, 1, 1, 1, 1), ((1, 8, 24, 24), (16, 8, 3, 3), (1, 16, 8, 8)))  # stride 3
+    assert not direct.supported(attrs, ((1, 8, 3, 3), (16, 8, 3, 3), (1, 16, 3, 3)))  # 15 positions
+    assert own_kernels.kind_of(attrs, shapes) == "direct"
+
+
+class _Block(nn.Module):
+    """A strided 3x3 conv + BN + ReLU, then a 3x3 conv + BN + residual add + ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down, self.bn1 = nn.Conv2d(3, 6, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(6)
+        self.conv, self.bn2 = nn.Conv2d(6, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.down(x)))
+        return F.relu(self.bn2(self.conv(y)) + y)
+
+
+def test_pass_fuses_bias_residual_and_activation_and_matches_eager() -> None:
+    model = with_random_bn_stats(_Block())
+    inputs = (torch.randn(2, 3, 17, 15),)
+    text, got = dispatched(model, inputs, lambda w: "direct")
+    assert "direct_3to6_17x15_k3s2p1_b2_relu" in text and "direct_6to6_9x8_k3s1p1_b2_relu_res" in text
+    assert "R.add" not in text and "R.nn.relu" not in text  # all fused in
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(*inputs).numpy(), rtol=1e-4, atol=1e-5)
+
+
+class _TwoBranches(nn.Module):
+    """relu(a(x) + b(x)), `a` (first in the add) a 1x1 conv, `b` a 3x3 one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 6, 1), nn.Conv2d(4, 6, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.a(x) + self.b(x))
+
+
+def test_pass_fuses_the_add_and_activation_into_the_second_operand_when_the_first_is_not_its() -> None:
+    model, inputs = _TwoBranches().eval(), (torch.randn(1, 4, 8, 8),)
+    text, got = dispatched(model, inputs, lambda w: "direct" if w.shapes[1][2] == 3 else "torch")
+    assert "direct_4to6_8x8_k3s1p1_b1_relu_res" in text and "R.nn.relu" not in text
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(*inputs).numpy(), rtol=1e-4, atol=1e-5)
