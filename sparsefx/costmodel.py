@@ -211,17 +211,22 @@ def own_kernel_spec(kernel: Kernel) -> tuple[str, object] | None:
     return kind, module.spec_of(attrs, shapes, act, residual=True) if residual else module.spec_of(attrs, shapes, act)
 
 
-def time_own_kernel(kind: str, spec: object, target: Target) -> float:
-    """Fastest ms of a sparsefx TIR kernel for `spec` (one LLVM build per spec), its weight (the
-    second argument) cycled through copies as for PyTorch's kernels."""
+def time_own_kernels(kind: str, specs: list, target: Target) -> list[float]:
+    """Fastest ms of sparsefx's TIR kernels for `specs` (all of one `kind`, one LLVM build: a build
+    costs 0.1-0.3 s, more than the timing), each weight (the second argument) cycled through copies
+    as for PyTorch's kernels."""
     import tvm
 
     from .backends.tvm import own_kernels
 
-    run = own_kernels.build(kind, [spec], target.to_tvm())[spec.name]  # looked up once: lookups cost 10-80 us
-    args = [tvm.runtime.tensor(np.random.randn(*shape).astype("float32")) for shape in spec.arg_shapes]
-    weights = [tvm.runtime.tensor(w.numpy()) for w in weight_copies(spec.arg_shapes[1])]
-    return _time_ms([lambda w=w: run(args[0], w, *args[2:]) for w in weights])
+    library = own_kernels.build(kind, specs, target.to_tvm())
+    times = []
+    for spec in specs:
+        run = library[spec.name]  # looked up once: lookups cost 10-80 us
+        args = [tvm.runtime.tensor(np.random.randn(*shape).astype("float32")) for shape in spec.arg_shapes]
+        weights = [tvm.runtime.tensor(w.numpy()) for w in weight_copies(spec.arg_shapes[1])]
+        times.append(_time_ms([lambda w=w, run=run, args=args: run(args[0], w, *args[2:]) for w in weights]))
+    return times
 
 
 @contextmanager
@@ -307,27 +312,39 @@ class CostModel:
 
     def measured(self, kernel: Kernel) -> float:
         """Time `kernel` at exactly its shape (cached)."""
-        key = kernel.key
-        if key not in self.table:
-            self.table[key] = self.time_now(kernel)
+        self.measure_all([kernel])
+        self.sources["measured"] = self.sources.get("measured", 0) + 1
+        return self.table[kernel.key]
+
+    def measure_all(self, kernels: list[Kernel]) -> None:
+        """Time those of `kernels` the table lacks, together (see `time_all`), into the table."""
+        missing = list({k.key: k for k in kernels if k.key not in self.table}.values())
+        for kernel, ms in zip(missing, self.time_all(missing), strict=True):
+            self.table[kernel.key] = ms
             self._dirty = True
             if self.progress:
                 self.progress(1)
-        self.sources["measured"] = self.sources.get("measured", 0) + 1
-        return self.table[key]
 
     def time_now(self, kernel: Kernel) -> float:
-        """ms of `kernel` as the compiled model runs it, timed now (uncached): PyTorch's kernel plus
-        the call out of the VM, or sparsefx's own TIR kernel (depthwise, 1x1) plus a TIR call where that is faster;
-        plus the cold output (see `output_ms`). On an RPC device: the TIR kernel timed there."""
+        """ms of `kernel` as the compiled model runs it, timed now (uncached), see `time_all`."""
+        return self.time_all([kernel])[0]
+
+    def time_all(self, kernels: list[Kernel]) -> list[float]:
+        """ms of each kernel as the compiled model runs it, timed now (uncached): PyTorch's kernel
+        plus the call out of the VM, or sparsefx's own TIR kernel (depthwise, 1x1, k x k; one build
+        per kind for all of `kernels`) plus a TIR call where that is faster; plus the cold output
+        (see `output_ms`). On an RPC device: the TIR kernel timed there."""
         if self.remote is not None:
-            return self.remote.time(kernel)
+            return [self.remote.time(kernel) for kernel in kernels]
         with _threads(self.target.cores), torch.inference_mode():
-            ms = time_kernel(kernel) + self.dispatch_overhead()
-            own = own_kernel_spec(kernel)
-            if own is not None:
-                ms = min(ms, time_own_kernel(*own, self.target) + self._calibration("elementwise")[0])
-        return ms + self.output_ms(kernel)
+            ms = [time_kernel(kernel) + self.dispatch_overhead() for kernel in kernels]
+            own = {i: spec for i, kernel in enumerate(kernels) if (spec := own_kernel_spec(kernel)) is not None}
+            for kind in {kind for kind, _ in own.values()}:
+                picked = [i for i, (k, _) in own.items() if k == kind]
+                times = time_own_kernels(kind, [own[i][1] for i in picked], self.target)
+                for i, t in zip(picked, times, strict=True):
+                    ms[i] = min(ms[i], t + self._calibration("elementwise")[0])
+        return [m + self.output_ms(kernel) for m, kernel in zip(ms, kernels, strict=True)]
 
     def output_ms(self, kernel: Kernel) -> float:
         """What writing the output costs in a model beyond a timing loop: the loop's output lands
@@ -357,18 +374,18 @@ class CostModel:
             axes.append((i, lo, hi, d))
         if not axes:
             return self.measured(kernel.with_dims(tuple(dims)))
-        total = 0.0
+        corners = []
         for corner in itertools.product((0, 1), repeat=len(axes)):
             weight, point = 1.0, list(dims)
             for bit, (i, lo, hi, d) in zip(corner, axes):
                 t = (d - lo) / (hi - lo)
                 weight *= t if bit else 1 - t
                 point[i] = hi if bit else lo
-            if weight == 0:
-                continue
-            # A zero-sized corner (below the smallest grid point) costs the call overhead only.
-            total += weight * (self.measured(kernel.with_dims(tuple(point))) if min(point) > 0
-                               else self.dispatch_overhead())
+            if weight:
+                corners.append((weight, kernel.with_dims(tuple(point))))
+        self.measure_all([k for _, k in corners if min(k.dims) > 0])  # the corners' own kernels in one build
+        # A zero-sized corner (below the smallest grid point) costs the call overhead only.
+        total = sum(weight * (self.measured(k) if min(k.dims) > 0 else self.dispatch_overhead()) for weight, k in corners)
         self.sources["interpolated"] = self.sources.get("interpolated", 0) + 1
         return total
 

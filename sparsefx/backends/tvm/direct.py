@@ -21,8 +21,8 @@ import tvm
 from tvm.script import tirx as T
 
 from .depthwise import activate
-from .pointwise import INPUT_IN_CACHE, PIXELS, ROWS
-from .sparse_kernels import OPAQUE, STACK
+from .pointwise import INPUT_IN_CACHE, PIXELS, ROWS, conv_prim_func
+from .sparse_kernels import STACK
 
 FUSES_RESIDUAL = True
 
@@ -96,7 +96,6 @@ def kernel(s: DirectSpec) -> tvm.tirx.PrimFunc:
     # channel blocks outermost where the phase planes fit in cache (each block re-reads all of them)
     by_channel = int(s.cin * ph * ph * hq * wq * 4 <= INPUT_IN_CACHE)
     outer, inner = (blocks, pixel_blocks) if by_channel else (pixel_blocks, blocks)
-    x_shape, w_shape, b_shape = s.arg_shapes[:3]
 
     @T.macro
     def copy_columns(x, planes, n, c, i, b):  # noqa: ANN001, ANN202
@@ -144,16 +143,4 @@ def kernel(s: DirectSpec) -> tvm.tirx.PrimFunc:
                         else:
                             out[n, co, oh, ow] = activate(wide[co, oh * wq + ow], s.activation)
 
-    @T.prim_func(private=True)
-    def with_residual(x: T.Buffer(x_shape, "float32"), w: T.Buffer(w_shape, "float32"),
-                      bias: T.Buffer(b_shape, "float32"), res: T.Buffer(s.out_shape, "float32"),
-                      out: T.Buffer(s.out_shape, "float32")):
-        body(x, w, bias, res, out)
-
-    @T.prim_func(private=True)
-    def without(x: T.Buffer(x_shape, "float32"), w: T.Buffer(w_shape, "float32"),
-                bias: T.Buffer(b_shape, "float32"), out: T.Buffer(s.out_shape, "float32")):
-        body(x, w, bias, out, out)  # `res` is never read: the residual branch is compiled out
-
-    f = with_residual if s.residual else without
-    return f.with_attr({"op_pattern": OPAQUE, "tirx.is_scheduled": True, "tirx.noalias": True})
+    return conv_prim_func(body, s)

@@ -76,7 +76,6 @@ def kernel(s: PointwiseSpec) -> tvm.tirx.PrimFunc:
     # does not (ResNet-50's 256 -> 64 at 56x56: 2.4x slower so), pixel blocks, re-reading the weight
     by_channel = int(s.cin * plane * 4 <= INPUT_IN_CACHE)
     outer, inner = (blocks, pixel_blocks) if by_channel else (pixel_blocks, blocks)
-    x_shape, w_shape, b_shape = s.arg_shapes[:3]
     flat = (s.batch, s.cout, plane)
 
     @T.macro
@@ -103,17 +102,23 @@ def kernel(s: PointwiseSpec) -> tvm.tirx.PrimFunc:
                             acc[r, lane] = acc[r, lane] + res[n, c0 + r, p0 + lane]
                         out[n, c0 + r, p0 + lane] = activate(acc[r, lane], s.activation)
 
-    @T.prim_func(private=True)
-    def with_residual(x: T.Buffer(x_shape, "float32"), w: T.Buffer(w_shape, "float32"),
-                      bias: T.Buffer(b_shape, "float32"), res: T.Buffer(s.out_shape, "float32"),
-                      out: T.Buffer(s.out_shape, "float32")):
-        body(x, w, bias, res, out)
+    return conv_prim_func(body, s)
 
-    @T.prim_func(private=True)
-    def without(x: T.Buffer(x_shape, "float32"), w: T.Buffer(w_shape, "float32"),
-                bias: T.Buffer(b_shape, "float32"), out: T.Buffer(s.out_shape, "float32")):
-        body(x, w, bias, out, out)  # `res` is never read: the residual branch is compiled out
 
-    f = with_residual if s.residual else without
+def conv_prim_func(body: object, s: PointwiseSpec) -> tvm.tirx.PrimFunc:
+    """The scheduled PrimFunc of a conv kernel whose `body` macro takes (x, w, bias, res, out) with
+    `s.arg_shapes`. Only the variant `s` needs is parsed: TVMScript parsing is most of the time it
+    takes to make a kernel (the cost model makes one per shape it prices)."""
+    x_shape, w_shape, b_shape = s.arg_shapes[:3]
+    if s.residual:
+        @T.prim_func(private=True)
+        def f(x: T.Buffer(x_shape, "float32"), w: T.Buffer(w_shape, "float32"),
+              bias: T.Buffer(b_shape, "float32"), res: T.Buffer(s.out_shape, "float32"),
+              out: T.Buffer(s.out_shape, "float32")):
+            body(x, w, bias, res, out)
+    else:
+        @T.prim_func(private=True)
+        def f(x: T.Buffer(x_shape, "float32"), w: T.Buffer(w_shape, "float32"),
+              bias: T.Buffer(b_shape, "float32"), out: T.Buffer(s.out_shape, "float32")):
+            body(x, w, bias, out, out)  # `res` is never read: the residual branch is compiled out
     return f.with_attr({"op_pattern": OPAQUE, "tirx.is_scheduled": True, "tirx.noalias": True})
-
