@@ -6,15 +6,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import tvm
 from torch import nn
 
-from sparsefx.backends.tvm import depthwise, own_kernels
-from sparsefx.target import resolve_target
+from sparsefx.backends.tvm import depthwise
 
-from .own_kernels_helper import dispatched, with_random_bn_stats
+from .own_kernels_helper import assert_kernels_match_torch, dispatched, with_random_bn_stats
 
-ACT = {"none": lambda t: t, "relu": F.relu, "relu6": lambda t: t.clamp(0, 6), "silu": F.silu}
 SPECS = [  # (batch, channels, height, width, kernel, stride, padding, activation)
     (1, 8, 16, 16, 3, 1, 1, "relu6"), (2, 5, 15, 13, 3, 2, 1, "relu"), (1, 4, 7, 7, 5, 1, 2, "silu"),
     (1, 3, 14, 14, 5, 2, 2, "none"), (1, 6, 9, 11, 3, 1, 0, "none"), (1, 2, 6, 6, 3, 2, 1, "relu6"),
@@ -27,18 +24,7 @@ def _private_cache(tmp_path, monkeypatch):
 
 
 def test_kernel_matches_torch_conv_with_bias_and_activation() -> None:
-    specs = [depthwise.DepthwiseSpec(*s) for s in SPECS]
-    library = own_kernels.build("depthwise", specs, resolve_target("cpu").to_tvm())
-    torch.manual_seed(0)
-    for s in specs:
-        x, w, b = torch.randn(s.batch, s.channels, s.height, s.width), torch.randn(s.channels, 1, s.kernel, s.kernel), \
-            torch.randn(s.channels)
-        x = x * 20 if s.activation == "silu" else x  # reach exp's clamp: no inf or nan from a large |x|
-        want = ACT[s.activation](F.conv2d(x, w, b, s.stride, s.padding, 1, s.channels))
-        out = tvm.runtime.empty(s.out_shape, "float32")
-        library[s.name](*[tvm.runtime.tensor(t.numpy()) for t in (x, w, b)], out)
-        np.testing.assert_allclose(out.numpy(), want.numpy(), rtol=1e-5, atol=1e-5, err_msg=s.name)
-
+    assert_kernels_match_torch("depthwise", [depthwise.DepthwiseSpec(*s) for s in SPECS], lambda s: s.channels)
 
 def test_supported_takes_only_plain_depthwise_convs() -> None:
     shapes = ((1, 8, 16, 16), (8, 1, 3, 3), (1, 8, 16, 16))

@@ -7,15 +7,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import tvm
 from torch import nn
 
 from sparsefx.backends.tvm import direct, own_kernels
-from sparsefx.target import resolve_target
 
-from .own_kernels_helper import dispatched, with_random_bn_stats
+from .own_kernels_helper import assert_kernels_match_torch, dispatched, with_random_bn_stats
 
-ACT = {"none": lambda t: t, "relu": F.relu, "relu6": lambda t: t.clamp(0, 6), "silu": F.silu}
 SPECS = [  # (batch, cin, cout, height, width, kernel, stride, padding, activation, residual)
     (1, 5, 12, 9, 9, 3, 1, 1, "relu", True), (2, 3, 7, 11, 12, 3, 2, 1, "none", False),
     (1, 3, 9, 15, 13, 7, 2, 3, "relu", False), (3, 4, 8, 8, 10, 5, 1, 2, "silu", True),
@@ -33,18 +30,9 @@ def _private_cache(tmp_path, monkeypatch):
 def test_kernel_matches_torch_conv_with_stride_padding_bias_residual_and_activation(monkeypatch, by_channel) -> None:
     monkeypatch.setattr(direct, "INPUT_IN_CACHE", 1 << 30 if by_channel else 0)  # both loop orders
     specs = [direct.DirectSpec(*s) for s in SPECS]
-    library = own_kernels.build("direct", specs, resolve_target("cpu").to_tvm())
-    torch.manual_seed(0)
     for s in specs:
         assert direct.supported((s.stride,) * 2 + (s.padding,) * 2 + (1, 1, 1), s.arg_shapes[:2] + (s.out_shape,))
-        args = [torch.randn(shape) for shape in s.arg_shapes[:-1]]
-        x, w, b = args[:3]
-        want = F.conv2d(x, w, b, stride=s.stride, padding=s.padding) + (args[3] if s.residual else 0)
-        want = ACT[s.activation](want)
-        out = tvm.runtime.empty(s.out_shape, "float32")
-        library[s.name](*[tvm.runtime.tensor(t.numpy()) for t in args], out)
-        np.testing.assert_allclose(out.numpy(), want.numpy(), rtol=1e-5, atol=1e-5, err_msg=s.name)
-
+    assert_kernels_match_torch("direct", specs)
 
 def test_supported_takes_dense_square_unit_or_2_strided_undilated_convs_but_unstrided_1x1() -> None:
     attrs, shapes = (1, 1, 1, 1, 1, 1, 1), ((1, 8, 8, 8), (16, 8, 3, 3), (1, 16, 8, 8))

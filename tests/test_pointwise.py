@@ -6,15 +6,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import tvm
 from torch import nn
 
-from sparsefx.backends.tvm import own_kernels, pointwise
-from sparsefx.target import resolve_target
+from sparsefx.backends.tvm import pointwise
 
-from .own_kernels_helper import dispatched, with_random_bn_stats
+from .own_kernels_helper import assert_kernels_match_torch, dispatched, with_random_bn_stats
 
-ACT = {"none": lambda t: t, "relu": F.relu, "relu6": lambda t: t.clamp(0, 6), "silu": F.silu}
 SPECS = [  # (batch, cin, cout, height, width, activation, residual): channel and pixel counts off the blocks
     (1, 12, 72, 8, 8, "relu6", False), (2, 5, 3, 7, 7, "relu", True), (1, 20, 13, 9, 5, "silu", False),
     (1, 3, 8, 4, 8, "none", True), (3, 16, 17, 6, 11, "relu", False),
@@ -29,18 +26,7 @@ def _private_cache(tmp_path, monkeypatch):
 @pytest.mark.parametrize("by_channel", [True, False])
 def test_kernel_matches_torch_conv_with_bias_residual_and_activation(monkeypatch, by_channel) -> None:
     monkeypatch.setattr(pointwise, "INPUT_IN_CACHE", 1 << 30 if by_channel else 0)  # both loop orders
-    specs = [pointwise.PointwiseSpec(*s) for s in SPECS]
-    library = own_kernels.build("pointwise", specs, resolve_target("cpu").to_tvm())
-    torch.manual_seed(0)
-    for s in specs:
-        args = [torch.randn(shape) for shape in s.arg_shapes[:-1]]
-        x, w, b = args[:3]
-        want = F.conv2d(x, w, b) + (args[3] if s.residual else 0)
-        want = ACT[s.activation](want)
-        out = tvm.runtime.empty(s.out_shape, "float32")
-        library[s.name](*[tvm.runtime.tensor(t.numpy()) for t in args], out)
-        np.testing.assert_allclose(out.numpy(), want.numpy(), rtol=1e-5, atol=1e-5, err_msg=s.name)
-
+    assert_kernels_match_torch("pointwise", [pointwise.PointwiseSpec(*s) for s in SPECS])
 
 def test_supported_takes_only_unstrided_ungrouped_1x1_convs_on_a_whole_pixel_block() -> None:
     shapes = ((1, 8, 8, 8), (16, 8, 1, 1), (1, 16, 8, 8))

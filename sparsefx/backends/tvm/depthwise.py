@@ -25,6 +25,11 @@ ACTIVATIONS = ("none", "relu", "relu6", "silu")
 FUSES_RESIDUAL = False  # a residual add after it stays a TIR element-wise kernel
 
 
+def out_hw(spec: object) -> tuple[int, int]:
+    """Output height and width of a spec's square `kernel` with equal `stride` and `padding`."""
+    return tuple((size + 2 * spec.padding - spec.kernel) // spec.stride + 1 for size in (spec.height, spec.width))
+
+
 @dataclass(frozen=True)
 class DepthwiseSpec:
     """A depthwise conv (one filter per channel), square kernel, equal strides and padding."""
@@ -40,7 +45,7 @@ class DepthwiseSpec:
 
     @property
     def out_hw(self) -> tuple[int, int]:
-        return tuple((size + 2 * self.padding - self.kernel) // self.stride + 1 for size in (self.height, self.width))
+        return out_hw(self)
 
     @property
     def out_shape(self) -> tuple[int, int, int, int]:

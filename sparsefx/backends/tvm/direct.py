@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import tvm
 from tvm.script import tirx as T
 
-from .depthwise import activate
+from .depthwise import activate, out_hw
 from .pointwise import INPUT_IN_CACHE, PIXELS, ROWS, conv_prim_func
 from .sparse_kernels import STACK
 
@@ -44,7 +44,7 @@ class DirectSpec:
 
     @property
     def out_hw(self) -> tuple[int, int]:
-        return tuple((size + 2 * self.padding - self.kernel) // self.stride + 1 for size in (self.height, self.width))
+        return out_hw(self)
 
     @property
     def out_shape(self) -> tuple[int, int, int, int]:
