@@ -22,7 +22,7 @@ from tvm.script import tirx as T
 
 from .depthwise import activate, out_hw
 from .pointwise import INPUT_IN_CACHE, PIXELS, ROWS, conv_prim_func
-from .sparse_kernels import STACK
+from .sparse_kernels import LANES, STACK
 
 FUSES_RESIDUAL = True
 
@@ -99,9 +99,11 @@ def kernel(s: DirectSpec) -> tvm.tirx.PrimFunc:
 
     @T.macro
     def copy_columns(x, planes, n, c, i, b):  # noqa: ANN001, ANN202
-        for j in T.vectorized(counts[b]):
-            planes[c, (i + p) % st * ph + b, (i + p) // st * wq + (firsts[b] + p) // st + j] = \
-                x[n, c, i, firsts[b] + j * st]
+        for j0 in range(-(-counts[b] // min(LANES, counts[b]))):
+            for jl in T.vectorized(min(LANES, counts[b])):
+                j: T.let = T.min(j0 * LANES, counts[b] - min(LANES, counts[b])) + jl
+                planes[c, (i + p) % st * ph + b, (i + p) // st * wq + (firsts[b] + p) // st + j] = \
+                    x[n, c, i, firsts[b] + j * st]
 
     @T.macro
     def body(x, w, bias, res, out):  # noqa: ANN001, ANN202
@@ -110,8 +112,9 @@ def kernel(s: DirectSpec) -> tvm.tirx.PrimFunc:
         for n in range(s.batch):
             for c in T.parallel(s.cin):
                 for a in range(ph * ph):
-                    for q in T.vectorized(hq * wq):
-                        planes[c, a, q] = T.float32(0)
+                    for q0 in range(-(-(hq * wq) // LANES)):
+                        for q in T.vectorized(LANES):
+                            planes[c, a, T.min(q0 * LANES, hq * wq - LANES) + q] = T.float32(0)
                 for i in range(s.height):
                     if (i + p) % st < ph:
                         copy_columns(x, planes, n, c, i, 0)
@@ -137,10 +140,12 @@ def kernel(s: DirectSpec) -> tvm.tirx.PrimFunc:
                             wide[c0 + r, q0 + lane] = acc[r, lane]
             for co in T.parallel(s.cout):
                 for oh in range(ho):
-                    for ow in T.vectorized(wo):
-                        if T.bool(s.residual):
-                            out[n, co, oh, ow] = activate(wide[co, oh * wq + ow] + res[n, co, oh, ow], s.activation)
-                        else:
-                            out[n, co, oh, ow] = activate(wide[co, oh * wq + ow], s.activation)
+                    for ow0 in range(-(-wo // min(LANES, wo))):
+                        for owl in T.vectorized(min(LANES, wo)):
+                            ow: T.let = T.min(ow0 * LANES, wo - min(LANES, wo)) + owl
+                            if T.bool(s.residual):
+                                out[n, co, oh, ow] = activate(wide[co, oh * wq + ow] + res[n, co, oh, ow], s.activation)
+                            else:
+                                out[n, co, oh, ow] = activate(wide[co, oh * wq + ow], s.activation)
 
     return conv_prim_func(body, s)
