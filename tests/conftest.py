@@ -13,3 +13,10 @@ def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     mp.setenv("SPARSEFX_CACHE", str(tmp_path_factory.mktemp("sparsefx-cache")))
     yield
     mp.undo()
+
+
+@pytest.fixture
+def private_cache(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache of the test's own, for tests that must start from empty dispatch and cost tables
+    (`pytestmark = pytest.mark.usefixtures("private_cache")`)."""
+    monkeypatch.setenv("SPARSEFX_CACHE", str(tmp_path / "cache"))

@@ -15,10 +15,7 @@ from sparsefx.target import resolve_target
 
 from .models_zoo import CASES
 
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPARSEFX_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:

@@ -18,9 +18,7 @@ SPECS = [  # (batch, channels, height, width, kernel, stride, padding, activatio
 ]
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPARSEFX_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def test_kernel_matches_torch_conv_with_bias_and_activation() -> None:

@@ -8,10 +8,7 @@ from sparsefx.backends.tvm import dispatch, prefilter
 from sparsefx.backends.tvm.compiler import build_module
 from sparsefx.target import resolve_target
 
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPARSEFX_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def _conv(channels: int) -> dispatch.Workload:

@@ -18,9 +18,7 @@ SPECS = [  # (batch, cin, cout, height, width, activation, residual): channel an
 ]
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPARSEFX_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.mark.parametrize("by_channel", [True, False])

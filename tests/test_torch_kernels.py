@@ -10,10 +10,7 @@ from sparsefx.backends.tvm import compile, dispatch, pipeline, torch_kernels
 from sparsefx.backends.tvm.importer import to_relax
 from sparsefx.target import resolve_target
 
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPARSEFX_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 class _Activations(nn.Module):
