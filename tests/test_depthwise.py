@@ -15,6 +15,8 @@ from .own_kernels_helper import assert_kernels_match_torch, dispatched, with_ran
 SPECS = [  # (batch, channels, height, width, kernel, stride, padding, activation)
     (1, 8, 16, 16, 3, 1, 1, "relu6"), (2, 5, 15, 13, 3, 2, 1, "relu"), (1, 4, 7, 7, 5, 1, 2, "silu"),
     (1, 3, 14, 14, 5, 2, 2, "none"), (1, 6, 9, 11, 3, 1, 0, "none"), (1, 2, 6, 6, 3, 2, 1, "relu6"),
+    # stride 2 over even widths of 32 and more: columns split by shuffles (`phase_planes`), last step shifted back
+    (1, 3, 9, 40, 3, 2, 1, "silu"), (2, 2, 7, 64, 5, 2, 2, "none"),
 ]
 
 

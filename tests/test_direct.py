@@ -18,6 +18,9 @@ SPECS = [  # (batch, cin, cout, height, width, kernel, stride, padding, activati
     (1, 3, 9, 15, 13, 7, 2, 3, "relu", False), (3, 4, 8, 8, 10, 5, 1, 2, "silu", True),
     (1, 6, 16, 10, 10, 3, 1, 0, "relu6", False), (1, 2, 3, 14, 14, 3, 2, 0, "none", True),
     (2, 9, 10, 15, 16, 1, 2, 0, "relu", True),
+    # stride 2 over even widths of 32 and more: columns split by shuffles (`phase_planes`)
+    (1, 3, 5, 7, 36, 3, 2, 1, "relu", False), (1, 2, 9, 6, 32, 3, 2, 0, "none", True),
+    (1, 4, 6, 5, 34, 1, 2, 0, "silu", True),
 ]
 
 

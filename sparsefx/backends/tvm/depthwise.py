@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import tvm
 from tvm.script import tirx as T
 
+from .phase_planes import PhasePlanes
 from .sparse_kernels import LANES, OPAQUE, STACK
 
 ACTIVATIONS = ("none", "relu", "relu6", "silu")
@@ -102,22 +103,14 @@ def _exp(value):  # noqa: ANN001, ANN202 (TIR expressions)
 
 def kernel(s: DepthwiseSpec) -> tvm.tirx.PrimFunc:
     """The scheduled PrimFunc: out = act(depthwise(x, w) + bias)."""
-    k, st, p = s.kernel, s.stride, s.padding
+    k, st = s.kernel, s.stride
     ho, wo = s.out_hw
-    wq = -(-(s.width + 2 * p) // st)  # phase-plane row length: holds every input column and an output row's window
-    reach = (k - 1) // st  # the farthest a window reaches in phase-plane rows/columns
-    hq = max(ho + reach + 1, (s.height - 1 + p) // st + 1)  # one spare row: the last vector's window may run over
+    geometry = PhasePlanes(s.height, s.width, k, st, s.padding, ho)
+    fill, wq, ph = geometry.filler(), geometry.row, geometry.phases
     n_out = ho * wq  # flat positions computed (columns wo..wq-1 of each row are dropped)
     lanes = min(LANES, n_out)
     nvec = -(-n_out // lanes)
-    firsts = [(b - p) % st for b in range(2)]  # first input column landing in phase column b
-    counts = [-(-(s.width - f) // st) for f in firsts]
     act = s.activation
-
-    @T.macro
-    def copy_columns(x, plane, n, c, i, b):  # noqa: ANN001, ANN202
-        for j in T.vectorized(counts[b]):
-            plane[(i + p) % st * st + b, (i + p) // st * wq + (firsts[b] + p) // st + j] = x[n, c, i, firsts[b] + j * st]
 
     @T.prim_func(private=True)
     def f(x: T.Buffer(s.arg_shapes[0], "float32"), w: T.Buffer(s.arg_shapes[1], "float32"),
@@ -125,15 +118,9 @@ def kernel(s: DepthwiseSpec) -> tvm.tirx.PrimFunc:
         for t in T.parallel(s.batch * s.channels):
             n: T.let = t // s.channels
             c: T.let = t % s.channels
-            plane = T.alloc_buffer((st * st, hq * wq), "float32", scope=STACK)
+            plane = T.alloc_buffer((1, ph * ph, geometry.size), "float32", scope=STACK)
             flat = T.alloc_buffer((nvec * lanes,), "float32", scope=STACK)
-            for a in range(st * st):
-                for q in T.vectorized(hq * wq):
-                    plane[a, q] = T.float32(0)
-            for i in range(s.height):
-                copy_columns(x, plane, n, c, i, 0)
-                if T.bool(st == 2):
-                    copy_columns(x, plane, n, c, i, 1)
+            fill(x, plane, n, c, 0)
             for v in range(nvec):
                 acc = T.alloc_buffer((lanes,), "float32", scope=STACK)
                 start: T.let = T.min(v * lanes, n_out - lanes)  # the last vector shifted back: none is ragged
@@ -143,7 +130,7 @@ def kernel(s: DepthwiseSpec) -> tvm.tirx.PrimFunc:
                     for kw in T.unroll(k):
                         for lane in T.vectorized(lanes):
                             acc[lane] = acc[lane] + w[c, 0, kh, kw] * \
-                                plane[kh % st * st + kw % st, start + lane + kh // st * wq + kw // st]
+                                plane[0, kh % st * ph + kw % st, start + lane + kh // st * wq + kw // st]
                 for lane in T.vectorized(lanes):
                     flat[start + lane] = activate(acc[lane], act)
             for oh in range(ho):
@@ -151,4 +138,3 @@ def kernel(s: DepthwiseSpec) -> tvm.tirx.PrimFunc:
                     out[n, c, oh, ow] = flat[oh * wq + ow]
 
     return f.with_attr({"op_pattern": OPAQUE, "tirx.is_scheduled": True, "tirx.noalias": True})
-

@@ -21,6 +21,7 @@ import tvm
 from tvm.script import tirx as T
 
 from .depthwise import activate, out_hw
+from .phase_planes import PhasePlanes
 from .pointwise import INPUT_IN_CACHE, PIXELS, ROWS, conv_prim_func
 from .sparse_kernels import LANES, STACK
 
@@ -82,44 +83,24 @@ def spec_of(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...], activat
 
 def kernel(s: DirectSpec) -> tvm.tirx.PrimFunc:
     """The scheduled PrimFunc: out = act(conv(x, w) + bias [+ residual])."""
-    k, st, p = s.kernel, s.stride, s.padding
+    k, st = s.kernel, s.stride
     ho, wo = s.out_hw
-    wq = -(-(s.width + 2 * p) // st)  # phase-plane row length: holds every input column and an output row's window
-    reach = (k - 1) // st  # the farthest a window reaches in phase-plane rows/columns
-    ph = min(k, st)  # phases per axis that some tap reads (a strided 1x1 reads only the first)
-    hq = max(ho + reach + 1, (s.height - 1 + p) // st + 1)  # one spare row: the last block's window may run over
+    geometry = PhasePlanes(s.height, s.width, k, st, s.padding, ho)
+    fill, wq, ph = geometry.filler(), geometry.row, geometry.phases
     n_out = ho * wq  # flat positions computed (columns wo..wq-1 of each row are dropped)
     rows, pixels = min(ROWS, s.cout), PIXELS
     blocks, pixel_blocks = -(-s.cout // rows), -(-n_out // pixels)
-    firsts = [(b - p) % st for b in range(2)]  # first input column landing in phase column b (b = 1: stride 2)
-    counts = [-(-(s.width - f) // st) for f in firsts]
     # channel blocks outermost where the phase planes fit in cache (each block re-reads all of them)
-    by_channel = int(s.cin * ph * ph * hq * wq * 4 <= INPUT_IN_CACHE)
+    by_channel = int(s.cin * ph * ph * geometry.size * 4 <= INPUT_IN_CACHE)
     outer, inner = (blocks, pixel_blocks) if by_channel else (pixel_blocks, blocks)
 
     @T.macro
-    def copy_columns(x, planes, n, c, i, b):  # noqa: ANN001, ANN202
-        for j0 in range(-(-counts[b] // min(LANES, counts[b]))):
-            for jl in T.vectorized(min(LANES, counts[b])):
-                j: T.let = T.min(j0 * LANES, counts[b] - min(LANES, counts[b])) + jl
-                planes[c, (i + p) % st * ph + b, (i + p) // st * wq + (firsts[b] + p) // st + j] = \
-                    x[n, c, i, firsts[b] + j * st]
-
-    @T.macro
     def body(x, w, bias, res, out):  # noqa: ANN001, ANN202
-        planes = T.alloc_buffer((s.cin, ph * ph, hq * wq), "float32")
+        planes = T.alloc_buffer((s.cin, ph * ph, geometry.size), "float32")
         wide = T.alloc_buffer((s.cout, pixel_blocks * pixels), "float32")
         for n in range(s.batch):
             for c in T.parallel(s.cin):
-                for a in range(ph * ph):
-                    for q0 in range(-(-(hq * wq) // LANES)):
-                        for q in T.vectorized(LANES):
-                            planes[c, a, T.min(q0 * LANES, hq * wq - LANES) + q] = T.float32(0)
-                for i in range(s.height):
-                    if (i + p) % st < ph:
-                        copy_columns(x, planes, n, c, i, 0)
-                        if T.bool(ph == 2):
-                            copy_columns(x, planes, n, c, i, 1)
+                fill(x, planes, n, c, c)
             for t in T.parallel(outer):
                 for i in range(inner):
                     c0: T.let = T.min((t * by_channel + i * (1 - by_channel)) * rows, s.cout - rows)
