@@ -72,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_args(bench)
     _add_compile_args(bench)
     bench.add_argument("--repeat", type=int, default=20, help="timed forward passes per model")
+    bench.add_argument("--profile", action="store_true",
+                       help="also time every call of the TVM builds: ms per kind of kernel, and the slowest calls")
     bench.add_argument("--rpc", metavar="HOST:PORT", help="measure the TVM builds on a device behind this RPC tracker")
     bench.add_argument("--rpc-key", default="sparsefx", help="the device's key at the tracker (default: sparsefx)")
     _add_threads_arg(bench)
@@ -284,7 +286,26 @@ def _bench(args: argparse.Namespace) -> int:
     print(f"{'model':<14} {'median ms':>10} {'vs eager dense':>15}")
     for name, ms in latency.items():
         print(f"{name:<14} {ms:>10.3f} {base / ms:>14.2f}x")
+    if args.profile:
+        _print_profiles({name: m.profile(*inputs) for name, m in models.items() if name.startswith("tvm")})
     return 0
+
+
+def _print_profiles(profiles: dict[str, list[dict]], top: int = 10) -> None:
+    """ms per kind of kernel, side by side (where a pruned model's time did not shrink), then the slowest calls."""
+    from sparsefx.backends.tvm.compiler import ms_by_kind
+
+    totals = {name: ms_by_kind(rows) for name, rows in profiles.items()}
+    kinds = sorted({k for t in totals.values() for k in t}, key=lambda k: -max(t.get(k, 0.0) for t in totals.values()))
+    print(f"\n{'kind (ms, summed calls)':<24}" + "".join(f"{name:>14}" for name in profiles))
+    for kind in [*kinds, "total"]:
+        print(f"{kind:<24}" + "".join(f"{t.get(kind, 0.0) if kind != 'total' else sum(t.values()):>14.3f}"
+                                      for t in totals.values()))
+    for name, rows in profiles.items():
+        print(f"\nslowest calls, {name}:")
+        for row in sorted(rows, key=lambda r: -r["ms"])[:top]:
+            print(f"  {row['ms']:8.3f} ms  {row['name']}  {' '.join('x'.join(map(str, s)) for s in row['shapes'])}")
+
 
 
 def _bench_remote(args: argparse.Namespace) -> int:

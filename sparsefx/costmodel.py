@@ -43,7 +43,7 @@ GRID = (1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0)
 LAUNCH_MS = {"llvm": 0.004, "cuda": 0.005}  # roofline per-kernel overhead where not calibrated
 ROOFLINE_EFFICIENCY = 0.5  # what a tuned kernel reaches of the peak, for unmeasured targets
 EPILOGUE_ACTIVATIONS = ("none", "relu", "relu6", "silu")  # codes in Kernel attrs and dispatched convs' calls
-TABLE_VERSION = 8  # bumped when what a measurement times changes; older tables are re-measured (v8: k x k kernel)
+TABLE_VERSION = 9  # bumped when what a measurement times changes; older tables are re-measured (v9: stride-2 phase planes by shuffles)
 CALIBRATION_VERSION = 2  # v2: reductions also timed on PyTorch (dispatched softmax); older ones re-fitted
 
 

@@ -20,16 +20,18 @@ ACT = {"none": lambda t: t, "relu": F.relu, "relu6": lambda t: t.clamp(0, 6), "s
 
 def assert_kernels_match_torch(kind: str, specs: list, groups: Callable[[object], int] = lambda s: 1) -> None:
     """Each own kernel of `specs` (one build) equals PyTorch's conv with the spec's stride, padding,
-    bias, residual and activation, on random arguments of its `arg_shapes`."""
+    bias, input scale, residual and activation, on random arguments of its `arg_shapes`."""
     library = own_kernels.build(kind, specs, resolve_target("cpu").to_tvm())
     torch.manual_seed(0)
     for s in specs:
         args = [torch.randn(shape) for shape in s.arg_shapes[:-1]]
         if s.activation == "silu":
             args[0] *= 20  # reach exp's clamp: no inf or nan from a large |x|
-        x, w, b = args[:3]
+        x, w, b, *rest = args
+        if getattr(s, "scaled", False):
+            x = x * rest.pop(0)
         want = F.conv2d(x, w, b, getattr(s, "stride", 1), getattr(s, "padding", 0), 1, groups(s))
-        want = ACT[s.activation](want + args[3] if getattr(s, "residual", False) else want)
+        want = ACT[s.activation](want + rest[0] if getattr(s, "residual", False) else want)
         out = tvm.runtime.empty(s.out_shape, "float32")
         library[s.name](*[tvm.runtime.tensor(t.numpy()) for t in args], out)
         scale = max(1.0, float(want.abs().max()))  # large sums cancel: absolute error grows with the values

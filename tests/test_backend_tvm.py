@@ -60,6 +60,19 @@ def test_export_and_load_round_trip(tmp_path) -> None:
         _close(loaded(*inputs), model(*inputs))
 
 
+def test_profile_times_every_call_by_kind_and_leaves_the_model_as_it_was() -> None:
+    build, make_inputs = CASES["squeeze_excite"]
+    model, inputs = build().eval(), make_inputs()
+    compiled = compile(model, inputs, verbose=False)
+    rows = compiled.profile(*inputs, repeat=3)
+    kinds = {row["kind"] for row in rows}
+    assert kinds <= {"tir", "torch", "vm", "sparse", *own_kernels.KERNELS} and kinds - {"vm"}
+    assert all(row["ms"] >= 0 and row["name"] for row in rows)
+    assert any(row["shapes"][0] == list(inputs[0].shape) for row in rows if row["kind"] != "vm")  # the first op's input
+    with torch.no_grad():
+        _close(compiled(*inputs), model(*inputs))
+
+
 def test_corrupt_artifact_is_one_line_error(tmp_path) -> None:
     path = tmp_path / "broken.sfx"
     path.write_bytes(b"not a tar file at all")

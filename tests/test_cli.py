@@ -92,3 +92,16 @@ def test_finetune_then_evaluate_on_fashion_mnist(tmp_path, capsys):
 def test_evaluate_missing_model_is_one_line_error(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "nope.pt")]) == 2
     assert "no saved model" in capsys.readouterr().err
+
+
+def test_bench_profile_table_sets_kinds_side_by_side(capsys):
+    from sparsefx.cli import _print_profiles
+
+    rows = {"tvm dense": [{"name": "pointwise_8to16", "kind": "pointwise", "shapes": [[1, 8, 4, 4]], "ms": 0.4},
+                          {"name": "vm.builtin.alloc_tensor", "kind": "vm", "shapes": [], "ms": 0.01}],
+            "tvm pruned": [{"name": "pointwise_4to8", "kind": "pointwise", "shapes": [[1, 4, 4, 4]], "ms": 0.1}]}
+    _print_profiles(rows)
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split() for line in out if line.startswith(("pointwise", "vm", "total"))] == [
+        ["pointwise", "0.400", "0.100"], ["vm", "0.010", "0.000"], ["total", "0.410", "0.100"]]
+    assert any("pointwise_8to16  1x8x4x4" in line for line in out)

@@ -72,6 +72,13 @@ def test_table_builds_calibration_and_plausible_tir_wins_only(monkeypatch) -> No
 ])
 def test_own_kernel_convs_build_only_sparsefx_kernel_not_the_default_tir(monkeypatch, kind, workload) -> None:
     monkeypatch.setattr(dispatch, "_torch_time", lambda w: (1e6, False))  # PyTorch loses: TIR would be built
+    ran: list[int] = []
+
+    def rigged_duel(runs):  # both rivals run; the own kernel wins
+        ran.extend(run() is not None for run in runs)
+        return [0.01, 1e6]
+
+    monkeypatch.setattr(dispatch, "duel", rigged_duel)
     built: list[int] = []
     target = resolve_target("cpu")
 
@@ -81,7 +88,17 @@ def test_own_kernel_convs_build_only_sparsefx_kernel_not_the_default_tir(monkeyp
 
     decision = dispatch.DispatchTable("test").decide([workload], target.to_tvm(), counting_build)[workload.key]
     assert built == [] and decision["decided_by"] == kind and decision["tir_ms"] is None
-    assert decision["impl"] == kind and decision[f"{kind}_ms"] > 0
+    assert decision["impl"] == kind and decision[f"{kind}_ms"] > 0 and len(ran) == 2
+
+
+def test_duel_times_each_rival_every_round() -> None:
+    counts = [0, 0]
+
+    def rival(i: int) -> None:
+        counts[i] += 1
+
+    times = dispatch.duel([lambda: rival(0), lambda: rival(1)], rounds=4)
+    assert len(times) == 2 and all(t >= 0 for t in times) and counts == [5, 5]  # a warm-up run, then the rounds
 
 
 def test_pytorch_is_charged_its_call_overhead_against_tir() -> None:

@@ -8,13 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsefx.backends.tvm import pointwise
+from sparsefx.backends.tvm import own_kernels, pointwise
 
 from .own_kernels_helper import assert_kernels_match_torch, dispatched, with_random_bn_stats
 
-SPECS = [  # (batch, cin, cout, height, width, activation, residual): channel and pixel counts off the blocks
+SPECS = [  # (batch, cin, cout, height, width, activation, residual, scaled): channel and pixel counts off the blocks
     (1, 12, 72, 8, 8, "relu6", False), (2, 5, 3, 7, 7, "relu", True), (1, 20, 13, 9, 5, "silu", False),
     (1, 3, 8, 4, 8, "none", True), (3, 16, 17, 6, 11, "relu", False),
+    (2, 40, 12, 8, 8, "none", False, True), (1, 7, 9, 6, 6, "none", True, True), (2, 33, 20, 5, 9, "relu", True, True),
 ]
 
 
@@ -53,5 +54,29 @@ def test_pass_fuses_bias_residual_and_activation_and_matches_eager() -> None:
     text, got = dispatched(model, inputs, lambda w: "pointwise")
     assert "pointwise_6to6_9x7_b2_relu_res" in text and "pointwise_6to10_9x7_b2_silu" in text
     assert "R.add" not in text and "R.nn.relu" not in text and "R.nn.silu" not in text  # all fused in
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(*inputs).numpy(), rtol=1e-4, atol=1e-5)
+
+
+class _SqueezeExcite(nn.Module):
+    """MBConv's tail: squeeze-and-excitation scales the channels, then a 1x1 conv + BN projects."""
+
+    def __init__(self, scale_first: bool) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv2d(24, 6, 1), nn.Conv2d(6, 24, 1)
+        self.project, self.bn = nn.Conv2d(24, 10, 1, bias=False), nn.BatchNorm2d(10)
+        self.scale_first = scale_first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = torch.sigmoid(self.fc2(F.silu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+        return self.bn(self.project(s * x if self.scale_first else x * s))
+
+
+@pytest.mark.parametrize("scale_first", [True, False])
+def test_pass_folds_the_squeeze_excite_scale_into_the_next_1x1_conv(scale_first) -> None:
+    model = with_random_bn_stats(_SqueezeExcite(scale_first))
+    inputs = (torch.randn(2, 24, 8, 6),)
+    text, got = dispatched(model, inputs, lambda w: own_kernels.kind_of(w.attrs, w.shapes) or "tir")
+    assert "pointwise_24to10_8x6_b2_none_scaled" in text and "R.multiply" not in text
     with torch.no_grad():
         np.testing.assert_allclose(got, model(*inputs).numpy(), rtol=1e-4, atol=1e-5)

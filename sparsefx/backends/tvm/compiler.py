@@ -22,7 +22,7 @@ from ... import __version__
 from ...errors import SparsefxError, one_line
 from ...target import Target, resolve_target
 from ...trace import as_inputs
-from . import pipeline
+from . import own_kernels, pipeline
 from .importer import to_relax
 
 ARTIFACT_VERSION = 1
@@ -122,6 +122,32 @@ class CompiledModel:
         args = [tvm_ffi.from_dlpack(x.detach().contiguous()) for x in inputs]
         return _to_torch(self.vm["main"](*args))
 
+    def profile(self, *inputs: torch.Tensor, repeat: int = 10) -> list[dict]:
+        """Every call one run of the model makes (its kernels, PyTorch calls and VM builtins) in call
+        order: {"name", "kind", "shapes", "ms"}, `ms` the fastest of `repeat` runs. The instrument
+        costs each call a few microseconds, so the sum exceeds an uninstrumented run."""
+        vm = relax.VirtualMachine(self.executable, self.device)  # its own: the instrument stays on it
+        args = [tvm_ffi.from_dlpack(x.detach().contiguous()) for x in inputs]
+        vm["main"](*args)
+        calls: list[tuple[str, tuple, float]] = []
+        started = [0.0]
+
+        def instrument(_func: object, symbol: str, before: bool, _ret: object, *call_args: object) -> int:
+            if before:
+                started[0] = time.perf_counter()
+            else:
+                shapes = tuple(tuple(a.shape) for a in call_args if hasattr(a, "shape"))
+                calls.append((symbol, shapes, time.perf_counter() - started[0]))
+            return 0
+
+        vm.set_instrument(instrument)
+        for _ in range(repeat):
+            vm["main"](*args)
+        per_run = len(calls) // repeat
+        return [{"name": name, "kind": kernel_kind(name), "shapes": [list(s) for s in shapes],
+                 "ms": min(calls[i + r * per_run][2] for r in range(repeat)) * 1e3}
+                for i, (name, shapes, _) in enumerate(calls[:per_run])]
+
     def export(self, path: str | Path) -> Path:
         """One file: the compiled library plus a JSON manifest (target, inputs, dispatch, tuning)."""
         path = Path(path)
@@ -148,6 +174,24 @@ class CompiledModel:
 
     def __repr__(self) -> str:
         return f"CompiledModel(target={self.target}, inputs={[tuple(i['shape']) for i in self.manifest['inputs']]})"
+
+
+def kernel_kind(name: str) -> str:
+    """What runs a call of a compiled model, by its symbol: one of sparsefx's own conv kernels or its
+    sparse kernels, PyTorch (a dispatched op), a VM builtin (allocation and bookkeeping) or a TIR
+    kernel of TVM's lowering."""
+    head = name.split("_")[0]
+    if head in own_kernels.KERNELS or head == "sparse":
+        return head
+    return "torch" if name.startswith("sparsefx.torch.") else "vm" if name.startswith("vm.builtin.") else "tir"
+
+
+def ms_by_kind(profile: list[dict]) -> dict[str, float]:
+    """A `CompiledModel.profile` summed per kind of kernel, the largest first."""
+    totals: dict[str, float] = {}
+    for row in profile:
+        totals[row["kind"]] = totals.get(row["kind"], 0.0) + row["ms"]
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
 
 def _to_torch(value: object) -> torch.Tensor | tuple:

@@ -95,7 +95,7 @@ def kernel(s: DirectSpec) -> tvm.tirx.PrimFunc:
     outer, inner = (blocks, pixel_blocks) if by_channel else (pixel_blocks, blocks)
 
     @T.macro
-    def body(x, w, bias, res, out):  # noqa: ANN001, ANN202
+    def body(x, w, bias, _scale, res, out):  # noqa: ANN001, ANN202
         planes = T.alloc_buffer((s.cin, ph * ph, geometry.size), "float32")
         wide = T.alloc_buffer((s.cout, pixel_blocks * pixels), "float32")
         for n in range(s.batch):

@@ -36,34 +36,41 @@ def own_kernel_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
     """Relax pass: a conv decided for an own kernel, with its per-channel bias, the residual add
     where the kernel fuses one, and the activation (ReLU, ReLU6, SiLU) where they follow, becomes
     one `call_tir` of that kernel (runs before the torch epilogue and dispatch passes, which leave
-    `call_tir` alone)."""
-    from tvm.relax.dpl import rewrite_call
+    `call_tir` alone). A 1x1 conv on `pointwise` whose input is scaled per image and channel
+    (squeeze-and-excitation's `x * s`, s of shape (n, c, 1, 1)) takes the scale in too."""
+    from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
     from .dispatch import _activation, _per_channel, epilogue_patterns, workload_of
 
-    ep = epilogue_patterns()
-    x, w, b, residual, conv = ep.x, ep.w, ep.b, ep.residual, ep.conv
-    patterns = [*ep.patterns, conv]
+    unscaled, scale = wildcard(), wildcard()
+    # the scaled patterns first: their conv input would match the plain patterns' wildcard too
+    families = [(epilogue_patterns(is_op("relax.multiply")(*operands)), True)
+                for operands in ((unscaled, scale), (scale, unscaled))] + [(epilogue_patterns(), False)]
 
-    def spec_for(expr: relax.Expr, matches: dict) -> tuple[str, object] | None:
-        wl = workload_of(matches[conv])
+    def spec_for(expr: relax.Expr, matches: dict, ep: object, scaled: bool) -> tuple[str, object] | None:
+        wl = workload_of(matches[ep.conv])
         kind = decisions.get(wl.key, {}).get("impl") if wl is not None else None
         if kind not in KERNELS:
             return None
-        act = _activation(expr) if b in matches else "none"
-        if act is None or (b in matches and not _per_channel(matches[b], wl.shapes[1][0])):
+        act = _activation(expr) if ep.b in matches else "none"
+        if act is None or (ep.b in matches and not _per_channel(matches[ep.b], wl.shapes[1][0])):
             return None
-        if residual not in matches:
-            return kind, KERNELS[kind].spec_of(wl.attrs, wl.shapes, act)
-        if not KERNELS[kind].FUSES_RESIDUAL or [int(d) for d in matches[residual].ty.shape] != list(wl.shapes[2]):
+        if scaled and (kind != "pointwise" or _shape(matches[scale]) != [*wl.shapes[0][:2], 1, 1]
+                       or _shape(matches[unscaled]) != list(wl.shapes[0])):
             return None
-        return kind, KERNELS[kind].spec_of(wl.attrs, wl.shapes, act, residual=True)
+        if ep.residual not in matches:
+            return kind, KERNELS[kind].spec_of(wl.attrs, wl.shapes, act, **({"scaled": True} if scaled else {}))
+        if not KERNELS[kind].FUSES_RESIDUAL or _shape(matches[ep.residual]) != list(wl.shapes[2]):
+            return None
+        return kind, KERNELS[kind].spec_of(wl.attrs, wl.shapes, act, residual=True,
+                                           **({"scaled": True} if scaled else {}))
 
     def rewrite_all(mod: tvm.IRModule, rewriter: Callable) -> tvm.IRModule:
         for gvar, func in list(mod.functions.items()):
             if isinstance(func, relax.Function):
-                for pattern in patterns:
-                    func = rewrite_call(pattern, rewriter, func)
+                for ep, scaled in families:
+                    for pattern in (*ep.patterns, ep.conv):
+                        func = rewrite_call(pattern, lambda e, m, ep=ep, scaled=scaled: rewriter(e, m, ep, scaled), func)
                 mod[gvar] = func
         return mod
 
@@ -72,8 +79,8 @@ def own_kernel_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
         # a call_tir needs its callee typed, i.e. already in the module: find the kernels first
         specs: dict[str, tuple[str, object]] = {}
 
-        def find(expr: relax.Expr, matches: dict) -> relax.Expr:
-            if (found := spec_for(expr, matches)) is not None:
+        def find(expr: relax.Expr, matches: dict, ep: object, scaled: bool) -> relax.Expr:
+            if (found := spec_for(expr, matches, ep, scaled)) is not None:
                 specs[found[1].name] = found
             return expr
 
@@ -83,15 +90,21 @@ def own_kernel_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
         bb = relax.BlockBuilder(mod)
         gvars = {name: bb.add_func(KERNELS[kind].kernel(spec), name) for name, (kind, spec) in specs.items()}
 
-        def swap(expr: relax.Expr, matches: dict) -> relax.Expr:
-            if (found := spec_for(expr, matches)) is None:
+        def swap(expr: relax.Expr, matches: dict, ep: object, scaled: bool) -> relax.Expr:
+            if (found := spec_for(expr, matches, ep, scaled)) is None:
                 return expr
             spec = found[1]
             channels = spec.arg_shapes[2][0]
-            bias = matches[b].value.numpy().reshape(-1) if b in matches else np.zeros(channels, "float32")
-            args = [matches[x], matches[w], relax.const(bias)] + ([matches[residual]] if residual in matches else [])
+            bias = matches[ep.b].value.numpy().reshape(-1) if ep.b in matches else np.zeros(channels, "float32")
+            args = [matches[unscaled] if scaled else matches[ep.x], matches[ep.w], relax.const(bias)]
+            args += [matches[scale]] if scaled else []
+            args += [matches[ep.residual]] if ep.residual in matches else []
             return relax.call_tir(gvars[spec.name], args, relax.TensorType(spec.out_shape, "float32"))
 
         return rewrite_all(bb.get(), swap)
 
     return _pass
+
+
+def _shape(expr: relax.Expr) -> list[int]:
+    return [int(d) for d in expr.ty.shape]

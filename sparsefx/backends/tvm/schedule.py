@@ -1,7 +1,8 @@
 """Default schedules: what TIR gets when nothing was tuned for it.
 
 GPU: TVM's DLight rules (matmul, GEMV, reductions, fallback). CPU: DLight's GEMV (where
-the reduction is the longer side, see `ReductionHeavyGEMV`) and reduction rules, then
+the reduction is the longer side, see `ReductionHeavyGEMV`), `RowSum` for a lone reduction over
+whole rows, DLight's reduction rule, then
 `CPUFallback`, which inlines element-wise chains and runs every
 remaining loop nest parallel over the cores and vectorised over the SIMD width instead
 of TVM's untuned serial loops.
@@ -63,6 +64,48 @@ class CPUFallback(CPUScheduleRule):
         return sch
 
 
+class RowSum(CPUScheduleRule):
+    """A lone reduction over whole rows (global average pooling, a mean over the last axes), summed
+    in `vector_lanes` partial sums (rfactor) so the row is read in vectors. DLight's CPU rule adds one
+    element at a time, each add waiting on the last: 7 GB/s on EfficientNet-B0's squeeze-excite pools
+    (72 x 56x56: 0.13 ms), a quarter of what one core reads from L2."""
+
+    def __init__(self, vector_lanes: int = 16) -> None:
+        self.vector_lanes = vector_lanes
+
+    def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = normalize_prim_func(sch)
+        reductions = [b for b in blocks or [] if "R" in b.dom_kind()]
+        if len(reductions) != 1:
+            return None
+        info = reductions[0]
+        kinds, doms = info.dom_kind(), info.dom()
+        split = kinds.index("R")
+        if "S" in kinds[split:] or not all(isinstance(d, (int, tirx.IntImm)) for d in doms[split:]):
+            return None
+        extent = 1
+        for d in doms[split:]:
+            extent *= int(d)
+        row = sch.get(info.block_rv).reads[0].source.shape[-1]
+        if extent % self.vector_lanes or extent < 4 * self.vector_lanes or not isinstance(row, tirx.IntImm) \
+                or int(row) != int(doms[-1]):
+            return None
+        loops = sch.get_loops(info.block_rv)
+        if split:
+            sch.fuse(*loops[:split])
+        _, lanes = sch.split(sch.fuse(*sch.get_loops(info.block_rv)[-len(kinds) + split:]), [None, self.vector_lanes])
+        partial = sch.rfactor(lanes, factor_axis=split)
+        *spatial, outer, lanes = sch.get_loops(partial)
+        if spatial and int(sch.get(spatial[0]).extent) >= PARALLEL_GRAIN:
+            sch.parallel(spatial[0])  # before the init is split off: then the loop is no longer one reduction
+        sch.vectorize(lanes)
+        sch.decompose_reduction(partial, outer)
+        return sch
+
+
 class ReductionHeavyGEMV(dlight.cpu.GEMV):
     """DLight's CPU GEMV rule, only where the reduction is at least as long as the output. Where
     the output is longer (an SE block's expanding 1x1 conv, 48 -> 1152 channels at 1x1) it
@@ -94,5 +137,5 @@ def default_schedule_pass(target: tvm.target.Target, vector_bits: int = 512) -> 
                  dlight.gpu.Fallback()]
     else:
         lanes = max(vector_bits // 32, 4)
-        rules = [ReductionHeavyGEMV(), dlight.cpu.Reduction(), CPUFallback(lanes)]
+        rules = [ReductionHeavyGEMV(), RowSum(lanes), dlight.cpu.Reduction(), CPUFallback(lanes)]
     return dlight.ApplyDefaultSchedule(*rules)

@@ -115,10 +115,15 @@ def conv_time(x: torch.Tensor, weights: list[torch.Tensor], b: torch.Tensor | No
         return plain, False
     keys = [random.getrandbits(62) or 1 for _ in weights]  # names for the packed copies; hashing them costs more
     packed = timer([lambda w=w, key=key: conv(x, w, b, attrs, key, act, residual) for w, key in zip(weights, keys)])
-    dropped = set(keys)
-    for entry in [e for e in _packed if e[0] in dropped]:  # random weights: never used again
-        del _packed[entry]
+    forget_packed(keys)
     return min(plain, packed), packed < plain
+
+
+def forget_packed(keys: list[int]) -> None:
+    """Drop the prepacked copies of the weights named `keys` (random ones, timed once)."""
+    dropped = set(keys)
+    for entry in [e for e in _packed if e[0] in dropped]:
+        del _packed[entry]
 
 
 def best_time(run: object, repeat: int) -> float:
