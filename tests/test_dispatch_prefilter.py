@@ -74,7 +74,7 @@ def test_own_kernel_convs_build_only_sparsefx_kernel_not_the_default_tir(monkeyp
     monkeypatch.setattr(dispatch, "_torch_time", lambda w: (1e6, False))  # PyTorch loses: TIR would be built
     ran: list[int] = []
 
-    def rigged_duel(runs):  # both rivals run; the own kernel wins
+    def rigged_duel(runs, flush):  # both rivals run; the own kernel wins
         ran.extend(run() is not None for run in runs)
         return [0.01, 1e6]
 

@@ -53,7 +53,7 @@ def test_dispatched_model_matches_eager(prepack: bool, monkeypatch) -> None:
     monkeypatch.setattr(torch_kernels, "PREPACK", prepack and torch_kernels.PREPACK)
     monkeypatch.setattr(dispatch, "_torch_time", lambda w: (1e-6, True))  # every conv on PyTorch,
     monkeypatch.setattr(dispatch, "call_overhead_ms", lambda: 0.0)  # its call out free,
-    monkeypatch.setattr(dispatch, "duel", lambda runs: [float("inf"), 0.0])  # and no own kernel wins
+    monkeypatch.setattr(dispatch, "duel", lambda runs, flush: [float("inf"), 0.0])  # and no own kernel wins
     model, inputs = _model()
     compiled = compile(model, inputs, verbose=False)
     assert all(d["impl"] == "torch" for d in compiled.manifest["dispatch"].values())
