@@ -58,6 +58,21 @@ def test_cost_model_times_kernels_on_the_rpc_device_in_a_table_of_its_own(device
     assert not (tmp_path / "costmodel" / f"{cost.target.arch}-{cost.target.cores}.json").exists()
 
 
+def test_an_expired_session_is_replaced(device, tmp_path, monkeypatch):
+    import time
+
+    from sparsefx.backends.tvm.remote_kernels import RemoteKernels
+    from sparsefx.target import resolve_target
+
+    monkeypatch.setenv("SPARSEFX_CACHE", str(tmp_path))
+    remote = RemoteKernels(device, "sfx-test", resolve_target("cpu"), repeat=1, session_s=2)
+    kernel = matmul_kernel(1, 8, 64, 64, 16)
+    assert remote.time(kernel) > 0
+    first = remote._session
+    time.sleep(2.5)
+    assert remote.time(kernel) > 0 and remote._session is not first
+
+
 def test_cli_plan_on_the_rpc_device(device, tmp_path, monkeypatch, capsys):
     from sparsefx.cli import main
     from sparsefx.plan import Plan

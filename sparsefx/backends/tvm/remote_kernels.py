@@ -46,17 +46,29 @@ def kernel_module(kernel: Kernel) -> tuple[tvm.IRModule, list[tuple[int, ...]]]:
 
 
 class RemoteKernels:
-    """Times kernels on the device the tracker at `tracker` ("HOST:PORT") serves under `key`."""
+    """Times kernels on the device the tracker at `tracker` ("HOST:PORT") serves under `key`.
 
-    def __init__(self, tracker: str, key: str, target: Target, repeat: int = 5) -> None:
+    The tracker ends a session `session_s` after it began, and a planning run can time kernels for
+    longer than that (130 kernels of the built-in ResNet: about a minute): an expired session is
+    replaced by a new one and the kernel timed again."""
+
+    def __init__(self, tracker: str, key: str, target: Target, repeat: int = 5, session_s: int = 60) -> None:
         self.tracker, self.key, self.target, self.repeat = tracker, key, target, repeat
+        self.session_s = session_s
         self._session = None
 
     def time(self, kernel: Kernel) -> float:
         """Fastest ms of `kernel` on the device."""
         mod, shapes = kernel_module(kernel)
         executable = build_module(mod, self.target.to_tvm(), self.target)
-        self._session = self._session or connect(self.tracker, self.key)
+        try:
+            return self._time(executable, shapes)
+        except tvm.error.RPCSessionTimeoutError:
+            self._session = None
+            return self._time(executable, shapes)
+
+    def _time(self, executable: object, shapes: list[tuple[int, ...]]) -> float:
+        self._session = self._session or connect(self.tracker, self.key, self.session_s)
         device = self._session.cuda(0) if self.target.is_gpu else self._session.cpu(0)
         vm = relax.VirtualMachine(upload(self._session, executable), device)
         vm.set_input("main", *[tvm.runtime.tensor(np.random.randn(*s).astype("float32"), device) for s in shapes])
