@@ -58,12 +58,12 @@ def own_kernel_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
         if scaled and (kind != "pointwise" or _shape(matches[scale]) != [*wl.shapes[0][:2], 1, 1]
                        or _shape(matches[unscaled]) != list(wl.shapes[0])):
             return None
-        if ep.residual not in matches:
-            return kind, KERNELS[kind].spec_of(wl.attrs, wl.shapes, act, **({"scaled": True} if scaled else {}))
-        if not KERNELS[kind].FUSES_RESIDUAL or _shape(matches[ep.residual]) != list(wl.shapes[2]):
-            return None
-        return kind, KERNELS[kind].spec_of(wl.attrs, wl.shapes, act, residual=True,
-                                           **({"scaled": True} if scaled else {}))
+        options = {"scaled": True} if scaled else {}  # only `pointwise` specs know the option
+        if ep.residual in matches:
+            if not KERNELS[kind].FUSES_RESIDUAL or _shape(matches[ep.residual]) != list(wl.shapes[2]):
+                return None
+            options["residual"] = True
+        return kind, KERNELS[kind].spec_of(wl.attrs, wl.shapes, act, **options)
 
     def rewrite_all(mod: tvm.IRModule, rewriter: Callable) -> tvm.IRModule:
         for gvar, func in list(mod.functions.items()):
