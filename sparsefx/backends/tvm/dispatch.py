@@ -169,8 +169,9 @@ class DispatchTable:
             self._measure(rest, new, target, build)
             for key, (_, prepack) in timed.items():
                 self.entries[key]["prepack"] = prepack
+            flush = flusher() if own else None  # one 64 MiB buffer for every kind's duels
             for kind in dict.fromkeys(own.values()):
-                self._measure_own(kind, [new[key] for key, k in own.items() if k == kind], target)
+                self._measure_own(kind, [new[key] for key, k in own.items() if k == kind], target, flush)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps(self.entries, indent=1))
         return {w.key: self.entries[w.key] for w in workloads}
@@ -182,12 +183,12 @@ class DispatchTable:
             for c, tir_ms in zip(candidates, times, strict=True):
                 self.entries[c.key] = {**self._entry(c, tir_ms), "decided_by": "measured"}
 
-    def _measure_own(self, kind: str, workloads: list[Workload], target: tvm.target.Target) -> None:
+    def _measure_own(self, kind: str, workloads: list[Workload], target: tvm.target.Target,
+                     flush: Callable[[], object]) -> None:
         """Time an own kernel (one build for all its workloads) in turn with PyTorch's (`duel`), and
         keep it where it wins."""
         specs = [own_kernels.KERNELS[kind].spec_of(w.attrs, w.shapes) for w in workloads]
         library = own_kernels.build(kind, specs, target)
-        flush = flusher()
         for w, spec in zip(workloads, specs, strict=True):
             args = [tvm.runtime.tensor(np.random.randn(*shape).astype("float32")) for shape in spec.arg_shapes]
             run = library[spec.name]  # looked up once: a library lookup costs 10-80 us, more than small kernels
@@ -289,9 +290,12 @@ def _key(weight: relax.Expr, decision: dict) -> int:
     return weight_key(weight.value.numpy())
 
 
+def _shape(expr: relax.Expr) -> list[int]:
+    return [int(d) for d in expr.ty.shape]
+
+
 def _per_channel(bias: relax.Expr, channels: int) -> bool:
-    shape = [int(d) for d in bias.ty.shape]
-    return shape in ([1, channels, 1, 1], [channels, 1, 1])
+    return _shape(bias) in ([1, channels, 1, 1], [channels, 1, 1])
 
 
 @dataclass(frozen=True)
@@ -342,7 +346,7 @@ def epilogue_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
         attrs = [relax.prim_value(v) for v in (*wl.attrs, _key(matches[w], decisions[wl.key]),
                                                ACTIVATIONS.index(act))]
         if residual in matches:  # only the patterns with the residual add bind it
-            if [int(d) for d in matches[residual].ty.shape] != list(wl.shapes[2]):
+            if _shape(matches[residual]) != list(wl.shapes[2]):
                 return expr
             return relax.call_pure_packed(CONV_RESIDUAL, matches[x], matches[w], matches[b], matches[residual],
                                           *attrs, ty_args=expr.ty)

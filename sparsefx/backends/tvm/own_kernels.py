@@ -40,7 +40,7 @@ def own_kernel_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
     (squeeze-and-excitation's `x * s`, s of shape (n, c, 1, 1)) takes the scale in too."""
     from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
-    from .dispatch import _activation, _per_channel, epilogue_patterns, workload_of
+    from .dispatch import _activation, _per_channel, _shape, epilogue_patterns, workload_of
 
     unscaled, scale = wildcard(), wildcard()
     # the scaled patterns first: their conv input would match the plain patterns' wildcard too
@@ -104,7 +104,3 @@ def own_kernel_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
         return rewrite_all(bb.get(), swap)
 
     return _pass
-
-
-def _shape(expr: relax.Expr) -> list[int]:
-    return [int(d) for d in expr.ty.shape]
