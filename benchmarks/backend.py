@@ -25,9 +25,9 @@ import torch
 
 import sparsefx
 from sparsefx.backends.eager import measure_latencies
-from sparsefx.backends.tvm import own_kernels
 from sparsefx.backends.tvm.compiler import ms_by_kind
-from sparsefx.models import load_model
+from sparsefx.backends.tvm.kernels import registry as own_kernels
+from sparsefx.capture.models import load_model
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "vit_b_16", "hf:bert-base")
 

@@ -64,8 +64,8 @@ def compile_one(source: object, inputs: tuple) -> dict:
 
 def run_model(name: str) -> dict:
     import sparsefx
+    from sparsefx.capture.models import load_model
     from sparsefx.errors import one_line
-    from sparsefx.models import load_model
 
     model, inputs = load_model(f"torchvision:{name}")
     row: dict = {"model": name, "input": list(inputs[0].shape)}

@@ -35,10 +35,10 @@ def _spec(name: str) -> str:
 
 def run_model(name: str, ratios: list[float], target: object, repeat: int) -> tuple[list[dict], list[dict]]:
     import sparsefx
-    from sparsefx.costmodel import MEASURED, CostModel
-    from sparsefx.models import load_model
-    from sparsefx.passes.latency import priced_kernels
-    from sparsefx.planner import Planner
+    from sparsefx.capture.models import load_model
+    from sparsefx.cost.latency import priced_kernels
+    from sparsefx.cost.model import MEASURED, CostModel
+    from sparsefx.planning.planner import Planner
 
     model, inputs = load_model(_spec(name))
     cost = CostModel(target)

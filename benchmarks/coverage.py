@@ -20,8 +20,8 @@ import torch
 import torchvision
 
 import sparsefx
+from sparsefx.capture.models import load_model
 from sparsefx.errors import one_line
-from sparsefx.models import load_model
 
 RATIOS = (0.3, 0.5)
 HF_MODELS = ("hf:bert-base", "hf:gpt2", "hf:vit-base")

@@ -21,7 +21,7 @@ import torch
 import sparsefx
 from sparsefx.backends.eager import measure_latencies
 from sparsefx.backends.tvm import pipeline
-from sparsefx.models import load_model
+from sparsefx.capture.models import load_model
 
 
 def _compile(model: torch.nn.Module, inputs: tuple, use_kernel: bool) -> object:

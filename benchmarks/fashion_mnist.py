@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 
 import sparsefx
-from sparsefx import Gradual, GradualPruner, Iterative, OneShot, Sparsity, evaluate, finetune
+from sparsefx import Gradual, GradualPruner, Iterative, OneShot, Sparsity, finetune
 from sparsefx.backends.eager import measure_latency
-from sparsefx.data import fashion_mnist
-from sparsefx.masks import allocate, maskable_layers, remove_masks, weight_density
-from sparsefx.plots import plot_class_drops, plot_tradeoff
-from sparsefx.zoo import ZOO
+from sparsefx.recovery import evaluate
+from sparsefx.recovery.data import fashion_mnist
+from sparsefx.recovery.plots import plot_class_drops, plot_tradeoff
+from sparsefx.recovery.zoo import ZOO
+from sparsefx.sparse.masks import allocate, maskable_layers, remove_masks, weight_density
 
 LATENCY_BATCH = 256  # batched inference: at batch 1 these tiny models measure Python overhead, not compute
 

@@ -48,7 +48,7 @@ MMA_SIZES = ((4096, 4096, 4096), (3072, 768, 128), (768, 3072, 128), (3072, 768,
 
 def build(arch: str, kit: Path) -> None:
     import sparsefx
-    from sparsefx.models import load_model
+    from sparsefx.capture.models import load_model
 
     if kit.exists():
         shutil.rmtree(kit)
@@ -76,8 +76,8 @@ def build(arch: str, kit: Path) -> None:
 def _build_mma(arch: str, out: Path) -> None:
     import tvm
 
-    from sparsefx.backends.tvm import sparse_mma
     from sparsefx.backends.tvm.bundle import precompile_cuda
+    from sparsefx.backends.tvm.sparse import mma as sparse_mma
 
     specs = [sparse_mma.MmaSpec(*size, "float16") for size in MMA_SIZES]
     lib = sparse_mma.build(specs, tvm.target.Target({"kind": "cuda", "arch": arch}))
@@ -183,7 +183,7 @@ def run_mma(mma: Path, bundle: Path, repeat: int) -> list[dict]:
     runtime.serve_precompiled_kernels(tvm_ffi, mma / "kernels", manifest["cuda_kernels"])
     module = tvm_ffi.load_module(str(mma / "mma.so"))
     _bare_sparsefx()
-    import sparsefx.formats as formats
+    import sparsefx.sparse.formats as formats
 
     return [_mma_row(module[spec["name"]], spec, formats, tvm_ffi, repeat) for spec in manifest["specs"]]
 

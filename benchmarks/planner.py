@@ -57,9 +57,9 @@ def _timed(models: dict, inputs: tuple, rounds: int, per_round: int) -> dict[str
 
 def compare(model: torch.nn.Module, inputs: tuple, speedup: float, target: object, rounds: int) -> dict:
     import sparsefx
-    from sparsefx.costmodel import CostModel
-    from sparsefx.planner import Planner
-    from sparsefx.prune import _global_counts
+    from sparsefx.channels.prune import _global_counts
+    from sparsefx.cost.model import CostModel
+    from sparsefx.planning.planner import Planner
 
     planned = sparsefx.plan(model, inputs, target=target, speedup=speedup, verbose=False)
     remeasured = sparsefx.plan_measured(model, inputs, target=target, speedup=speedup, verbose=True)
@@ -100,7 +100,7 @@ def compare(model: torch.nn.Module, inputs: tuple, speedup: float, target: objec
 
 def fmnist_accuracy(row: dict, dense: torch.nn.Module, epochs: int, train_limit: int) -> None:
     import sparsefx
-    from sparsefx.data import fashion_mnist
+    from sparsefx.recovery.data import fashion_mnist
 
     data = fashion_mnist(train_limit=train_limit)
     row["dense_accuracy"] = sparsefx.evaluate(dense, data.test).accuracy
@@ -112,8 +112,8 @@ def fmnist_accuracy(row: dict, dense: torch.nn.Module, epochs: int, train_limit:
 
 def train_small_resnet(epochs: int, train_limit: int) -> torch.nn.Module:
     import sparsefx
-    from sparsefx.data import fashion_mnist
-    from sparsefx.zoo import SmallResNet
+    from sparsefx.recovery.data import fashion_mnist
+    from sparsefx.recovery.zoo import SmallResNet
 
     torch.manual_seed(0)
     model = SmallResNet()
@@ -155,7 +155,7 @@ def main() -> int:
     parser.add_argument("--train-limit", type=int, default=20000)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
-    from sparsefx.models import load_model
+    from sparsefx.capture.models import load_model
     from sparsefx.target import resolve_target, with_threads
 
     target = with_threads(resolve_target("cpu"), args.threads)

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 import sparsefx
-from sparsefx.backends.tvm.torch_kernels import best_time
-from sparsefx.masks import Sparsity, apply_masks, compute_masks
-from sparsefx.models import load_model
+from sparsefx.backends.tvm.dispatch.torch_kernels import best_time
+from sparsefx.capture.models import load_model
+from sparsefx.sparse.masks import Sparsity, apply_masks, compute_masks
 from sparsefx.target import resolve_target
 
 

@@ -28,10 +28,10 @@ import tvm  # noqa: E402
 from torch import nn  # noqa: E402
 
 import sparsefx  # noqa: E402
-from sparsefx.backends.tvm.sparse_kernels import KernelSpec  # noqa: E402
-from sparsefx.backends.tvm.sparse_latency import kernel_spec, time_kernels  # noqa: E402
-from sparsefx.backends.tvm.torch_kernels import best_time
-from sparsefx.masks import Sparsity  # noqa: E402
+from sparsefx.backends.tvm.dispatch.torch_kernels import best_time
+from sparsefx.backends.tvm.sparse.kernels import KernelSpec  # noqa: E402
+from sparsefx.backends.tvm.sparse.latency import kernel_spec, time_kernels  # noqa: E402
+from sparsefx.sparse.masks import Sparsity  # noqa: E402
 from sparsefx.target import resolve_target  # noqa: E402
 
 DENSITIES = (0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.02)

@@ -25,8 +25,8 @@ from torch import nn
 
 import sparsefx
 from sparsefx.backends.eager import measure_latencies
+from sparsefx.capture.models import load_model
 from sparsefx.errors import one_line
-from sparsefx.models import load_model
 
 DEFAULT_MODELS = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "densenet121", "vgg16",
                   "convnext_tiny", "vit_b_16", "regnet_y_400mf", "shufflenet_v2_x1_0")

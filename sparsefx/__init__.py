@@ -1,11 +1,11 @@
 """sparsefx: compiler-pass sparsity optimizer for PyTorch."""
 
-from .errors import PruneError, SparsefxError, TraceError
-from .measured_plan import plan_measured
-from .plan import Plan, PlanError
-from .planner import apply, plan
-from .prune import Analysis, analyze, count_macs, count_params, prune
-from .trace import trace
+from sparsefx.capture.trace import trace
+from sparsefx.channels.prune import Analysis, analyze, count_macs, count_params, prune
+from sparsefx.errors import PruneError, SparsefxError, TraceError
+from sparsefx.planning.measured import plan_measured
+from sparsefx.planning.plan import Plan, PlanError
+from sparsefx.planning.planner import apply, plan
 
 __all__ = [
     "Analysis", "Evaluation", "Plan", "PlanError", "apply", "plan", "plan_measured", "Gradual", "GradualPruner", "History", "Iterative", "MaskCallback", "OneShot",
@@ -16,8 +16,11 @@ __all__ = [
 __version__ = "0.1.0"
 
 # Recovery and evaluation (issue 6): masks, schedules, fine-tuning, per-class evaluation.
-from .evaluate import Evaluation, evaluate  # noqa: E402
-from .masks import (  # noqa: E402
+from sparsefx.recovery.evaluate import Evaluation, evaluate  # noqa: E402
+from sparsefx.recovery.finetune import History, finetune  # noqa: E402
+from sparsefx.recovery.schedules import Gradual, GradualPruner, Iterative, OneShot, cubic_sparsity  # noqa: E402
+from sparsefx.sparse.layers import SparseConv2d, SparseLinear  # noqa: E402  (sparse layers: issue 5)
+from sparsefx.sparse.masks import (
     MaskCallback,
     Sparsity,
     apply_masks,
@@ -28,16 +31,13 @@ from .masks import (  # noqa: E402
     unstructured_mask,
     weight_density,
 )
-from .passes.sparsify import sparsify, to_sparse  # noqa: E402
-from .recovery import History, finetune  # noqa: E402
-from .schedules import Gradual, GradualPruner, Iterative, OneShot, cubic_sparsity  # noqa: E402
-from .sparse_ops import SparseConv2d, SparseLinear  # noqa: E402  (sparse layers: issue 5)
+from sparsefx.sparse.sparsify import sparsify, to_sparse  # noqa: E402
 
 
 def __getattr__(name: str) -> object:
     """`sparsefx.compile`, `sparsefx.load` and `sparsefx.CompiledModel` load TVM on first use only."""
     if name in ("compile", "load", "CompiledModel"):
-        from .backends import tvm as backend
+        from sparsefx.backends import tvm as backend
 
         return getattr(backend, name)
     raise AttributeError(f"module 'sparsefx' has no attribute {name!r}")

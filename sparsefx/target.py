@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .errors import SparsefxError
+from sparsefx.errors import SparsefxError
 
 # Nominal FP32 (non-tensor-core) TFLOP/s and HBM GB/s of common data-centre parts, by arch.
 CUDA_ARCHS = {

@@ -13,7 +13,7 @@ def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     mp.setenv("SPARSEFX_CACHE", str(tmp_path_factory.mktemp("sparsefx-cache")))
     # the dispatch's duels flush 64 MiB before each timed run; tests assert decisions, not their timing,
     # and a 1 MiB flush runs the same code for a fiftieth of the cost
-    from sparsefx.backends.tvm import dispatch
+    from sparsefx.backends.tvm.dispatch import table as dispatch
 
     mp.setattr(dispatch, "EVICT_BYTES", 1 << 20)
     yield

@@ -10,9 +10,10 @@ import torch.nn.functional as F
 import tvm
 from torch import nn
 
-from sparsefx.backends.tvm import own_kernels, pipeline
+from sparsefx.backends.tvm import pipeline
 from sparsefx.backends.tvm.compiler import build_module
 from sparsefx.backends.tvm.importer import to_relax
+from sparsefx.backends.tvm.kernels import registry as own_kernels
 from sparsefx.target import resolve_target
 
 ACT = {"none": lambda t: t, "relu": F.relu, "relu6": lambda t: t.clamp(0, 6), "silu": F.silu}

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import sparsefx
-from sparsefx.backends.tvm import compile, load, own_kernels
+from sparsefx.backends.tvm import compile, load
+from sparsefx.backends.tvm.kernels import registry as own_kernels
 from sparsefx.target import resolve_target
 
 from .models_zoo import CASES

@@ -7,8 +7,8 @@ import torch
 
 import sparsefx
 from sparsefx.backends.eager import measure_latencies, measure_latency
-from sparsefx.cli import main
-from sparsefx.models import load_model
+from sparsefx.capture.models import load_model
+from sparsefx.cli.main import main
 
 
 def test_inspect_default_lists_groups_and_layer_totals(capsys):
@@ -76,7 +76,7 @@ def test_measure_latencies_times_every_model():
 
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="dataset-fashion-mnist missing")
 def test_finetune_then_evaluate_on_fashion_mnist(tmp_path, capsys):
-    from sparsefx.zoo import ZOO
+    from sparsefx.recovery.zoo import ZOO
 
     torch.manual_seed(0)
     dense = ZOO["lenet5"]()
@@ -95,7 +95,7 @@ def test_evaluate_missing_model_is_one_line_error(tmp_path, capsys):
 
 
 def test_bench_profile_table_sets_kinds_side_by_side(capsys):
-    from sparsefx.cli import _print_profiles
+    from sparsefx.cli.main import _print_profiles
 
     rows = {"tvm dense": [{"name": "pointwise_8to16", "kind": "pointwise", "shapes": [[1, 8, 4, 4]], "ms": 0.4},
                           {"name": "vm.builtin.alloc_tensor", "kind": "vm", "shapes": [], "ms": 0.01}],

@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 import sparsefx
-from sparsefx.cli import main
-from sparsefx.costmodel import CostModel, _grid, conv2d_kernel, matmul_kernel
-from sparsefx.models import load_model
-from sparsefx.passes.latency import analyze_fusion, annotate_latency, dense_kernels
-from sparsefx.plan import Plan
+from sparsefx.capture.models import load_model
+from sparsefx.cli.main import main
+from sparsefx.cost.latency import analyze_fusion, annotate_latency, dense_kernels
+from sparsefx.cost.model import CostModel, _grid, conv2d_kernel, matmul_kernel
+from sparsefx.planning.plan import Plan
 from sparsefx.target import resolve_target
 
 
@@ -122,7 +122,7 @@ def test_cli_apply_refuses_a_bad_edit_and_writes_nothing(tmp_path, capsys):
 
 
 def test_timed_weights_are_distinct_copies_spanning_the_cold_region():
-    from sparsefx.costmodel import COLD_BYTES, weight_copies
+    from sparsefx.cost.model import COLD_BYTES, weight_copies
 
     copies = weight_copies((64, 64, 3, 3))
     assert len(copies) >= 2 and len({c.data_ptr() for c in copies}) == len(copies)
@@ -132,7 +132,7 @@ def test_timed_weights_are_distinct_copies_spanning_the_cold_region():
 
 
 def test_output_write_is_charged_up_to_the_l2(monkeypatch, tmp_path):
-    from sparsefx.costmodel import l2_bytes
+    from sparsefx.cost.model import l2_bytes
 
     cost = CostModel(resolve_target("cpu"), path=tmp_path / "table.json")
     monkeypatch.setattr(cost, "_calibration", lambda entry: [10.0])  # 10 GB/s cold writes
@@ -143,7 +143,7 @@ def test_output_write_is_charged_up_to_the_l2(monkeypatch, tmp_path):
 
 
 def test_depthwise_1x1_and_dense_convs_are_also_timed_on_sparsefx_kernels(monkeypatch, tmp_path):
-    from sparsefx import costmodel
+    from sparsefx.cost import model as costmodel
 
     cost = CostModel(resolve_target("cpu"), path=tmp_path / "table.json")
     monkeypatch.setattr(cost, "_calibration", lambda entry: {"cold_write": [1e9]}.get(entry, [1e-6, 1e3]))

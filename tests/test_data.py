@@ -11,7 +11,16 @@ import pytest
 import torch
 
 from sparsefx import SparsefxError
-from sparsefx.data import CLASS_NAMES, DEFAULT_ROOT, FILES, MEAN, STD, fashion_mnist, load_split, read_idx
+from sparsefx.recovery.data import (
+    CLASS_NAMES,
+    DEFAULT_ROOT,
+    FILES,
+    MEAN,
+    STD,
+    fashion_mnist,
+    load_split,
+    read_idx,
+)
 
 
 def _write_idx(path: Path, array: np.ndarray) -> None:

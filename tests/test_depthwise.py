@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsefx.backends.tvm import depthwise
+from sparsefx.backends.tvm.kernels import depthwise
 
 from .own_kernels_helper import assert_kernels_match_torch, dispatched, with_random_bn_stats
 

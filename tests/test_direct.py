@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsefx.backends.tvm import direct, own_kernels
+from sparsefx.backends.tvm.kernels import direct
+from sparsefx.backends.tvm.kernels import registry as own_kernels
 
 from .own_kernels_helper import assert_kernels_match_torch, dispatched, with_random_bn_stats
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from sparsefx.backends.tvm import dispatch, prefilter
 from sparsefx.backends.tvm.compiler import build_module
+from sparsefx.backends.tvm.dispatch import prefilter
+from sparsefx.backends.tvm.dispatch import table as dispatch
 from sparsefx.target import resolve_target
 
 pytestmark = pytest.mark.usefixtures("private_cache")

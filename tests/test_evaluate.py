@@ -8,9 +8,10 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import sparsefx
-from sparsefx import SparsefxError, evaluate
-from sparsefx.data import batches
-from sparsefx.evaluate import CorruptedLoader, corrupt
+from sparsefx import SparsefxError
+from sparsefx.recovery import evaluate
+from sparsefx.recovery.data import batches
+from sparsefx.recovery.evaluate import CorruptedLoader, corrupt
 
 
 class Fixed(nn.Module):
@@ -80,7 +81,7 @@ def test_corrupted_evaluation_of_a_trained_model():
 
 
 def test_plots_write_pngs(tmp_path, data):
-    from sparsefx.plots import pareto_front, plot_class_drops, plot_tradeoff
+    from sparsefx.recovery.plots import pareto_front, plot_class_drops, plot_tradeoff
 
     dataset, labels = data
     points = [{"accuracy": a, "density": d, "latency_ms": t, "label": lab}

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import sparsefx
-from sparsefx.passes.importance import OWN_ROLES
-from sparsefx.passes.split_attention import split_attention
+from sparsefx.channels.attention import split_attention
+from sparsefx.channels.importance import OWN_ROLES
 
 from .models_zoo import CASES
 

@@ -8,7 +8,7 @@ from torch import nn
 
 import sparsefx
 from sparsefx import MaskCallback, SparsefxError, Sparsity, apply_masks, block_mask, nm_mask, remove_masks
-from sparsefx.masks import current_masks, unstructured_mask
+from sparsefx.sparse.masks import current_masks, unstructured_mask
 
 
 @pytest.fixture
@@ -131,7 +131,7 @@ def _kept(model: nn.Module, masks: dict[str, torch.Tensor]) -> float:
 @pytest.mark.parametrize("rule, power", [("uniform", 1.0), ("erk", 1.0), ("erk", 1.5)])
 def test_allocate_keeps_the_total_and_each_layer_its_share(pattern, rule, power):
     model = _lenet300()
-    plan = sparsefx.masks.allocate(model, 0.02, pattern, rule=rule, power=power)
+    plan = sparsefx.sparse.masks.allocate(model, 0.02, pattern, rule=rule, power=power)
     masks = sparsefx.compute_masks(model, plan)
     assert _kept(model, masks) == pytest.approx(0.02, abs=2e-4)
     for name, mask in masks.items():  # every layer holds the fraction it was allocated
@@ -146,7 +146,7 @@ def test_allocate_keeps_the_total_and_each_layer_its_share(pattern, rule, power)
 
 def test_allocate_nm_fits_each_layer_and_stays_within_the_budget():
     model = _lenet300()
-    plan = sparsefx.masks.allocate(model, 0.02, "nm", max_m=128)
+    plan = sparsefx.sparse.masks.allocate(model, 0.02, "nm", max_m=128)
     masks = sparsefx.compute_masks(model, plan)
     assert 0.018 <= _kept(model, masks) <= 0.02
     for name, s in plan.items():
@@ -158,10 +158,10 @@ def test_allocate_nm_fits_each_layer_and_stays_within_the_budget():
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda m: sparsefx.masks.allocate(m, 0.1, rule="random"), "unknown allocation rule"),
-    (lambda m: sparsefx.masks.allocate(m, 0.1, "diagonal"), "unknown sparsity pattern"),
-    (lambda m: sparsefx.masks.allocate(m, 0.1, power=0), "power must be"),
-    (lambda m: sparsefx.masks.allocate(m, 0.1, "nm", max_m=3), "no M in 2..3 divides"),
+    (lambda m: sparsefx.sparse.masks.allocate(m, 0.1, rule="random"), "unknown allocation rule"),
+    (lambda m: sparsefx.sparse.masks.allocate(m, 0.1, "diagonal"), "unknown sparsity pattern"),
+    (lambda m: sparsefx.sparse.masks.allocate(m, 0.1, power=0), "power must be"),
+    (lambda m: sparsefx.sparse.masks.allocate(m, 0.1, "nm", max_m=3), "no M in 2..3 divides"),
 ])
 def test_allocate_bad_arguments(call, message):
     with pytest.raises(SparsefxError, match=message):
@@ -170,8 +170,8 @@ def test_allocate_bad_arguments(call, message):
 
 def test_allocate_fixed_layers_count_toward_the_total():
     model = _lenet300()
-    plan = sparsefx.masks.allocate(model, 0.02, "block", power=1.5, fixed={"4": 0.4})
+    plan = sparsefx.sparse.masks.allocate(model, 0.02, "block", power=1.5, fixed={"4": 0.4})
     assert plan["4"].density == pytest.approx(0.4) and plan["0"].density < plan["2"].density < 0.4
     assert _kept(model, sparsefx.compute_masks(model, plan)) == pytest.approx(0.02, abs=2e-4)
     with pytest.raises(SparsefxError, match="fixed names 'fc9'"):
-        sparsefx.masks.allocate(model, 0.02, fixed={"fc9": 1.0})
+        sparsefx.sparse.masks.allocate(model, 0.02, fixed={"fc9": 1.0})

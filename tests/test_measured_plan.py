@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import sparsefx
-from sparsefx.costmodel import CostModel
-from sparsefx.measured_plan import MeasurePair, plan_measured
-from sparsefx.models import load_model
-from sparsefx.plan import Plan
+from sparsefx.capture.models import load_model
+from sparsefx.cost.model import CostModel
+from sparsefx.planning.measured import MeasurePair, plan_measured
+from sparsefx.planning.plan import Plan
 from sparsefx.target import resolve_target
 
 from .models_zoo import CASES

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from sparsefx.capture.models import TinyResNet, load_model
 from sparsefx.errors import SparsefxError
-from sparsefx.models import TinyResNet, load_model
 
 FACTORY_SOURCE = """
 import torch

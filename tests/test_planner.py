@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import sparsefx
-from sparsefx.costmodel import CostModel
-from sparsefx.models import load_model
-from sparsefx.plan import Plan, PlanError
-from sparsefx.planner import Planner, apply, fingerprint, plan
+from sparsefx.capture.models import load_model
+from sparsefx.cost.model import CostModel
+from sparsefx.planning.plan import Plan, PlanError
+from sparsefx.planning.planner import Planner, apply, fingerprint, plan
 
 from .models_zoo import CASES
 

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsefx.backends.tvm import own_kernels, pointwise
+from sparsefx.backends.tvm.kernels import pointwise
+from sparsefx.backends.tvm.kernels import registry as own_kernels
 
 from .own_kernels_helper import assert_kernels_match_torch, dispatched, with_random_bn_stats
 

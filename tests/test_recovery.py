@@ -18,8 +18,8 @@ from sparsefx import (
     cubic_sparsity,
     finetune,
 )
-from sparsefx.data import batches
-from sparsefx.recovery import distillation_loss
+from sparsefx.recovery.data import batches
+from sparsefx.recovery.finetune import distillation_loss
 
 
 def _data(n: int = 256, seed: int = 0) -> TensorDataset:

@@ -9,7 +9,7 @@ from tvm.rpc.tracker import Tracker
 import sparsefx
 from sparsefx.backends.tvm import compile
 from sparsefx.backends.tvm.remote import measure_remote, parse_tracker
-from sparsefx.costmodel import CostModel, conv2d_kernel, matmul_kernel
+from sparsefx.cost.model import CostModel, conv2d_kernel, matmul_kernel
 
 from .models_zoo import CASES
 
@@ -61,7 +61,7 @@ def test_cost_model_times_kernels_on_the_rpc_device_in_a_table_of_its_own(device
 def test_an_expired_session_is_replaced(device, tmp_path, monkeypatch):
     import time
 
-    from sparsefx.backends.tvm.remote_kernels import RemoteKernels
+    from sparsefx.backends.tvm.measure.remote_kernels import RemoteKernels
     from sparsefx.target import resolve_target
 
     monkeypatch.setenv("SPARSEFX_CACHE", str(tmp_path))
@@ -74,8 +74,8 @@ def test_an_expired_session_is_replaced(device, tmp_path, monkeypatch):
 
 
 def test_cli_plan_on_the_rpc_device(device, tmp_path, monkeypatch, capsys):
-    from sparsefx.cli import main
-    from sparsefx.plan import Plan
+    from sparsefx.cli.main import main
+    from sparsefx.planning.plan import Plan
 
     monkeypatch.setenv("SPARSEFX_CACHE", str(tmp_path))
     out = tmp_path / "plan.json"

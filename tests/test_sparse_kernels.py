@@ -12,12 +12,12 @@ from torch import nn
 
 import sparsefx
 from sparsefx import SparsefxError
-from sparsefx.backends.tvm import sparse_kernels
-from sparsefx.backends.tvm.sparse_kernels import KernelSpec, build
-from sparsefx.backends.tvm.sparse_latency import measure_sparse_latency, random_operands
-from sparsefx.masks import Sparsity
-from sparsefx.models import load_model
-from sparsefx.passes.sparsify import sparsify
+from sparsefx.backends.tvm.sparse import kernels as sparse_kernels
+from sparsefx.backends.tvm.sparse.kernels import KernelSpec, build
+from sparsefx.backends.tvm.sparse.latency import measure_sparse_latency, random_operands
+from sparsefx.capture.models import load_model
+from sparsefx.sparse.masks import Sparsity
+from sparsefx.sparse.sparsify import sparsify
 from sparsefx.target import cache_dir, resolve_target
 
 # Every CPU code path: GEMV (width 1) and SpMM, both output layouts, width tails, batches,

@@ -14,11 +14,11 @@ from torch import nn
 
 import sparsefx
 from sparsefx import SparsefxError
-from sparsefx.backends.tvm import sparse_mma
-from sparsefx.backends.tvm.sparse_mma import MmaSpec
-from sparsefx.formats import NM, mma24_pack, mma24_unpack
-from sparsefx.masks import Sparsity
-from sparsefx.passes.sparsify import sparsify
+from sparsefx.backends.tvm.sparse import mma as sparse_mma
+from sparsefx.backends.tvm.sparse.mma import MmaSpec
+from sparsefx.sparse.formats import NM, mma24_pack, mma24_unpack
+from sparsefx.sparse.masks import Sparsity
+from sparsefx.sparse.sparsify import sparsify
 from sparsefx.target import resolve_target
 
 

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from sparsefx import SparsefxError
-from sparsefx.formats import BSR, NM, detect, from_dense
-from sparsefx.masks import Sparsity, apply_masks, compute_masks, current_masks
-from sparsefx.passes.sparsify import sparsify, to_sparse
-from sparsefx.sparse_ops import SparseConv2d, SparseLinear
+from sparsefx.sparse.formats import BSR, NM, detect, from_dense
+from sparsefx.sparse.layers import SparseConv2d, SparseLinear
+from sparsefx.sparse.masks import Sparsity, apply_masks, compute_masks, current_masks
+from sparsefx.sparse.sparsify import sparsify, to_sparse
 
 BLOCKS = [(1, 4), (1, 16), (4, 4), (16, 1), (32, 1), (2, 8)]
 

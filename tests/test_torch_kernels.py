@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from sparsefx.backends.tvm import compile, dispatch, pipeline, torch_kernels
+from sparsefx.backends.tvm import compile, pipeline
+from sparsefx.backends.tvm.dispatch import table as dispatch
+from sparsefx.backends.tvm.dispatch import torch_kernels
 from sparsefx.backends.tvm.importer import to_relax
 from sparsefx.target import resolve_target
 

@@ -1,2 +1,4 @@
-"""Analysis passes (annotate, shape_prop, coupling, importance) compute facts and never
-mutate the graph; rewrite passes (remove_channels) mutate it and say what they invalidate."""
+"""Old import paths, kept so that models pickled before the package moved still load.
+
+Pickles name classes and graph functions by module path; new code imports from
+`sparsefx.channels` and `sparsefx.sparse` instead."""

@@ -8,6 +8,6 @@ import os
 # TVM's pool starts) cost nothing measurable there. A user's own setting wins.
 os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 
-from .compiler import CompiledModel, compile, load
+from sparsefx.backends.tvm.compiler import CompiledModel, compile, load
 
 __all__ = ["CompiledModel", "compile", "load"]

@@ -18,12 +18,13 @@ import tvm_ffi
 from torch import nn
 from tvm import relax
 
-from ... import __version__
-from ...errors import SparsefxError, one_line
-from ...target import Target, resolve_target
-from ...trace import as_inputs
-from . import own_kernels, pipeline
-from .importer import to_relax
+from sparsefx import __version__
+from sparsefx.backends.tvm import pipeline
+from sparsefx.backends.tvm.importer import to_relax
+from sparsefx.backends.tvm.kernels import registry as own_kernels
+from sparsefx.capture.trace import as_inputs
+from sparsefx.errors import SparsefxError, one_line
+from sparsefx.target import Target, resolve_target
 
 ARTIFACT_VERSION = 1
 
@@ -80,7 +81,7 @@ def compile(model: nn.Module, example_inputs: object, target: object = "cpu", tu
         ran += rewrites
     tuned, tuning = None, {"trials_per_task": 0, "tasks": 0, "tuned_tasks": 0, "seconds": 0.0}
     if tune:  # after dispatch: only what still runs as TIR is worth tuning
-        from .tuning import tune_module
+        from sparsefx.backends.tvm.tuning import tune_module
 
         tuned, tuning = tune_module(mod, spec, tvm_target, tune, log)
     log(f"building for {spec}")
@@ -168,7 +169,7 @@ class CompiledModel:
     def export_bundle(self, path: str | Path, python: str = "3.12", numpy: bool = True) -> Path:
         """A directory (or .tar.gz) that runs this model on a host with Python `python` and no TVM
         compiler: library, TVM runtime libraries, wheels and run.py (see `bundle`)."""
-        from .bundle import export_bundle
+        from sparsefx.backends.tvm.bundle import export_bundle
 
         return export_bundle(self, path, python, numpy)
 

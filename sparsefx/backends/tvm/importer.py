@@ -12,10 +12,10 @@ from torch import nn
 from tvm import relax
 from tvm.relax.frontend.torch import from_exported_program, from_fx
 
-from ...errors import SparsefxError
-from ...trace import is_aten_graph, trace
-from .sparse_relax import CONVERT_MAP
-from .unbroadcast import unbroadcast_matmul
+from sparsefx.backends.tvm.sparse.relax import CONVERT_MAP
+from sparsefx.backends.tvm.unbroadcast import unbroadcast_matmul
+from sparsefx.capture.trace import is_aten_graph, trace
+from sparsefx.errors import SparsefxError
 
 
 class UnsupportedOpError(SparsefxError):

@@ -10,12 +10,17 @@ from tvm import relax
 from tvm.relax.backend import gpu_generic
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
-from ...target import Target
-from . import own_kernels
-from .dispatch import DispatchTable, collect_workloads, dispatch_pass, epilogue_pass  # noqa: F401
-from .own_kernels import own_kernel_pass
-from .schedule import default_schedule_pass
-from .sparse_relax import sparse_kernel_pass
+from sparsefx.backends.tvm.dispatch.table import (  # noqa: F401
+    DispatchTable,
+    collect_workloads,
+    dispatch_pass,
+    epilogue_pass,
+)
+from sparsefx.backends.tvm.kernels import registry as own_kernels
+from sparsefx.backends.tvm.kernels.registry import own_kernel_pass
+from sparsefx.backends.tvm.schedule import default_schedule_pass
+from sparsefx.backends.tvm.sparse.relax import sparse_kernel_pass
+from sparsefx.target import Target
 
 NamedPass = tuple[str, tvm.transform.Pass]
 

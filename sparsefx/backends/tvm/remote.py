@@ -16,8 +16,8 @@ import numpy as np
 import tvm
 from tvm import relax, rpc
 
-from ...errors import SparsefxError, one_line
-from .compiler import CompiledModel, _quiet_native_stderr
+from sparsefx.backends.tvm.compiler import CompiledModel, _quiet_native_stderr
+from sparsefx.errors import SparsefxError, one_line
 
 
 def parse_tracker(address: str) -> tuple[str, int]:

@@ -15,7 +15,7 @@ import tvm
 from tvm import relax
 from tvm.s_tir import meta_schedule as ms
 
-from ...target import Target, cache_dir
+from sparsefx.target import Target, cache_dir
 
 
 def database_dir(target: Target) -> Path:

@@ -1,0 +1,162 @@
+"""A CPU TIR kernel for 1x1 convolutions (stride 1, no groups), bias, residual add and activation fused.
+
+A 1x1 conv in NCHW is a matrix product per image, out[co, p] = sum_ci w[co, ci] x[ci, p] over
+the flat pixel index p. PyTorch runs it on oneDNN, which reorders activations into 8/16-channel
+blocks on the way in and out and pads channel counts that are not multiples of them: on the
+small channel counts pruning leaves it falls far below its speed on the dense model (MobileNetV2
+pruned 12 -> 72 channels at 56x56: 0.11 ms on oneDNN, 0.036 ms here, one thread). This kernel
+keeps an 8-channel x 32-pixel block of outputs in registers (16 AVX-512 accumulators) while it
+runs over the input channels: each step loads two vectors of one input row and broadcasts eight
+weights. The last block of channels and of pixels is shifted back to end at the edge rather
+than made ragged (its overlap is computed twice, with the same result), so every block is whole.
+The dispatch times it beside PyTorch per workload (`supported` says where it applies).
+
+A `scaled` kernel also takes a per-image, per-input-channel scale (squeeze-and-excitation's
+`x * s`, which `own_kernels.own_kernel_pass` folds in): conv(x * s, w) = conv(x, w * s), so each
+block scales its rows of the weight once (rows x cin products against the block's rows x cin x
+pixels multiply-adds) instead of a separate kernel reading and writing all of x (EfficientNet-B0
+has one such multiply before each block's last 1x1 conv).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+from tvm.script import tirx as T
+
+from sparsefx.backends.tvm.kernels.depthwise import activate
+from sparsefx.backends.tvm.sparse.kernels import LANES, OPAQUE, STACK
+
+ROWS, PIXELS = 8, 32  # output channels x pixels held in registers; (8, 32) beat (4|6|12|16, 16-64) on MobileNetV2
+INPUT_IN_CACHE = 1 << 20  # bytes of input read once per channel block at most (half this Xeon's L2)
+FUSES_RESIDUAL = True
+
+
+@dataclass(frozen=True)
+class PointwiseSpec:
+    batch: int
+    cin: int
+    cout: int
+    height: int
+    width: int
+    activation: str = "none"
+    residual: bool = False
+    scaled: bool = False
+
+    @property
+    def out_shape(self) -> tuple[int, int, int, int]:
+        return (self.batch, self.cout, self.height, self.width)
+
+    @property
+    def arg_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Shapes of the kernel's arguments: input, weight, bias, [scale,] [residual,] output."""
+        scale = ((self.batch, self.cin, 1, 1),) if self.scaled else ()
+        residual = (self.out_shape,) if self.residual else ()
+        return ((self.batch, self.cin, self.height, self.width), (self.cout, self.cin, 1, 1), (self.cout,),
+                *scale, *residual, self.out_shape)
+
+    @property
+    def name(self) -> str:
+        return f"pointwise_{self.cin}to{self.cout}_{self.height}x{self.width}_b{self.batch}_{self.activation}" + \
+            ("_scaled" if self.scaled else "") + ("_res" if self.residual else "")
+
+
+def supported(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...]) -> bool:
+    """Whether a conv2d workload (dispatch's attrs and shapes) is one this kernel runs: 1x1, stride 1,
+    no padding or groups, and at least one whole block of pixels (smaller maps stay on PyTorch)."""
+    (_, _, h, w), (_, _, kh, kw) = shapes[:2]
+    return attrs == (1, 1, 0, 0, 1, 1, 1) and kh == kw == 1 and h * w >= PIXELS
+
+
+def spec_of(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...], activation: str = "none",
+            residual: bool = False, scaled: bool = False) -> PointwiseSpec:
+    (n, ci, h, w), (co, *_) = shapes[:2]
+    return PointwiseSpec(n, ci, co, h, w, activation, residual, scaled)
+
+
+def kernel(s: PointwiseSpec) -> tvm.tirx.PrimFunc:
+    """The scheduled PrimFunc: out = act(conv1x1(x [* scale], w) + bias [+ residual])."""
+    rows, pixels, plane = min(ROWS, s.cout), PIXELS, s.height * s.width
+    blocks = -(-s.cout // rows)
+    pixel_blocks = -(-plane // pixels)
+    # channel blocks outermost where the input fits in cache (each block re-reads all of it); where it
+    # does not (ResNet-50's 256 -> 64 at 56x56: 2.4x slower so), pixel blocks, re-reading the weight
+    by_channel = int(s.cin * plane * 4 <= INPUT_IN_CACHE)
+    outer, inner = (blocks, pixel_blocks) if by_channel else (pixel_blocks, blocks)
+    flat = (s.batch, s.cout, plane)
+    k_lanes = min(LANES, s.cin)
+
+    @T.macro
+    def accumulate(acc, x, w, row0, n, p0):  # noqa: ANN001, ANN202
+        for k in range(s.cin):
+            for r in T.unroll(rows):
+                for lane in T.vectorized(pixels):
+                    acc[r, lane] = acc[r, lane] + w[row0 + r, k] * x[n, k, p0 + lane]
+
+    @T.macro
+    def body(x_in, w_in, bias, scale_in, res_in, out_in):  # noqa: ANN001, ANN202
+        x = T.decl_buffer((s.batch, s.cin, plane), "float32", data=x_in.data)
+        w = T.decl_buffer((s.cout, s.cin), "float32", data=w_in.data)
+        scale = T.decl_buffer((s.batch, s.cin), "float32", data=scale_in.data)
+        res = T.decl_buffer(flat, "float32", data=res_in.data)
+        out = T.decl_buffer(flat, "float32", data=out_in.data)
+        for t in T.parallel(s.batch * outer):
+            n: T.let = t // outer
+            scaled = T.alloc_buffer((rows, s.cin), "float32", scope=STACK)  # the block's weight rows times the scale
+            for i in range(inner):
+                c0: T.let = T.min((t % outer * by_channel + i * (1 - by_channel)) * rows, s.cout - rows)
+                p0: T.let = T.min((i * by_channel + t % outer * (1 - by_channel)) * pixels, plane - pixels)
+                acc = T.alloc_buffer((rows, pixels), "float32", scope=STACK)
+                for r in T.unroll(rows):
+                    for lane in T.vectorized(pixels):
+                        acc[r, lane] = bias[c0 + r]
+                if T.bool(s.scaled):
+                    for r in T.unroll(rows):
+                        for k0 in range(-(-s.cin // k_lanes)):
+                            for kl in T.vectorized(k_lanes):
+                                k: T.let = T.min(k0 * k_lanes, s.cin - k_lanes) + kl
+                                scaled[r, k] = w[c0 + r, k] * scale[n, k]
+                    accumulate(acc, x, scaled, 0, n, p0)
+                else:
+                    accumulate(acc, x, w, c0, n, p0)
+                for r in T.unroll(rows):
+                    for lane in T.vectorized(pixels):
+                        if T.bool(s.residual):
+                            acc[r, lane] = acc[r, lane] + res[n, c0 + r, p0 + lane]
+                        out[n, c0 + r, p0 + lane] = activate(acc[r, lane], s.activation)
+
+    return conv_prim_func(body, s)
+
+
+def conv_prim_func(body: object, s: PointwiseSpec) -> tvm.tirx.PrimFunc:
+    """The scheduled PrimFunc of a conv kernel whose `body` macro takes (x, w, bias, scale, res, out)
+    with `s.arg_shapes`; `scale` and `res` are not read where the spec has none (their branches are
+    compiled out) and get `out`. Only the variant `s` needs is parsed: TVMScript parsing is most of
+    the time it takes to make a kernel (the cost model makes one per shape it prices)."""
+    x_shape, w_shape, b_shape = s.arg_shapes[:3]
+    scaled = getattr(s, "scaled", False)
+    if scaled and s.residual:
+        @T.prim_func(private=True)
+        def f(x: T.Buffer(x_shape, "float32"), w: T.Buffer(w_shape, "float32"),
+              bias: T.Buffer(b_shape, "float32"), scale: T.Buffer(s.arg_shapes[3], "float32"),
+              res: T.Buffer(s.out_shape, "float32"), out: T.Buffer(s.out_shape, "float32")):
+            body(x, w, bias, scale, res, out)
+    elif scaled:
+        @T.prim_func(private=True)
+        def f(x: T.Buffer(x_shape, "float32"), w: T.Buffer(w_shape, "float32"),
+              bias: T.Buffer(b_shape, "float32"), scale: T.Buffer(s.arg_shapes[3], "float32"),
+              out: T.Buffer(s.out_shape, "float32")):
+            body(x, w, bias, scale, out, out)
+    elif s.residual:
+        @T.prim_func(private=True)
+        def f(x: T.Buffer(x_shape, "float32"), w: T.Buffer(w_shape, "float32"),
+              bias: T.Buffer(b_shape, "float32"), res: T.Buffer(s.out_shape, "float32"),
+              out: T.Buffer(s.out_shape, "float32")):
+            body(x, w, bias, out, res, out)
+    else:
+        @T.prim_func(private=True)
+        def f(x: T.Buffer(x_shape, "float32"), w: T.Buffer(w_shape, "float32"),
+              bias: T.Buffer(b_shape, "float32"), out: T.Buffer(s.out_shape, "float32")):
+            body(x, w, bias, out, out, out)
+    return f.with_attr({"op_pattern": OPAQUE, "tirx.is_scheduled": True, "tirx.noalias": True})

@@ -1,0 +1,112 @@
+"""sparsefx's own TIR kernels for convolutions, and the Relax pass that swaps them in.
+
+Each kernel module (`depthwise`, `pointwise` for 1x1, `direct` for dense k x k) says which conv
+workloads it runs (`supported`), builds a spec for one (`spec_of`) and its PrimFunc (`kernel`),
+and whether it fuses a residual add (`FUSES_RESIDUAL`); the dispatch times it beside PyTorch and
+records `impl: <name>` where it wins, and the cost model prices the same choice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import ModuleType
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from sparsefx.backends.tvm.kernels import depthwise, direct, pointwise
+
+# first match wins (`kind_of`); their `supported` sets do not overlap
+KERNELS: dict[str, ModuleType] = {"depthwise": depthwise, "pointwise": pointwise, "direct": direct}
+
+
+def kind_of(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...]) -> str | None:
+    """The name of the own kernel that runs this conv workload, if any."""
+    return next((name for name, module in KERNELS.items() if module.supported(attrs, shapes)), None)
+
+
+def build(kind: str, specs: list, target: tvm.target.Target) -> tvm.runtime.Module:
+    """One library holding the `kind` kernels of `specs` (one LLVM build), each under its spec's `name`."""
+    funcs = {s.name: KERNELS[kind].kernel(s).with_attr("global_symbol", s.name) for s in dict.fromkeys(specs)}
+    return tvm.compile(tvm.IRModule(funcs), target)
+
+
+def own_kernel_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
+    """Relax pass: a conv decided for an own kernel, with its per-channel bias, the residual add
+    where the kernel fuses one, and the activation (ReLU, ReLU6, SiLU) where they follow, becomes
+    one `call_tir` of that kernel (runs before the torch epilogue and dispatch passes, which leave
+    `call_tir` alone). A 1x1 conv on `pointwise` whose input is scaled per image and channel
+    (squeeze-and-excitation's `x * s`, s of shape (n, c, 1, 1)) takes the scale in too."""
+    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+    from sparsefx.backends.tvm.dispatch.table import (
+        _activation,
+        _per_channel,
+        _shape,
+        epilogue_patterns,
+        workload_of,
+    )
+
+    unscaled, scale = wildcard(), wildcard()
+    # the scaled patterns first: their conv input would match the plain patterns' wildcard too
+    families = [(epilogue_patterns(is_op("relax.multiply")(*operands)), True)
+                for operands in ((unscaled, scale), (scale, unscaled))] + [(epilogue_patterns(), False)]
+
+    def spec_for(expr: relax.Expr, matches: dict, ep: object, scaled: bool) -> tuple[str, object] | None:
+        wl = workload_of(matches[ep.conv])
+        kind = decisions.get(wl.key, {}).get("impl") if wl is not None else None
+        if kind not in KERNELS:
+            return None
+        act = _activation(expr) if ep.b in matches else "none"
+        if act is None or (ep.b in matches and not _per_channel(matches[ep.b], wl.shapes[1][0])):
+            return None
+        if scaled and (kind != "pointwise" or _shape(matches[scale]) != [*wl.shapes[0][:2], 1, 1]
+                       or _shape(matches[unscaled]) != list(wl.shapes[0])):
+            return None
+        options = {"scaled": True} if scaled else {}  # only `pointwise` specs know the option
+        if ep.residual in matches:
+            if not KERNELS[kind].FUSES_RESIDUAL or _shape(matches[ep.residual]) != list(wl.shapes[2]):
+                return None
+            options["residual"] = True
+        return kind, KERNELS[kind].spec_of(wl.attrs, wl.shapes, act, **options)
+
+    def rewrite_all(mod: tvm.IRModule, rewriter: Callable) -> tvm.IRModule:
+        for gvar, func in list(mod.functions.items()):
+            if isinstance(func, relax.Function):
+                for ep, scaled in families:
+                    for pattern in (*ep.patterns, ep.conv):
+                        func = rewrite_call(pattern, lambda e, m, ep=ep, scaled=scaled: rewriter(e, m, ep, scaled), func)
+                mod[gvar] = func
+        return mod
+
+    @tvm.transform.module_pass(opt_level=0, name="FuseOwnKernels")
+    def _pass(mod: tvm.IRModule, _ctx: object) -> tvm.IRModule:
+        # a call_tir needs its callee typed, i.e. already in the module: find the kernels first
+        specs: dict[str, tuple[str, object]] = {}
+
+        def find(expr: relax.Expr, matches: dict, ep: object, scaled: bool) -> relax.Expr:
+            if (found := spec_for(expr, matches, ep, scaled)) is not None:
+                specs[found[1].name] = found
+            return expr
+
+        rewrite_all(mod, find)
+        if not specs:
+            return mod
+        bb = relax.BlockBuilder(mod)
+        gvars = {name: bb.add_func(KERNELS[kind].kernel(spec), name) for name, (kind, spec) in specs.items()}
+
+        def swap(expr: relax.Expr, matches: dict, ep: object, scaled: bool) -> relax.Expr:
+            if (found := spec_for(expr, matches, ep, scaled)) is None:
+                return expr
+            spec = found[1]
+            channels = spec.arg_shapes[2][0]
+            bias = matches[ep.b].value.numpy().reshape(-1) if ep.b in matches else np.zeros(channels, "float32")
+            args = [matches[unscaled] if scaled else matches[ep.x], matches[ep.w], relax.const(bias)]
+            args += [matches[scale]] if scaled else []
+            args += [matches[ep.residual]] if ep.residual in matches else []
+            return relax.call_tir(gvars[spec.name], args, relax.TensorType(spec.out_shape, "float32"))
+
+        return rewrite_all(bb.get(), swap)
+
+    return _pass

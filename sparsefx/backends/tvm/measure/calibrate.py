@@ -1,0 +1,84 @@
+"""Calibrate the cost model's TIR kernel classes on the target: build element-wise,
+reduction and pooling ops at a few sizes with the pipeline compiled models get, time them,
+and fit `overhead + bytes / bandwidth` per class. A reduction (softmax) is timed also as the
+dispatch may run it, on PyTorch (`math_ops`), and the faster counts. Also measures what a dispatched PyTorch
+kernel costs beyond the kernel itself (the call out of the VM, DLPack both ways), and the
+bandwidth of writing memory no recent kernel wrote (`CostModel.output_ms`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import tvm
+from tvm import relax
+
+from sparsefx.backends.tvm.compiler import build_module
+from sparsefx.backends.tvm.dispatch.math_ops import BY_NAME
+from sparsefx.backends.tvm.dispatch.torch_kernels import MATMUL
+from sparsefx.cost.model import _time_ms, cold_write_gbs, fit_line
+from sparsefx.target import Target
+
+SIZES = (1 << 14, 1 << 17, 1 << 20, 1 << 22)  # float32 elements
+
+
+def _cases() -> list[tuple[str, str, list[tuple[int, ...]], float]]:
+    """(class, function name, input shapes, bytes moved) for every calibration run."""
+    cases = []
+    for i, size in enumerate(SIZES):
+        cases.append(("elementwise", f"ew{i}", [(size,), (size,)], 3 * 4 * size))
+        cases.append(("reduce", f"sm{i}", [(size // 128, 128)], 2 * 4 * size))
+        side = int((size // 64) ** 0.5)
+        out = (side - 1) // 2 + 1
+        cases.append(("pool", f"mp{i}", [(1, 64, side, side)], 4 * 64 * (side * side + out * out)))
+    return cases
+
+
+def _emit(bb: relax.BlockBuilder, op: str, name: str, shapes: list[tuple[int, ...]]) -> None:
+    params = [relax.Var(f"x{j}", relax.TensorType(s, "float32")) for j, s in enumerate(shapes)]
+    with bb.function(name, params):
+        with bb.dataflow():
+            if op == "elementwise":
+                out = bb.emit(relax.op.nn.relu(relax.op.add(params[0], params[1])))
+            elif op == "reduce":
+                out = bb.emit(relax.op.nn.softmax(params[0], axis=-1))
+            elif op == "reduce_torch":
+                out = bb.emit(relax.call_pure_packed(BY_NAME["softmax"].packed, params[0], ty_args=params[0].ty))
+            else:
+                out = bb.emit(relax.op.nn.max_pool2d(params[0], (3, 3), (2, 2), (1, 1, 1, 1)))
+            result = bb.emit_output(out)
+        bb.emit_func_output(result)
+
+
+def _emit_dispatch(bb: relax.BlockBuilder) -> None:
+    a, b = (relax.Var(n, relax.TensorType((1, 1), "float32")) for n in "ab")
+    with bb.function("dispatch", [a, b]):
+        bb.emit_func_output(relax.call_pure_packed(MATMUL, a, b, ty_args=relax.TensorType((1, 1), "float32")))
+
+
+def calibrate(target: Target) -> dict[str, list[float]]:
+    """{class: [overhead ms, GB/s]} measured on the host `target`."""
+    cases = _cases()
+    bb = relax.BlockBuilder()
+    for op, name, shapes, _ in cases:
+        _emit(bb, op, name, shapes)
+        if op == "reduce":
+            _emit(bb, "reduce_torch", f"{name}_torch", shapes)
+    _emit_dispatch(bb)
+    tvm_target = target.to_tvm()
+    vm = relax.VirtualMachine(build_module(bb.get(), tvm_target, target), tvm.cpu())
+    points: dict[str, tuple[list[float], list[float]]] = {}
+    for op, name, shapes, moved in cases:
+        args = [tvm.runtime.tensor(np.random.randn(*s).astype("float32")) for s in shapes]
+        ms = _time_ms([lambda name=name, args=args: vm[name](*args)])  # inputs just written, as in a model
+        if op == "reduce":
+            ms = min(ms, _time_ms([lambda name=name, args=args: vm[f"{name}_torch"](*args)]))
+        xs, ys = points.setdefault(op, ([], []))
+        xs.append(moved)
+        ys.append(ms)
+    fitted = {op: list(fit_line(xs, ys)) for op, (xs, ys) in points.items()}
+    a, b = torch.ones(1, 1), torch.ones(1, 1)
+    args = [tvm.runtime.tensor(t.numpy()) for t in (a, b)]
+    extra = _time_ms([lambda: vm["dispatch"](*args)]) - _time_ms([lambda: torch.matmul(a, b)])
+    fitted["dispatch"] = [max(extra, 0.0)]  # ms a dispatched call costs beyond its kernel
+    fitted["cold_write"] = [cold_write_gbs()]
+    return fitted

@@ -1,0 +1,305 @@
+"""Analysis pass: channel-coupling groups.
+
+Walks the annotated graph once, giving every tensor a channel layout (`Factor`s of
+channel ids, see `channels.py`) through per-op rules (`coupling_rules.py`). Ops that
+tie channels together (residual adds, concat, norms, depthwise convolutions, attention
+heads, flatten -> linear...) unify ids; ops whose effect on channels is unknown, model
+inputs and model outputs *freeze* them. The graph is never changed.
+
+Facts written (node.meta):
+- ``sfx_chan``: the output's channel layout, a list of `Factor` (tuple of lists for
+  tuple outputs, None for non-tensors).
+
+Result: `Coupling` — one `Slot` per prunable parameter dimension and the
+`ChannelGroup`s, each a set of slots whose channels are removed together, class by class.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.fx
+
+from sparsefx.channels.ids import ChannelIds, Factor
+
+PRODUCER_ROLES = frozenset({"out"})
+
+
+@dataclass
+class Slot:
+    """One dimension of one parameter whose indices are channel ids."""
+
+    param: str
+    dim: int
+    ids: np.ndarray
+    roles: set[str]
+    layer: str
+
+    def __str__(self) -> str:
+        return f"{self.layer}:{'/'.join(sorted(self.roles))}[{self.param.rsplit('.', 1)[-1]}.{self.dim}]"
+
+
+@dataclass
+class TensorInfo:
+    node: torch.fx.Node
+    shape: tuple[int, ...]
+    cmap: list[Factor]
+
+
+@dataclass
+class ChannelGroup:
+    """Slots whose channels must be removed together; `classes` are the removable units."""
+
+    id: int
+    slots: list[int]
+    classes: list[int]  # union-find roots, one per removable unit, in channel order
+    frozen: dict[int, str]  # root -> why it cannot be removed
+    members: dict[int, dict[int, np.ndarray]]  # root -> slot index -> positions along the slot dim
+    slot_objs: list[Slot] = field(repr=False, default_factory=list)
+
+    @property
+    def free(self) -> list[int]:
+        return [c for c in self.classes if c not in self.frozen]
+
+    @property
+    def prunable(self) -> bool:
+        return len(self.free) >= 2 and any(self.slot_objs[s].roles & PRODUCER_ROLES for s in self.slots)
+
+    @property
+    def size(self) -> int:
+        """Channels in the group, counted on its widest producer slot."""
+        widths = [self.slot_objs[s].ids.size for s in self.slots if self.slot_objs[s].roles & PRODUCER_ROLES]
+        return max(widths) if widths else self.slot_objs[self.slots[0]].ids.size
+
+    @property
+    def layers(self) -> list[str]:
+        return sorted({self.slot_objs[s].layer for s in self.slots})
+
+    def producers(self) -> list[Slot]:
+        return [self.slot_objs[s] for s in self.slots if self.slot_objs[s].roles & PRODUCER_ROLES]
+
+    def as_dict(self) -> dict:
+        """Plain data (JSON-ready): what the group holds and why it can or cannot shrink."""
+        return {
+            "id": self.id, "channels": self.size, "units": len(self.classes), "free_units": len(self.free),
+            "prunable": self.prunable, "reason": self.reason(),
+            "slots": [{"param": self.slot_objs[s].param, "dim": self.slot_objs[s].dim, "layer": self.slot_objs[s].layer,
+                       "roles": sorted(self.slot_objs[s].roles)} for s in self.slots],
+        }
+
+    def reason(self) -> str:
+        if self.prunable:
+            return "prunable"
+        if not any(self.slot_objs[s].roles & PRODUCER_ROLES for s in self.slots):
+            return "no producing layer"
+        reasons = sorted(set(self.frozen.values()))
+        return "frozen: " + ("; ".join(reasons) if reasons else "a single removable unit")
+
+    def __str__(self) -> str:
+        roles: dict[str, set[str]] = {}
+        for s in self.slots:
+            roles.setdefault(self.slot_objs[s].layer, set()).update(self.slot_objs[s].roles)
+        layers = [f"{layer}({'/'.join(sorted(r))})" for layer, r in roles.items()]
+        more = f" … +{len(layers) - 6} layers" if len(layers) > 6 else ""
+        return (f"group {self.id}: {self.size} channels in {len(self.classes)} units, {self.reason()}: "
+                f"{' '.join(layers[:6])}{more}")
+
+
+@dataclass
+class Coupling:
+    slots: list[Slot]
+    groups: list[ChannelGroup]
+    roots: np.ndarray  # channel id -> class root
+    patches: list[tuple[torch.fx.Node, str, dict]]  # shape constants to rewrite after removal
+
+
+class Ctx:
+    """What a coupling rule sees: the graph, the union-find and the slot table."""
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        self.gm = gm
+        self.uf = ChannelIds()
+        self.slots: dict[tuple[str, int], Slot] = {}
+        self.env: dict[torch.fx.Node, object] = {}
+        self.patches: list[tuple[torch.fx.Node, str, dict]] = []
+        # Non-tensor nodes computed from tensor sizes: node -> {(tensor node, axis or None)}.
+        self.size_origins: dict[torch.fx.Node, set[tuple[torch.fx.Node, int | None]]] = {}
+        self.modules = dict(gm.named_modules())
+        self._canonical: dict[int, str] = {}
+        for name, tensor in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+            self._canonical.setdefault(id(tensor), name)
+
+    # --- parameters -------------------------------------------------------------------
+    def tensor(self, name: str) -> torch.Tensor:
+        return operator.attrgetter(name)(self.gm)
+
+    def param_ids(self, name: str, dim: int, role: str, layer: str | None = None) -> np.ndarray:
+        """The channel ids of dimension `dim` of parameter `name` (tied weights share them)."""
+        tensor = self.tensor(name)
+        name = self._canonical.get(id(tensor), name)
+        key = (name, dim)
+        slot = self.slots.get(key)
+        if slot is None:
+            slot = Slot(name, dim, self.uf.new(tensor.shape[dim]), set(), layer or name.rsplit(".", 1)[0])
+            self.slots[key] = slot
+        slot.roles.add(role)
+        return slot.ids
+
+    def param_name(self, arg: object) -> str | None:
+        return arg.target if isinstance(arg, torch.fx.Node) and arg.op == "get_attr" else None
+
+    # --- values -------------------------------------------------------------------------
+    def info(self, arg: object) -> TensorInfo | None:
+        if not isinstance(arg, torch.fx.Node):
+            return None
+        shape = arg.meta.get("sfx_shape")
+        if not isinstance(shape, tuple):
+            return None
+        if arg not in self.env and arg.op == "get_attr":
+            self.env[arg] = self._param_factors(arg.target, shape)
+        cmap = self.env.get(arg)
+        return TensorInfo(arg, shape, cmap if isinstance(cmap, list) else [])
+
+    def _param_factors(self, name: str, shape: tuple[int, ...]) -> list[Factor]:
+        return [Factor((a,), self.param_ids(name, a, "param")) for a, size in enumerate(shape) if size > 1]
+
+    def value(self, arg: object) -> object:
+        """Concrete value of a non-tensor argument (sizes the graph computes included)."""
+        if isinstance(arg, torch.fx.Node):
+            return arg.meta.get("sfx_value")
+        if isinstance(arg, (list, tuple)):
+            return type(arg)(self.value(a) for a in arg)
+        return arg
+
+    def tensor_args(self, node: torch.fx.Node) -> list[TensorInfo]:
+        found = []
+        for arg in [*node.args, *node.kwargs.values()]:
+            for item in arg if isinstance(arg, (list, tuple)) else [arg]:
+                info = self.info(item)
+                if info is not None:
+                    found.append(info)
+        return found
+
+    def freeze(self, cmap: list[Factor] | TensorInfo | None, reason: str) -> None:
+        if isinstance(cmap, TensorInfo):
+            cmap = cmap.cmap
+        for factor in cmap or []:
+            self.uf.freeze(factor.ids, reason)
+
+    def patch(self, node: torch.fx.Node, kind: str, **payload: object) -> None:
+        self.patches.append((node, kind, payload))
+
+
+def describe_node(node: torch.fx.Node) -> str:
+    if node.op == "call_module":
+        return str(node.target)
+    return f"{node.name} ({getattr(node.target, '__name__', node.target)})"
+
+
+def analyze_coupling(gm: torch.fx.GraphModule) -> Coupling:
+    """Run the rules over `gm` (annotated by ShapeProp) and build the channel groups."""
+    from sparsefx.channels.rules import default_rule, lookup_rule
+
+    ctx = Ctx(gm)
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            ctx.env[node] = _empty_like(node.meta.get("sfx_shape"))
+        elif node.op == "get_attr":
+            continue  # materialised lazily by Ctx.info: only tensors that are used get slots
+        elif node.op == "output":
+            for item in node.all_input_nodes:
+                _freeze_output(ctx, item)
+        elif node.meta.get("sfx_shape") is None:
+            ctx.env[node] = None  # sizes, flags, None results: no channels
+            _record_size_origin(ctx, node)
+        else:
+            rule = lookup_rule(ctx, node) or default_rule
+            ctx.env[node] = _checked(ctx, node, rule(ctx, node))
+        node.meta["sfx_chan"] = ctx.env.get(node)
+    return _build_groups(ctx)
+
+
+def _record_size_origin(ctx: Ctx, node: torch.fx.Node) -> None:
+    """Remember which tensor axes a size value was read from (x.size(1), x.shape, sym_size)."""
+    args = node.args
+    tensor = args[0] if args and isinstance(args[0], torch.fx.Node) and isinstance(
+        args[0].meta.get("sfx_shape"), tuple) else None
+    if tensor is not None and (node.target in ("size", getattr) or str(node.target).startswith("aten.sym_size")):
+        if node.target is getattr and args[1] != "shape":
+            return
+        dim = args[1] if len(args) > 1 and isinstance(args[1], int) else None
+        ndim = len(tensor.meta["sfx_shape"])
+        ctx.size_origins[node] = {(tensor, None if dim is None else dim % ndim)}
+        return
+    origins = set().union(*(ctx.size_origins.get(a, set()) for a in node.all_input_nodes))
+    if node.target is operator.getitem and isinstance(args[1], int) and len(origins) == 1:
+        (tensor, dim), = origins
+        if dim is None:
+            origins = {(tensor, args[1] % len(tensor.meta["sfx_shape"]))}
+    if origins:
+        ctx.size_origins[node] = origins
+
+
+def _checked(ctx: Ctx, node: torch.fx.Node, cmap: object) -> object:
+    """A layout must fit the tensor it describes; a rule that got it wrong freezes, not breaks."""
+    shape = node.meta["sfx_shape"]
+    if isinstance(cmap, tuple):
+        return tuple(_fit(ctx, node, c, s) for c, s in zip(cmap, shape, strict=True))
+    return _fit(ctx, node, cmap, shape)
+
+
+def _fit(ctx: Ctx, node: torch.fx.Node, cmap: list | None, shape: tuple | None) -> list | None:
+    if cmap is None or shape is None:
+        return [] if shape is not None else None
+    good = []
+    for factor in cmap:
+        if all(a < len(shape) for a in factor.axes) and factor.ids.shape == tuple(shape[a] for a in factor.axes):
+            good.append(factor)
+        else:
+            ctx.uf.freeze(factor.ids, f"layout mismatch at {describe_node(node)}")
+    return good
+
+
+def _empty_like(shape: object) -> object:
+    if isinstance(shape, list):
+        return tuple([] if s is not None else None for s in shape)
+    return [] if shape is not None else None
+
+
+def _freeze_output(ctx: Ctx, node: torch.fx.Node) -> None:
+    cmap = ctx.env.get(node)
+    for item in cmap if isinstance(cmap, tuple) else [cmap]:
+        ctx.freeze(item if isinstance(item, list) else None, "reaches a model output")
+
+
+def _build_groups(ctx: Ctx) -> Coupling:
+    roots = ctx.uf.roots()
+    slots = list(ctx.slots.values())
+    members: dict[int, dict[int, np.ndarray]] = defaultdict(dict)
+    if slots:
+        root = np.concatenate([roots[slot.ids] for slot in slots])
+        owner = np.concatenate([np.full(slot.ids.size, i) for i, slot in enumerate(slots)])
+        position = np.concatenate([np.arange(slot.ids.size) for slot in slots])
+        order = np.lexsort((position, owner, root))
+        root, owner, position = root[order], owner[order], position[order]
+        starts = np.flatnonzero(np.r_[True, (root[1:] != root[:-1]) | (owner[1:] != owner[:-1])])
+        ends = np.r_[starts[1:], root.size]
+        for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
+            members[int(root[start])][int(owner[start])] = position[start:end]
+    by_key: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for root, where in members.items():
+        by_key[tuple(sorted(where))].append(root)
+    groups = []
+    for key, classes in by_key.items():
+        classes.sort(key=lambda r: int(members[r][key[0]][0]))  # channel order of the first slot
+        frozen = {r: ctx.uf.frozen[r] for r in classes if r in ctx.uf.frozen}
+        groups.append(ChannelGroup(len(groups), list(key), classes, frozen,
+                                   {r: members[r] for r in classes}, slots))
+    groups.sort(key=lambda g: (not g.prunable, min(g.slots)))
+    for index, group in enumerate(groups):
+        group.id = index
+    return Coupling(slots, groups, roots, ctx.patches)

@@ -1,0 +1,432 @@
+"""Command line: `sparsefx inspect|prune|compile|bench|plan|apply|optimize|finetune|evaluate|demo`. Run `sparsefx -h` for usage."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import sparsefx
+from sparsefx.backends.eager import measure_latencies
+from sparsefx.capture.models import SPEC_HELP, load_model
+from sparsefx.errors import SparsefxError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    try:
+        return args.handler(args)
+    except SparsefxError as error:
+        message = " ".join(str(error).split())  # user errors are promised to be one line
+        print(f"sparsefx: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sparsefx: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `sparsefx inspect ... | head` closed stdout early; that is not an error
+        sys.stdout = open(os.devnull, "w")  # else shutdown flushes and raises again
+        return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsefx", description="Structured channel pruning for PyTorch.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    inspect = commands.add_parser("inspect", help="show channel groups and per-layer MACs/params")
+    _add_model_args(inspect)
+    inspect.set_defaults(handler=_inspect)
+
+    prune = commands.add_parser("prune", help="prune a model and save it with torch.save")
+    _add_model_args(prune)
+    prune.add_argument("--ratio", type=_ratio, default=0.5,
+                       help="fraction of channels to remove: 0.5, or per module prefix: layer1=0.3,layer2=0.5")
+    prune.add_argument("--importance", default="l1", help="channel importance criterion (default: l1)")
+    prune.add_argument("--round-to", type=int, default=1, help="keep channel counts a multiple of N")
+    prune.add_argument("--global", dest="global_ranking", action="store_true",
+                       help="rank channels across all groups instead of within each group")
+    prune.add_argument("--ignore", nargs="+", action="extend", default=[], metavar="NAME",
+                       help="module names whose channels must not be pruned")
+    prune.add_argument("--out", type=Path, required=True, help="where to save the pruned model (.pt)")
+    prune.add_argument("--repeat", type=int, default=20, help="forward passes per latency measurement")
+    _add_threads_arg(prune)
+    prune.set_defaults(handler=_prune)
+
+    compile_ = commands.add_parser("compile", help="compile a model with TVM (optionally pruned first) and export it")
+    _add_model_args(compile_)
+    _add_compile_args(compile_)
+    compile_.add_argument("--out", type=Path, required=True, help="artifact to write (.sfx)")
+    compile_.add_argument("--bundle", type=Path, metavar="PATH",
+                          help="also write a runtime-only bundle (directory, or .tar.gz) for a host with no TVM "
+                          "compiler and Python 3.12; CPU targets need --no-dispatch")
+    compile_.set_defaults(handler=_compile)
+
+    bench = commands.add_parser("bench", help="eager vs TVM latency, dense and pruned, measured side by side")
+    _add_model_args(bench)
+    _add_compile_args(bench)
+    bench.add_argument("--repeat", type=int, default=20, help="timed forward passes per model")
+    bench.add_argument("--profile", action="store_true",
+                       help="also time every call of the TVM builds: ms per kind of kernel, and the slowest calls")
+    bench.add_argument("--rpc", metavar="HOST:PORT", help="measure the TVM builds on a device behind this RPC tracker")
+    bench.add_argument("--rpc-key", default="sparsefx", help="the device's key at the tracker (default: sparsefx)")
+    _add_threads_arg(bench)
+    bench.set_defaults(handler=_bench)
+
+    finetune = commands.add_parser("finetune", help="fine-tune a saved model on Fashion-MNIST (optionally distilled)")
+    finetune.add_argument("model", type=Path, help="model saved with torch.save (e.g. by `sparsefx prune`)")
+    finetune.add_argument("--epochs", type=int, default=3)
+    finetune.add_argument("--lr", type=float, default=1e-3)
+    finetune.add_argument("--distill-from", type=Path, default=None, metavar="DENSE.pt",
+                          help="teacher model for knowledge distillation (usually the dense model)")
+    finetune.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
+    finetune.add_argument("--out", type=Path, required=True, help="where to save the fine-tuned model")
+    _add_threads_arg(finetune)
+    finetune.set_defaults(handler=_finetune)
+
+    evaluate = commands.add_parser("evaluate", help="accuracy overall, per class and on corrupted data")
+    evaluate.add_argument("model", type=Path, help="model saved with torch.save")
+    evaluate.add_argument("--reference", type=Path, default=None, metavar="DENSE.pt",
+                          help="model to compare per-class accuracy with (largest drops first)")
+    evaluate.add_argument("--corruptions", default="noise,blur,contrast",
+                          help="corrupted copies of the test set to score (empty: none)")
+    _add_threads_arg(evaluate)
+    evaluate.set_defaults(handler=_evaluate)
+
+    from sparsefx.cli.plan import add_commands
+
+    add_commands(commands, _add_model_args, _add_threads_arg)
+
+    demo = commands.add_parser("demo", help="prune the built-in model at 0.5 and report the change")
+    demo.add_argument("--ratio", type=_ratio, default=0.5, help="fraction of channels to remove")
+    demo.add_argument("--repeat", type=int, default=50, help="forward passes per latency measurement")
+    demo.add_argument("--no-compile", dest="compile", action="store_false", help="skip the TVM compile step")
+    _add_threads_arg(demo)
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help=SPEC_HELP.removeprefix("use "))
+    parser.add_argument("--batch-size", type=int, default=1, help="batch size of the example input")
+    parser.add_argument("--input-shape", type=_shape, default=None, metavar="N,C,H,W",
+                        help="example input shape, e.g. 1,3,224,224 (needed for factories that return no inputs)")
+    parser.add_argument("--method", choices=("auto", "fx", "export"), default="auto",
+                        help="graph capture: torch.fx, torch.export, or fx with export as fallback")
+
+
+def _add_compile_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default="cpu", help="cpu (host CPU via LLVM) or cuda[:sm_XX] (default: cpu)")
+    parser.add_argument("--tune", type=int, default=0, metavar="TRIALS",
+                        help="MetaSchedule trials per new TIR workload (0: default schedules; records persist)")
+    parser.add_argument("--no-dispatch", dest="dispatch", action="store_false",
+                        help="never run convs, matmuls or math ops on PyTorch kernels, even where they measure faster")
+    parser.add_argument("--prune", type=_ratio, default=None, metavar="RATIO", help="prune channels first")
+
+
+def _add_threads_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads for latency (default: torch's choice; use 1 on a busy machine, "
+                        "where spinning worker threads can make timings 10-100x slower)")
+
+
+def _ratio(text: str) -> float | dict[str, float]:
+    try:
+        if "=" not in text:
+            return float(text)
+        pairs = (item.split("=", 1) for item in text.split(",") if item)
+        return {prefix.strip(): float(value) for prefix, value in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a ratio: write 0.5 or layer1=0.3,layer2=0.5") from None
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(dim) for dim in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape: write e.g. 1,3,224,224") from None
+
+
+def _status(message: str) -> None:
+    """Progress goes to stderr so stdout stays a clean report."""
+    print(f"[sparsefx] {message}", file=sys.stderr, flush=True)
+
+
+def _load(args: argparse.Namespace) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    _status(f"loading {args.model}")
+    if args.model.endswith(".pt"):  # a model saved with torch.save: it says nothing of its inputs
+        if args.input_shape is None:
+            raise SparsefxError(f"{args.model} is a saved model; give its example input with --input-shape, e.g. 1,1,28,28")
+        return _saved_model(Path(args.model)).eval(), (torch.randn(args.input_shape),)
+    return load_model(args.model, batch_size=args.batch_size, input_shape=args.input_shape)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    model, inputs = _load(args)
+    _status("tracing and finding channel groups")
+    analysis = sparsefx.analyze(model, inputs, method=args.method)
+    prunable = sum(group.prunable for group in analysis.groups)
+    print(f"channel groups: {len(analysis.groups)} ({prunable} prunable)")
+    for group in analysis.groups:
+        print(f"  {group}")
+    print()
+    print(_layer_table(analysis.gm))
+    return 0
+
+
+def _layer_table(gm: torch.fx.GraphModule) -> str:
+    """One row per node that does arithmetic or holds weights, then totals over the whole graph."""
+    modules = dict(gm.named_modules())
+    rows = [("node", "op", "output shape", "MACs", "params")]
+    total_macs = total_params = 0
+    for node in gm.graph.nodes:
+        macs, params = node.meta.get("sfx_macs", 0), node.meta.get("sfx_params", 0)
+        total_macs, total_params = total_macs + macs, total_params + params
+        if macs or params:
+            shape = node.meta.get("sfx_shape")
+            rows.append((node.name, _op_name(node, modules), _shape_text(shape), f"{macs:,}", f"{params:,}"))
+    rows.append(("total", "", "", f"{total_macs:,}", f"{total_params:,}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = [
+        "  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        for row in rows
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.insert(-1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def _op_name(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str:
+    if node.op == "call_module":
+        return type(modules[node.target]).__name__
+    if node.op in ("call_function", "call_method"):
+        return getattr(node.target, "__name__", str(node.target))
+    return node.op
+
+
+def _shape_text(shape: object) -> str:
+    if isinstance(shape, torch.Size | tuple | list) and all(isinstance(d, int) for d in shape):
+        return "x".join(map(str, shape)) or "scalar"
+    return str(shape) if shape is not None else "-"
+
+
+def _prune(args: argparse.Namespace) -> int:
+    if not args.out.parent.is_dir():
+        raise SparsefxError(f"output directory {str(args.out.parent)!r} does not exist: create it or change --out")
+    model, inputs = _load(args)
+    _status(f"pruning with ratio {args.ratio}")
+    started = time.perf_counter()
+    pruned = sparsefx.prune(
+        model, inputs, ratio=args.ratio, importance=args.importance, round_to=args.round_to,
+        global_ranking=args.global_ranking, ignore=tuple(args.ignore), method=args.method,
+    )
+    _status(f"pruned in {time.perf_counter() - started:.2f} s; measuring")
+    print(_compare(model, pruned, inputs, repeat=args.repeat))
+    torch.save(pruned, args.out)
+    print(f"saved {args.out} (load with `import sparsefx; torch.load(path, weights_only=False)`)")
+    return 0
+
+
+def _maybe_pruned(args: argparse.Namespace, model: nn.Module, inputs: tuple) -> nn.Module:
+    if args.prune is None:
+        return model
+    _status(f"pruning with ratio {args.prune}")
+    return sparsefx.prune(model, inputs, ratio=args.prune, method=args.method)
+
+
+def _compile(args: argparse.Namespace) -> int:
+    if not args.out.parent.is_dir():
+        raise SparsefxError(f"output directory {str(args.out.parent)!r} does not exist: create it or change --out")
+    model, inputs = _load(args)
+    model = _maybe_pruned(args, model, inputs)
+    compiled = sparsefx.compile(model, inputs, target=args.target, tune=args.tune, dispatch=args.dispatch)
+    print(_compile_summary(compiled))
+    print(f"wrote {compiled.export(args.out)} (load with sparsefx.load(path))")
+    if args.bundle:
+        print(f"wrote {compiled.export_bundle(args.bundle)} (run it with: python run.py [inputs.npy])")
+    return 0
+
+
+def _compile_summary(compiled: object) -> str:
+    m = compiled.manifest
+    tuning = m["tuning"]
+    return (f"target: {compiled.target}\nimport route: {m['import_route']}, compile {m['compile_seconds']:.1f} s\n"
+            f"{_kernel_summary(m)}\n"
+            f"tuning: {tuning['tuned_tasks']}/{tuning['tasks']} workloads tuned, {tuning['seconds']:.0f} s")
+
+
+def _kernel_summary(manifest: dict) -> str:
+    on_torch = sum(d["impl"] == "torch" for d in manifest["dispatch"].values())
+    return f"kernels: {on_torch}/{len(manifest['dispatch'])} conv/matmul/math-op workloads dispatched to PyTorch (measured faster)"
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.rpc:
+        return _bench_remote(args)
+    model, inputs = _load(args)
+    models = {"eager dense": model}
+    pruned = _maybe_pruned(args, model, inputs)
+    if pruned is not model:
+        models["eager pruned"] = pruned
+    for name, source in list(models.items()):
+        _status(f"compiling {name.split()[1]} model for {args.target}")
+        compiled = sparsefx.compile(source, inputs, target=args.target, tune=args.tune, dispatch=args.dispatch)
+        if compiled.target.is_gpu:
+            raise SparsefxError("bench runs on this host's CPU; benchmark a CUDA build on the GPU host instead")
+        models[name.replace("eager", "tvm")] = compiled
+    _status("measuring (alternating rounds)")
+    latency = measure_latencies(models, inputs, repeat=args.repeat)
+    base = latency["eager dense"]
+    print(f"{'model':<14} {'median ms':>10} {'vs eager dense':>15}")
+    for name, ms in latency.items():
+        print(f"{name:<14} {ms:>10.3f} {base / ms:>14.2f}x")
+    if args.profile:
+        _print_profiles({name: m.profile(*inputs) for name, m in models.items() if name.startswith("tvm")})
+    return 0
+
+
+def _print_profiles(profiles: dict[str, list[dict]], top: int = 10) -> None:
+    """ms per kind of kernel, side by side (where a pruned model's time did not shrink), then the slowest calls."""
+    from sparsefx.backends.tvm.compiler import ms_by_kind
+
+    totals = {name: ms_by_kind(rows) for name, rows in profiles.items()}
+    kinds = sorted({k for t in totals.values() for k in t}, key=lambda k: -max(t.get(k, 0.0) for t in totals.values()))
+    print(f"\n{'kind (ms, summed calls)':<24}" + "".join(f"{name:>14}" for name in profiles))
+    for kind in [*kinds, "total"]:
+        print(f"{kind:<24}" + "".join(f"{t.get(kind, 0.0) if kind != 'total' else sum(t.values()):>14.3f}"
+                                      for t in totals.values()))
+    for name, rows in profiles.items():
+        print(f"\nslowest calls, {name}:")
+        for row in sorted(rows, key=lambda r: -r["ms"])[:top]:
+            print(f"  {row['ms']:8.3f} ms  {row['name']}  {' '.join('x'.join(map(str, s)) for s in row['shapes'])}")
+
+
+
+def _bench_remote(args: argparse.Namespace) -> int:
+    from sparsefx.backends.tvm.remote import measure_remote
+
+    model, inputs = _load(args)
+    print(f"{'model':<12} {'median ms':>10}  (on {args.rpc_key} via {args.rpc})")
+    for name, source in (("tvm dense", model), ("tvm pruned", _maybe_pruned(args, model, inputs))):
+        if name == "tvm pruned" and source is model:
+            continue
+        compiled = sparsefx.compile(source, inputs, target=args.target, tune=args.tune, dispatch=False)
+        result = measure_remote(compiled, args.rpc, args.rpc_key, repeat=args.repeat)
+        print(f"{name:<12} {result['median_ms']:>10.3f}")
+    return 0
+
+
+
+def _saved_model(path: Path) -> nn.Module:
+    if not path.is_file():
+        raise SparsefxError(f"no saved model at {path}; save one with torch.save(model, path) or `sparsefx prune`")
+    try:
+        model = torch.load(path, weights_only=False, map_location="cpu")
+    except Exception as error:  # truncated file, not a pickle, missing class
+        raise SparsefxError(f"cannot load {path} ({type(error).__name__}); it must be a torch.save'd nn.Module") from None
+    if not isinstance(model, nn.Module):
+        raise SparsefxError(f"{path} holds a {type(model).__name__}, not an nn.Module; save the model itself")
+    return model
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from sparsefx.recovery.data import fashion_mnist
+
+    model = _saved_model(args.model)
+    teacher = _saved_model(args.distill_from) if args.distill_from else None
+    data = fashion_mnist(train_limit=args.train_limit)
+    history = sparsefx.finetune(model, data.train, epochs=args.epochs, lr=args.lr, distill_from=teacher,
+                                val_loader=data.test)
+    for epoch, loss in enumerate(history.loss, 1):
+        accuracy = f", test accuracy {100 * history.val_accuracy[epoch - 1]:.2f}%" if history.val_accuracy else ""
+        print(f"epoch {epoch}: loss {loss:.4f}{accuracy}")
+    torch.save(history.model or model, args.out)
+    print(f"saved {args.out}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from sparsefx.recovery.data import fashion_mnist
+
+    model = _saved_model(args.model)
+    reference = _saved_model(args.reference) if args.reference else None
+    data = fashion_mnist()
+    report = sparsefx.evaluate(model, data.test, reference=reference, class_names=list(data.class_names))
+    reference_text = "" if report.reference_accuracy is None else f" (reference {100 * report.reference_accuracy:.2f}%)"
+    print(f"accuracy {100 * report.accuracy:.2f}%{reference_text}")
+    print(report.table())
+    for kind in filter(None, args.corruptions.split(",")):
+        corrupted = report.corrupted(kind)
+        ref = "" if corrupted.reference_accuracy is None else f" (reference {100 * corrupted.reference_accuracy:.2f}%)"
+        print(f"{kind}: accuracy {100 * corrupted.accuracy:.2f}%{ref}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    model, inputs = load_model("default")
+    _status("analysing the built-in model (TinyResNet, input 1x3x32x32)")
+    analysis = sparsefx.analyze(model, inputs)
+    prunable = [group for group in analysis.groups if group.prunable]
+    print(f"TinyResNet: {len(analysis.groups)} channel groups, {len(prunable)} prunable")
+    for group in analysis.groups:
+        print(f"  {group}")
+    _status(f"pruning {args.ratio} of the channels in each group")
+    started = time.perf_counter()
+    pruned = sparsefx.prune(model, inputs, ratio=args.ratio)
+    print(f"pruned in {time.perf_counter() - started:.2f} s")
+    _status("measuring latency")
+    print(_compare(model, pruned, inputs, repeat=args.repeat))
+    with torch.inference_mode():
+        dense_shape, pruned_shape = model(*inputs).shape, pruned(*inputs).shape
+    if dense_shape != pruned_shape:
+        print(f"FAIL: output shape changed {tuple(dense_shape)} -> {tuple(pruned_shape)}", file=sys.stderr)
+        return 1
+    if args.compile:
+        _status("compiling dense and pruned models with TVM for this CPU")
+        timed = {"eager dense": model, "eager pruned": pruned}
+        for label, source in (("dense", model), ("pruned", pruned)):
+            compiled = sparsefx.compile(source, inputs, target="cpu", verbose=False)
+            with torch.inference_mode():
+                error = (compiled(*inputs) - source(*inputs)).abs().max().item()
+            print(f"TVM {label}: {_kernel_summary(compiled.manifest)}; max abs error vs eager {error:.1e}")
+            timed[f"tvm {label}"] = compiled
+        latency = measure_latencies(timed, inputs, repeat=args.repeat)
+        base = latency["eager dense"]
+        print("latency (median ms, alternating rounds): " + ", ".join(
+            f"{name} {ms:.2f} ({base / ms:.2f}x)" for name, ms in latency.items()))
+    print(f"forward check: output shape {tuple(pruned_shape)} unchanged")
+    return 0
+
+
+def _compare(dense: nn.Module, pruned: nn.Module, inputs: tuple[torch.Tensor, ...], repeat: int) -> str:
+    """MACs, params and eager latency before -> after, measured the same way for both models."""
+    macs = sparsefx.count_macs(dense, inputs), sparsefx.count_macs(pruned, inputs)
+    params = sparsefx.count_params(dense), sparsefx.count_params(pruned)
+    latency = measure_latencies({"dense": dense, "pruned": pruned}, inputs, repeat=repeat)
+    return "\n".join([
+        _before_after("MACs", *macs, _human),
+        _before_after("params", *params, _human),
+        _before_after("latency", latency["dense"], latency["pruned"], lambda ms: f"{ms:.2f} ms", suffix=" (eager CPU, median)"),
+    ])
+
+
+def _before_after(label: str, before: float, after: float, fmt, suffix: str = "") -> str:
+    change = f"{(after - before) / before:+.1%}" if before else "n/a"
+    return f"{label:<8} {fmt(before):>10} -> {fmt(after):>10}  ({change}){suffix}"
+
+
+def _human(count: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(count) >= scale:
+            return f"{count / scale:.2f} {unit}"
+    return f"{count:.0f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

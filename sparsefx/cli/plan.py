@@ -1,0 +1,186 @@
+"""Command line for the cost-driven path: `sparsefx plan|apply|optimize`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import sparsefx
+from sparsefx.backends.eager import measure_latencies
+from sparsefx.cost.model import CostModel
+from sparsefx.errors import SparsefxError
+from sparsefx.planning.measured import plan_measured
+from sparsefx.planning.plan import GRANULARITIES, Plan
+from sparsefx.planning.planner import apply, plan
+from sparsefx.target import Target, resolve_target, with_threads
+
+
+def add_commands(commands: argparse._SubParsersAction, model_args: object, threads_arg: object) -> None:
+    p = commands.add_parser("plan", help="choose what to prune from a cost model to meet a budget; write plan JSON")
+    model_args(p)
+    _add_plan_args(p)
+    p.add_argument("--out", type=Path, required=True, help="plan file to write (.json)")
+    p.add_argument("--rpc", metavar="HOST:PORT", help="time kernels on the device this TVM RPC tracker serves "
+                   "(pure TIR, as a dispatch=False build runs there; needs --rpc-key)")
+    p.add_argument("--rpc-key", help="the device's key at the tracker")
+    threads_arg(p)
+    p.set_defaults(handler=_plan)
+
+    a = commands.add_parser("apply", help="carry out a plan (possibly hand-edited) and save the model")
+    model_args(a)
+    a.add_argument("plan", type=Path, help="plan file written by `sparsefx plan`")
+    a.add_argument("--out", type=Path, required=True, help="where to save the rewritten model (.pt)")
+    a.set_defaults(handler=_apply)
+
+    o = commands.add_parser("optimize", help="trace, plan, apply, (fine-tune), compile and measure, in one go")
+    model_args(o)
+    _add_plan_args(o)
+    o.add_argument("--data", choices=("fashion-mnist",), default=None,
+                   help="fine-tune and evaluate on this dataset after pruning (distilled from the dense model)")
+    o.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs when --data is given")
+    o.add_argument("--repeat", type=int, default=20, help="timed forward passes per model")
+    o.add_argument("--rounds", type=int, default=3,
+                   help="CPU, --speedup/--latency-ms: plans tried until the compiled model measures within "
+                        "--tolerance of the budget (1: trust the cost model's prediction)")
+    o.add_argument("--tolerance", type=float, default=0.05, help="relative miss accepted by --rounds (default 0.05)")
+    o.add_argument("--out", type=Path, required=True, help="directory to create with plan, model, artifact, report")
+    threads_arg(o)
+    o.set_defaults(handler=_optimize)
+
+
+def _add_plan_args(parser: argparse.ArgumentParser) -> None:
+    budget = parser.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--speedup", type=float, help="speedup to reach on the target, e.g. 2.0 (predicted; "
+                        "measured by optimize on the CPU)")
+    budget.add_argument("--latency-ms", type=float, help="latency to reach on the target (as --speedup)")
+    budget.add_argument("--macs-ratio", type=float, help="fraction of MACs to keep")
+    parser.add_argument("--target", default="cpu", help="cpu (host CPU via LLVM) or cuda[:sm_XX] (default: cpu)")
+    parser.add_argument("--granularity", default="channel", help=f"comma list from {', '.join(GRANULARITIES)}")
+    parser.add_argument("--importance", default="l1", help="channel importance criterion (default: l1)")
+    parser.add_argument("--max-ratio", type=float, default=0.9, help="most of one group that may be removed")
+    parser.add_argument("--ignore", nargs="+", action="extend", default=[], metavar="NAME",
+                        help="module names whose channels must not be pruned")
+
+
+def _target(args: argparse.Namespace) -> Target:
+    """The target; on the CPU, --threads also sets the cores kernels are measured and compiled for."""
+    return with_threads(resolve_target(args.target), getattr(args, "threads", None))
+
+
+def _make_plan(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple, rounds: int = 1) -> Plan:
+    """The plan from the cost model; with `rounds` > 1, re-planned until it measures as asked
+    (speedup or latency budgets on the CPU, see sparsefx/measured_plan.py)."""
+    from sparsefx.cli.main import _status
+
+    target = _target(args)
+    _status(f"planning for {target} (kernel latencies are measured once and cached)")
+    started = time.perf_counter()
+    options = dict(granularities=[g.strip() for g in args.granularity.split(",") if g.strip()],
+                   importance=args.importance, ignore=tuple(args.ignore), max_ratio=args.max_ratio)
+    if getattr(args, "rpc", None):
+        if not args.rpc_key:
+            raise SparsefxError("--rpc needs --rpc-key, the key the device registered with at the tracker")
+        from sparsefx.backends.tvm.remote import parse_tracker
+
+        parse_tracker(args.rpc)
+        options["cost"] = CostModel(target, rpc=(args.rpc, args.rpc_key))
+        _status(f"kernels are timed on device {args.rpc_key!r} through {args.rpc}")
+    if rounds != 1 and args.macs_ratio is None and not target.is_gpu:
+        _status(f"re-planning until the compiled model measures within {100 * args.tolerance:g}% of the budget "
+                f"(at most {rounds} plans, each compiled and timed)")
+        result = plan_measured(model, inputs, target=target, speedup=args.speedup, latency_ms=args.latency_ms,
+                               rounds=rounds, tolerance=args.tolerance, **options)
+    else:
+        result = plan(model, inputs, target=target, speedup=args.speedup, latency_ms=args.latency_ms,
+                      macs_ratio=args.macs_ratio, **options)
+    _status(f"planned in {time.perf_counter() - started:.1f} s")
+    return result
+
+
+def _check_out(path: Path) -> None:
+    if not path.parent.is_dir():
+        raise SparsefxError(f"output directory {str(path.parent)!r} does not exist: create it or change --out")
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from sparsefx.cli.main import _load
+
+    _check_out(args.out)
+    model, inputs = _load(args)
+    result = _make_plan(args, model, inputs)
+    print(result.explain())
+    print(f"wrote {result.save(args.out)} (edit ratios/densities, then `sparsefx apply {args.model} {args.out}`)")
+    return 0
+
+
+def _apply(args: argparse.Namespace) -> int:
+    from sparsefx.cli.main import _load
+
+    _check_out(args.out)
+    the_plan = Plan.load(args.plan)  # a bad plan fails before the model is even built
+    model, inputs = _load(args)
+    rewritten = apply(model, the_plan, inputs)
+    before, after = sparsefx.count_macs(model, inputs), sparsefx.count_macs(rewritten, inputs)
+    print(f"MACs {before / 1e6:.1f} M -> {after / 1e6:.1f} M ({after / before:.2f}), "
+          f"params {sparsefx.count_params(model) / 1e6:.2f} M -> {sparsefx.count_params(rewritten) / 1e6:.2f} M")
+    torch.save(rewritten, args.out)
+    print(f"saved {args.out}")
+    return 0
+
+
+def _optimize(args: argparse.Namespace) -> int:
+    from sparsefx.cli.main import _load, _status
+
+    if args.out.exists():
+        raise SparsefxError(f"{args.out} already exists; choose a new --out directory (nothing is overwritten)")
+    _check_out(args.out)
+    model, inputs = _load(args)
+    result = _make_plan(args, model, inputs, args.rounds)
+    print(result.explain())
+    _status("applying the plan")
+    optimized = apply(model, result, inputs)
+    report: dict = {"plan": result.predicted, "measured_planning": result.measured}
+    if args.data:
+        report["accuracy"] = _finetune(model, optimized, args.epochs)
+    _status(f"compiling dense and optimized models with TVM for {args.target}")
+    compiled = {label: sparsefx.compile(m, inputs, target=_target(args), verbose=False)
+                for label, m in (("dense", model), ("optimized", optimized))}
+    if not compiled["dense"].target.is_gpu:
+        _status("measuring (alternating rounds)")
+        latency = measure_latencies({"eager dense": model, "tvm dense": compiled["dense"],
+                                     "tvm optimized": compiled["optimized"]}, inputs, repeat=args.repeat)
+        report["latency_ms"] = latency
+        report["measured_speedup"] = latency["tvm dense"] / latency["tvm optimized"]
+        print(f"measured on this CPU: eager dense {latency['eager dense']:.3f} ms, TVM dense {latency['tvm dense']:.3f} "
+              f"ms, TVM optimized {latency['tvm optimized']:.3f} ms: {report['measured_speedup']:.2f}x "
+              f"(predicted {result.predicted['speedup']:.2f}x)")
+    with tempfile.TemporaryDirectory(dir=args.out.parent) as tmp:  # all or nothing: no half-written --out
+        staging = Path(tmp) / "out"
+        staging.mkdir()
+        result.save(staging / "plan.json")
+        torch.save(optimized, staging / "model.pt")
+        compiled["optimized"].export(staging / "model.sfx")
+        (staging / "report.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+        shutil.move(str(staging), args.out)
+    print(f"wrote {args.out}/: plan.json, model.pt, model.sfx, report.json")
+    return 0
+
+
+def _finetune(dense: torch.nn.Module, model: torch.nn.Module, epochs: int) -> dict:
+    from sparsefx.cli.main import _status
+    from sparsefx.recovery.data import fashion_mnist
+
+    data = fashion_mnist()
+    _status(f"fine-tuning {epochs} epoch(s) on Fashion-MNIST, distilled from the dense model")
+    sparsefx.finetune(model, data.train, epochs=epochs, distill_from=dense)
+    model.eval()
+    report = sparsefx.evaluate(model, data.test, reference=dense, class_names=list(data.class_names))
+    print(f"accuracy {100 * report.accuracy:.2f}% (dense {100 * report.reference_accuracy:.2f}%)")
+    print(report.table())
+    return {"optimized": report.accuracy, "dense": report.reference_accuracy}
