@@ -1,0 +1,101 @@
+"""What every benchmark records beside its numbers, so a result file says where and when it was made.
+
+`RunRecord` is started before the measurements and stamped into the JSON at the end: date, git
+commit (and whether the tree had uncommitted changes), host CPU, cores and threads, library
+versions, and the machine's load (load average before and after, this process's and its
+children's CPU time against wall time: on a quiet machine with one thread CPU/wall is about 1).
+Results files hold {"meta": ..., "rows": [...]}; a benchmark is re-run whole, never merged by hand.
+
+Timing side by side uses sparsefx.backends.eager.measure_latencies: alternating rounds, medians.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+LIBRARIES = ("sparsefx", "torch", "torchvision", "apache-tvm", "transformers", "numpy", "torch-pruning")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class RunRecord:
+    """Started when a benchmark starts; `meta()` describes the run so far."""
+
+    def __init__(self, argv: list[str] | None = None) -> None:
+        self.argv = argv
+        self.started = datetime.datetime.now(datetime.UTC)
+        self.wall0, self.times0, self.load0 = time.perf_counter(), os.times(), os.getloadavg()
+
+    def meta(self) -> dict:
+        times = os.times()
+        cpu_s = sum(getattr(times, f) - getattr(self.times0, f)
+                    for f in ("user", "system", "children_user", "children_system"))
+        wall_s = time.perf_counter() - self.wall0
+        return {
+            "date": self.started.isoformat(timespec="seconds"),
+            "argv": self.argv,
+            **git_state(),
+            "host": {"cpu": cpu_model(), "cores": os.cpu_count(), "machine": platform.machine(),
+                     "python": platform.python_version()},
+            "threads": {"torch": torch.get_num_threads(), "TVM_NUM_THREADS": os.environ.get("TVM_NUM_THREADS")},
+            "load": {"loadavg_before": [round(x, 2) for x in self.load0],
+                     "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+                     "cpu_s": round(cpu_s, 1), "wall_s": round(wall_s, 1),
+                     "cpu_per_wall": round(cpu_s / wall_s, 2) if wall_s else None},
+            "versions": library_versions(),
+        }
+
+    def markdown_line(self) -> str:
+        """One line for the top of a results table."""
+        m = self.meta()
+        return (f"Run {m['date']} at {m['commit'][:10]}{' (uncommitted changes)' if m['dirty'] else ''} on "
+                f"{m['host']['cpu']} ({m['host']['cores']} cores), torch threads {m['threads']['torch']}, "
+                f"load average {m['load']['loadavg_before'][0]} -> {m['load']['loadavg_after'][0]}, "
+                f"CPU/wall {m['load']['cpu_per_wall']}.")
+
+    def write(self, path: Path, rows: list) -> None:
+        """The results JSON: this run's metadata and its rows."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"meta": self.meta(), "rows": rows}, indent=1) + "\n")
+
+
+def read_rows(path: Path) -> list:
+    """Rows of a results file (a bare list in files written before RunRecord)."""
+    data = json.loads(path.read_text())
+    return data["rows"] if isinstance(data, dict) else data
+
+
+def git_state() -> dict:
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    return {"commit": git("rev-parse", "HEAD") or "unknown",
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", "sparsefx", "benchmarks"))}
+
+
+def cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def library_versions() -> dict:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
