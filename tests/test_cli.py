@@ -1,5 +1,6 @@
 """The `sparsefx` command end to end on the embedded default model."""
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 import sparsefx
 from sparsefx.backends.eager import measure_latencies, measure_latency
 from sparsefx.capture.models import load_model
-from sparsefx.cli.main import main
+from sparsefx.cli.main import main, print_profiles
 
 
 def test_inspect_default_lists_groups_and_layer_totals(capsys):
@@ -95,13 +96,23 @@ def test_evaluate_missing_model_is_one_line_error(tmp_path, capsys):
 
 
 def test_bench_profile_table_sets_kinds_side_by_side(capsys):
-    from sparsefx.cli.main import _print_profiles
-
     rows = {"tvm dense": [{"name": "pointwise_8to16", "kind": "pointwise", "shapes": [[1, 8, 4, 4]], "ms": 0.4},
                           {"name": "vm.builtin.alloc_tensor", "kind": "vm", "shapes": [], "ms": 0.01}],
             "tvm pruned": [{"name": "pointwise_4to8", "kind": "pointwise", "shapes": [[1, 4, 4, 4]], "ms": 0.1}]}
-    _print_profiles(rows)
+    print_profiles(rows)
     out = capsys.readouterr().out.splitlines()
     assert [line.split() for line in out if line.startswith(("pointwise", "vm", "total"))] == [
         ["pointwise", "0.400", "0.100"], ["vm", "0.010", "0.000"], ["total", "0.410", "0.100"]]
     assert any("pointwise_8to16  1x8x4x4" in line for line in out)
+
+
+@pytest.mark.parametrize("flags", [[], ["-q"], ["inspect", "--quiet"], ["-v"]])
+def test_status_lines_follow_verbose_and_quiet(flags, capsys):
+    argv = [*flags, "inspect", "default"] if flags[:1] != ["inspect"] else [*flags, "default"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    quiet = "-q" in flags or "--quiet" in flags
+    assert ("[sparsefx] loading default" in captured.err) != quiet
+    assert "channel groups:" in captured.out  # the report itself is never silenced
+    logger = logging.getLogger("sparsefx")
+    assert not [h for h in logger.handlers if not isinstance(h, logging.NullHandler)]  # main leaves no handler

@@ -9,17 +9,20 @@ documented in `sparsefx.capture.annotate`.
 from __future__ import annotations
 
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 import torch.fx
 from torch import nn
 
+from sparsefx import log
 from sparsefx.capture.annotate import annotate
 from sparsefx.capture.shape_prop import ShapeProp
 from sparsefx.errors import TraceError, one_line
 
 METHODS = ("fx", "export", "auto")
+T = TypeVar("T")
 
 
 def as_inputs(example_inputs: object) -> tuple:
@@ -48,16 +51,10 @@ def trace(model: nn.Module, example_inputs: object, method: str = "fx") -> torch
     if method == "fx":
         gm = _fx_trace(model)
     elif method == "export":
-        gm = _export_trace(model, inputs)
+        gm = _exported_graph(export_program(model, inputs, dynamic_batch=True), model)
     else:
-        try:
-            gm = _fx_trace(model)
-        except TraceError as fx_error:
-            try:
-                gm = _export_trace(model, inputs)
-            except TraceError as export_error:
-                raise TraceError(f"{fx_error.args[0].split(';')[0]}; torch.export also failed: "
-                                 f"{export_error.args[0]}") from None
+        gm, _ = fx_else_export(model, inputs, _fx_trace, lambda program: _exported_graph(program, model),
+                               dynamic_batch=True)
     try:
         with torch.no_grad():
             ShapeProp(gm).run(*inputs)
@@ -100,19 +97,45 @@ def _offending_frame(model: nn.Module, error: BaseException) -> str:
     return f"module {name} ({cls}) at {filename}:{lineno}"
 
 
-def _export_trace(model: nn.Module, inputs: tuple) -> torch.fx.GraphModule:
-    dynamic = tuple(_dynamic_dims(x) for x in inputs)
-    errors = []
-    for shapes in (dynamic, None):
+def fx_else_export(model: nn.Module, inputs: tuple, on_fx: Callable[[nn.Module], T],
+                   on_export: Callable[[torch.export.ExportedProgram], T], dynamic_batch: bool) -> tuple[T, str]:
+    """The one "torch.fx, else torch.export" fallback (capture here, the TVM importer): `on_fx(model)`
+    (which traces with fx and may fail after); where it raises, `on_export` of the model's
+    `export_program`. Returns the result and its route, "fx" or "export"; where both fail, a
+    TraceError naming both failures."""
+    try:
+        return on_fx(model), "fx"
+    except Exception as fx_error:  # torch.export covers more Python (data-dependent control flow)
         try:
-            program = torch.export.export(model, inputs, dynamic_shapes=shapes, strict=False)
-            exported = program.module()
-            # A plain GraphModule (same graph and pytree calling convention) can be trained,
-            # which the exported wrapper refuses.
-            return torch.fx.GraphModule(exported, exported.graph, class_name=f"Exported{type(model).__name__}")
+            return on_export(export_program(model, inputs, dynamic_batch)), "export"
+        except Exception as export_error:
+            first = str(fx_error.args[0] if fx_error.args else fx_error).split(";")[0]
+            why = export_error.args[0] if isinstance(export_error, TraceError) else one_line(export_error)
+            raise TraceError(f"{first}; torch.export also failed: {why}") from None
+
+
+def export_program(model: nn.Module, inputs: tuple, dynamic_batch: bool) -> torch.export.ExportedProgram:
+    """`torch.export` of `model` on `inputs`, with sparsefx's one shape policy: `dynamic_batch` keeps
+    the batch (and the token length of integer id inputs) symbolic so the graph serves any batch,
+    and falls back to static shapes where the model specialises them; without it every shape is
+    the example's (what a compiled model is built for)."""
+    attempts = (tuple(_dynamic_dims(x) for x in inputs), None) if dynamic_batch else (None,)
+    errors = []
+    for shapes in attempts:
+        try:
+            # torch.export warns at length about Dim.AUTO specialisations; not actionable here
+            with log.quiet("torch._export", "torch.export"):
+                return torch.export.export(model, inputs, dynamic_shapes=shapes, strict=False)
         except Exception as error:  # retry with static shapes before giving up
             errors.append(error)
     raise TraceError(f"torch.export cannot capture the model: {one_line(errors[-1])}")
+
+
+def _exported_graph(program: torch.export.ExportedProgram, model: nn.Module) -> torch.fx.GraphModule:
+    # A plain GraphModule (same graph and pytree calling convention) can be trained, which the
+    # exported wrapper refuses.
+    exported = program.module()
+    return torch.fx.GraphModule(exported, exported.graph, class_name=f"Exported{type(model).__name__}")
 
 
 def _dynamic_dims(x: object) -> dict | None:
@@ -123,14 +146,3 @@ def _dynamic_dims(x: object) -> dict | None:
     if x.dim() == 2 and not x.is_floating_point():
         dims[1] = torch.export.Dim.AUTO
     return dims
-
-
-def _silence_export_logs() -> None:
-    # torch.export prints long warnings for Dim.AUTO specialisations; they are not actionable here.
-    import logging
-
-    logging.getLogger("torch._export").setLevel(logging.ERROR)
-    logging.getLogger("torch.export").setLevel(logging.ERROR)
-
-
-_silence_export_logs()

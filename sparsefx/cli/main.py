@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -13,9 +14,22 @@ import torch
 from torch import nn
 
 import sparsefx
+from sparsefx import log
 from sparsefx.backends.eager import measure_latencies
-from sparsefx.capture.models import SPEC_HELP, load_model
+from sparsefx.capture.models import load_model
+from sparsefx.cli.common import (
+    LOG,
+    add_model_args,
+    add_threads_arg,
+    add_verbosity_args,
+    check_out,
+    load,
+    parse_ratio,
+    saved_model,
+)
+from sparsefx.cli.plan import add_commands
 from sparsefx.errors import SparsefxError
+from sparsefx.recovery.data import fashion_mnist
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -23,7 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     try:
-        return args.handler(args)
+        with log.to_stderr(args.log_level):
+            return args.handler(args)
     except SparsefxError as error:
         message = " ".join(str(error).split())  # user errors are promised to be one line
         print(f"sparsefx: error: {message}", file=sys.stderr)
@@ -38,15 +53,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsefx", description="Structured channel pruning for PyTorch.")
+    add_verbosity_args(parser, logging.INFO)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     inspect = commands.add_parser("inspect", help="show channel groups and per-layer MACs/params")
-    _add_model_args(inspect)
+    add_model_args(inspect)
     inspect.set_defaults(handler=_inspect)
 
     prune = commands.add_parser("prune", help="prune a model and save it with torch.save")
-    _add_model_args(prune)
-    prune.add_argument("--ratio", type=_ratio, default=0.5,
+    add_model_args(prune)
+    prune.add_argument("--ratio", type=parse_ratio, default=0.5,
                        help="fraction of channels to remove: 0.5, or per module prefix: layer1=0.3,layer2=0.5")
     prune.add_argument("--importance", default="l1", help="channel importance criterion (default: l1)")
     prune.add_argument("--round-to", type=int, default=1, help="keep channel counts a multiple of N")
@@ -56,11 +72,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="module names whose channels must not be pruned")
     prune.add_argument("--out", type=Path, required=True, help="where to save the pruned model (.pt)")
     prune.add_argument("--repeat", type=int, default=20, help="forward passes per latency measurement")
-    _add_threads_arg(prune)
+    add_threads_arg(prune)
     prune.set_defaults(handler=_prune)
 
     compile_ = commands.add_parser("compile", help="compile a model with TVM (optionally pruned first) and export it")
-    _add_model_args(compile_)
+    add_model_args(compile_)
     _add_compile_args(compile_)
     compile_.add_argument("--out", type=Path, required=True, help="artifact to write (.sfx)")
     compile_.add_argument("--bundle", type=Path, metavar="PATH",
@@ -69,14 +85,14 @@ def _parser() -> argparse.ArgumentParser:
     compile_.set_defaults(handler=_compile)
 
     bench = commands.add_parser("bench", help="eager vs TVM latency, dense and pruned, measured side by side")
-    _add_model_args(bench)
+    add_model_args(bench)
     _add_compile_args(bench)
     bench.add_argument("--repeat", type=int, default=20, help="timed forward passes per model")
     bench.add_argument("--profile", action="store_true",
                        help="also time every call of the TVM builds: ms per kind of kernel, and the slowest calls")
     bench.add_argument("--rpc", metavar="HOST:PORT", help="measure the TVM builds on a device behind this RPC tracker")
     bench.add_argument("--rpc-key", default="sparsefx", help="the device's key at the tracker (default: sparsefx)")
-    _add_threads_arg(bench)
+    add_threads_arg(bench)
     bench.set_defaults(handler=_bench)
 
     finetune = commands.add_parser("finetune", help="fine-tune a saved model on Fashion-MNIST (optionally distilled)")
@@ -87,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
                           help="teacher model for knowledge distillation (usually the dense model)")
     finetune.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
     finetune.add_argument("--out", type=Path, required=True, help="where to save the fine-tuned model")
-    _add_threads_arg(finetune)
+    add_threads_arg(finetune)
     finetune.set_defaults(handler=_finetune)
 
     evaluate = commands.add_parser("evaluate", help="accuracy overall, per class and on corrupted data")
@@ -96,29 +112,20 @@ def _parser() -> argparse.ArgumentParser:
                           help="model to compare per-class accuracy with (largest drops first)")
     evaluate.add_argument("--corruptions", default="noise,blur,contrast",
                           help="corrupted copies of the test set to score (empty: none)")
-    _add_threads_arg(evaluate)
+    add_threads_arg(evaluate)
     evaluate.set_defaults(handler=_evaluate)
 
-    from sparsefx.cli.plan import add_commands
-
-    add_commands(commands, _add_model_args, _add_threads_arg)
+    add_commands(commands)
 
     demo = commands.add_parser("demo", help="prune the built-in model at 0.5 and report the change")
-    demo.add_argument("--ratio", type=_ratio, default=0.5, help="fraction of channels to remove")
+    demo.add_argument("--ratio", type=parse_ratio, default=0.5, help="fraction of channels to remove")
     demo.add_argument("--repeat", type=int, default=50, help="forward passes per latency measurement")
     demo.add_argument("--no-compile", dest="compile", action="store_false", help="skip the TVM compile step")
-    _add_threads_arg(demo)
+    add_threads_arg(demo)
     demo.set_defaults(handler=_demo)
+    for command in commands.choices.values():
+        add_verbosity_args(command, argparse.SUPPRESS)
     return parser
-
-
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL", help=SPEC_HELP.removeprefix("use "))
-    parser.add_argument("--batch-size", type=int, default=1, help="batch size of the example input")
-    parser.add_argument("--input-shape", type=_shape, default=None, metavar="N,C,H,W",
-                        help="example input shape, e.g. 1,3,224,224 (needed for factories that return no inputs)")
-    parser.add_argument("--method", choices=("auto", "fx", "export"), default="auto",
-                        help="graph capture: torch.fx, torch.export, or fx with export as fallback")
 
 
 def _add_compile_args(parser: argparse.ArgumentParser) -> None:
@@ -127,49 +134,12 @@ def _add_compile_args(parser: argparse.ArgumentParser) -> None:
                         help="MetaSchedule trials per new TIR workload (0: default schedules; records persist)")
     parser.add_argument("--no-dispatch", dest="dispatch", action="store_false",
                         help="never run convs, matmuls or math ops on PyTorch kernels, even where they measure faster")
-    parser.add_argument("--prune", type=_ratio, default=None, metavar="RATIO", help="prune channels first")
-
-
-def _add_threads_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads for latency (default: torch's choice; use 1 on a busy machine, "
-                        "where spinning worker threads can make timings 10-100x slower)")
-
-
-def _ratio(text: str) -> float | dict[str, float]:
-    try:
-        if "=" not in text:
-            return float(text)
-        pairs = (item.split("=", 1) for item in text.split(",") if item)
-        return {prefix.strip(): float(value) for prefix, value in pairs}
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a ratio: write 0.5 or layer1=0.3,layer2=0.5") from None
-
-
-def _shape(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(dim) for dim in text.replace("x", ",").split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a shape: write e.g. 1,3,224,224") from None
-
-
-def _status(message: str) -> None:
-    """Progress goes to stderr so stdout stays a clean report."""
-    print(f"[sparsefx] {message}", file=sys.stderr, flush=True)
-
-
-def _load(args: argparse.Namespace) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
-    _status(f"loading {args.model}")
-    if args.model.endswith(".pt"):  # a model saved with torch.save: it says nothing of its inputs
-        if args.input_shape is None:
-            raise SparsefxError(f"{args.model} is a saved model; give its example input with --input-shape, e.g. 1,1,28,28")
-        return _saved_model(Path(args.model)).eval(), (torch.randn(args.input_shape),)
-    return load_model(args.model, batch_size=args.batch_size, input_shape=args.input_shape)
+    parser.add_argument("--prune", type=parse_ratio, default=None, metavar="RATIO", help="prune channels first")
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    model, inputs = _load(args)
-    _status("tracing and finding channel groups")
+    model, inputs = load(args)
+    LOG.info("tracing and finding channel groups")
     analysis = sparsefx.analyze(model, inputs, method=args.method)
     prunable = sum(group.prunable for group in analysis.groups)
     print(f"channel groups: {len(analysis.groups)} ({prunable} prunable)")
@@ -217,16 +187,15 @@ def _shape_text(shape: object) -> str:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    if not args.out.parent.is_dir():
-        raise SparsefxError(f"output directory {str(args.out.parent)!r} does not exist: create it or change --out")
-    model, inputs = _load(args)
-    _status(f"pruning with ratio {args.ratio}")
+    check_out(args.out)
+    model, inputs = load(args)
+    LOG.info(f"pruning with ratio {args.ratio}")
     started = time.perf_counter()
     pruned = sparsefx.prune(
         model, inputs, ratio=args.ratio, importance=args.importance, round_to=args.round_to,
         global_ranking=args.global_ranking, ignore=tuple(args.ignore), method=args.method,
     )
-    _status(f"pruned in {time.perf_counter() - started:.2f} s; measuring")
+    LOG.info(f"pruned in {time.perf_counter() - started:.2f} s; measuring")
     print(_compare(model, pruned, inputs, repeat=args.repeat))
     torch.save(pruned, args.out)
     print(f"saved {args.out} (load with `import sparsefx; torch.load(path, weights_only=False)`)")
@@ -236,14 +205,13 @@ def _prune(args: argparse.Namespace) -> int:
 def _maybe_pruned(args: argparse.Namespace, model: nn.Module, inputs: tuple) -> nn.Module:
     if args.prune is None:
         return model
-    _status(f"pruning with ratio {args.prune}")
+    LOG.info(f"pruning with ratio {args.prune}")
     return sparsefx.prune(model, inputs, ratio=args.prune, method=args.method)
 
 
 def _compile(args: argparse.Namespace) -> int:
-    if not args.out.parent.is_dir():
-        raise SparsefxError(f"output directory {str(args.out.parent)!r} does not exist: create it or change --out")
-    model, inputs = _load(args)
+    check_out(args.out)
+    model, inputs = load(args)
     model = _maybe_pruned(args, model, inputs)
     compiled = sparsefx.compile(model, inputs, target=args.target, tune=args.tune, dispatch=args.dispatch)
     print(_compile_summary(compiled))
@@ -269,29 +237,29 @@ def _kernel_summary(manifest: dict) -> str:
 def _bench(args: argparse.Namespace) -> int:
     if args.rpc:
         return _bench_remote(args)
-    model, inputs = _load(args)
+    model, inputs = load(args)
     models = {"eager dense": model}
     pruned = _maybe_pruned(args, model, inputs)
     if pruned is not model:
         models["eager pruned"] = pruned
     for name, source in list(models.items()):
-        _status(f"compiling {name.split()[1]} model for {args.target}")
+        LOG.info(f"compiling {name.split()[1]} model for {args.target}")
         compiled = sparsefx.compile(source, inputs, target=args.target, tune=args.tune, dispatch=args.dispatch)
         if compiled.target.is_gpu:
             raise SparsefxError("bench runs on this host's CPU; benchmark a CUDA build on the GPU host instead")
         models[name.replace("eager", "tvm")] = compiled
-    _status("measuring (alternating rounds)")
+    LOG.info("measuring (alternating rounds)")
     latency = measure_latencies(models, inputs, repeat=args.repeat)
     base = latency["eager dense"]
     print(f"{'model':<14} {'median ms':>10} {'vs eager dense':>15}")
     for name, ms in latency.items():
         print(f"{name:<14} {ms:>10.3f} {base / ms:>14.2f}x")
     if args.profile:
-        _print_profiles({name: m.profile(*inputs) for name, m in models.items() if name.startswith("tvm")})
+        print_profiles({name: m.profile(*inputs) for name, m in models.items() if name.startswith("tvm")})
     return 0
 
 
-def _print_profiles(profiles: dict[str, list[dict]], top: int = 10) -> None:
+def print_profiles(profiles: dict[str, list[dict]], top: int = 10) -> None:
     """ms per kind of kernel, side by side (where a pruned model's time did not shrink), then the slowest calls."""
     from sparsefx.backends.tvm.compiler import ms_by_kind
 
@@ -307,11 +275,10 @@ def _print_profiles(profiles: dict[str, list[dict]], top: int = 10) -> None:
             print(f"  {row['ms']:8.3f} ms  {row['name']}  {' '.join('x'.join(map(str, s)) for s in row['shapes'])}")
 
 
-
 def _bench_remote(args: argparse.Namespace) -> int:
     from sparsefx.backends.tvm.remote import measure_remote
 
-    model, inputs = _load(args)
+    model, inputs = load(args)
     print(f"{'model':<12} {'median ms':>10}  (on {args.rpc_key} via {args.rpc})")
     for name, source in (("tvm dense", model), ("tvm pruned", _maybe_pruned(args, model, inputs))):
         if name == "tvm pruned" and source is model:
@@ -322,24 +289,9 @@ def _bench_remote(args: argparse.Namespace) -> int:
     return 0
 
 
-
-def _saved_model(path: Path) -> nn.Module:
-    if not path.is_file():
-        raise SparsefxError(f"no saved model at {path}; save one with torch.save(model, path) or `sparsefx prune`")
-    try:
-        model = torch.load(path, weights_only=False, map_location="cpu")
-    except Exception as error:  # truncated file, not a pickle, missing class
-        raise SparsefxError(f"cannot load {path} ({type(error).__name__}); it must be a torch.save'd nn.Module") from None
-    if not isinstance(model, nn.Module):
-        raise SparsefxError(f"{path} holds a {type(model).__name__}, not an nn.Module; save the model itself")
-    return model
-
-
 def _finetune(args: argparse.Namespace) -> int:
-    from sparsefx.recovery.data import fashion_mnist
-
-    model = _saved_model(args.model)
-    teacher = _saved_model(args.distill_from) if args.distill_from else None
+    model = saved_model(args.model)
+    teacher = saved_model(args.distill_from) if args.distill_from else None
     data = fashion_mnist(train_limit=args.train_limit)
     history = sparsefx.finetune(model, data.train, epochs=args.epochs, lr=args.lr, distill_from=teacher,
                                 val_loader=data.test)
@@ -352,10 +304,8 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from sparsefx.recovery.data import fashion_mnist
-
-    model = _saved_model(args.model)
-    reference = _saved_model(args.reference) if args.reference else None
+    model = saved_model(args.model)
+    reference = saved_model(args.reference) if args.reference else None
     data = fashion_mnist()
     report = sparsefx.evaluate(model, data.test, reference=reference, class_names=list(data.class_names))
     reference_text = "" if report.reference_accuracy is None else f" (reference {100 * report.reference_accuracy:.2f}%)"
@@ -370,17 +320,17 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     model, inputs = load_model("default")
-    _status("analysing the built-in model (TinyResNet, input 1x3x32x32)")
+    LOG.info("analysing the built-in model (TinyResNet, input 1x3x32x32)")
     analysis = sparsefx.analyze(model, inputs)
     prunable = [group for group in analysis.groups if group.prunable]
     print(f"TinyResNet: {len(analysis.groups)} channel groups, {len(prunable)} prunable")
     for group in analysis.groups:
         print(f"  {group}")
-    _status(f"pruning {args.ratio} of the channels in each group")
+    LOG.info(f"pruning {args.ratio} of the channels in each group")
     started = time.perf_counter()
     pruned = sparsefx.prune(model, inputs, ratio=args.ratio)
     print(f"pruned in {time.perf_counter() - started:.2f} s")
-    _status("measuring latency")
+    LOG.info("measuring latency")
     print(_compare(model, pruned, inputs, repeat=args.repeat))
     with torch.inference_mode():
         dense_shape, pruned_shape = model(*inputs).shape, pruned(*inputs).shape
@@ -388,7 +338,7 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"FAIL: output shape changed {tuple(dense_shape)} -> {tuple(pruned_shape)}", file=sys.stderr)
         return 1
     if args.compile:
-        _status("compiling dense and pruned models with TVM for this CPU")
+        LOG.info("compiling dense and pruned models with TVM for this CPU")
         timed = {"eager dense": model, "eager pruned": pruned}
         for label, source in (("dense", model), ("pruned", pruned)):
             compiled = sparsefx.compile(source, inputs, target="cpu", verbose=False)

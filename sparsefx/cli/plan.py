@@ -13,33 +13,35 @@ import torch
 
 import sparsefx
 from sparsefx.backends.eager import measure_latencies
+from sparsefx.cli.common import LOG, add_model_args, add_threads_arg, check_out, load, progress_bars
 from sparsefx.cost.model import CostModel
 from sparsefx.errors import SparsefxError
 from sparsefx.planning.measured import plan_measured
 from sparsefx.planning.plan import GRANULARITIES, Plan
 from sparsefx.planning.planner import apply, plan
+from sparsefx.recovery.data import fashion_mnist
 from sparsefx.target import Target, resolve_target, with_threads
 
 
-def add_commands(commands: argparse._SubParsersAction, model_args: object, threads_arg: object) -> None:
+def add_commands(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("plan", help="choose what to prune from a cost model to meet a budget; write plan JSON")
-    model_args(p)
+    add_model_args(p)
     _add_plan_args(p)
     p.add_argument("--out", type=Path, required=True, help="plan file to write (.json)")
     p.add_argument("--rpc", metavar="HOST:PORT", help="time kernels on the device this TVM RPC tracker serves "
                    "(pure TIR, as a dispatch=False build runs there; needs --rpc-key)")
     p.add_argument("--rpc-key", help="the device's key at the tracker")
-    threads_arg(p)
+    add_threads_arg(p)
     p.set_defaults(handler=_plan)
 
     a = commands.add_parser("apply", help="carry out a plan (possibly hand-edited) and save the model")
-    model_args(a)
+    add_model_args(a)
     a.add_argument("plan", type=Path, help="plan file written by `sparsefx plan`")
     a.add_argument("--out", type=Path, required=True, help="where to save the rewritten model (.pt)")
     a.set_defaults(handler=_apply)
 
     o = commands.add_parser("optimize", help="trace, plan, apply, (fine-tune), compile and measure, in one go")
-    model_args(o)
+    add_model_args(o)
     _add_plan_args(o)
     o.add_argument("--data", choices=("fashion-mnist",), default=None,
                    help="fine-tune and evaluate on this dataset after pruning (distilled from the dense model)")
@@ -50,7 +52,7 @@ def add_commands(commands: argparse._SubParsersAction, model_args: object, threa
                         "--tolerance of the budget (1: trust the cost model's prediction)")
     o.add_argument("--tolerance", type=float, default=0.05, help="relative miss accepted by --rounds (default 0.05)")
     o.add_argument("--out", type=Path, required=True, help="directory to create with plan, model, artifact, report")
-    threads_arg(o)
+    add_threads_arg(o)
     o.set_defaults(handler=_optimize)
 
 
@@ -75,11 +77,9 @@ def _target(args: argparse.Namespace) -> Target:
 
 def _make_plan(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple, rounds: int = 1) -> Plan:
     """The plan from the cost model; with `rounds` > 1, re-planned until it measures as asked
-    (speedup or latency budgets on the CPU, see sparsefx/measured_plan.py)."""
-    from sparsefx.cli.main import _status
-
+    (speedup or latency budgets on the CPU, see sparsefx/planning/measured.py)."""
     target = _target(args)
-    _status(f"planning for {target} (kernel latencies are measured once and cached)")
+    LOG.info(f"planning for {target} (kernel latencies are measured once and cached)")
     started = time.perf_counter()
     options = dict(granularities=[g.strip() for g in args.granularity.split(",") if g.strip()],
                    importance=args.importance, ignore=tuple(args.ignore), max_ratio=args.max_ratio)
@@ -90,29 +90,23 @@ def _make_plan(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple, 
 
         parse_tracker(args.rpc)
         options["cost"] = CostModel(target, rpc=(args.rpc, args.rpc_key))
-        _status(f"kernels are timed on device {args.rpc_key!r} through {args.rpc}")
+        LOG.info(f"kernels are timed on device {args.rpc_key!r} through {args.rpc}")
     if rounds != 1 and args.macs_ratio is None and not target.is_gpu:
-        _status(f"re-planning until the compiled model measures within {100 * args.tolerance:g}% of the budget "
+        LOG.info(f"re-planning until the compiled model measures within {100 * args.tolerance:g}% of the budget "
                 f"(at most {rounds} plans, each compiled and timed)")
         result = plan_measured(model, inputs, target=target, speedup=args.speedup, latency_ms=args.latency_ms,
-                               rounds=rounds, tolerance=args.tolerance, **options)
+                               rounds=rounds, tolerance=args.tolerance, verbose=progress_bars(args), **options)
     else:
         result = plan(model, inputs, target=target, speedup=args.speedup, latency_ms=args.latency_ms,
-                      macs_ratio=args.macs_ratio, **options)
-    _status(f"planned in {time.perf_counter() - started:.1f} s")
+                      macs_ratio=args.macs_ratio, verbose=progress_bars(args), **options)
+    LOG.info(f"planned in {time.perf_counter() - started:.1f} s")
     return result
 
 
-def _check_out(path: Path) -> None:
-    if not path.parent.is_dir():
-        raise SparsefxError(f"output directory {str(path.parent)!r} does not exist: create it or change --out")
-
-
 def _plan(args: argparse.Namespace) -> int:
-    from sparsefx.cli.main import _load
 
-    _check_out(args.out)
-    model, inputs = _load(args)
+    check_out(args.out)
+    model, inputs = load(args)
     result = _make_plan(args, model, inputs)
     print(result.explain())
     print(f"wrote {result.save(args.out)} (edit ratios/densities, then `sparsefx apply {args.model} {args.out}`)")
@@ -120,11 +114,10 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _apply(args: argparse.Namespace) -> int:
-    from sparsefx.cli.main import _load
 
-    _check_out(args.out)
+    check_out(args.out)
     the_plan = Plan.load(args.plan)  # a bad plan fails before the model is even built
-    model, inputs = _load(args)
+    model, inputs = load(args)
     rewritten = apply(model, the_plan, inputs)
     before, after = sparsefx.count_macs(model, inputs), sparsefx.count_macs(rewritten, inputs)
     print(f"MACs {before / 1e6:.1f} M -> {after / 1e6:.1f} M ({after / before:.2f}), "
@@ -135,24 +128,23 @@ def _apply(args: argparse.Namespace) -> int:
 
 
 def _optimize(args: argparse.Namespace) -> int:
-    from sparsefx.cli.main import _load, _status
 
     if args.out.exists():
         raise SparsefxError(f"{args.out} already exists; choose a new --out directory (nothing is overwritten)")
-    _check_out(args.out)
-    model, inputs = _load(args)
+    check_out(args.out)
+    model, inputs = load(args)
     result = _make_plan(args, model, inputs, args.rounds)
     print(result.explain())
-    _status("applying the plan")
+    LOG.info("applying the plan")
     optimized = apply(model, result, inputs)
     report: dict = {"plan": result.predicted, "measured_planning": result.measured}
     if args.data:
         report["accuracy"] = _finetune(model, optimized, args.epochs)
-    _status(f"compiling dense and optimized models with TVM for {args.target}")
+    LOG.info(f"compiling dense and optimized models with TVM for {args.target}")
     compiled = {label: sparsefx.compile(m, inputs, target=_target(args), verbose=False)
                 for label, m in (("dense", model), ("optimized", optimized))}
     if not compiled["dense"].target.is_gpu:
-        _status("measuring (alternating rounds)")
+        LOG.info("measuring (alternating rounds)")
         latency = measure_latencies({"eager dense": model, "tvm dense": compiled["dense"],
                                      "tvm optimized": compiled["optimized"]}, inputs, repeat=args.repeat)
         report["latency_ms"] = latency
@@ -173,11 +165,8 @@ def _optimize(args: argparse.Namespace) -> int:
 
 
 def _finetune(dense: torch.nn.Module, model: torch.nn.Module, epochs: int) -> dict:
-    from sparsefx.cli.main import _status
-    from sparsefx.recovery.data import fashion_mnist
-
     data = fashion_mnist()
-    _status(f"fine-tuning {epochs} epoch(s) on Fashion-MNIST, distilled from the dense model")
+    LOG.info(f"fine-tuning {epochs} epoch(s) on Fashion-MNIST, distilled from the dense model")
     sparsefx.finetune(model, data.train, epochs=epochs, distill_from=dense)
     model.eval()
     report = sparsefx.evaluate(model, data.test, reference=dense, class_names=list(data.class_names))

@@ -13,18 +13,20 @@ within `tolerance` of the asked one or `rounds` plans have been tried (the close
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable
 
 from torch import nn
 
+from sparsefx.backends.eager import measure_latencies
 from sparsefx.capture.trace import as_inputs
 from sparsefx.cost.model import CostModel
 from sparsefx.errors import SparsefxError
+from sparsefx.log import get_logger
 from sparsefx.planning.plan import Plan
 from sparsefx.planning.planner import apply, plan
 from sparsefx.target import Target, resolve_target
 
+LOG = get_logger("planning")
 Measure = Callable[[nn.Module, nn.Module, tuple, Target], tuple[float, float]]
 
 
@@ -37,8 +39,7 @@ class MeasurePair:
         self._dense = None
 
     def __call__(self, dense: nn.Module, pruned: nn.Module, inputs: tuple, target: Target) -> tuple[float, float]:
-        from sparsefx.backends.eager import measure_latencies
-        from sparsefx.backends.tvm import compile
+        from sparsefx.backends.tvm import compile  # TVM loads on first use only
 
         self._dense = self._dense or compile(dense, inputs, target=target, verbose=False)
         ms = measure_latencies({"dense": self._dense, "pruned": compile(pruned, inputs, target=target, verbose=False)},
@@ -62,6 +63,7 @@ def plan_measured(model: nn.Module, example_inputs: object, target: object = "cp
     if rounds < 1 or not 0 < tolerance < 1:
         raise SparsefxError(f"rounds={rounds!r} must be at least 1 and tolerance={tolerance!r} in (0, 1)")
     inputs = as_inputs(example_inputs)
+    say = LOG.info if verbose else LOG.debug
     measure = measure or MeasurePair()
     plan_options["cost"] = plan_options.get("cost") or CostModel(target)  # one table read, one drift check
     budget = {"speedup": speedup} if speedup is not None else {"latency_ms": latency_ms}
@@ -76,7 +78,7 @@ def plan_measured(model: nn.Module, example_inputs: object, target: object = "cp
             try:
                 candidate = plan(model, inputs, target=target, speedup=goal, verbose=verbose, **plan_options)
             except SparsefxError as error:  # the corrected goal is beyond what the groups allow
-                _say(verbose, f"stopping: {error}")
+                say(f"stopping: {error}")
                 break
             if any(r["predicted_speedup"] == candidate.predicted["speedup"] for r in records):
                 break  # the same plan again: the groups' steps allow nothing in between
@@ -86,8 +88,8 @@ def plan_measured(model: nn.Module, example_inputs: object, target: object = "cp
                         "planned_ms": planned_ms, "measured_speedup": dense_ms / planned_ms})
         miss = abs(math.log(records[-1]["measured_speedup"] / asked))
         tried.append((miss, candidate))
-        _say(verbose, f"round {round_ + 1}: predicted {candidate.predicted['speedup']:.2f}x, measured "
-                      f"{records[-1]['measured_speedup']:.2f}x ({dense_ms:.3f} -> {planned_ms:.3f} ms), asked {asked:.2f}x")
+        say(f"round {round_ + 1}: predicted {candidate.predicted['speedup']:.2f}x, measured "
+            f"{records[-1]['measured_speedup']:.2f}x ({dense_ms:.3f} -> {planned_ms:.3f} ms), asked {asked:.2f}x")
         if miss <= math.log1p(tolerance):
             break
     best = min(tried, key=lambda t: t[0])[1]
@@ -112,8 +114,3 @@ def _next_goal(points: list[tuple[float, float]], asked: float) -> float:
     if measured <= 1.0 or predicted <= 1.0:
         return predicted * asked / measured
     return 1 + (predicted - 1) * (asked - 1) / (measured - 1)
-
-
-def _say(verbose: bool, message: str) -> None:
-    if verbose:
-        print(f"[sparsefx] {message}", file=sys.stderr, flush=True)

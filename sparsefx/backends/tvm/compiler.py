@@ -18,19 +18,23 @@ import tvm_ffi
 from torch import nn
 from tvm import relax
 
-from sparsefx import __version__
 from sparsefx.backends.tvm import pipeline
+from sparsefx.backends.tvm.bundle import export_bundle
 from sparsefx.backends.tvm.importer import to_relax
 from sparsefx.backends.tvm.kernels import registry as own_kernels
+from sparsefx.backends.tvm.tuning import tune_module
 from sparsefx.capture.trace import as_inputs
 from sparsefx.errors import SparsefxError, one_line
+from sparsefx.log import get_logger
 from sparsefx.target import Target, resolve_target
+from sparsefx.version import __version__
 
 ARTIFACT_VERSION = 1
+LOG = get_logger("tvm")
 
 
 @contextlib.contextmanager
-def _quiet_native_stderr() -> Iterator[None]:
+def quiet_native_stderr() -> Iterator[None]:
     """TVM's C++ runtime logs a warning per constant when saving or loading a VM executable."""
     sys.stderr.flush()
     saved = os.dup(2)
@@ -41,10 +45,6 @@ def _quiet_native_stderr() -> Iterator[None]:
         finally:
             os.dup2(saved, 2)
             os.close(saved)
-
-
-def _log(message: str) -> None:
-    print(f"[sparsefx] {message}", file=sys.stderr, flush=True)
 
 
 def build_module(mod: tvm.IRModule, tvm_target: tvm.target.Target, target: Target) -> tvm.runtime.Executable:
@@ -67,7 +67,7 @@ def compile(model: nn.Module, example_inputs: object, target: object = "cpu", tu
         raise SparsefxError(f"tune must be a trial budget >= 0, got {tune!r}")
     spec = resolve_target(target)
     tvm_target = spec.to_tvm()
-    log = _log if verbose else (lambda _m: None)
+    log = LOG.info if verbose else LOG.debug  # verbose=False keeps the lines for --verbose
     started = time.perf_counter()
     log(f"importing {type(model).__name__} into Relax")
     mod, route = to_relax(model, inputs)
@@ -81,8 +81,6 @@ def compile(model: nn.Module, example_inputs: object, target: object = "cpu", tu
         ran += rewrites
     tuned, tuning = None, {"trials_per_task": 0, "tasks": 0, "tuned_tasks": 0, "seconds": 0.0}
     if tune:  # after dispatch: only what still runs as TIR is worth tuning
-        from sparsefx.backends.tvm.tuning import tune_module
-
         tuned, tuning = tune_module(mod, spec, tvm_target, tune, log)
     log(f"building for {spec}")
     lowering = pipeline.lowering_passes(spec, tvm_target, tuned)
@@ -162,15 +160,13 @@ class CompiledModel:
 
     def export_library(self, path: str | Path) -> Path:
         """The compiled library alone (weights included), loadable by the TVM runtime."""
-        with _quiet_native_stderr():
+        with quiet_native_stderr():
             self.executable.export_library(str(path))
         return Path(path)
 
     def export_bundle(self, path: str | Path, python: str = "3.12", numpy: bool = True) -> Path:
         """A directory (or .tar.gz) that runs this model on a host with Python `python` and no TVM
         compiler: library, TVM runtime libraries, wheels and run.py (see `bundle`)."""
-        from sparsefx.backends.tvm.bundle import export_bundle
-
         return export_bundle(self, path, python, numpy)
 
     def __repr__(self) -> str:
@@ -219,7 +215,7 @@ def load(path: str | Path) -> CompiledModel:
     if manifest["version"] > ARTIFACT_VERSION:
         raise SparsefxError(f"{path} was written by a newer sparsefx (artifact v{manifest['version']}); upgrade")
     try:
-        with _quiet_native_stderr():
+        with quiet_native_stderr():
             library = tvm.runtime.load_module(str(extract / "model.so"))
     except Exception as error:
         raise SparsefxError(f"{path}: cannot load its library ({one_line(error)}); "

@@ -14,7 +14,7 @@ from tvm.relax.frontend.torch import from_exported_program, from_fx
 
 from sparsefx.backends.tvm.sparse.relax import CONVERT_MAP
 from sparsefx.backends.tvm.unbroadcast import unbroadcast_matmul
-from sparsefx.capture.trace import is_aten_graph, trace
+from sparsefx.capture.trace import fx_else_export, is_aten_graph, trace
 from sparsefx.errors import SparsefxError
 
 
@@ -23,26 +23,28 @@ class UnsupportedOpError(SparsefxError):
 
 
 def to_relax(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[tvm.IRModule, str]:
-    """A Relax module whose `main` takes the inputs, weights bound as constants; and the route used."""
+    """A Relax module whose `main` takes the inputs, weights bound as constants; and the route used
+    (torch.fx, else torch.export at the example's fixed shapes: `fx_else_export`)."""
     model = model.eval()
     info = [(tuple(x.shape), str(x.dtype).removeprefix("torch.")) for x in inputs]
-    errors = []
-    try:
+
+    def from_fx_graph(model: nn.Module) -> tvm.IRModule:
         gm = model if isinstance(model, torch.fx.GraphModule) and not is_aten_graph(model) \
             else torch.fx.symbolic_trace(model)
         gm = select_integer_indices(torch.fx.GraphModule(gm, copy.deepcopy(gm.graph)))
         with torch.no_grad():
             mod = from_fx(gm, info, keep_params_as_input=True, unwrap_unit_return_tuple=True,
                           custom_convert_map=FX_CONVERT_MAP)
-        return _bind_params(mod, len(inputs)), "fx"
-    except Exception as error:  # fall through to torch.export, which covers more Python
-        errors.append((error, model if isinstance(model, torch.fx.GraphModule) else None))
-    try:
-        program = torch.export.export(model, inputs, strict=False)
+        return _bind_params(mod, len(inputs))
+
+    def from_program(program: torch.export.ExportedProgram) -> tvm.IRModule:
         with torch.no_grad():
             mod = from_exported_program(program, keep_params_as_input=True, unwrap_unit_return_tuple=True,
-                                         custom_convert_map=FX_CONVERT_MAP)
-        return _bind_params(unbroadcast_matmul(mod), len(inputs)), "export"
+                                        custom_convert_map=FX_CONVERT_MAP)
+        return _bind_params(unbroadcast_matmul(mod), len(inputs))
+
+    try:
+        return fx_else_export(model, inputs, from_fx_graph, from_program, dynamic_batch=False)
     except Exception as error:
         raise _explain(error, model, inputs) from None
 

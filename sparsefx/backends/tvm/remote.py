@@ -16,7 +16,7 @@ import numpy as np
 import tvm
 from tvm import relax, rpc
 
-from sparsefx.backends.tvm.compiler import CompiledModel, _quiet_native_stderr
+from sparsefx.backends.tvm.compiler import CompiledModel, quiet_native_stderr
 from sparsefx.errors import SparsefxError, one_line
 
 
@@ -50,7 +50,7 @@ def upload(session: rpc.RPCSession, executable: object) -> tvm.runtime.Module:
     name = f"sfx-{uuid.uuid4().hex}.so"
     with tempfile.TemporaryDirectory() as tmp:
         library = Path(tmp) / name
-        with _quiet_native_stderr():
+        with quiet_native_stderr():
             executable.export_library(str(library))
         session.upload(str(library))
         return session.load_module(name)
