@@ -12,12 +12,14 @@ __all__ = [
     "PruneError", "SparseConv2d", "SparseLinear", "SparsefxError", "Sparsity", "TraceError", "analyze", "apply_masks", "block_mask",
     "compute_masks", "count_macs", "count_params", "cubic_sparsity", "evaluate", "finetune", "nm_mask", "prune",
     "remove_masks", "sparsify", "to_sparse", "trace", "unstructured_mask", "weight_density",
+    "DSD", "SET", "LotteryTicket", "RegrowthError", "RigL",
 ]
 __version__ = "0.1.0"
 
 # Recovery and evaluation (issue 6): masks, schedules, fine-tuning, per-class evaluation.
 from sparsefx.recovery.evaluate import Evaluation, evaluate  # noqa: E402
 from sparsefx.recovery.finetune import History, finetune  # noqa: E402
+from sparsefx.recovery.regrowth import DSD, SET, LotteryTicket, RegrowthError, RigL  # noqa: E402
 from sparsefx.recovery.schedules import Gradual, GradualPruner, Iterative, OneShot, cubic_sparsity  # noqa: E402
 from sparsefx.sparse.layers import SparseConv2d, SparseLinear  # noqa: E402  (sparse layers: issue 5)
 from sparsefx.sparse.masks import (
