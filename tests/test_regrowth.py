@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+import sparsefx
 from sparsefx import DSD, SET, LotteryTicket, RegrowthError, RigL, Sparsity, finetune, to_sparse
 from sparsefx.recovery.data import batches
 from sparsefx.recovery.regrowth import drop_and_grow, parameters_by_name, unit_counts
@@ -168,12 +169,24 @@ def test_a_lottery_ticket_needs_a_rewind_point(model):
 
 
 def test_to_sparse_after_regrowth_keeps_the_pattern(model):
-    plan = {"fc1": Sparsity(0.25, "block", block=(2, 4)), "fc2": Sparsity(0.5, "nm", m=4)}
+    plan = {"fc1": Sparsity(0.25, "block", block=(4, 4)), "fc2": Sparsity(0.5, "nm", m=4)}
     finetune(model, _loader(), epochs=1, lr=1e-2, pruner=SET(model, plan, every=4, end=100), progress=False)
     sparse = to_sparse(model)
-    assert sparse.fc1.format == "bsr" and sparse.fc1.weight_format.block == (2, 4) and sparse.fc2.format == "nm"
+    assert sparse.fc1.format == "bsr" and sparse.fc1.weight_format.block == (4, 4) and sparse.fc2.format == "nm"
     x = torch.randn(5, 64)
     assert torch.allclose(sparse(x), model(x), atol=1e-5) and model(x).abs().max() > 0.1
+
+
+def test_compiled_regrown_model_runs_sparse_kernels(model):
+    """The path from a moving mask to speed: to_sparse, then sparsefx.compile lowers each masked
+    layer to a sparse TIR kernel (a 'sparse_bsr…' / 'sparse_nm…' call), not a dense matmul."""
+    plan = {"fc1": Sparsity(0.1, "block", block=(1, 4)), "fc2": Sparsity(0.25, "nm", m=4)}
+    finetune(model, _loader(), epochs=1, lr=1e-2, pruner=RigL(model, plan, every=4, end=16), progress=False)
+    x = torch.randn(16, 64)
+    compiled = sparsefx.compile(to_sparse(model), (x,), verbose=False)
+    kernels = sorted(row["name"].split("_")[1] for row in compiled.profile(x, repeat=1) if row["kind"] == "sparse")
+    assert kernels == ["bsr1x4", "nm1x4"]
+    assert torch.allclose(compiled(x), model(x), atol=1e-4) and model(x).abs().max() > 0.1
 
 
 @pytest.mark.parametrize(("call", "message"), [
