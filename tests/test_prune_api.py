@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -99,24 +100,66 @@ def test_ignore_keeps_output_channels(resnet):
     assert pruned.layer1[0].conv1.out_channels == 64 and pruned.layer2[0].conv1.out_channels == 64
 
 
+def _independent_channels(model: torchvision.models.ResNet) -> int:
+    """ResNet-18's prunable channels counted from its modules, one conv per coupled set: the stem (whose
+    width every layer1 block adds to), each stage's downsample (its residual stream) and each block's conv1."""
+    convs = [model.conv1] + [getattr(model, f"layer{i}")[0].downsample[0] for i in (2, 3, 4)]
+    convs += [block.conv1 for i in (1, 2, 3, 4) for block in getattr(model, f"layer{i}")]
+    return sum(conv.out_channels for conv in convs)
+
+
 def test_global_ranking_hits_the_ratio_overall(resnet):
     model, inputs = resnet
     pruned = sparsefx.prune(model, inputs, ratio=0.5, global_ranking=True)
+    dense_count, pruned_count = _independent_channels(model), _independent_channels(pruned)
+    assert dense_count == 64 + 128 + 256 + 512 + 2 * (64 + 128 + 256 + 512)
+    assert pruned_count == pytest.approx(0.5 * dense_count, rel=0.02)  # the ratio over all groups together
     widths = [m.out_channels for m in pruned.modules() if isinstance(m, torch.nn.Conv2d)]
     dense = [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert sum(widths) < sum(dense) and len(set(w / d for w, d in zip(widths, dense, strict=True))) > 2
+    assert len(set(w / d for w, d in zip(widths, dense, strict=True))) > 2  # not the same ratio everywhere
 
 
-@pytest.mark.parametrize("importance", ["l1", "l2", "bn_scale", "taylor", "random"])
-def test_every_importance_prunes(resnet, importance):
-    model, inputs = resnet
-    pruned = sparsefx.prune(model, inputs, ratio=0.5, importance=importance)
-    assert sparsefx.count_params(pruned) < sparsefx.count_params(model)
+def _disagreeing() -> tuple[torch.nn.Module, tuple[torch.Tensor]]:
+    """Four channels the importance methods rank differently (conv row, BN gamma; keep 2):
+    c0 [1, 1, 1], 0.1: L1 3.1, L2 3.01;   c1 [2.5, 0, 0], 0.1: L1 2.6, L2 6.26;
+    c2 [.1, .1, .1], 5: L1 5.3, L2 25.03, but the next conv ignores it (zero Taylor score);
+    c3 [.5, .5, .5], 0.2: L1 1.7, L2 0.79."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1, bias=False), torch.nn.BatchNorm2d(4),
+                                torch.nn.Conv2d(4, 2, 1)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 1, 1], [2.5, 0, 0], [0.1, 0.1, 0.1], [0.5, 0.5, 0.5]]).view(4, 3, 1, 1))
+        model[1].weight.copy_(torch.tensor([0.1, 0.1, 5.0, 0.2]))
+        model[1].bias.zero_()
+        model[2].weight[:, 2] = 0.0
+    return model, (torch.randn(2, 3, 8, 8),)
+
+
+def _kept(pruned: torch.nn.Module) -> set[int]:
+    first_column = [1.0, 2.5, 0.1, 0.5]  # tells the four channels apart
+    return {first_column.index(round(float(w), 4)) for w in pruned[0].weight[:, 0].flatten()}
+
+
+@pytest.mark.parametrize(("importance", "kept"), [("l1", {0, 2}), ("l2", {1, 2}), ("bn_scale", {2, 3})])
+def test_importance_methods_pick_their_own_channels(importance, kept):
+    model, inputs = _disagreeing()
+    assert _kept(sparsefx.prune(model, inputs, ratio=0.5, importance=importance)) == kept
+
+
+def test_taylor_drops_the_channel_the_output_ignores():
+    model, inputs = _disagreeing()
+    kept = _kept(sparsefx.prune(model, inputs, ratio=0.5, importance="taylor"))
+    assert len(kept) == 2 and 2 not in kept  # the largest by every weight norm, but it moves no output
+
+
+def test_random_importance_follows_its_seed():
+    model, inputs = _disagreeing()
+    chosen = {frozenset(_kept(sparsefx.prune(model, inputs, ratio=0.5, importance="random", seed=seed)))
+              for seed in range(6)}
+    assert len(chosen) > 1 and all(len(k) == 2 for k in chosen)
 
 
 def test_custom_importance_callable(resnet):
-    import numpy as np
-
     model, inputs = resnet
 
     def keep_first(gm, coupling, groups, **_):  # prefer removing the last channels
