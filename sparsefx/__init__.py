@@ -10,11 +10,15 @@ from sparsefx.planning.planner import apply, plan
 __all__ = [
     "Analysis", "Evaluation", "Plan", "PlanError", "apply", "plan", "plan_measured", "Gradual", "GradualPruner", "History", "Iterative", "MaskCallback", "OneShot",
     "PruneError", "SparseConv2d", "SparseLinear", "SparsefxError", "Sparsity", "TraceError", "analyze", "apply_masks", "block_mask",
-    "compute_masks", "count_macs", "count_params", "cubic_sparsity", "evaluate", "finetune", "nm_mask", "prune",
-    "remove_masks", "sparsify", "to_sparse", "trace", "unstructured_mask", "weight_density",
+    "compute_masks", "count_macs", "count_params", "cubic_sparsity", "evaluate", "export", "finetune", "load", "nm_mask", "prune",
+    "remove_masks", "save", "sparsify", "to_sparse", "trace", "unstructured_mask", "weight_density",
     "DSD", "SET", "LotteryTicket", "RegrowthError", "RigL",
 ]
 __version__ = "0.1.0"
+
+# Saving and loading pruned models without pickle, exports (issue 23).
+from sparsefx.backends.export import export  # noqa: E402
+from sparsefx.io import load, save  # noqa: E402
 
 # Recovery and evaluation (issue 6): masks, schedules, fine-tuning, per-class evaluation.
 from sparsefx.recovery.evaluate import Evaluation, evaluate  # noqa: E402
@@ -37,8 +41,9 @@ from sparsefx.sparse.sparsify import sparsify, to_sparse  # noqa: E402
 
 
 def __getattr__(name: str) -> object:
-    """`sparsefx.compile`, `sparsefx.load` and `sparsefx.CompiledModel` load TVM on first use only."""
-    if name in ("compile", "load", "CompiledModel"):
+    """`sparsefx.compile` and `sparsefx.CompiledModel` load TVM on first use only (so does `load`
+    of a compiled artifact)."""
+    if name in ("compile", "CompiledModel"):
         from sparsefx.backends import tvm as backend
 
         return getattr(backend, name)
