@@ -57,7 +57,7 @@ def _timed(models: dict, inputs: tuple, rounds: int, per_round: int) -> dict[str
 
 def compare(model: torch.nn.Module, inputs: tuple, speedup: float, target: object, rounds: int) -> dict:
     import sparsefx
-    from sparsefx.channels.prune import _global_counts
+    from sparsefx.channels.select import global_counts
     from sparsefx.cost.model import CostModel
     from sparsefx.planning.planner import Planner
 
@@ -66,8 +66,8 @@ def compare(model: torch.nn.Module, inputs: tuple, speedup: float, target: objec
     planner = Planner(model, inputs, cost=CostModel(target))
     goal_ms = planned.predicted["planned_ms"]
     uniform_r = _bisect(lambda r: planner.evaluate(planner.uniform(r)), goal_ms)
-    global_counts = lambda r: _global_counts(planner.groups, planner.scores, lambda g: r)
-    global_r = _bisect(lambda r: planner.evaluate(global_counts(r)), goal_ms)
+    global_counts_at = lambda r: global_counts(planner.groups, planner.scores, lambda g: r)
+    global_r = _bisect(lambda r: planner.evaluate(global_counts_at(r)), goal_ms)
     variants = {
         "cost-driven": (sparsefx.apply(model, planned, inputs), planned.predicted["importance_retained"], goal_ms),
         "cost-driven, measured": (sparsefx.apply(model, remeasured, inputs), remeasured.predicted["importance_retained"],
@@ -75,7 +75,7 @@ def compare(model: torch.nn.Module, inputs: tuple, speedup: float, target: objec
         "uniform": (sparsefx.prune(model, inputs, ratio=uniform_r), planner.retained(planner.uniform(uniform_r)),
                     planner.evaluate(planner.uniform(uniform_r))),
         "MACs-global": (sparsefx.prune(model, inputs, ratio=global_r, global_ranking=True),
-                        planner.retained(global_counts(global_r)), planner.evaluate(global_counts(global_r))),
+                        planner.retained(global_counts_at(global_r)), planner.evaluate(global_counts_at(global_r))),
     }
     compiled = {"dense": sparsefx.compile(model, inputs, target=target, verbose=False)}
     for name, (pruned, _, _) in variants.items():

@@ -14,6 +14,8 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import torch
+
 from sparsefx.errors import SparsefxError
 
 # Nominal FP32 (non-tensor-core) TFLOP/s and HBM GB/s of common data-centre parts, by arch.
@@ -22,7 +24,6 @@ CUDA_ARCHS = {
     "sm_86": ("A10", 31.2, 600), "sm_89": ("L4", 30.3, 300), "sm_90": ("H100", 67.0, 3350),
     "sm_90a": ("H100", 67.0, 3350), "sm_100": ("B200", 80.0, 8000), "sm_120": ("RTX 5090", 104.8, 1792),
 }
-TARGET_NAMES = ("cpu", "llvm", "cuda")
 
 
 def cache_dir() -> Path:
@@ -140,8 +141,6 @@ def with_measured_peaks(target: Target) -> Target:
 
 
 def _measure_cpu_peaks() -> tuple[float, float]:
-    import torch
-
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     src, dst = torch.randn(32 * 2**20 // 4), torch.empty(32 * 2**20 // 4)
     flops, copies = [], []
@@ -160,8 +159,6 @@ def with_threads(target: Target, threads: int | None) -> Target:
     kernels are measured and compiled for the same core count (1 on a busy machine)."""
     if not threads or target.is_gpu:
         return target
-    import torch
-
     os.environ["TVM_NUM_THREADS"] = str(threads)  # TVM's runtime thread pool reads it at start
     torch.set_num_threads(threads)
     return replace(target, cores=threads)

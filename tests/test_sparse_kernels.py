@@ -84,7 +84,7 @@ def test_cpu_kernels_match_dense() -> None:
 
 
 def test_batched_convs_run_as_one_wide_problem() -> None:
-    flat = [s for s in SPECS if sparse_kernels._flat(s)]
+    flat = [s for s in SPECS if sparse_kernels.runs_flat(s)]
     assert len(flat) == 9 and all(s.batch > 1 and s.width % sparse_kernels.LANES for s in flat)
 
 
@@ -102,7 +102,7 @@ def test_compiled_batched_conv_at_7x7_matches_reference() -> None:
 def test_cuda_kernel_loops_match_dense_when_run_serially() -> None:
     """The CUDA kernels with their thread loops serial: checks their indexing on the CPU."""
     specs = [s for s in SPECS if s.width > 1]
-    funcs = {f"k{i}": (sparse_kernels._bsr_cuda if s.fmt == "bsr" else sparse_kernels._nm_cuda)(s, bind=False)
+    funcs = {f"k{i}": (sparse_kernels.bsr_cuda if s.fmt == "bsr" else sparse_kernels.nm_cuda)(s, bind=False)
              .with_attr("global_symbol", f"k{i}") for i, s in enumerate(specs)}
     lib = tvm.compile(tvm.IRModule(funcs), resolve_target("cpu").to_tvm())
     for i, spec in enumerate(specs):

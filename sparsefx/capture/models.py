@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torchvision.models
 from torch import nn
 
 from sparsefx.errors import SparsefxError
@@ -103,8 +104,6 @@ def load_model(
 
 def _bare_name_hint(spec: str) -> str:
     """Point at the prefix when someone types a torchvision name on its own."""
-    import torchvision.models
-
     if spec in torchvision.models.list_models(module=torchvision.models):
         return f" (did you mean 'torchvision:{spec}'?)"
     return ""
@@ -113,8 +112,6 @@ def _bare_name_hint(spec: str) -> str:
 def _load_torchvision(
     name: str, batch_size: int, shape: tuple[int, ...] | None
 ) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
-    import torchvision.models
-
     names = torchvision.models.list_models(module=torchvision.models)
     if name not in names:
         close = difflib.get_close_matches(name, names, n=1)

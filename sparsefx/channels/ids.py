@@ -34,9 +34,6 @@ class Factor:
         return np.moveaxis(self.ids, k, 0).reshape(self.ids.shape[k], -1)
 
 
-ChanMap = list  # list[Factor]; tuple of ChanMaps for tuple outputs; None for non-tensors
-
-
 class ChannelIds:
     """Union-find over channel ids with a 'frozen' flag (and its reason) per class."""
 

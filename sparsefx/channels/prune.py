@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import difflib
-import math
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -18,11 +16,10 @@ from sparsefx.capture.annotate import total_macs
 from sparsefx.capture.trace import as_inputs, trace
 from sparsefx.channels import importance as importance_mod
 from sparsefx.channels.attention import split_attention
-from sparsefx.channels.coupling import PRODUCER_ROLES, ChannelGroup, Coupling, analyze_coupling
+from sparsefx.channels.coupling import ChannelGroup, Coupling, analyze_coupling
 from sparsefx.channels.remove import remove_channels
+from sparsefx.channels.select import Ratio, as_names, check_names, ignored, ratio_rule, select
 from sparsefx.errors import PruneError
-
-Ratio = float | dict[str, float]
 
 
 @dataclass
@@ -99,27 +96,56 @@ def prune(
     the model's own class when its forward still holds after removal, otherwise the
     rewritten `torch.fx.GraphModule` (its shape constants patched).
     """
-    ratio_of = _ratio_rule(ratio)
-    score = importance_mod.resolve(importance)
+    ratio_of = ratio_rule(ratio)
     if not isinstance(round_to, int) or round_to < 1:
         raise PruneError(f"round_to must be a positive integer, got {round_to!r}")
+    ratio_names = [k for k in ratio if k != "*"] if isinstance(ratio, dict) else []
+    scored = score_groups(model, example_inputs, importance, method, ignore, ratio_names,
+                          keep=lambda group: ratio_of(group) > 0, **importance_options)
+    if not scored.groups:
+        warnings.warn(f"sparsefx: nothing to prune in {type(model).__name__}: no channel group is both prunable "
+                      "and selected (see sparsefx inspect); returning an unchanged copy", stacklevel=2)
+        return scored.work.train(model.training)
+    removed = select(scored.groups, scored.scores, ratio_of, round_to, global_ranking)
+    return scored.remove(removed).train(model.training)
+
+
+@dataclass
+class Scored:
+    """A working copy of a model traced, its channels coupled and the selectable groups scored:
+    where `prune`, the planner and `planning.apply` all start; `remove` finishes the job."""
+
+    work: nn.Module
+    gm: torch.fx.GraphModule
+    coupling: Coupling
+    inputs: tuple
+    groups: list[ChannelGroup]
+    scores: dict[int, np.ndarray]
+    ignore: list[str]
+
+    def remove(self, removed: set[int]) -> nn.Module:
+        return remove(self.work, self.gm, self.coupling, removed, self.inputs)
+
+
+def score_groups(model: nn.Module, example_inputs: object, importance: str | Callable = "l1", method: str = "auto",
+                 ignore: str | Iterable[str] = (), ratio_names: Iterable[str] = (),
+                 keep: Callable[[ChannelGroup], bool] = lambda group: True,
+                 **importance_options: object) -> Scored:
+    """Trace a working copy of `model`, couple its channels and score every prunable group that
+    `keep` accepts and no module in `ignore` produces. `ignore` and `ratio_names` must name
+    modules of the model (one-line PruneError with the closest name otherwise)."""
+    score = importance_mod.resolve(importance)
     inputs = as_inputs(example_inputs)
-    ignore = [ignore] if isinstance(ignore, str) else list(ignore)
+    ignore = as_names(ignore)
     work = working_copy(model)
     gm = trace(work, inputs, method)
     names = [n for n, _ in work.named_modules() if n] + [n for n, _ in gm.named_modules() if n]
-    _check_names(ignore, names, "ignore")
-    if isinstance(ratio, dict):
-        _check_names([k for k in ratio if k != "*"], names, "ratio")
+    check_names(ignore, names, "ignore")
+    check_names(list(ratio_names), names, "ratio")
     coupling = analyze_coupling(gm)
-    candidates = [g for g in coupling.groups if g.prunable and not _ignored(g, ignore) and ratio_of(g) > 0]
-    if not candidates:
-        warnings.warn(f"sparsefx: nothing to prune in {type(model).__name__}: no channel group is both prunable "
-                      "and selected (see sparsefx inspect); returning an unchanged copy", stacklevel=2)
-        return work.train(model.training)
-    scores = score(gm, coupling, candidates, example_inputs=inputs, **importance_options)
-    removed = select(candidates, scores, ratio_of, round_to, global_ranking)
-    return remove(work, gm, coupling, removed, inputs).train(model.training)
+    groups = [g for g in coupling.groups if g.prunable and not ignored(g, ignore) and keep(g)]
+    scores = score(gm, coupling, groups, example_inputs=inputs, **importance_options) if groups else {}
+    return Scored(work, gm, coupling, inputs, groups, scores, ignore)
 
 
 def remove(work: nn.Module, gm: torch.fx.GraphModule, coupling: Coupling, removed: set[int],
@@ -129,101 +155,6 @@ def remove(work: nn.Module, gm: torch.fx.GraphModule, coupling: Coupling, remove
     code_before = gm.code
     remove_channels([gm, work], coupling, removed)
     return _choose_result(work, gm, inputs, graph_changed=gm.code != code_before)
-
-
-def _ratio_rule(ratio: Ratio) -> Callable[[ChannelGroup], float]:
-    values = ratio.values() if isinstance(ratio, dict) else [ratio]
-    for value in values:
-        if not isinstance(value, (int, float)) or not 0 <= value < 1:
-            raise PruneError(f"ratio must be in [0, 1), got {value!r}; 0.5 removes half of each group's channels")
-    if not isinstance(ratio, dict):
-        return lambda group: float(ratio)
-
-    def ratio_of(group: ChannelGroup) -> float:
-        best, best_len = ratio.get("*", 0.0), -1
-        for slot in group.producers():
-            for key, value in ratio.items():
-                if key != "*" and _under(slot.layer, key) and len(key) > best_len:
-                    best, best_len = value, len(key)
-        return float(best)
-
-    return ratio_of
-
-
-def _under(name: str, prefix: str) -> bool:
-    return name == prefix or name.startswith(prefix + ".")
-
-
-def _check_names(wanted: list[str], names: list[str], what: str) -> None:
-    known = set(names)
-    for name in wanted:
-        if not isinstance(name, str) or not any(_under(n, name) for n in known):
-            close = difflib.get_close_matches(str(name), sorted(known), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else "; see `sparsefx inspect` for module names"
-            raise PruneError(f"{what} names module {name!r}, which is not in the model{hint}")
-
-
-def _ignored(group: ChannelGroup, ignore: list[str]) -> bool:
-    return any(_under(slot.layer, name) for slot in group.producers() for name in ignore)
-
-
-def select(groups: list[ChannelGroup], scores: dict[int, np.ndarray], ratio_of: Callable[[ChannelGroup], float],
-           round_to: int = 1, global_ranking: bool = False) -> set[int]:
-    """Classes to remove: per group the lowest-scored `ratio`, or one global ranking."""
-    counts = _global_counts(groups, scores, ratio_of) if global_ranking else {
-        g.id: math.floor(len(g.free) * ratio_of(g)) for g in groups}
-    removed: set[int] = set()
-    for group in groups:
-        count = _rounded(group, counts[group.id], round_to)
-        ranked = sorted(zip(group.free, _free_scores(group, scores), strict=True), key=lambda pair: pair[1])
-        removed.update(root for root, _ in ranked[:count])
-    return removed
-
-
-def _free_scores(group: ChannelGroup, scores: dict[int, np.ndarray]) -> np.ndarray:
-    """Scores of the group's removable units, in `group.free` order."""
-    index = {root: i for i, root in enumerate(group.classes)}
-    return np.array([scores[group.id][index[r]] for r in group.free], dtype=float)
-
-
-def _class_width(group: ChannelGroup) -> int:
-    """Channels one unit removes from the group's first producer (1, or a head's width)."""
-    slot = next(s for s in group.slots if group.slot_objs[s].roles & PRODUCER_ROLES)
-    return len(group.members[group.classes[0]][slot])
-
-
-def _rounded(group: ChannelGroup, count: int, round_to: int) -> int:
-    """Remove fewer so that the kept channel count is a multiple of round_to."""
-    count = min(count, len(group.free) - 1)
-    if round_to == 1 or count <= 0:
-        return max(count, 0)
-    width = _class_width(group)
-    step = round_to // math.gcd(round_to, width)
-    keep = min(len(group.classes), math.ceil((len(group.classes) - count) / step) * step)
-    return max(0, min(len(group.classes) - keep, len(group.free) - 1))
-
-
-def _global_counts(groups: list[ChannelGroup], scores: dict[int, np.ndarray],
-                   ratio_of: Callable[[ChannelGroup], float]) -> dict[int, int]:
-    """One ranking over all groups (scores normalised by each group's mean), removing
-    `ratio` of all free channels; every group keeps at least one unit."""
-    entries = []
-    for group in groups:
-        free_scores = _free_scores(group, scores)
-        scale = free_scores.mean() or 1.0
-        width = _class_width(group)
-        entries += [(s / scale, group.id, width) for s in free_scores]
-    budget = sum(ratio_of(g) * _class_width(g) * len(g.free) for g in groups)
-    counts = dict.fromkeys((g.id for g in groups), 0)
-    limit = {g.id: len(g.free) - 1 for g in groups}
-    spent = 0.0
-    for _, gid, width in sorted(entries):
-        if spent + width > budget:
-            break
-        if counts[gid] < limit[gid]:
-            counts[gid] += 1
-            spent += width
-    return counts
 
 
 def _choose_result(work: nn.Module, gm: torch.fx.GraphModule, inputs: tuple, graph_changed: bool) -> nn.Module:

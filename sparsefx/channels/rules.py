@@ -21,7 +21,7 @@ from torch import nn
 
 from sparsefx.capture.annotate import node_arg, target_key
 from sparsefx.channels import layout
-from sparsefx.channels.coupling import Ctx, TensorInfo, describe_node
+from sparsefx.channels.context import Ctx, TensorInfo, describe_node
 from sparsefx.channels.ids import Factor
 
 aten = torch.ops.aten

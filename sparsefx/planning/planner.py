@@ -28,16 +28,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from sparsefx.capture.trace import as_inputs, trace
-from sparsefx.channels import importance as importance_mod
 from sparsefx.channels.coupling import ChannelGroup, Coupling
-from sparsefx.channels.prune import _check_names, _ignored, _under, analyze, remove, working_copy
+from sparsefx.channels.prune import score_groups
+from sparsefx.channels.select import under
 from sparsefx.cost.latency import analyze_fusion, dense_kernels, priced_kernels
 from sparsefx.cost.model import CostModel, Kernel
 from sparsefx.cost.shrink import ShrinkModel, removal_order
 from sparsefx.errors import SparsefxError
 from sparsefx.planning.plan import GRANULARITIES, Entry, Plan, PlanError
 from sparsefx.planning.sparse_options import SparseOption, candidates, layer_weights, sparse_options
+from sparsefx.sparse.masks import Sparsity
+from sparsefx.sparse.sparsify import sparsify
 
 LOOKAHEAD = 4  # moves considered per group: the next few fast sizes, to see past flat steps
 
@@ -137,17 +138,13 @@ class Planner:
     def __init__(self, model: nn.Module, example_inputs: object, target: object = "cpu",
                  importance: str = "l1", ignore: Iterable[str] = (), cost: CostModel | None = None,
                  by_macs: bool = False, require_groups: bool = True) -> None:
-        self.inputs = as_inputs(example_inputs)
-        ignore = [ignore] if isinstance(ignore, str) else list(ignore)
-        analysis = analyze(model, self.inputs)
-        self.gm, self.coupling = analysis.gm, analysis.coupling
-        _check_names(ignore, [n for n, _ in self.gm.named_modules() if n], "ignore")
-        self.groups = [g for g in self.coupling.groups if g.prunable and not _ignored(g, ignore)]
-        self.ignored_layers = {n for n, _ in self.gm.named_modules() if any(_under(n, i) for i in ignore)}
+        scored = score_groups(model, example_inputs, importance, ignore=ignore)
+        self.inputs, self.gm, self.coupling = scored.inputs, scored.gm, scored.coupling
+        self.groups, self.scores = scored.groups, scored.scores
+        self.ignored_layers = {n for n, _ in self.gm.named_modules() if any(under(n, i) for i in scored.ignore)}
         if not self.groups and require_groups:
             raise SparsefxError(f"{type(model).__name__} has no prunable channel group (see sparsefx inspect)")
         self.importance = importance
-        self.scores = importance_mod.resolve(importance)(self.gm, self.coupling, self.groups, example_inputs=self.inputs)
         self.orders = {g.id: removal_order(g, self.scores[g.id]) for g in self.groups}
         self.losses = {g.id: np.r_[0.0, np.cumsum(_unit_losses(self.gm, self.coupling, g, self.scores[g.id],
                                                                 self.orders[g.id]))] for g in self.groups}
@@ -392,25 +389,19 @@ def apply(model: nn.Module, plan: Plan | str, example_inputs: object) -> nn.Modu
         raise PlanError(f"the plan was made for another model ({plan.model.get('class')} "
                         f"{plan.model.get('fingerprint')}), not this {type(model).__name__} ({mine}); "
                         "re-run sparsefx plan on this model")
-    inputs = as_inputs(example_inputs)
-    work = working_copy(model)
-    gm = trace(work, inputs, "auto")
-    from sparsefx.channels.coupling import analyze_coupling
-
-    coupling = analyze_coupling(gm)
-    by_name = {group_name(g): g for g in coupling.groups if g.prunable}
     channel = [e for e in plan.entries if e.granularity == "channel"]
+    named = {e.name for e in channel}
+    scored = score_groups(model, example_inputs, plan.importance, keep=lambda group: group_name(group) in named)
+    by_name = {group_name(g): g for g in scored.groups}
+    removed: set[int] = set()
     for entry in channel:
         if entry.name not in by_name:
             raise PlanError(f"plan entry {entry.name!r} names no prunable channel group of this model; "
                             "see sparsefx inspect for the groups, or re-plan")
-    groups = [by_name[e.name] for e in channel]
-    scores = importance_mod.resolve(plan.importance)(gm, coupling, groups, example_inputs=inputs)
-    removed: set[int] = set()
-    for entry, group in zip(channel, groups):
+        group = by_name[entry.name]
         units = min(round(entry.ratio * len(group.classes)), len(group.free) - 1)
-        removed.update(removal_order(group, scores[group.id])[:units])
-    result = remove(work, gm, coupling, removed, inputs) if removed else work
+        removed.update(removal_order(group, scored.scores[group.id])[:units])
+    result = scored.remove(removed) if removed else scored.work
     sparse = [e for e in plan.entries if e.granularity != "channel"]
     if sparse:
         result = _sparsify(result, sparse)
@@ -418,8 +409,5 @@ def apply(model: nn.Module, plan: Plan | str, example_inputs: object) -> nn.Modu
 
 
 def _sparsify(model: nn.Module, entries: list[Entry]) -> nn.Module:
-    from sparsefx.sparse.masks import Sparsity
-    from sparsefx.sparse.sparsify import sparsify
-
     specs = {e.name: Sparsity(e.density, e.granularity, tuple(e.block or (1, 4)), e.m or 4) for e in entries}
     return sparsify(model, specs)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from sparsefx.errors import SparsefxError
-from sparsefx.sparse.masks import Sparsity, _check_block, _check_m
+from sparsefx.sparse.masks import Sparsity, check_block, check_m
 
 BLOCKS = ((32, 1), (16, 1), (4, 4), (1, 16), (8, 1), (1, 8), (4, 1), (1, 4), (2, 2), (2, 1), (1, 2))
 """Block shapes `detect` tries, largest first: the first one the mask is constant over wins."""
@@ -50,7 +50,7 @@ class BSR:
     @classmethod
     def from_dense(cls, weight: torch.Tensor, block: tuple[int, int], mask: torch.Tensor | None = None) -> BSR:
         """The blocks of `weight` (times `mask`) that hold any nonzero."""
-        _check_block(weight, block)
+        check_block(weight, block)
         matrix = _matrix(weight if mask is None else weight * mask.to(weight.dtype))
         (rows, cols), (br, bc) = matrix.shape, block
         blocks = matrix.reshape(rows // br, br, cols // bc, bc).permute(0, 2, 1, 3)
@@ -89,7 +89,7 @@ class NM:
         or the n largest magnitudes without a mask."""
         if not isinstance(n, int) or not isinstance(m, int) or not 1 <= n < m:
             raise SparsefxError(f"N:M sparsity needs integers 1 <= N < M, got {n}:{m}")
-        _check_m(weight, m)
+        check_m(weight, m)
         matrix = _matrix(weight)
         rows, cols = matrix.shape
         groups = matrix.reshape(rows, cols // m, m)

@@ -42,7 +42,8 @@ def _check_density(density: float) -> None:
         raise SparsefxError(f"density must be in (0, 1] (the fraction of weights kept), got {density!r}")
 
 
-def _check_block(weight: torch.Tensor, block: tuple[int, int]) -> None:
+def check_block(weight: torch.Tensor, block: tuple[int, int]) -> None:
+    """One-line error unless `block` is (rows, cols) that tile the weight's matrix (masks and formats)."""
     if not isinstance(block, (tuple, list)) or len(block) != 2 or not all(isinstance(b, int) and b >= 1 for b in block):
         raise SparsefxError(f"block must be two positive integers (rows, cols), got {block!r}")
     (rows, cols), (br, bc) = _shape(weight), block
@@ -51,7 +52,8 @@ def _check_block(weight: torch.Tensor, block: tuple[int, int]) -> None:
                             f"(shape {tuple(weight.shape)}); choose a block whose sides divide both")
 
 
-def _check_m(weight: torch.Tensor, m: int) -> None:
+def check_m(weight: torch.Tensor, m: int) -> None:
+    """One-line error unless N:M groups of `m` divide the weight's input size (masks and formats)."""
     cols = _shape(weight)[1]
     if cols % m:
         raise SparsefxError(f"M={m} does not divide the input size {cols} of weight "
@@ -79,7 +81,7 @@ def unstructured_mask(weight: torch.Tensor, density: float) -> torch.Tensor:
 def block_mask(weight: torch.Tensor, block: tuple[int, int] = (1, 4), density: float = 0.5) -> torch.Tensor:
     """Keep the `density` fraction of (rows × cols) blocks with the largest L1 norm."""
     _check_density(density)
-    _check_block(weight, block)
+    check_block(weight, block)
     matrix = _matrix(weight)
     (rows, cols), (br, bc) = matrix.shape, block
     scores = matrix.reshape(rows // br, br, cols // bc, bc).sum(dim=(1, 3))
@@ -91,7 +93,7 @@ def nm_mask(weight: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
     """Keep the `n` largest of every `m` consecutive weights along a row (N:M sparsity)."""
     if not isinstance(n, int) or not isinstance(m, int) or not 1 <= n < m:
         raise SparsefxError(f"N:M sparsity needs integers 1 <= N < M, got {n}:{m}")
-    _check_m(weight, m)
+    check_m(weight, m)
     matrix = _matrix(weight)
     groups = matrix.reshape(matrix.shape[0], -1, m)
     keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, groups.topk(n, dim=2).indices, True)
@@ -130,7 +132,7 @@ class Sparsity:
             n = round(self.density * self.m)
             if n < self.m:
                 return nm_mask(weight, n, self.m)
-            _check_m(weight, self.m)  # a dense start of a schedule still checks the plan fits
+            check_m(weight, self.m)  # a dense start of a schedule still checks the plan fits
         elif self.pattern == "block":
             return block_mask(weight, self.block, self.density)
         elif self.density < 1:

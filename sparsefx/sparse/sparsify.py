@@ -19,8 +19,6 @@ from sparsefx.sparse.formats import detect, from_dense
 from sparsefx.sparse.layers import SparseConv2d, SparseLinear
 from sparsefx.sparse.masks import Sparsity, current_masks
 
-SPARSE_LAYERS = (SparseLinear, SparseConv2d)
-
 
 def _check(name: str, layer: nn.Module) -> None:
     if isinstance(layer, nn.Linear):

@@ -7,7 +7,7 @@ the nonzero count are compile-time constants: weights are constants of the model
 
 CPU: parallel over (batch, column tile, block row), or over (column tile, block row) of D
 copied to (cols, batch·width) where a batch's width is not whole vectors (7×7 or 14×14 convs,
-`_flat`); the inner loop runs over a block row's nonzero blocks and is vectorised over a tile
+`runs_flat`); the inner loop runs over a block row's nonzero blocks and is vectorised over a tile
 of whole 16-lane vectors of D's columns (the last vector shifted back to end at the width),
 so each weight is one broadcast and each D load feeds up to a whole block column of
 accumulators. Width 1 (a GEMV, Linear at one token) vectorises over the block instead, with
@@ -25,7 +25,7 @@ from tvm.script import tirx as T
 OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps must not fuse into a hand-scheduled kernel
 LANES = 16  # fp32 lanes of one AVX-512 register
 VECS = 4  # D vectors (of LANES columns) per CPU tile
-FLAT_VECS = 3  # the same for a batch run as one wide problem (`_flat`): 16×1 and 32×1 blocks then take 8-row
+FLAT_VECS = 3  # the same for a batch run as one wide problem (`runs_flat`): 16×1 and 32×1 blocks then take 8-row
 # tiles (24 accumulators, 3 D loads per 24 FMAs): 1.2-1.3× faster than 4 vectors on 512->2048 @7×7 at batch 8
 ACCS = 24  # accumulator registers per CPU tile (of 32: the rest hold D vectors and a weight)
 CHUNK = 256  # columns of D per N:M chunk (256 × 64 floats: 64 KiB, L2-resident)
@@ -69,9 +69,9 @@ def kernel(spec: KernelSpec, target: tvm.target.Target) -> tvm.tirx.PrimFunc:
     if spec.transpose_out and spec.batch != 1:
         raise ValueError("transpose_out needs batch 1")
     if spec.fmt == "bsr":
-        make = _bsr_cuda if gpu else (_bsr_gemv_cpu if spec.width == 1 else _bsr_spmm_cpu)
+        make = bsr_cuda if gpu else (_bsr_gemv_cpu if spec.width == 1 else _bsr_spmm_cpu)
     else:
-        make = _nm_cuda if gpu else (_nm_gemv_cpu if spec.width == 1 else _nm_spmm_cpu)
+        make = nm_cuda if gpu else (_nm_gemv_cpu if spec.width == 1 else _nm_spmm_cpu)
     return make(spec).with_attr({"op_pattern": OPAQUE, "tirx.is_scheduled": True, "tirx.noalias": True})
 
 
@@ -115,7 +115,7 @@ def _store(spec: KernelSpec):  # noqa: ANN202 (returns a TVMScript macro)
     return store
 
 
-def _flat(s: KernelSpec) -> bool:
+def runs_flat(s: KernelSpec) -> bool:
     """Whether the CPU SpMM runs the batch as one wide problem: D repacked to (cols, batch·width)
     so that vectors run across images. Only where width is not whole vectors (a 7×7 or 14×14
     conv): width 49 is 4 vectors per image (64 columns computed for 49), 392 at batch 8 is 25."""
@@ -135,7 +135,7 @@ def _spread_store(s: KernelSpec, lanes: int):  # noqa: ANN202 (returns a TVMScri
     """Store accumulator vector (r, v) of row n at flat column q of (batch·width): one vector
     store, or lane by lane where the vector spans two images (one vector per image boundary).
     A no-op where the kernel is not flat (its branch is dead, but must still parse)."""
-    if not _flat(s):
+    if not runs_flat(s):
         @T.macro
         def skip(out, n, q, acc, r, v):  # noqa: ANN001, ANN202
             T.evaluate(0)
@@ -167,12 +167,12 @@ def _bsr_spmm_cpu(s: KernelSpec) -> tvm.tirx.PrimFunc:
     """A task owns up to VECS whole vectors of D's columns (`_vectors`) and a group of block
     rows: a ragged vector (width 49 = 3·16 + 1 as one 49-lane vector) made LLVM split the
     accumulators into scalars and spill them to the stack on every step (5-10× slower). A batch
-    whose width is not whole vectors runs as one problem of width batch·width (`_flat`): D is
+    whose width is not whole vectors runs as one problem of width batch·width (`runs_flat`): D is
     copied to (cols, batch·width) and a vector that spans two images is stored lane by lane."""
     (br, bc), nrb = s.block, s.rows // s.block[0]
     group = _group(s, br)
     bpg, ngroups = group // br, s.rows // group
-    flat = _flat(s)
+    flat = runs_flat(s)
     width = s.batch * s.width if flat else s.width
     lanes, nv, ntiles, tailv = _vectors(width, FLAT_VECS if flat else VECS)
     staged = s.transpose_out
@@ -288,13 +288,13 @@ def _nm_spmm_cpu(s: KernelSpec) -> tvm.tirx.PrimFunc:
     """A task owns `group` rows and walks the columns in chunks of CHUNK: the rows of D a
     chunk touches (CHUNK × tile floats) stay in L2 for every row of the group, where a
     whole-row walk would stream all of D from L3 once per row. D's columns are cut into whole
-    vectors, and a batch run as one wide problem (`_flat`), as in `_bsr_spmm_cpu`."""
+    vectors, and a batch run as one wide problem (`runs_flat`), as in `_bsr_spmm_cpu`."""
     n, m = s.block
     group = next(g for g in (LANES, 8, 4, 2, 1) if s.rows % g == 0)
     ngroups = s.rows // group
     per_chunk = next(c for c in range(max(1, CHUNK // m), 0, -1) if (s.cols // m) % c == 0)  # groups of m
     store = _store(s)
-    flat = _flat(s)
+    flat = runs_flat(s)
     width = s.batch * s.width if flat else s.width
     lanes, nv, ntiles, tailv = _vectors(width)
     spread = _spread_store(s, lanes)
@@ -418,7 +418,7 @@ def _cuda_grid(s: KernelSpec, bind: bool):  # noqa: ANN202 (TVMScript loop maker
     return threads, blocks, _store(s), outer, inner
 
 
-def _bsr_cuda(s: KernelSpec, bind: bool = True) -> tvm.tirx.PrimFunc:
+def bsr_cuda(s: KernelSpec, bind: bool = True) -> tvm.tirx.PrimFunc:
     """Thread (row, column): walks its block row. `bind=False` gives the same loops serial,
     which runs on the CPU so tests can check the CUDA kernel's indexing without a GPU."""
     (br, bc), nrb = s.block, s.rows // s.block[0]
@@ -444,7 +444,7 @@ def _bsr_cuda(s: KernelSpec, bind: bool = True) -> tvm.tirx.PrimFunc:
     return f
 
 
-def _nm_cuda(s: KernelSpec, bind: bool = True) -> tvm.tirx.PrimFunc:
+def nm_cuda(s: KernelSpec, bind: bool = True) -> tvm.tirx.PrimFunc:
     n, m = s.block
     threads, blocks, store, outer, inner = _cuda_grid(s, bind)
 
