@@ -17,6 +17,7 @@ from sparsefx.capture.trace import as_inputs, trace
 from sparsefx.channels import importance as importance_mod
 from sparsefx.channels.attention import split_attention
 from sparsefx.channels.coupling import ChannelGroup, Coupling, analyze_coupling
+from sparsefx.channels.record import attach, history, removal_step
 from sparsefx.channels.remove import remove_channels
 from sparsefx.channels.select import Ratio, as_names, check_names, ignored, ratio_rule, select
 from sparsefx.errors import PruneError
@@ -151,10 +152,13 @@ def score_groups(model: nn.Module, example_inputs: object, importance: str | Cal
 def remove(work: nn.Module, gm: torch.fx.GraphModule, coupling: Coupling, removed: set[int],
            inputs: tuple) -> nn.Module:
     """Remove the classes `removed` from `work` (a working copy) and its trace `gm`; returns
-    the module to hand back (see `_choose_result`)."""
+    the module to hand back (see `_choose_result`), carrying the removal record `sparsefx.save` writes."""
+    record, step = history(work), removal_step(coupling, removed, inputs, gm.meta.get("sfx_method", "fx"))
     code_before = gm.code
     remove_channels([gm, work], coupling, removed)
-    return _choose_result(work, gm, inputs, graph_changed=gm.code != code_before)
+    result = _choose_result(work, gm, inputs, graph_changed=gm.code != code_before)
+    record["steps"].append({**step, "result": "graph" if result is gm else "module"})
+    return attach(result, record)
 
 
 def _choose_result(work: nn.Module, gm: torch.fx.GraphModule, inputs: tuple, graph_changed: bool) -> nn.Module:

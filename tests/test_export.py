@@ -1,0 +1,65 @@
+"""sparsefx.export: pruned models to ONNX (checked in ONNX Runtime) and to torch.export archives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparsefx
+from sparsefx.backends.export import ExportError, onnx_error
+from sparsefx.capture.compare import TOLERANCE, calibrate_norm_statistics, check_reference, first_tensor
+from sparsefx.capture.models import load_model
+from tests import persist_models
+
+
+def _torchvision(name: str):
+    model, _ = load_model(f"torchvision:{name}")
+    inputs = (torch.randn(1, 3, 64, 64),)
+    calibrate_norm_statistics(model, inputs)  # random init: MobileNetV2's output is 1e-11 without it
+    return sparsefx.prune(model, inputs, 0.5), inputs
+
+
+PRUNED = {"resnet18": lambda: _torchvision("resnet18"), "mobilenet_v2": lambda: _torchvision("mobilenet_v2"),
+          "vit": lambda: (lambda m, x: (sparsefx.prune(m, x, 0.5), x))(*persist_models.vit())}
+
+
+@pytest.mark.parametrize("name", PRUNED)
+def test_pruned_model_exports_to_onnx_and_matches_onnx_runtime(name, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pruned, inputs = PRUNED[name]()
+    check_reference(pruned, inputs)  # the output depends on the input and is not near zero
+    path = sparsefx.export(pruned, inputs, tmp_path / f"{name}.onnx")
+    assert onnx_error(path, pruned, inputs) < TOLERANCE
+    assert [p.name for p in tmp_path.iterdir()] == [f"{name}.onnx"]  # no staging file left
+
+
+def test_torch_export_archive_round_trip(tmp_path):
+    pruned, inputs = persist_models.vit()
+    pruned = sparsefx.prune(pruned, inputs, 0.5)
+    path = sparsefx.export(pruned, inputs, tmp_path / "vit.pt2", format="torch.export")
+    program = torch.export.load(path)
+    with torch.no_grad():
+        assert torch.equal(first_tensor(program.module()(*inputs)), check_reference(pruned, inputs))
+
+
+def test_sparse_layers_export_with_torch_export_not_onnx(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)).eval()
+    sparse = sparsefx.sparsify(model, {"0": sparsefx.Sparsity(0.5, "nm", m=4)})
+    inputs = (torch.randn(2, 16),)
+    with pytest.raises(ExportError, match="layer '0' runs a sparsefx sparse kernel"):
+        sparsefx.export(sparse, inputs, tmp_path / "sparse.onnx")
+    program = torch.export.load(sparsefx.export(sparse, inputs, tmp_path / "sparse.pt2", format="torch.export"))
+    with torch.no_grad():
+        assert torch.equal(program.module()(*inputs), check_reference(sparse, inputs))
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"format": "tflite"}, "unknown export format 'tflite'"),
+    ({"path": "/no/such/dir/m.onnx"}, "does not exist"),
+])
+def test_bad_export_requests_are_one_line_errors(tmp_path, kwargs, match):
+    model, inputs = load_model("default")
+    arguments = {"path": tmp_path / "m.onnx", **kwargs}
+    with pytest.raises(ExportError, match=match) as error:
+        sparsefx.export(model, inputs, **arguments)
+    assert "\n" not in str(error.value)
