@@ -1,31 +1,24 @@
-"""sparsefx: compiler-pass sparsity optimizer for PyTorch."""
+"""sparsefx: structured pruning and weight sparsity for PyTorch, compiled through Apache TVM.
 
+The public API, stage by stage: capture (`trace`), channel pruning (`analyze`, `prune`), weight
+sparsity (masks, `sparsify`), cost-driven planning (`plan`, `apply`, `plan_measured`), recovery
+(schedules, `finetune`, `evaluate`), saving (`save`, `load`, `export`) and the TVM backend
+(`compile`, `CompiledModel`). TVM is imported on first use of the backend only.
+"""
+
+from sparsefx.backends.export import export
 from sparsefx.capture.trace import trace
 from sparsefx.channels.prune import Analysis, analyze, count_macs, count_params, prune
 from sparsefx.errors import PruneError, SparsefxError, TraceError
+from sparsefx.io import load, save
 from sparsefx.planning.measured import plan_measured
 from sparsefx.planning.plan import Plan, PlanError
 from sparsefx.planning.planner import apply, plan
-
-__all__ = [
-    "Analysis", "Evaluation", "Plan", "PlanError", "apply", "plan", "plan_measured", "Gradual", "GradualPruner", "History", "Iterative", "MaskCallback", "OneShot",
-    "PruneError", "SparseConv2d", "SparseLinear", "SparsefxError", "Sparsity", "TraceError", "analyze", "apply_masks", "block_mask",
-    "compute_masks", "count_macs", "count_params", "cubic_sparsity", "evaluate", "export", "finetune", "load", "nm_mask", "prune",
-    "remove_masks", "save", "sparsify", "to_sparse", "trace", "unstructured_mask", "weight_density",
-    "DSD", "SET", "LotteryTicket", "RegrowthError", "RigL",
-]
-__version__ = "0.1.0"
-
-# Saving and loading pruned models without pickle, exports (issue 23).
-from sparsefx.backends.export import export  # noqa: E402
-from sparsefx.io import load, save  # noqa: E402
-
-# Recovery and evaluation (issue 6): masks, schedules, fine-tuning, per-class evaluation.
-from sparsefx.recovery.evaluate import Evaluation, evaluate  # noqa: E402
-from sparsefx.recovery.finetune import History, finetune  # noqa: E402
-from sparsefx.recovery.regrowth import DSD, SET, LotteryTicket, RegrowthError, RigL  # noqa: E402
-from sparsefx.recovery.schedules import Gradual, GradualPruner, Iterative, OneShot, cubic_sparsity  # noqa: E402
-from sparsefx.sparse.layers import SparseConv2d, SparseLinear  # noqa: E402  (sparse layers: issue 5)
+from sparsefx.recovery.evaluate import Evaluation, evaluate
+from sparsefx.recovery.finetune import History, finetune
+from sparsefx.recovery.regrowth import DSD, SET, LotteryTicket, RegrowthError, RigL
+from sparsefx.recovery.schedules import Gradual, GradualPruner, Iterative, OneShot, cubic_sparsity
+from sparsefx.sparse.layers import SparseConv2d, SparseLinear
 from sparsefx.sparse.masks import (
     MaskCallback,
     Sparsity,
@@ -37,13 +30,25 @@ from sparsefx.sparse.masks import (
     unstructured_mask,
     weight_density,
 )
-from sparsefx.sparse.sparsify import sparsify, to_sparse  # noqa: E402
+from sparsefx.sparse.sparsify import sparsify, to_sparse
+from sparsefx.version import __version__
+
+LAZY_BACKEND = ("CompiledModel", "compile")  # from sparsefx.backends.tvm, which imports TVM
+
+__all__ = [
+    "Analysis", "CompiledModel", "DSD", "Evaluation", "Gradual", "GradualPruner", "History", "Iterative",
+    "LotteryTicket", "MaskCallback", "OneShot", "Plan", "PlanError", "PruneError", "RegrowthError", "RigL",
+    "SET", "SparseConv2d", "SparseLinear", "SparsefxError", "Sparsity", "TraceError", "__version__",
+    "analyze", "apply", "apply_masks", "block_mask", "compile", "compute_masks", "count_macs", "count_params",
+    "cubic_sparsity", "evaluate", "export", "finetune", "load", "nm_mask", "plan", "plan_measured", "prune",
+    "remove_masks", "save", "sparsify", "to_sparse", "trace", "unstructured_mask", "weight_density",
+]
 
 
 def __getattr__(name: str) -> object:
-    """`sparsefx.compile` and `sparsefx.CompiledModel` load TVM on first use only (so does `load`
-    of a compiled artifact)."""
-    if name in ("compile", "CompiledModel"):
+    """`sparsefx.compile` and `sparsefx.CompiledModel` import TVM on first use (so does `load` of
+    a compiled artifact)."""
+    if name in LAZY_BACKEND:
         from sparsefx.backends import tvm as backend
 
         return getattr(backend, name)
