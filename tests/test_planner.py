@@ -7,9 +7,10 @@ import torch
 
 import sparsefx
 from sparsefx.capture.models import load_model
+from sparsefx.channels.record import fingerprint
 from sparsefx.cost.model import CostModel
 from sparsefx.planning.plan import Plan, PlanError
-from sparsefx.planning.planner import Planner, apply, fingerprint, plan
+from sparsefx.planning.planner import Planner, apply, plan
 
 from .models_zoo import CASES
 

@@ -16,7 +16,6 @@ weight-importance the plan keeps.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import operator
 import sys
@@ -30,6 +29,7 @@ from tqdm import tqdm
 
 from sparsefx.channels.coupling import ChannelGroup, Coupling
 from sparsefx.channels.prune import score_groups
+from sparsefx.channels.record import fingerprint
 from sparsefx.channels.select import under
 from sparsefx.cost.latency import analyze_fusion, dense_kernels, priced_kernels
 from sparsefx.cost.model import CostModel, Kernel
@@ -41,12 +41,6 @@ from sparsefx.sparse.masks import Sparsity
 from sparsefx.sparse.sparsify import sparsify
 
 LOOKAHEAD = 4  # moves considered per group: the next few fast sizes, to see past flat steps
-
-
-def fingerprint(model: nn.Module) -> str:
-    """Identifies a model's architecture: class and parameter names and shapes."""
-    items = [type(model).__name__] + [f"{n}:{tuple(t.shape)}" for n, t in model.state_dict().items()]
-    return hashlib.sha256("\n".join(items).encode()).hexdigest()[:16]
 
 
 def group_name(group: ChannelGroup) -> str:
