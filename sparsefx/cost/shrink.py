@@ -86,6 +86,6 @@ class ShrinkModel:
 
 
 def removal_order(group: ChannelGroup, scores: np.ndarray) -> list[int]:
-    """The group's free roots, lowest score first (the order `prune.select` removes them in)."""
+    """The group's free roots, lowest score first (the order `channels.select.select` removes them in)."""
     index = {root: i for i, root in enumerate(group.classes)}
     return sorted(group.free, key=lambda root: scores[index[root]])

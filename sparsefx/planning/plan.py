@@ -77,7 +77,7 @@ class Plan:
     importance: str
     entries: list[Entry]
     predicted: dict = field(default_factory=dict)
-    measured: dict = field(default_factory=dict)  # measured planning's record (see measured_plan.py)
+    measured: dict = field(default_factory=dict)  # measured planning's record (see planning/measured.py)
     version: int = VERSION
 
     def to_dict(self) -> dict:
