@@ -197,6 +197,7 @@ def test_compiled_regrown_model_runs_sparse_kernels(model):
     (lambda m: LotteryTicket(m, {"fc1": -0.1}), r"kept fraction must be in \(0, 1\]"),
     (lambda m: DSD(m, 2.0, sparse_at=1, dense_at=5), r"kept fraction must be in \(0, 1\]"),
     (lambda m: SET(m, 0.2, fraction=1.0), "drop fraction"),
+    (lambda m: SET(m, {}), "names no layer"),
     (lambda m: DSD(m, 0.2, sparse_at=5, dense_at=5), "sparse_at < dense_at"),
     (lambda m: drop_and_grow(m.fc1.weight, torch.ones(32, 64, dtype=torch.bool), Sparsity(0.5, "nm", m=4), 0.3,
                              torch.rand(32, 64)), "must start from a 2:4 mask"),

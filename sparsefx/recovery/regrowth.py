@@ -46,6 +46,9 @@ def layer_plan(model: nn.Module, masks: dict[str, Sparsity | float] | Sparsity |
     if not isinstance(masks, dict):
         masks = dict.fromkeys(maskable_layers(model), masks)
     plan = {name: s if isinstance(s, Sparsity) else Sparsity(check_kept(s)) for name, s in masks.items()}
+    if not plan:
+        raise RegrowthError(f"the plan names no layer of {type(model).__name__}; name Linear/Conv layers "
+                            "(model.named_modules()) or pass one Sparsity for all of them")
     compute_masks(model, plan)  # fail now, not mid-training, if a layer is missing or a pattern does not fit
     return plan
 
