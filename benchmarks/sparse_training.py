@@ -28,6 +28,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
@@ -324,6 +325,7 @@ def plot(rows: list[dict], latencies: list[dict], name: str, path: Path) -> None
     for ax in axes[:2]:
         ax.axhline(100 * dense["accuracy"], color="black", ls="--", lw=0.8, label="dense")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # a narrow range labels every minor tick
     axes[0].set(xlabel="fraction of weights kept (log)", ylabel="test accuracy (%, mean ± std)")
     axes[1].set(xlabel="MACs per image with zero weights skipped (log)")
     axes[2].set(xlabel="compiled latency at batch 256, median (ms)")

@@ -78,6 +78,17 @@ def test_regrowth_keeps_the_kept_fraction_and_moves_the_mask(model, method, spar
     assert torch.count_nonzero(model(torch.randn(4, 64))) > 0
 
 
+def test_regrowth_on_conv_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 8))
+    plan = {"0": Sparsity(1 / 3, "nm", m=3), "2": Sparsity(0.25, "block", block=(2, 4)), "4": Sparsity(0.2)}
+    watch = Watch(RigL(model, plan, every=4, end=40))
+    loader = _loader()
+    images = batches(TensorDataset(loader.dataset.tensors[0].reshape(-1, 1, 8, 8), loader.dataset.tensors[1]), 16)
+    finetune(model, images, epochs=1, lr=1e-2, pruner=watch, progress=False)
+    assert watch.inner.updates == 3 and all(not torch.equal(watch.seen[0][n], watch.seen[-1][n]) for n in plan)
+
+
 def test_drop_and_grow_drops_the_weakest_and_grows_the_highest_score():
     weight = torch.arange(1.0, 17.0).reshape(2, 8)  # magnitude rises along each row
     mask = torch.zeros(2, 8, dtype=torch.bool)
