@@ -41,8 +41,8 @@ from sparsefx.recovery.evaluate import evaluate  # noqa: E402
 from sparsefx.recovery.plots import pareto_front  # noqa: E402
 from sparsefx.recovery.regrowth import parameters_by_name  # noqa: E402
 from sparsefx.recovery.zoo import ZOO  # noqa: E402
+from sparsefx.sparse.layers import SparseConv2d, SparseLinear  # noqa: E402
 from sparsefx.sparse.masks import MASKABLE, allocate, apply_masks, compute_masks, remove_masks  # noqa: E402
-from sparsefx.sparse.sparsify import SPARSE_LAYERS  # noqa: E402
 
 log = logging.getLogger("sparsefx.bench")
 PATTERNS = {"unstructured": {"pattern": "unstructured"}, "block1x4": {"pattern": "block", "block": (1, 4)},
@@ -186,7 +186,7 @@ def latency(name: str, pattern: str, kept: float, sparse: nn.Module, dense: nn.M
     """The sparse model compiled (its kernels read off the profile) vs dense compiled and eager."""
     row = {"model": name, "pattern": pattern, "kept_target": kept,
            "layers": {n: f"{m.format} {m.sparsity.pattern} {m.sparsity.density:.3f}"
-                      for n, m in sparse.named_modules() if isinstance(m, SPARSE_LAYERS)}}
+                      for n, m in sparse.named_modules() if isinstance(m, (SparseLinear, SparseConv2d))}}
     for batch in BATCHES:
         x = torch.randn(batch, 1, 28, 28)
         compiled = sparsefx.compile(sparse, (x,), verbose=False)
