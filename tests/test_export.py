@@ -9,6 +9,7 @@ import sparsefx
 from sparsefx.backends.export import ExportError, onnx_error
 from sparsefx.capture.compare import TOLERANCE, calibrate_norm_statistics, check_reference, first_tensor
 from sparsefx.capture.models import load_model
+from sparsefx.cli.main import main
 from tests import persist_models
 
 
@@ -63,3 +64,17 @@ def test_bad_export_requests_are_one_line_errors(tmp_path, kwargs, match):
     with pytest.raises(ExportError, match=match) as error:
         sparsefx.export(model, inputs, **arguments)
     assert "\n" not in str(error.value)
+
+
+def test_cli_exports_a_saved_pruned_model_and_a_spec(tmp_path, capsys):
+    assert main(["prune", "default", "--repeat", "2", "--out", str(tmp_path / "pruned")]) == 0
+    # a sparsefx.save directory: rebuilt from its stored spec, example input from its removal record
+    assert main(["export", str(tmp_path / "pruned"), "--out", str(tmp_path / "pruned.onnx")]) == 0
+    report = capsys.readouterr().out
+    assert float(report.split("relative L2 error ")[1].split()[0]) < TOLERANCE
+    assert main(["export", "default", "--ratio", "0.5", "--format", "torch.export",
+                 "--out", str(tmp_path / "pruned.pt2")]) == 0
+    model, inputs = load_model("default")
+    exported = torch.export.load(tmp_path / "pruned.pt2").module()
+    assert sparsefx.count_params(exported) < sparsefx.count_params(model)
+    assert exported(*inputs).shape == model(*inputs).shape

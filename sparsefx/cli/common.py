@@ -11,7 +11,11 @@ import torch
 from torch import nn
 
 from sparsefx.capture.models import SPEC_HELP, load_model
+from sparsefx.channels.record import recorded_inputs
 from sparsefx.errors import SparsefxError
+from sparsefx.io import is_saved_model, read_description
+from sparsefx.io import load as sparsefx_load
+from sparsefx.io import save as sparsefx_save
 from sparsefx.log import get_logger
 
 LOG = get_logger("cli")
@@ -60,8 +64,15 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def load(args: argparse.Namespace) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
-    """The model and example inputs the model arguments name (a spec, or a saved .pt with --input-shape)."""
+    """The model and example inputs the model arguments name (a spec, a sparsefx.save directory, or a
+    saved .pt with --input-shape)."""
     LOG.info("loading %s", args.model)
+    if is_saved_model(args.model):  # sparsefx.save: the removal record knows the inputs it was traced on
+        model = saved_model(Path(args.model))
+        inputs = recorded_inputs(model) if args.input_shape is None else (torch.randn(args.input_shape),)
+        if inputs is None:
+            raise SparsefxError(f"{args.model} is a saved unpruned model; give its example input with --input-shape")
+        return model, inputs
     if args.model.endswith(".pt"):  # a model saved with torch.save: it says nothing of its inputs
         if args.input_shape is None:
             raise SparsefxError(f"{args.model} is a saved model; give its example input with --input-shape, e.g. 1,1,28,28")
@@ -70,8 +81,12 @@ def load(args: argparse.Namespace) -> tuple[nn.Module, tuple[torch.Tensor, ...]]
 
 
 def saved_model(path: Path) -> nn.Module:
+    """A model written by `sparsefx.save` (rebuilt from its stored spec, never unpickled), or a
+    torch.save'd .pt the user names (which unpickles: only for files one trusts)."""
+    if is_saved_model(path):
+        return sparsefx_load(path).eval()
     if not path.is_file():
-        raise SparsefxError(f"no saved model at {path}; save one with torch.save(model, path) or `sparsefx prune`")
+        raise SparsefxError(f"no saved model at {path}; save one with sparsefx.save(model, path) or `sparsefx prune`")
     try:
         model = torch.load(path, weights_only=False, map_location="cpu")
     except Exception as error:  # truncated file, not a pickle, missing class
@@ -79,6 +94,16 @@ def saved_model(path: Path) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise SparsefxError(f"{path} holds a {type(model).__name__}, not an nn.Module; save the model itself")
     return model
+
+
+def save(model: nn.Module, out: Path, model_arg: str) -> None:
+    """Write `model` with sparsefx.save, storing the spec it was built from so `sparsefx.load(out)`
+    (and every command that takes a saved model) rebuilds it unaided."""
+    spec = None if model_arg.endswith(".pt") else model_arg
+    if is_saved_model(model_arg):
+        spec = read_description(Path(model_arg))["model"].get("spec")
+    sparsefx_save(model, out, spec=spec)
+    print(f"saved {out} (safetensors + JSON; load with `sparsefx.load(path)`, no pickle involved)")
 
 
 def check_out(path: Path) -> None:

@@ -1,8 +1,9 @@
-"""Command line: `sparsefx inspect|prune|compile|bench|plan|apply|optimize|finetune|evaluate|demo`. Run `sparsefx -h` for usage."""
+"""Command line: `sparsefx inspect|prune|export|compile|bench|plan|apply|optimize|finetune|evaluate|demo`. Run `sparsefx -h` for usage."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -16,6 +17,8 @@ from torch import nn
 import sparsefx
 from sparsefx import log
 from sparsefx.backends.eager import measure_latencies
+from sparsefx.backends.export import FORMATS, onnx_error
+from sparsefx.capture.compare import VacuousComparisonError
 from sparsefx.capture.models import load_model
 from sparsefx.cli.common import (
     LOG,
@@ -25,6 +28,7 @@ from sparsefx.cli.common import (
     check_out,
     load,
     parse_ratio,
+    save,
     saved_model,
 )
 from sparsefx.cli.plan import add_commands
@@ -60,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     add_model_args(inspect)
     inspect.set_defaults(handler=_inspect)
 
-    prune = commands.add_parser("prune", help="prune a model and save it with torch.save")
+    prune = commands.add_parser("prune", help="prune a model and save it with sparsefx.save (safetensors + JSON)")
     add_model_args(prune)
     prune.add_argument("--ratio", type=parse_ratio, default=0.5,
                        help="fraction of channels to remove: 0.5, or per module prefix: layer1=0.3,layer2=0.5")
@@ -70,10 +74,19 @@ def _parser() -> argparse.ArgumentParser:
                        help="rank channels across all groups instead of within each group")
     prune.add_argument("--ignore", nargs="+", action="extend", default=[], metavar="NAME",
                        help="module names whose channels must not be pruned")
-    prune.add_argument("--out", type=Path, required=True, help="where to save the pruned model (.pt)")
+    prune.add_argument("--out", type=Path, required=True,
+                       help="directory to save the pruned model to (model.safetensors + sparsefx.json)")
     prune.add_argument("--repeat", type=int, default=20, help="forward passes per latency measurement")
     add_threads_arg(prune)
     prune.set_defaults(handler=_prune)
+
+    export = commands.add_parser("export", help="export a model (optionally pruned first) to ONNX or torch.export")
+    add_model_args(export)
+    export.add_argument("--format", choices=FORMATS, default="onnx", help="file format (default: onnx)")
+    export.add_argument("--ratio", type=parse_ratio, default=0.0,
+                        help="prune with this ratio before exporting (default 0: export the model as it is)")
+    export.add_argument("--out", type=Path, required=True, help="file to write (.onnx, or .pt2 for torch.export)")
+    export.set_defaults(handler=_export)
 
     compile_ = commands.add_parser("compile", help="compile a model with TVM (optionally pruned first) and export it")
     add_model_args(compile_)
@@ -197,8 +210,7 @@ def _prune(args: argparse.Namespace) -> int:
     )
     LOG.info(f"pruned in {time.perf_counter() - started:.2f} s; measuring")
     print(_compare(model, pruned, inputs, repeat=args.repeat))
-    torch.save(pruned, args.out)
-    print(f"saved {args.out} (load with `import sparsefx; torch.load(path, weights_only=False)`)")
+    save(pruned, args.out, args.model)
     return 0
 
 
@@ -207,6 +219,21 @@ def _maybe_pruned(args: argparse.Namespace, model: nn.Module, inputs: tuple) -> 
         return model
     LOG.info(f"pruning with ratio {args.prune}")
     return sparsefx.prune(model, inputs, ratio=args.prune, method=args.method)
+
+
+def _export(args: argparse.Namespace) -> int:
+    check_out(args.out)
+    model, inputs = load(args)
+    if args.ratio:
+        model = sparsefx.prune(model, inputs, ratio=args.ratio, method=args.method)
+    sparsefx.export(model, inputs, args.out, format=args.format)
+    print(f"wrote {args.out}")
+    if args.format == "onnx" and importlib.util.find_spec("onnxruntime") is not None:
+        try:
+            print(f"ONNX Runtime vs eager: relative L2 error {onnx_error(args.out, model, inputs):.1e}")
+        except VacuousComparisonError as error:  # a random-init model whose output is near zero
+            LOG.warning(f"not checked in ONNX Runtime: {error}")
+    return 0
 
 
 def _compile(args: argparse.Namespace) -> int:
