@@ -74,6 +74,14 @@ def example_input(spec: dict) -> torch.Tensor:
     return torch.zeros(spec["shape"], dtype=dtype)
 
 
+def recorded_inputs(model: nn.Module) -> tuple[torch.Tensor, ...] | None:
+    """Inputs shaped like those the model was first pruned on (None for a model never pruned)."""
+    record = removal_of(model)
+    if not record or not record["steps"]:
+        return None
+    return tuple(example_input(spec) for spec in record["steps"][0]["inputs"])
+
+
 def attach(module: nn.Module, record: dict) -> nn.Module:
     setattr(module, REMOVAL_ATTR, record)
     return module
