@@ -64,12 +64,14 @@ def configs(quick: bool) -> dict[str, dict]:
                 "lenet5": {"dense": 1, "tune": 1, "rounds": 1, "lr": 2e-3,
                            "runs": [("one-shot", "unstructured", [0.05]), ("rigl", "unstructured", [0.05])]}}
     levels = [0.1, 0.05, 0.02]
-    return {"lenet300": {"dense": 4, "tune": 6, "rounds": 2, "lr": 2e-3,
+    # epochs sized for ~15 minutes on 2 free cores (a masked LeNet-300-100 epoch takes 2-3 s on one
+    # thread, a LeNet-5 one 7-8 s): 127 LeNet-300-100 and 26 LeNet-5 epochs per seed
+    return {"lenet300": {"dense": 3, "tune": 4, "rounds": 2, "lr": 2e-3,
                          "runs": [(m, "unstructured", levels) for m in ("one-shot", "lottery", "set", "rigl")]
                          + [("rigl", p, [0.05, 0.02]) for p in ("block1x4", "nm")]
                          + [(m, p, [0.02]) for m in ("set", "rigl-dense") for p in ("block1x4", "nm")]
                          + [("dsd", "-", [])]},
-            "lenet5": {"dense": 3, "tune": 3, "rounds": 1, "lr": 2e-3,
+            "lenet5": {"dense": 2, "tune": 2, "rounds": 2, "lr": 2e-3,
                        "runs": [(m, "unstructured", levels) for m in ("one-shot", "lottery", "rigl")]}}
 
 
