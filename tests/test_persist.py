@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from transformers import BertModel
 
 import sparsefx
 from sparsefx.capture.compare import check_reference, first_tensor
@@ -232,3 +233,13 @@ def test_a_dense_model_saves_and_loads(tmp_path):
     loaded = sparsefx.load(tmp_path / "dense", model=persist_models.vit()[0])
     with torch.no_grad():
         assert torch.equal(first_tensor(loaded(*inputs)), check_reference(model, inputs))
+
+
+def test_bert_with_evenly_pruned_mlps_keeps_save_pretrained(tmp_path):
+    model, inputs = persist_models.bert()
+    pruned = sparsefx.prune(model, inputs, {"encoder.layer.0.intermediate": 0.5, "encoder.layer.1.intermediate": 0.5})
+    assert pruned.config.intermediate_size == 64 and model.config.intermediate_size == 128  # the input keeps its own
+    pruned.save_pretrained(tmp_path / "hf")
+    loaded = BertModel.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(*inputs).last_hidden_state, check_reference(pruned, inputs))

@@ -17,6 +17,7 @@ from sparsefx.capture.trace import as_inputs, trace
 from sparsefx.channels import importance as importance_mod
 from sparsefx.channels.attention import split_attention
 from sparsefx.channels.coupling import ChannelGroup, Coupling, analyze_coupling
+from sparsefx.channels.hf_config import linear_widths, sync_config
 from sparsefx.channels.record import attach, history, removal_step
 from sparsefx.channels.remove import remove_channels
 from sparsefx.channels.select import Ratio, as_names, check_names, ignored, ratio_rule, select
@@ -154,10 +155,12 @@ def remove(work: nn.Module, gm: torch.fx.GraphModule, coupling: Coupling, remove
     """Remove the classes `removed` from `work` (a working copy) and its trace `gm`; returns
     the module to hand back (see `_choose_result`), carrying the removal record `sparsefx.save` writes."""
     record, step = history(work), removal_step(coupling, removed, inputs, gm.meta.get("sfx_method", "fx"))
-    code_before = gm.code
+    code_before, widths = gm.code, linear_widths(work)
     remove_channels([gm, work], coupling, removed)
     result = _choose_result(work, gm, inputs, graph_changed=gm.code != code_before)
     record["steps"].append({**step, "result": "graph" if result is gm else "module"})
+    if result is work:  # the user's class: a Hugging Face model's config must describe it for save_pretrained
+        sync_config(work, widths)
     return attach(result, record)
 
 
