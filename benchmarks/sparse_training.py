@@ -387,7 +387,9 @@ def markdown(rows: list[dict], latencies: list[dict], memory: list[dict], header
     out += ["", "## Latency: compiled sparse (to_sparse + sparsefx.compile) vs dense", "",
             "One model per (pattern, kept fraction), the RigL run of seed 0 (every method at that point keeps the same "
             "number of weights per layer). Kernels: the sparse TIR kernels the compiled model calls (from "
-            "`CompiledModel.profile`); dense compiled: the dense LeNet through the same `sparsefx.compile`. Median ms.",
+            "`CompiledModel.profile`); dense compiled: the dense LeNet through the same `sparsefx.compile`. Median ms. "
+            "N:M masks whose M is not 4, 8 or 16 (ERK picks M up to 128) reach `to_sparse` as CSR (bsr1x1): "
+            "`formats.detect` tries only those M; `sparsify(model, plan)` would keep them N:M.",
             "", "| model | pattern | kept | sparse layers | kernels | batch | sparse compiled | dense compiled "
             "| dense eager | speedup vs dense compiled | vs eager |", "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for lat in latencies:
