@@ -223,8 +223,8 @@ class SET(Regrowth):
     """Sparse Evolutionary Training (Mocanu et al. 2018): a constant drop fraction, random regrowth."""
 
     def grow_scores(self) -> dict[str, torch.Tensor]:
-        return {name: torch.rand(self.model.get_submodule(name).weight.shape, generator=self.generator)
-                for name in self.plan}
+        weights = {name: self.model.get_submodule(name).weight for name in self.plan}
+        return {name: torch.rand(w.shape, generator=self.generator).to(w.device) for name, w in weights.items()}
 
 
 class RigL(Regrowth):
