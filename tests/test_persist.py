@@ -17,6 +17,7 @@ import sparsefx
 from sparsefx.capture.compare import check_reference, first_tensor
 from sparsefx.capture.models import load_model
 from sparsefx.channels.persist import PersistError
+from sparsefx.errors import SparsefxError
 from sparsefx.io import DESCRIPTION, WEIGHTS
 from tests import persist_models
 
@@ -243,3 +244,11 @@ def test_bert_with_evenly_pruned_mlps_keeps_save_pretrained(tmp_path):
     loaded = BertModel.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         assert torch.equal(loaded(*inputs).last_hidden_state, check_reference(pruned, inputs))
+
+
+def test_a_file_goes_to_the_compiled_artifact_loader_and_nothing_is_refused_plainly(tmp_path):
+    (tmp_path / "model.sfx").write_bytes(b"not a tar")
+    with pytest.raises(SparsefxError, match="is not a sparsefx compiled model"):
+        sparsefx.load(tmp_path / "model.sfx")
+    with pytest.raises(PersistError, match="nothing at"):
+        sparsefx.load(tmp_path / "missing")
