@@ -1,8 +1,9 @@
 """Analysis pass: cost facts per node (needs `ShapeProp` facts first).
 
 Facts written (node.meta):
-- ``sfx_macs``: multiply-accumulates of the op (convolutions, linear layers, matmuls,
-  attention); 0 for element-wise and data-movement ops.
+- ``sfx_macs``: multiply-accumulates of the op (convolutions, transposed convolutions, linear
+  layers, matmuls, attention); 0 for element-wise and data-movement ops. Counters live in the
+  `MACS` op registry (see `capture.ops`), so a subclass of a counted module is counted too.
 - ``sfx_params``: number of parameter elements the node owns (call_module: the module's
   parameters; get_attr: the tensor's elements).
 - ``sfx_bytes``: bytes read and written: tensor inputs + parameters + outputs.
@@ -11,20 +12,23 @@ Facts written (node.meta):
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch import nn
 
+from sparsefx.capture import ops
+
 aten = torch.ops.aten
+MacCounter = Callable[[torch.fx.Node, torch.fx.GraphModule], int]
+MACS: ops.OpRegistry[MacCounter] = ops.OpRegistry("macs")
 
 
-def _numel(shape: object) -> int:
+def numel(shape: object) -> int:
+    """Elements of a shape, or of every shape of a list of them (tuple outputs); 0 for None."""
     if isinstance(shape, list):
-        return sum(_numel(s) for s in shape)
+        return sum(numel(s) for s in shape)
     return math.prod(shape) if shape is not None else 0
 
 
@@ -37,68 +41,83 @@ def node_arg(node: torch.fx.Node, index: int, name: str, default: object = None)
     return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
-def _conv_fn(node: torch.fx.Node, gm: torch.fx.GraphModule) -> int:
+def is_transposed(node: torch.fx.Node) -> bool:
+    """A transposed convolution spelled as aten.convolution (its `transposed` argument)."""
+    return node.target is aten.convolution.default and bool(node.args[6])
+
+
+def _conv_macs(out: tuple, weight: tuple) -> int:
+    # weight (out, in/groups, k...): every output element sums over one group's inputs x kernel
+    return numel(out) * math.prod(weight[1:])
+
+
+def _conv_transpose_macs(x: tuple, weight: tuple) -> int:
+    # weight (in, out/groups, k...): every input element scatters into one group's outputs x kernel
+    return numel(x) * math.prod(weight[1:])
+
+
+@MACS.register(ops.CONV)
+def conv_function(node: torch.fx.Node, gm: torch.fx.GraphModule) -> int:
     weight = _shape(node_arg(node, 1, "weight"))
-    return _numel(node.meta["sfx_shape"]) * math.prod(weight[1:]) if weight else 0
+    if not weight:
+        return 0
+    if is_transposed(node):
+        return _conv_transpose_macs(_shape(node.args[0]), weight)
+    return _conv_macs(node.meta["sfx_shape"], weight)
 
 
-def _linear_fn(node: torch.fx.Node, gm: torch.fx.GraphModule) -> int:
+@MACS.register(ops.CONV_TRANSPOSE)
+def conv_transpose_function(node: torch.fx.Node, gm: torch.fx.GraphModule) -> int:
     weight = _shape(node_arg(node, 1, "weight"))
-    return _numel(node.meta["sfx_shape"]) * weight[-1] if weight else 0
+    return _conv_transpose_macs(_shape(node.args[0]), weight) if weight else 0
 
 
-def _addmm(node: torch.fx.Node, gm: torch.fx.GraphModule) -> int:
-    return _numel(node.meta["sfx_shape"]) * _shape(node.args[1])[-1]
+@MACS.register(ops.LINEAR)
+def linear_function(node: torch.fx.Node, gm: torch.fx.GraphModule) -> int:
+    weight = _shape(node_arg(node, 1, "weight"))
+    return numel(node.meta["sfx_shape"]) * weight[-1] if weight else 0
 
 
-def _matmul(node: torch.fx.Node, gm: torch.fx.GraphModule) -> int:
+@MACS.register(ops.ADDMM)
+def addmm(node: torch.fx.Node, gm: torch.fx.GraphModule) -> int:
+    return numel(node.meta["sfx_shape"]) * _shape(node.args[1])[-1]
+
+
+@MACS.register(ops.MATMUL)
+def matmul(node: torch.fx.Node, gm: torch.fx.GraphModule) -> int:
     a = _shape(node.args[0])
-    return _numel(node.meta["sfx_shape"]) * a[-1] if a else 0
+    return numel(node.meta["sfx_shape"]) * a[-1] if a else 0
 
 
-def _attention(node: torch.fx.Node, gm: torch.fx.GraphModule) -> int:
+@MACS.register(ops.ATTENTION)
+def attention(node: torch.fx.Node, gm: torch.fx.GraphModule) -> int:
     q, k = _shape(node.args[0]), _shape(node.args[1])
     out = node.meta["sfx_shape"]
-    return _numel(q[:-1]) * k[-2] * q[-1] + _numel(out) * k[-2]
+    return numel(q[:-1]) * k[-2] * q[-1] + numel(out) * k[-2]
 
 
-def _conv_module(m: nn.Module, node: torch.fx.Node) -> int:
-    return _numel(node.meta["sfx_shape"]) * m.weight.shape[1] * math.prod(m.weight.shape[2:])
+@MACS.register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def conv_module(node: torch.fx.Node, gm: torch.fx.GraphModule) -> int:
+    return _conv_macs(node.meta["sfx_shape"], gm.get_submodule(node.target).weight.shape)
 
 
-def _linear_module(m: nn.Module, node: torch.fx.Node) -> int:
-    return _numel(node.meta["sfx_shape"]) * m.in_features
+@MACS.register(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+def conv_transpose_module(node: torch.fx.Node, gm: torch.fx.GraphModule) -> int:
+    return _conv_transpose_macs(_shape(node.args[0]), gm.get_submodule(node.target).weight.shape)
 
 
-def _mha_module(m: nn.MultiheadAttention, node: torch.fx.Node) -> int:
+@MACS.register(nn.Linear)
+def linear_module(node: torch.fx.Node, gm: torch.fx.GraphModule) -> int:
+    return numel(node.meta["sfx_shape"]) * gm.get_submodule(node.target).weight.shape[1]
+
+
+@MACS.register(nn.MultiheadAttention)
+def multihead_attention_module(node: torch.fx.Node, gm: torch.fx.GraphModule) -> int:
+    m = gm.get_submodule(node.target)
     query = _shape(node.args[0])
-    tokens = _numel(query[:-1])
+    tokens = numel(query[:-1])
     length = query[1] if m.batch_first else query[0]
     return 4 * tokens * m.embed_dim * m.embed_dim + 2 * tokens * length * m.embed_dim
-
-
-MODULE_MACS: dict[type, Callable[[nn.Module, torch.fx.Node], int]] = {
-    nn.Conv1d: _conv_module, nn.Conv2d: _conv_module, nn.Conv3d: _conv_module,
-    nn.Linear: _linear_module, nn.MultiheadAttention: _mha_module,
-}
-FUNCTION_MACS: dict[object, Callable[[torch.fx.Node, torch.fx.GraphModule], int]] = {
-    F.conv1d: _conv_fn, F.conv2d: _conv_fn, F.conv3d: _conv_fn, F.linear: _linear_fn,
-    torch.matmul: _matmul, operator.matmul: _matmul, torch.bmm: _matmul, torch.mm: _matmul,
-    "matmul": _matmul, "bmm": _matmul, "mm": _matmul,
-    F.scaled_dot_product_attention: _attention,
-    aten.convolution: _conv_fn, aten.conv1d: _conv_fn, aten.conv2d: _conv_fn, aten.conv3d: _conv_fn,
-    aten.linear: _linear_fn, aten.addmm: _addmm, aten.mm: _matmul, aten.bmm: _matmul,
-    aten.matmul: _matmul, aten.scaled_dot_product_attention: _attention,
-}
-
-
-def target_key(node: torch.fx.Node) -> object:
-    """Registry key of a call node: the function, aten packet, or method name."""
-    if node.op == "call_method":
-        return node.target
-    if isinstance(node.target, torch._ops.OpOverload):
-        return node.target.overloadpacket
-    return node.target
 
 
 def _dtype_bytes(dtype: object) -> int:
@@ -108,24 +127,20 @@ def _dtype_bytes(dtype: object) -> int:
 
 
 def _bytes_of(node: torch.fx.Node) -> int:
-    return _numel(node.meta.get("sfx_shape")) * _dtype_bytes(node.meta.get("sfx_dtype"))
+    return numel(node.meta.get("sfx_shape")) * _dtype_bytes(node.meta.get("sfx_dtype"))
 
 
 def annotate(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     for node in gm.graph.nodes:
-        macs = params = param_bytes = 0
+        params = param_bytes = 0
+        count = MACS.lookup(node, gm)
+        macs = count(node, gm) if count else 0
         if node.op == "call_module":
-            module = gm.get_submodule(node.target)
-            count = MODULE_MACS.get(type(module))
-            macs = count(module, node) if count else 0
-            tensors = list(module.parameters())
+            tensors = list(gm.get_submodule(node.target).parameters())
             params = sum(p.numel() for p in tensors)
             param_bytes = sum(p.numel() * p.element_size() for p in tensors)
-        elif node.op in ("call_function", "call_method"):
-            count = FUNCTION_MACS.get(target_key(node))
-            macs = count(node, gm) if count else 0
         elif node.op == "get_attr":
-            params = _numel(node.meta.get("sfx_shape"))
+            params = numel(node.meta.get("sfx_shape"))
         inputs = sum(_bytes_of(a) for a in node.all_input_nodes if a.op != "get_attr")
         weights = sum(_bytes_of(a) for a in node.all_input_nodes if a.op == "get_attr")
         own = 0 if node.op in ("get_attr", "placeholder", "output") else _bytes_of(node)

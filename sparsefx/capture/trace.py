@@ -17,6 +17,7 @@ import torch.fx
 from torch import nn
 
 from sparsefx import log
+from sparsefx.capture import ops
 from sparsefx.capture.annotate import annotate
 from sparsefx.capture.shape_prop import ShapeProp
 from sparsefx.errors import TraceError, one_line
@@ -72,9 +73,18 @@ def is_aten_graph(gm: torch.fx.GraphModule) -> bool:
     return any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.nodes)
 
 
+class LeafTracer(torch.fx.Tracer):
+    """torch.fx's tracer, also keeping module classes registered in `capture.ops` as one node."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return ops.is_registered_module(type(m)) or super().is_leaf_module(m, module_qualified_name)
+
+
 def _fx_trace(model: nn.Module) -> torch.fx.GraphModule:
     try:
-        return torch.fx.symbolic_trace(model)
+        tracer = LeafTracer()
+        graph = tracer.trace(model)
+        return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as error:
         where = _offending_frame(model, error)
         raise TraceError(

@@ -26,7 +26,7 @@ import torch
 import torch.fx
 
 from sparsefx.channels.context import Ctx, Slot, describe_node
-from sparsefx.channels.rules import default_rule, lookup_rule
+from sparsefx.channels.rules import RULES, default_rule
 
 PRODUCER_ROLES = frozenset({"out"})
 
@@ -113,7 +113,7 @@ def analyze_coupling(gm: torch.fx.GraphModule) -> Coupling:
             ctx.env[node] = None  # sizes, flags, None results: no channels
             _record_size_origin(ctx, node)
         else:
-            rule = lookup_rule(ctx, node) or default_rule
+            rule = RULES.lookup(node, ctx.gm) or default_rule
             ctx.env[node] = _checked(ctx, node, rule(ctx, node))
         node.meta["sfx_chan"] = ctx.env.get(node)
     return _build_groups(ctx)

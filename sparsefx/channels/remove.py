@@ -3,7 +3,8 @@
 Given the `Coupling` of a graph and the set of classes to remove, slice every affected
 parameter, rewrite the shape constants the graph carries (view/reshape sizes, split
 sizes, slice bounds, conv groups, layer-norm shapes) and update module attributes
-(in/out channels, features, groups). Invalidates: `sfx_*` node facts (re-trace to
+(in/out channels, features, groups: the `ATTRIBUTES` op registry, which finds a module's
+entry through its class hierarchy). Invalidates: `sfx_*` node facts (re-trace to
 refresh them) and any earlier `Coupling` of the graph.
 """
 
@@ -18,6 +19,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from sparsefx.capture import ops
 from sparsefx.channels.coupling import Coupling
 from sparsefx.channels.ids import Factor
 
@@ -74,7 +76,7 @@ def remove_channels(roots: list[nn.Module], coupling: Coupling, removed: set[int
         PATCHERS[kind](gm, node, payload, kept)
     for root in roots:
         for module in root.modules():
-            fix = MODULE_FIXES.get(type(module))
+            fix = ATTRIBUTES.for_module(module)
             if fix is not None:
                 fix(module)
     if isinstance(gm, torch.fx.GraphModule):
@@ -147,7 +149,7 @@ def _patch_shape(gm: torch.fx.GraphModule, node: torch.fx.Node, payload: dict, k
     old = node.meta["sfx_shape"]
     if all(sizes[a] == old[a] for a in sizes):
         return
-    if node.target in ("unflatten", torch.unflatten, aten.unflatten.int):
+    if ops.op_key(node.target) is ops.UNFLATTEN:
         dim, inner = node.args[1] % len(old) if isinstance(node.args[1], int) else 0, node.args[2]
         _set_arg(node, 2, "sizes", list(patched_shape(
             inner, tuple((a - dim, size) for a, size in sizes.items() if dim <= a < dim + len(inner)))))
@@ -211,42 +213,49 @@ PATCHERS: dict[str, Callable[[torch.fx.GraphModule, torch.fx.Node, dict, _Kept],
 
 
 # --- module attributes -----------------------------------------------------------------------
-def _fix_conv(m: nn.Module) -> None:
+ATTRIBUTES: ops.OpRegistry[Callable[[nn.Module], None]] = ops.OpRegistry("attributes")
+
+
+@ATTRIBUTES.register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def fix_conv(m: nn.Module) -> None:
     m.out_channels, m.in_channels = m.weight.shape[0], m.weight.shape[1] * m.groups
 
 
-def _fix_linear(m: nn.Linear) -> None:
+@ATTRIBUTES.register(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+def fix_conv_transpose(m: nn.Module) -> None:
+    m.in_channels, m.out_channels = m.weight.shape[0], m.weight.shape[1] * m.groups
+
+
+@ATTRIBUTES.register(nn.Linear)
+def fix_linear(m: nn.Linear) -> None:
     m.out_features, m.in_features = m.weight.shape
 
 
-def _fix_batchnorm(m: nn.Module) -> None:
+@ATTRIBUTES.register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d,
+                     nn.InstanceNorm3d)
+def fix_batchnorm(m: nn.Module) -> None:
     tensor = m.weight if m.weight is not None else m.running_mean
     if tensor is not None:
         m.num_features = tensor.shape[0]
 
 
-def _fix_layernorm(m: nn.LayerNorm) -> None:
+@ATTRIBUTES.register(nn.LayerNorm)
+def fix_layernorm(m: nn.LayerNorm) -> None:
     if m.weight is not None and len(m.normalized_shape) == 1:
         m.normalized_shape = (m.weight.shape[0],)
 
 
-def _fix_groupnorm(m: nn.GroupNorm) -> None:
+@ATTRIBUTES.register(nn.GroupNorm)
+def fix_groupnorm(m: nn.GroupNorm) -> None:
     if m.weight is not None:
         m.num_channels = m.weight.shape[0]
 
 
-def _fix_embedding(m: nn.Embedding) -> None:
+@ATTRIBUTES.register(nn.Embedding)
+def fix_embedding(m: nn.Embedding) -> None:
     m.embedding_dim = m.weight.shape[1]
 
 
-def _fix_prelu(m: nn.PReLU) -> None:
+@ATTRIBUTES.register(nn.PReLU)
+def fix_prelu(m: nn.PReLU) -> None:
     m.num_parameters = m.weight.numel()
-
-
-MODULE_FIXES: dict[type, Callable[[nn.Module], None]] = {
-    nn.Conv1d: _fix_conv, nn.Conv2d: _fix_conv, nn.Conv3d: _fix_conv, nn.Linear: _fix_linear,
-    nn.BatchNorm1d: _fix_batchnorm, nn.BatchNorm2d: _fix_batchnorm, nn.BatchNorm3d: _fix_batchnorm,
-    nn.InstanceNorm1d: _fix_batchnorm, nn.InstanceNorm2d: _fix_batchnorm, nn.InstanceNorm3d: _fix_batchnorm,
-    nn.LayerNorm: _fix_layernorm, nn.GroupNorm: _fix_groupnorm, nn.Embedding: _fix_embedding,
-    nn.PReLU: _fix_prelu,
-}

@@ -1,10 +1,10 @@
 """Coupling rules: op -> how it moves, ties or freezes channel ids.
 
-A rule takes (ctx, node) and returns the node's output layout. Rules are registered
-for module classes (fx call_module), Python/torch functions, tensor method names and
-aten op packets (torch.export graphs), so one table serves both capture routes.
-Unknown ops fall to `default_rule`, which freezes every channel they touch: being
-conservative is always correct, only less effective.
+A rule takes (ctx, node) and returns the node's output layout. Rules live in the `RULES`
+op registry (`capture.ops`): module classes (fx call_module, found through the class
+hierarchy) and alias sets of functions, tensor methods and aten ops (torch.export graphs),
+so one table serves both capture routes. Unknown ops fall to `default_rule`, which freezes
+every channel they touch: being conservative is always correct, only less effective.
 """
 
 from __future__ import annotations
@@ -19,31 +19,16 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from sparsefx.capture.annotate import node_arg, target_key
+from sparsefx.capture import ops
+from sparsefx.capture.annotate import is_transposed, node_arg
 from sparsefx.channels import layout
 from sparsefx.channels.context import Ctx, TensorInfo, describe_node
 from sparsefx.channels.ids import Factor
 
 aten = torch.ops.aten
 Rule = Callable[[Ctx, torch.fx.Node], object]
-RULES: dict[object, Rule] = {}
-
-
-def rule(*keys: object) -> Callable[[Rule], Rule]:
-    def register(fn: Rule) -> Rule:
-        for key in keys:
-            RULES[key] = fn
-        return fn
-    return register
-
-
-def lookup_rule(ctx: Ctx, node: torch.fx.Node) -> Rule | None:
-    if node.op == "call_module":
-        for cls in type(ctx.modules[node.target]).__mro__:
-            if cls in RULES:
-                return RULES[cls]
-        return None
-    return RULES.get(target_key(node))
+RULES: ops.OpRegistry[Rule] = ops.OpRegistry("coupling")
+rule = RULES.register
 
 
 def default_rule(ctx: Ctx, node: torch.fx.Node) -> object:
@@ -98,29 +83,16 @@ def passthrough(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
 UNARY = [
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU,
     nn.ELU, nn.Mish, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
-    nn.Hardtanh, nn.Softplus, nn.CELU, nn.SELU, nn.GELU,
-    F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.dropout, F.leaky_relu,
-    F.elu, F.mish, F.hardtanh, F.softplus, torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.sqrt,
-    torch.rsqrt, torch.abs, torch.erf, torch.clamp, torch.zeros_like, torch.ones_like, torch.full_like,
-    torch.empty_like, torch.rand_like, torch.randn_like, operator.neg, torchvision.ops.stochastic_depth,
-    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous", "clone", "float", "half", "double", "to",
-    "type_as", "detach", "clamp", "clamp_", "exp", "sqrt", "rsqrt", "abs", "neg", "hardtanh_", "type",
-    aten.relu, aten.relu_, aten.gelu, aten.silu, aten.silu_, aten.hardswish, aten.hardswish_, aten.hardsigmoid,
-    aten.sigmoid, aten.tanh, aten.dropout, aten.clone, aten.contiguous, aten.to, aten._to_copy, aten.detach,
-    aten.alias, aten.neg, aten.exp, aten.sqrt, aten.rsqrt, aten.abs, aten.erf, aten.clamp, aten.hardtanh,
-    aten.hardtanh_, aten.leaky_relu, aten.zeros_like, aten.ones_like, aten.full_like, aten.lift_fresh_copy,
+    nn.Hardtanh, nn.Softplus, nn.CELU, nn.SELU,
+    ops.RELU, ops.HARDTANH, ops.GELU, ops.SILU, ops.HARDSWISH, ops.HARDSIGMOID, ops.SIGMOID, ops.TANH, ops.DROPOUT,
+    ops.LEAKY_RELU, ops.EXP, ops.SQRT, ops.RSQRT, ops.ABS, ops.ERF, ops.NEG, ops.CLAMP, ops.ZEROS_LIKE,
+    ops.ONES_LIKE, ops.FULL_LIKE, ops.CLONE, ops.CONTIGUOUS, ops.CAST, ops.DETACH,
+    F.relu6, F.elu, F.mish, F.softplus, torch.empty_like, torch.rand_like, torch.randn_like,
+    torchvision.ops.stochastic_depth, aten.alias, aten.lift_fresh_copy,
 ]
 BINARY = [
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow,
-    operator.iadd, operator.imul, operator.and_, operator.or_, operator.eq, operator.ne, operator.lt,
-    operator.le, operator.gt, operator.ge,
-    torch.add, torch.sub, torch.mul, torch.div, torch.where, torch.maximum, torch.minimum, torch.pow,
-    torch.masked_fill, torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge, torch.rsub,
-    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "masked_fill", "masked_fill_", "pow", "where",
-    "__add__", "__mul__", "__sub__", "__truediv__", "eq", "ne", "lt", "le", "gt", "ge",
-    aten.add, aten.add_, aten.sub, aten.mul, aten.mul_, aten.div, aten.where, aten.maximum, aten.minimum,
-    aten.pow, aten.masked_fill, aten.eq, aten.ne, aten.lt, aten.le, aten.gt, aten.ge, aten.rsub,
-    aten.bitwise_and, aten.__and__, aten.logical_and, aten.bitwise_or, aten.__or__, aten.logical_or,
+    ops.ADD, ops.SUB, ops.MUL, ops.DIV, ops.POW, ops.RSUB, ops.WHERE, ops.MAXIMUM, ops.MINIMUM, ops.MASKED_FILL,
+    ops.EQ, ops.NE, ops.LT, ops.LE, ops.GT, ops.GE, ops.AND, ops.OR, operator.floordiv,
 ]
 rule(*UNARY)(passthrough)
 rule(*BINARY)(elementwise)
@@ -143,22 +115,27 @@ def prelu(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
 
 # --- convolution and linear -------------------------------------------------------------
 def conv(ctx: Ctx, node: torch.fx.Node, x: TensorInfo, weight: str, bias: str | None, groups: int,
-         layer: str) -> list[Factor]:
-    channels = x.shape[1]
-    out_ids = ctx.param_ids(weight, 0, "out", layer)
+         layer: str, transposed: bool = False) -> list[Factor]:
+    """A convolution's weight is (out, in/groups, k...), a transposed convolution's (in, out/groups, k...)."""
     source = _channel_factor(ctx, x, 1, f"{layer} reads a reshaped channel axis")
     for factor in x.cmap:
         if factor is not source:
             ctx.uf.freeze(factor.ids, f"{layer} mixes spatial positions")
-    if groups == 1:
-        if source is not None:
-            ctx.uf.union_arrays(source.ids, ctx.param_ids(weight, 1, "in", layer))
-    elif source is None:
-        ctx.uf.freeze(out_ids, f"grouped {layer} reads untracked channels")
+    in_dim, out_dim = (0, 1) if transposed else (1, 0)
+    if transposed and groups > 1:
+        # weight dim 1 holds one group's outputs and is shared by all groups: no slot of it
+        # can stand for an output channel, so the outputs get ids of their own
+        out_ids = ctx.uf.new(_out_shape(node)[1])
     else:
+        out_ids = ctx.param_ids(weight, out_dim, "out", layer)
+    if source is not None and (groups == 1 or transposed):  # a grouped conv's weight dim 1 is per group
+        ctx.uf.union_arrays(source.ids, ctx.param_ids(weight, in_dim, "in", layer))
+    if groups > 1 and source is None:
+        ctx.uf.freeze(out_ids, f"grouped {layer} reads untracked channels")
+    elif groups > 1:
         # Grouped and depthwise convolutions lose whole groups: input and output channels
         # of group g form one class, and `groups` shrinks with them.
-        rows_in = source.ids.reshape(groups, channels // groups)
+        rows_in = source.ids.reshape(groups, -1)
         rows_out = out_ids.reshape(groups, -1)
         for row_in, row_out in zip(rows_in, rows_out, strict=True):
             ctx.uf.union_all(np.concatenate([row_in, row_out]))
@@ -168,22 +145,23 @@ def conv(ctx: Ctx, node: torch.fx.Node, x: TensorInfo, weight: str, bias: str | 
     return [Factor((1,), out_ids)]
 
 
-@rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+@rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 def conv_module(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
     module = ctx.modules[node.target]
     bias = f"{node.target}.bias" if module.bias is not None else None
-    return conv(ctx, node, ctx.info(node.args[0]), f"{node.target}.weight", bias, module.groups, node.target)
+    return conv(ctx, node, ctx.info(node.args[0]), f"{node.target}.weight", bias, module.groups, node.target,
+                transposed=module.transposed)
 
 
-@rule(F.conv1d, F.conv2d, F.conv3d, aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution)
+@rule(ops.CONV, ops.CONV_TRANSPOSE)
 def conv_function(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
     weight, bias = ctx.param_name(node_arg(node, 1, "weight")), ctx.param_name(node_arg(node, 2, "bias"))
-    transposed = node.target is aten.convolution.default and ctx.value(node.args[6])
-    if weight is None or transposed:
+    if weight is None:
         return default_rule(ctx, node)
-    index = 8 if node.target is aten.convolution.default else 6
+    index = 8 if node.target is aten.convolution.default else 6  # conv and conv_transpose: groups at 6
     groups = ctx.value(node_arg(node, index, "groups", 1))
-    return conv(ctx, node, ctx.info(node.args[0]), weight, bias, groups, weight.rsplit(".", 1)[0])
+    transposed = ops.op_key(node.target) is ops.CONV_TRANSPOSE or is_transposed(node)
+    return conv(ctx, node, ctx.info(node.args[0]), weight, bias, groups, weight.rsplit(".", 1)[0], transposed)
 
 
 def linear(ctx: Ctx, node: torch.fx.Node, x: TensorInfo, weight: str, bias: str | None, layer: str,
@@ -206,7 +184,7 @@ def linear_module(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
     return linear(ctx, node, ctx.info(node.args[0]), f"{node.target}.weight", bias, node.target)
 
 
-@rule(F.linear, aten.linear)
+@rule(ops.LINEAR)
 def linear_function(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
     weight, bias = ctx.param_name(node_arg(node, 1, "weight")), ctx.param_name(node_arg(node, 2, "bias"))
     if weight is None:
@@ -214,7 +192,7 @@ def linear_function(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
     return linear(ctx, node, ctx.info(node.args[0]), weight, bias, weight.rsplit(".", 1)[0])
 
 
-@rule(aten.addmm)
+@rule(ops.ADDMM)
 def addmm(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
     """bias + x @ W with W stored (in, out): Hugging Face Conv1D (GPT-2)."""
     bias, weight = ctx.param_name(node.args[0]), ctx.param_name(node.args[2])
@@ -228,7 +206,7 @@ def embedding_module(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
     return [Factor((len(_out_shape(node)) - 1,), ctx.param_ids(f"{node.target}.weight", 1, "out", node.target))]
 
 
-@rule(F.embedding, aten.embedding)
+@rule(ops.EMBEDDING)
 def embedding_function(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
     weight = ctx.param_name(node.args[0] if node.target is aten.embedding.default else node_arg(node, 1, "weight"))
     if weight is None:
@@ -280,7 +258,7 @@ def layernorm_module(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
                       _module_params(node, module, ["weight", "bias"]), node.target)
 
 
-@rule(F.layer_norm, aten.layer_norm)
+@rule(ops.LAYER_NORM)
 def layernorm_function(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
     params = [ctx.param_name(node_arg(node, 2, "weight")), ctx.param_name(node_arg(node, 3, "bias"))]
     dims = len(ctx.value(node_arg(node, 1, "normalized_shape")))
@@ -301,7 +279,7 @@ def _layernorm(ctx: Ctx, node: torch.fx.Node, x: TensorInfo, dims: int, params: 
     return cmap
 
 
-@rule(F.batch_norm, aten.batch_norm, aten._native_batch_norm_legit_no_training)
+@rule(ops.BATCH_NORM)
 def batchnorm_function(ctx: Ctx, node: torch.fx.Node) -> object:
     if node.target in (F.batch_norm,):
         names = [node_arg(node, 3, "weight"), node_arg(node, 4, "bias"), node.args[1], node.args[2]]
@@ -314,7 +292,7 @@ def batchnorm_function(ctx: Ctx, node: torch.fx.Node) -> object:
     return (cmap, *([] for _ in shape[1:])) if isinstance(shape, list) else cmap
 
 
-@rule(F.group_norm, aten.group_norm)
+@rule(ops.GROUP_NORM)
 def groupnorm_function(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
     groups = ctx.value(node.args[1])
     params = [ctx.param_name(node_arg(node, 2, "weight")), ctx.param_name(node_arg(node, 3, "bias"))]
@@ -325,11 +303,8 @@ def groupnorm_function(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
 # --- spatial ops: channels pass, spatial axes are no channels ------------------------------
 @rule(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
       nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Upsample,
-      nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d,
-      F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
-      F.adaptive_max_pool2d, F.interpolate, torch.max_pool1d, torch.max_pool2d, torch.max_pool3d, torch.avg_pool1d,
-      torch.adaptive_avg_pool1d, torch._C._nn.adaptive_avg_pool2d, torch._C._nn.avg_pool2d, aten.max_pool2d, aten.avg_pool2d, aten.adaptive_avg_pool2d,
-      aten.adaptive_avg_pool1d, aten.upsample_nearest2d, aten.upsample_bilinear2d, aten.max_pool2d_with_indices)
+      nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, ops.MAX_POOL, ops.AVG_POOL, ops.ADAPTIVE_AVG_POOL,
+      ops.ADAPTIVE_MAX_POOL, ops.INTERPOLATE, torch.avg_pool1d)
 def spatial(ctx: Ctx, node: torch.fx.Node) -> object:
     x = ctx.info(node.args[0])
     keep = [f for f in x.cmap if all(a < 2 for a in f.axes)]
@@ -338,7 +313,7 @@ def spatial(ctx: Ctx, node: torch.fx.Node) -> object:
     return (keep, *([] for _ in shape[1:])) if isinstance(shape, list) else keep
 
 
-@rule(F.pad, aten.constant_pad_nd, aten.pad)
+@rule(ops.PAD)
 def pad(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
     x = ctx.info(node.args[0])
     widths = ctx.value(node_arg(node, 1, "pad"))
@@ -349,8 +324,7 @@ def pad(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
 
 
 # --- softmax and reductions ---------------------------------------------------------------
-@rule(nn.Softmax, nn.LogSoftmax, F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax",
-      "log_softmax", aten._softmax, aten.softmax, aten._log_softmax, aten.log_softmax)
+@rule(nn.Softmax, nn.LogSoftmax, ops.SOFTMAX, ops.LOG_SOFTMAX)
 def softmax(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
     x = ctx.info(node.args[0])
     dim = ctx.modules[node.target].dim if node.op == "call_module" else ctx.value(node_arg(node, 1, "dim"))
@@ -360,7 +334,7 @@ def softmax(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
     return [f for f in x.cmap if f not in touched]
 
 
-@rule(torch.mean, torch.sum, torch.amax, "mean", "sum", "amax", aten.mean, aten.sum, aten.amax)
+@rule(ops.MEAN, ops.SUM, ops.AMAX)
 def reduction(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
     x = ctx.info(node.args[0])
     dims = ctx.value(node_arg(node, 1, "dim"))
@@ -408,20 +382,17 @@ def _guard_sizes(ctx: Ctx, node: torch.fx.Node, cmap: list[Factor]) -> None:
                         ctx.uf.freeze(factor.ids, f"{describe_node(node)} reuses a channel count")
 
 
-@rule("view", "reshape", torch.reshape, aten.view, aten.reshape, aten._unsafe_view, "unflatten", torch.unflatten,
-      aten.unflatten, nn.Unflatten)
+@rule(ops.RESHAPE, ops.UNFLATTEN, nn.Unflatten)
 def reshape_with_sizes(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
     return _reshape(ctx, node, patch=node.op != "call_module")
 
 
-@rule(torch.flatten, "flatten", aten.flatten, nn.Flatten, torch.squeeze, "squeeze", aten.squeeze, torch.unsqueeze,
-      "unsqueeze", aten.unsqueeze)
+@rule(ops.FLATTEN, nn.Flatten, ops.SQUEEZE, ops.UNSQUEEZE)
 def reshape_without_sizes(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
     return _reshape(ctx, node, patch=False)
 
 
-@rule("permute", torch.permute, aten.permute, "transpose", torch.transpose, aten.transpose, torch.swapaxes,
-      "t", torch.t, aten.t)
+@rule(ops.PERMUTE, ops.TRANSPOSE, ops.MATRIX_T)
 def permute(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
     x = ctx.info(node.args[0])
     ndim = len(x.shape)
@@ -437,7 +408,7 @@ def permute(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
     return layout.permute(x.cmap, {old: new for new, old in enumerate(order)})
 
 
-@rule("expand", aten.expand, "expand_as")
+@rule(ops.EXPAND, "expand_as")
 def expand(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
     x = ctx.info(node.args[0])
     out = _out_shape(node)
@@ -452,7 +423,7 @@ def expand(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
 
 
 # --- concat, split, indexing ----------------------------------------------------------------
-@rule(torch.cat, torch.concat, aten.cat, aten.concat)
+@rule(ops.CAT)
 def cat(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
     infos = [ctx.info(t) for t in node_arg(node, 0, "tensors")]
     if any(i is None for i in infos):
@@ -479,7 +450,7 @@ def cat(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
     return [*merged, Factor((axis,), np.concatenate(ids))]
 
 
-@rule(torch.stack, aten.stack)
+@rule(ops.STACK)
 def stack(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
     infos = [ctx.info(t) for t in node_arg(node, 0, "tensors")]
     if any(i is None for i in infos):
@@ -489,8 +460,7 @@ def stack(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
     return layout.permute(merged, {a: a + (a >= axis) for a in range(len(infos[0].shape))})
 
 
-@rule(torch.split, "split", torch.chunk, "chunk", aten.split, aten.split_with_sizes, aten.chunk, torch.tensor_split,
-      "tensor_split")
+@rule(ops.SPLIT, ops.CHUNK, ops.TENSOR_SPLIT)
 def split(ctx: Ctx, node: torch.fx.Node) -> tuple:
     """Pieces along one axis keep their slice of its ids (unbind, which drops the axis, is unknown: frozen)."""
     x = ctx.info(node.args[0])
@@ -619,7 +589,7 @@ def _matmul_layout(ctx: Ctx, a: TensorInfo, b: TensorInfo, out: tuple[int, ...],
     return result
 
 
-@rule(torch.matmul, operator.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm", aten.matmul, aten.bmm, aten.mm)
+@rule(ops.MATMUL)
 def matmul(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
     a, b = ctx.info(node.args[0]), ctx.info(node.args[1])
     if a is None or b is None:
@@ -628,7 +598,7 @@ def matmul(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
     return default_rule(ctx, node) if result is None else result
 
 
-@rule(F.scaled_dot_product_attention, aten.scaled_dot_product_attention)
+@rule(ops.ATTENTION)
 def attention(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
     """softmax(q @ k^T + mask) @ v: q/k meet per head and feature, heads tie to v's heads."""
     q, k, v = (ctx.info(node_arg(node, i, n)) for i, n in enumerate(("query", "key", "value")))

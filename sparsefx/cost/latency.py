@@ -1,6 +1,6 @@
 """Analysis pass: predicted latency of every node on a target (needs ShapeProp facts).
 
-Each node maps, through a registry keyed like `annotate`'s, to the kernels the compiled
+Each node maps, through the `KERNELS` op registry (`capture.ops`), to the kernels the compiled
 model runs for it: convolutions and matmuls (measured), element-wise, reduction and pooling
 kernels (calibrated TIR), or nothing (views, sizes, dropout). An element-wise node whose
 producer is a compute or element-wise node used by nothing else is fused into it (BN and
@@ -26,7 +26,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from sparsefx.capture.annotate import _numel, node_arg, target_key
+from sparsefx.capture import ops
+from sparsefx.capture.annotate import is_transposed, node_arg, numel
 from sparsefx.cost.model import CostModel, Kernel, conv2d_kernel, matmul_kernel
 
 aten = torch.ops.aten
@@ -36,7 +37,7 @@ Handler = Callable[[torch.fx.Node, torch.fx.GraphModule, ShapeOf, int], list[Ker
 
 def _bytes(node: torch.fx.Node, shape_of: ShapeOf) -> int:
     tensors = [a for a in node.all_input_nodes if a.op != "get_attr"]
-    return 4 * (sum(_numel(shape_of(a)) for a in tensors) + _numel(shape_of(node)))
+    return 4 * (sum(numel(shape_of(a)) for a in tensors) + numel(shape_of(node)))
 
 
 def _kind(kind: str) -> Handler:
@@ -66,6 +67,8 @@ def _conv_module(node: torch.fx.Node, gm: torch.fx.GraphModule, shape_of: ShapeO
 def _conv_fn(node: torch.fx.Node, gm: torch.fx.GraphModule, shape_of: ShapeOf, lanes: int) -> list[Kernel]:
     weight = node_arg(node, 1, "weight")
     w_shape = weight.meta.get("sfx_shape") if isinstance(weight, torch.fx.Node) else None
+    if is_transposed(node):  # priced like the transposed-conv modules: by its bytes
+        return [Kernel("elementwise", (_bytes(node, shape_of),))]
     if node.target is aten.convolution.default:
         stride, padding, dilation, groups = node.args[3], node.args[4], node.args[5], node.args[8]
     else:
@@ -82,7 +85,7 @@ def _linear(node: torch.fx.Node, x: object, has_bias: bool, shape_of: ShapeOf, l
         return []
     kernels = [matmul_kernel(1, math.prod(x_shape[:-1]), x_shape[-1], out[-1], lanes)]
     if has_bias:  # the bias add is its own TIR kernel after a dispatched matmul
-        kernels.append(Kernel("elementwise", (8 * _numel(out),)))
+        kernels.append(Kernel("elementwise", (8 * numel(out),)))
     return kernels
 
 
@@ -114,51 +117,31 @@ def _attention(node: torch.fx.Node, gm: torch.fx.GraphModule, shape_of: ShapeOf,
             matmul_kernel(batch, q[-2], k[-2], out[-1], lanes)]
 
 
-ELEMENTWISE_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh,
-                       nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.LeakyReLU, nn.Mish, nn.ELU)
-REDUCE_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.Softmax, nn.LogSoftmax)
-POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-FREE_MODULES = (nn.Dropout, nn.Identity, nn.Flatten, nn.Unflatten)
-
-MODULES: dict[type, Handler] = {nn.Conv2d: _conv_module, nn.Linear: _linear_module}
-MODULES.update(dict.fromkeys(ELEMENTWISE_MODULES, _kind("elementwise")))
-MODULES.update(dict.fromkeys(REDUCE_MODULES, _kind("reduce")))
-MODULES.update(dict.fromkeys(POOL_MODULES, _kind("pool")))
-MODULES.update(dict.fromkeys(FREE_MODULES, _free))
-
-FUNCTIONS: dict[object, Handler] = {
-    F.conv2d: _conv_fn, aten.conv2d: _conv_fn, aten.convolution: _conv_fn,
-    F.linear: _linear_fn, aten.linear: _linear_fn, aten.addmm: _addmm,
-    torch.matmul: _matmul, operator.matmul: _matmul, torch.bmm: _matmul, torch.mm: _matmul,
-    "matmul": _matmul, "bmm": _matmul, aten.mm: _matmul, aten.bmm: _matmul, aten.matmul: _matmul,
-    F.scaled_dot_product_attention: _attention, aten.scaled_dot_product_attention: _attention,
-}
-for _fn in (F.softmax, F.log_softmax, F.layer_norm, F.group_norm, torch.softmax, torch.mean, torch.sum,
-            "softmax", "mean", "sum", "log_softmax", aten.softmax, aten._softmax, aten.layer_norm,
-            aten.native_layer_norm, aten.group_norm, aten.mean, aten.sum, aten._log_softmax):
-    FUNCTIONS[_fn] = _kind("reduce")
-for _fn in (F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, aten.max_pool2d,
-            aten.avg_pool2d, aten.adaptive_avg_pool2d, aten.max_pool2d_with_indices, aten._adaptive_avg_pool2d):
-    FUNCTIONS[_fn] = _kind("pool")
-for _fn in (operator.getitem, getattr, torch.flatten, F.dropout, "size", "view", "reshape", "flatten", "unsqueeze",
-            "squeeze", "expand", "dim", "type_as", "to", "float", "chunk", "split", torch.chunk, torch.split,
-            torch.unsqueeze, torch.squeeze, torch.reshape, aten.view, aten.reshape, aten._unsafe_view,
-            aten.unsqueeze, aten.squeeze, aten.expand, aten.dropout, aten.alias, aten.split, aten.split_with_sizes,
-            aten.chunk, aten.slice, aten.select, aten.sym_size, aten.detach, aten.lift_fresh_copy, aten.flatten,
-            aten.unflatten, aten._assert_tensor_metadata, aten.clone, aten.contiguous, "contiguous"):
-    FUNCTIONS[_fn] = _free
-
-COMPUTE_OPS = ("conv2d", "matmul")
+KERNELS: ops.OpRegistry[Handler] = ops.OpRegistry("latency")
+KERNELS.add(_conv_module, nn.Conv2d)
+KERNELS.add(_linear_module, nn.Linear)
+KERNELS.add(_conv_fn, ops.CONV)
+KERNELS.add(_linear_fn, ops.LINEAR)
+KERNELS.add(_addmm, ops.ADDMM)
+KERNELS.add(_matmul, ops.MATMUL)
+KERNELS.add(_attention, ops.ATTENTION)
+KERNELS.add(_kind("elementwise"), nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid,
+            nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.LeakyReLU, nn.Mish, nn.ELU)
+KERNELS.add(_kind("reduce"), nn.LayerNorm, nn.GroupNorm, nn.Softmax, nn.LogSoftmax, ops.SOFTMAX, ops.LOG_SOFTMAX,
+            ops.LAYER_NORM, ops.GROUP_NORM, ops.MEAN, ops.SUM, aten.native_layer_norm)
+KERNELS.add(_kind("pool"), nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, ops.MAX_POOL,
+            ops.AVG_POOL, ops.ADAPTIVE_AVG_POOL, ops.ADAPTIVE_MAX_POOL)
+KERNELS.add(_free, nn.Dropout, nn.Identity, nn.Flatten, nn.Unflatten, operator.getitem, getattr, "dim", ops.SIZE,
+            ops.DROPOUT, ops.RESHAPE, ops.FLATTEN, ops.UNFLATTEN, ops.SQUEEZE, ops.UNSQUEEZE, ops.EXPAND, ops.CAST,
+            ops.CHUNK, ops.SPLIT, ops.DETACH, ops.CLONE, ops.CONTIGUOUS, aten.alias, aten.slice, aten.select,
+            aten.lift_fresh_copy, aten._assert_tensor_metadata)
 
 
 def node_kernels(node: torch.fx.Node, gm: torch.fx.GraphModule, shape_of: ShapeOf, lanes: int) -> list[Kernel]:
     """The kernels `node` runs, at the shapes `shape_of` gives (no fusion applied)."""
     if node.op in ("placeholder", "output", "get_attr") or not isinstance(shape_of(node), (tuple, list)):
         return []
-    if node.op == "call_module":
-        handler = MODULES.get(type(gm.get_submodule(node.target)), _kind("elementwise"))
-    else:
-        handler = FUNCTIONS.get(target_key(node), _kind("elementwise"))
+    handler = KERNELS.lookup(node, gm) or _kind("elementwise")
     return handler(node, gm, shape_of, lanes)
 
 
@@ -166,21 +149,16 @@ def node_kernels(node: torch.fx.Node, gm: torch.fx.GraphModule, shape_of: ShapeO
 # `backends.tvm.dispatch.epilogue_pass`): the bias (BN folds into it), one residual add, one
 # activation that oneDNN applies as a post-op. Stage numbers say how far an epilogue has got.
 _BIAS, _ADD, _ACT = 0, 1, 2
-EPILOGUE_MODULES: dict[type, tuple[int, str]] = {nn.BatchNorm2d: (_BIAS, ""), nn.ReLU: (_ACT, "relu"),
-                                                 nn.ReLU6: (_ACT, "relu6"), nn.SiLU: (_ACT, "silu")}
-EPILOGUE_FUNCTIONS: dict[object, tuple[int, str]] = {
-    aten._native_batch_norm_legit_no_training: (_BIAS, ""), aten.batch_norm: (_BIAS, ""),
-    **dict.fromkeys((operator.add, torch.add, operator.iadd, "add", "add_", aten.add, aten.add_), (_ADD, "")),
-    **dict.fromkeys((F.relu, torch.relu, "relu", "relu_", aten.relu, aten.relu_), (_ACT, "relu")),
-    **dict.fromkeys((F.relu6, aten.hardtanh, aten.hardtanh_), (_ACT, "relu6")),
-    **dict.fromkeys((F.silu, aten.silu, aten.silu_), (_ACT, "silu")),
-}
+EPILOGUE: ops.OpRegistry[tuple[int, str]] = ops.OpRegistry("epilogue")
+EPILOGUE.add((_BIAS, ""), nn.BatchNorm2d, ops.BATCH_NORM)
+EPILOGUE.add((_ADD, ""), ops.ADD)
+EPILOGUE.add((_ACT, "relu"), nn.ReLU, ops.RELU)
+EPILOGUE.add((_ACT, "relu6"), nn.ReLU6, F.relu6, ops.HARDTANH)
+EPILOGUE.add((_ACT, "silu"), nn.SiLU, ops.SILU)
 
 
 def _epilogue_step(node: torch.fx.Node, gm: torch.fx.GraphModule) -> tuple[int, str] | None:
-    if node.op == "call_module":
-        return EPILOGUE_MODULES.get(type(gm.get_submodule(node.target)))
-    return EPILOGUE_FUNCTIONS.get(target_key(node))
+    return EPILOGUE.lookup(node, gm)
 
 
 def dense_kernels(gm: torch.fx.GraphModule, lanes: int) -> dict[torch.fx.Node, list[Kernel]]:
