@@ -63,8 +63,12 @@ class RunRecord:
 
     def write(self, path: Path, rows: list) -> None:
         """The results JSON: this run's metadata and its rows."""
+        self.write_report(path, {"rows": rows})
+
+    def write_report(self, path: Path, report: dict) -> None:
+        """A results JSON of any shape, this run's metadata first."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"meta": self.meta(), "rows": rows}, indent=1) + "\n")
+        path.write_text(json.dumps({"meta": self.meta(), **report}, indent=1, default=str) + "\n")
 
 
 def read_rows(path: Path) -> list:
