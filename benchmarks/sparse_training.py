@@ -505,7 +505,8 @@ def main() -> None:
                   f"{n}: dense {c['dense']}; one-shot, DSD and rigl-dense {c['tune']} more from the dense model, the "
                   f"lottery ticket {c['rounds']} round(s) of {max(1, c['tune'] // c['rounds'])} from it (rewound to a "
                   f"quarter epoch in); SET and RigL {c['dense'] + c['tune']} from random masks" for n, c in cfgs.items())
-              + f". SET/RigL: a mask update every 100 steps until 75% of training, drop fraction 0.3. DSD's sparse phase "
+              + f". SET/RigL: a mask update every 100 steps (a quarter epoch if shorter) until 75% of training, drop "
+              f"fraction 0.3. DSD's sparse phase "
               f"keeps {DSD_KEPT:g} of each layer for half its epochs. Kept fractions split over layers by ERK. "
               "Adam with cosine decay, no distillation.")
     (args.out / "results.json").write_text(json.dumps({"runs": records, "summary": rows, "latency": latencies,
