@@ -1,7 +1,10 @@
 """Which models can sparsefx prune? Prune every torchvision classifier plus three HF transformers.
 
 A model passes at a ratio when pruning succeeds, the forward pass runs, every output keeps its
-shape and MACs fall. A model passes overall when it passes at every ratio.
+shape and MACs fall. A model passes overall when it passes at every ratio. Every pruned model is
+also saved and loaded again (`sparsefx.save` / `sparsefx.load` from its spec: outputs must be
+bitwise equal) and exported to ONNX (checked in ONNX Runtime within TOLERANCE of eager); those
+two get their own columns, with the failing step or op where they fail.
 
     python benchmarks/coverage.py                       # all models (hours on a laptop CPU)
     python benchmarks/coverage.py --models resnet18,hf:bert-base --out results
@@ -13,6 +16,7 @@ import argparse
 import gc
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +24,8 @@ import torch
 import torchvision
 
 import sparsefx
+from sparsefx.backends.export import onnx_error
+from sparsefx.capture.compare import TOLERANCE, calibrate_norm_statistics, first_tensor
 from sparsefx.capture.models import load_model
 from sparsefx.errors import one_line
 
@@ -45,6 +51,7 @@ def check_model(name: str, ratios: tuple[float, ...]) -> list[dict]:
     """One result row per ratio; any exception becomes a failed row instead of ending the run."""
     try:
         model, inputs = load_model(spec_of(name))
+        calibrate_norm_statistics(model, inputs)  # random-init outputs near zero would make the ONNX check vacuous
         with torch.inference_mode():
             dense_shapes = output_shapes(model(*inputs))
         dense_macs, dense_params = sparsefx.count_macs(model, inputs), sparsefx.count_params(model)
@@ -63,6 +70,7 @@ def check_model(name: str, ratios: tuple[float, ...]) -> list[dict]:
             row["pruned_macs"] = sparsefx.count_macs(pruned, inputs)
             row["pruned_params"] = sparsefx.count_params(pruned)
             row["reason"] = failure_reason(row, dense_shapes, pruned_shapes)
+            row.update(persistence(spec_of(name), pruned, inputs))
             if sparsefx.count_params(model) != dense_params:
                 row["reason"] = row["reason"] or "prune() modified the input model"
             del pruned
@@ -71,6 +79,27 @@ def check_model(name: str, ratios: tuple[float, ...]) -> list[dict]:
         row["status"] = "fail" if row["reason"] else "pass"
         rows.append(row)
     return rows
+
+
+def persistence(spec: str, pruned: torch.nn.Module, inputs: tuple) -> dict:
+    """Save/load round trip and ONNX export of a pruned model: 'ok' or why not, per column."""
+    result = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            sparsefx.save(pruned, Path(tmp) / "saved", spec=spec)
+            loaded = sparsefx.load(Path(tmp) / "saved")  # a fresh dense model from the spec, removal replayed
+            with torch.inference_mode():
+                same = torch.equal(first_tensor(loaded(*inputs)), first_tensor(pruned(*inputs)))
+            result["save_load"] = "ok" if same else "outputs differ after loading"
+        except Exception as error:
+            result["save_load"] = one_line(error)
+        try:
+            error = onnx_error(sparsefx.export(pruned, inputs, Path(tmp) / "model.onnx"), pruned, inputs)
+            result["onnx_error"] = error
+            result["onnx"] = "ok" if error <= TOLERANCE else f"ONNX Runtime differs from eager by {error:.1e}"
+        except Exception as error:
+            result["onnx"] = one_line(error)
+    return result
 
 
 def failure_reason(row: dict, dense_shapes: list, pruned_shapes: list) -> str:
@@ -84,7 +113,10 @@ def failure_reason(row: dict, dense_shapes: list, pruned_shapes: list) -> str:
 def write_reports(rows: list[dict], models: list[str], out_dir: Path) -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
     passed = [m for m in models if all(r["status"] == "pass" for r in rows if r["model"] == m)]
-    summary = f"{len(passed)}/{len(models)} models pass"
+    pruned = [r for r in rows if r["status"] == "pass"]
+    summary = (f"{len(passed)}/{len(models)} models pass; of {len(pruned)} pruned models "
+               f"{sum(r.get('save_load') == 'ok' for r in pruned)} save/load bitwise, "
+               f"{sum(r.get('onnx') == 'ok' for r in pruned)} match in ONNX Runtime within {TOLERANCE:g}")
     meta = {"torch": torch.__version__, "ratios": list(RATIOS), "importance": "l1", "summary": summary}
     (out_dir / "coverage.json").write_text(json.dumps({**meta, "results": rows}, indent=1) + "\n")
     (out_dir / "coverage.md").write_text(markdown(rows, summary))
@@ -95,14 +127,16 @@ def markdown(rows: list[dict], summary: str) -> str:
     lines = [
         "# sparsefx coverage (importance=l1, MACs from sparsefx.count_macs)",
         "",
-        "| model | ratio | status | MACs dense | MACs pruned | MACs kept | params dense | params pruned | prune s | reason |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | ratio | status | MACs dense | MACs pruned | MACs kept | params dense | params pruned | prune s "
+        "| save/load | ONNX | reason |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         kept = f"{r['pruned_macs'] / r['dense_macs']:.0%}" if r.get("pruned_macs") and r.get("dense_macs") else ""
         cells = [r["model"], r["ratio"], r["status"], _count(r.get("dense_macs")), _count(r.get("pruned_macs")), kept,
                  _count(r.get("dense_params")), _count(r.get("pruned_params")), r.get("prune_s", ""),
-                 r.get("reason", "").replace("|", "/")]
+                 r.get("save_load", ""), r.get("onnx", ""), r.get("reason", "")]
+        cells = [str(c).replace("|", "/") for c in cells]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join([*lines, "", summary, ""])
 
