@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import tempfile
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+from common import RunRecord
 
 import sparsefx
 from sparsefx.backends.export import onnx_error
@@ -110,15 +110,15 @@ def failure_reason(row: dict, dense_shapes: list, pruned_shapes: list) -> str:
     return ""
 
 
-def write_reports(rows: list[dict], models: list[str], out_dir: Path) -> str:
+def write_reports(rows: list[dict], models: list[str], out_dir: Path, record: RunRecord) -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
     passed = [m for m in models if all(r["status"] == "pass" for r in rows if r["model"] == m)]
     pruned = [r for r in rows if r["status"] == "pass"]
     summary = (f"{len(passed)}/{len(models)} models pass; of {len(pruned)} pruned models "
                f"{sum(r.get('save_load') == 'ok' for r in pruned)} save/load bitwise, "
                f"{sum(r.get('onnx') == 'ok' for r in pruned)} match in ONNX Runtime within {TOLERANCE:g}")
-    meta = {"torch": torch.__version__, "ratios": list(RATIOS), "importance": "l1", "summary": summary}
-    (out_dir / "coverage.json").write_text(json.dumps({**meta, "results": rows}, indent=1) + "\n")
+    record.write_report(out_dir / "coverage.json",
+                        {"ratios": list(RATIOS), "importance": "l1", "summary": summary, "results": rows})
     (out_dir / "coverage.md").write_text(markdown(rows, summary))
     return summary
 
@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     models = args.models.split(",") if args.models else default_models()
     torch.manual_seed(0)
+    record = RunRecord(sys.argv)
     rows: list[dict] = []
     summary = ""
     for i, name in enumerate(models, 1):
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"    {r['ratio']}: {r['reason']}", file=sys.stderr)
         gc.collect()  # big models (regnet_y_128gf, vit_h_14) must not pile up
         # Rewrite reports after every model so a crash or Ctrl-C still leaves partial results.
-        summary = write_reports(rows, models[:i], args.out)
+        summary = write_reports(rows, models[:i], args.out, record)
     print(summary, file=sys.stderr)
     return 0
 

@@ -11,12 +11,12 @@ PyTorch, timed in alternating rounds, dense and 50% of channels pruned. Writes d
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
 import torch
+from common import RunRecord
 
 import sparsefx
 from sparsefx.backends.eager import measure_latencies
@@ -79,6 +79,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    record = RunRecord(sys.argv)
     rows = []
     for name in args.models.split(","):
         for batch in map(int, args.batches.split(",")):
@@ -86,7 +87,7 @@ def main() -> int:
             rows.append(bench(name, batch, args.repeat))
     threads = args.threads or torch.get_num_threads()
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "depthwise.json").write_text(json.dumps({"threads": threads, "rows": rows}, indent=1) + "\n")
+    record.write_report(args.out / "depthwise.json", {"threads": threads, "rows": rows})
     (args.out / "depthwise.md").write_text(markdown(rows, threads))
     print(markdown(rows, threads))
     return 0

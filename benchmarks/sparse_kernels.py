@@ -14,7 +14,6 @@ fast as the faster dense baseline. Writes results/sparse_kernels.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import tvm  # noqa: E402
+from common import RunRecord  # noqa: E402
 from torch import nn  # noqa: E402
 
 import sparsefx  # noqa: E402
@@ -159,12 +159,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help="only the layers at this batch")
     args = parser.parse_args()
     torch.set_num_threads(resolve_target("cpu").cores)
+    record = RunRecord(sys.argv)
     layers = [LAYERS[1]] if args.quick else LAYERS
     layers = [la for la in layers if (la[4] is not None or not args.convs_only) and args.batch in (None, la[3])]
     rows = bench(layers)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sparse_kernels.json").write_text(json.dumps({"target": str(resolve_target("cpu")), "rows": rows},
-                                                             indent=1))
+    record.write_report(args.out / "sparse_kernels.json", {"target": str(resolve_target("cpu")), "rows": rows})
     (args.out / "sparse_kernels.md").write_text(markdown(rows))
     plot(rows, args.out / "sparse_kernels.png")
     print(markdown(rows))
