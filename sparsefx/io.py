@@ -99,6 +99,7 @@ def is_saved_model(path: str | Path) -> bool:
 
 
 def load_pruned(path: Path, model: nn.Module | str | None = None) -> nn.Module:
+    """Rebuild and load a `save` directory; every check runs before the first weight is read."""
     description = read_description(path)
     weights = path / WEIGHTS
     if not weights.is_file():
@@ -113,6 +114,9 @@ def load_pruned(path: Path, model: nn.Module | str | None = None) -> nn.Module:
     pruned = replay(dense, record, str(path))
     for entry in description["sparse"]:
         _put_sparse(pruned, entry, header, path)
+    floats = {dtype for _, dtype in declared.values() if getattr(torch, dtype).is_floating_point}
+    if len(floats) == 1:  # a model saved in half precision loads in half precision
+        pruned.to(getattr(torch, floats.pop()))
     expected = {name: list(t.shape) for name, t in pruned.state_dict().items()}
     stored = {name: declared[description["aliases"].get(name, name)][0] for name in expected
               if description["aliases"].get(name, name) in declared}
@@ -139,10 +143,29 @@ def read_description(path: Path) -> dict:
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise PersistError(f"{path} has format version {version!r}, newer than this sparsefx reads "
                            f"({FORMAT_VERSION}); upgrade sparsefx (saved by {description.get('sparsefx_version')})")
-    missing = [key for key in ("model", "removal", "sparse", "tensors", "aliases") if key not in description]
-    if missing:
-        raise PersistError(f"{path / DESCRIPTION} lacks {', '.join(missing)}; the file is corrupt or edited")
+    if not _well_formed(description):
+        raise PersistError(f"{path / DESCRIPTION} is missing fields or has fields of the wrong type; "
+                           "the file is corrupt or edited")
     return description
+
+
+def _well_formed(description: dict) -> bool:
+    """The fields load reads, with the types it reads them as (indices are checked by the replay)."""
+    model, tensors, aliases = description.get("model"), description.get("tensors"), description.get("aliases")
+    steps, sparse = description.get("removal"), description.get("sparse")
+    return (isinstance(model, dict) and isinstance(model.get("fingerprint"), str)
+            and isinstance(steps, list) and all(_well_formed_step(step) for step in steps)
+            and isinstance(sparse, list) and all(isinstance(e, dict) for e in sparse)
+            and isinstance(aliases, dict) and all(isinstance(t, str) for t in aliases.values())
+            and isinstance(tensors, dict) and all(
+                isinstance(t, dict) and isinstance(t.get("shape"), list) and t.get("dtype") in DTYPES
+                for t in tensors.values()))
+
+
+def _well_formed_step(step: object) -> bool:
+    return (isinstance(step, dict) and isinstance(step.get("kept"), list) and isinstance(step.get("inputs"), list)
+            and all(isinstance(x, dict) and x.get("dtype") in DTYPES and isinstance(x.get("shape"), list)
+                    for x in step["inputs"]))
 
 
 def build_model(model: nn.Module | str | None, saved_spec: str | None, path: Path) -> nn.Module:
@@ -188,6 +211,8 @@ def _put_sparse(model: nn.Module, entry: dict, header: dict, path: Path) -> None
         raise PersistError(f"{path}: sparse layer {name!r} does not fit this model; the file is corrupt or edited")
 
     def empty(part: str) -> torch.Tensor:
+        if f"{name}.{part}" not in header:
+            raise PersistError(f"{path}: the weights hold no {name}.{part} for sparse layer {name!r}; save the model again")
         shape, dtype = header[f"{name}.{part}"]
         return torch.zeros(shape, dtype=getattr(torch, dtype))
 
@@ -230,6 +255,7 @@ def _header(weights: Path) -> dict[str, tuple[list[int], str]]:
         raise PersistError(f"{weights} is not a readable safetensors file ({one_line(error)}); save the model again") from None
 
 
+DTYPES = ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")
 SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 

@@ -165,8 +165,13 @@ def _shape_lie(description: dict) -> None:
     description["tensors"][name]["shape"][0] += 1
 
 
+def _wrong_type(description: dict) -> None:
+    next(iter(description["tensors"].values()))["dtype"] = "float99"
+
+
 @pytest.mark.parametrize(("edit", "match"), [
     (_out_of_range, "not sorted, distinct and within"),
+    (_wrong_type, "fields of the wrong type"),
     (_coupled_differently, "cut coupled layers differently"),
     (_newer, "newer than this sparsefx reads"),
     (_shape_lie, "does not hold the weights"),
@@ -252,3 +257,14 @@ def test_a_file_goes_to_the_compiled_artifact_loader_and_nothing_is_refused_plai
         sparsefx.load(tmp_path / "model.sfx")
     with pytest.raises(PersistError, match="nothing at"):
         sparsefx.load(tmp_path / "missing")
+
+
+def test_half_precision_comes_back_in_half_precision(tmp_path):
+    model, inputs = load_model("default")
+    pruned = sparsefx.prune(model, inputs, 0.5).half()
+    sparsefx.save(pruned, tmp_path / "half", spec="default")
+    loaded = sparsefx.load(tmp_path / "half")
+    assert {p.dtype for p in loaded.parameters()} == {torch.float16}
+    half_inputs = tuple(x.half() for x in inputs)
+    with torch.no_grad():
+        assert torch.equal(loaded(*half_inputs), pruned(*half_inputs))
