@@ -8,6 +8,8 @@ sparsity (masks, `sparsify`), cost-driven planning (`plan`, `apply`, `plan_measu
 
 from sparsefx.backends.export import export
 from sparsefx.capture.trace import trace
+from sparsefx.channels.calibration import CalibrationError
+from sparsefx.channels.depth import block_influence, prune_layers
 from sparsefx.channels.prune import Analysis, analyze, count_macs, count_params, prune
 from sparsefx.errors import PruneError, SparsefxError, TraceError
 from sparsefx.io import load, save
@@ -36,11 +38,11 @@ from sparsefx.version import __version__
 LAZY_BACKEND = ("CompiledModel", "compile")  # from sparsefx.backends.tvm, which imports TVM
 
 __all__ = [
-    "Analysis", "CompiledModel", "DSD", "Evaluation", "Gradual", "GradualPruner", "History", "Iterative",
+    "Analysis", "CalibrationError", "CompiledModel", "DSD", "Evaluation", "Gradual", "GradualPruner", "History", "Iterative",
     "LotteryTicket", "MaskCallback", "OneShot", "Plan", "PlanError", "PruneError", "RegrowthError", "RigL",
     "SET", "SparseConv2d", "SparseLinear", "SparsefxError", "Sparsity", "TraceError", "__version__",
-    "analyze", "apply", "apply_masks", "block_mask", "compile", "compute_masks", "count_macs", "count_params",
-    "cubic_sparsity", "evaluate", "export", "finetune", "load", "nm_mask", "plan", "plan_measured", "prune",
+    "analyze", "apply", "apply_masks", "block_influence", "block_mask", "compile", "compute_masks", "count_macs", "count_params",
+    "cubic_sparsity", "evaluate", "export", "finetune", "load", "nm_mask", "plan", "plan_measured", "prune", "prune_layers",
     "remove_masks", "save", "sparsify", "to_sparse", "trace", "unstructured_mask", "weight_density",
 ]
 

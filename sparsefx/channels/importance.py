@@ -4,6 +4,10 @@ A class's score sums, over the group's own parameters (producer weights and bias
 norm affine terms, depthwise filters), the chosen statistic of its positions:
 pruning a channel removes its producer, so the producer's weights say what is lost
 (Li et al. 2017). Scores never change the model.
+
+Data-aware scores run calibration batches (`calibration=`, see `channels.calibration`):
+`wanda` weighs every weight by the norm of the activation it multiplies, `taylor` by its
+gradient. Without `calibration` they run the example inputs.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from sparsefx.channels.calibration import batches, check_like, default_loss, input_norms, main_output
 from sparsefx.channels.coupling import ChannelGroup, Coupling
 from sparsefx.errors import PruneError
 
@@ -25,10 +30,12 @@ def _weights(gm: torch.nn.Module, name: str) -> torch.Tensor:
     return operator.attrgetter(name)(gm)
 
 
-def _reduce(group: ChannelGroup, coupling: Coupling, per_position: Callable[[int], np.ndarray | None]) -> np.ndarray:
+def _reduce(group: ChannelGroup, coupling: Coupling, per_position: Callable[[int], np.ndarray | None],
+            roles: frozenset[str] | None = OWN_ROLES) -> np.ndarray:
+    """Sum per-class the positions of the group's slots whose roles meet `roles` (None: every slot)."""
     scores = np.zeros(len(group.classes))
     for s in group.slots:
-        if not coupling.slots[s].roles & OWN_ROLES:
+        if roles is not None and not coupling.slots[s].roles & roles:
             continue
         values = per_position(s)
         if values is None:
@@ -79,14 +86,55 @@ def bn_scale(gm: torch.nn.Module, coupling: Coupling, groups: list[ChannelGroup]
     return scores
 
 
-def taylor(gm: torch.nn.Module, coupling: Coupling, groups: list[ChannelGroup], example_inputs: tuple = (),
-           loss_fn: Callable | None = None, **_: object) -> Scores:
-    """First-order Taylor |sum(w * dL/dw)| over a calibration batch (Molchanov et al. 2019).
+def calibration_batches(example_inputs: tuple, calibration: object | None, criterion: str) -> list[tuple]:
+    """The batches a data-aware criterion runs: `calibration`, checked against the example
+    inputs, or the example inputs themselves."""
+    if calibration is None:
+        if not example_inputs:
+            raise PruneError(f"importance={criterion!r} needs data: pass calibration=batches of real inputs")
+        return [tuple(example_inputs)]
+    found = batches(calibration)
+    check_like(found, tuple(example_inputs))
+    return found
 
-    Without a loss, the model's own top-1 predictions serve as labels for (N, classes)
-    outputs and half the squared output norm otherwise."""
-    if not example_inputs:
-        raise PruneError("importance='taylor' needs a calibration batch: pass example_inputs with real data")
+
+def wanda(gm: torch.nn.Module, coupling: Coupling, groups: list[ChannelGroup], example_inputs: tuple = (),
+          calibration: object | None = None, **_: object) -> Scores:
+    """Activation-aware magnitude (Wanda, Sun et al. 2023), summed over the weights a unit removes:
+    |W_ij| * ||X_j||_2, where ||X_j|| is the norm over the calibration batches of input channel j of
+    the layer W belongs to. A unit with small weights that sees (or, for its consumers, makes)
+    large activations scores high. Groups whose layers record no activation fall back to L1."""
+    norms = input_norms(gm, calibration_batches(example_inputs, calibration, "wanda"))
+    cache: dict[int, np.ndarray] = {}
+
+    def per_position(s: int) -> np.ndarray | None:
+        slot = coupling.slots[s]
+        if slot.param not in norms:
+            return None
+        if s not in cache:
+            w = _weights(gm, slot.param).detach().float().abs()
+            scale = torch.from_numpy(norms[slot.param]).view(1, -1, *[1] * (w.dim() - 2))
+            cache[s] = (w * scale).movedim(slot.dim, 0).reshape(slot.ids.size, -1).sum(1).numpy()
+        return cache[s]
+
+    fallback = None
+    scores = {}
+    for g in groups:
+        if any(coupling.slots[s].param in norms for s in g.slots):
+            scores[g.id] = _reduce(g, coupling, per_position, roles=None)
+        else:
+            fallback = fallback if fallback is not None else l1(gm, coupling, groups)
+            scores[g.id] = fallback[g.id]
+    return scores
+
+
+def taylor(gm: torch.nn.Module, coupling: Coupling, groups: list[ChannelGroup], example_inputs: tuple = (),
+           loss_fn: Callable | None = None, calibration: object | None = None, **_: object) -> Scores:
+    """First-order Taylor |sum(w * dL/dw)| over the calibration batches (Molchanov et al. 2019).
+
+    `loss_fn(output)` is the loss; without one, `calibration.default_loss` (next-token
+    cross-entropy for a language model, the model's own top-1 for a classifier)."""
+    runs = calibration_batches(example_inputs, calibration, "taylor")
     params = {coupling.slots[s].param for g in groups for s in g.slots}
     tensors = {name: _weights(gm, name) for name in params}
     grads_on = {name: t.requires_grad for name, t in tensors.items()}
@@ -97,15 +145,10 @@ def taylor(gm: torch.nn.Module, coupling: Coupling, groups: list[ChannelGroup], 
     gm.eval()
     try:
         gm.zero_grad(set_to_none=True)
-        out = gm(*example_inputs)
-        out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "logits", getattr(out, "last_hidden_state", out))
-        if loss_fn is not None:
-            loss = loss_fn(out)
-        elif out.dim() == 2:
-            loss = torch.nn.functional.cross_entropy(out, out.argmax(1))
-        else:
-            loss = 0.5 * out.pow(2).sum()
-        loss.backward()
+        for batch in runs:  # gradients accumulate: the sum over batches, then |w * grad|
+            out = main_output(gm(*batch))
+            loss = loss_fn(out) if loss_fn is not None else default_loss(out, batch)
+            loss.backward()
         products = {name: (t.detach() * t.grad).float() if t.grad is not None else None for name, t in tensors.items()}
     finally:
         gm.train(was_training)
@@ -129,7 +172,7 @@ def random(gm: torch.nn.Module, coupling: Coupling, groups: list[ChannelGroup], 
 
 
 IMPORTANCE: dict[str, Callable[..., Scores]] = {
-    "l1": l1, "l2": l2, "bn_scale": bn_scale, "taylor": taylor, "random": random,
+    "l1": l1, "l2": l2, "bn_scale": bn_scale, "taylor": taylor, "wanda": wanda, "random": random,
 }
 
 
