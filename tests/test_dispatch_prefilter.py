@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from sparsefx.backends.tvm.compiler import build_module
@@ -89,7 +91,7 @@ def test_own_kernel_convs_build_only_sparsefx_kernel_not_the_default_tir(monkeyp
 
     decision = dispatch.DispatchTable("test").decide([workload], target.to_tvm(), counting_build)[workload.key]
     assert built == [] and decision["decided_by"] == kind and decision["tir_ms"] is None
-    assert decision["impl"] == kind and decision[f"{kind}_ms"] > 0 and len(ran) == 2
+    assert decision["impl"] == kind and len(ran) == 2
 
 
 def test_duel_times_each_rival_every_round() -> None:
@@ -97,9 +99,10 @@ def test_duel_times_each_rival_every_round() -> None:
 
     def rival(i: int) -> None:
         counts[i] += 1
+        time.sleep(0.002 * (1 + i))
 
     times = dispatch.duel([lambda: rival(0), lambda: rival(1)], rounds=4)
-    assert len(times) == 2 and all(t >= 0 for t in times) and counts == [5, 5]  # a warm-up run, then the rounds
+    assert len(times) == 2 and 2.0 <= times[0] < times[1] and times[1] >= 4.0 and counts == [5, 5]  # a warm-up run, then the rounds
 
 
 def test_pytorch_is_charged_its_call_overhead_against_tir() -> None:
