@@ -21,7 +21,8 @@ def _torchvision(name: str):
 
 
 PRUNED = {"resnet18": lambda: _torchvision("resnet18"), "mobilenet_v2": lambda: _torchvision("mobilenet_v2"),
-          "vit": lambda: (lambda m, x: (sparsefx.prune(m, x, 0.5), x))(*persist_models.vit())}
+          "vit": lambda: (lambda m, x: (sparsefx.prune(m, x, 0.5), x))(*persist_models.vit()),
+          "bert": lambda: (lambda m, x: (sparsefx.prune(m, x, 0.5), x))(*persist_models.bert())}
 
 
 @pytest.mark.parametrize("name", PRUNED)

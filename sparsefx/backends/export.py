@@ -22,6 +22,7 @@ from torch import nn
 from sparsefx.capture.compare import first_tensor, output_error
 from sparsefx.capture.trace import as_inputs
 from sparsefx.errors import SparsefxError, one_line
+from sparsefx.log import quiet
 from sparsefx.sparse.layers import SparseConv2d, SparseLinear
 
 FORMATS = ("onnx", "torch.export")
@@ -74,7 +75,8 @@ def _export_onnx(model: nn.Module, inputs: tuple, path: Path) -> None:
                           "export with format='torch.export' or export the model before sparsify")
     large = sum(t.numel() * t.element_size() for t in model.state_dict().values()) > EXTERNAL_DATA_BYTES
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
+        # the exporter prints its progress; its optimizer logs constant folds it skipped (not actionable)
+        with contextlib.redirect_stdout(io.StringIO()), quiet("onnxscript", "torch.onnx"):
             torch.onnx.export(model, inputs, str(path), dynamo=True, external_data=large, verbose=False)
     except Exception as error:  # the exporter's errors name the op it could not translate
         raise ExportError(f"ONNX export failed: {one_line(error)}") from None
