@@ -13,7 +13,7 @@ import torch
 
 import sparsefx
 from sparsefx.backends.eager import measure_latencies
-from sparsefx.cli.common import LOG, add_model_args, add_threads_arg, check_out, load, progress_bars
+from sparsefx.cli.common import LOG, add_model_args, add_threads_arg, check_out, load, progress_bars, save
 from sparsefx.cost.model import CostModel
 from sparsefx.errors import SparsefxError
 from sparsefx.planning.measured import plan_measured
@@ -37,7 +37,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     a = commands.add_parser("apply", help="carry out a plan (possibly hand-edited) and save the model")
     add_model_args(a)
     a.add_argument("plan", type=Path, help="plan file written by `sparsefx plan`")
-    a.add_argument("--out", type=Path, required=True, help="where to save the rewritten model (.pt)")
+    a.add_argument("--out", type=Path, required=True,
+                   help="directory to save the rewritten model to (model.safetensors + sparsefx.json)")
     a.set_defaults(handler=_apply)
 
     o = commands.add_parser("optimize", help="trace, plan, apply, (fine-tune), compile and measure, in one go")
@@ -122,8 +123,7 @@ def _apply(args: argparse.Namespace) -> int:
     before, after = sparsefx.count_macs(model, inputs), sparsefx.count_macs(rewritten, inputs)
     print(f"MACs {before / 1e6:.1f} M -> {after / 1e6:.1f} M ({after / before:.2f}), "
           f"params {sparsefx.count_params(model) / 1e6:.2f} M -> {sparsefx.count_params(rewritten) / 1e6:.2f} M")
-    torch.save(rewritten, args.out)
-    print(f"saved {args.out}")
+    save(rewritten, args.out, args.model)
     return 0
 
 
