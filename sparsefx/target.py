@@ -162,3 +162,49 @@ def with_threads(target: Target, threads: int | None) -> Target:
     os.environ["TVM_NUM_THREADS"] = str(threads)  # TVM's runtime thread pool reads it at start
     torch.set_num_threads(threads)
     return replace(target, cores=threads)
+
+
+PRECISIONS = ("fp32", "bf16")  # what compile accepts by name; IMPLEMENTED_PRECISIONS what it builds
+IMPLEMENTED_PRECISIONS = ("fp32",)
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of the instructions bf16 kernels need
+
+
+class TargetError(SparsefxError):
+    """A thread count or precision the target cannot run."""
+
+
+def cpu_flags() -> frozenset[str]:
+    """The host CPU's feature flags (/proc/cpuinfo); empty where the file has none."""
+    try:
+        return frozenset(Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split(":", 1)[1].split())
+    except (OSError, IndexError):
+        return frozenset()
+
+
+def check_threads(threads: int | None, target: Target) -> int:
+    """The thread count a model for `target` runs with: `threads`, or all of the target's cores when None."""
+    if threads is None:
+        return max(1, target.cores)
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise TargetError(f"threads must be a whole number of cores >= 1, got {threads!r}; "
+                          f"use 1..{_host_cores()} or None (all cores)")
+    if threads > _host_cores():
+        raise TargetError(f"threads={threads} is more than the {_host_cores()} cores this process may use; "
+                          f"use 1..{_host_cores()} or None (all cores)")
+    return threads
+
+
+def check_precision(precision: str, target: Target, flags: frozenset[str] | None = None) -> str:
+    """`precision` if `target` can run it and sparsefx builds it, else a one-line TargetError."""
+    if precision not in PRECISIONS:
+        raise TargetError(f"unknown precision {precision!r}; use one of {', '.join(map(repr, PRECISIONS))}")
+    if precision == "bf16":
+        if target.is_gpu:
+            raise TargetError("precision='bf16' is for CPU targets; compile for CUDA with precision='fp32'")
+        if not set(BF16_FLAGS) & (cpu_flags() if flags is None else flags):
+            raise TargetError(f"precision='bf16' needs a CPU with AVX512-BF16 or AMX ({' or '.join(BF16_FLAGS)} in "
+                              "/proc/cpuinfo) and this one has neither; use precision='fp32'")
+    if precision not in IMPLEMENTED_PRECISIONS:
+        raise TargetError(f"precision={precision!r} is not built yet (this CPU has the instructions); "
+                          "use precision='fp32' (OpenVINO's default precision runs bf16 meanwhile)")
+    return precision

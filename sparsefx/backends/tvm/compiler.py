@@ -10,6 +10,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,11 +23,12 @@ from sparsefx.backends.tvm import pipeline
 from sparsefx.backends.tvm.bundle import export_bundle
 from sparsefx.backends.tvm.importer import to_relax
 from sparsefx.backends.tvm.kernels import registry as own_kernels
+from sparsefx.backends.tvm.threads import running_with
 from sparsefx.backends.tvm.tuning import tune_module
 from sparsefx.capture.trace import as_inputs
 from sparsefx.errors import SparsefxError, one_line
 from sparsefx.log import get_logger
-from sparsefx.target import Target, resolve_target
+from sparsefx.target import Target, check_precision, check_threads, host_cpu, resolve_target
 from sparsefx.version import __version__
 
 ARTIFACT_VERSION = 1
@@ -54,18 +56,32 @@ def build_module(mod: tvm.IRModule, tvm_target: tvm.target.Target, target: Targe
 
 
 def compile(model: nn.Module, example_inputs: object, target: object = "cpu", tune: int = 0,
-            dispatch: bool = True, verbose: bool = True) -> CompiledModel:
+            dispatch: bool = True, verbose: bool = True, threads: int | None = None,
+            precision: str = "fp32") -> CompiledModel:
     """Compile `model` for `target` ('cpu', 'cuda[:sm_XX]' or a Target).
 
     `dispatch` lets each conv, matmul, GELU, softmax and LayerNorm run on PyTorch's kernels
     where they measure faster than TIR on this CPU (recorded in the artifact); `tune` is the MetaSchedule trial
-    budget (0: default schedules only; records persist in the on-disk database)."""
+    budget (0: default schedules only; records persist in the on-disk database). `threads` (default: all
+    cores) is what the model runs with, PyTorch's and TVM's pools alike: kernels are measured at that
+    count, and it is recorded in the artifact for `load`. `precision`: "fp32" ("bf16" is refused for now)."""
     inputs = as_inputs(example_inputs)
     if not isinstance(model, nn.Module):
         raise SparsefxError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(tune, int) or tune < 0:
         raise SparsefxError(f"tune must be a trial budget >= 0, got {tune!r}")
     spec = resolve_target(target)
+    threads = check_threads(threads, spec)
+    check_precision(precision, spec)
+    if not spec.is_gpu:  # dispatch and tuning tables are per core count: the cores the model will use
+        spec = replace(spec, cores=threads)
+    with running_with(threads):
+        return build(model, inputs, spec, tune, dispatch, verbose, threads, precision)
+
+
+def build(model: nn.Module, inputs: tuple, spec: Target, tune: int, dispatch: bool, verbose: bool,
+          threads: int, precision: str) -> CompiledModel:
+    """`compile` after its arguments are checked, run with the model's threads."""
     tvm_target = spec.to_tvm()
     log = LOG.info if verbose else LOG.debug  # verbose=False keeps the lines for --verbose
     started = time.perf_counter()
@@ -87,7 +103,7 @@ def compile(model: nn.Module, example_inputs: object, target: object = "cpu", tu
     executable = tvm.compile(mod, tvm_target, relax_pipeline=pipeline.as_pipeline(lowering))
     manifest = {
         "format": "sparsefx-tvm", "version": ARTIFACT_VERSION, "sparsefx": __version__, "tvm": tvm.__version__,
-        "target": spec.as_dict(), "import_route": route,
+        "target": spec.as_dict(), "threads": threads, "precision": precision, "import_route": route,
         "inputs": [{"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")} for x in inputs],
         "dispatch": decisions, "tuning": tuning, "compile_seconds": round(time.perf_counter() - started, 3),
         "passes": [name for name, _ in ran + lowering],
@@ -100,9 +116,10 @@ def compile(model: nn.Module, example_inputs: object, target: object = "cpu", tu
 class CompiledModel:
     """A compiled model: call it with torch tensors, get torch tensors back."""
 
-    def __init__(self, executable: object, manifest: dict) -> None:
+    def __init__(self, executable: object, manifest: dict, threads: int | None = None) -> None:
         self.executable, self.manifest = executable, manifest
         self.target = Target.from_dict(manifest["target"])
+        self.threads = runnable_threads(manifest, threads)
         self.device = tvm.cuda(0) if self.target.is_gpu else tvm.cpu(0)
         self._vm = None
 
@@ -119,7 +136,8 @@ class CompiledModel:
             raise SparsefxError(f"compiled for inputs {[tuple(e['shape']) for e in expected]}, got {got}; "
                                 "compile again with example inputs of the new shape")
         args = [tvm_ffi.from_dlpack(x.detach().contiguous()) for x in inputs]
-        return _to_torch(self.vm["main"](*args))
+        with running_with(self.threads):
+            return _to_torch(self.vm["main"](*args))
 
     def profile(self, *inputs: torch.Tensor, repeat: int = 10) -> list[dict]:
         """Every call one run of the model makes (its kernels, PyTorch calls and VM builtins) in call
@@ -127,7 +145,8 @@ class CompiledModel:
         costs each call a few microseconds, so the sum exceeds an uninstrumented run."""
         vm = relax.VirtualMachine(self.executable, self.device)  # its own: the instrument stays on it
         args = [tvm_ffi.from_dlpack(x.detach().contiguous()) for x in inputs]
-        vm["main"](*args)
+        with running_with(self.threads):
+            vm["main"](*args)
         calls: list[tuple[str, tuple, float]] = []
         started = [0.0]
 
@@ -140,8 +159,9 @@ class CompiledModel:
             return 0
 
         vm.set_instrument(instrument)
-        for _ in range(repeat):
-            vm["main"](*args)
+        with running_with(self.threads):
+            for _ in range(repeat):
+                vm["main"](*args)
         per_run = len(calls) // repeat
         return [{"name": name, "kind": kernel_kind(name), "shapes": [list(s) for s in shapes],
                  "ms": min(calls[i + r * per_run][2] for r in range(repeat)) * 1e3}
@@ -197,8 +217,22 @@ def _to_torch(value: object) -> torch.Tensor | tuple:
     return torch.from_dlpack(value)
 
 
-def load(path: str | Path) -> CompiledModel:
-    """Load an artifact written by `CompiledModel.export`."""
+def runnable_threads(manifest: dict, threads: int | None = None) -> int:
+    """The threads a compiled model runs with here: `threads` when given, else the count it was compiled
+    for (all cores for artifacts that predate the field), at most the cores this process may use."""
+    here = host_cpu()
+    if threads is not None:
+        return check_threads(threads, here)
+    recorded = manifest.get("threads") or here.cores
+    if recorded > here.cores:
+        LOG.warning(f"compiled for {recorded} threads, this process may use {here.cores} cores: running with "
+                    f"{here.cores}")
+    return min(recorded, here.cores)
+
+
+def load(path: str | Path, threads: int | None = None) -> CompiledModel:
+    """Load an artifact written by `CompiledModel.export`; it runs with the threads it was compiled
+    for unless `threads` says otherwise."""
     path = Path(path)
     if not path.is_file():
         raise SparsefxError(f"no compiled model at {path}; export one with CompiledModel.export(path)")
@@ -220,5 +254,5 @@ def load(path: str | Path) -> CompiledModel:
     except Exception as error:
         raise SparsefxError(f"{path}: cannot load its library ({one_line(error)}); "
                             "export it again with CompiledModel.export") from None
-    return CompiledModel(library, manifest)
+    return CompiledModel(library, manifest, threads)
 

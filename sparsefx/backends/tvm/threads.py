@@ -1,0 +1,78 @@
+"""The cores a compiled model runs on: PyTorch's intra-op pool and TVM's pool set alike, per call.
+
+A compiled model runs TIR kernels on TVM's thread pool and dispatched convolutions/matmuls on
+PyTorch's, one after the other in the calling thread; both get the model's thread count while it
+runs, and both are put back as they were after, so using sparsefx changes no setting the caller
+sees. TVM sizes its pool once per calling thread, when first used, from TVM_NUM_THREADS, and
+without it from half the logical cores on x86 (it assumes hyper-threading); on a 2-core machine
+that pool had one worker, TIR kernels ran on one core whatever PyTorch was given, and starting it
+pinned the calling thread, and so the PyTorch threads it starts later, to core 0. So the first run
+in a thread starts that pool with a worker per core (TVM_NUM_THREADS set just for that moment,
+unless the user set it), and each call picks how many workers it uses with
+`runtime.config_threadpool` in the mode whose workers share every allowed core (no pinning,
+given the cores explicitly so TVM's core count is not consulted again; about 10 us).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+
+import torch
+import tvm
+
+from sparsefx.log import get_logger
+
+SHARE_ALL_CORES = -3  # TVM's affinity mode: every worker may run on any of the cores given
+ALLOWED_CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+LOG = get_logger("tvm")
+_started = threading.local()  # per thread: its TVM pool sized here (done), short of workers (warned)
+
+
+def pool_workers() -> int:
+    """Workers TVM's pool of the calling thread uses now (starts the pool, one per core, if new)."""
+    if not getattr(_started, "done", False):
+        _started.done = True
+        with _environment("TVM_NUM_THREADS", str(len(ALLOWED_CPUS))):
+            return int(tvm.get_global_func("runtime.NumThreads")())
+    return int(tvm.get_global_func("runtime.NumThreads")())
+
+
+def set_pool_workers(threads: int) -> None:
+    tvm.get_global_func("runtime.config_threadpool")(SHARE_ALL_CORES, threads, [str(c) for c in ALLOWED_CPUS])
+
+
+@contextlib.contextmanager
+def running_with(threads: int) -> Iterator[None]:
+    """PyTorch's intra-op threads and TVM's pool workers at `threads` inside, as they were after."""
+    torch_before, tvm_before = torch.get_num_threads(), pool_workers()
+    if torch_before != threads:
+        torch.set_num_threads(threads)
+    if tvm_before != threads:
+        set_pool_workers(threads)
+        if pool_workers() < threads and not getattr(_started, "warned", False):
+            _started.warned = True
+            LOG.warning(f"TVM's thread pool in this thread was started with {pool_workers()} worker(s) before "
+                        f"sparsefx ran, fewer than threads={threads}; set TVM_NUM_THREADS={threads} before TVM first runs")
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != torch_before:
+            torch.set_num_threads(torch_before)
+        if pool_workers() != tvm_before:
+            set_pool_workers(tvm_before)
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str) -> Iterator[None]:
+    """`name` set to `value` inside unless already set; the environment as it was after."""
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        del os.environ[name]
