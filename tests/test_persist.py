@@ -235,10 +235,13 @@ def test_masked_training_must_end_before_saving(tmp_path):
 
 def test_a_dense_model_saves_and_loads(tmp_path):
     model, inputs = persist_models.vit()
-    sparsefx.save(model, tmp_path / "dense")
-    loaded = sparsefx.load(tmp_path / "dense", model=persist_models.vit()[0])
-    with torch.no_grad():
-        assert torch.equal(first_tensor(loaded(*inputs)), check_reference(model, inputs))
+    with pytest.warns(UserWarning, match="nothing to prune"):
+        unchanged = sparsefx.prune(model, inputs, {"heads": 0.0})  # a copy with its attention split
+    for dense in (model, unchanged):
+        sparsefx.save(dense, tmp_path / "dense")
+        loaded = sparsefx.load(tmp_path / "dense", model=persist_models.vit()[0])
+        with torch.no_grad():
+            assert torch.equal(first_tensor(loaded(*inputs)), check_reference(dense, inputs))
 
 
 def test_bert_with_evenly_pruned_mlps_keeps_save_pretrained(tmp_path):
