@@ -8,8 +8,9 @@ documented in `sparsefx.capture.annotate`.
 
 from __future__ import annotations
 
+import contextlib
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 import torch
@@ -49,13 +50,14 @@ def trace(model: nn.Module, example_inputs: object, method: str = "fx") -> torch
     if method not in METHODS:
         raise TraceError(f"unknown trace method {method!r}; use one of {', '.join(METHODS)}")
     inputs = as_inputs(example_inputs)
-    if method == "fx":
-        gm = _fx_trace(model)
-    elif method == "export":
-        gm = _exported_graph(export_program(model, inputs, dynamic_batch=True), model)
-    else:
-        gm, _ = fx_else_export(model, inputs, _fx_trace, lambda program: _exported_graph(program, model),
-                               dynamic_batch=True)
+    with no_kv_cache(model):
+        if method == "fx":
+            gm = _fx_trace(model)
+        elif method == "export":
+            gm = _exported_graph(export_program(model, inputs, dynamic_batch=True), model)
+        else:
+            gm, _ = fx_else_export(model, inputs, _fx_trace, lambda program: _exported_graph(program, model),
+                                   dynamic_batch=True)
     try:
         with torch.no_grad():
             ShapeProp(gm).run(*inputs)
@@ -66,6 +68,22 @@ def trace(model: nn.Module, example_inputs: object, method: str = "fx") -> torch
     annotate(gm)
     gm.meta["sfx_method"] = "export" if is_aten_graph(gm) else "fx"
     return gm
+
+
+@contextlib.contextmanager
+def no_kv_cache(model: nn.Module) -> Iterator[None]:
+    """A Hugging Face decoder returns its key/value cache (a DynamicCache torch.export refuses as an
+    output) unless `config.use_cache` is False: capture, and every run compared with a capture, see
+    the model without it. The flag is restored after, so `generate()` keeps its cache."""
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", None) is not True:
+        yield
+        return
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = True
 
 
 def is_aten_graph(gm: torch.fx.GraphModule) -> bool:
@@ -134,7 +152,7 @@ def export_program(model: nn.Module, inputs: tuple, dynamic_batch: bool) -> torc
     for shapes in attempts:
         try:
             # torch.export warns at length about Dim.AUTO specialisations; not actionable here
-            with log.quiet("torch._export", "torch.export"):
+            with log.quiet("torch._export", "torch.export"), no_kv_cache(model):
                 return torch.export.export(model, inputs, dynamic_shapes=shapes, strict=False)
         except Exception as error:  # retry with static shapes before giving up
             errors.append(error)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.fx
 
+from sparsefx.channels import decoder  # noqa: F401  (registers the decoder-LLM rules: RMSNorm)
 from sparsefx.channels.context import Ctx, Slot, describe_node
 from sparsefx.channels.rules import RULES, default_rule
 

@@ -43,3 +43,72 @@ def sync_config(model: nn.Module, widths_before: dict[str, int]) -> list[str]:
             LOG.info(f"config.{field} cannot describe the pruned widths {sorted(new)}; "
                      "save_pretrained will write a config from_pretrained refuses (save with sparsefx.save)")
     return changed
+
+
+# --- decoder language models: heads, key/value heads, head_dim, hidden size, RMSNorm eps -----------
+HEAD_ATTRIBUTES = ("num_heads", "num_attention_heads")  # per-module copies some families keep
+KV_ATTRIBUTES = ("num_key_value_heads",)
+
+
+def head_dim(model: nn.Module) -> int | None:
+    """A decoder's head width as its config gives it (explicit head_dim, else hidden / heads)."""
+    config = getattr(model, "config", None)
+    heads, hidden = getattr(config, "num_attention_heads", None), getattr(config, "hidden_size", None)
+    if not isinstance(heads, int) or not isinstance(hidden, int):
+        return None
+    return getattr(config, "head_dim", None) or hidden // heads
+
+
+def attention_heads(module: nn.Module, width: int) -> tuple[int, int] | None:
+    """(query heads, key/value heads) of a Hugging Face decoder attention block, from its layers."""
+    out = getattr(module, "o_proj", None)
+    if not isinstance(out, nn.Linear):
+        return None
+    query = out.in_features // width
+    if isinstance(getattr(module, "k_proj", None), nn.Linear):
+        return query, module.k_proj.out_features // width
+    if isinstance(getattr(module, "qkv_proj", None), nn.Linear):  # Phi-3: q, k, v stacked in one layer
+        return query, (module.qkv_proj.out_features - out.in_features) // (2 * width)
+    return None
+
+
+def sync_decoder(model: nn.Module, width: int | None, norm_rescale: dict[str, float]) -> list[str]:
+    """After channel removal, make a decoder LM's modules and config describe its layers: RMSNorm eps
+    rescaled (`channels.decoder`), per-module head counts, and the config's heads, key/value heads,
+    head_dim, hidden and intermediate sizes where every layer agrees. Returns the fields changed."""
+    for layer, ratio in norm_rescale.items():
+        module = model.get_submodule(layer)
+        for attr in ("variance_epsilon", "eps"):
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, getattr(module, attr) * ratio)
+    config = getattr(model, "config", None)
+    if width is None or config is None:
+        return []
+    changed: dict[str, object] = {}
+    if len(set(norm_rescale.values())) == 1 and isinstance(getattr(config, "rms_norm_eps", None), float):
+        changed["rms_norm_eps"] = config.rms_norm_eps * next(iter(norm_rescale.values()))
+    heads = {}
+    for name, module in model.named_modules():
+        counts = attention_heads(module, width)
+        if counts is None:
+            continue
+        heads[name] = counts
+        for attr in HEAD_ATTRIBUTES + KV_ATTRIBUTES:
+            if isinstance(getattr(module, attr, None), int):
+                setattr(module, attr, counts[attr in KV_ATTRIBUTES])
+    if len(set(heads.values())) == 1:
+        query, kv = next(iter(heads.values()))
+        changed.update(num_attention_heads=query, num_key_value_heads=kv, head_dim=width)
+    elif heads:
+        LOG.info(f"layers keep different head counts {sorted(set(heads.values()))}: config.num_attention_heads "
+                 "cannot describe them; save with sparsefx.save")
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if isinstance(embeddings, nn.Embedding):
+        changed["hidden_size"] = embeddings.embedding_dim
+    mlp_widths = {m.down_proj.in_features for m in model.modules() if isinstance(getattr(m, "down_proj", None), nn.Linear)}
+    if len(mlp_widths) == 1:
+        changed["intermediate_size"] = mlp_widths.pop()
+    fields = [k for k, v in changed.items() if hasattr(config, k) and getattr(config, k) != v or k == "head_dim"]
+    for field in fields:
+        setattr(config, field, changed[field])
+    return fields

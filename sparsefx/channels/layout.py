@@ -25,11 +25,29 @@ def merge(uf: ChannelIds, shapes: list[tuple[int, ...]], cmaps: list[list[Factor
             _absorb(uf, result, factor, why)
     for shape, cmap in zip(shapes, cmaps, strict=True):
         tracked = {a for f in cmap for a in f.axes if shape[a] > 1}
-        for factor in list(result):
-            if any(shape[a] > 1 and a not in tracked for a in factor.axes):
-                uf.freeze(factor.ids, why)
-                result.remove(factor)
+        for index, factor in enumerate(result):
+            untracked = [a for a in factor.axes if shape[a] > 1 and a not in tracked]
+            if untracked:
+                result[index] = drop_whole_axes(uf, factor, untracked)
+                if result[index] is None:
+                    uf.freeze(factor.ids, why)
+        result = [f for f in result if f is not None]
     return result
+
+
+def drop_whole_axes(uf: ChannelIds, factor: Factor, axes: list[int]) -> Factor | None:
+    """`factor` without `axes` where each of its units is whole along them (an attention head split
+    into head x feature, met by a per-feature tensor such as a rotary cos/sin table): removing whole
+    units never cuts those axes. None where some unit is cut along them, or no axis would remain."""
+    if not set(axes) < set(factor.axes):
+        return None
+    roots = np.vectorize(uf.find, otypes=[np.int64])(factor.ids)
+    for axis in axes:
+        k = factor.axes.index(axis)
+        if not np.all(roots == roots.take([0], axis=k)):
+            return None
+    index = tuple(0 if a in axes else slice(None) for a in factor.axes)
+    return Factor(tuple(a for a in factor.axes if a not in axes), np.ascontiguousarray(factor.ids[index]))
 
 
 def _absorb(uf: ChannelIds, result: list[Factor], factor: Factor, why: str) -> None:
@@ -122,6 +140,10 @@ def reshape(uf: ChannelIds, src: tuple[int, ...], dst: tuple[int, ...], cmap: li
             made = factor.moved({groups[k][0][0]: groups[k][1][0] for k in touched})  # axes only renumbered
         else:
             made = None
+        if made is None and len(touched) > 1:  # a head split in two groups: keep heads where they are whole
+            whole = [a for a in factor.axes if drop_whole_axes(uf, factor, [a]) is not None]
+            smaller = drop_whole_axes(uf, factor, whole) if whole else None
+            made = next(iter(reshape(uf, src, dst, [smaller], why)), None) if smaller is not None else None
         if made is None:
             uf.freeze(factor.ids, why)
         else:

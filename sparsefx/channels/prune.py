@@ -13,11 +13,11 @@ import torch.fx
 from torch import nn
 
 from sparsefx.capture.annotate import total_macs
-from sparsefx.capture.trace import as_inputs, trace
+from sparsefx.capture.trace import as_inputs, no_kv_cache, trace
 from sparsefx.channels import importance as importance_mod
 from sparsefx.channels.attention import split_attention
 from sparsefx.channels.coupling import ChannelGroup, Coupling, analyze_coupling
-from sparsefx.channels.hf_config import linear_widths, sync_config
+from sparsefx.channels.hf_config import head_dim, linear_widths, sync_config, sync_decoder
 from sparsefx.channels.record import attach, history, removal_step
 from sparsefx.channels.remove import remove_channels
 from sparsefx.channels.select import Ratio, as_names, check_names, ignored, ratio_rule, select
@@ -155,12 +155,14 @@ def remove(work: nn.Module, gm: torch.fx.GraphModule, coupling: Coupling, remove
     """Remove the classes `removed` from `work` (a working copy) and its trace `gm`; returns
     the module to hand back (see `_choose_result`), carrying the removal record `sparsefx.save` writes."""
     record, step = history(work), removal_step(coupling, removed, inputs, gm.meta.get("sfx_method", "fx"))
-    code_before, widths = gm.code, linear_widths(work)
+    code_before, widths, width = gm.code, linear_widths(work), head_dim(work)
     remove_channels([gm, work], coupling, removed)
-    result = _choose_result(work, gm, inputs, graph_changed=gm.code != code_before)
+    # the config must describe the layers for save_pretrained, and some forwards read head counts off it
+    sync_config(work, widths)
+    sync_decoder(work, width, gm.meta.get("sfx_norm_rescale", {}))
+    with no_kv_cache(work):
+        result = _choose_result(work, gm, inputs, graph_changed=gm.code != code_before)
     record["steps"].append({**step, "result": "graph" if result is gm else "module"})
-    if result is work:  # the user's class: a Hugging Face model's config must describe it for save_pretrained
-        sync_config(work, widths)
     return attach(result, record)
 
 

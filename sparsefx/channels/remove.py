@@ -206,9 +206,28 @@ def _index_position(index: tuple, axis: int, ndim: int) -> int:
     return position + 1
 
 
+def _patch_rms_width(gm: torch.fx.GraphModule, node: torch.fx.Node, payload: dict, kept: _Kept) -> None:
+    """An RMSNorm over fewer channels: eps * r and weight * sqrt(r), r = old / new width, keep it
+    equal to the dense norm with the removed channels zero (see `channels.decoder`). The ratio is
+    left in gm.meta["sfx_norm_rescale"] (layer -> r) for the module's own eps attribute."""
+    old, new = payload["ids"].size, kept.count(payload["ids"])
+    if new == old:
+        return
+    ratio = old / new
+    eps, at = payload["eps"], payload["eps_at"]
+    eps.args = tuple(a * ratio if i == at else a for i, a in enumerate(eps.args))
+    weight = operator.attrgetter(payload["weight"])(gm)  # a fresh tensor: its channels were just removed
+    with torch.no_grad():
+        if payload["offset"]:
+            weight.add_(1).mul_(ratio ** 0.5).sub_(1)
+        else:
+            weight.mul_(ratio ** 0.5)
+    gm.meta.setdefault("sfx_norm_rescale", {})[payload["weight"].rsplit(".", 1)[0]] = ratio
+
+
 PATCHERS: dict[str, Callable[[torch.fx.GraphModule, torch.fx.Node, dict, _Kept], None]] = {
     "groups": _patch_groups, "norm_groups": _patch_norm_groups, "normalized_shape": _patch_normalized_shape,
-    "shape": _patch_shape, "split": _patch_split, "slice": _patch_slice,
+    "shape": _patch_shape, "split": _patch_split, "slice": _patch_slice, "rms_width": _patch_rms_width,
 }
 
 

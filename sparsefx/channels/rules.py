@@ -529,6 +529,10 @@ def _slice_layout(ctx: Ctx, node: torch.fx.Node, x: TensorInfo, mapping: dict[in
             out.append(factor.moved(mapping))
             continue
         s = sliced[cut[0]]
+        whole = layout.drop_whole_axes(ctx.uf, factor, cut) if len(factor.axes) > 1 else None
+        if whole is not None:  # a slice inside each unit (rotate_half's halves of a head): units stay whole
+            out.append(whole.moved(mapping))
+            continue
         if len(factor.axes) > 1 or (s.step or 1) != 1:
             ctx.uf.freeze(factor.ids, "strided or multi-axis slice of channels")
             continue

@@ -1,0 +1,120 @@
+"""Decoder LLMs from transformers (small random configs): heads in GQA groups, hidden size through
+RMSNorm, gated MLPs; the pruned model is the user's class, generates with its cache, and
+save_pretrained / from_pretrained round-trips without sparsefx."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sparsefx
+from sparsefx.capture.compare import check_reference, first_tensor, output_error
+
+from .test_exactness import zero_lowest_classes
+
+transformers = pytest.importorskip("transformers")
+FAMILIES = ["Llama", "Mistral", "Qwen2", "Phi3", "Gemma"]
+HEADS, KV_HEADS, HEAD_DIM = 8, 2, 32
+
+
+def build(family: str, seed: int = 0) -> torch.nn.Module:
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    return getattr(transformers, f"{family}ForCausalLM")(config).eval()
+
+
+def token_ids(batch: int = 2, length: int = 12) -> torch.Tensor:
+    return torch.randint(3, 1000, (batch, length), generator=torch.Generator().manual_seed(1))
+
+
+def layer_heads(model: torch.nn.Module) -> set[tuple[int, int]]:
+    """(query heads, key/value heads) read off every attention block's weights."""
+    found = set()
+    for module in model.modules():
+        if hasattr(module, "o_proj"):
+            query = module.o_proj.in_features // HEAD_DIM
+            if hasattr(module, "k_proj"):
+                found.add((query, module.k_proj.out_features // HEAD_DIM))
+            else:
+                found.add((query, (module.qkv_proj.out_features - module.o_proj.in_features) // (2 * HEAD_DIM)))
+    return found
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zeroed_units_prune_exactly_into_the_users_class(family: str) -> None:
+    """Half of every head group, MLP and (where prunable) hidden channel zeroed in the dense model:
+    pruning them away changes no logit, and the config describes the smaller layers."""
+    model, ids = build(family), token_ids()
+    assert zero_lowest_classes(model, (ids,), 0.5, "export") > 0
+    expected = check_reference(model, (ids,))  # input-dependent, not near zero
+    pruned = sparsefx.prune(model, (ids,), ratio=0.5, importance="l1")
+    assert type(pruned) is type(model)
+    assert sparsefx.count_params(pruned) < 0.75 * sparsefx.count_params(model)
+    with torch.no_grad():
+        error = output_error(expected, first_tensor(pruned(ids)))
+    assert error.ok(), error
+    config = pruned.config
+    assert layer_heads(pruned) == {(config.num_attention_heads, config.num_key_value_heads)}
+    assert config.num_attention_heads < HEADS and config.num_attention_heads % config.num_key_value_heads == 0
+    assert config.intermediate_size == pruned.model.layers[0].mlp.down_proj.in_features < 512
+    assert config.hidden_size == pruned.model.embed_tokens.embedding_dim
+    assert model.config.num_attention_heads == HEADS and model.config.use_cache  # the input is untouched
+
+
+def test_gqa_unit_is_a_kv_head_with_its_query_heads() -> None:
+    analysis = sparsefx.analyze(build("Llama"), (token_ids(),))
+    group = next(g for g in analysis.groups if any(s.param.endswith("layers.0.self_attn.k_proj.weight")
+                                                   for s in g.producers()))
+    assert len(group.classes) == KV_HEADS
+    for unit in group.classes:
+        widths = {group.slot_objs[s].param.rsplit(".", 2)[-2]: len(p) for s, p in group.members[unit].items()
+                  if group.slot_objs[s].dim == 0}
+        assert widths == {"q_proj": HEADS // KV_HEADS * HEAD_DIM, "k_proj": HEAD_DIM, "v_proj": HEAD_DIM}
+        query = group.members[unit][next(s for s in group.members[unit] if group.slot_objs[s].param.endswith("q_proj.weight"))]
+        assert set(query // HEAD_DIM) == set(range(query[0] // HEAD_DIM, query[0] // HEAD_DIM + HEADS // KV_HEADS))
+
+
+def test_rmsnorm_hidden_channels_are_prunable_and_rescaled() -> None:
+    model, ids = build("Llama"), token_ids()
+    pruned = sparsefx.prune(model, (ids,), ratio={"model.embed_tokens": 0.5, "*": 0.0})
+    norm = pruned.model.layers[0].input_layernorm
+    assert norm.weight.shape == (128,) and norm.variance_epsilon == pytest.approx(2 * model.config.rms_norm_eps)
+    assert pruned.config.rms_norm_eps == pytest.approx(2 * model.config.rms_norm_eps)
+
+
+def test_generate_after_pruning_uses_the_cache() -> None:
+    model, ids = build("Qwen2"), token_ids(1, 6)
+    pruned = sparsefx.prune(model, (token_ids(),), ratio=0.5)
+    assert pruned.config.use_cache
+    cached = pruned.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True)
+    uncached = pruned.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert cached.shape == (1, 12) and torch.equal(cached, uncached)
+    with torch.no_grad():
+        step = pruned(ids, use_cache=True)
+    assert step.past_key_values is not None
+
+
+def test_save_pretrained_round_trips_without_sparsefx(tmp_path: object) -> None:
+    model, ids = build("Llama"), token_ids()
+    pruned = sparsefx.prune(model, (ids,), ratio=0.5)
+    pruned.save_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.save({"ids": ids, "logits": pruned(ids).logits}, tmp_path / "expected.pt")
+    script = (
+        "import sys, torch, transformers\n"
+        f"d = {str(tmp_path)!r}\n"
+        "m = transformers.AutoModelForCausalLM.from_pretrained(d).eval()\n"
+        "e = torch.load(d + '/expected.pt')\n"
+        "with torch.no_grad(): out = m(e['ids']).logits\n"
+        "assert 'sparsefx' not in sys.modules\n"
+        "print(type(m).__name__, float((out - e['logits']).abs().max()), m.config.num_attention_heads)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    name, error, heads = done.stdout.split()
+    assert name == "LlamaForCausalLM" and float(error) < 1e-5 and int(heads) == pruned.config.num_attention_heads
