@@ -174,10 +174,11 @@ def build_model(model: nn.Module | str | None, saved_spec: str | None, path: Pat
         return model
     if model is None:
         if saved_spec is None:
-            raise PersistError(f"{path} names no model spec; pass model= an instance or a spec of its architecture")
+            raise PersistError(f"{path} names no model spec; pass model= an instance or a spec of its architecture "
+                               "(sparsefx CLI: --arch SPEC)")
         if not saved_spec.startswith(SELF_BUILDING_SPECS):
             raise PersistError(f"{path} names the model file spec {saved_spec!r}, which runs code; pass it "
-                               "yourself as model= if you trust it")
+                               "yourself as model= (sparsefx CLI: --arch) if you trust it")
         model = saved_spec
     if not isinstance(model, str):
         raise PersistError(f"model= must be a torch.nn.Module or a model spec string, got {type(model).__name__}")

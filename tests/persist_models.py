@@ -8,6 +8,8 @@ from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 from transformers import BertConfig, BertModel
 
+from sparsefx.recovery.zoo import ZOO
+
 
 def vit() -> tuple[nn.Module, tuple[torch.Tensor]]:
     """A 2-layer, 4-head ViT at 32x32; its zero-initialised head gets weights so outputs are not all zero."""
@@ -26,3 +28,9 @@ def bert() -> tuple[nn.Module, tuple[torch.Tensor]]:
     config = BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=128, max_position_embeddings=32)
     return BertModel(config).eval(), (torch.randint(0, 120, (1, 16)),)
+
+
+def lenet() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """LeNet-5 for Fashion-MNIST (1x28x28), what `sparsefx finetune` trains."""
+    torch.manual_seed(0)
+    return ZOO["lenet5"]().eval(), (torch.randn(1, 1, 28, 28),)

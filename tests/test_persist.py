@@ -17,6 +17,7 @@ import sparsefx
 from sparsefx.capture.compare import check_reference, first_tensor
 from sparsefx.capture.models import load_model
 from sparsefx.channels.persist import PersistError
+from sparsefx.cli.main import main
 from sparsefx.errors import SparsefxError
 from sparsefx.io import DESCRIPTION, WEIGHTS
 from tests import persist_models
@@ -271,3 +272,18 @@ def test_half_precision_comes_back_in_half_precision(tmp_path):
     half_inputs = tuple(x.half() for x in inputs)
     with torch.no_grad():
         assert torch.equal(loaded(*half_inputs), pruned(*half_inputs))
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="dataset-fashion-mnist missing")
+def test_cli_finetunes_a_saved_model_into_a_saved_model(tmp_path, capsys):
+    spec = f"{MODELS_FILE}:lenet"
+    assert main(["prune", spec, "--repeat", "2", "--out", str(tmp_path / "pruned")]) == 0
+    assert main(["finetune", str(tmp_path / "pruned"), "--epochs", "1", "--train-limit", "256",
+                 "--out", str(tmp_path / "tuned")]) == 2  # the stored spec is a file: it runs only when named
+    assert "which runs code" in capsys.readouterr().err
+    assert main(["finetune", str(tmp_path / "pruned"), "--arch", spec, "--epochs", "1", "--train-limit", "256",
+                 "--out", str(tmp_path / "tuned")]) == 0
+    pruned, tuned = (sparsefx.load(tmp_path / name, model=spec) for name in ("pruned", "tuned"))
+    assert sparsefx.count_params(tuned) == sparsefx.count_params(pruned) < sparsefx.count_params(persist_models.lenet()[0])
+    changed = [n for n, p in tuned.state_dict().items() if not torch.equal(p, pruned.state_dict()[n])]
+    assert changed  # the fine-tuned weights were saved

@@ -28,6 +28,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="example input shape, e.g. 1,3,224,224 (needed for factories that return no inputs)")
     parser.add_argument("--method", choices=("auto", "fx", "export"), default="auto",
                         help="graph capture: torch.fx, torch.export, or fx with export as fallback")
+    add_arch_arg(parser)
+
+
+def add_arch_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", metavar="SPEC", default=None,
+                        help="architecture of a saved model directory (default: the spec stored in it; a file spec "
+                        "such as mymodel.py:build runs code, so it is only used when given here)")
 
 
 def add_threads_arg(parser: argparse.ArgumentParser) -> None:
@@ -68,7 +75,7 @@ def load(args: argparse.Namespace) -> tuple[nn.Module, tuple[torch.Tensor, ...]]
     saved .pt with --input-shape)."""
     LOG.info("loading %s", args.model)
     if is_saved_model(args.model):  # sparsefx.save: the removal record knows the inputs it was traced on
-        model = saved_model(Path(args.model))
+        model = saved_model(Path(args.model), args.arch)
         inputs = recorded_inputs(model) if args.input_shape is None else (torch.randn(args.input_shape),)
         if inputs is None:
             raise SparsefxError(f"{args.model} is a saved unpruned model; give its example input with --input-shape")
@@ -80,11 +87,11 @@ def load(args: argparse.Namespace) -> tuple[nn.Module, tuple[torch.Tensor, ...]]
     return load_model(args.model, batch_size=args.batch_size, input_shape=args.input_shape)
 
 
-def saved_model(path: Path) -> nn.Module:
-    """A model written by `sparsefx.save` (rebuilt from its stored spec, never unpickled), or a
-    torch.save'd .pt the user names (which unpickles: only for files one trusts)."""
+def saved_model(path: Path, arch: str | None = None) -> nn.Module:
+    """A model written by `sparsefx.save` (rebuilt from `arch` or its stored spec, never unpickled),
+    or a torch.save'd .pt the user names (which unpickles: only for files one trusts)."""
     if is_saved_model(path):
-        return sparsefx_load(path).eval()
+        return sparsefx_load(path, model=arch).eval()
     if not path.is_file():
         raise SparsefxError(f"no saved model at {path}; save one with sparsefx.save(model, path) or `sparsefx prune`")
     try:
@@ -96,12 +103,12 @@ def saved_model(path: Path) -> nn.Module:
     return model
 
 
-def save(model: nn.Module, out: Path, model_arg: str) -> None:
+def save(model: nn.Module, out: Path, model_arg: str, arch: str | None = None) -> None:
     """Write `model` with sparsefx.save, storing the spec it was built from so `sparsefx.load(out)`
     (and every command that takes a saved model) rebuilds it unaided."""
     spec = None if model_arg.endswith(".pt") else model_arg
     if is_saved_model(model_arg):
-        spec = read_description(Path(model_arg))["model"].get("spec")
+        spec = arch or read_description(Path(model_arg))["model"].get("spec")
     sparsefx_save(model, out, spec=spec)
     print(f"saved {out} (safetensors + JSON; load with `sparsefx.load(path)`, no pickle involved)")
 

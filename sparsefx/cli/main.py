@@ -22,6 +22,7 @@ from sparsefx.capture.compare import VacuousComparisonError
 from sparsefx.capture.models import load_model
 from sparsefx.cli.common import (
     LOG,
+    add_arch_arg,
     add_model_args,
     add_threads_arg,
     add_verbosity_args,
@@ -33,6 +34,7 @@ from sparsefx.cli.common import (
 )
 from sparsefx.cli.plan import add_commands
 from sparsefx.errors import SparsefxError
+from sparsefx.io import is_saved_model
 from sparsefx.recovery.data import fashion_mnist
 
 
@@ -109,18 +111,21 @@ def _parser() -> argparse.ArgumentParser:
     bench.set_defaults(handler=_bench)
 
     finetune = commands.add_parser("finetune", help="fine-tune a saved model on Fashion-MNIST (optionally distilled)")
-    finetune.add_argument("model", type=Path, help="model saved with torch.save (e.g. by `sparsefx prune`)")
+    finetune.add_argument("model", type=Path, help="model saved by `sparsefx prune` (a directory) or with torch.save")
     finetune.add_argument("--epochs", type=int, default=3)
     finetune.add_argument("--lr", type=float, default=1e-3)
     finetune.add_argument("--distill-from", type=Path, default=None, metavar="DENSE.pt",
                           help="teacher model for knowledge distillation (usually the dense model)")
     finetune.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
-    finetune.add_argument("--out", type=Path, required=True, help="where to save the fine-tuned model")
+    finetune.add_argument("--out", type=Path, required=True,
+                          help="where to save the fine-tuned model (in MODEL's format: directory or .pt)")
+    add_arch_arg(finetune)
     add_threads_arg(finetune)
     finetune.set_defaults(handler=_finetune)
 
     evaluate = commands.add_parser("evaluate", help="accuracy overall, per class and on corrupted data")
-    evaluate.add_argument("model", type=Path, help="model saved with torch.save")
+    evaluate.add_argument("model", type=Path, help="model saved by `sparsefx prune` (a directory) or with torch.save")
+    add_arch_arg(evaluate)
     evaluate.add_argument("--reference", type=Path, default=None, metavar="DENSE.pt",
                           help="model to compare per-class accuracy with (largest drops first)")
     evaluate.add_argument("--corruptions", default="noise,blur,contrast",
@@ -210,7 +215,7 @@ def _prune(args: argparse.Namespace) -> int:
     )
     LOG.info(f"pruned in {time.perf_counter() - started:.2f} s; measuring")
     print(_compare(model, pruned, inputs, repeat=args.repeat))
-    save(pruned, args.out, args.model)
+    save(pruned, args.out, args.model, args.arch)
     return 0
 
 
@@ -317,22 +322,26 @@ def _bench_remote(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    model = saved_model(args.model)
-    teacher = saved_model(args.distill_from) if args.distill_from else None
+    model = saved_model(args.model, args.arch)
+    teacher = saved_model(args.distill_from, args.arch) if args.distill_from else None
     data = fashion_mnist(train_limit=args.train_limit)
     history = sparsefx.finetune(model, data.train, epochs=args.epochs, lr=args.lr, distill_from=teacher,
                                 val_loader=data.test)
     for epoch, loss in enumerate(history.loss, 1):
         accuracy = f", test accuracy {100 * history.val_accuracy[epoch - 1]:.2f}%" if history.val_accuracy else ""
         print(f"epoch {epoch}: loss {loss:.4f}{accuracy}")
-    torch.save(history.model or model, args.out)
-    print(f"saved {args.out}")
+    tuned = history.model or model
+    if is_saved_model(args.model):  # a sparsefx.save directory in, one out (its model spec carried over)
+        save(tuned, args.out, str(args.model), args.arch)
+    else:
+        torch.save(tuned, args.out)
+        print(f"saved {args.out}")
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    model = saved_model(args.model)
-    reference = saved_model(args.reference) if args.reference else None
+    model = saved_model(args.model, args.arch)
+    reference = saved_model(args.reference, args.arch) if args.reference else None
     data = fashion_mnist()
     report = sparsefx.evaluate(model, data.test, reference=reference, class_names=list(data.class_names))
     reference_text = "" if report.reference_accuracy is None else f" (reference {100 * report.reference_accuracy:.2f}%)"
