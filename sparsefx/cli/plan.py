@@ -123,7 +123,7 @@ def _apply(args: argparse.Namespace) -> int:
     before, after = sparsefx.count_macs(model, inputs), sparsefx.count_macs(rewritten, inputs)
     print(f"MACs {before / 1e6:.1f} M -> {after / 1e6:.1f} M ({after / before:.2f}), "
           f"params {sparsefx.count_params(model) / 1e6:.2f} M -> {sparsefx.count_params(rewritten) / 1e6:.2f} M")
-    save(rewritten, args.out, args.model)
+    save(rewritten, args.out, args.model, args.arch)
     return 0
 
 
