@@ -33,8 +33,9 @@ LAYERS = {
 }
 # Function-local imports allowed: TVM, loaded on first use only (the TVM backend imports it at
 # its top, so importing the backend lazily is the same thing); transformers, which takes seconds
-# to import and serves `hf:` model specs only; onnxruntime, optional, for checking an export.
-LAZY = ("tvm", "tvm_ffi", f"{PACKAGE}.backends.tvm", "transformers", "onnxruntime")
+# to import and serves `hf:` model specs only; onnxruntime and openvino, optional, for checking an
+# export and as the peers benchmarks measure against (backends/peers.py).
+LAZY = ("tvm", "tvm_ffi", f"{PACKAGE}.backends.tvm", "transformers", "onnxruntime", "openvino")
 # The runtime-only script shipped in bundles as run.py: it runs outside sparsefx, and imports
 # numpy and tvm_ffi only once Model() has unpacked them.
 SCRIPTS = {f"{PACKAGE}.backends.tvm.bundle_run"}
