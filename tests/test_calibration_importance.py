@@ -71,7 +71,7 @@ def test_wanda_on_a_language_model_with_token_batches():
                       num_attention_heads=2, num_key_value_heads=1, use_cache=False)
     model = LlamaForCausalLM(cfg).eval()
     ids = torch.randint(0, 64, (1, 8))
-    calibration = [torch.randint(0, 64, (1, 8)) for _ in range(2)]
+    calibration = [torch.randint(0, 64, (3, 8)) for _ in range(2)]  # split into batches of 1 if need be
     for importance in ("wanda", "taylor"):
         pruned = sparsefx.prune(model, (ids,), ratio={"model.layers.0.mlp": 0.5}, importance=importance,
                                 calibration=calibration)
@@ -79,7 +79,8 @@ def test_wanda_on_a_language_model_with_token_batches():
 
 
 @pytest.mark.parametrize("bad", [torch.rand(16, 5), [torch.rand(16, 4), torch.rand(16, 3)],
-                                 torch.randint(0, 3, (16, 4)), [(torch.rand(16, 4), torch.rand(16, 4))], "data", []])
+                                 torch.randint(0, 3, (16, 4)), [(torch.rand(16, 4), torch.rand(16, 4))], "data", [],
+                                 torch.rand(15, 4)])
 def test_calibration_of_the_wrong_shape_is_one_line(bad):
     model = quiet_but_loud()
     before = model.fc1.weight.clone()

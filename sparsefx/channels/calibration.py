@@ -69,6 +69,24 @@ def check_like(calibration: list[tuple], example_inputs: tuple) -> None:
                     f"(N, {', '.join(map(str, want.shape[1:]))}) like example_inputs; reshape the calibration data")
 
 
+def in_example_batches(calibration: list[tuple], example_inputs: tuple) -> list[tuple]:
+    """The batches split into pieces of the example inputs' batch size: a graph captured by
+    torch.export may have specialised it. A batch that does not split evenly is refused."""
+    check_like(calibration, example_inputs)
+    sizes = [t.shape[0] for t in example_inputs if isinstance(t, torch.Tensor) and t.dim()]
+    if not sizes:
+        return calibration
+    size = sizes[0]
+    pieces = []
+    for i, batch in enumerate(calibration):
+        n = batch[0].shape[0]
+        if n % size or any(t.shape[0] != n for t in batch):
+            raise CalibrationError(f"calibration batch {i} holds {n} samples, which does not split into the "
+                                   f"example inputs' batch of {size}; use batches of a multiple of {size}")
+        pieces += [tuple(t[j:j + size] for t in batch) for j in range(0, n, size)]
+    return pieces
+
+
 def dtype_shape(t: torch.Tensor) -> str:
     return f"{t.dtype} {tuple(t.shape)}"
 

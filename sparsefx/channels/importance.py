@@ -18,7 +18,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from sparsefx.channels.calibration import batches, check_like, default_loss, input_norms, main_output
+from sparsefx.channels.calibration import batches, default_loss, in_example_batches, input_norms, main_output
 from sparsefx.channels.coupling import ChannelGroup, Coupling
 from sparsefx.errors import PruneError
 
@@ -93,9 +93,7 @@ def calibration_batches(example_inputs: tuple, calibration: object | None, crite
         if not example_inputs:
             raise PruneError(f"importance={criterion!r} needs data: pass calibration=batches of real inputs")
         return [tuple(example_inputs)]
-    found = batches(calibration)
-    check_like(found, tuple(example_inputs))
-    return found
+    return in_example_batches(batches(calibration), tuple(example_inputs))
 
 
 def wanda(gm: torch.nn.Module, coupling: Coupling, groups: list[ChannelGroup], example_inputs: tuple = (),
