@@ -2,8 +2,10 @@
 
 `RunRecord` is started before the measurements and stamped into the JSON at the end: date, git
 commit (and whether the tree had uncommitted changes), host CPU, cores and threads, library
-versions, and the machine's load (load average before and after, this process's and its
-children's CPU time against wall time: on a quiet machine with one thread CPU/wall is about 1).
+versions, and the machine's load: the load average before and after, and the CPU time of this
+process (all its threads) and of the child processes it waited for, against wall time. With one
+thread on a quiet machine CPU/wall is about 1; far below 1, the run waited for the CPU (or for
+worker processes it did not wait for, such as TVM's build pool).
 Results files hold {"meta": ..., "rows": [...]}; a benchmark is re-run whole, never merged by hand.
 
 Timing side by side uses sparsefx.backends.eager.measure_latencies: alternating rounds, medians.
