@@ -62,7 +62,7 @@ class Settings:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
 
 
-QUICK = Settings(hidden=128, layers=3, heads=4, kv_heads=2, intermediate=256, seq=64, batch=8, steps=80)
+QUICK = Settings(hidden=128, layers=3, heads=4, kv_heads=2, intermediate=384, seq=64, batch=8, steps=80)  # 384: not the vocabulary size
 
 
 def stdlib_files() -> list[Path]:
