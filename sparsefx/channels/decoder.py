@@ -20,15 +20,18 @@ from __future__ import annotations
 
 import numbers
 
+import torch
 import torch.fx
 
 from sparsefx.capture import ops
 from sparsefx.capture.annotate import node_arg
 from sparsefx.channels.context import Ctx
 from sparsefx.channels.ids import Factor
-from sparsefx.channels.rules import RULES, reduction
+from sparsefx.channels.rules import RULES, passthrough, reduction
 
-PASS_THROUGH = (ops.CAST, ops.CLONE, ops.CONTIGUOUS, ops.DETACH)
+aten = torch.ops.aten
+PASS_THROUGH = (ops.CAST, ops.CLONE, ops.CONTIGUOUS, ops.DETACH, aten.type_as)
+RULES.add(passthrough, aten.type_as)  # Gemma's RMSNorm ends in output.type_as(x)
 
 
 def _only_user(node: torch.fx.Node, *wanted: object) -> torch.fx.Node | None:

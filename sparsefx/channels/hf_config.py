@@ -10,6 +10,7 @@ config can describe: it is left as it was and `from_pretrained` refuses the shap
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from sparsefx.log import get_logger
@@ -72,10 +73,13 @@ def attention_heads(module: nn.Module, width: int) -> tuple[int, int] | None:
     return None
 
 
-def sync_decoder(model: nn.Module, width: int | None, norm_rescale: dict[str, float]) -> list[str]:
+def sync_decoder(model: nn.Module, width: int | None, norm_rescale: dict[str, float],
+                 offset_norms: set[str] = frozenset()) -> list[str]:
     """After channel removal, make a decoder LM's modules and config describe its layers: RMSNorm eps
-    rescaled (`channels.decoder`), per-module head counts, and the config's heads, key/value heads,
-    head_dim, hidden and intermediate sizes where every layer agrees. Returns the fields changed."""
+    rescaled (`channels.decoder`), per-module head counts, the embedding scale (Gemma), and the
+    config's heads, key/value heads, head_dim, hidden and intermediate sizes where every layer
+    agrees. Returns the fields changed."""
+    rescale_embedding(model, offset_norms)
     for layer, ratio in norm_rescale.items():
         module = model.get_submodule(layer)
         for attr in ("variance_epsilon", "eps"):
@@ -112,3 +116,29 @@ def sync_decoder(model: nn.Module, width: int | None, norm_rescale: dict[str, fl
     for field in fields:
         setattr(config, field, changed[field])
     return fields
+
+
+def rescale_embedding(model: nn.Module, offset_norms: set[str]) -> None:
+    """Gemma multiplies embeddings by sqrt(hidden_size), a buffer its config rebuilds on load. With
+    the hidden size cut from N to n, store weights times c = sqrt(N / n) and the scale sqrt(n): same
+    output, and from_pretrained rebuilds the same scale. A tied lm_head then sees c times the
+    weights, which the final norm (1 + w, the norm before lm_head) takes back. The working copy's
+    tensors are replaced, not changed: the traced graph shares them."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    scale = getattr(embeddings, "scalar_embed_scale", None)
+    if not isinstance(embeddings, nn.Embedding) or not isinstance(scale, float):
+        return
+    wanted = embeddings.embedding_dim ** 0.5
+    if abs(scale - wanted) < 1e-6 * wanted:
+        return
+    factor = scale / wanted
+    old = embeddings.weight
+    embeddings.weight = nn.Parameter(old.detach() * factor, requires_grad=old.requires_grad)
+    embeddings.scalar_embed_scale = wanted
+    embeddings.embed_scale = torch.full_like(embeddings.embed_scale, wanted)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    norm = getattr(getattr(model, "model", None), "norm", None)
+    if head is not None and head.weight is old and norm is not None:
+        head.weight = embeddings.weight
+        offset = 1.0 if any(name.endswith("model.norm") for name in offset_norms) else 0.0
+        norm.weight = nn.Parameter((norm.weight.detach() + offset) / factor - offset)

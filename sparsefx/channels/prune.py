@@ -159,7 +159,7 @@ def remove(work: nn.Module, gm: torch.fx.GraphModule, coupling: Coupling, remove
     remove_channels([gm, work], coupling, removed)
     # the config must describe the layers for save_pretrained, and some forwards read head counts off it
     sync_config(work, widths)
-    sync_decoder(work, width, gm.meta.get("sfx_norm_rescale", {}))
+    sync_decoder(work, width, gm.meta.get("sfx_norm_rescale", {}), gm.meta.get("sfx_norm_offset", set()))
     with no_kv_cache(work):
         result = _choose_result(work, gm, inputs, graph_changed=gm.code != code_before)
     record["steps"].append({**step, "result": "graph" if result is gm else "module"})

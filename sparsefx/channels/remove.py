@@ -209,7 +209,8 @@ def _index_position(index: tuple, axis: int, ndim: int) -> int:
 def _patch_rms_width(gm: torch.fx.GraphModule, node: torch.fx.Node, payload: dict, kept: _Kept) -> None:
     """An RMSNorm over fewer channels: eps * r and weight * sqrt(r), r = old / new width, keep it
     equal to the dense norm with the removed channels zero (see `channels.decoder`). The ratio is
-    left in gm.meta["sfx_norm_rescale"] (layer -> r) for the module's own eps attribute."""
+    left in gm.meta["sfx_norm_rescale"] (layer -> r) for the module's own eps attribute, and the
+    layers whose weight is an offset from 1 (Gemma) in gm.meta["sfx_norm_offset"]."""
     old, new = payload["ids"].size, kept.count(payload["ids"])
     if new == old:
         return
@@ -223,6 +224,8 @@ def _patch_rms_width(gm: torch.fx.GraphModule, node: torch.fx.Node, payload: dic
         else:
             weight.mul_(ratio ** 0.5)
     gm.meta.setdefault("sfx_norm_rescale", {})[payload["weight"].rsplit(".", 1)[0]] = ratio
+    if payload["offset"]:
+        gm.meta.setdefault("sfx_norm_offset", set()).add(payload["weight"].rsplit(".", 1)[0])
 
 
 PATCHERS: dict[str, Callable[[torch.fx.GraphModule, torch.fx.Node, dict, _Kept], None]] = {
