@@ -68,6 +68,7 @@ class Peers:
     def __init__(self, model: nn.Module, inputs: tuple, threads: int, workdir: str | Path | None = None) -> None:
         self.model, self.inputs, self.threads = model.eval(), inputs, threads
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="sparsefx-peers-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.onnx_path: Path | None = None
         self.export_s = 0.0
 
