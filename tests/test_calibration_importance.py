@@ -73,7 +73,7 @@ def test_wanda_on_a_language_model_with_token_batches():
     ids = torch.randint(0, 64, (1, 8))
     calibration = [torch.randint(0, 64, (3, 8)) for _ in range(2)]  # split into batches of 1 if need be
     for importance in ("wanda", "taylor"):
-        pruned = sparsefx.prune(model, (ids,), ratio={"model.layers.0.mlp": 0.5}, importance=importance,
+        pruned = sparsefx.prune(model, (ids,), ratio={"model.layers.0.mlp.up_proj": 0.5}, importance=importance,
                                 calibration=calibration)
         assert pruned.model.layers[0].mlp.up_proj.out_features == 32
 

@@ -75,7 +75,7 @@ def test_depth_then_width(tmp_path):
     model.config.use_cache = False
     shallow = sparsefx.prune_layers(model, calibration(), n=2)
     ids = torch.randint(0, 96, (1, 8))
-    narrow = sparsefx.prune(shallow, (ids,), ratio={"model.layers.0.mlp": 0.5, "model.layers.1.mlp": 0.5})
+    narrow = sparsefx.prune(shallow, (ids,), ratio={"model.layers.0.mlp.up_proj": 0.5, "model.layers.1.mlp.up_proj": 0.5})
     assert sparsefx.count_params(narrow) < sparsefx.count_params(shallow) < sparsefx.count_params(model)
     assert narrow(ids).logits.shape == (1, 8, 96)
     shallow.save_pretrained(tmp_path)
