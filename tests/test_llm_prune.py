@@ -119,3 +119,26 @@ def test_save_pretrained_round_trips_without_sparsefx(tmp_path: object, family: 
     assert done.returncode == 0, done.stderr[-2000:]
     name, error, heads = done.stdout.split()
     assert name == type(model).__name__ and float(error) < 1e-5 and int(heads) == pruned.config.num_attention_heads
+
+
+def test_bare_decoder_keeps_its_output_width() -> None:
+    """A bare *Model hands its hidden states to the user: heads and MLP shrink, the hidden size stays."""
+    model, ids = transformers.LlamaModel(build("Llama").config).eval(), token_ids()
+    pruned = sparsefx.prune(model, (ids,), ratio=0.5)
+    assert type(pruned) is transformers.LlamaModel
+    assert pruned.config.hidden_size == 256 and pruned.config.num_attention_heads == HEADS // 2
+    with torch.no_grad():
+        assert pruned(ids).last_hidden_state.shape == model(ids).last_hidden_state.shape
+
+
+def test_unsupported_structure_names_the_op_that_freezes_it() -> None:
+    """Mixtral's stacked experts (indexed per token) are beyond the analysis: asked to prune only them,
+    prune says which op holds which layer and leaves the user's model as it was."""
+    config = transformers.MixtralConfig(
+        vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, num_local_experts=4, num_experts_per_tok=2, pad_token_id=0)
+    model = transformers.MixtralForCausalLM(config).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(UserWarning, match=r"nothing to prune.*frozen: .*index.*model\.embed_tokens"):
+        sparsefx.prune(model, (token_ids(),), ratio={"model.layers.0.mlp": 0.5, "*": 0.0})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and model.config.use_cache

@@ -106,10 +106,20 @@ def prune(
                           keep=lambda group: ratio_of(group) > 0, **importance_options)
     if not scored.groups:
         warnings.warn(f"sparsefx: nothing to prune in {type(model).__name__}: no channel group is both prunable "
-                      "and selected (see sparsefx inspect); returning an unchanged copy", stacklevel=2)
+                      f"and selected{frozen_summary(scored.coupling.groups)} (see sparsefx inspect); "
+                      "returning an unchanged copy", stacklevel=2)
         return scored.work.train(model.training)
     removed = select(scored.groups, scored.scores, ratio_of, round_to, global_ranking)
     return scored.remove(removed).train(model.training)
+
+
+def frozen_summary(groups: list[ChannelGroup], count: int = 3) -> str:
+    """'; frozen: <why> (<layer>, N channels), ...' for the widest groups with a producer that cannot
+    shrink: which op holds which layers, the first thing a user of an unsupported model needs."""
+    frozen = sorted((g for g in groups if not g.prunable and g.producers() and g.frozen),
+                    key=lambda g: -g.size)[:count]
+    parts = [f"{sorted(set(g.frozen.values()))[0]} ({g.producers()[0].layer}, {g.size} channels)" for g in frozen]
+    return f"; frozen: {', '.join(parts)}" if parts else ""
 
 
 @dataclass
