@@ -8,7 +8,6 @@ the peaks; the TVM backend reads `to_tvm()`.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, replace
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from sparsefx.cache import Table, cache_dir
 from sparsefx.errors import SparsefxError
 
 # Nominal FP32 (non-tensor-core) TFLOP/s and HBM GB/s of common data-centre parts, by arch.
@@ -24,13 +24,7 @@ CUDA_ARCHS = {
     "sm_86": ("A10", 31.2, 600), "sm_89": ("L4", 30.3, 300), "sm_90": ("H100", 67.0, 3350),
     "sm_90a": ("H100", 67.0, 3350), "sm_100": ("B200", 80.0, 8000), "sm_120": ("RTX 5090", 104.8, 1792),
 }
-
-
-def cache_dir() -> Path:
-    """Where sparsefx keeps measurements and tuning records (override: SPARSEFX_CACHE)."""
-    root = Path(os.environ.get("SPARSEFX_CACHE", Path.home() / ".cache" / "sparsefx"))
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+PEAKS_VERSION = 1  # bumped when how the peaks are measured changes
 
 
 @dataclass(frozen=True)
@@ -131,16 +125,21 @@ def with_measured_peaks(target: Target) -> Target:
     """Fill peak GFLOP/s (large fp32 matmul) and bandwidth (large copy), measured once per host."""
     if target.kind != "llvm":
         return target
-    path = cache_dir() / "peaks.json"
+    table = peaks_table()
     key = f"{target.arch}/{target.cores}/{target.device_name}"
-    table = json.loads(path.read_text()) if path.exists() else {}
-    if key not in table:
-        table[key] = _measure_cpu_peaks()
-        path.write_text(json.dumps(table, indent=1))
-    return replace(target, peak_gflops=table[key][0], bandwidth_gbs=table[key][1])
+    if key not in table.entries:
+        table.entries[key] = measure_cpu_peaks()
+        table.save()
+    gflops, bandwidth = table.entries[key]
+    return replace(target, peak_gflops=gflops, bandwidth_gbs=bandwidth)
 
 
-def _measure_cpu_peaks() -> tuple[float, float]:
+def peaks_table() -> Table:
+    """Peak GFLOP/s and GB/s per host CPU, keyed by arch/cores/model name."""
+    return Table(cache_dir() / "peaks.json", PEAKS_VERSION)
+
+
+def measure_cpu_peaks() -> tuple[float, float]:
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     src, dst = torch.randn(32 * 2**20 // 4), torch.empty(32 * 2**20 // 4)
     flops, copies = [], []

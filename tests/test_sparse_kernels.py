@@ -15,10 +15,11 @@ from sparsefx import SparsefxError
 from sparsefx.backends.tvm.sparse import kernels as sparse_kernels
 from sparsefx.backends.tvm.sparse.kernels import KernelSpec, build
 from sparsefx.backends.tvm.sparse.latency import measure_sparse_latency, random_operands
+from sparsefx.cache import cache_dir
 from sparsefx.capture.models import load_model
 from sparsefx.sparse.masks import Sparsity
 from sparsefx.sparse.sparsify import sparsify
-from sparsefx.target import cache_dir, resolve_target
+from sparsefx.target import resolve_target
 
 # Every CPU code path: GEMV (width 1) and SpMM, both output layouts, width tails, batches,
 # row tiles 1/2/4, row groups that do not fill 16, N:M with chunked columns.
@@ -163,7 +164,7 @@ def test_measured_latency_is_cached() -> None:
     first = measure_sparse_latency(spec, 64, 128, 1)
     assert first > 0 and measure_sparse_latency(spec, 64, 128, 1) == first
     target = resolve_target("cpu")
-    table = json.loads((cache_dir() / "sparse" / f"{target.arch}-{target.cores}.json").read_text())
+    table = json.loads((cache_dir() / "sparse" / f"{target.arch}-{target.cores}.json").read_text())["entries"]
     assert first in table.values()
     for bad in [lambda: measure_sparse_latency(spec, 60, 128, 1), lambda: measure_sparse_latency(spec, 64, 128, 0),
                 lambda: measure_sparse_latency(Sparsity(1.0, "nm"), 64, 128, 1),

@@ -17,14 +17,13 @@ the call path warm.
 
 Latency is a staircase in the channel count (SIMD width, blocked layouts): a channel-like
 dimension is first rounded up to the target's vector lanes, then looked up. Measurements
-are cached on disk per target (`cache_dir()/costmodel/<arch>-<cores>.json`).
+are cached on disk per target (`cache_dir()/costmodel/<arch>-<cores>.json`, calibrations beside it).
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -35,7 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sparsefx.target import Target, cache_dir, resolve_target, with_measured_peaks
+from sparsefx.cache import Table, cache_dir
+from sparsefx.target import Target, resolve_target, with_measured_peaks
 
 MEASURED = ("conv2d", "matmul")
 CALIBRATED = ("elementwise", "reduce", "pool")
@@ -257,11 +257,11 @@ class CostModel:
         self.lanes = max(1, (self.target.vector_bits or 128) // 32) if not self.target.is_gpu else 8
         device = f"-rpc-{rpc[1]}" if rpc else ""
         self.path = path or cache_dir() / "costmodel" / f"{self.target.arch}-{self.target.cores}{device}.json"
-        data = json.loads(self.path.read_text()) if self.path.exists() else {}
-        data = data if data.get("version") == TABLE_VERSION else {}
-        self.table: dict[str, float] = data.get("kernels", {})
-        fresh = data.get("calibration_version") == CALIBRATION_VERSION
-        self.calibration: dict[str, list[float]] = data.get("calibration", {}) if fresh else {}
+        # calibrations are re-fitted when either version changes, kernels re-measured with TABLE_VERSION
+        self.tables = (Table(self.path, TABLE_VERSION), Table(self.path.with_name(f"{self.path.stem}.calibration.json"),
+                                                              f"{TABLE_VERSION}.{CALIBRATION_VERSION}"))
+        self.table: dict[str, float] = self.tables[0].entries
+        self.calibration: dict[str, list[float]] = self.tables[1].entries
         self.sources: dict[str, int] = {}
         self._dirty = False
         self._drift: list[tuple[str, float, float]] | None = None
@@ -302,12 +302,8 @@ class CostModel:
     def save(self) -> None:
         if not self._dirty:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"version": TABLE_VERSION, "calibration_version": CALIBRATION_VERSION,
-                                   "target": self.target.as_dict(), "calibration": self.calibration,
-                                   "kernels": self.table}, indent=0))
-        tmp.replace(self.path)
+        for table in self.tables:
+            table.save()
         self._dirty = False
 
     def measured(self, kernel: Kernel) -> float:

@@ -29,8 +29,8 @@ from pathlib import Path
 import tvm
 import tvm_ffi
 
+from sparsefx.cache import cache_dir
 from sparsefx.errors import SparsefxError, one_line
-from sparsefx.target import cache_dir
 
 RUN_SCRIPT = Path(__file__).with_name("bundle_run.py")
 

@@ -7,6 +7,7 @@ already tuned, tunes only the workloads the database has not seen.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,11 @@ import tvm
 from tvm import relax
 from tvm.s_tir import meta_schedule as ms
 
-from sparsefx.target import Target, cache_dir
+from sparsefx.cache import cache_dir
+from sparsefx.errors import one_line
+from sparsefx.target import Target
+
+logger = logging.getLogger("sparsefx.cache")
 
 
 def database_dir(target: Target) -> Path:
@@ -24,13 +29,26 @@ def database_dir(target: Target) -> Path:
     return path
 
 
+def open_database(work_dir: Path) -> ms.database.JSONDatabase:
+    """The tuning database in `work_dir`; one TVM cannot parse (truncated by a killed tuning run)
+    is moved aside to `*.corrupt` with one warning, and its workloads are tuned again."""
+    try:
+        return ms.database.JSONDatabase(work_dir=str(work_dir))
+    except RuntimeError as error:  # what TVM raises on a malformed record
+        logger.warning("tuning database %s cannot be read (%s): moved aside to *.corrupt, its workloads will be "
+                       "tuned again", work_dir, one_line(error))
+        for file in work_dir.glob("database_*.json"):
+            file.replace(file.with_name(file.name + ".corrupt"))
+        return ms.database.JSONDatabase(work_dir=str(work_dir))
+
+
 def tune_module(mod: tvm.IRModule, target: Target, tvm_target: tvm.target.Target, trials: int,
                 log: Callable[[str], None]) -> tuple[tvm.transform.Pass, dict]:
     """Tune the TIR workloads of `mod` that the database lacks, `trials` measurements each at
     most; returns the pass that applies the database and what was done."""
     started = time.perf_counter()
     work_dir = database_dir(target)
-    database = ms.database.JSONDatabase(work_dir=str(work_dir))
+    database = open_database(work_dir)
     fused = tvm.transform.Sequential([  # the same TIR the lowering pipeline will produce
         relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
         relax.transform.FuseOps(), relax.transform.FuseTIR()])

@@ -13,7 +13,6 @@ Those calls need `import sparsefx` (and torch) where the artifact runs; GPU buil
 from __future__ import annotations
 
 import functools
-import json
 import random
 import time
 from collections.abc import Callable
@@ -39,7 +38,7 @@ from sparsefx.backends.tvm.dispatch.torch_kernels import (
     weight_key,
 )
 from sparsefx.backends.tvm.kernels import registry as own_kernels
-from sparsefx.target import cache_dir
+from sparsefx.cache import Table, cache_dir
 
 TABLE_VERSION = 7  # v7: own kernels timed in turn with PyTorch's, caches flushed (`duel`); `direct` since v6, `pointwise` v5
 
@@ -136,8 +135,8 @@ class DispatchTable:
     and timed in TIR. Entries the filter decided say so (`decided_by: prefilter`, `tir_ms: None`)."""
 
     def __init__(self, target_key: str) -> None:
-        self.path = cache_dir() / "dispatch" / f"{target_key}.v{TABLE_VERSION}.json"
-        self.entries: dict[str, dict] = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.table = Table(cache_dir() / "dispatch" / f"{target_key}.json", TABLE_VERSION)
+        self.entries: dict[str, dict] = self.table.entries
 
     def decide(self, workloads: list[Workload], target: tvm.target.Target, build: object) -> dict[str, dict]:
         new = {w.key: w for w in workloads if w.key not in self.entries}
@@ -173,8 +172,7 @@ class DispatchTable:
             flush = flusher() if own else None  # one 64 MiB buffer for every kind's duels
             for kind in dict.fromkeys(own.values()):
                 self._measure_own(kind, [new[key] for key, k in own.items() if k == kind], target, flush)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps(self.entries, indent=1))
+            self.table.save()
         return {w.key: self.entries[w.key] for w in workloads}
 
     def _measure(self, candidates: list[prefilter.Candidate], workloads: dict[str, Workload],

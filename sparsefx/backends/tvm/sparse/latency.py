@@ -10,22 +10,22 @@
 
 "block" runs BSR with the spec's block, "unstructured" CSR (BSR 1×1), "nm" N:M with
 N = round(density · m). Timings are cached per host CPU in
-`sparsefx.target.cache_dir() / "sparse" / f"{arch}-{cores}.json"`, keyed by format, block,
+`sparsefx.cache.cache_dir() / "sparse" / f"{arch}-{cores}.json"`, keyed by format, block,
 density, shape and batch. Only the host CPU can be timed (CUDA targets raise).
 """
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import tvm
 
 from sparsefx.backends.tvm.sparse.kernels import KernelSpec, build, transposed_operands
+from sparsefx.cache import Table, cache_dir
 from sparsefx.errors import SparsefxError
 from sparsefx.sparse.masks import Sparsity
-from sparsefx.target import cache_dir, resolve_target
+from sparsefx.target import Target, resolve_target
 
+TABLE_VERSION = 1  # bumped when how a kernel is timed changes: older tables are re-measured
 REPEAT = 5  # timed repeats (the best counts: on a shared CPU the minimum is what the kernel can do)
 
 
@@ -92,15 +92,18 @@ def measure_sparse_latencies(queries: list[tuple[Sparsity, int, int, int]], targ
         raise SparsefxError(f"sparse kernel latency is measured on the host CPU; {spec_target} cannot be timed here "
                             "(use target='cpu')")
     specs = [kernel_spec(*q) for q in queries]
-    path = cache_dir() / "sparse" / f"{spec_target.arch}-{spec_target.cores}.json"
-    table = json.loads(path.read_text()) if path.exists() else {}
-    fresh = [s for s in dict.fromkeys(specs) if s.name not in table]
+    table = latency_table(spec_target)
+    fresh = [s for s in dict.fromkeys(specs) if s.name not in table.entries]
     if fresh:
         for s, ms in zip(fresh, time_kernels(fresh, spec_target.to_tvm()), strict=True):
-            table[s.name] = ms
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(table, indent=1))
-    return [table[s.name] for s in specs]
+            table.entries[s.name] = ms
+        table.save()
+    return [table.entries[s.name] for s in specs]
+
+
+def latency_table(target: Target) -> Table:
+    """ms of each sparse kernel measured on the host CPU `target`, keyed by `KernelSpec.name`."""
+    return Table(cache_dir() / "sparse" / f"{target.arch}-{target.cores}.json", TABLE_VERSION)
 
 
 def measure_sparse_latency(spec: Sparsity, rows: int, cols: int, batch: int, target: object = "cpu") -> float:
