@@ -10,6 +10,7 @@ from torch import nn
 
 from sparsefx.backends.peers import RUNTIMES, PeerError, Peers, available
 from sparsefx.capture.compare import TOLERANCE, calibrate_norm_statistics, check_reference, output_error
+from sparsefx.cli.main import main
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 
@@ -51,3 +52,18 @@ def test_unknown_and_missing_runtimes_are_one_line_errors(monkeypatch) -> None:
     with pytest.raises(PeerError, match="pip install openvino"):
         Peers(model, inputs, threads=1).build("openvino")
     assert "sparsefx" in RUNTIMES and available("eager")
+
+
+@pytest.mark.skipif(not (available("onnxruntime") and available("openvino")), reason="onnxruntime/openvino not installed")
+def test_cli_bench_prints_the_peers_beside_sparsefx(capsys) -> None:
+    assert main(["bench", "default", "--prune", "0.5", "--vs", "onnxruntime,openvino", "--repeat", "2",
+                 "--threads", "1"]) == 0
+    names = [line.split()[0] + " " + line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert names == ["eager dense", "eager pruned", "tvm dense", "tvm pruned", "onnxruntime dense",
+                     "onnxruntime pruned", "openvino dense", "openvino pruned"]
+
+
+def test_cli_bench_refuses_an_unknown_peer(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "default", "--vs", "onnxruntime,tvm"])
+    assert exit_.value.code == 2 and "unknown runtime 'tvm'" in capsys.readouterr().err

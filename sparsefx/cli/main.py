@@ -18,6 +18,7 @@ import sparsefx
 from sparsefx import log
 from sparsefx.backends.eager import measure_latencies
 from sparsefx.backends.export import FORMATS, onnx_error
+from sparsefx.backends.peers import RUNTIMES, PeerError, Peers, available, check
 from sparsefx.capture.compare import VacuousComparisonError
 from sparsefx.capture.models import load_model
 from sparsefx.cli.common import (
@@ -105,6 +106,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeat", type=int, default=20, help="timed forward passes per model")
     bench.add_argument("--profile", action="store_true",
                        help="also time every call of the TVM builds: ms per kind of kernel, and the slowest calls")
+    bench.add_argument("--vs", type=_runtimes, default=[], metavar="RUNTIMES",
+                       help="also time these runtimes on the same models, in the same rounds, where installed: "
+                       f"comma-separated, of {', '.join(r for r in RUNTIMES if r not in ('eager', 'sparsefx'))}")
     bench.add_argument("--rpc", metavar="HOST:PORT", help="measure the TVM builds on a device behind this RPC tracker")
     bench.add_argument("--rpc-key", default="sparsefx", help="the device's key at the tracker (default: sparsefx)")
     add_threads_arg(bench)
@@ -276,19 +280,47 @@ def _bench(args: argparse.Namespace) -> int:
         models["eager pruned"] = pruned
     for name, source in list(models.items()):
         LOG.info(f"compiling {name.split()[1]} model for {args.target}")
-        compiled = sparsefx.compile(source, inputs, target=args.target, tune=args.tune, dispatch=args.dispatch)
+        compiled = sparsefx.compile(source, inputs, target=args.target, tune=args.tune, dispatch=args.dispatch,
+                                    threads=args.threads)
         if compiled.target.is_gpu:
             raise SparsefxError("bench runs on this host's CPU; benchmark a CUDA build on the GPU host instead")
         models[name.replace("eager", "tvm")] = compiled
+    models.update(_peer_runners(args.vs, {name.split()[1]: models[name] for name in ("eager dense", "eager pruned")
+                                          if name in models}, inputs, compiled.threads))
     LOG.info("measuring (alternating rounds)")
     latency = measure_latencies(models, inputs, repeat=args.repeat)
     base = latency["eager dense"]
-    print(f"{'model':<14} {'median ms':>10} {'vs eager dense':>15}")
+    width = max(14, *map(len, latency))
+    print(f"{'model':<{width}} {'median ms':>10} {'vs eager dense':>15}")
     for name, ms in latency.items():
-        print(f"{name:<14} {ms:>10.3f} {base / ms:>14.2f}x")
+        print(f"{name:<{width}} {ms:>10.3f} {base / ms:>14.2f}x")
     if args.profile:
         print_profiles({name: m.profile(*inputs) for name, m in models.items() if name.startswith("tvm")})
     return 0
+
+
+def _runtimes(text: str) -> list[str]:
+    """--vs: peer runtime names, checked (argparse shows PeerError's line naming the known ones)."""
+    try:
+        return [check(name.strip()) for name in text.split(",") if name.strip()]
+    except PeerError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _peer_runners(runtimes: list[str], sources: dict[str, nn.Module], inputs: tuple, threads: int) -> dict:
+    """'RUNTIME dense' / 'RUNTIME pruned' runners of each installed peer runtime, at `threads`."""
+    runners = {}
+    for runtime in runtimes:
+        if not available(runtime):
+            LOG.warning(f"--vs {runtime}: not installed, skipped (pip install -e '.[dev]')")
+            continue
+        for variant, source in sources.items():
+            LOG.info(f"building {runtime} ({variant}, {threads} threads)")
+            try:
+                runners[f"{runtime} {variant}"] = Peers(source, inputs, threads).build(runtime)
+            except PeerError as error:  # a peer that cannot take the model is reported, not fatal
+                LOG.warning(f"--vs {runtime}: {error}")
+    return runners
 
 
 def print_profiles(profiles: dict[str, list[dict]], top: int = 10) -> None:
