@@ -181,9 +181,10 @@ def cpu_flags() -> frozenset[str]:
 
 
 def check_threads(threads: int | None, target: Target) -> int:
-    """The thread count a model for `target` runs with: `threads`, or all of the target's cores when None."""
+    """The thread count a model for `target` runs with: `threads`, or all of the target's cores when None
+    (of the host's for a GPU target, whose host code runs on them)."""
     if threads is None:
-        return max(1, target.cores)
+        return target.cores or _host_cores()
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise TargetError(f"threads must be a whole number of cores >= 1, got {threads!r}; "
                           f"use 1..{_host_cores()} or None (all cores)")
