@@ -63,7 +63,7 @@ def save(model: nn.Module, path: str | Path, spec: str | None = None) -> Path:
     description = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "sparsefx_version": __version__,
         "model": {"class": record["class"], "fingerprint": record["fingerprint"], "spec": spec,
-                  "result": type(model).__name__},
+                  "saved_class": type(model).__name__},
         "removal": record["steps"],
         "sparse": [describe_sparse(name, m) for name, m in model.named_modules()
                    if isinstance(m, (SparseLinear, SparseConv2d))],
