@@ -4,6 +4,8 @@ load, set for PyTorch and TVM alike while the model runs and put back after."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -138,3 +140,14 @@ def test_default_is_every_core_and_dispatch_tables_are_per_thread_count() -> Non
     tables = sorted(p.name for p in (cache_dir() / "dispatch").glob("*.json"))
     arch = host_cpu().arch
     assert f"{arch}-1-t1.json" in tables and f"{arch}-{CORES}-t{CORES}.json" in tables, tables
+
+
+def test_tvm_run_after_import_leaves_the_thread_on_every_core() -> None:
+    """A TIR kernel run outside any compiled model (as planners time them) once pinned the thread."""
+    code = ("import os, numpy, tvm, sparsefx.backends.tvm\n"
+            "before = os.sched_getaffinity(0)\n"
+            "tvm.get_global_func('runtime.NumThreads')()\n"  # what any TIR kernel's first run does
+            "print(before == os.sched_getaffinity(0), len(before))")
+    env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", str(CORES)]
