@@ -16,6 +16,7 @@ given the cores explicitly so TVM's core count is not consulted again; about 10 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from collections.abc import Iterator
@@ -31,17 +32,22 @@ LOG = get_logger("tvm")
 _started = threading.local()  # per thread: its TVM pool sized here (done), short of workers (warned)
 
 
+@functools.cache
+def runtime_function(name: str) -> object:
+    return tvm.get_global_func(name)  # looked up once: every call of a compiled model asks
+
+
 def pool_workers() -> int:
     """Workers TVM's pool of the calling thread uses now (starts the pool, one per core, if new)."""
     if not getattr(_started, "done", False):
         _started.done = True
         with _environment("TVM_NUM_THREADS", str(len(ALLOWED_CPUS))):
-            return int(tvm.get_global_func("runtime.NumThreads")())
-    return int(tvm.get_global_func("runtime.NumThreads")())
+            return int(runtime_function("runtime.NumThreads")())
+    return int(runtime_function("runtime.NumThreads")())
 
 
 def set_pool_workers(threads: int) -> None:
-    tvm.get_global_func("runtime.config_threadpool")(SHARE_ALL_CORES, threads, [str(c) for c in ALLOWED_CPUS])
+    runtime_function("runtime.config_threadpool")(SHARE_ALL_CORES, threads, [str(c) for c in ALLOWED_CPUS])
 
 
 @contextlib.contextmanager
