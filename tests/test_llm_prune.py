@@ -142,3 +142,20 @@ def test_unsupported_structure_names_the_op_that_freezes_it() -> None:
     with pytest.warns(UserWarning, match=r"nothing to prune.*frozen: .*index.*model\.embed_tokens"):
         sparsefx.prune(model, (token_ids(),), ratio={"model.layers.0.mlp": 0.5, "*": 0.0})
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and model.config.use_cache
+
+
+@pytest.mark.parametrize("kv_heads", [4, 1])
+def test_gqa_ratio_holds_in_every_layer_under_global_ranking(kv_heads: int) -> None:
+    """Layers ranked together may lose different numbers of groups, yet each keeps query heads a
+    multiple of its key/value heads, and stays the user's class. Multi-query attention (one kv head)
+    has one head unit: heads stay, the rest prunes."""
+    config = build("Llama").config
+    config.num_key_value_heads = kv_heads
+    model, ids = transformers.LlamaForCausalLM(config).eval(), token_ids()
+    pruned = sparsefx.prune(model, (ids,), ratio=0.5, global_ranking=True)
+    assert type(pruned) is transformers.LlamaForCausalLM
+    assert sparsefx.count_params(pruned) < 0.75 * sparsefx.count_params(model)
+    for query, kv in layer_heads(pruned):
+        assert query // kv == HEADS // kv_heads and query % kv == 0
+    if kv_heads == 1:
+        assert layer_heads(pruned) == {(HEADS, 1)}

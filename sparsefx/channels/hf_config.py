@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sparsefx.channels.coupling import ChannelGroup
 from sparsefx.log import get_logger
 
 LOG = get_logger("channels")
@@ -49,6 +50,7 @@ def sync_config(model: nn.Module, widths_before: dict[str, int]) -> list[str]:
 # --- decoder language models: heads, key/value heads, head_dim, hidden size, RMSNorm eps -----------
 HEAD_ATTRIBUTES = ("num_heads", "num_attention_heads")  # per-module copies some families keep
 KV_ATTRIBUTES = ("num_key_value_heads",)
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "qkv_proj")
 
 
 def head_dim(model: nn.Module) -> int | None:
@@ -58,6 +60,22 @@ def head_dim(model: nn.Module) -> int | None:
     if not isinstance(heads, int) or not isinstance(hidden, int):
         return None
     return getattr(config, "head_dim", None) or hidden // heads
+
+
+def splits_heads(group: ChannelGroup, width: int | None) -> bool:
+    """True where a unit of `group` is part of a decoder's attention head: valid for the graph (a
+    multi-query model's value features can go one by one), but the model's own class keeps one
+    head_dim for q, k and v, so such a group is not offered for pruning."""
+    if width is None:
+        return False
+    for unit in group.classes:
+        for index, positions in group.members[unit].items():
+            slot = group.slot_objs[index]
+            layer = slot.layer.rsplit(".", 1)[-1]
+            projects = (layer in PROJECTIONS and slot.dim == 0) or (layer == "o_proj" and slot.dim == 1)
+            if projects and len(positions) % width:
+                return True
+    return False
 
 
 def attention_heads(module: nn.Module, width: int) -> tuple[int, int] | None:

@@ -17,7 +17,7 @@ from sparsefx.capture.trace import as_inputs, no_kv_cache, trace
 from sparsefx.channels import importance as importance_mod
 from sparsefx.channels.attention import split_attention
 from sparsefx.channels.coupling import ChannelGroup, Coupling, analyze_coupling
-from sparsefx.channels.hf_config import head_dim, linear_widths, sync_config, sync_decoder
+from sparsefx.channels.hf_config import head_dim, linear_widths, splits_heads, sync_config, sync_decoder
 from sparsefx.channels.record import attach, history, removal_step
 from sparsefx.channels.remove import remove_channels
 from sparsefx.channels.select import Ratio, as_names, check_names, ignored, ratio_rule, select
@@ -155,7 +155,9 @@ def score_groups(model: nn.Module, example_inputs: object, importance: str | Cal
     check_names(ignore, names, "ignore")
     check_names(list(ratio_names), names, "ratio")
     coupling = analyze_coupling(gm)
-    groups = [g for g in coupling.groups if g.prunable and not ignored(g, ignore) and keep(g)]
+    width = head_dim(work)
+    groups = [g for g in coupling.groups
+              if g.prunable and not ignored(g, ignore) and keep(g) and not splits_heads(g, width)]
     scores = score(gm, coupling, groups, example_inputs=inputs, **importance_options) if groups else {}
     return Scored(work, gm, coupling, inputs, groups, scores, ignore)
 
