@@ -180,11 +180,11 @@ def cpu_flags() -> frozenset[str]:
         return frozenset()
 
 
-def check_threads(threads: int | None, target: Target) -> int:
+def check_threads(threads: int | None, target: Target | None = None) -> int:
     """The thread count a model for `target` runs with: `threads`, or all of the target's cores when None
-    (of the host's for a GPU target, whose host code runs on them)."""
+    (of the host's for a GPU target, whose host code runs on them, or no target)."""
     if threads is None:
-        return target.cores or _host_cores()
+        return (target.cores if target else 0) or _host_cores()
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise TargetError(f"threads must be a whole number of cores >= 1, got {threads!r}; "
                           f"use 1..{_host_cores()} or None (all cores)")

@@ -16,6 +16,7 @@ from sparsefx.backends.tvm import compile, load
 from sparsefx.backends.tvm.threads import ALLOWED_CPUS, pool_workers, running_with
 from sparsefx.cache import cache_dir
 from sparsefx.capture.compare import check_reference, output_error
+from sparsefx.cli.main import main
 from sparsefx.target import TargetError, check_precision, host_cpu
 
 pytestmark = pytest.mark.usefixtures("private_cache")
@@ -151,3 +152,16 @@ def test_tvm_run_after_import_leaves_the_thread_on_every_core() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", str(CORES)]
+
+
+@pytest.mark.parametrize("threads", ["0", "-1", str(CORES + 1)])
+def test_cli_refuses_bad_thread_counts_in_one_line(threads: str, tmp_path, capsys) -> None:
+    assert main(["compile", "default", "--threads", threads, "--out", str(tmp_path / "m.sfx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sparsefx: error: threads") and "\n" not in err
+
+
+def test_cli_compile_records_threads(tmp_path, capsys) -> None:
+    assert main(["compile", "default", "--threads", "1", "--no-dispatch", "--out", str(tmp_path / "m.sfx")]) == 0
+    assert "1 thread(s)" in capsys.readouterr().out
+    assert load(tmp_path / "m.sfx").manifest["threads"] == 1

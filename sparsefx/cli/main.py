@@ -37,13 +37,14 @@ from sparsefx.cli.plan import add_commands
 from sparsefx.errors import SparsefxError
 from sparsefx.io import is_saved_model
 from sparsefx.recovery.data import fashion_mnist
+from sparsefx.target import check_threads
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
     try:
+        if getattr(args, "threads", None) is not None:  # 0 or too many: a one-line error, not torch's
+            torch.set_num_threads(check_threads(args.threads))
         with log.to_stderr(args.log_level):
             return args.handler(args)
     except SparsefxError as error:
@@ -95,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     add_model_args(compile_)
     _add_compile_args(compile_)
     compile_.add_argument("--out", type=Path, required=True, help="artifact to write (.sfx)")
+    compile_.add_argument("--threads", type=int, default=None,
+                          help="cores the compiled model runs on, recorded in the artifact (default: all)")
     compile_.add_argument("--bundle", type=Path, metavar="PATH",
                           help="also write a runtime-only bundle (directory, or .tar.gz) for a host with no TVM "
                           "compiler and Python 3.12; CPU targets need --no-dispatch")
@@ -249,7 +252,8 @@ def _compile(args: argparse.Namespace) -> int:
     check_out(args.out)
     model, inputs = load(args)
     model = _maybe_pruned(args, model, inputs)
-    compiled = sparsefx.compile(model, inputs, target=args.target, tune=args.tune, dispatch=args.dispatch)
+    compiled = sparsefx.compile(model, inputs, target=args.target, tune=args.tune, dispatch=args.dispatch,
+                                threads=args.threads)
     print(_compile_summary(compiled))
     print(f"wrote {compiled.export(args.out)} (load with sparsefx.load(path))")
     if args.bundle:
@@ -260,7 +264,7 @@ def _compile(args: argparse.Namespace) -> int:
 def _compile_summary(compiled: object) -> str:
     m = compiled.manifest
     tuning = m["tuning"]
-    return (f"target: {compiled.target}\nimport route: {m['import_route']}, compile {m['compile_seconds']:.1f} s\n"
+    return (f"target: {compiled.target}, {compiled.threads} thread(s)\nimport route: {m['import_route']}, compile {m['compile_seconds']:.1f} s\n"
             f"{_kernel_summary(m)}\n"
             f"tuning: {tuning['tuned_tasks']}/{tuning['tasks']} workloads tuned, {tuning['seconds']:.0f} s")
 
