@@ -1,0 +1,212 @@
+"""Structured pruning of a real small language model: held-out perplexity against the fraction of
+parameters removed, magnitude against calibration-aware importance, before and after recovery,
+and prefill latency dense against pruned (eager, and compiled through sparsefx.compile).
+
+The model is benchmarks/train_tiny_llama.py's byte-level Llama trained on the Python stdlib
+(loaded from the cache, trained first if absent). What is pruned, each at every ratio:
+- mlp:    the SwiGLU hidden units of every layer (ratio keyed on mlp.up_proj);
+- heads:  attention heads of every layer (keyed on self_attn.q_proj; GQA kept by the rules);
+- hidden: the residual-stream width (keyed on model.embed_tokens);
+- all:    every prunable group at the same ratio;
+- layers: whole decoder layers by block influence (sparsefx.prune_layers), n = ratio * layers.
+Importance: l1 (magnitude), wanda and taylor (calibration batches of training text) for the
+width modes; layers are chosen by calibration (block influence) only. Recovery: distillation
+from the dense model (benchmarks/llm_recovery.recover) of the calibration-aware model at the
+ratios in --recover-ratios. A mode the analysis cannot prune is reported with its error.
+
+    .venv/bin/python benchmarks/llm.py            # full: ~1 h of 2 idle cores after the ~15 min training
+    .venv/bin/python benchmarks/llm.py --quick    # smoke test on the --quick model (a few minutes)
+
+Writes benchmarks/results/llm{_quick}.json, .md and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from common import RunRecord  # noqa: E402
+from llm_recovery import recover  # noqa: E402
+from train_tiny_llama import (  # noqa: E402
+    add_settings_arguments,
+    corpus,
+    load_or_train,
+    perplexity,
+    random_batch,
+    settings_from,
+    validation_windows,
+)
+
+import sparsefx  # noqa: E402
+from sparsefx.backends.eager import measure_latencies  # noqa: E402
+from sparsefx.errors import one_line  # noqa: E402
+
+log = logging.getLogger("sparsefx.bench.llm")
+RESULTS = Path(__file__).resolve().parent / "results"
+WIDTH_MODES = ("mlp", "heads", "hidden", "all")
+KEYS = {"mlp": "mlp.up_proj", "heads": "self_attn.q_proj"}
+
+
+def width_ratio(mode: str, ratio: float, layers: int) -> float | dict[str, float]:
+    if mode == "all":
+        return ratio
+    if mode == "hidden":
+        return {"model.embed_tokens": ratio}
+    return {f"model.layers.{i}.{KEYS[mode]}": ratio for i in range(layers)}
+
+
+def pruned(model: torch.nn.Module, mode: str, ratio: float, importance: str, calibration: list[torch.Tensor],
+           example: tuple) -> torch.nn.Module:
+    layers = len(model.model.layers)
+    if mode == "layers":
+        return sparsefx.prune_layers(model, calibration, n=max(1, round(ratio * layers)))
+    options = {} if importance == "l1" else {"calibration": calibration}
+    return sparsefx.prune(model, example, ratio=width_ratio(mode, ratio, layers), importance=importance, **options)
+
+
+def prefill_latency(models: dict[str, torch.nn.Module], lengths: list[int], compile_models: bool) -> list[dict]:
+    """Median prefill ms at batch 1 for each model, eager and (if it compiles) through sparsefx.compile."""
+    rows = []
+    for length in lengths:
+        ids = (torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(length)),)
+        runners: dict[str, object] = {}
+        for name, model in models.items():
+            model.config.use_cache = False
+            runners[f"{name} eager"] = model
+            if compile_models:
+                try:
+                    runners[f"{name} compiled"] = sparsefx.compile(model, ids, verbose=False)
+                except Exception as error:  # report, do not stop: the eager numbers still stand
+                    rows.append({"tokens": length, "model": name, "runtime": "compiled", "error": one_line(error)})
+        with torch.no_grad():
+            times = measure_latencies(runners, ids, repeat=10, rounds=5)
+        for key, ms in times.items():
+            name, runtime = key.rsplit(" ", 1)
+            rows.append({"tokens": length, "model": name, "runtime": runtime, "ms": round(ms, 3),
+                         "tokens_per_s": round(length / ms * 1000, 1)})
+    return rows
+
+
+def markdown(record: RunRecord, report: dict) -> str:
+    dense = report["dense"]
+    lines = ["# Pruning a small language model (benchmarks/llm.py)", "", record.markdown_line(), "",
+             f"Model: byte-level Llama, {dense['parameters']:,} parameters, trained {report['training']['steps']} steps "
+             f"on the Python stdlib; held-out perplexity {dense['perplexity']:.3f} "
+             f"({math.log2(dense['perplexity']):.3f} bits/byte) on {report['eval_tokens']:,} bytes.", "",
+             "| mode | importance | ratio | params removed | perplexity | vs dense | after recovery |",
+             "|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['mode']} | {r['importance']} | {r['ratio']} | - | error: {r['error']} | | |")
+            continue
+        after = f"{r['recovered_perplexity']:.3f}" if "recovered_perplexity" in r else ""
+        lines.append(f"| {r['mode']} | {r['importance']} | {r['ratio']} | {r['removed']:.1%} | {r['perplexity']:.3f} "
+                     f"| {r['perplexity'] / dense['perplexity'] - 1:+.1%} | {after} |")
+    lines += ["", "Prefill latency, batch 1 (median of alternating rounds):", "",
+              "| tokens | model | runtime | ms | tokens/s |", "|---|---|---|---|---|"]
+    for r in report["latency"]:
+        lines.append(f"| {r['tokens']} | {r['model']} | {r['runtime']} | {r.get('ms', '-')} | "
+                     f"{r.get('tokens_per_s', r.get('error', ''))} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    """One panel per mode: perplexity against parameters removed, a colour per importance,
+    circles before recovery and squares after."""
+    modes = list(dict.fromkeys(r["mode"] for r in report["rows"] if "error" not in r))
+    colours = {"l1": "tab:blue", "wanda": "tab:orange", "taylor": "tab:green", "influence": "tab:purple"}
+    fig, axes = plt.subplots(1, max(1, len(modes)), figsize=(3.2 * max(1, len(modes)), 3.4), sharey=True, squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        ax.axhline(report["dense"]["perplexity"], color="black", lw=0.8, label="dense")
+        for importance in colours:
+            rows = sorted((r for r in report["rows"] if r["mode"] == mode and r["importance"] == importance
+                           and "error" not in r), key=lambda r: r["removed"])
+            if not rows:
+                continue
+            ax.plot([r["removed"] for r in rows], [r["perplexity"] for r in rows], marker="o",
+                    color=colours[importance], label=importance)
+            rec = [r for r in rows if "recovered_perplexity" in r]
+            if rec:
+                ax.plot([r["removed"] for r in rec], [r["recovered_perplexity"] for r in rec], marker="s", ls="--",
+                        color=colours[importance], label=f"{importance}, recovered")
+        ax.set_title(mode)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("fraction of parameters removed")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("held-out perplexity (per byte)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_settings_arguments(parser)
+    parser.add_argument("--ratios", type=float, nargs="+", default=None, help="default 0.25 0.5 0.75 (--quick 0.5)")
+    parser.add_argument("--importances", nargs="+", default=["l1", "wanda", "taylor"])
+    parser.add_argument("--modes", nargs="+", default=[*WIDTH_MODES, "layers"])
+    parser.add_argument("--recover-ratios", type=float, nargs="*", default=[0.5])
+    parser.add_argument("--recover-steps", type=int, default=None, help="default 150 (--quick 5)")
+    parser.add_argument("--eval-tokens", type=int, default=None, help="default 32768 (--quick 4096)")
+    parser.add_argument("--no-compile", action="store_true", help="time eager only")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    record = RunRecord()
+    s = settings_from(args)
+    ratios = args.ratios or ([0.5] if args.quick else [0.25, 0.5, 0.75])
+    steps = args.recover_steps or (5 if args.quick else 150)
+    eval_tokens = args.eval_tokens or (4096 if args.quick else 32768)
+    dense, training = load_or_train(s)
+    dense.config.use_cache = False
+    train_data, val_data = corpus()
+    windows = validation_windows(val_data, s.seq, eval_tokens)
+    g = torch.Generator().manual_seed(1)
+    calibration = [random_batch(train_data, s.seq, 8, g)[:, :-1] for _ in range(4)]  # 4 x 8 training windows
+    example = (calibration[0][:1],)
+    dense_ppl, dense_params = perplexity(dense, windows), sparsefx.count_params(dense)
+    log.info("dense: %d parameters, perplexity %.3f", dense_params, dense_ppl)
+    rows, keep_for_latency = [], {}
+    for mode in args.modes:
+        for importance in (["influence"] if mode == "layers" else args.importances):
+            for ratio in ratios:
+                row = {"mode": mode, "importance": importance, "ratio": ratio}
+                started = time.perf_counter()
+                try:
+                    model = pruned(dense, mode, ratio, importance, calibration, example)
+                except Exception as error:  # one mode failing must not hide the others
+                    rows.append({**row, "error": one_line(error)})
+                    log.warning("%s/%s at %.2f: %s", mode, importance, ratio, one_line(error))
+                    continue
+                model.config.use_cache = False
+                row.update(parameters=sparsefx.count_params(model), removed=1 - sparsefx.count_params(model) / dense_params,
+                           perplexity=perplexity(model, windows), prune_seconds=round(time.perf_counter() - started, 1))
+                if ratio in args.recover_ratios and importance != "l1" and steps:
+                    curve = recover(model, dense, train_data, steps, batch=s.batch, seq=s.seq)
+                    row.update(recovered_perplexity=perplexity(model, windows), recovery_steps=steps,
+                               recovery_loss=[round(curve[0], 4), round(curve[-1], 4)])
+                if ratio == 0.5 and importance in ("wanda", "influence") and mode in ("all", "layers"):
+                    keep_for_latency[f"{mode} 0.5"] = model
+                rows.append(row)
+                log.info("%s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
+    latency = prefill_latency({"dense": dense, **keep_for_latency}, [128] if args.quick else [128, 512],
+                              compile_models=not args.no_compile)
+    report = {"dense": {"parameters": dense_params, "perplexity": dense_ppl}, "training": training["settings"],
+              "eval_tokens": int(windows[:, 1:].numel()), "calibration": "4 batches of 8 x seq training windows",
+              "rows": rows, "latency": latency}
+    name = "llm_quick" if args.quick else "llm"
+    record.write_report(RESULTS / f"{name}.json", report)
+    (RESULTS / f"{name}.md").write_text(markdown(record, report))
+    plot(report, RESULTS / f"{name}.png")
+    log.info("wrote %s.{json,md,png}", RESULTS / name)
+
+
+if __name__ == "__main__":
+    main()
