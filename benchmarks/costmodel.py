@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import RunRecord
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "hf:bert-base")
 RATIOS = (0.0, 0.3, 0.5, 0.7)
@@ -92,7 +93,7 @@ def _errors(rows: list[dict]) -> np.ndarray:
     return np.array([abs(r["predicted_ms"] / r["measured_ms"] - 1) for r in rows])
 
 
-def write(out: Path, layers: list[dict], ends: list[dict], target: object) -> dict:
+def write(out: Path, layers: list[dict], ends: list[dict], target: object, record: RunRecord) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     layer_err, end_err = _errors(layers), _errors(ends)
     summary = {
@@ -102,8 +103,8 @@ def write(out: Path, layers: list[dict], ends: list[dict], target: object) -> di
         "goals": {"per_layer_median_within_10pct": bool(np.median(layer_err) <= 0.10),
                   "end_to_end_within_15pct": bool(np.max(end_err) <= 0.15)},
     }
-    (out / "costmodel.json").write_text(json.dumps({"summary": summary, "end_to_end": ends, "layers": layers}, indent=1))
-    lines = [f"# Cost model: predicted vs measured latency ({target})", "",
+    record.write_report(out / "costmodel.json", {"summary": summary, "end_to_end": ends, "layers": layers})
+    lines = [f"# Cost model: predicted vs measured latency ({target})", "", record.markdown_line(), "",
              f"Per layer ({len(layers)} conv/matmul kernels): median |error| {100 * summary['per_layer_median_abs_error']:.1f}%, "
              f"90th percentile {100 * summary['per_layer_p90_abs_error']:.1f}% (goal: median within 10%).",
              f"End to end: median |error| {100 * summary['end_to_end_median_abs_error']:.1f}%, "
@@ -154,12 +155,13 @@ def main() -> int:
 
     target = with_threads(resolve_target("cpu"), args.threads)
     torch.set_num_threads(target.cores)
+    record = RunRecord(sys.argv)
     layers, ends = [], []
     for name in args.models.split(","):
         more_layers, more_ends = run_model(name, [float(r) for r in args.ratios.split(",")], target, args.repeat)
         layers += more_layers
         ends += more_ends
-    summary = write(args.out, layers, ends, target)
+    summary = write(args.out, layers, ends, target, record)
     print(json.dumps(summary, indent=1))
     return 0
 
