@@ -88,3 +88,13 @@ def test_calibration_of_the_wrong_shape_is_one_line(bad):
         sparsefx.prune(model, (torch.rand(2, 4),), ratio=0.25, importance="wanda", calibration=bad)
     assert "\n" not in str(info.value)
     assert torch.equal(model.fc1.weight, before) and model.fc1.out_features == 8
+
+
+def test_plan_and_apply_take_calibration():
+    model = quiet_but_loud()
+    example = (torch.rand(2, 4),)
+    by_l1 = sparsefx.apply(model, sparsefx.plan(model, example, macs_ratio=0.7, verbose=False), example)
+    chosen = sparsefx.plan(model, example, macs_ratio=0.7, importance="wanda", calibration=data(), verbose=False)
+    by_wanda = sparsefx.apply(model, chosen, example, calibration=data())
+    assert by_l1.fc1.out_features == by_wanda.fc1.out_features < 8
+    assert not kept_rows(by_l1).any() and kept_rows(by_wanda).sum() == 1

@@ -131,8 +131,8 @@ class Planner:
 
     def __init__(self, model: nn.Module, example_inputs: object, target: object = "cpu",
                  importance: str = "l1", ignore: Iterable[str] = (), cost: CostModel | None = None,
-                 by_macs: bool = False, require_groups: bool = True) -> None:
-        scored = score_groups(model, example_inputs, importance, ignore=ignore)
+                 by_macs: bool = False, require_groups: bool = True, calibration: object | None = None) -> None:
+        scored = score_groups(model, example_inputs, importance, ignore=ignore, **data_options(calibration))
         self.inputs, self.gm, self.coupling = scored.inputs, scored.gm, scored.coupling
         self.groups, self.scores = scored.groups, scored.scores
         self.ignored_layers = {n for n, _ in self.gm.named_modules() if any(under(n, i) for i in scored.ignore)}
@@ -171,14 +171,16 @@ class Planner:
 def plan(model: nn.Module, example_inputs: object, target: object = "cpu", speedup: float | None = None,
          latency_ms: float | None = None, macs_ratio: float | None = None, sparsity: float | None = None,
          granularities: Iterable[str] = ("channel",), importance: str = "l1", ignore: Iterable[str] = (),
-         max_ratio: float = 0.9, cost: CostModel | None = None, verbose: bool = True) -> Plan:
+         max_ratio: float = 0.9, cost: CostModel | None = None, verbose: bool = True,
+         calibration: object | None = None) -> Plan:
     """Choose what to do to each group or layer of `model` so that it meets one budget on `target`.
 
     `speedup` and `latency_ms` are predicted by the target's cost model (measured kernel
     tables, cached on disk); `macs_ratio` counts multiply-accumulates; `sparsity` forces one
     level everywhere: that fraction of weights goes from every layer the first sparse
     granularity fits (block, N:M), or of channels from every group when only "channel" is
-    given. The model is not changed; `apply(model, plan, example_inputs)` carries it out."""
+    given. `calibration` batches feed data-aware importance ("wanda", "taylor"; pass the same
+    to `apply`). The model is not changed; `apply(model, plan, example_inputs)` carries it out."""
     budget = _budget(speedup=speedup, latency_ms=latency_ms, macs_ratio=macs_ratio, sparsity=sparsity)
     granularities = tuple(granularities)
     if not granularities:
@@ -203,7 +205,8 @@ def plan(model: nn.Module, example_inputs: object, target: object = "cpu", speed
         if "speedup" in budget or "latency_ms" in budget:
             _warn_if_drifted(cost)
         planner = Planner(model, example_inputs, importance=importance, ignore=ignore, cost=cost,
-                          by_macs="macs_ratio" in budget, require_groups="channel" in granularities)
+                          by_macs="macs_ratio" in budget, require_groups="channel" in granularities,
+                          calibration=calibration)
         search = planner.search
         options = sparse_options(planner.gm, candidates(sparse, 1 - sparsity if sparsity else None), cost.target,
                                  skip=planner.ignored_layers) if sparse else {}
@@ -372,8 +375,15 @@ def _dense_ms(search: _Search, node: torch.fx.Node) -> float:
         search.chosen[node] = option
 
 
-def apply(model: nn.Module, plan: Plan | str, example_inputs: object) -> nn.Module:
-    """A new model with the plan's rewrites done; `model` is left untouched."""
+def data_options(calibration: object | None) -> dict:
+    """Importance options for calibration data: none at all without it, so that custom
+    importance callables without a `calibration` parameter keep working."""
+    return {} if calibration is None else {"calibration": calibration}
+
+
+def apply(model: nn.Module, plan: Plan | str, example_inputs: object, calibration: object | None = None) -> nn.Module:
+    """A new model with the plan's rewrites done; `model` is left untouched. A plan scored with
+    data-aware importance removes the units it chose when given the same `calibration`."""
     if not isinstance(plan, Plan):
         plan = Plan.load(plan)
     if not isinstance(model, nn.Module):
@@ -385,7 +395,8 @@ def apply(model: nn.Module, plan: Plan | str, example_inputs: object) -> nn.Modu
                         "re-run sparsefx plan on this model")
     channel = [e for e in plan.entries if e.granularity == "channel"]
     named = {e.name for e in channel}
-    scored = score_groups(model, example_inputs, plan.importance, keep=lambda group: group_name(group) in named)
+    scored = score_groups(model, example_inputs, plan.importance, keep=lambda group: group_name(group) in named,
+                          **data_options(calibration))
     by_name = {group_name(g): g for g in scored.groups}
     removed: set[int] = set()
     for entry in channel:
