@@ -23,7 +23,8 @@ from torch import nn
 
 from sparsefx.errors import SparsefxError
 
-SPEC_HELP = "use 'default', 'torchvision:NAME', 'hf:NAME', 'path/to/file.py:FUNC' or a torch.save'd 'model.pt'"
+SPEC_HELP = ("use 'default', 'torchvision:NAME', 'hf:NAME', 'path/to/file.py:FUNC', a directory written by "
+             "`sparsefx prune` (sparsefx.save) or a torch.save'd 'model.pt'")
 DEFAULT_SEED = 0
 
 # Models whose architecture fixes the input size; everything else runs at 224 to stay cheap.
