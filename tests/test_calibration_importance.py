@@ -3,6 +3,7 @@
 import pytest
 import torch
 from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import sparsefx
 
@@ -64,8 +65,6 @@ def test_taylor_runs_every_calibration_batch():
 
 
 def test_wanda_on_a_language_model_with_token_batches():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, use_cache=False)

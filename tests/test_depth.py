@@ -4,7 +4,14 @@ what the dense model computes with those layers skipped, and the Hugging Face mo
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 import sparsefx
 from sparsefx.channels.depth import block_influence
@@ -100,3 +107,28 @@ def test_bad_calibration_is_one_line(bad):
     with pytest.raises(sparsefx.CalibrationError) as info:
         sparsefx.prune_layers(model, bad, n=1)
     assert "\n" not in str(info.value) and len(model.model.layers) == 4
+
+
+def gpt2() -> torch.nn.Module:
+    return GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=32, n_layer=4, n_head=2))
+
+
+def gemma2() -> torch.nn.Module:  # alternating sliding/full attention: config.layer_types per layer
+    return Gemma2ForCausalLM(Gemma2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                          num_attention_heads=2, num_key_value_heads=1, head_dim=16))
+
+
+@pytest.mark.parametrize("build", [gpt2, gemma2])
+def test_other_families_keep_their_cache_and_per_layer_config(build):
+    torch.manual_seed(0)
+    model = build().eval()
+    types = getattr(model.config, "layer_types", None)
+    pruned = sparsefx.prune_layers(model, calibration(), n=2)
+    kept = pruned.sparsefx_depth["kept"]
+    assert pruned.config.num_hidden_layers == 2
+    if types is not None:
+        assert pruned.config.layer_types == [types[i] for i in kept]
+    ids = torch.randint(0, 96, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(pruned.generate(ids, max_new_tokens=4, do_sample=False, use_cache=True),
+                           pruned.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False))
