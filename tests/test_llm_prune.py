@@ -146,9 +146,9 @@ def test_unsupported_structure_names_the_op_that_freezes_it() -> None:
 
 @pytest.mark.parametrize("kv_heads", [4, 1])
 def test_gqa_ratio_holds_in_every_layer_under_global_ranking(kv_heads: int) -> None:
-    """Layers ranked together may lose different numbers of groups, yet each keeps query heads a
-    multiple of its key/value heads, and stays the user's class. Multi-query attention (one kv head)
-    has one head unit: heads stay, the rest prunes."""
+    """Layers ranked together may lose different numbers of units, yet each keeps query heads a
+    multiple of its key/value heads, and stays the user's class: with grouped kv heads a group
+    goes whole; with one kv head (multi-query) single query heads go and the kv head stays."""
     config = build("Llama").config
     config.num_key_value_heads = kv_heads
     model, ids = transformers.LlamaForCausalLM(config).eval(), token_ids()
@@ -156,6 +156,30 @@ def test_gqa_ratio_holds_in_every_layer_under_global_ranking(kv_heads: int) -> N
     assert type(pruned) is transformers.LlamaForCausalLM
     assert sparsefx.count_params(pruned) < 0.75 * sparsefx.count_params(model)
     for query, kv in layer_heads(pruned):
-        assert query // kv == HEADS // kv_heads and query % kv == 0
-    if kv_heads == 1:
-        assert layer_heads(pruned) == {(HEADS, 1)}
+        assert query % kv == 0 and (query // kv == HEADS // kv_heads if kv_heads > 1 else kv == 1)
+
+
+def test_multi_query_attention_prunes_single_query_heads() -> None:
+    """One kv head shared by all query heads: each query head is a unit (the kv head's copies go with
+    it); heads whose query rows and output columns are zero go without changing a logit, also with
+    eager attention, which repeats the kv head num_key_value_groups times."""
+    config = build("Llama").config
+    config.num_key_value_heads, config._attn_implementation = 1, "eager"
+    model, ids = transformers.LlamaForCausalLM(config).eval(), token_ids()
+    gone = (1, 3, 5, 6)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for head in gone:
+                layer.self_attn.q_proj.weight[head * HEAD_DIM:(head + 1) * HEAD_DIM] = 0
+                layer.self_attn.o_proj.weight[:, head * HEAD_DIM:(head + 1) * HEAD_DIM] = 0
+    expected = check_reference(model, (ids,))
+    heads_only = {f"model.layers.{i}.self_attn.q_proj": 0.5 for i in range(2)} | {"*": 0.0}
+    pruned = sparsefx.prune(model, (ids,), ratio=heads_only)
+    assert type(pruned) is transformers.LlamaForCausalLM and layer_heads(pruned) == {(HEADS - len(gone), 1)}
+    assert pruned.model.layers[0].self_attn.num_key_value_groups == HEADS - len(gone)
+    with torch.no_grad():
+        error = output_error(expected, first_tensor(pruned(ids)))
+    assert error.ok(), error
+    prompt = ids[:1, :4]
+    assert torch.equal(pruned.generate(prompt, max_new_tokens=4, do_sample=False),
+                       model.generate(prompt, max_new_tokens=4, do_sample=False))

@@ -49,6 +49,9 @@ class Ctx:
         self.patches: list[tuple[torch.fx.Node, str, dict]] = []
         # Non-tensor nodes computed from tensor sizes: node -> {(tensor node, axis or None)}.
         self.size_origins: dict[torch.fx.Node, set[tuple[torch.fx.Node, int | None]]] = {}
+        # Ids an expand gave the copies of a size-1 axis (multi-query attention's one kv head
+        # repeated per query head): removable with whatever they meet, owned by no parameter.
+        self.replicas: set[int] = set()
         self.modules = dict(gm.named_modules())
         self._canonical: dict[int, str] = {}
         for name, tensor in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:

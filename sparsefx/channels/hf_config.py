@@ -118,6 +118,8 @@ def sync_decoder(model: nn.Module, width: int | None, norm_rescale: dict[str, fl
         for attr in HEAD_ATTRIBUTES + KV_ATTRIBUTES:
             if isinstance(getattr(module, attr, None), int):
                 setattr(module, attr, counts[attr in KV_ATTRIBUTES])
+        if isinstance(getattr(module, "num_key_value_groups", None), int):  # repeat_kv's copies per kv head
+            module.num_key_value_groups = counts[0] // counts[1]
     if len(set(heads.values())) == 1:
         query, kv = next(iter(heads.values()))
         changed.update(num_attention_heads=query, num_key_value_heads=kv, head_dim=width)

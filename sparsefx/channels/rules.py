@@ -354,6 +354,10 @@ def _reshape(ctx: Ctx, node: torch.fx.Node, patch: bool) -> list[Factor]:
     x = ctx.info(node.args[0])
     out = _out_shape(node)
     cmap = layout.reshape(ctx.uf, x.shape, out, x.cmap, f"{describe_node(node)} mixes channel axes")
+    # copies meeting real channels on one axis (a GQA kv head repeated): the channels decide
+    shared = [f for f in cmap if set(f.ids.ravel().tolist()) <= ctx.replicas
+              and any(g is not f and set(g.axes) & set(f.axes) for g in cmap)]
+    cmap = [f for f in cmap if not any(f is g for g in shared)]
     if patch:
         _guard_sizes(ctx, node, cmap)
         if cmap:
@@ -415,6 +419,10 @@ def expand(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
     offset = len(out) - len(x.shape)
     cmap = [f for f in layout.permute(x.cmap, {a: a + offset for a in range(len(x.shape))})
             if all(out[a] == n for a, n in zip(f.axes, f.ids.shape, strict=True))]
+    for axis in range(offset, len(out)):  # copies of a size-1 axis: ids of their own (see Ctx.replicas)
+        if x.shape[axis - offset] == 1 < out[axis] and _factor_on(cmap, axis) is None:
+            cmap.append(Factor((axis,), ctx.uf.new(out[axis])))
+            ctx.replicas.update(cmap[-1].ids.tolist())
     if node.target != "expand_as":
         _guard_sizes(ctx, node, cmap)
         if cmap:
