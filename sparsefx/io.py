@@ -81,9 +81,10 @@ def save(model: nn.Module, path: str | Path, spec: str | None = None) -> Path:
     return path
 
 
-def load(path: str | Path, model: nn.Module | str | None = None) -> nn.Module:
+def load(path: str | Path, model: nn.Module | str | None = None, threads: int | None = None) -> nn.Module:
     """Load what `save` wrote (a pruned model; `model` is its dense architecture: an instance
-    or a model spec, by default the spec stored at save time) or a compiled artifact."""
+    or a model spec, by default the spec stored at save time) or a compiled artifact (run with
+    the threads it was compiled for unless `threads` says otherwise)."""
     path = Path(path)
     if path.is_dir():
         return load_pruned(path, model)
@@ -91,7 +92,7 @@ def load(path: str | Path, model: nn.Module | str | None = None) -> nn.Module:
         raise PersistError(f"nothing at {path}; write a pruned model with sparsefx.save(model, path)")
     from sparsefx.backends import tvm as backend  # TVM loads for compiled artifacts only
 
-    return backend.load(path)
+    return backend.load(path, threads)
 
 
 def is_saved_model(path: str | Path) -> bool:
