@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import safetensors
 import safetensors.torch
@@ -31,6 +32,9 @@ from sparsefx.errors import SparsefxError, one_line
 from sparsefx.sparse.formats import BSR, NM
 from sparsefx.sparse.layers import SparseConv2d, SparseLinear
 from sparsefx.version import __version__
+
+if TYPE_CHECKING:  # the annotation only: TVM loads for compiled artifacts alone
+    from sparsefx.backends.tvm.compiler import CompiledModel
 
 FORMAT = "sparsefx-pruned"
 FORMAT_VERSION = 1
@@ -81,7 +85,7 @@ def save(model: nn.Module, path: str | Path, spec: str | None = None) -> Path:
     return path
 
 
-def load(path: str | Path, model: nn.Module | str | None = None, threads: int | None = None) -> nn.Module:
+def load(path: str | Path, model: nn.Module | str | None = None, threads: int | None = None) -> nn.Module | CompiledModel:
     """Load what `save` wrote (a pruned model; `model` is its dense architecture: an instance
     or a model spec, by default the spec stored at save time) or a compiled artifact (run with
     the threads it was compiled for unless `threads` says otherwise)."""
