@@ -183,3 +183,20 @@ def test_multi_query_attention_prunes_single_query_heads() -> None:
     prompt = ids[:1, :4]
     assert torch.equal(pruned.generate(prompt, max_new_tokens=4, do_sample=False),
                        model.generate(prompt, max_new_tokens=4, do_sample=False))
+
+
+def test_uneven_layers_round_trip_through_sparsefx_save(tmp_path: object) -> None:
+    """Layers ranked together keep different MLP widths, which config.intermediate_size cannot say:
+    the config keeps the dense value and sparsefx.save / sparsefx.load (given the dense architecture)
+    carry the model."""
+    model, ids = build("Llama"), token_ids()
+    pruned = sparsefx.prune(model, (ids,), ratio=0.5, global_ranking=True)
+    widths = [layer.mlp.down_proj.in_features for layer in pruned.model.layers]
+    assert len(set(widths)) > 1 and pruned.config.intermediate_size == 512
+    sparsefx.save(pruned, tmp_path / "saved")
+    loaded = sparsefx.load(tmp_path / "saved", model=build("Llama", seed=5))
+    assert type(loaded) is transformers.LlamaForCausalLM
+    assert [layer.mlp.down_proj.in_features for layer in loaded.model.layers] == widths
+    with torch.no_grad():
+        error = output_error(pruned(ids).logits, loaded(ids).logits)
+    assert error.ok(), error
