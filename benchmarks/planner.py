@@ -1,10 +1,14 @@
 """Cost-driven plan versus (a) a uniform channel ratio and (b) a MACs-driven global ranking
 (Torch-Pruning's global pruning), at the same predicted latency on this CPU.
 
-For each model and requested speedup: `sparsefx.plan(speedup=s)`; then the uniform ratio and
-the global-ranking ratio whose plans the cost model prices at the same latency (bisection).
-All three are applied, compiled with `sparsefx.compile` and timed side by side with the
-dense TVM build (alternating rounds). A fourth plan, "cost-driven, measured", is
+For each model and requested speedup: `sparsefx.plan(speedup=s)`; then, for the uniform ratio
+and the global-ranking ratio, the two plans either side of the cost-driven plan's predicted
+latency (the predicted latency of a baseline moves in steps as its ratio grows, so bisection
+ends on a step: one side predicted slower than the goal, the other faster). Both sides are
+applied, compiled with `sparsefx.compile` and timed side by side with the dense TVM build
+(alternating rounds, medians); each plan is reported at its own predicted and measured latency,
+and the baselines' retained importance and measured time are interpolated between their two
+sides to the cost-driven plan's predicted latency, so all plans are compared at one budget. A fourth plan, "cost-driven, measured", is
 `sparsefx.plan_measured`: the cost model's plan re-planned until the compiled model measures
 as asked (sparsefx/measured_plan.py). Reported: measured speedup (the goal: the cost-driven
 plans within 10% of what was asked, judged on the median of the alternating rounds, the
@@ -27,17 +31,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import RunRecord
 
 MODELS = ("resnet18", "mobilenet_v2")
 SPEEDUPS = (1.5, 2.0)
 
 
-def _bisect(predict: object, target_ms: float, lo: float = 0.0, hi: float = 0.95, steps: int = 18) -> float:
-    """The ratio whose predicted latency is `target_ms` (latency falls as the ratio grows)."""
+def _bracket(predict: object, target_ms: float, lo: float = 0.0, hi: float = 0.95, steps: int = 18) -> tuple[float, float]:
+    """The ratios either side of `target_ms` on a predicted-latency curve that falls in steps as the
+    ratio grows: `lo` predicted slower than the target (less pruned), `hi` at or under it (more pruned)."""
     for _ in range(steps):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if predict(mid) > target_ms else (lo, mid)
-    return hi
+    return lo, hi
+
+
+def _at(goal_ms: float, sides: list[dict], key: str) -> float:
+    """`key` of a baseline interpolated linearly in predicted ms between its two sides, at `goal_ms`."""
+    (slow_ms, slow), (fast_ms, fast) = ((v["predicted_ms"], v[key]) for v in sides)
+    if slow_ms == fast_ms:
+        return fast
+    return slow + (fast - slow) * (slow_ms - goal_ms) / (slow_ms - fast_ms)
 
 
 def _timed(models: dict, inputs: tuple, rounds: int, per_round: int) -> dict[str, dict[str, float]]:
@@ -65,32 +79,41 @@ def compare(model: torch.nn.Module, inputs: tuple, speedup: float, target: objec
     remeasured = sparsefx.plan_measured(model, inputs, target=target, speedup=speedup, verbose=True)
     planner = Planner(model, inputs, cost=CostModel(target))
     goal_ms = planned.predicted["planned_ms"]
-    uniform_r = _bisect(lambda r: planner.evaluate(planner.uniform(r)), goal_ms)
+    uniform_rs = _bracket(lambda r: planner.evaluate(planner.uniform(r)), goal_ms)
     global_counts_at = lambda r: global_counts(planner.groups, planner.scores, lambda g: r)
-    global_r = _bisect(lambda r: planner.evaluate(global_counts_at(r)), goal_ms)
+    global_rs = _bracket(lambda r: planner.evaluate(global_counts_at(r)), goal_ms)
     variants = {
         "cost-driven": (sparsefx.apply(model, planned, inputs), planned.predicted["importance_retained"], goal_ms),
         "cost-driven, measured": (sparsefx.apply(model, remeasured, inputs), remeasured.predicted["importance_retained"],
                                   remeasured.predicted["planned_ms"]),
-        "uniform": (sparsefx.prune(model, inputs, ratio=uniform_r), planner.retained(planner.uniform(uniform_r)),
-                    planner.evaluate(planner.uniform(uniform_r))),
-        "MACs-global": (sparsefx.prune(model, inputs, ratio=global_r, global_ranking=True),
-                        planner.retained(global_counts_at(global_r)), planner.evaluate(global_counts_at(global_r))),
     }
+    for side, uniform_r, global_r in zip(("slower", "faster"), uniform_rs, global_rs):
+        variants[f"uniform ({side} side)"] = (sparsefx.prune(model, inputs, ratio=uniform_r),
+                                              planner.retained(planner.uniform(uniform_r)),
+                                              planner.evaluate(planner.uniform(uniform_r)))
+        variants[f"MACs-global ({side} side)"] = (sparsefx.prune(model, inputs, ratio=global_r, global_ranking=True),
+                                                  planner.retained(global_counts_at(global_r)),
+                                                  planner.evaluate(global_counts_at(global_r)))
     compiled = {"dense": sparsefx.compile(model, inputs, target=target, verbose=False)}
     for name, (pruned, _, _) in variants.items():
         compiled[name] = sparsefx.compile(pruned, inputs, target=target, verbose=False)
     times = _timed(compiled, inputs, rounds, 5)
     dense_macs = sparsefx.count_macs(model, inputs)
     row = {"requested_speedup": speedup, "dense_ms": times["dense"], "predicted_dense_ms": planner.dense,
-           "ratios": {"uniform": uniform_r, "MACs-global": global_r}, "variants": {}}
+           "goal_predicted_ms": goal_ms, "ratios": {"uniform": uniform_rs, "MACs-global": global_rs}, "variants": {}}
     for name, (pruned, retained, predicted) in variants.items():
         row["variants"][name] = {
             "predicted_ms": predicted, "measured": times[name], "retained_importance": retained,
             "macs_ratio": sparsefx.count_macs(pruned, inputs) / dense_macs,
             "measured_speedup": times["dense"]["fastest_ms"] / times[name]["fastest_ms"],
             "measured_speedup_median": times["dense"]["median_ms"] / times[name]["median_ms"],
+            "measured_median_ms": times[name]["median_ms"],
         }
+    row["at_goal"] = {"cost-driven": {"retained_importance": planned.predicted["importance_retained"],
+                                      "measured_median_ms": times["cost-driven"]["median_ms"]}}
+    for baseline in ("uniform", "MACs-global"):
+        sides = [row["variants"][f"{baseline} ({side} side)"] for side in ("slower", "faster")]
+        row["at_goal"][baseline] = {key: _at(goal_ms, sides, key) for key in ("retained_importance", "measured_median_ms")}
     row["measured_planning"] = remeasured.measured
     for name in ("cost-driven", "cost-driven, measured"):
         row["variants"][name]["goal_met"] = abs(row["variants"][name]["measured_speedup_median"] / speedup - 1) <= 0.10
@@ -121,16 +144,17 @@ def train_small_resnet(epochs: int, train_limit: int) -> torch.nn.Module:
     return model.eval()
 
 
-def write(out: Path, rows: list[dict], target: object) -> None:
+def write(out: Path, rows: list[dict], target: object, record: RunRecord) -> None:
     out.mkdir(parents=True, exist_ok=True)
     clean = [{k: v for k, v in r.items() if k != "_models"} for r in rows]
-    (out / "planner.json").write_text(json.dumps({"target": str(target), "rows": clean}, indent=1))
-    lines = [f"# Cost-driven plan vs uniform and MACs-driven global pruning ({target})", "",
-             "Baselines are matched to the cost-driven plan's *predicted* latency; all are then compiled "
+    record.write_report(out / "planner.json", {"target": str(target), "rows": clean})
+    lines = [f"# Cost-driven plan vs uniform and MACs-driven global pruning ({target})", "", record.markdown_line(), "",
+             "Each baseline is taken on both sides of the cost-driven plan's *predicted* latency (its predicted "
+             "latency moves in steps); every plan shows its own predicted and measured latency. All are compiled "
              "with `sparsefx.compile` and timed side by side with the dense TVM build: median of the "
              "alternating rounds (fastest run in brackets). \"cost-driven, measured\" is `sparsefx.plan_measured` "
              "(re-planned until the compiled model measures as asked). Retained importance: fraction of magnitude-weighted "
-             "weights kept (see sparsefx/planner.py).", "",
+             "weights kept (see sparsefx/planning/planner.py).", "",
              "| model | asked | plan | measured speedup | predicted ms | measured ms (fastest) | retained importance | MACs kept | accuracy |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in clean:
@@ -140,6 +164,13 @@ def write(out: Path, rows: list[dict], target: object) -> None:
             lines.append(f"| {r['model']} | {r['requested_speedup']}x | {name} | {v['measured_speedup_median']:.2f}x{goal} "
                          f"({v['measured_speedup']:.2f}x) | {v['predicted_ms']:.3f} | "
                          f"{v['measured']['fastest_ms']:.3f} | {v['retained_importance']:.3f} | {v['macs_ratio']:.2f} | {acc} |")
+    lines += ["", "## At one budget", "", "Retained importance and measured median ms at the cost-driven plan's predicted "
+              "latency; the baselines' values interpolated linearly in predicted ms between their two sides.", "",
+              "| model | asked | predicted ms | cost-driven | uniform | MACs-global |", "|---|---|---|---|---|---|"]
+    for r in clean:
+        cells = [f"{r['at_goal'][n]['retained_importance']:.3f} ({r['at_goal'][n]['measured_median_ms']:.3f} ms)"
+                 for n in ("cost-driven", "uniform", "MACs-global")]
+        lines.append(f"| {r['model']} | {r['requested_speedup']}x | {r['goal_predicted_ms']:.3f} | " + " | ".join(cells) + " |")
     (out / "planner.md").write_text("\n".join(lines) + "\n")
 
 
@@ -160,13 +191,14 @@ def main() -> int:
 
     target = with_threads(resolve_target("cpu"), args.threads)
     torch.set_num_threads(target.cores)
+    record = RunRecord(sys.argv)
     speedups = [float(s) for s in args.speedups.split(",")]
     rows = []
     for name in filter(None, args.models.split(",")):
         model, inputs = load_model(name if ":" in name or name == "default" else f"torchvision:{name}")
         for s in speedups:
             rows.append({"model": name, **compare(model, inputs, s, target, args.rounds)})
-            write(args.out, rows, target)  # a later failure keeps what was measured
+            write(args.out, rows, target, record)  # a later failure keeps what was measured
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "_models"}, default=str)[:400], file=sys.stderr)
     if args.fmnist:
         dense = train_small_resnet(args.epochs, args.train_limit)
@@ -175,7 +207,7 @@ def main() -> int:
             row = {"model": "fmnist-small-resnet (batch 64)", **compare(dense, inputs, s, target, args.rounds)}
             fmnist_accuracy(row, dense, args.epochs, args.train_limit)
             rows.append(row)
-    write(args.out, rows, target)
+    write(args.out, rows, target, record)
     print((args.out / "planner.md").read_text())
     return 0
 
