@@ -200,3 +200,42 @@ def test_uneven_layers_round_trip_through_sparsefx_save(tmp_path: object) -> Non
     with torch.no_grad():
         error = output_error(pruned(ids).logits, loaded(ids).logits)
     assert error.ok(), error
+
+
+class TinyRMSNorm(torch.nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight, self.eps = torch.nn.Parameter(torch.rand(width) + 0.5), 1e-2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+class TinyResidual(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.norm = torch.nn.Embedding(50, 16), TinyRMSNorm(16)
+        self.up, self.down, self.head = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16), torch.nn.Linear(16, 5)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        x = x + self.down(torch.relu(self.up(self.norm(x))))
+        return self.head(self.norm(x))
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_rmsnorm_rescale_is_exact_on_a_users_own_norm(method: str) -> None:
+    """The eps (large here, so a missing rescale shows) and weight rescale hold for any module written
+    as w * x * rsqrt(mean(x^2) + eps), on both capture routes; the user's class comes back."""
+    torch.manual_seed(0)
+    model, ids = TinyResidual().eval(), token_ids(2, 6) % 50
+    with torch.no_grad():  # hidden channels 0..7 zero everywhere they are produced
+        model.embed.weight[:, :8] = 0
+        model.down.weight[:8], model.down.bias[:8] = 0, 0
+    expected = check_reference(model, (ids,))
+    pruned = sparsefx.prune(model, (ids,), ratio={"embed": 0.5, "*": 0.0}, method=method)
+    assert type(pruned) is TinyResidual and pruned.norm.weight.shape == (8,)
+    assert pruned.norm.eps == pytest.approx(2e-2)
+    with torch.no_grad():
+        error = output_error(expected, pruned(ids))
+    assert error.ok(), error

@@ -61,7 +61,7 @@ def rms_pattern(ctx: Ctx, mean: torch.fx.Node) -> dict | None:
         return None
     rsqrt = _only_user(add, ops.RSQRT)
     scaled = _only_user(rsqrt, ops.MUL) if rsqrt is not None else None
-    if scaled is None:
+    if scaled is None or power.args[0] not in scaled.args:  # x * rsqrt(mean(x^2) + eps), the same x
         return None
     weighted = _only_user(scaled, ops.MUL)
     other = next((a for a in weighted.args if a is not scaled), None) if weighted is not None else None

@@ -217,15 +217,18 @@ def _patch_rms_width(gm: torch.fx.GraphModule, node: torch.fx.Node, payload: dic
     ratio = old / new
     eps, at = payload["eps"], payload["eps_at"]
     eps.args = tuple(a * ratio if i == at else a for i, a in enumerate(eps.args))
+    layer, rescaled = payload["weight"].rsplit(".", 1)[0], gm.meta.setdefault("sfx_norm_rescale", {})
+    if layer in rescaled:  # a norm module called twice: its weight is scaled once
+        return
     weight = operator.attrgetter(payload["weight"])(gm)  # a fresh tensor: its channels were just removed
     with torch.no_grad():
         if payload["offset"]:
             weight.add_(1).mul_(ratio ** 0.5).sub_(1)
         else:
             weight.mul_(ratio ** 0.5)
-    gm.meta.setdefault("sfx_norm_rescale", {})[payload["weight"].rsplit(".", 1)[0]] = ratio
+    rescaled[layer] = ratio
     if payload["offset"]:
-        gm.meta.setdefault("sfx_norm_offset", set()).add(payload["weight"].rsplit(".", 1)[0])
+        gm.meta.setdefault("sfx_norm_offset", set()).add(layer)
 
 
 PATCHERS: dict[str, Callable[[torch.fx.GraphModule, torch.fx.Node, dict, _Kept], None]] = {
