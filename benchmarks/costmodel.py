@@ -38,11 +38,12 @@ def run_model(name: str, ratios: list[float], target: object, repeat: int) -> tu
     import sparsefx
     from sparsefx.capture.models import load_model
     from sparsefx.cost.latency import priced_kernels
-    from sparsefx.cost.model import MEASURED, CostModel
+    from sparsefx.cost.model import MEASURED
     from sparsefx.planning.planner import Planner
+    from sparsefx.planning.pricing import cost_model
 
     model, inputs = load_model(_spec(name))
-    cost = CostModel(target)
+    cost = cost_model(target)
     planner = Planner(model, inputs, cost=cost)
     search = planner.search
     layers, ends, compiled = [], [], {}

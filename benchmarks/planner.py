@@ -72,12 +72,12 @@ def _timed(models: dict, inputs: tuple, rounds: int, per_round: int) -> dict[str
 def compare(model: torch.nn.Module, inputs: tuple, speedup: float, target: object, rounds: int) -> dict:
     import sparsefx
     from sparsefx.channels.select import global_counts
-    from sparsefx.cost.model import CostModel
     from sparsefx.planning.planner import Planner
+    from sparsefx.planning.pricing import cost_model
 
     planned = sparsefx.plan(model, inputs, target=target, speedup=speedup, verbose=False)
     remeasured = sparsefx.plan_measured(model, inputs, target=target, speedup=speedup, verbose=True)
-    planner = Planner(model, inputs, cost=CostModel(target))
+    planner = Planner(model, inputs, cost=cost_model(target))
     goal_ms = planned.predicted["planned_ms"]
     uniform_rs = _bracket(lambda r: planner.evaluate(planner.uniform(r)), goal_ms)
     global_counts_at = lambda r: global_counts(planner.groups, planner.scores, lambda g: r)

@@ -11,11 +11,11 @@ import pytest
 def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     mp = pytest.MonkeyPatch()
     mp.setenv("SPARSEFX_CACHE", str(tmp_path_factory.mktemp("sparsefx-cache")))
-    # the dispatch's duels flush 64 MiB before each timed run; tests assert decisions, not their timing,
-    # and a 1 MiB flush runs the same code for a fiftieth of the cost
-    from sparsefx.backends.tvm.dispatch import table as dispatch
+    # timed weights are cycled through 256 MiB of copies; tests assert decisions, not their timing, and
+    # 8 MiB of copies runs the same code for a thirty-second of the memory and copying
+    from sparsefx.cost import timing
 
-    mp.setattr(dispatch, "EVICT_BYTES", 1 << 20)
+    mp.setattr(timing, "COLD_BYTES", 8 << 20)
     yield
     mp.undo()
 

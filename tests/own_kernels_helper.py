@@ -11,9 +11,9 @@ import tvm
 from torch import nn
 
 from sparsefx.backends.tvm import pipeline
-from sparsefx.backends.tvm.compiler import build_module
 from sparsefx.backends.tvm.importer import to_relax
 from sparsefx.backends.tvm.kernels import registry as own_kernels
+from sparsefx.backends.tvm.pipeline import build_module
 from sparsefx.target import resolve_target
 
 ACT = {"none": lambda t: t, "relu": F.relu, "relu6": lambda t: t.clamp(0, 6), "silu": F.silu}
@@ -56,7 +56,7 @@ def dispatched(model: nn.Module, inputs: tuple[torch.Tensor], impl: Callable[[ob
     target = resolve_target("cpu")
     mod, _ = to_relax(model, inputs)
     mod = pipeline.run(pipeline.optimize_passes(), mod, target.to_tvm())
-    decisions = {w.key: {"impl": impl(w)} for w in pipeline.collect_workloads(mod)}
+    decisions = {k.key: {"impl": impl(k)} for k in pipeline.collect_kernels(mod)}
     mod = pipeline.run(pipeline.dispatch(decisions), mod, target.to_tvm())
     vm = tvm.relax.VirtualMachine(build_module(mod, target.to_tvm(), target), tvm.cpu())
     return str(mod["main"]), vm["main"](*[tvm.runtime.tensor(x.numpy()) for x in inputs]).numpy()

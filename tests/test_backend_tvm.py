@@ -131,7 +131,7 @@ def test_torch_convs_keep_bias_residual_and_relu_in_one_call() -> None:
     target = resolve_target("cpu")
     mod, _ = to_relax(model, inputs)
     mod = pipeline.run(pipeline.optimize_passes(), mod, target.to_tvm())
-    decisions = {w.key: {"impl": "torch"} for w in pipeline.collect_workloads(mod)}
+    decisions = {k.key: {"impl": "torch"} for k in pipeline.collect_kernels(mod)}
     text = str(pipeline.run(pipeline.dispatch(decisions), mod, target.to_tvm())["main"])
     assert "sparsefx.torch.conv2d_bias_residual" in text and "sparsefx.torch.conv2d_bias\"" in text
     assert text.count("R.nn.relu") == 1  # only the ReLU after GroupNorm stays in TIR
@@ -227,9 +227,9 @@ def test_gelu_softmax_and_layer_norm_run_on_torch_when_dispatched_and_match_eage
     target = resolve_target("cpu")
     mod, _ = to_relax(model, inputs)
     mod = pipeline.run(pipeline.optimize_passes(), mod, target.to_tvm())
-    workloads = pipeline.collect_workloads(mod)
-    assert {"layer_norm", "gelu", "gelu_tanh", "softmax"} <= {w.op for w in workloads}
-    mod = pipeline.run(pipeline.dispatch({w.key: {"impl": "torch"} for w in workloads}), mod, target.to_tvm())
+    kernels = pipeline.collect_kernels(mod)
+    assert {"layer_norm", "gelu", "gelu_tanh", "softmax"} <= {k.op for k in kernels}
+    mod = pipeline.run(pipeline.dispatch({k.key: {"impl": "torch"} for k in kernels}), mod, target.to_tvm())
     text = str(mod["main"])
     for name in ("layer_norm", "gelu", "gelu_tanh", "softmax"):
         assert f"sparsefx.torch.{name}\"" in text

@@ -16,11 +16,13 @@ import pytest
 
 from sparsefx import target as targets
 from sparsefx.backends.tvm import tuning
-from sparsefx.backends.tvm.compiler import build_module
-from sparsefx.backends.tvm.dispatch.table import DispatchTable, Workload
+from sparsefx.backends.tvm.dispatch.table import DispatchTable
+from sparsefx.backends.tvm.measure.host import HostTimer
+from sparsefx.backends.tvm.pipeline import build_module
 from sparsefx.backends.tvm.sparse import latency
 from sparsefx.cache import Table
-from sparsefx.cost.model import CostModel, matmul_kernel
+from sparsefx.cost.kernel import matmul_kernel
+from sparsefx.planning.pricing import cost_model
 from sparsefx.sparse.masks import Sparsity
 
 pytestmark = pytest.mark.usefixtures("private_cache")
@@ -53,7 +55,7 @@ def assert_recovered(caplog: pytest.LogCaptureFixture, table: Table, keys: set[s
 
 
 # --- dispatch: the real decision, its TIR build counted ---------------------------------------
-MATMUL = Workload("matmul", ((4, 16), (16, 8), (4, 8)), ())
+MATMUL = matmul_kernel(1, 4, 16, 8, 0)  # (4, 16) @ (16, 8)
 
 
 def decide_matmul() -> tuple[DispatchTable, int]:
@@ -66,7 +68,7 @@ def decide_matmul() -> tuple[DispatchTable, int]:
         return build_module(mod, tvm_target, target)
 
     table = DispatchTable("test")
-    decision = table.decide([MATMUL], target.to_tvm(), counting_build)[MATMUL.key]
+    decision = table.decide([MATMUL], HostTimer(target, counting_build, table.entries.values()))[MATMUL.key]
     assert decision["impl"] in ("tir", "torch")
     return table, len(built)
 
@@ -84,12 +86,12 @@ def test_a_spoiled_dispatch_table_warns_once_and_decides_again(how, caplog) -> N
 # --- cost model: real (tiny) kernels, a table emptied by the fault fills again ------------------
 @pytest.mark.parametrize("how", SPOILS)
 def test_a_spoiled_cost_table_warns_once_and_measures_again(how, caplog) -> None:
-    cost = CostModel("cpu")
+    cost = cost_model("cpu")
     kernel = matmul_kernel(1, 8, 16, 16, cost.lanes)
     cost.measured(kernel)
     cost.save()
     spoil(cost.path, how)
-    again = CostModel("cpu")
+    again = cost_model("cpu")
     assert again.table == {}  # nothing of the spoiled file is used
     assert again.measured(kernel) > 0 and set(again.table) == {kernel.key}
     again.save()
@@ -160,7 +162,7 @@ def test_the_sparse_latency_table_keeps_a_real_measurement() -> None:
 # --- concurrent writers --------------------------------------------------------------------
 TABLES: dict[str, Callable[[], Table]] = {
     "dispatch": lambda: DispatchTable("test").table,
-    "cost model": lambda: CostModel("cpu").tables[0],
+    "cost model": lambda: cost_model("cpu").tables[0],
     "peaks": targets.peaks_table,
     "sparse latency": lambda: latency.latency_table(targets.resolve_target("cpu")),
 }

@@ -49,7 +49,7 @@ class _Block(nn.Module):
 def test_pass_swaps_in_the_kernel_with_its_epilogue_and_matches_eager() -> None:
     model = with_random_bn_stats(_Block())
     inputs = (torch.randn(1, 12, 15, 15),)
-    text, got = dispatched(model, inputs, lambda w: "depthwise" if w.attrs[-1] > 1 else "tir")
+    text, got = dispatched(model, inputs, lambda w: "depthwise" if w.conv_attrs[-1] > 1 else "tir")
     assert "depthwise_c12_15x15_k3s2p1_b1_relu6" in text and "R.clip" not in text  # bias and ReLU6 fused in
     with torch.no_grad():
         np.testing.assert_allclose(got, model(*inputs).numpy(), rtol=1e-4, atol=1e-5)

@@ -6,18 +6,20 @@ import time
 
 import pytest
 
-from sparsefx.backends.tvm.compiler import build_module
 from sparsefx.backends.tvm.dispatch import prefilter
 from sparsefx.backends.tvm.dispatch import table as dispatch
+from sparsefx.backends.tvm.measure import host
+from sparsefx.backends.tvm.pipeline import build_module
+from sparsefx.cost.kernel import conv2d_kernel
+from sparsefx.cost.timing import choose, time_in_turn
 from sparsefx.target import resolve_target
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 
 
-def _conv(channels: int) -> dispatch.Workload:
+def _conv(channels: int):
     """A dilated 3x3 conv: no own kernel runs it, so TIR's default schedule is the other candidate."""
-    return dispatch.Workload("conv2d", ((1, channels, 8, 8), (channels, channels, 3, 3), (1, channels, 8, 8)),
-                             (1, 1, 2, 2, 2, 2, 1))
+    return conv2d_kernel((1, channels, 8, 8), (1, channels, 8, 8), 1, (3, 3), (1, 1), (2, 2), (2, 2), 0)
 
 
 def test_filter_needs_calibration_then_skips_only_far_faster_torch() -> None:
@@ -42,75 +44,88 @@ def test_workloads_pytorch_runs_in_a_few_microseconds_are_always_built_and_set_n
     assert prefilter.skip(tiny, ceilings) is None and prefilter.skip(big, ceilings) == 0.01
 
 
-def test_table_builds_calibration_and_plausible_tir_wins_only(monkeypatch) -> None:
-    workloads = [_conv(c) for c in (64, 72, 80, 88, 96)]
-    slowest = workloads[-1]
-    # PyTorch is absurdly fast on all but one workload (100+ GFLOP/s, yet not so fast that the time is
-    # all call-out), which it runs absurdly slowly
-    monkeypatch.setattr(dispatch, "_torch_time", lambda w: (1e6 if w is slowest else prefilter.TINY_MS, False))
-    built: list[int] = []
+def _counting_timer(built: list[int], torch_ms=None) -> host.HostTimer:
+    """The host timer, its builds counted; with `torch_ms(kernel)`, PyTorch's time is that instead of measured."""
     target = resolve_target("cpu")
 
     def counting_build(mod, tvm_target):
-        built.append(sum(1 for gv in mod.functions if gv.name_hint.startswith("op")))
+        built.append(sum(1 for gv in mod.functions if gv.name_hint.startswith("k")))
         return build_module(mod, tvm_target, target)
 
+    timer = host.HostTimer(target, counting_build, history=dispatch.DispatchTable("test").entries.values())
+    if torch_ms is not None:
+        measure = timer.time_rivals
+
+        def rigged(kernels, wanted):
+            times = measure(kernels, wanted)
+            for kernel, t in zip(kernels, times):
+                t.update({impl: torch_ms(kernel) for impl in t if impl.startswith("torch")})
+            return times
+
+        timer.time_rivals = rigged
+    return timer
+
+
+def test_table_builds_calibration_and_plausible_tir_wins_only() -> None:
+    kernels = [_conv(c) for c in (64, 72, 80, 88, 96)]
+    slowest = kernels[-1]
+    # PyTorch is absurdly fast on all but one workload (100+ GFLOP/s, yet not so fast that the time is
+    # all call-out), which it runs absurdly slowly
+    built: list[int] = []
+    timer = _counting_timer(built, lambda k: 1e6 if k is slowest else prefilter.TINY_MS)
     table = dispatch.DispatchTable("test")
-    decisions = table.decide(workloads, target.to_tvm(), counting_build)
+    decisions = table.decide(kernels, timer)
     assert built == [prefilter.CALIBRATE]  # the two slowest on PyTorch set the ceiling; the rest are ruled out
-    by = {w.key: decisions[w.key]["decided_by"] for w in workloads}
-    assert list(by.values()).count("prefilter") == len(workloads) - prefilter.CALIBRATE
+    by = {k.key: decisions[k.key]["decided_by"] for k in kernels}
+    assert list(by.values()).count("prefilter") == len(kernels) - prefilter.CALIBRATE
     assert by[slowest.key] == "measured" and decisions[slowest.key]["impl"] == "tir"
     skipped = [d for d in decisions.values() if d["decided_by"] == "prefilter"]
     assert all(d["impl"] == "torch" and d["tir_ms"] is None and d["tir_ceiling_gflops"] > 0 for d in skipped)
     # the cached table answers a second compile without building anything
-    assert dispatch.DispatchTable("test").decide(workloads, target.to_tvm(), counting_build) == decisions
+    assert dispatch.DispatchTable("test").decide(kernels, _counting_timer(built)) == decisions
     assert built == [prefilter.CALIBRATE]
 
 
-@pytest.mark.parametrize("kind, workload", [
-    ("depthwise", dispatch.Workload("conv2d", ((1, 32, 16, 16), (32, 1, 3, 3), (1, 32, 16, 16)), (1, 1, 1, 1, 1, 1, 32))),
-    ("pointwise", dispatch.Workload("conv2d", ((1, 32, 16, 16), (24, 32, 1, 1), (1, 24, 16, 16)), (1, 1, 0, 0, 1, 1, 1))),
-    ("direct", dispatch.Workload("conv2d", ((1, 8, 16, 16), (24, 8, 3, 3), (1, 24, 8, 8)), (2, 2, 1, 1, 1, 1, 1))),
+@pytest.mark.parametrize("kind, kernel", [
+    ("depthwise", conv2d_kernel((1, 32, 16, 16), (1, 32, 16, 16), 32, (3, 3), (1, 1), (1, 1), (1, 1), 0)),
+    ("pointwise", conv2d_kernel((1, 32, 16, 16), (1, 24, 16, 16), 1, (1, 1), (1, 1), (0, 0), (1, 1), 0)),
+    ("direct", conv2d_kernel((1, 8, 16, 16), (1, 24, 8, 8), 1, (3, 3), (2, 2), (1, 1), (1, 1), 0)),
 ])
-def test_own_kernel_convs_build_only_sparsefx_kernel_not_the_default_tir(monkeypatch, kind, workload) -> None:
-    monkeypatch.setattr(dispatch, "_torch_time", lambda w: (1e6, False))  # PyTorch loses: TIR would be built
-    ran: list[int] = []
+def test_own_kernel_convs_build_only_sparsefx_kernel_not_the_default_tir(monkeypatch, kind, kernel) -> None:
+    ran: list[str] = []
 
-    def rigged_duel(runs, flush):  # both rivals run; the own kernel wins
-        ran.extend(run() is not None for run in runs)
-        return [0.01, 1e6]
+    def rigged_time_in_turn(rivals, rounds=None, budget_s=None):  # every rival runs; the own kernel wins
+        for name, runs in rivals.items():
+            runs[0]()
+            ran.append(name)
+        return {name: 0.01 if name == kind else 1e6 for name in rivals}
 
-    monkeypatch.setattr(dispatch, "duel", rigged_duel)
+    monkeypatch.setattr(host, "time_in_turn", rigged_time_in_turn)
     built: list[int] = []
-    target = resolve_target("cpu")
-
-    def counting_build(mod, tvm_target):
-        built.append(len(mod.functions))
-        return build_module(mod, tvm_target, target)
-
-    decision = dispatch.DispatchTable("test").decide([workload], target.to_tvm(), counting_build)[workload.key]
+    decision = dispatch.DispatchTable("test").decide([kernel], _counting_timer(built))[kernel.key]
     assert built == [] and decision["decided_by"] == kind and decision["tir_ms"] is None
-    assert decision["impl"] == kind and len(ran) == 2
+    assert decision["impl"] == kind and kind in ran and "torch" in ran
 
 
-def test_duel_times_each_rival_every_round() -> None:
-    counts = [0, 0]
+def test_time_in_turn_times_each_rival_every_round() -> None:
+    counts = [0, 0, 0]
 
     def rival(i: int) -> None:
         counts[i] += 1
-        time.sleep(0.002 * (1 + i))
+        time.sleep(0.002 if i == 0 else 0.004)
 
-    times = dispatch.duel([lambda: rival(0), lambda: rival(1)], rounds=4)
-    assert len(times) == 2 and 2.0 <= times[0] < times[1] and times[1] >= 4.0 and counts == [5, 5]  # a warm-up run, then the rounds
+    times = time_in_turn({"a": [lambda: rival(0)], "b": [lambda: rival(1), lambda: rival(2)]}, rounds=(4, 4))
+    # every run once to warm up, then four rounds, b's two weight copies taken in turn
+    assert set(times) == {"a", "b"} and 2.0 <= times["a"] < times["b"] and times["b"] >= 4.0 and counts == [5, 3, 3]
 
 
 def test_pytorch_is_charged_its_call_overhead_against_tir() -> None:
-    overhead = dispatch.call_overhead_ms()
+    overhead = host.call_overhead_ms()
     assert 0 <= overhead < 1.0  # microseconds, not a kernel's worth
-    close = prefilter.Candidate("k", "conv", 1e-3, torch_ms=0.050)
-    assert dispatch.DispatchTable._entry(close, 0.050 + overhead / 2)["impl"] == "tir"  # PyTorch faster alone
-    assert dispatch.DispatchTable._entry(close, 0.050 + overhead + 0.01)["impl"] == "torch"
+    overheads = host.HostTimer(resolve_target("cpu")).overheads()
+    assert overheads == {"torch": overhead, "torch_prepacked": overhead}
+    assert choose({"torch": 0.050, "tir": 0.050 + overhead / 2}, overheads) == "tir"  # PyTorch faster alone
+    assert choose({"torch": 0.050, "tir": 0.050 + overhead + 0.01}, overheads) == "torch"
 
 
 def _se_conv_prim_func(cin: int, cout: int):

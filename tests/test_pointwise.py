@@ -77,7 +77,7 @@ class _SqueezeExcite(nn.Module):
 def test_pass_folds_the_squeeze_excite_scale_into_the_next_1x1_conv(scale_first) -> None:
     model = with_random_bn_stats(_SqueezeExcite(scale_first))
     inputs = (torch.randn(2, 24, 8, 6),)
-    text, got = dispatched(model, inputs, lambda w: own_kernels.kind_of(w.attrs, w.shapes) or "tir")
+    text, got = dispatched(model, inputs, lambda w: own_kernels.kind_of(w.conv_attrs, w.shapes) or "tir")
     assert "pointwise_24to10_8x6_b2_none_scaled" in text and "R.multiply" not in text
     with torch.no_grad():
         np.testing.assert_allclose(got, model(*inputs).numpy(), rtol=1e-4, atol=1e-5)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from tvm import rpc
 from tvm.rpc.tracker import Tracker
 
 import sparsefx
 from sparsefx.backends.tvm import compile
+from sparsefx.backends.tvm.measure.remote_kernels import RemoteTimer
 from sparsefx.backends.tvm.remote import measure_remote, parse_tracker
-from sparsefx.cost.model import CostModel, conv2d_kernel, matmul_kernel
+from sparsefx.cost.kernel import conv2d_kernel, matmul_kernel
+from sparsefx.planning.pricing import cost_model
+from sparsefx.target import resolve_target
 
 from .models_zoo import CASES
 
@@ -44,7 +49,7 @@ def test_unreachable_device_is_a_clear_error(device, tmp_path, monkeypatch):
 
 def test_cost_model_times_kernels_on_the_rpc_device_in_a_table_of_its_own(device, tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSEFX_CACHE", str(tmp_path))
-    cost = CostModel("cpu", rpc=(device, "sfx-test"))
+    cost = cost_model("cpu", rpc=(device, "sfx-test"))
     conv = conv2d_kernel((1, 16, 16, 16), (1, 32, 16, 16), 1, (3, 3), (1, 1), (1, 1), (1, 1),
                          cost.lanes).with_epilogue("relu", True)
     depthwise = conv2d_kernel((1, 32, 16, 16), (1, 32, 8, 8), 32, (3, 3), (2, 2), (1, 1), (1, 1), cost.lanes)
@@ -53,24 +58,19 @@ def test_cost_model_times_kernels_on_the_rpc_device_in_a_table_of_its_own(device
     assert all(t > 0 for t in times) and cost.sources == {"measured": 3}
     cost.save()
     assert cost.path.name.endswith("-rpc-sfx-test.json")
-    again = CostModel("cpu", rpc=(device, "unreachable-but-cached"), path=cost.path)
+    again = cost_model("cpu", rpc=(device, "unreachable-but-cached"), path=cost.path)
     assert [again.latency(k) for k in (conv, depthwise, matmul)] == times  # from the table, no session needed
     assert not (tmp_path / "costmodel" / f"{cost.target.arch}-{cost.target.cores}.json").exists()
 
 
 def test_an_expired_session_is_replaced(device, tmp_path, monkeypatch):
-    import time
-
-    from sparsefx.backends.tvm.measure.remote_kernels import RemoteKernels
-    from sparsefx.target import resolve_target
-
     monkeypatch.setenv("SPARSEFX_CACHE", str(tmp_path))
-    remote = RemoteKernels(device, "sfx-test", resolve_target("cpu"), repeat=1, session_s=2)
+    remote = RemoteTimer(device, "sfx-test", resolve_target("cpu"), repeat=1, session_s=2)
     kernel = matmul_kernel(1, 8, 64, 64, 16)
-    assert remote.time(kernel) > 0
+    assert remote.time([kernel])[0]["tir"] > 0
     first = remote._session
     time.sleep(2.5)
-    assert remote.time(kernel) > 0 and remote._session is not first
+    assert remote.time([kernel])[0]["tir"] > 0 and remote._session is not first
 
 
 def test_cli_plan_on_the_rpc_device(device, tmp_path, monkeypatch, capsys):

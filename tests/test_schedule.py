@@ -8,7 +8,7 @@ import pytest
 import tvm
 from tvm import relax
 
-from sparsefx.backends.tvm.compiler import build_module
+from sparsefx.backends.tvm.pipeline import build_module
 from sparsefx.backends.tvm.schedule import RowSum
 from sparsefx.target import resolve_target
 

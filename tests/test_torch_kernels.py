@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from sparsefx.backends.tvm import compile, pipeline
-from sparsefx.backends.tvm.dispatch import table as dispatch
 from sparsefx.backends.tvm.dispatch import torch_kernels
 from sparsefx.backends.tvm.importer import to_relax
+from sparsefx.backends.tvm.measure.host import HostTimer
 from sparsefx.capture.compare import check_reference, output_error
 from sparsefx.target import resolve_target
 
@@ -45,7 +45,7 @@ def test_activations_fuse_into_dispatched_convs() -> None:
     target = resolve_target("cpu")
     mod, _ = to_relax(model, inputs)
     mod = pipeline.run(pipeline.optimize_passes(), mod, target.to_tvm())
-    decisions = {w.key: {"impl": "torch"} for w in pipeline.collect_workloads(mod)}
+    decisions = {k.key: {"impl": "torch"} for k in pipeline.collect_kernels(mod)}
     text = str(pipeline.run(pipeline.dispatch(decisions), mod, target.to_tvm())["main"])
     assert "R.nn.silu" not in text and "conv2d_bias_residual" in text
     assert text.count("R.clip") == 1  # clamp(-1, 1) is no ReLU6 and stays in TIR
@@ -56,12 +56,13 @@ def test_dispatched_model_matches_eager(prepack: bool, monkeypatch) -> None:
     if prepack and not torch_kernels.PREPACK:
         pytest.skip("this PyTorch has no MKLDNN: there are no prepacked weights to check")
     monkeypatch.setattr(torch_kernels, "PREPACK", prepack)
-    monkeypatch.setattr(dispatch, "_torch_time", lambda w: (1e-6, True))  # every conv on PyTorch,
-    monkeypatch.setattr(dispatch, "call_overhead_ms", lambda: 0.0)  # its call out free,
-    monkeypatch.setattr(dispatch, "duel", lambda runs, flush: [float("inf"), 0.0])  # and no own kernel wins
+    # every kernel on PyTorch, prepacked (own kernels and TIR far slower), its call out free
+    rigged = {"torch": 2e-6, "torch_prepacked": 1e-6, "depthwise": 1.0, "pointwise": 1.0, "direct": 1.0, "tir": 1.0}
+    monkeypatch.setattr(HostTimer, "time", lambda self, kernels, implementations=None: [dict(rigged) for _ in kernels])
+    monkeypatch.setattr(HostTimer, "overheads", lambda self: {})
     model, inputs = _model()
     compiled = compile(model, inputs, verbose=False)
-    assert all(d["impl"] == "torch" for d in compiled.manifest["dispatch"].values())
+    assert all(d["impl"] == "torch" and d["prepack"] for d in compiled.manifest["dispatch"].values())
     expected = check_reference(model, inputs)
     with torch.no_grad():
         for _ in range(2):  # the second call reuses the packed weights

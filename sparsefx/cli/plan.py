@@ -14,11 +14,11 @@ import torch
 import sparsefx
 from sparsefx.backends.eager import measure_latencies
 from sparsefx.cli.common import LOG, add_model_args, add_threads_arg, check_out, load, progress_bars, save
-from sparsefx.cost.model import CostModel
 from sparsefx.errors import SparsefxError
 from sparsefx.planning.measured import plan_measured
 from sparsefx.planning.plan import GRANULARITIES, Plan
 from sparsefx.planning.planner import apply, plan
+from sparsefx.planning.pricing import cost_model
 from sparsefx.recovery.data import fashion_mnist
 from sparsefx.target import Target, resolve_target, with_threads
 
@@ -90,7 +90,7 @@ def _make_plan(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple, 
         from sparsefx.backends.tvm.remote import parse_tracker
 
         parse_tracker(args.rpc)
-        options["cost"] = CostModel(target, rpc=(args.rpc, args.rpc_key))
+        options["cost"] = cost_model(target, rpc=(args.rpc, args.rpc_key))
         LOG.info(f"kernels are timed on device {args.rpc_key!r} through {args.rpc}")
     if rounds != 1 and args.macs_ratio is None and not target.is_gpu:
         LOG.info(f"re-planning until the compiled model measures within {100 * args.tolerance:g}% of the budget "

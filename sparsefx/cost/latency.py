@@ -28,7 +28,9 @@ from torch import nn
 
 from sparsefx.capture import ops
 from sparsefx.capture.annotate import is_transposed, node_arg, numel
-from sparsefx.cost.model import CostModel, Kernel, conv2d_kernel, matmul_kernel
+from sparsefx.cost.fusion import EPILOGUE_RULES, FusionRules
+from sparsefx.cost.kernel import Kernel, conv2d_kernel, matmul_kernel, matmul_of_shapes
+from sparsefx.cost.model import CostModel
 
 aten = torch.ops.aten
 ShapeOf = Callable[[torch.fx.Node], object]
@@ -106,7 +108,7 @@ def _matmul(node: torch.fx.Node, gm: torch.fx.GraphModule, shape_of: ShapeOf, la
     out = shape_of(node)
     if not all(isinstance(s, tuple) and len(s) >= 2 for s in (a, b, out)):
         return [Kernel("elementwise", (_bytes(node, shape_of),))]
-    return [matmul_kernel(math.prod(out[:-2]), out[-2], a[-1], out[-1], lanes)]
+    return [matmul_of_shapes(a, b, out, lanes)]  # as the dispatch reads the same matmul off Relax
 
 
 def _attention(node: torch.fx.Node, gm: torch.fx.GraphModule, shape_of: ShapeOf, lanes: int) -> list[Kernel]:
@@ -157,6 +159,10 @@ EPILOGUE.add((_ACT, "relu6"), nn.ReLU6, F.relu6, ops.HARDTANH)
 EPILOGUE.add((_ACT, "silu"), nn.SiLU, ops.SILU)
 
 
+SCALES: ops.OpRegistry[bool] = ops.OpRegistry("scale")  # an element-wise op that may scale a conv's input
+SCALES.add(True, ops.MUL)
+
+
 def _epilogue_step(node: torch.fx.Node, gm: torch.fx.GraphModule) -> tuple[int, str] | None:
     return EPILOGUE.lookup(node, gm)
 
@@ -180,7 +186,9 @@ class Fusion:
     epilogues: dict[torch.fx.Node, tuple[str, bool]] = field(default_factory=dict)
 
 
-def analyze_fusion(gm: torch.fx.GraphModule, kernels: dict[torch.fx.Node, list[Kernel]]) -> Fusion:
+def analyze_fusion(gm: torch.fx.GraphModule, kernels: dict[torch.fx.Node, list[Kernel]],
+                   rules: FusionRules = EPILOGUE_RULES) -> Fusion:
+    """The fusion the backend whose `rules` these are applies (see `cost.fusion`)."""
     kinds = {n: [k.op for k in ks] for n, ks in kernels.items()}
     host: dict[torch.fx.Node, tuple[str, torch.fx.Node, int]] = {}  # node -> (kind, host node, stage)
     fusion = Fusion()
@@ -191,9 +199,14 @@ def analyze_fusion(gm: torch.fx.GraphModule, kernels: dict[torch.fx.Node, list[K
         if ops != ["elementwise"]:
             host[node] = ("conv", node, _BIAS) if ops[-1] == "conv2d" else ("tir", node, 0)
             continue
+        if _folds_into_conv(node, gm, kernels, rules):
+            fusion.fused.add(node)  # its only user is the conv: nothing rides in it
+            continue
         where = _producer_host(node, kinds, host)
         step = _epilogue_step(node, gm)
-        if where and where[0] == "tir":
+        if step and not _absorbed(step, rules):
+            step = None
+        if where and where[0] == "tir" and not _broadcasts_up(node, where[1]):
             fusion.fused.add(node)
             host[node] = where
         elif where and where[0] == "conv" and step and (step[0] > where[2] or step[0] == where[2] == _BIAS):
@@ -205,6 +218,32 @@ def analyze_fusion(gm: torch.fx.GraphModule, kernels: dict[torch.fx.Node, list[K
         else:
             host[node] = ("tir", node, 0)
     return fusion
+
+
+def _broadcasts_up(node: torch.fx.Node, host: torch.fx.Node) -> bool:
+    """Whether `node` writes more than the kernel it would ride in (squeeze-excite's x * s after the
+    sigmoid of s): the fused kernel then moves `node`'s bytes, so `node` is priced as the kernel."""
+    return numel(node.meta.get("sfx_shape")) > numel(host.meta.get("sfx_shape"))
+
+
+def _absorbed(step: tuple[int, str], rules: FusionRules) -> bool:
+    stage, act = step
+    return stage == _BIAS or (stage == _ADD and rules.residual) or (stage == _ACT and act in rules.activations)
+
+
+def _folds_into_conv(node: torch.fx.Node, gm: torch.fx.GraphModule, kernels: dict[torch.fx.Node, list[Kernel]],
+                     rules: FusionRules) -> bool:
+    """Whether `node` is a per-(image, channel) scale of a conv's input that the conv takes in (`scale_fold`)."""
+    if rules.scale_fold is None or len(node.users) != 1 or SCALES.lookup(node, gm) is None:
+        return False
+    conv = next(iter(node.users))
+    ks = kernels.get(conv, [])
+    if len(ks) != 1 or ks[0].op != "conv2d" or conv.args[:1] != (node,) or not rules.scale_fold(ks[0]):
+        return False
+    shapes = sorted((a.meta.get("sfx_shape") for a in node.all_input_nodes if a.op != "get_attr"), key=len)
+    x = node.meta.get("sfx_shape")
+    return len(shapes) == 2 and isinstance(x, tuple) and len(x) == 4 and shapes[1] == x \
+        and shapes[0] in ((*x[:2], 1, 1), (x[1], 1, 1))
 
 
 def _producer_host(node: torch.fx.Node, kinds: dict, host: dict) -> tuple[str, torch.fx.Node, int] | None:
@@ -231,7 +270,7 @@ def priced_kernels(node: torch.fx.Node, gm: torch.fx.GraphModule, shape_of: Shap
 
 def annotate_latency(gm: torch.fx.GraphModule, cost: CostModel) -> float:
     """Write `sfx_latency_ms` on every node; returns the predicted end-to-end ms."""
-    fusion = analyze_fusion(gm, dense_kernels(gm, cost.lanes))
+    fusion = analyze_fusion(gm, dense_kernels(gm, cost.lanes), cost.fusion)
     shape = lambda n: n.meta.get("sfx_shape")
     total = 0.0
     for node in gm.graph.nodes:

@@ -1,18 +1,18 @@
 """Hardware cost model: the latency of one kernel at one shape on one target.
 
 Sources, best first:
-- measured: convolutions and matmuls are timed on the kernels the compiled model runs on
-  this CPU (PyTorch's, which the dispatch picks for nearly every workload: a conv plain or
-  on oneDNN with its weight prepacked, whichever is faster; for a depthwise or 1x1 conv also
-  sparsefx's TIR kernel, and the faster counts), at the
-  exact shape or at points of a per-dimension grid, and interpolated between them;
+- measured: convolutions and matmuls are timed by the backend's `Timer` (`cost.timing`) on
+  every implementation the compiled model could run them on, and the one the compiler's
+  dispatch would pick (`cost.timing.choose`, decided on the conv without its epilogue, as the
+  dispatch decides) is priced with its epilogue, at the exact shape or at points of a
+  per-dimension grid, and interpolated between them;
 - calibrated: element-wise, reduction and pooling kernels run as fused TIR; their cost is
-  `overhead + bytes / bandwidth`, both fitted per kernel class from TVM builds on the target;
+  `overhead + bytes / bandwidth`, both fitted per kernel class by the timer on the target;
 - roofline: FLOPs against the target's peak and bytes against its bandwidth, where nothing
-  can be measured (CUDA targets on this host, `measure=False`).
+  can be measured (no timer, CUDA targets on this host, `measure=False`).
 
-Measured kernels run as a layer inside a model does: on a weight from memory (copies cycled, see
-`weight_copies`), writing an output buffer out of cache (`CostModel.output_ms`), with the code of
+Measured kernels run as a layer inside a model does: on a weight from memory (see
+`cost.timing`), writing an output buffer out of cache (`CostModel.output_ms`), with the code of
 the call path warm.
 
 Latency is a staircase in the channel count (SIMD width, blocked layouts): a channel-like
@@ -25,126 +25,28 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from sparsefx.cache import Table, cache_dir
+from sparsefx.cost.fusion import EPILOGUE_RULES, FusionRules
+from sparsefx.cost.kernel import CALIBRATED, Kernel, conv2d_kernel
+from sparsefx.cost.timing import Timer, Times, charged, choose
+from sparsefx.errors import SparsefxError
 from sparsefx.target import Target, resolve_target, with_measured_peaks
 
 MEASURED = ("conv2d", "matmul")
-CALIBRATED = ("elementwise", "reduce", "pool")
 GRID = (1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0)
 LAUNCH_MS = {"llvm": 0.004, "cuda": 0.005}  # roofline per-kernel overhead where not calibrated
 ROOFLINE_EFFICIENCY = 0.5  # what a tuned kernel reaches of the peak, for unmeasured targets
-EPILOGUE_ACTIVATIONS = ("none", "relu", "relu6", "silu")  # codes in Kernel attrs and dispatched convs' calls
-TABLE_VERSION = 9  # bumped when what a measurement times changes; older tables are re-measured (v9: stride-2 phase planes by shuffles)
-CALIBRATION_VERSION = 2  # v2: reductions also timed on PyTorch (dispatched softmax); older ones re-fitted
-
-
-@dataclass(frozen=True)
-class Kernel:
-    """One kernel launch. `dims` are the sizes the latency depends on; `steps[i]` > 0 marks
-    dimension i as channel-like (rounded up to a multiple of steps[i]), 0 as exact."""
-
-    op: str
-    dims: tuple[int, ...]
-    attrs: tuple[int, ...] = ()
-    steps: tuple[int, ...] = ()
-
-    @property
-    def key(self) -> str:
-        return f"{self.op}|{','.join(map(str, self.dims))}|{','.join(map(str, self.attrs))}"
-
-    @property
-    def flops(self) -> float:
-        if self.op == "conv2d":
-            n, g, ci, co, oh, ow, _, _ = self.dims
-            kh, kw = self.attrs[:2]
-            return 2.0 * n * g * co * oh * ow * ci * kh * kw
-        if self.op == "matmul":
-            b, m, k, n = self.dims
-            return 2.0 * b * m * k * n
-        return 0.0
-
-    @property
-    def bytes(self) -> float:
-        if self.op in CALIBRATED:
-            return float(self.dims[0])
-        if self.op == "conv2d":
-            n, g, ci, co, oh, ow, ih, iw = self.dims
-            kh, kw = self.attrs[:2]
-            return 4.0 * (n * g * ci * ih * iw + g * co * ci * kh * kw + n * g * co * oh * ow)
-        b, m, k, n = self.dims
-        return 4.0 * b * (m * k + k * n + m * n)
-
-    def with_dims(self, dims: tuple[int, ...]) -> Kernel:
-        return Kernel(self.op, tuple(dims), self.attrs, self.steps)
-
-    def with_epilogue(self, activation: str, residual: bool) -> Kernel:
-        """A conv that also applies `activation` (one of `EPILOGUE_ACTIVATIONS`) and adds a
-        residual, as the compiled model runs it: a oneDNN post-op or one more pass over the output."""
-        code = EPILOGUE_ACTIVATIONS.index(activation)
-        return Kernel(self.op, self.dims, (*self.attrs[:8], code, int(residual)), self.steps)
-
-
-def conv2d_kernel(x: tuple[int, ...], out: tuple[int, ...], groups: int, kernel: tuple[int, int],
-                  stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int], lanes: int) -> Kernel:
-    """A conv2d from its input and output shapes (NCHW); depthwise convs vary in `groups`."""
-    n, cin, ih, iw = x
-    _, cout, oh, ow = out
-    ci, co = cin // groups, cout // groups
-    steps = (lanes if ci == 1 else 0, 0 if ci == 1 else lanes, 0 if ci == 1 else lanes, 0, 0, 0, 0, 0)
-    return Kernel("conv2d", (n, groups, ci, co, oh, ow, ih, iw), (*kernel, *stride, *padding, *dilation), steps)
-
-
-def matmul_kernel(batch: int, m: int, k: int, n: int, lanes: int) -> Kernel:
-    return Kernel("matmul", (batch, m, k, n), (), (0, 0, lanes, lanes))
-
-
-COLD_BYTES = 256 << 20  # what a weight's timed copies span (see `weight_copies`)
-
-
-@functools.cache
-def _pool() -> torch.Tensor:
-    """Random float32s that timed weights are cut from (made on first use, not at import)."""
-    return torch.randn(COLD_BYTES // 4)
-
-
-def weight_copies(shape: tuple[int, ...], limit: int = 256) -> list[torch.Tensor]:
-    """Distinct random weights of `shape`, as many as fit in `COLD_BYTES` (at least two), which a
-    timing cycles through (see `_time_ms`). Inside a model a layer's input was just written by its
-    producer, but its weight was last read one inference ago, with the whole model's data in
-    between: from memory, not cache. Cycling through copies reproduces that and leaves the code
-    of the call path warm, as it is in a model. Rewriting half the last-level cache before each
-    run, as this did before, evicted that code too: on an Intel Xeon VM a 1x1 conv on a 4x4
-    input took 5 us hot and 67 us after the write, and MobileNetV2 pruned to half its channels
-    was predicted 37% slow."""
-    size = math.prod(shape)
-    count = min(limit, max(2, COLD_BYTES // 4 // max(size, 1)))
-    if size * count > _pool().numel():
-        return [torch.randn(shape) for _ in range(count)]
-    return [_pool()[i * size:(i + 1) * size].view(shape) for i in range(count)]
-
-
-def _time_ms(runs: list[Callable[[], object]], repeat: int = 15, budget_s: float = 0.25) -> float:
-    """Fastest run in ms, taking `runs` (the same kernel on different copies of its weight) in
-    turn after running each once: on a shared CPU the minimum is what the kernel can do."""
-    for run in runs:
-        run()
-    times: list[float] = []
-    started = time.perf_counter()
-    while len(times) < 3 or (len(times) < repeat and time.perf_counter() - started < budget_s):
-        run = runs[len(times) % len(runs)]
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return min(times) * 1e3
+# bumped when what a measurement times changes; older tables are re-measured (v10: the backend's timer,
+# rivals in turn, the implementation chosen on the bare conv as the dispatch does, its call overhead)
+TABLE_VERSION = 10
+CALIBRATION_VERSION = 3  # v3: timed in turn (`cost.timing`), no "dispatch" entry (the timer's overheads); re-fitted
 
 
 @functools.cache
@@ -156,77 +58,6 @@ def l2_bytes() -> int:
             text = (index / "size").read_text().strip()
             return int(text.rstrip("KM")) * units.get(text[-1], 1)
     return 1 << 20
-
-
-def cold_write_gbs() -> float:
-    """GB/s of writing memory last written long ago (a 256 MiB region, 1 MiB at a time)."""
-    region, chunk = torch.zeros(COLD_BYTES // 4), (1 << 20) // 4
-    chunks = region.split(chunk)
-    ms = _time_ms([lambda part=part: part.fill_(1.0) for part in chunks], repeat=30)
-    return chunk * 4 / ms / 1e6
-
-
-def _conv_workload(kernel: Kernel) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...], str, bool]:
-    """A conv kernel as the dispatch sees it: attrs (strides, padding, dilation, groups), shapes
-    (input, weight, output), its epilogue activation and whether it adds a residual."""
-    n, g, ci, co, oh, ow, ih, iw = kernel.dims
-    kh, kw, sh, sw, ph, pw, dh, dw, *epilogue = kernel.attrs
-    act, residual = epilogue or (0, 0)
-    shapes = ((n, g * ci, ih, iw), (g * co, ci, kh, kw), (n, g * co, oh, ow))
-    return (sh, sw, ph, pw, dh, dw, g), shapes, EPILOGUE_ACTIVATIONS[act], bool(residual)
-
-
-def time_kernel(kernel: Kernel) -> float:
-    """Fastest ms of the PyTorch kernel a dispatched op runs: a conv with its bias, plain or on
-    oneDNN with the weight prepacked, whichever is faster (the dispatch makes the same choice)."""
-    if kernel.op == "conv2d":
-        from sparsefx.backends.tvm.dispatch.torch_kernels import conv_time
-
-        attrs, (x_shape, w_shape, out_shape), act, residual = _conv_workload(kernel)
-        x, b = torch.randn(x_shape), torch.randn(w_shape[0])
-        add = torch.randn(out_shape) if residual else None  # BN folds into the bias
-        return conv_time(x, weight_copies(w_shape), b, attrs, _time_ms, act, add)[0]
-    b, m, k, n = kernel.dims
-    if b > 1:  # attention's batched matmuls multiply two activations, both just written
-        x, y = torch.randn(b, m, k), torch.randn(b, k, n)
-        return _time_ms([lambda: torch.matmul(x, y)])
-    x = torch.randn(m, k)
-    return _time_ms([lambda w=w: torch.matmul(x, w) for w in weight_copies((k, n))])
-
-
-def own_kernel_spec(kernel: Kernel) -> tuple[str, object] | None:
-    """(kind, spec) of the sparsefx TIR kernel (`own_kernels`) that can run this conv with its
-    bias, activation and residual fused, else None."""
-    if kernel.op != "conv2d":
-        return None
-    from sparsefx.backends.tvm.kernels import registry as own_kernels
-
-    attrs, shapes, act, residual = _conv_workload(kernel)
-    kind = own_kernels.kind_of(attrs, shapes)
-    if kind is None:
-        return None
-    module = own_kernels.KERNELS[kind]
-    if residual and not module.FUSES_RESIDUAL:
-        return None  # the residual add would be a kernel of its own: PyTorch's fused one is priced
-    return kind, module.spec_of(attrs, shapes, act, residual=True) if residual else module.spec_of(attrs, shapes, act)
-
-
-def time_own_kernels(kind: str, specs: list, target: Target) -> list[float]:
-    """Fastest ms of sparsefx's TIR kernels for `specs` (all of one `kind`, one LLVM build: a build
-    costs 0.1-0.3 s, more than the timing), each weight (the second argument) cycled through copies
-    as for PyTorch's kernels."""
-    import tvm
-
-    from sparsefx.backends.tvm.kernels import registry as own_kernels
-
-    library = own_kernels.build(kind, specs, target.to_tvm())
-    times = []
-    for spec in specs:
-        run = library[spec.name]  # looked up once: lookups cost 10-80 us
-        args = [tvm.runtime.tensor(np.random.randn(*shape).astype("float32")) for shape in spec.arg_shapes]
-        weights = [tvm.runtime.tensor(w.numpy()) for w in weight_copies(spec.arg_shapes[1])]
-        times.append(_time_ms([lambda w=w, run=run, args=args: run(args[0], w, *args[2:]) for w in weights]))
-    return times
 
 
 @contextmanager
@@ -243,19 +74,21 @@ class CostModel:
     """Predicted latency (ms) of kernels on `target`, from measurements where it can."""
 
     def __init__(self, target: object = "cpu", measure: bool = True, path: Path | None = None,
-                 rpc: tuple[str, str] | None = None) -> None:
-        """`rpc=("HOST:PORT", key)` times conv/matmul kernels on the device a TVM RPC tracker serves
-        under `key` (pure TIR, as a `dispatch=False` build runs there; other kernels: roofline of
-        `target`'s declared peaks), in a table of its own."""
+                 timer: Timer | None = None, fusion: FusionRules = EPILOGUE_RULES) -> None:
+        """`timer` times kernels (the backend's, see `sparsefx.planning.pricing.cost_model`); a timer
+        for another device (`timer.device`, e.g. a TVM RPC device) keeps a table of its own and prices
+        element-wise kernels by `target`'s roofline. Without a timer only the roofline prices: on a
+        CPU target that can be measured, `measure=False` must say so. `fusion`: what the backend
+        fuses, as the latency pass reads it (`cost.fusion`)."""
         self.target: Target = resolve_target(target)
-        self.remote = None
-        if rpc is not None:
-            from sparsefx.backends.tvm.measure.remote_kernels import RemoteKernels
-
-            self.remote = RemoteKernels(*rpc, self.target)
-        self.measure = measure and (self.remote is not None or not self.target.is_gpu)
+        self.timer, self.fusion = timer, fusion
+        self.device = timer.device if timer is not None else ""
+        if measure and timer is None and not self.target.is_gpu:
+            raise SparsefxError("a measuring CostModel needs a timer: build it with "
+                                "sparsefx.planning.pricing.cost_model(target), or pass measure=False for the roofline")
+        self.measure = measure and timer is not None and (bool(self.device) or not self.target.is_gpu)
         self.lanes = max(1, (self.target.vector_bits or 128) // 32) if not self.target.is_gpu else 8
-        device = f"-rpc-{rpc[1]}" if rpc else ""
+        device = f"-{self.device}" if self.device else ""
         self.path = path or cache_dir() / "costmodel" / f"{self.target.arch}-{self.target.cores}{device}.json"
         # calibrations are re-fitted when either version changes, kernels re-measured with TABLE_VERSION
         self.tables = (Table(self.path, TABLE_VERSION), Table(self.path.with_name(f"{self.path.stem}.calibration.json"),
@@ -288,7 +121,7 @@ class CostModel:
         if self._drift is not None:
             return self._drift
         self._drift = []
-        if not self.measure or self.remote is not None:
+        if not self.measure or self.device:
             return self._drift
         probes = {"3x3 conv": conv2d_kernel((1, 64, 56, 56), (1, 64, 56, 56), 1, (3, 3), (1, 1), (1, 1), (1, 1), self.lanes),
                   "depthwise conv": conv2d_kernel((1, 96, 56, 56), (1, 96, 56, 56), 96, (3, 3), (1, 1), (1, 1), (1, 1),
@@ -325,21 +158,36 @@ class CostModel:
         """ms of `kernel` as the compiled model runs it, timed now (uncached), see `time_all`."""
         return self.time_all([kernel])[0]
 
+    def implementations(self, kernels: list[Kernel]) -> list[str]:
+        """The implementation the compiler's dispatch picks for each kernel (see `_decide`)."""
+        return self._decide(kernels)[0]
+
+    def _decide(self, kernels: list[Kernel]) -> tuple[list[str], list[Times]]:
+        """Each kernel's implementation and the times it was chosen from: timed by the backend's
+        timer and decided by `choose`, on the kernel without its epilogue, as the dispatch decides."""
+        with _threads(self.target.cores):
+            times = self.timer.time([k.bare for k in kernels])
+        overheads = self.timer.overheads()
+        return [choose(t, overheads) for t in times], times
+
     def time_all(self, kernels: list[Kernel]) -> list[float]:
-        """ms of each kernel as the compiled model runs it, timed now (uncached): PyTorch's kernel
-        plus the call out of the VM, or sparsefx's own TIR kernel (depthwise, 1x1, k x k; one build
-        per kind for all of `kernels`) plus a TIR call where that is faster; plus the cold output
-        (see `output_ms`). On an RPC device: the TIR kernel timed there."""
-        if self.remote is not None:
-            return [self.remote.time(kernel) for kernel in kernels]
-        with _threads(self.target.cores), torch.inference_mode():
-            ms = [time_kernel(kernel) + self.dispatch_overhead() for kernel in kernels]
-            own = {i: spec for i, kernel in enumerate(kernels) if (spec := own_kernel_spec(kernel)) is not None}
-            for kind in {kind for kind, _ in own.values()}:
-                picked = [i for i, (k, _) in own.items() if k == kind]
-                times = time_own_kernels(kind, [own[i][1] for i in picked], self.target)
-                for i, t in zip(picked, times, strict=True):
-                    ms[i] = min(ms[i], t + self._calibration("elementwise")[0])
+        """ms of each kernel as the compiled model runs it, timed now (uncached): the implementation
+        the dispatch picks (`implementations`) with the kernel's epilogue fused, plus its call
+        overhead, plus the cold output on this host (see `output_ms`)."""
+        chosen, bare = self._decide(kernels)
+        times = [{impl: t[impl]} for impl, t in zip(chosen, bare, strict=True)]
+        dressed = [i for i, k in enumerate(kernels) if k.bare != k]
+        with _threads(self.target.cores):
+            for i, t in zip(dressed, self.timer.time([kernels[i] for i in dressed], [[chosen[i]] for i in dressed]),
+                            strict=True):
+                # the chosen implementation cannot fuse this epilogue (a residual add on the depthwise
+                # kernel): approximated by the cheapest one that can (the model runs the chosen kernel
+                # and the add as an element-wise TIR kernel)
+                times[i] = t or self.timer.time([kernels[i]])[0]
+        overheads = self.timer.overheads()
+        ms = [min(charged(t, overheads).values()) for t in times]
+        if self.device:  # another device's times stand as measured: its output writes are not calibrated
+            return ms
         return [m + self.output_ms(kernel) for m, kernel in zip(ms, kernels, strict=True)]
 
     def output_ms(self, kernel: Kernel) -> float:
@@ -362,7 +210,7 @@ class CostModel:
         for i, (d, ref) in enumerate(zip(dims, reference.dims)):
             if d == ref:
                 continue
-            points = _grid(ref, steps[i])
+            points = grid(ref, steps[i])
             if d in points:
                 continue
             lo = max(p for p in points if p < d) if any(p < d for p in points) else 0
@@ -390,7 +238,7 @@ class CostModel:
         return min(ref, math.ceil(d / step) * step) if step and d != ref else d
 
     def _roofline(self, kernel: Kernel) -> float:
-        if self.target.kind == "llvm" and not self.target.peak_gflops and self.remote is None:
+        if self.target.kind == "llvm" and not self.target.peak_gflops and not self.device:
             self.target = with_measured_peaks(self.target)  # measured once per host, only when needed
         peak = (self.target.peak_gflops or 100.0) * ROOFLINE_EFFICIENCY
         bandwidth = self.target.bandwidth_gbs or 20.0
@@ -398,7 +246,7 @@ class CostModel:
         return max(kernel.flops / peak / 1e6, kernel.bytes / bandwidth / 1e6) + LAUNCH_MS.get(self.target.kind, 0.005)
 
     def _calibrated(self, kernel: Kernel) -> float:
-        if not self.measure or self.remote is not None:  # calibrations are of this host's TIR and PyTorch
+        if not self.measure or self.device:  # calibrations are of this host's TIR and PyTorch
             return self._roofline(kernel)
         overhead, gbs = self._calibration(kernel.op)
         self.sources["calibrated"] = self.sources.get("calibrated", 0) + 1
@@ -406,19 +254,17 @@ class CostModel:
 
     def dispatch_overhead(self) -> float:
         """ms a kernel the compiled model dispatches to PyTorch costs beyond the kernel itself."""
-        return self._calibration("dispatch")[0]
+        return self.timer.overheads().get("torch", 0.0) if self.timer is not None else 0.0
 
     def _calibration(self, entry: str) -> list[float]:
         if entry not in self.calibration:
-            from sparsefx.backends.tvm.measure.calibrate import calibrate
-
-            self.calibration.update(calibrate(self.target))
+            self.calibration.update(self.timer.calibrate())
             self._dirty = True
             self.save()
         return self.calibration[entry]
 
 
-def _grid(ref: int, step: int) -> list[int]:
+def grid(ref: int, step: int) -> list[int]:
     """The measured sizes of a dimension whose unpruned size is `ref`."""
     points = {ref}
     for fraction in GRID:

@@ -19,11 +19,11 @@ from torch import nn
 
 from sparsefx.backends.eager import measure_latencies
 from sparsefx.capture.trace import as_inputs
-from sparsefx.cost.model import CostModel
 from sparsefx.errors import SparsefxError
 from sparsefx.log import get_logger
 from sparsefx.planning.plan import Plan
 from sparsefx.planning.planner import apply, plan
+from sparsefx.planning.pricing import cost_model
 from sparsefx.target import Target, resolve_target
 
 LOG = get_logger("planning")
@@ -65,7 +65,7 @@ def plan_measured(model: nn.Module, example_inputs: object, target: object = "cp
     inputs = as_inputs(example_inputs)
     say = LOG.info if verbose else LOG.debug
     measure = measure or MeasurePair()
-    plan_options["cost"] = plan_options.get("cost") or CostModel(target)  # one table read, one drift check
+    plan_options["cost"] = plan_options.get("cost") or cost_model(target)  # one table read, one drift check
     budget = {"speedup": speedup} if speedup is not None else {"latency_ms": latency_ms}
     tried: list[tuple[float, Plan]] = []
     records: list[dict] = []

@@ -31,11 +31,14 @@ from sparsefx.channels.coupling import ChannelGroup, Coupling
 from sparsefx.channels.prune import score_groups
 from sparsefx.channels.record import fingerprint
 from sparsefx.channels.select import under
+from sparsefx.cost.fusion import FusionRules
+from sparsefx.cost.kernel import Kernel
 from sparsefx.cost.latency import analyze_fusion, dense_kernels, priced_kernels
-from sparsefx.cost.model import CostModel, Kernel
+from sparsefx.cost.model import CostModel
 from sparsefx.cost.shrink import ShrinkModel, removal_order
 from sparsefx.errors import SparsefxError
 from sparsefx.planning.plan import GRANULARITIES, Entry, Plan, PlanError
+from sparsefx.planning.pricing import cost_model
 from sparsefx.planning.sparse_options import SparseOption, candidates, layer_weights, sparse_options
 from sparsefx.sparse.masks import Sparsity
 from sparsefx.sparse.sparsify import sparsify
@@ -51,10 +54,10 @@ class _Search:
     """Greedy latency-saliency search over units removed per group."""
 
     def __init__(self, gm: torch.fx.GraphModule, shrink: ShrinkModel, price: Callable[[Kernel, Kernel], float],
-                 lanes: int) -> None:
+                 lanes: int, rules: FusionRules) -> None:
         self.gm, self.shrink, self.price, self.lanes = gm, shrink, price, lanes
         self.refs = dense_kernels(gm, lanes)
-        self.fusion = analyze_fusion(gm, self.refs)
+        self.fusion = analyze_fusion(gm, self.refs, rules)
         self.removed: dict[int, int] = {}
         self.chosen: dict[torch.fx.Node, SparseOption] = {}  # layers running a sparse kernel
         self.ms = {n: self.node_ms(n, self.removed) for n in gm.graph.nodes}
@@ -142,11 +145,11 @@ class Planner:
         self.orders = {g.id: removal_order(g, self.scores[g.id]) for g in self.groups}
         self.losses = {g.id: np.r_[0.0, np.cumsum(_unit_losses(self.gm, self.coupling, g, self.scores[g.id],
                                                                 self.orders[g.id]))] for g in self.groups}
-        self.cost = cost or CostModel(target)
+        self.cost = cost or cost_model(target)
         self.by_macs = by_macs
         self.shrink = ShrinkModel(self.gm, self.coupling, self.orders)
         price = (lambda k, ref: k.flops / 2) if by_macs else self.cost.latency
-        self.search = _Search(self.gm, self.shrink, price, self.cost.lanes)
+        self.search = _Search(self.gm, self.shrink, price, self.cost.lanes, self.cost.fusion)
         self.dense = self.search.total
         # every Linear/Conv weight, counted once per coupled dimension as the losses count it
         self.total_importance = 2 * sum(w.numel() for _, _, w in layer_weights(self.gm).values())
@@ -192,9 +195,9 @@ def plan(model: nn.Module, example_inputs: object, target: object = "cpu", speed
         raise SparsefxError(f"max_ratio={max_ratio!r} must be in (0, 1): the most of one group that may go")
     if "macs_ratio" in budget and "channel" not in granularities:
         raise SparsefxError("a macs_ratio budget needs 'channel' among the granularities: sparse kernels keep MACs")
-    cost = cost or CostModel(target)
+    cost = cost or cost_model(target)
     sparse = tuple(g for g in granularities if g != "channel")
-    if sparse and cost.remote is not None:
+    if sparse and cost.device:
         raise SparsefxError("block and N:M kernels are timed on this host, not on an RPC device; "
                             "plan them without rpc, or use granularities=('channel',)")
     if sparse and cost.target.is_gpu:
@@ -351,7 +354,7 @@ def _as_plan(model: nn.Module, planner: Planner, budget: dict) -> Plan:
                              m=spec.m if spec.pattern == "nm" else None,
                              importance_lost=round(option.loss / total_weights, 5) if total_weights else 0.0,
                              latency_ms=[round(_dense_ms(search, node), 4), round(option.ms, 4)]))
-    macs = _Search(search.gm, search.shrink, lambda k, ref: k.flops / 2, search.lanes)
+    macs = _Search(search.gm, search.shrink, lambda k, ref: k.flops / 2, search.lanes, planner.cost.fusion)
     macs_dense = macs.total
     for gid, units in search.removed.items():
         macs.commit(gid, units)

@@ -23,6 +23,7 @@ from sparsefx.backends.tvm import pipeline
 from sparsefx.backends.tvm.bundle import export_bundle
 from sparsefx.backends.tvm.importer import to_relax
 from sparsefx.backends.tvm.kernels import registry as own_kernels
+from sparsefx.backends.tvm.measure.host import HostTimer
 from sparsefx.backends.tvm.threads import running_with
 from sparsefx.backends.tvm.tuning import tune_module
 from sparsefx.capture.trace import as_inputs
@@ -47,12 +48,6 @@ def quiet_native_stderr() -> Iterator[None]:
         finally:
             os.dup2(saved, 2)
             os.close(saved)
-
-
-def build_module(mod: tvm.IRModule, tvm_target: tvm.target.Target, target: Target) -> tvm.runtime.Executable:
-    """Lower an (already optimised) Relax module with sparsefx's untuned pipeline and build it."""
-    return tvm.compile(mod, tvm_target, relax_pipeline=pipeline.as_pipeline(pipeline.lowering_passes(
-        target, tvm_target, None)))
 
 
 def compile(model: nn.Module, example_inputs: object, target: object = "cpu", tune: int = 0,
@@ -91,7 +86,7 @@ def build(model: nn.Module, inputs: tuple, spec: Target, tune: int, dispatch: bo
     mod = pipeline.run(ran, mod, tvm_target)
     decisions = {}
     if dispatch and not spec.is_gpu:
-        decisions = pipeline.decide_dispatch(mod, spec, tvm_target, lambda m, t: build_module(m, t, spec), log)
+        decisions = pipeline.decide_dispatch(mod, spec, lambda history: HostTimer(spec, history=history), log)
         rewrites = pipeline.dispatch(decisions)
         mod = pipeline.run(rewrites, mod, tvm_target)
         ran += rewrites

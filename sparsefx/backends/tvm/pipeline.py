@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import tvm
@@ -12,14 +12,16 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
 from sparsefx.backends.tvm.dispatch.table import (  # noqa: F401
     DispatchTable,
-    collect_workloads,
+    collect_kernels,
     dispatch_pass,
     epilogue_pass,
+    table_key,
 )
 from sparsefx.backends.tvm.kernels import registry as own_kernels
 from sparsefx.backends.tvm.kernels.registry import own_kernel_pass
 from sparsefx.backends.tvm.schedule import default_schedule_pass
 from sparsefx.backends.tvm.sparse.relax import sparse_kernel_pass
+from sparsefx.cost.timing import Timer
 from sparsefx.target import Target
 
 NamedPass = tuple[str, tvm.transform.Pass]
@@ -67,19 +69,23 @@ def as_pipeline(passes: list[NamedPass]) -> tvm.transform.Pass:
     return tvm.transform.Sequential([p for _, p in passes], name="sparsefx")
 
 
-def decide_dispatch(mod: tvm.IRModule, target: Target, tvm_target: tvm.target.Target,
-                    build: Callable[[tvm.IRModule, tvm.target.Target], object],
+def build_module(mod: tvm.IRModule, tvm_target: tvm.target.Target, target: Target) -> tvm.runtime.Executable:
+    """Lower an (already optimised) Relax module with sparsefx's untuned pipeline and build it."""
+    return tvm.compile(mod, tvm_target, relax_pipeline=as_pipeline(lowering_passes(target, tvm_target, None)))
+
+
+def decide_dispatch(mod: tvm.IRModule, target: Target, timer_for: Callable[[Iterable[dict]], Timer],
                     progress: Callable[[str], None] | None = None) -> dict[str, dict]:
-    """Measured torch-vs-TIR choice for each conv, matmul and math-op (`math_ops`) workload of `mod` (CPU targets)."""
-    # PyTorch's kernels and TIR's parallel loops scale differently with threads: decide per thread count
-    table = DispatchTable(f"{target.arch}-{target.cores}-t{torch.get_num_threads()}")
-    workloads = collect_workloads(mod)
-    fresh = [w for w in workloads if w.key not in table.entries]
+    """Measured choice of implementation for each conv, matmul and math-op (`math_ops`) kernel of `mod`
+    (CPU targets), by the timer `timer_for(earlier decisions)` makes."""
+    table = DispatchTable(table_key(target, torch.get_num_threads()))
+    kernels = collect_kernels(mod)
+    fresh = [k for k in kernels if k.key not in table.entries]
     if progress and fresh:
         progress(f"measuring {len(fresh)} conv/matmul/math-op workloads on PyTorch kernels, and on TIR where it could win")
-    decisions = table.decide(workloads, tvm_target, build)
+    decisions = table.decide(kernels, timer_for(table.entries.values()))
     if progress and fresh:
-        by = [table.entries[w.key].get("decided_by") for w in fresh]
+        by = [table.entries[k.key].get("decided_by") for k in fresh]
         own = ", ".join(f"{by.count(kind)} {kind}" for kind in own_kernels.KERNELS)
         progress(f"{by.count('measured')} built in TIR, {own} (sparsefx's kernels, not TIR's default), "
                  f"{by.count('prefilter')} decided by the pre-filter (PyTorch far faster)")

@@ -27,6 +27,7 @@ class MathOp:
     attrs: Callable[[relax.Call, int], tuple[float, ...] | None]  # (call, rank) -> attrs, None: unsupported
     emit: Callable[[list[relax.Expr], tuple[float, ...]], relax.Expr]
     run: Callable[[list[torch.Tensor], tuple[float, ...]], torch.Tensor]
+    operands: Callable[[tuple[int, ...]], list[tuple[int, ...]]] = lambda shape: [shape]  # from the input's shape
 
     @property
     def packed(self) -> str:
@@ -57,7 +58,8 @@ MATH_OPS: dict[str, MathOp] = {
     "relax.nn.layer_norm": MathOp(
         "layer_norm", _layer_norm_attrs,
         lambda args, attrs: relax.op.nn.layer_norm(args[0], args[1], args[2], axes=[-1], epsilon=attrs[0]),
-        lambda t, attrs: F.layer_norm(t[0], t[0].shape[-1:], t[1], t[2], attrs[0])),
+        lambda t, attrs: F.layer_norm(t[0], t[0].shape[-1:], t[1], t[2], attrs[0]),
+        lambda shape: [shape, shape[-1:], shape[-1:]]),
 }
 BY_NAME = {op.name: op for op in MATH_OPS.values()}
 

@@ -15,8 +15,11 @@ runs once per pixel instead of once per channel (pruned EfficientNet-B0: 0.6 -> 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from sparsefx.cost.kernel import Kernel
 
 MARGIN = 2.0  # TIR's GFLOP/s varies with shape; only skip when PyTorch wins by more than this
 CALIBRATE = 2  # TIR measurements a class needs before its ceiling is trusted
@@ -37,11 +40,16 @@ class Candidate:
         return self.gflop / self.torch_ms * 1e3
 
 
-def op_class(op: str, attrs: tuple[int, ...]) -> str:
+def op_class(kernel: Kernel) -> str:
     """Grouped/depthwise convs are memory-bound and schedule differently from dense ones."""
-    if op == "conv2d":
-        return "conv2d_grouped" if attrs[-1] > 1 else "conv2d"
-    return op
+    if kernel.op == "conv2d":
+        return "conv2d_grouped" if kernel.dims[1] > 1 else "conv2d"
+    return kernel.op
+
+
+def gflop(kernel: Kernel) -> float:
+    """GFLOPs of a conv or matmul; for a math op (`math_ops`) its output's element count, in billions."""
+    return (kernel.flops or math.prod(kernel.dims)) / 1e9
 
 
 def tir_ceilings(entries: Iterable[dict]) -> dict[str, tuple[float, int]]:

@@ -1,251 +1,99 @@
-"""Kernel dispatch: run an op on the faster of TVM's TIR and PyTorch's CPU kernels.
+"""Kernel dispatch: run an op on whichever implementation measures fastest on the target.
 
-Untuned TIR convolutions run far slower than oneDNN/MKL. For every convolution and
-matmul workload the compiler measures both implementations on the target and rewrites
-the ones PyTorch wins into `call_pure_packed` calls of the kernels in `torch_kernels`; the
-decisions (with both timings) are cached per target and recorded in the artifact.
-Workloads PyTorch runs far faster than TIR's default schedules can (see `prefilter`) are
-decided without a TIR build.
+Untuned TIR convolutions run far slower than oneDNN/MKL. For every convolution, matmul and math-op
+kernel (`patterns.kernel_of`) the compiler asks the backend's timer (`measure.host`) for the time of
+each implementation that could run it (PyTorch's kernels, sparsefx's own TIR kernels, TVM's default
+schedule where the pre-filter cannot rule it out) and decides with `cost.timing.choose`, as the
+cost model does; the calls PyTorch wins become `call_pure_packed` calls of the kernels in
+`torch_kernels`. Decisions (with the timings) are cached per target and recorded in the artifact.
 Those calls need `import sparsefx` (and torch) where the artifact runs; GPU builds and
 `dispatch=False` never use them.
 """
 
 from __future__ import annotations
 
-import functools
-import random
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
+import math
 
-import numpy as np
-import torch
 import tvm
 from tvm import relax
+from tvm.relax.dpl import rewrite_call
 
 from sparsefx.backends.tvm.dispatch import prefilter
-from sparsefx.backends.tvm.dispatch.math_ops import BY_NAME, MATH_OPS
+from sparsefx.backends.tvm.dispatch.math_ops import BY_NAME
+from sparsefx.backends.tvm.dispatch.patterns import (
+    activation_of,
+    epilogue_patterns,
+    kernel_of,
+    per_channel,
+    shape_of,
+)
 from sparsefx.backends.tvm.dispatch.torch_kernels import (
     ACTIVATIONS,
     CONV,
     CONV_EPILOGUE,
     CONV_RESIDUAL,
     MATMUL,
-    best_time,
-    conv,
-    forget_packed,
-    torch_time,
+    TORCH_IMPLEMENTATIONS,
     weight_key,
 )
 from sparsefx.backends.tvm.kernels import registry as own_kernels
 from sparsefx.cache import Table, cache_dir
+from sparsefx.cost.kernel import Kernel
+from sparsefx.cost.timing import Timer, Times, choose
+from sparsefx.target import Target
 
-TABLE_VERSION = 7  # v7: own kernels timed in turn with PyTorch's, caches flushed (`duel`); `direct` since v6, `pointwise` v5
-
-
-@dataclass(frozen=True)
-class Workload:
-    """One op at one shape: the unit the dispatch decision is made for."""
-
-    op: str
-    shapes: tuple[tuple[int, ...], ...]  # inputs..., output
-    attrs: tuple[float, ...]
-
-    @property
-    def key(self) -> str:
-        return f"{self.op}|{self.shapes}|{self.attrs}"
-
-    @property
-    def flops(self) -> float:
-        """FLOPs of a conv or matmul; for a math op (`math_ops`) its output's element count."""
-        if self.op in BY_NAME:
-            return float(np.prod(self.shapes[-1]))
-        if self.op == "conv2d":
-            (n, _, _, _), (co, ci, kh, kw), (_, _, oh, ow) = self.shapes
-            return 2.0 * n * co * oh * ow * ci * kh * kw
-        a, _, out = self.shapes
-        return 2.0 * float(np.prod(out)) * a[-1]
+# v8: kernels timed by the shared timer (`measure.host`: rivals in turn on cycled weight copies, PyTorch
+# with its bias), decided by `cost.timing.choose`, keyed by `cost.kernel.Kernel`; v7: own kernels in turn
+# with PyTorch's after a cache flush; `direct` since v6, `pointwise` v5
+TABLE_VERSION = 8
 
 
-def workload_of(call: relax.Call) -> Workload | None:
-    """The workload of a dispatchable call, or None (unsupported attributes, symbolic shapes)."""
-    if not isinstance(call.op, tvm.ir.Op):
-        return None
-    try:
-        shapes = tuple(tuple(int(d) for d in arg.ty.shape) for arg in call.args) + (
-            tuple(int(d) for d in call.ty.shape),)
-    except (TypeError, AttributeError):
-        return None
-    if call.op.name in MATH_OPS and str(call.ty.dtype) == "float32":
-        attrs = MATH_OPS[call.op.name].attrs(call, len(shapes[0]))
-        return None if attrs is None else Workload(MATH_OPS[call.op.name].name, shapes, attrs)
-    if call.op.name == "relax.nn.conv2d":
-        a = call.attrs
-        pad = [int(v) for v in a.padding]
-        if a.data_layout != "NCHW" or a.kernel_layout != "OIHW" or pad[0] != pad[2] or pad[1] != pad[3] \
-                or str(call.ty.dtype) != "float32":
-            return None
-        s, d = [int(v) for v in a.strides], [int(v) for v in a.dilation]
-        return Workload("conv2d", shapes, (s[0], s[1], pad[0], pad[1], d[0], d[1], int(a.groups)))
-    if call.op.name == "relax.matmul" and str(call.ty.dtype) == "float32" and len(shapes[0]) >= 2 \
-            and len(shapes[1]) >= 2:
-        return Workload("matmul", shapes, ())
-    return None
-
-
-def _torch_time(w: Workload) -> tuple[float, bool]:
-    """Best PyTorch time in ms, and whether prepacked weights gave it (convs only)."""
-    if w.op in BY_NAME:
-        args = [torch.randn(s) for s in w.shapes[:-1]]
-        return best_time(lambda: BY_NAME[w.op].run(args, w.attrs), 10), False
-    return torch_time(w.op, w.shapes, w.attrs)
-
-
-def _tir_times(workloads: list[Workload], target: tvm.target.Target, build: object,
-               repeat: int = 5) -> list[float]:
-    """Compile every op alone, all in one module (one LLVM build), with the TIR pipeline the
-    model gets, and time each."""
-    bb = relax.BlockBuilder()
-    for i, w in enumerate(workloads):
-        params = [relax.Var(f"x{j}", relax.TensorType(s, "float32")) for j, s in enumerate(w.shapes[:-1])]
-        with bb.function(f"op{i}", params):
-            with bb.dataflow():
-                if w.op in BY_NAME:
-                    out = bb.emit(BY_NAME[w.op].emit(params, w.attrs))
-                elif w.op == "conv2d":
-                    s0, s1, p0, p1, d0, d1, g = w.attrs
-                    out = bb.emit(relax.op.nn.conv2d(params[0], params[1], (s0, s1), (p0, p1, p0, p1), (d0, d1), g))
-                else:
-                    out = bb.emit(relax.op.matmul(params[0], params[1]))
-                result = bb.emit_output(out)
-            bb.emit_func_output(result)
-    vm = relax.VirtualMachine(build(bb.get(), target), tvm.cpu())
-    times = []
-    for i, w in enumerate(workloads):
-        args = [tvm.runtime.tensor(np.random.randn(*s).astype("float32")) for s in w.shapes[:-1]]
-        once = best_time(lambda i=i, args=args: vm[f"op{i}"](*args), 1)
-        times.append(once if once > 50 else best_time(lambda i=i, args=args: vm[f"op{i}"](*args), repeat))
-    return times
+def table_key(target: Target, threads: int) -> str:
+    """The table for `target` at `threads` PyTorch threads: PyTorch's kernels and TIR's parallel loops
+    scale differently with threads, so decisions are per thread count."""
+    return f"{target.arch}-{target.cores}-t{threads}"
 
 
 class DispatchTable:
-    """Measured per-workload choice between 'tir' and 'torch', cached on disk per target.
+    """Measured per-kernel choice of implementation, cached on disk per target (`table_key`).
 
-    Every new workload is timed on PyTorch; only those the pre-filter cannot rule out are built
-    and timed in TIR. Entries the filter decided say so (`decided_by: prefilter`, `tir_ms: None`)."""
+    Every new kernel is timed on PyTorch and its own kernel if it has one; TVM's default schedule
+    only where the pre-filter cannot rule it out. Entries the filter decided say so
+    (`decided_by: prefilter`, `tir_ms: None`)."""
 
     def __init__(self, target_key: str) -> None:
         self.table = Table(cache_dir() / "dispatch" / f"{target_key}.json", TABLE_VERSION)
         self.entries: dict[str, dict] = self.table.entries
 
-    def decide(self, workloads: list[Workload], target: tvm.target.Target, build: object) -> dict[str, dict]:
-        new = {w.key: w for w in workloads if w.key not in self.entries}
+    def decide(self, kernels: list[Kernel], timer: Timer) -> dict[str, dict]:
+        """The entry of each kernel; new ones are timed by `timer` and decided by `choose`."""
+        new = list({k.key: k for k in kernels if k.key not in self.entries}.values())
         if new:
-            timed = {key: _torch_time(w) for key, w in new.items()}
-            candidates = [prefilter.Candidate(w.key, prefilter.op_class(w.op, w.attrs), w.flops / 1e9, timed[w.key][0])
-                          for w in new.values()]
-            # sparsefx's own kernels are TIR schedules written for exactly these convs; the depthwise
-            # one beat the default schedule on all 11 MobileNetV2 shapes both were timed on (and TIR's
-            # default dense conv runs 10-50x slower than PyTorch), so only they are built besides PyTorch's
-            own = {w.key: kind for w in new.values() if w.op == "conv2d"
-                   and (kind := own_kernels.kind_of(w.attrs, w.shapes)) is not None}
-            for c in candidates:
-                if c.key in own:
-                    self.entries[c.key] = {**self._entry(c, None), "decided_by": own[c.key]}
-            candidates = [c for c in candidates if c.key not in own]
-            first = prefilter.calibration(candidates, self.entries.values())
-            self._measure(first, new, target, build)
+            overheads = timer.overheads()
+            for kernel, times in zip(new, timer.time(new), strict=True):
+                self.entries[kernel.key] = decision(kernel, times, overheads)
             ceilings = prefilter.tir_ceilings(self.entries.values())
-            rest = []
-            for c in candidates:
-                if c.key in self.entries:
-                    continue
-                ceiling = prefilter.skip(c, ceilings)
-                if ceiling is None:
-                    rest.append(c)
-                else:
-                    self.entries[c.key] = {**self._entry(c, None), "decided_by": "prefilter",
-                                           "tir_ceiling_gflops": round(ceiling, 2)}
-            self._measure(rest, new, target, build)
-            for key, (_, prepack) in timed.items():
-                self.entries[key]["prepack"] = prepack
-            flush = flusher() if own else None  # one 64 MiB buffer for every kind's duels
-            for kind in dict.fromkeys(own.values()):
-                self._measure_own(kind, [new[key] for key, k in own.items() if k == kind], target, flush)
+            for kernel in new:
+                entry = self.entries[kernel.key]
+                if entry["decided_by"] == "prefilter" and entry["op_class"] in ceilings:
+                    entry["tir_ceiling_gflops"] = round(ceilings[entry["op_class"]][0], 2)
             self.table.save()
-        return {w.key: self.entries[w.key] for w in workloads}
-
-    def _measure(self, candidates: list[prefilter.Candidate], workloads: dict[str, Workload],
-                 target: tvm.target.Target, build: object) -> None:
-        if candidates:
-            times = _tir_times([workloads[c.key] for c in candidates], target, build)
-            for c, tir_ms in zip(candidates, times, strict=True):
-                self.entries[c.key] = {**self._entry(c, tir_ms), "decided_by": "measured"}
-
-    def _measure_own(self, kind: str, workloads: list[Workload], target: tvm.target.Target,
-                     flush: Callable[[], object]) -> None:
-        """Time an own kernel (one build for all its workloads) in turn with PyTorch's (`duel`), and
-        keep it where it wins."""
-        specs = [own_kernels.KERNELS[kind].spec_of(w.attrs, w.shapes) for w in workloads]
-        library = own_kernels.build(kind, specs, target)
-        for w, spec in zip(workloads, specs, strict=True):
-            args = [tvm.runtime.tensor(np.random.randn(*shape).astype("float32")) for shape in spec.arg_shapes]
-            run = library[spec.name]  # looked up once: a library lookup costs 10-80 us, more than small kernels
-            entry = self.entries[w.key]
-            x, weight = torch.randn(w.shapes[0]), torch.randn(w.shapes[1])
-            key = (random.getrandbits(62) or 1) if entry["prepack"] else 0
-            ms, torch_ms = duel([functools.partial(run, *args), functools.partial(conv, x, weight, None, w.attrs, key)],
-                                flush=flush)
-            forget_packed([key])
-            entry[f"{kind}_ms"], entry["torch_flushed_ms"] = ms, torch_ms
-            if ms < min(torch_ms + call_overhead_ms(), entry["tir_ms"] or float("inf")):
-                entry["impl"] = kind
-
-    @staticmethod
-    def _entry(c: prefilter.Candidate, tir_ms: float | None) -> dict:
-        impl = "torch" if tir_ms is None or c.torch_ms + call_overhead_ms() < tir_ms else "tir"
-        return {"impl": impl, "torch_ms": c.torch_ms, "tir_ms": tir_ms, "gflop": c.gflop, "op_class": c.op_class}
+        return {k.key: self.entries[k.key] for k in kernels}
 
 
-EVICT_BYTES = 64 << 20  # written before each run of a duel: more than the caches hold of a model's weights
-
-
-def duel(runs: list[Callable[[], object]], rounds: int = 5, flush: Callable[[], object] | None = None) -> list[float]:
-    """Best ms of each of `runs`, timed in turn round after round, each run after the caches were
-    flushed. In a model a kernel reads weights that other ops have evicted: timed hot, PyTorch's convs
-    looked 2-3x faster than they ran there, and won near-ties they lose in the model (EfficientNet-B0's
-    72 -> 12 1x1 at 56x56: 0.04 ms hot, 0.15-0.3 in the model; its 320 -> 1280 at 7x7: 0.35 ms hot or
-    after an 8 MiB flush, 0.96 after 64 MiB, 1.0-1.3 in the model, where sparsefx's kernel took 0.75
-    after 64 MiB). Timing the rivals in turn also keeps a drift of the host's speed out of the comparison."""
-    flush = flush or flusher()
-    best = [float("inf")] * len(runs)
-    for run in runs:
-        run()
-    for _ in range(rounds):
-        for i, run in enumerate(runs):
-            flush()
-            start = time.perf_counter()
-            run()
-            best[i] = min(best[i], time.perf_counter() - start)
-    return [b * 1e3 for b in best]
-
-
-def flusher() -> Callable[[], None]:
-    """Writes EVICT_BYTES when called (its buffer allocated once: paging in 64 MiB costs 0.16 s, writing it 9 ms)."""
-    junk = np.ones(EVICT_BYTES // 4, "float32")
-    return lambda: junk.fill(1.0)
-
-
-@functools.cache
-def call_overhead_ms() -> float:
-    """ms a PyTorch kernel costs the compiled model beyond the kernel itself: the call out through a
-    packed function and the DLPack hand-overs (about 0.01 ms here). TIR kernels are called in place;
-    the comparison charges it to PyTorch, so small kernels within it of a TIR one stay in TIR."""
-    x, w, b = torch.ones(1, 1, 1, 1), torch.ones(1, 1, 1, 1), torch.ones(1)
-    packed, args = tvm.get_global_func(CONV_EPILOGUE), [tvm.runtime.tensor(t.numpy()) for t in (x, w, b)]
-    attrs = (1, 1, 0, 0, 1, 1, 1)
-    through = best_time(lambda: packed(*args, *attrs, 0, 0), 200)
-    return max(through - best_time(lambda: conv(x, w, b, attrs), 200), 0.0)
+def decision(kernel: Kernel, times: Times, overheads: dict[str, float]) -> dict:
+    """A table entry: the implementation `choose` picks (`impl` names what the dispatch passes run:
+    "torch" for either PyTorch variant, `prepack` says which) and the timings it was chosen from."""
+    choice = choose(times, overheads)
+    own = next((kind for kind in times if kind in own_kernels.KERNELS), None)
+    entry = {"impl": "torch" if choice in TORCH_IMPLEMENTATIONS else choice, "choice": choice,
+             "prepack": times.get("torch_prepacked", math.inf) < times.get("torch", math.inf),
+             "torch_ms": min(times.get(t, math.inf) for t in TORCH_IMPLEMENTATIONS), "tir_ms": times.get("tir"),
+             "gflop": prefilter.gflop(kernel), "op_class": prefilter.op_class(kernel),
+             "decided_by": own or ("measured" if "tir" in times else "prefilter")}
+    if own:
+        entry[f"{own}_ms"] = times[own]
+    return entry
 
 
 def dispatch_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
@@ -255,14 +103,14 @@ def dispatch_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
     class _Rewrite(relax.PyExprMutator):
         def visit_call_(self, call: relax.Call) -> relax.Expr:
             call = super().visit_call_(call)
-            w = workload_of(call)
-            if w is None or decisions.get(w.key, {}).get("impl") != "torch":
+            k = kernel_of(call)
+            if k is None or decisions.get(k.key, {}).get("impl") != "torch":
                 return call
-            if w.op in BY_NAME:
-                attrs = [relax.prim_value(a) for a in w.attrs]
-                return relax.call_pure_packed(BY_NAME[w.op].packed, *call.args, *attrs, ty_args=call.ty)
-            if w.op == "conv2d":
-                extra = [relax.prim_value(v) for v in (*w.attrs, _key(call.args[1], decisions[w.key]))]
+            if k.op in BY_NAME:
+                attrs = [relax.prim_value(a) for a in k.attrs]
+                return relax.call_pure_packed(BY_NAME[k.op].packed, *call.args, *attrs, ty_args=call.ty)
+            if k.op == "conv2d":
+                extra = [relax.prim_value(v) for v in (*k.conv_attrs, _key(call.args[1], decisions[k.key]))]
                 return relax.call_pure_packed(CONV, call.args[0], call.args[1], *extra, ty_args=call.ty)
             return relax.call_pure_packed(MATMUL, call.args[0], call.args[1], ty_args=call.ty)
 
@@ -289,63 +137,22 @@ def _key(weight: relax.Expr, decision: dict) -> int:
     return weight_key(weight.value.numpy())
 
 
-def _shape(expr: relax.Expr) -> list[int]:
-    return [int(d) for d in expr.ty.shape]
-
-
-def _per_channel(bias: relax.Expr, channels: int) -> bool:
-    return _shape(bias) in ([1, channels, 1, 1], [channels, 1, 1])
-
-
-@dataclass(frozen=True)
-class EpiloguePatterns:
-    """Patterns for a conv with its per-channel bias, a residual add and an activation after it, the
-    longest first; `x`, `w`, `b`, `residual`, `conv` name their parts in a match."""
-
-    x: object
-    w: object
-    b: object
-    residual: object
-    conv: object
-    patterns: tuple
-
-
-def epilogue_patterns(x: object = None) -> EpiloguePatterns:
-    """The patterns over a conv whose input matches `x` (any expression by default)."""
-    from tvm.relax.dpl import is_const, is_op, wildcard
-
-    x, w, b, residual = x or wildcard(), is_const(), is_const(), wildcard()
-    conv = is_op("relax.nn.conv2d")(x, w)
-    biased = is_op("relax.add")(conv, b)
-    # both orders of the add as patterns of their own, not one `|`: a match does not fall back to the
-    # other order when the rewriter turns it down (ResNet-50's relu(conv3 on PyTorch + strided 1x1 on
-    # sparsefx's kernel))
-    summed = (is_op("relax.add")(biased, residual), is_op("relax.add")(residual, biased))
-    activations = (is_op("relax.nn.relu"), is_op("relax.nn.silu"),
-                   lambda t: is_op("relax.clip")(t, wildcard(), wildcard()))
-    patterns = [act(inner) for inner in (*summed, biased) for act in activations] + [*summed, biased]
-    return EpiloguePatterns(x, w, b, residual, conv, tuple(patterns))
-
-
 def epilogue_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
     """Relax pass: a conv PyTorch runs keeps its bias, residual add and activation (ReLU, ReLU6,
     SiLU) in the same call, so no TIR kernel has to re-read its output (runs before `dispatch_pass`)."""
-    from tvm.relax.dpl import rewrite_call
-
     ep = epilogue_patterns()
     x, w, b, residual, conv = ep.x, ep.w, ep.b, ep.residual, ep.conv
 
     def rewriter(expr: relax.Expr, matches: dict) -> relax.Expr:
-        call = matches[conv]
-        wl = workload_of(call)
-        act = _activation(expr)
-        if wl is None or act is None or decisions.get(wl.key, {}).get("impl") != "torch" or \
-                not _per_channel(matches[b], wl.shapes[1][0]):
+        k = kernel_of(matches[conv])
+        act = activation_of(expr)
+        if k is None or act is None or decisions.get(k.key, {}).get("impl") != "torch" or \
+                not per_channel(matches[b], k.shapes[1][0]):
             return expr
-        attrs = [relax.prim_value(v) for v in (*wl.attrs, _key(matches[w], decisions[wl.key]),
+        attrs = [relax.prim_value(v) for v in (*k.conv_attrs, _key(matches[w], decisions[k.key]),
                                                ACTIVATIONS.index(act))]
         if residual in matches:  # only the patterns with the residual add bind it
-            if _shape(matches[residual]) != list(wl.shapes[2]):
+            if shape_of(matches[residual]) != list(k.shapes[2]):
                 return expr
             return relax.call_pure_packed(CONV_RESIDUAL, matches[x], matches[w], matches[b], matches[residual],
                                           *attrs, ty_args=expr.ty)
@@ -359,25 +166,17 @@ def epilogue_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
     return _each_relax_function("FuseTorchEpilogue", rewrite_all)
 
 
-def _activation(expr: relax.Expr) -> str | None:
-    """The activation a matched epilogue ends in ('none' for a bare add); None for a clip other than ReLU6."""
-    name = expr.op.name if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) else ""
-    if name == "relax.clip":
-        bounds = [getattr(a, "value", None) for a in expr.args[1:]]
-        return "relu6" if [float(v) if v is not None else None for v in bounds] == [0.0, 6.0] else None
-    return {"relax.nn.relu": "relu", "relax.nn.silu": "silu"}.get(name, "none")
-
-
-def collect_workloads(mod: tvm.IRModule) -> list[Workload]:
-    found: dict[str, Workload] = {}
+def collect_kernels(mod: tvm.IRModule) -> list[Kernel]:
+    """The distinct dispatchable kernels of the module's Relax functions."""
+    found: dict[str, Kernel] = {}
 
     @relax.expr_functor.visitor
     class _Collect(relax.PyExprVisitor):
         def visit_call_(self, call: relax.Call) -> None:
             super().visit_call_(call)
-            w = workload_of(call)
-            if w is not None:
-                found.setdefault(w.key, w)
+            k = kernel_of(call)
+            if k is not None:
+                found.setdefault(k.key, k)
 
     for func in mod.functions.values():
         if isinstance(func, relax.Function):

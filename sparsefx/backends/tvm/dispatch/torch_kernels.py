@@ -3,8 +3,10 @@
 Convolutions with constant weights run on oneDNN with the weights reordered once into its blocked
 layout (`mkldnn._reorder_convolution_weight`, what TorchInductor's freezing does) instead of on every
 call as `F.conv2d` does: at batch 1 that reorder costs as much as the convolution itself in the 7x7
-stages (ResNet-18 256->256 3x3 at 7x7: 0.72 ms plain, 0.21 ms prepacked, one thread). Dispatch
-measures both per workload and keeps the faster (see `torch_time`). The compiler names each prepacked
+stages (ResNet-18 256->256 3x3 at 7x7: 0.72 ms plain, 0.21 ms prepacked, one thread). The timer
+(`measure.host`) times both per kernel, as "torch" and "torch_prepacked", and the faster is kept:
+prepacked convs output channels-last, and the copy back to NCHW costs more than the weight reorder
+it saves where activations are large and weights small. The compiler names each prepacked
 weight by a hash of its contents, so it is packed once per process and input shape, also when the
 artifact is loaded elsewhere. The kernels return the tensor PyTorch allocated (shared
 through DLPack, no copy) rather than writing into a buffer TVM allocated.
@@ -13,21 +15,20 @@ through DLPack, no copy) rather than writing into a buffer TVM allocated.
 from __future__ import annotations
 
 import hashlib
-import random
 import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import tvm_ffi
 
-from sparsefx.cost.model import EPILOGUE_ACTIVATIONS as ACTIVATIONS  # the codes dispatched convs take
+from sparsefx.cost.kernel import EPILOGUE_ACTIVATIONS as ACTIVATIONS  # the codes dispatched convs take
 
 CONV = "sparsefx.torch.conv2d"
 CONV_EPILOGUE = "sparsefx.torch.conv2d_bias"
 CONV_RESIDUAL = "sparsefx.torch.conv2d_bias_residual"
 MATMUL = "sparsefx.torch.matmul"
+TORCH_IMPLEMENTATIONS = ("torch", "torch_prepacked")  # as the timer and the dispatch table name them
 
 _ONEDNN_ACT = {"none": ("none", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0]), "silu": ("swish", [])}
 _EAGER_ACT = {"none": lambda t: t, "relu": torch.relu_, "relu6": lambda t: t.clamp_(0, 6),
@@ -92,31 +93,6 @@ def _torch_conv2d_residual(x: object, w: object, b: object, residual: object, *a
 @tvm_ffi.register_global_func(MATMUL, override=True)
 def _torch_matmul(a: object, b: object) -> object:
     return tvm_ffi.from_dlpack(torch.matmul(_t(a), _t(b)).contiguous())
-
-
-def torch_time(op: str, shapes: tuple[tuple[int, ...], ...], attrs: tuple[int, ...],
-               repeat: int = 10) -> tuple[float, bool]:
-    """Best-of time in ms of the kernel a dispatched op would run, and whether it is the prepacked
-    one: prepacked convs output channels-last, and the copy back to NCHW costs more than the weight
-    reorder it saves where activations are large and weights small (early layers, 1x1, depthwise)."""
-    a, b = (torch.randn(s) for s in shapes[:2])
-    if op != "conv2d":
-        return best_time(lambda: torch.matmul(a, b), repeat), False
-    return conv_time(a, [b], None, attrs, lambda runs: best_time(runs[0], repeat))
-
-
-def conv_time(x: torch.Tensor, weights: list[torch.Tensor], b: torch.Tensor | None, attrs: tuple[int, ...],
-              timer: Callable[[list[Callable[[], object]]], float], act: str = "none",
-              residual: torch.Tensor | None = None) -> tuple[float, bool]:
-    """`timer`'s ms for `conv` over copies of one random weight, plain and (where oneDNN is there)
-    prepacked, the faster, and whether the prepacked one won; the packed copies are dropped after."""
-    plain = timer([lambda w=w: conv(x, w, b, attrs, 0, act, residual) for w in weights])
-    if not PREPACK:
-        return plain, False
-    keys = [random.getrandbits(62) or 1 for _ in weights]  # names for the packed copies; hashing them costs more
-    packed = timer([lambda w=w, key=key: conv(x, w, b, attrs, key, act, residual) for w, key in zip(weights, keys)])
-    forget_packed(keys)
-    return min(plain, packed), packed < plain
 
 
 def forget_packed(keys: list[int]) -> None:

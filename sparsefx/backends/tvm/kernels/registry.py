@@ -14,7 +14,16 @@ from types import ModuleType
 import numpy as np
 import tvm
 from tvm import relax
+from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
+from sparsefx.backends.tvm.dispatch.patterns import (
+    EpiloguePatterns,
+    activation_of,
+    epilogue_patterns,
+    kernel_of,
+    per_channel,
+    shape_of,
+)
 from sparsefx.backends.tvm.kernels import depthwise, direct, pointwise
 
 # first match wins (`kind_of`); their `supported` sets do not overlap
@@ -38,38 +47,29 @@ def own_kernel_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
     one `call_tir` of that kernel (runs before the torch epilogue and dispatch passes, which leave
     `call_tir` alone). A 1x1 conv on `pointwise` whose input is scaled per image and channel
     (squeeze-and-excitation's `x * s`, s of shape (n, c, 1, 1)) takes the scale in too."""
-    from tvm.relax.dpl import is_op, rewrite_call, wildcard
-
-    from sparsefx.backends.tvm.dispatch.table import (
-        _activation,
-        _per_channel,
-        _shape,
-        epilogue_patterns,
-        workload_of,
-    )
-
     unscaled, scale = wildcard(), wildcard()
     # the scaled patterns first: their conv input would match the plain patterns' wildcard too
     families = [(epilogue_patterns(is_op("relax.multiply")(*operands)), True)
                 for operands in ((unscaled, scale), (scale, unscaled))] + [(epilogue_patterns(), False)]
 
-    def spec_for(expr: relax.Expr, matches: dict, ep: object, scaled: bool) -> tuple[str, object] | None:
-        wl = workload_of(matches[ep.conv])
-        kind = decisions.get(wl.key, {}).get("impl") if wl is not None else None
+    def spec_for(expr: relax.Expr, matches: dict, ep: EpiloguePatterns, scaled: bool) -> tuple[str, object] | None:
+        k = kernel_of(matches[ep.conv])
+        kind = decisions.get(k.key, {}).get("impl") if k is not None else None
         if kind not in KERNELS:
             return None
-        act = _activation(expr) if ep.b in matches else "none"
-        if act is None or (ep.b in matches and not _per_channel(matches[ep.b], wl.shapes[1][0])):
+        x_shape, w_shape, out_shape = k.shapes
+        act = activation_of(expr) if ep.b in matches else "none"
+        if act is None or (ep.b in matches and not per_channel(matches[ep.b], w_shape[0])):
             return None
-        if scaled and (kind != "pointwise" or _shape(matches[scale]) != [*wl.shapes[0][:2], 1, 1]
-                       or _shape(matches[unscaled]) != list(wl.shapes[0])):
+        if scaled and (kind != "pointwise" or shape_of(matches[scale]) != [*x_shape[:2], 1, 1]
+                       or shape_of(matches[unscaled]) != list(x_shape)):
             return None
         options = {"scaled": True} if scaled else {}  # only `pointwise` specs know the option
         if ep.residual in matches:
-            if not KERNELS[kind].FUSES_RESIDUAL or _shape(matches[ep.residual]) != list(wl.shapes[2]):
+            if not KERNELS[kind].FUSES_RESIDUAL or shape_of(matches[ep.residual]) != list(out_shape):
                 return None
             options["residual"] = True
-        return kind, KERNELS[kind].spec_of(wl.attrs, wl.shapes, act, **options)
+        return kind, KERNELS[kind].spec_of(k.conv_attrs, k.shapes, act, **options)
 
     def rewrite_all(mod: tvm.IRModule, rewriter: Callable) -> tvm.IRModule:
         for gvar, func in list(mod.functions.items()):

@@ -1,9 +1,9 @@
 """Calibrate the cost model's TIR kernel classes on the target: build element-wise,
 reduction and pooling ops at a few sizes with the pipeline compiled models get, time them,
 and fit `overhead + bytes / bandwidth` per class. A reduction (softmax) is timed also as the
-dispatch may run it, on PyTorch (`math_ops`), and the faster counts. Also measures what a dispatched PyTorch
-kernel costs beyond the kernel itself (the call out of the VM, DLPack both ways), and the
-bandwidth of writing memory no recent kernel wrote (`CostModel.output_ms`)."""
+dispatch may run it, on PyTorch (`math_ops`), and the faster counts. Also measures the
+bandwidth of writing memory no recent kernel wrote (`CostModel.output_ms`). Timed as every
+kernel is (`cost.timing.time_in_turn`); inputs are activations, just written, as in a model."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import torch
 import tvm
 from tvm import relax
 
-from sparsefx.backends.tvm.compiler import build_module
 from sparsefx.backends.tvm.dispatch.math_ops import BY_NAME
-from sparsefx.backends.tvm.dispatch.torch_kernels import MATMUL
-from sparsefx.cost.model import _time_ms, cold_write_gbs, fit_line
+from sparsefx.backends.tvm.pipeline import build_module
+from sparsefx.cost.model import fit_line
+from sparsefx.cost.timing import COLD_BYTES, time_in_turn
 from sparsefx.target import Target
 
 SIZES = (1 << 14, 1 << 17, 1 << 20, 1 << 22)  # float32 elements
@@ -49,10 +49,12 @@ def _emit(bb: relax.BlockBuilder, op: str, name: str, shapes: list[tuple[int, ..
         bb.emit_func_output(result)
 
 
-def _emit_dispatch(bb: relax.BlockBuilder) -> None:
-    a, b = (relax.Var(n, relax.TensorType((1, 1), "float32")) for n in "ab")
-    with bb.function("dispatch", [a, b]):
-        bb.emit_func_output(relax.call_pure_packed(MATMUL, a, b, ty_args=relax.TensorType((1, 1), "float32")))
+def cold_write_gbs() -> float:
+    """GB/s of writing memory last written long ago (a 256 MiB region, 1 MiB at a time)."""
+    region, chunk = torch.zeros(COLD_BYTES // 4), (1 << 20) // 4
+    ms = time_in_turn({"fill": [lambda part=part: part.fill_(1.0) for part in region.split(chunk)]},
+                      rounds=(30, 30))["fill"]
+    return chunk * 4 / ms / 1e6
 
 
 def calibrate(target: Target) -> dict[str, list[float]]:
@@ -63,22 +65,18 @@ def calibrate(target: Target) -> dict[str, list[float]]:
         _emit(bb, op, name, shapes)
         if op == "reduce":
             _emit(bb, "reduce_torch", f"{name}_torch", shapes)
-    _emit_dispatch(bb)
     tvm_target = target.to_tvm()
     vm = relax.VirtualMachine(build_module(bb.get(), tvm_target, target), tvm.cpu())
     points: dict[str, tuple[list[float], list[float]]] = {}
     for op, name, shapes, moved in cases:
         args = [tvm.runtime.tensor(np.random.randn(*s).astype("float32")) for s in shapes]
-        ms = _time_ms([lambda name=name, args=args: vm[name](*args)])  # inputs just written, as in a model
+        rivals = {"tir": [lambda name=name, args=args: vm[name](*args)]}
         if op == "reduce":
-            ms = min(ms, _time_ms([lambda name=name, args=args: vm[f"{name}_torch"](*args)]))
+            rivals["torch"] = [lambda name=name, args=args: vm[f"{name}_torch"](*args)]
+        ms = min(time_in_turn(rivals).values())
         xs, ys = points.setdefault(op, ([], []))
         xs.append(moved)
         ys.append(ms)
     fitted = {op: list(fit_line(xs, ys)) for op, (xs, ys) in points.items()}
-    a, b = torch.ones(1, 1), torch.ones(1, 1)
-    args = [tvm.runtime.tensor(t.numpy()) for t in (a, b)]
-    extra = _time_ms([lambda: vm["dispatch"](*args)]) - _time_ms([lambda: torch.matmul(a, b)])
-    fitted["dispatch"] = [max(extra, 0.0)]  # ms a dispatched call costs beyond its kernel
     fitted["cold_write"] = [cold_write_gbs()]
     return fitted

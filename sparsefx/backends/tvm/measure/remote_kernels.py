@@ -1,4 +1,4 @@
-"""Cost-model kernels timed on a device behind TVM's RPC tracker (`CostModel(target, rpc=...)`).
+"""Cost-model kernels timed on a device behind TVM's RPC tracker (`CostModel(target, timer=RemoteTimer(...))`).
 
 Such a device has the TVM runtime only, so what runs there is what a model compiled with
 `dispatch=False` runs: each convolution (with the epilogue the model fuses into it: bias,
@@ -9,44 +9,31 @@ kernel of a planning run; results land in the cost model's table for that device
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import tvm
 from tvm import relax
 
-from sparsefx.backends.tvm.compiler import build_module
+from sparsefx.backends.tvm.measure.emit import emit_kernel
+from sparsefx.backends.tvm.pipeline import build_module
 from sparsefx.backends.tvm.remote import connect, upload
-from sparsefx.cost.model import Kernel, _conv_workload
+from sparsefx.cost.kernel import Kernel
+from sparsefx.cost.timing import Times
 from sparsefx.target import Target
-
-_ACTIVATIONS = {"none": lambda t: t, "relu": relax.op.nn.relu, "relu6": lambda t: relax.op.clip(t, 0.0, 6.0),
-                "silu": relax.op.nn.silu}
 
 
 def kernel_module(kernel: Kernel) -> tuple[tvm.IRModule, list[tuple[int, ...]]]:
     """`kernel` as a one-function Relax module `main`, and the shapes of its arguments."""
-    if kernel.op == "conv2d":
-        (sh, sw, ph, pw, dh, dw, groups), (x_shape, w_shape, out_shape), act, residual = _conv_workload(kernel)
-        shapes = [x_shape, w_shape, (1, w_shape[0], 1, 1)] + ([out_shape] if residual else [])
-    else:
-        b, m, k, n = kernel.dims
-        shapes = [(b, m, k), (b, k, n)] if b > 1 else [(m, k), (k, n)]
-    params = [relax.Var(f"a{i}", relax.TensorType(s, "float32")) for i, s in enumerate(shapes)]
     bb = relax.BlockBuilder()
-    with bb.function("main", params):
-        with bb.dataflow():
-            if kernel.op == "conv2d":
-                out = relax.op.add(relax.op.nn.conv2d(params[0], params[1], (sh, sw), (ph, pw, ph, pw), (dh, dw), groups),
-                                   params[2])
-                out = _ACTIVATIONS[act](relax.op.add(out, params[3]) if residual else out)
-            else:
-                out = relax.op.matmul(params[0], params[1])
-            result = bb.emit_output(bb.emit(out))
-        bb.emit_func_output(result)
+    shapes = emit_kernel(bb, "main", kernel)
     return bb.get(), shapes
 
 
-class RemoteKernels:
-    """Times kernels on the device the tracker at `tracker` ("HOST:PORT") serves under `key`.
+class RemoteTimer:
+    """Times kernels on the device the tracker at `tracker` ("HOST:PORT") serves under `key`
+    (`cost.timing.Timer`): one implementation, "tir", timed hot by TVM's time_evaluator (the device
+    runs the TVM runtime only, so weights cannot be cycled as on the host).
 
     The tracker ends a session `session_s` after it began, and a planning run can time kernels for
     longer than that (130 kernels of the built-in ResNet: about a minute): an expired session is
@@ -55,9 +42,20 @@ class RemoteKernels:
     def __init__(self, tracker: str, key: str, target: Target, repeat: int = 5, session_s: int = 60) -> None:
         self.tracker, self.key, self.target, self.repeat = tracker, key, target, repeat
         self.session_s = session_s
+        self.device = f"rpc-{key}"
         self._session = None
 
-    def time(self, kernel: Kernel) -> float:
+    def time(self, kernels: list[Kernel], implementations: Sequence[Sequence[str]] | None = None) -> list[Times]:
+        wanted = implementations if implementations is not None else [("tir",)] * len(kernels)
+        return [{"tir": self.time_one(k)} if "tir" in names else {} for k, names in zip(kernels, wanted, strict=True)]
+
+    def overheads(self) -> dict[str, float]:
+        return {}
+
+    def calibrate(self) -> dict[str, list[float]]:
+        return {}  # the cost model prices element-wise kernels on a device by its roofline
+
+    def time_one(self, kernel: Kernel) -> float:
         """Fastest ms of `kernel` on the device."""
         mod, shapes = kernel_module(kernel)
         executable = build_module(mod, self.target.to_tvm(), self.target)

@@ -1,7 +1,7 @@
 """Measured latency of the sparse kernels, for the cost model.
 
     measure_sparse_latency(spec: Sparsity, rows: int, cols: int, batch: int, target="cpu") -> float
-        Milliseconds (best of several runs) of the TIR kernel computing a Linear layer's
+        Milliseconds (best of several runs, timed as dense kernels are) of the TIR kernel computing a Linear layer's
         out (batch, rows) = x (batch, cols) @ Wᵀ + bias for a weight W with `spec`'s pattern
         and density; a 1×1 conv is the same kernel with batch = images × h × w.
     measure_sparse_latencies(queries: list[tuple[Sparsity, int, int, int]], target="cpu") -> list[float]
@@ -16,16 +16,19 @@ density, shape and batch. Only the host CPU can be timed (CUDA targets raise).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import tvm
 
 from sparsefx.backends.tvm.sparse.kernels import KernelSpec, build, transposed_operands
 from sparsefx.cache import Table, cache_dir
+from sparsefx.cost import timing
 from sparsefx.errors import SparsefxError
 from sparsefx.sparse.masks import Sparsity
 from sparsefx.target import Target, resolve_target
 
-TABLE_VERSION = 1  # bumped when how a kernel is timed changes: older tables are re-measured
+TABLE_VERSION = 2  # bumped when how a kernel is timed changes: older tables are re-measured (v2: cold weights, `time_in_turn`)
 REPEAT = 5  # timed repeats (the best counts: on a shared CPU the minimum is what the kernel can do)
 
 
@@ -71,18 +74,20 @@ def random_operands(spec: KernelSpec, seed: int = 0) -> list[np.ndarray]:
 
 
 def time_kernels(specs: list[KernelSpec], target: tvm.target.Target, repeat: int = REPEAT) -> list[float]:
-    """Build all kernels in one module and time each (ms, best of `repeat`: a benchmark on a
-    busy machine takes more, so that some repeat runs with both cores free)."""
+    """Build all kernels in one module and time each as the cost model times the dense kernels they
+    replace (`cost.timing.time_in_turn`: ms, best of at least `repeat` runs), the sparse weight (its
+    format arrays and bias) cycled through copies spanning `COLD_BYTES`, so it is read from memory
+    as in a model rather than from cache."""
     lib = build(specs, target)
-    device = tvm.cpu(0)
     times = []
     for spec in specs:
-        args = [tvm.runtime.tensor(a) for a in random_operands(spec)] + [tvm.runtime.empty(spec.out_shape, "float32")]
-        timer = lib.mod.time_evaluator(spec.name, device, number=1, repeat=1, min_repeat_ms=20)
-        once = timer(*args).mean  # seconds per run, ~20 ms of runs: sizes the real measurement
-        number = max(1, int(0.01 / max(once, 1e-7)))
-        runs = lib.mod.time_evaluator(spec.name, device, number=number, repeat=repeat)(*args)
-        times.append(float(np.min(runs.results)) * 1e3)
+        run = lib.mod[spec.name]  # looked up once: a lookup costs more than a small kernel
+        x, *weight = random_operands(spec)
+        count = min(256, max(2, timing.COLD_BYTES // sum(a.nbytes for a in weight)))
+        copies = [[tvm.runtime.tensor(a) for a in weight] for _ in range(count)]
+        args = tvm.runtime.tensor(x), tvm.runtime.empty(spec.out_shape, "float32")
+        runs = [functools.partial(run, args[0], *copy, args[1]) for copy in copies]
+        times.append(timing.time_in_turn({"sparse": runs}, rounds=(repeat, max(repeat, timing.ROUNDS[1])))["sparse"])
     return times
 
 

@@ -1,0 +1,86 @@
+"""What the dispatch reads off Relax: the `Kernel` a call runs, and the conv epilogue patterns.
+
+Shared by the dispatch table (which decides per kernel) and the passes that rewrite a decided conv
+with its epilogue (`dispatch.table.epilogue_pass`, `kernels.registry.own_kernel_pass`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+from tvm import relax
+from tvm.relax.dpl import is_const, is_op, wildcard
+
+from sparsefx.backends.tvm.dispatch.math_ops import MATH_OPS
+from sparsefx.cost.kernel import Kernel, conv2d_kernel, matmul_of_shapes
+
+
+def shape_of(expr: relax.Expr) -> list[int]:
+    return [int(d) for d in expr.ty.shape]
+
+
+def kernel_of(call: relax.Call) -> Kernel | None:
+    """The kernel a dispatchable call runs (a conv without its epilogue, a matmul, a math op), or
+    None (unsupported attributes, symbolic shapes, other dtypes)."""
+    if not isinstance(call.op, tvm.ir.Op) or str(getattr(call.ty, "dtype", "")) != "float32":
+        return None
+    try:
+        shapes = [tuple(shape_of(arg)) for arg in call.args] + [tuple(shape_of(call))]
+    except (TypeError, AttributeError):
+        return None
+    if call.op.name in MATH_OPS:
+        attrs = MATH_OPS[call.op.name].attrs(call, len(shapes[0]))
+        return None if attrs is None else Kernel(MATH_OPS[call.op.name].name, shapes[0], attrs)
+    if call.op.name == "relax.nn.conv2d":
+        a = call.attrs
+        pad = [int(v) for v in a.padding]
+        if a.data_layout != "NCHW" or a.kernel_layout != "OIHW" or pad[0] != pad[2] or pad[1] != pad[3]:
+            return None
+        s, d = [int(v) for v in a.strides], [int(v) for v in a.dilation]
+        return conv2d_kernel(shapes[0], shapes[2], int(a.groups), shapes[1][2:], (s[0], s[1]), (pad[0], pad[1]),
+                             (d[0], d[1]), 0)
+    if call.op.name == "relax.matmul" and len(shapes[0]) >= 2 and len(shapes[1]) >= 2:
+        return matmul_of_shapes(*shapes, 0)
+    return None
+
+
+def per_channel(bias: relax.Expr, channels: int) -> bool:
+    return shape_of(bias) in ([1, channels, 1, 1], [channels, 1, 1])
+
+
+def activation_of(expr: relax.Expr) -> str | None:
+    """The activation a matched epilogue ends in ('none' for a bare add); None for a clip other than ReLU6."""
+    name = expr.op.name if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) else ""
+    if name == "relax.clip":
+        bounds = [getattr(a, "value", None) for a in expr.args[1:]]
+        return "relu6" if [float(v) if v is not None else None for v in bounds] == [0.0, 6.0] else None
+    return {"relax.nn.relu": "relu", "relax.nn.silu": "silu"}.get(name, "none")
+
+
+@dataclass(frozen=True)
+class EpiloguePatterns:
+    """Patterns for a conv with its per-channel bias, a residual add and an activation after it, the
+    longest first; `x`, `w`, `b`, `residual`, `conv` name their parts in a match."""
+
+    x: object
+    w: object
+    b: object
+    residual: object
+    conv: object
+    patterns: tuple
+
+
+def epilogue_patterns(x: object = None) -> EpiloguePatterns:
+    """The patterns over a conv whose input matches `x` (any expression by default)."""
+    x, w, b, residual = x or wildcard(), is_const(), is_const(), wildcard()
+    conv = is_op("relax.nn.conv2d")(x, w)
+    biased = is_op("relax.add")(conv, b)
+    # both orders of the add as patterns of their own, not one `|`: a match does not fall back to the
+    # other order when the rewriter turns it down (ResNet-50's relu(conv3 on PyTorch + strided 1x1 on
+    # sparsefx's kernel))
+    summed = (is_op("relax.add")(biased, residual), is_op("relax.add")(residual, biased))
+    activations = (is_op("relax.nn.relu"), is_op("relax.nn.silu"),
+                   lambda t: is_op("relax.clip")(t, wildcard(), wildcard()))
+    patterns = [act(inner) for inner in (*summed, biased) for act in activations] + [*summed, biased]
+    return EpiloguePatterns(x, w, b, residual, conv, tuple(patterns))

@@ -1,0 +1,197 @@
+"""The TVM backend's `Timer` for this host's CPU: what the compiled model can run a kernel on, timed.
+
+Implementations of one kernel (see `cost.timing` for how they are timed):
+- "torch", "torch_prepacked": the PyTorch kernel a dispatched op calls (`dispatch.torch_kernels`),
+  a conv plain or on oneDNN with its weight prepacked, with its bias and epilogue;
+- "depthwise", "pointwise", "direct": sparsefx's own TIR kernel for the conv (`kernels.registry`),
+  all of one kind in one LLVM build;
+- "tir": TVM's default schedule through the model's pipeline, only where the pre-filter
+  (`dispatch.prefilter`) cannot rule it out, or where asked for by name.
+PyTorch's kernels cost the model a call out of the VM beyond their time (`overheads`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import tvm
+from tvm import relax
+
+from sparsefx.backends.tvm.dispatch import prefilter
+from sparsefx.backends.tvm.dispatch.math_ops import BY_NAME
+from sparsefx.backends.tvm.dispatch.torch_kernels import (
+    CONV_EPILOGUE,
+    PREPACK,
+    TORCH_IMPLEMENTATIONS,
+    conv,
+    forget_packed,
+)
+from sparsefx.backends.tvm.kernels import registry as own_kernels
+from sparsefx.backends.tvm.measure.calibrate import calibrate
+from sparsefx.backends.tvm.measure.emit import emit_kernel, operand_shapes
+from sparsefx.backends.tvm.pipeline import build_module
+from sparsefx.cost.kernel import Kernel
+from sparsefx.cost.timing import Times, time_in_turn, weight_copies
+from sparsefx.target import Target
+
+SLOW_MS = 50.0  # a default-TIR kernel that took longer once is not run again: its time is not in doubt
+Build = Callable[[tvm.IRModule, tvm.target.Target], object]
+
+
+@functools.cache
+def call_overhead_ms() -> float:
+    """ms a PyTorch kernel costs the compiled model beyond the kernel itself: the call out through a
+    packed function and the DLPack hand-overs (about 0.01 ms here). TIR kernels are called in place;
+    the decision charges it to PyTorch, so small kernels within it of a TIR one stay in TIR."""
+    x, w, b = torch.ones(1, 1, 1, 1), torch.ones(1, 1, 1, 1), torch.ones(1)
+    packed, args = tvm.get_global_func(CONV_EPILOGUE), [tvm.runtime.tensor(t.numpy()) for t in (x, w, b)]
+    attrs = (1, 1, 0, 0, 1, 1, 1)
+    ms = time_in_turn({"through": [lambda: packed(*args, *attrs, 0, 0)], "direct": [lambda: conv(x, w, b, attrs)]},
+                      rounds=(200, 200))
+    return max(ms["through"] - ms["direct"], 0.0)
+
+
+def own_kernel(kernel: Kernel) -> tuple[str, object] | None:
+    """(kind, spec) of the sparsefx TIR kernel that runs this conv with its bias and epilogue fused, else None."""
+    if kernel.op != "conv2d":
+        return None
+    attrs, shapes = kernel.conv_attrs, kernel.shapes
+    kind = own_kernels.kind_of(attrs, shapes)
+    if kind is None:
+        return None
+    act, residual = kernel.epilogue
+    module = own_kernels.KERNELS[kind]
+    if residual and not module.FUSES_RESIDUAL:
+        return None  # the residual add would be a kernel of its own
+    return kind, module.spec_of(attrs, shapes, act, residual=True) if residual else module.spec_of(attrs, shapes, act)
+
+
+def torch_rivals(kernel: Kernel) -> tuple[dict[str, list[Callable[[], object]]], list[int]]:
+    """The PyTorch runs of `kernel` (one per weight copy) by implementation, and the keys of the
+    prepacked weights they make (to forget after timing)."""
+    if kernel.op in BY_NAME:  # inputs are activations, just written
+        args = [torch.randn(s) for s in operand_shapes(kernel)]
+        return {"torch": [lambda: BY_NAME[kernel.op].run(args, kernel.attrs)]}, []
+    if kernel.op == "matmul":
+        a, b = (torch.randn(s) for s in kernel.shapes[:2])
+        if kernel.dims[0] > 1:  # attention's batched matmuls multiply two activations, both just written
+            return {"torch": [lambda: torch.matmul(a, b)]}, []
+        return {"torch": [functools.partial(torch.matmul, a, w) for w in weight_copies(b.shape)]}, []
+    x_shape, w_shape, out_shape = kernel.shapes
+    act, residual = kernel.epilogue
+    x, b = torch.randn(x_shape), torch.randn(w_shape[0])  # BN folds into the bias
+    add = torch.randn(out_shape) if residual else None
+    weights = weight_copies(w_shape)
+    rivals = {"torch": [functools.partial(conv, x, w, b, kernel.conv_attrs, 0, act, add) for w in weights]}
+    keys = [random.getrandbits(62) or 1 for _ in weights] if PREPACK else []  # names for the packed copies
+    if keys:
+        rivals["torch_prepacked"] = [functools.partial(conv, x, w, b, kernel.conv_attrs, key, act, add)
+                                     for w, key in zip(weights, keys)]
+    return rivals, keys
+
+
+def has_weight(kernel: Kernel) -> bool:
+    """Whether the kernel's second operand is a weight (cycled through copies when timed)."""
+    return kernel.op == "conv2d" or (kernel.op == "matmul" and kernel.dims[0] == 1)
+
+
+class HostTimer:
+    """Times kernels on this host's CPU (`cost.timing.Timer`). `build` compiles a Relax module as the
+    model's pipeline does; `history` holds earlier default-TIR measurements (dispatch table entries)
+    that set the pre-filter's ceilings, and grows with this timer's."""
+
+    device = ""
+
+    def __init__(self, target: Target, build: Build | None = None, history: Iterable[dict] = ()) -> None:
+        self.target = target
+        self.build = build or (lambda mod, tvm_target: build_module(mod, tvm_target, target))
+        self.history = list(history)
+
+    def overheads(self) -> dict[str, float]:
+        return dict.fromkeys(TORCH_IMPLEMENTATIONS, call_overhead_ms())
+
+    def calibrate(self) -> dict[str, list[float]]:
+        return calibrate(self.target)
+
+    def time(self, kernels: list[Kernel], implementations: Sequence[Sequence[str]] | None = None) -> list[Times]:
+        wanted = [set(names) for names in implementations] if implementations is not None else [None] * len(kernels)
+        times = self.time_rivals(kernels, wanted)
+        self.add_default_tir(kernels, times, wanted)
+        return times
+
+    def time_rivals(self, kernels: list[Kernel], wanted: list[set | None]) -> list[Times]:
+        """Each kernel on PyTorch's kernels and its own kernel (all of one kind in one build), in turn."""
+        own = []
+        for kernel, allowed in zip(kernels, wanted, strict=True):
+            found = own_kernel(kernel)
+            own.append(found if found and (allowed is None or found[0] in allowed) else None)
+        libraries = {kind: own_kernels.build(kind, [o[1] for o in own if o and o[0] == kind], self.target.to_tvm())
+                     for kind in dict.fromkeys(o[0] for o in own if o)}
+        times = []
+        with torch.inference_mode():
+            for kernel, allowed, mine in zip(kernels, wanted, own, strict=True):
+                rivals, keys = torch_rivals(kernel)
+                if mine:
+                    rivals[mine[0]] = self.own_runs(libraries[mine[0]], mine[1])
+                rivals = {name: runs for name, runs in rivals.items() if allowed is None or name in allowed}
+                times.append(time_in_turn(rivals) if rivals else {})
+                forget_packed(keys)
+        return times
+
+    @staticmethod
+    def own_runs(library: tvm.runtime.Module, spec: object) -> list[Callable[[], object]]:
+        run = library[spec.name]  # looked up once: a lookup costs 10-80 us, more than small kernels
+        args = [tvm.runtime.tensor(np.random.randn(*shape).astype("float32")) for shape in spec.arg_shapes]
+        weights = [tvm.runtime.tensor(w.numpy()) for w in weight_copies(spec.arg_shapes[1])]
+        return [functools.partial(run, args[0], w, *args[2:]) for w in weights]
+
+    def add_default_tir(self, kernels: list[Kernel], times: list[Times], wanted: list[set | None]) -> None:
+        """Time TVM's default schedule where asked for by name, or (unasked) for kernels no own kernel
+        runs where the pre-filter cannot rule it out; records those in `history`."""
+        asked = [i for i, allowed in enumerate(wanted) if allowed is not None and "tir" in allowed]
+        self.time_tir(kernels, times, asked)
+        open_ = {kernels[i].key: i for i, allowed in enumerate(wanted)
+                 if allowed is None and not set(times[i]) & set(own_kernels.KERNELS)}
+        candidates = [prefilter.Candidate(key, prefilter.op_class(kernels[i]), prefilter.gflop(kernels[i]),
+                                          min(times[i].get(t, math.inf) for t in TORCH_IMPLEMENTATIONS))
+                      for key, i in open_.items()]
+        first = prefilter.calibration(candidates, self.history)
+        self.time_tir(kernels, times, [open_[c.key] for c in first], candidates)
+        ceilings = prefilter.tir_ceilings(self.history)
+        rest = [c for c in candidates if c not in first and prefilter.skip(c, ceilings) is None]
+        self.time_tir(kernels, times, [open_[c.key] for c in rest], candidates)
+        for i, allowed in enumerate(wanted):  # duplicates of a timed kernel
+            if allowed is None and kernels[i].key in open_ and "tir" in times[open_[kernels[i].key]]:
+                times[i]["tir"] = times[open_[kernels[i].key]]["tir"]
+
+    def time_tir(self, kernels: list[Kernel], times: list[Times], picked: list[int],
+                 candidates: list[prefilter.Candidate] = ()) -> None:
+        """Build the `picked` kernels in one module with the model's pipeline and time each."""
+        if not picked:
+            return
+        bb = relax.BlockBuilder()
+        shapes = [emit_kernel(bb, f"k{i}", kernels[i]) for i in picked]
+        vm = relax.VirtualMachine(self.build(bb.get(), self.target.to_tvm()), tvm.cpu())
+        by_key = {c.key: c for c in candidates}
+        for i, arg_shapes in zip(picked, shapes, strict=True):
+            run = vm[f"k{i}"]
+            args = [tvm.runtime.tensor(np.random.randn(*s).astype("float32")) for s in arg_shapes]
+            started = time.perf_counter()
+            run(*args)
+            ms = (time.perf_counter() - started) * 1e3
+            if ms < SLOW_MS:
+                runs = [functools.partial(run, *args)]
+                if has_weight(kernels[i]):
+                    weights = [tvm.runtime.tensor(w.numpy()) for w in weight_copies(arg_shapes[1])]
+                    runs = [functools.partial(run, args[0], w, *args[2:]) for w in weights]
+                ms = time_in_turn({"tir": runs})["tir"]
+            times[i]["tir"] = ms
+            if kernels[i].key in by_key:
+                c = by_key[kernels[i].key]
+                self.history.append({"op_class": c.op_class, "gflop": c.gflop, "tir_ms": ms, "torch_ms": c.torch_ms})

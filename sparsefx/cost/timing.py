@@ -1,0 +1,110 @@
+"""One way to time kernels and one way to pick the implementation that runs them.
+
+A backend implements `Timer` (the TVM backend: `backends/tvm/measure`); the cost model and the
+backend's compiler both call it and both decide with `choose`, so the planner prices exactly the
+implementation the compiler will run. The cost model never imports a backend: whoever builds it
+passes the timer in.
+
+How a kernel is timed (`time_in_turn`): every implementation of one kernel runs in turn, round
+after round, each on a weight cycled through distinct copies (`weight_copies`), and the fastest
+run of each counts. Inside a model a layer's input was just written by its producer but its
+weight was last read one inference ago, with the whole model's data in between: from memory,
+not cache. Cycling copies reproduces that and leaves the code of the call path warm, as it is in
+a model. (Flushing the caches before each run evicted that code too: on an Intel Xeon VM a 1x1
+conv on a 4x4 input took 5 us hot and 67 us after the flush, and MobileNetV2 pruned to half its
+channels was predicted 37% slow. Timed hot, PyTorch's convs looked 2-3x faster than they ran in
+the model and won near-ties they lose there.) Timing the rivals in turn keeps a drift of a
+shared host's speed out of the comparison; on a shared CPU the minimum is what a kernel can do.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
+
+import torch
+
+from sparsefx.cost.kernel import Kernel
+
+Times = dict[str, float]  # implementation name -> ms of one run
+COLD_BYTES = 256 << 20  # what a weight's timed copies span (see `weight_copies`)
+ROUNDS = (5, 15)  # rounds every implementation gets at least, and at most within `BUDGET_S`
+BUDGET_S = 0.25
+
+
+class Timer(Protocol):
+    """Times kernels on one device as a compiled model runs them.
+
+    `device`: "" for this host; otherwise the device's name (the cost model keeps its table apart,
+    and calibrates nothing there)."""
+
+    device: str
+
+    def time(self, kernels: list[Kernel], implementations: Sequence[Sequence[str]] | None = None) -> list[Times]:
+        """ms of each implementation that can run each kernel (only those in `implementations[i]`
+        where given; an implementation that cannot run a kernel is left out of its Times)."""
+        ...
+
+    def overheads(self) -> dict[str, float]:
+        """ms an implementation costs the compiled model per call beyond what `time` measures
+        (a call out of the VM); implementations not listed cost nothing more."""
+        ...
+
+    def calibrate(self) -> dict[str, list[float]]:
+        """{kernel class: [overhead ms, GB/s]} for element-wise, reduce and pool kernels, and
+        {"cold_write": [GB/s]} (see `CostModel.output_ms`)."""
+        ...
+
+
+def charged(times: Times, overheads: Mapping[str, float]) -> Times:
+    """What each implementation costs the model: its time plus its call overhead."""
+    return {impl: ms + overheads.get(impl, 0.0) for impl, ms in times.items()}
+
+
+def choose(times: Times, overheads: Mapping[str, float]) -> str:
+    """The implementation that runs a kernel: the cheapest once call overheads are charged (on a
+    tie, the one listed first). The dispatch and the cost model both decide here."""
+    if not times:
+        raise ValueError("no implementation was timed for this kernel")
+    cost = charged(times, overheads)
+    return min(cost, key=lambda impl: cost[impl])
+
+
+def time_in_turn(rivals: Mapping[str, Sequence[Callable[[], object]]], rounds: tuple[int, int] = ROUNDS,
+                 budget_s: float = BUDGET_S) -> Times:
+    """Fastest ms of each rival, its runs (one per weight copy) taken in turn with the other rivals'
+    round after round, after running every run once (see the module doc)."""
+    names = [name for name, runs in rivals.items() if runs]
+    for name in names:
+        for run in rivals[name]:
+            run()
+    best = dict.fromkeys(names, math.inf)
+    started, done = time.perf_counter(), 0
+    while done < rounds[0] or (done < rounds[1] and time.perf_counter() - started < budget_s):
+        for name in names:
+            runs = rivals[name]
+            run = runs[done % len(runs)]
+            t0 = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - t0)
+        done += 1
+    return {name: ms * 1e3 for name, ms in best.items()}
+
+
+@functools.cache
+def _pool() -> torch.Tensor:
+    """Random float32s that timed weights are cut from (made on first use, not at import)."""
+    return torch.randn(COLD_BYTES // 4)
+
+
+def weight_copies(shape: tuple[int, ...], limit: int = 256) -> list[torch.Tensor]:
+    """Distinct random weights of `shape`, as many as fit in `COLD_BYTES` (at least two), for a
+    timing to cycle through (see the module doc)."""
+    size = math.prod(shape)
+    count = min(limit, max(2, COLD_BYTES // 4 // max(size, 1)))
+    if size * count > _pool().numel():
+        return [torch.randn(shape) for _ in range(count)]
+    return [_pool()[i * size:(i + 1) * size].view(shape) for i in range(count)]
