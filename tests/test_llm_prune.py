@@ -16,7 +16,7 @@ from sparsefx.capture.compare import check_reference, first_tensor, output_error
 from .test_exactness import zero_lowest_classes
 
 transformers = pytest.importorskip("transformers")
-FAMILIES = ["Llama", "Mistral", "Qwen2", "Phi3", "Gemma"]
+FAMILIES = ["Llama", "Mistral", "Qwen2", "Qwen3", "Phi3", "Gemma"]
 HEADS, KV_HEADS, HEAD_DIM = 8, 2, 32
 
 

@@ -25,6 +25,7 @@ import torch.fx
 
 from sparsefx.capture import ops
 from sparsefx.capture.annotate import node_arg
+from sparsefx.channels import layout
 from sparsefx.channels.context import Ctx
 from sparsefx.channels.ids import Factor
 from sparsefx.channels.rules import RULES, passthrough, reduction
@@ -84,9 +85,14 @@ def mean(ctx: Ctx, node: torch.fx.Node) -> list[Factor]:
     dims = ctx.value(node_arg(node, 1, "dim"))
     keepdim = ctx.value(node_arg(node, 2, "keepdim", False))
     last = len(x.shape) - 1 if x is not None else -1
-    channel = next((f for f in x.cmap if f.axes == (last,)), None) if x is not None else None
-    pattern = rms_pattern(ctx, node) if channel is not None and keepdim and dims in ([-1], [last], -1, last) else None
+    over_last = x is not None and keepdim and dims in ([-1], [last], -1, last)
+    channel = next((f for f in x.cmap if f.axes == (last,)), None) if over_last else None
+    pattern = rms_pattern(ctx, node) if channel is not None else None
     if pattern is None:
-        return reduction(ctx, node)
+        # a norm inside each head (Qwen3's q_norm over head_dim): whole heads stay removable units
+        heads = [(f, layout.drop_whole_axes(ctx.uf, f, [last])) for f in x.cmap if last in f.axes] if over_last else []
+        if not heads or any(inside is None for _, inside in heads):
+            return reduction(ctx, node)
+        return [f for f in x.cmap if last not in f.axes] + [inside for _, inside in heads]
     ctx.patch(node, "rms_width", ids=channel.ids, **pattern)
     return [f for f in x.cmap if f is not channel]

@@ -60,6 +60,12 @@ def _absorb(uf: ChannelIds, result: list[Factor], factor: Factor, why: str) -> N
         if other.axes == factor.axes and other.ids.shape == factor.ids.shape:
             uf.union_arrays(other.ids, factor.ids)
             return
+        for big, small in ((other, factor), (factor, other)):
+            inside = drop_whole_axes(uf, big, list(small.axes)) if set(small.axes) < set(big.axes) else None
+            if inside is not None:  # a per-feature weight meets whole heads (Qwen3's q_norm): heads stay units
+                uf.freeze(small.ids, why)
+                result[result.index(other)] = inside
+                return
         if set(factor.axes) < set(other.axes) and _collapse_into(uf, other, factor):
             return
         if set(other.axes) < set(factor.axes) and _collapse_into(uf, factor, other):
