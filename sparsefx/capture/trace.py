@@ -152,11 +152,25 @@ def export_program(model: nn.Module, inputs: tuple, dynamic_batch: bool) -> torc
     for shapes in attempts:
         try:
             # torch.export warns at length about Dim.AUTO specialisations; not actionable here
-            with log.quiet("torch._export", "torch.export"), no_kv_cache(model):
+            with log.quiet("torch._export", "torch.export"), no_kv_cache(model), attributes_restored(model):
                 return torch.export.export(model, inputs, dynamic_shapes=shapes, strict=False)
         except Exception as error:  # retry with static shapes before giving up
             errors.append(error)
     raise TraceError(f"torch.export cannot capture the model: {one_line(errors[-1])}")
+
+
+@contextlib.contextmanager
+def attributes_restored(model: nn.Module) -> Iterator[None]:
+    """Non-strict torch.export runs the model's Python forward on fake tensors: what a forward caches
+    on its modules (Ultralytics' Detect keeps its anchors and strides) would stay behind as fake
+    tensors and break the model's next real call, so every module's attributes are put back."""
+    saved = [(module, dict(vars(module))) for module in model.modules()]
+    try:
+        yield
+    finally:
+        for module, attributes in saved:
+            vars(module).clear()
+            vars(module).update(attributes)
 
 
 def _exported_graph(program: torch.export.ExportedProgram, model: nn.Module) -> torch.fx.GraphModule:

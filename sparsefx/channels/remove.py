@@ -74,6 +74,8 @@ def remove_channels(roots: list[nn.Module], coupling: Coupling, removed: set[int
             _replace_tensor(holders.get(id(tensor), []), tensor, new)
     for node, kind, payload in coupling.patches:
         PATCHERS[kind](gm, node, payload, kept)
+        if kind == "groups" and node.op == "call_function":
+            _set_owner_groups(roots[1:], node, kept.count(payload["rows"]))
     for root in roots:
         for module in root.modules():
             fix = ATTRIBUTES.for_module(module)
@@ -125,6 +127,19 @@ def _patch_groups(gm: torch.fx.GraphModule, node: torch.fx.Node, payload: dict, 
         _set_arg(node, 8, "groups", groups)
     else:
         _set_arg(node, 6, "groups", groups)
+
+
+def _set_owner_groups(roots: list[nn.Module], node: torch.fx.Node, groups: int) -> None:
+    """An exported graph calls aten.conv on a weight some conv module of the user's model owns:
+    that module gets the new groups too, so the user's own forward still runs (a depthwise conv)."""
+    weight = node.args[1]
+    if not (isinstance(weight, torch.fx.Node) and weight.op == "get_attr"):
+        return
+    owner = weight.target.rpartition(".")[0]
+    for root in roots:
+        module = dict(root.named_modules()).get(owner)
+        if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+            module.groups = groups
 
 
 def _patch_norm_groups(gm: torch.fx.GraphModule, node: torch.fx.Node, payload: dict, kept: _Kept) -> None:
