@@ -180,6 +180,7 @@ def test_depthwise_1x1_and_dense_convs_are_also_timed_on_sparsefx_kernels(monkey
 
 
 @pytest.mark.slow
+@pytest.mark.slow
 def test_cli_optimize_replans_until_measured_and_writes_everything(tmp_path, capsys):
     out = tmp_path / "opt"
     assert main(["optimize", "default", "--speedup", "1.3", "--rounds", "2", "--repeat", "4", "--threads", "1",
@@ -194,6 +195,7 @@ def test_cli_optimize_replans_until_measured_and_writes_everything(tmp_path, cap
     assert "measured on this host" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_plan_warns_when_the_machine_no_longer_runs_at_the_speed_its_tables_say(tmp_path):
     model, inputs = load_model("default", input_shape=(1, 3, 32, 32))
     path = tmp_path / "table.json"
