@@ -158,8 +158,6 @@ def test_identifiers_and_code_are_not_results() -> None:
     assert texts == ["1.48", "30", "42", "1,814", "83", "83"]
 
 
-@pytest.mark.xfail(strict=True, reason="the README's results section predates this check (issue 20); it is being "
-                   "rewritten with a link per figure, after which this marker must go")
 def test_readme_results_are_in_the_files_they_link() -> None:
     failures = check(ROOT / "README.md")
     assert not failures, f"{len(failures)} numbers not traceable:\n" + "\n".join(failures)
