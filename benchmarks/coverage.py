@@ -8,6 +8,8 @@ two get their own columns, with the failing step or op where they fail.
 
     python benchmarks/coverage.py                       # all models (hours on a laptop CPU)
     python benchmarks/coverage.py --models resnet18,hf:bert-base --out results
+    python benchmarks/coverage.py --detection            # YOLO, torchvision detectors and segmenters
+    python benchmarks/coverage.py --timm                 # one timm model per family (--families a,b)
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 import torchvision
 from common import RunRecord
+from coverage_sets import detection_models, run_detection, run_timm
 
 import sparsefx
 from sparsefx.backends.export import onnx_error
@@ -149,10 +152,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", help="comma-separated names (torchvision names or hf:NAME); default: all")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output directory (default: benchmarks/results)")
+    parser.add_argument("--detection", action="store_true", help="the detection/segmentation set instead "
+                        "(YOLOv8/YOLO11 n,s; torchvision detectors and segmenters): MACs, parameters, eager latency")
+    parser.add_argument("--timm", action="store_true", help="one timm model per architecture family instead, at 0.5")
+    parser.add_argument("--families", help="with --timm: comma-separated timm families (default: all)")
     args = parser.parse_args(argv)
-    models = args.models.split(",") if args.models else default_models()
     torch.manual_seed(0)
     record = RunRecord(sys.argv)
+    if args.detection or args.timm:
+        summary = (run_timm(args.families.split(",") if args.families else None, 0.5, args.out, record, output_shapes)
+                   if args.timm else run_detection(args.models.split(",") if args.models else detection_models(),
+                                                   RATIOS, args.out, record, output_shapes))
+        print(summary, file=sys.stderr)
+        return 0
+    models = args.models.split(",") if args.models else default_models()
     rows: list[dict] = []
     summary = ""
     for i, name in enumerate(models, 1):
