@@ -180,7 +180,6 @@ def test_depthwise_1x1_and_dense_convs_are_also_timed_on_sparsefx_kernels(monkey
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_cli_optimize_replans_until_measured_and_writes_everything(tmp_path, capsys):
     out = tmp_path / "opt"
     assert main(["optimize", "default", "--speedup", "1.3", "--rounds", "2", "--repeat", "4", "--threads", "1",
