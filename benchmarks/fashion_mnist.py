@@ -20,8 +20,8 @@ import torch
 import sparsefx
 from sparsefx import Gradual, GradualPruner, Iterative, OneShot, Sparsity, finetune
 from sparsefx.backends.eager import measure_latency
-from sparsefx.recovery import evaluate
 from sparsefx.recovery.data import fashion_mnist
+from sparsefx.recovery.evaluate import evaluate
 from sparsefx.recovery.plots import plot_class_drops, plot_tradeoff
 from sparsefx.recovery.zoo import ZOO
 from sparsefx.sparse.masks import allocate, maskable_layers, remove_masks, weight_density

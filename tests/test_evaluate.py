@@ -9,9 +9,8 @@ from torch.utils.data import TensorDataset
 
 import sparsefx
 from sparsefx import SparsefxError
-from sparsefx.recovery import evaluate
 from sparsefx.recovery.data import batches
-from sparsefx.recovery.evaluate import CorruptedLoader, corrupt
+from sparsefx.recovery.evaluate import CorruptedLoader, corrupt, evaluate
 
 
 class Fixed(nn.Module):
