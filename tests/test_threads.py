@@ -89,9 +89,11 @@ def test_running_with_sets_both_pools_and_puts_them_back() -> None:
     assert dict(os.environ) == environment  # TVM_NUM_THREADS was set only while the pool started
 
 
-def test_a_new_thread_keeps_every_core_and_its_pool_a_worker_per_core() -> None:
+def test_a_new_thread_keeps_every_core_and_its_pool_a_worker_per_core(monkeypatch) -> None:
     """TVM's pool, started with its own defaults in a thread, pins that thread to core 0 on x86 (and
     with it every PyTorch thread started later) and holds half the cores' workers."""
+    # a user's TVM_NUM_THREADS wins; the CLI's --threads sets it for its process, and tests run the CLI in this one
+    monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
     seen = {}
 
     def run() -> None:
