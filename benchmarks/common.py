@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from sparsefx import target
+
 LIBRARIES = ("sparsefx", "torch", "torchvision", "apache-tvm", "transformers", "numpy", "torch-pruning")
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,12 +91,7 @@ def git_state() -> dict:
 
 
 def cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
+    return target.cpu_model() or platform.processor() or "unknown"
 
 
 def library_versions() -> dict:

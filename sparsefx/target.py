@@ -97,17 +97,15 @@ def _host_cores() -> int:
 
 
 def _vector_bits() -> int:
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split()
-    except (OSError, IndexError):
-        return 0
+    flags = cpu_flags()
     for flag, bits in (("avx512f", 512), ("avx2", 256), ("avx", 256), ("sse2", 128), ("asimd", 128)):
         if flag in flags:
             return bits
     return 0
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The host CPU's model name (/proc/cpuinfo); empty where the file has none."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -118,7 +116,7 @@ def _cpu_model() -> str:
 
 
 def host_cpu() -> Target:
-    return Target("cpu", "llvm", _host_cpu(), _host_cores(), _vector_bits(), device_name=_cpu_model())
+    return Target("cpu", "llvm", _host_cpu(), _host_cores(), _vector_bits(), device_name=cpu_model())
 
 
 def with_measured_peaks(target: Target) -> Target:
