@@ -55,7 +55,13 @@ def test_mma24_pack_keeps_masked_groups_and_rejects_other_patterns() -> None:
         mma24_pack(NM.from_dense(torch.randn(8, 32), 2, 4))
 
 
-@pytest.mark.parametrize("spec", [MmaSpec(128, 128, 128, "float32"), MmaSpec(192, 64, 64, "float32")])
+PIPELINED = [MmaSpec(128, 256, 128, "float32", bm=128, bn=128, warps_m=2, warps_n=2, stages=3),  # K steps > stages
+             MmaSpec(128, 64, 128, "float32", bm=128, bn=128, warps_m=2, warps_n=4, stages=4),  # 8 warps, 1 K step
+             MmaSpec(128, 192, 128, "float32", bm=64, bn=128, warps_m=2, warps_n=2, stages=2)]  # 2 blocks, 3 K steps
+
+
+@pytest.mark.parametrize("spec", [MmaSpec(128, 128, 128, "float32"), MmaSpec(192, 64, 64, "float32"), *PIPELINED],
+                         ids=lambda s: s.name)
 def test_emulated_kernel_matches_dense(spec: MmaSpec) -> None:
     """The kernel's own index functions, lane by lane, through the PTX-ISA model of mma.sp."""
     _, values, meta = _packed(spec.rows, spec.cols)
@@ -76,6 +82,41 @@ def test_emulation_catches_a_wrong_fragment(monkeypatch: pytest.MonkeyPatch) -> 
     assert np.abs(sparse_mma.emulate(spec, x, values, meta, np.zeros(64, np.float32)) - want).max() > 1e-2
 
 
+def test_emulation_catches_a_wrong_ldmatrix_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = MmaSpec(64, 64, 64, "float32", bm=64, bn=64, warps_m=2, warps_n=2, stages=2)
+    _, values, meta = _packed(64, 64)
+    x = np.random.default_rng(1).standard_normal((64, 64)).astype(np.float16)
+    want = x.astype(np.float32) @ mma24_unpack(values, meta).T
+    np.testing.assert_allclose(sparse_mma.emulate(spec, x, values, meta, np.zeros(64, np.float32)), want,
+                               rtol=1e-4, atol=1e-4)
+    # matrices 1 and 2 swapped: rows g + 8 and columns 4..7 of the compressed tile trade places
+    monkeypatch.setattr(sparse_mma, "_a_ldm", lambda wrow, mi, lane, ks: (wrow + mi * 16 + lane % 8 + lane // 16 * 8,
+                                                                         ks * 8 + lane // 8 % 2 * 4))
+    assert np.abs(sparse_mma.emulate(spec, x, values, meta, np.zeros(64, np.float32)) - want).max() > 1e-2
+
+
+def test_emulation_catches_a_stage_read_before_its_copies_land(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = MmaSpec(64, 256, 64, "float32", bm=64, bn=64, warps_m=2, warps_n=2, stages=3)
+    _, values, meta = _packed(64, 256)
+    x = np.random.default_rng(2).standard_normal((64, 256)).astype(np.float16)
+    want = x.astype(np.float32) @ mma24_unpack(values, meta).T
+    wait = sparse_mma.AsyncCopyModel.wait
+    monkeypatch.setattr(sparse_mma.AsyncCopyModel, "wait", lambda self, n: wait(self, n + 1))  # one group too few
+    assert np.abs(sparse_mma.emulate(spec, x, values, meta, np.zeros(64, np.float32)) - want).max() > 1e-2
+
+
+def test_candidates_tile_their_shape() -> None:
+    for rows, cols, tokens in [(4096, 4096, 4096), (3072, 768, 128), (768, 3072, 512), (11008, 4096, 2048)]:
+        found = sparse_mma.candidates(MmaSpec(rows, cols, tokens))
+        assert found[0].stages == 0 and len({s.name for s in found}) == len(found)
+        assert any(s.stages >= 2 for s in found)
+        for s in found:
+            bm, bn = s.tile
+            assert sparse_mma.refusal(s) is None and rows % bm == 0 and tokens % bn == 0
+            assert s.smem_bytes <= sparse_mma.MAX_SMEM
+    assert all(s.tile[1] <= 128 for s in sparse_mma.candidates(MmaSpec(4096, 4096, 128)))
+
+
 def test_reference_kernel_runs_on_cpu() -> None:
     spec = MmaSpec(64, 128, 64, "float32")
     _, values, meta = _packed(64, 128)
@@ -92,7 +133,8 @@ def test_reference_kernel_runs_on_cpu() -> None:
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_mma_kernel_compiles_and_assembles(arch: str, tmp_path: object) -> None:
-    specs = [MmaSpec(128, 256, 128), MmaSpec(64, 64, 64, "float32")]
+    single = [MmaSpec(128, 256, 128), MmaSpec(64, 64, 64, "float32")]
+    specs = [*single, *sparse_mma.candidates(MmaSpec(256, 256, 256))[1:3]]
     lib = sparse_mma.build(specs, resolve_target(f"cuda:{arch}").to_tvm())
     source = lib.mod.imports[0].inspect_source()
     assert sparse_mma.instruction() in source and all(s.name in source for s in specs)
@@ -100,7 +142,10 @@ def test_mma_kernel_compiles_and_assembles(arch: str, tmp_path: object) -> None:
     # every staging copy moves whole 128-bit words: a (row, col) tuple bound inside the vectorized copy
     # once became a scalar, so 3 of every 4 words were never staged (wrong results on an H200)
     for tile in ("a_s_ptr", "b_s_ptr"):
-        assert source.count(f"*(uint4*)({tile}") >= len(specs)
+        assert source.count(f"*(uint4*)({tile}") >= len(single)
+    # the pipelined kernels: 16-byte cp.async into one dynamic pool, fragments by ldmatrix.x4
+    assert "cp.async.cg.shared.global [%0], [%1], 16;" in source and "cp.async.wait_group 1;" in source
+    assert "ldmatrix.sync.aligned.m8n8.x4.shared.b16" in source and source.count("extern __shared__") == 2
     if shutil.which("nvcc") is None:
         pytest.skip("no nvcc: the CUDA source was generated but not assembled")
     path = tmp_path / "k.cu"
@@ -112,8 +157,12 @@ def test_mma_kernel_compiles_and_assembles(arch: str, tmp_path: object) -> None:
 
 def test_unsupported_shapes_are_refused() -> None:
     assert not sparse_mma.supported(96, 64, 64) and not sparse_mma.supported(64, 48, 64)
-    with pytest.raises(ValueError):
-        sparse_mma.kernel(MmaSpec(64, 64, 32))
+    target = resolve_target("cuda:sm_90").to_tvm()
+    for spec in [MmaSpec(64, 64, 32), MmaSpec(768, 3072, 128, bm=128, bn=256, warps_m=2, warps_n=4, stages=3),
+                 MmaSpec(256, 256, 256, bm=256, bn=256, warps_m=2, warps_n=2, stages=4)]:  # too much shared memory
+        with pytest.raises(sparse_mma.UnsupportedMmaShape) as caught:
+            sparse_mma.build([spec], target)
+        assert isinstance(caught.value, SparsefxError) and "\n" not in str(caught.value)
 
 
 def test_fp16_24_linear_lowers_to_mma_operands() -> None:

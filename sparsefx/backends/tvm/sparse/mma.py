@@ -14,7 +14,8 @@ and metadata, giving each lane its fragment registers, tiling, shared memory and
 The kernel: out (N, M) = x (N, K) @ Wᵀ + bias for a 2:4 weight W (M × K), fp16 inputs, fp32
 accumulation, output fp16 or fp32. W is operand A of `mma.sp.sync.aligned.m16n8k32.row.col.
 f32.f16.f16.f32` (the sparse operand must be A), xᵀ is B in its `.col` layout, which is x's own
-row-major layout, so neither operand is transposed. A block of 128 threads (4 warps, 2 × 2) owns a
+row-major layout, so neither operand is transposed. The single-buffered kernel (`stages` 0, the
+default): a block of 128 threads (4 warps, 2 × 2) owns a
 BM × BN tile of Wx (BM, BN ∈ {128, 64}); each warp a (BM/2) × (BN/2) tile of m16n8 accumulators.
 Per BK = 64 columns of K it stages the compressed values (BM × 32 fp16), x (BN × 64 fp16) and the
 metadata in shared memory (128-bit loads, rows padded so fragment reads are conflict-free), then
@@ -24,53 +25,130 @@ the same as upstream TVM's `tests/python/tir-base/test_tir_ptx_mma_sp.py`); `spa
 mma24_pack` documents the metadata words. Variant `sp::ordered_metadata` (indices sorted, which
 `NM` guarantees) when nvcc is 12.5 or newer, else plain `sp`.
 
-Verified here (no GPU): the packing round trip, the TIR kernel compiles to CUDA for sm_80 and
-sm_90 and nvcc accepts the `mma.sp` it contains, and `emulate` (numpy) — which walks the kernel's
+The pipelined kernel (`MmaSpec.stages` >= 2; `candidates(spec)` lists the configs worth timing
+per shape, the single-buffered one first as the fallback). A bm × bn block tile of warps_m ×
+warps_n warps (e.g. 128 × 128 on 2 × 4), `stages` copies of the three BK tiles in one dynamic
+shared-memory pool (`shared.dyn`, up to `MAX_SMEM`; TVM's CUDA runtime raises the per-kernel
+limit above 48 KiB at launch). Global → shared by `cp.async.cg.shared.global` (16 bytes, one
+commit group per K step, the load of step ko + stages - 1 issued right after the one barrier of
+step ko so it overlaps that step's mma.sp), fragments by `ldmatrix.sync.aligned.m8n8.x4` for both
+operands: the m16n8k32 A and B registers are four 8 × 8 b16 matrices each (A: rows g / g + 8 ×
+word columns 0-3 / 4-7 of a k32 step, B: token rows × k8 blocks), so one x4 per m16 or n8 tile,
+and the padded row strides (80 and 144 bytes) keep each 8-row phase on distinct banks. The
+buffers are views of the one pool: a buffer of its own is compacted to the elements the TIR
+indexes, and the 16-byte copies and ldmatrix rows index only each row's first word.
+
+Verified here (no GPU): the packing round trip, the TIR kernels compile to CUDA for sm_80 and
+sm_90, nvcc / nvrtc accept them (no spills), and `emulate` (numpy) — which walks the kernel's
 own index functions lane by lane through a model of `mma.sp` written from the PTX ISA fragment
-tables — matches the dense product. Verified on an H200 (`benchmarks/gpu_backend.py`): the
-output matches the fp32 product within 4e-4 (fp16 output) on 4096³ and BERT-base's MLP shapes;
-speed is 0.35-0.44x cuBLAS dense fp16, about even (0.99-1.46x) on 3072x768 at 128 tokens (single-buffered,
-no cp.async or ldmatrix yet). The emulation could not catch that binding `r, c = _a_copy(...)`
-inside a vectorized loop left a scalar index (one word staged of every four); the copies now
-index inline.
+tables, and for the pipelined kernel through models of ldmatrix.x4 and of cp.async groups that
+land only at their `wait_group` — matches the dense product. Verified on an H200
+(`benchmarks/gpu_backend.py`), single-buffered kernel only: the output matches the fp32 product
+within 4e-4 (fp16 output) on 4096³ and BERT-base's MLP shapes; speed is 0.35-0.44x cuBLAS dense
+fp16, about even (0.99-1.46x) on 3072x768 at 128 tokens. The pipelined kernel has not run on a
+GPU yet. The emulation could not catch that binding `r, c = _a_copy(...)` inside a vectorized
+loop left a scalar index (one word staged of every four); the copies now index inline.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import tvm
 from tvm.script import tirx as T
+
+from sparsefx.errors import SparsefxError
 
 OPAQUE = 8  # relax OpPatternKind.kOpaque
 THREADS = 128  # 4 warps, 2 × 2 over the block tile
 BK = 64  # dense K per shared-memory stage (two k32 mma.sp steps)
 A_LD = BK // 4 + 4  # uint32 row stride of the staged values: 16 + 4 pad, conflict-free fragment reads
 B_LD = BK // 2 + 4  # uint32 row stride of the staged x rows: 32 + 4 pad
+MAX_SMEM = 160 * 1024  # dynamic shared memory per block an A100 (163 KiB) and an H100/H200 (227 KiB) both grant
+COPY = "cp.async.cg.shared.global"  # 16 bytes, global -> shared, bypassing L1
+LDMATRIX = "ldmatrix.sync.aligned.m8n8.x4.shared.b16"
 
 
 @dataclass(frozen=True)
 class MmaSpec:
-    """out (tokens, rows) = x (tokens, cols) @ Wᵀ + bias, W 2:4 along cols."""
+    """out (tokens, rows) = x (tokens, cols) @ Wᵀ + bias, W 2:4 along cols. `stages` 0 is the
+    single-buffered kernel (its own tile rule; bm, bn, warps ignored); 2 or more the cp.async /
+    ldmatrix pipeline on a bm × bn block tile of warps_m × warps_n warps. Flat ints, so the
+    Relax pass can carry the spec as JSON."""
 
     rows: int
     cols: int
     tokens: int
     out_dtype: str = "float16"
+    bm: int = 128
+    bn: int = 128
+    warps_m: int = 2
+    warps_n: int = 2
+    stages: int = 0
 
     @property
     def tile(self) -> tuple[int, int]:
+        if self.stages:
+            return self.bm, self.bn
         return (128 if self.rows % 128 == 0 else 64), (128 if self.tokens % 128 == 0 else 64)
 
     @property
     def name(self) -> str:
-        return f"sparse_mma24_{self.rows}x{self.cols}_t{self.tokens}_{self.out_dtype}"
+        base = f"sparse_mma24_{self.rows}x{self.cols}_t{self.tokens}_{self.out_dtype}"
+        if not self.stages:
+            return base
+        return f"{base}_b{self.bm}x{self.bn}_w{self.warps_m}x{self.warps_n}_s{self.stages}"
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps_m * self.warps_n if self.stages else THREADS
+
+    @property
+    def smem_bytes(self) -> int:
+        """Shared memory of the pipelined kernel: `stages` copies of the values, x and metadata tiles."""
+        bm, bn = self.tile
+        return 4 * max(self.stages, 1) * (bm * A_LD + bn * B_LD + bm // 16 * (BK // 32) * 16)
+
+
+class UnsupportedMmaShape(SparsefxError):
+    """The mma.sp kernel cannot tile this shape with this configuration."""
+
+
+def refusal(s: MmaSpec) -> str | None:
+    """Why `s` cannot be built (one line), or None."""
+    bm, bn = s.tile
+    if min(s.rows, s.cols, s.tokens) <= 0 or s.cols % BK:
+        return f"mma.sp kernel needs cols % {BK} == 0 and positive sizes, got {s.rows}x{s.cols} at {s.tokens} tokens"
+    if s.rows % bm or s.tokens % bn:
+        return (f"mma.sp tile {bm}x{bn} does not divide rows {s.rows} x tokens {s.tokens}; "
+                "pick a config from candidates() or the single-buffered kernel (stages=0)")
+    if s.stages:
+        wm, wn = bm // s.warps_m, bn // s.warps_n
+        if s.stages < 2 or wm % 16 or wn % 8 or bm * bn % (wm * wn) or s.threads > 1024:
+            return f"mma.sp config {s.name} is malformed: stages >= 2, warp tile a multiple of 16 x 8"
+        if s.smem_bytes > MAX_SMEM:
+            return f"mma.sp config {s.name} needs {s.smem_bytes} B of shared memory (> {MAX_SMEM}); fewer stages"
+    return None
 
 
 def supported(rows: int, cols: int, tokens: int) -> bool:
-    """Whether the kernel covers these shapes: whole 64 × 64 tiles and whole BK stages."""
+    """Whether the single-buffered kernel covers these shapes: whole 64 × 64 tiles and whole BK stages."""
     return rows % 64 == 0 and tokens % 64 == 0 and cols % BK == 0 and min(rows, cols, tokens) > 0
+
+
+def candidates(s: MmaSpec) -> list[MmaSpec]:
+    """Configs worth timing for `s`'s shape, the single-buffered kernel first (the fallback);
+    only those that tile the shape. Big tiles for big grids, smaller ones where the grid would
+    leave SMs idle (132 on an H200)."""
+    configs = [(128, 128, 2, 2, 3), (128, 128, 2, 4, 3), (128, 256, 2, 4, 3), (256, 128, 4, 2, 3),
+               (128, 128, 2, 2, 4), (64, 128, 2, 2, 4), (128, 64, 2, 2, 4), (64, 64, 2, 2, 4)]
+    found = [replace(s, stages=0)] if supported(s.rows, s.cols, s.tokens) else []
+    for bm, bn, wm, wn, stages in configs:
+        spec = replace(s, bm=bm, bn=bn, warps_m=wm, warps_n=wn, stages=stages)
+        if refusal(spec) is None:
+            found.append(spec)
+    return found
 
 
 def _variant() -> str:
@@ -122,10 +200,33 @@ def _c_frag(wrow, wcol, mi, ni, g, t, i):  # noqa: ANN001, ANN202 — accumulato
     return wrow + mi * 16 + g + i // 2 * 8, wcol + ni * 8 + t * 2 + i % 2
 
 
+def _e_quad(q):  # noqa: ANN001, ANN202 — pipelined kernel: metadata quad q → (m16 tile, k32 step, first word)
+    return q // 8, q // 4 % 2, q % 4 * 4
+
+
+def _staged(stage, index):  # noqa: ANN001, ANN202 — a tile index in pipeline stage `stage`
+    return (stage, *index)
+
+
+def _a_ldm(wrow, mi, lane, ks):  # noqa: ANN001, ANN202 — row address lane gives ldmatrix.x4 for A (matrix lane // 8)
+    return wrow + mi * 16 + lane % 8 + lane // 8 % 2 * 8, ks * 8 + lane // 16 * 4
+
+
+def _b_ldm(wcol, ni, lane, ks):  # noqa: ANN001, ANN202 — row address lane gives ldmatrix.x4 for B
+    return wcol + ni * 8 + lane % 8, ks * 16 + lane // 8 * 4
+
+
+def _warp_origin(warp, s):  # noqa: ANN001, ANN202 — (first W row, first token) of a warp's tile in the block tile
+    bm, bn = s.tile
+    return warp // s.warps_n * (bm // s.warps_m), warp % s.warps_n * (bn // s.warps_n)
+
+
 def kernel(s: MmaSpec, variant: str | None = None) -> tvm.tirx.PrimFunc:
     """The scheduled CUDA PrimFunc (x, values, meta, bias, out) of `s`; see the module docstring."""
-    if not supported(s.rows, s.cols, s.tokens):
-        raise ValueError(f"mma.sp kernel needs rows, tokens % 64 == 0 and cols % {BK} == 0, got {s}")
+    if (why := refusal(s)) is not None:
+        raise UnsupportedMmaShape(why)
+    if s.stages:
+        return _pipelined(s, instruction(variant))
     M, K, N = s.rows, s.cols, s.tokens  # noqa: N806
     bm, bn = s.tile
     wm, wn = bm // 2, bn // 2
@@ -196,6 +297,98 @@ def kernel(s: MmaSpec, variant: str | None = None) -> tvm.tirx.PrimFunc:
     return f.with_attr({"op_pattern": OPAQUE, "tirx.is_scheduled": True, "tirx.noalias": True})
 
 
+def _pipelined(s: MmaSpec, chain: str) -> tvm.tirx.PrimFunc:
+    """cp.async into `s.stages` shared-memory stages (a load `stages - 1` steps ahead of the
+    mma.sp that read it), ldmatrix.x4 for both operands' fragments, one barrier per BK step."""
+    M, K, N = s.rows, s.cols, s.tokens  # noqa: N806
+    bm, bn = s.tile
+    stages, threads, kt = s.stages, s.threads, K // BK
+    mt, nt = bm // s.warps_m // 16, bn // s.warps_n // 8
+    a_quads, b_quads, e_quads = bm * BK // 16, bn * BK // 8, bm // 16 * (BK // 32) * 4
+    a_size, b_size = stages * bm * A_LD, stages * bn * B_LD
+    pool_size = s.smem_bytes // 4
+
+    @T.macro
+    def load(a_s, b_s, e_s, V32, X32, E, tid, by, bx, stage, ko):  # noqa: ANN001, ANN202, N803
+        for it in T.unroll((a_quads + threads - 1) // threads):
+            if it * threads + tid < a_quads:
+                T.ptx[COPY](T.address_of(a_s[_staged(stage, _a_copy(it * threads + tid, 0))]),
+                            T.address_of(V32[_offset(_a_copy(it * threads + tid, 0), by * bm, ko * (BK // 4))]), 16)
+        for it in T.unroll((b_quads + threads - 1) // threads):
+            if it * threads + tid < b_quads:
+                T.ptx[COPY](T.address_of(b_s[_staged(stage, _b_copy(it * threads + tid, 0))]),
+                            T.address_of(X32[_offset(_b_copy(it * threads + tid, 0), bx * bn, ko * (BK // 2))]), 16)
+        for it in T.unroll((e_quads + threads - 1) // threads):
+            if it * threads + tid < e_quads:
+                T.ptx[COPY](T.address_of(e_s[_staged(stage, _e_quad(it * threads + tid))]),
+                            T.address_of(E[by * (bm // 16) + _e_quad(it * threads + tid)[0],
+                                           ko * (BK // 32) + _e_quad(it * threads + tid)[1],
+                                           _e_quad(it * threads + tid)[2]]), 16)
+
+    @T.prim_func(private=True)
+    def f(X: T.Buffer((N, K), "float16"), V: T.Buffer((M, K // 2), "float16"),
+          E: T.Buffer((M // 16, K // 32, 16), "uint32"), bias: T.Buffer((M,), "float32"),
+          out: T.Buffer((N, M), s.out_dtype)):
+        X32 = T.decl_buffer((N, K // 2), "uint32", data=X.data)
+        V32 = T.decl_buffer((M, K // 4), "uint32", data=V.data)
+        for by in T.thread_binding(M // bm, "blockIdx.y"):
+            for bx in T.thread_binding(N // bn, "blockIdx.x"):
+                for tid in T.thread_binding(threads, "threadIdx.x"):
+                    # one dynamic pool viewed as three tiles: views keep their padded strides (a
+                    # buffer of its own would be compacted to the elements indexed, and the
+                    # 16-byte copies and ldmatrix rows index only each row's first word)
+                    pool = T.alloc_buffer((pool_size,), "uint32", scope="shared.dyn")
+                    a_s = T.decl_buffer((stages, bm, A_LD), "uint32", data=pool.data, scope="shared.dyn")
+                    b_s = T.decl_buffer((stages, bn, B_LD), "uint32", data=pool.data, elem_offset=a_size,
+                                        scope="shared.dyn")
+                    e_s = T.decl_buffer((stages, bm // 16, BK // 32, 16), "uint32", data=pool.data,
+                                        elem_offset=a_size + b_size, scope="shared.dyn")
+                    acc = T.alloc_local((mt, nt, 4), "float32")
+                    af = T.alloc_local((mt, 4), "uint32")
+                    bf = T.alloc_local((nt, 4), "uint32")
+                    ef = T.alloc_local((mt,), "uint32")
+                    wrow: T.let = _warp_origin(tid // 32, s)[0]
+                    wcol: T.let = _warp_origin(tid // 32, s)[1]
+                    lane: T.let = tid % 32
+                    for mi, ni, i in T.grid(mt, nt, 4):
+                        acc[mi, ni, i] = T.float32(0)
+                    for p in T.unroll(stages - 1):
+                        if p < kt:
+                            load(a_s, b_s, e_s, V32, X32, E, tid, by, bx, p, p)
+                        T.ptx["cp.async.commit_group"]()
+                    for ko in range(kt):
+                        T.ptx["cp.async.wait_group"](stages - 2)
+                        # step ko's tiles are in; every warp is past step ko - 1, whose stage the next load reuses
+                        T.tvm_storage_sync("shared")
+                        if ko + stages - 1 < kt:
+                            load(a_s, b_s, e_s, V32, X32, E, tid, by, bx, (ko + stages - 1) % stages, ko + stages - 1)
+                        T.ptx["cp.async.commit_group"]()  # empty groups at the tail keep the count uniform
+                        for ks in T.unroll(BK // 32):
+                            for ni in T.unroll(nt):
+                                T.ptx[LDMATRIX](bf[ni, 0], bf[ni, 1], bf[ni, 2], bf[ni, 3],
+                                                T.address_of(b_s[_staged(ko % stages, _b_ldm(wcol, ni, lane, ks))]))
+                            for mi in T.unroll(mt):
+                                T.ptx[LDMATRIX](af[mi, 0], af[mi, 1], af[mi, 2], af[mi, 3],
+                                                T.address_of(a_s[_staged(ko % stages, _a_ldm(wrow, mi, lane, ks))]))
+                                ef[mi] = e_s[_staged(ko % stages, _e_frag(wrow, mi, lane // 4, lane % 4, ks))]
+                            for mi in T.unroll(mt):
+                                for ni in T.unroll(nt):
+                                    T.ptx[chain](acc[mi, ni, 0], acc[mi, ni, 1], acc[mi, ni, 2], acc[mi, ni, 3],
+                                                 af[mi, 0], af[mi, 1], af[mi, 2], af[mi, 3],
+                                                 bf[ni, 0], bf[ni, 1], bf[ni, 2], bf[ni, 3],
+                                                 acc[mi, ni, 0], acc[mi, ni, 1], acc[mi, ni, 2], acc[mi, ni, 3],
+                                                 ef[mi], 0)
+                    for mi in T.unroll(mt):
+                        for ni in T.unroll(nt):
+                            for i in T.unroll(4):
+                                out[bx * bn + _c_frag(wrow, wcol, mi, ni, lane // 4, lane % 4, i)[1],
+                                    by * bm + _c_frag(wrow, wcol, mi, ni, lane // 4, lane % 4, i)[0]] = T.Cast(
+                                    s.out_dtype,
+                                    acc[mi, ni, i] + bias[by * bm + _c_frag(wrow, wcol, mi, ni, lane // 4, lane % 4, i)[0]])
+
+    return f.with_attr({"op_pattern": OPAQUE, "tirx.is_scheduled": True, "tirx.noalias": True})
+
+
 def build(specs: list[MmaSpec], target: tvm.target.Target, variant: str | None = None) -> tvm.runtime.Module:
     funcs = {s.name: kernel(s, variant).with_attr("global_symbol", s.name) for s in dict.fromkeys(specs)}
     return tvm.compile(tvm.IRModule(funcs), target)
@@ -255,6 +448,10 @@ def emulate(s: MmaSpec, x: np.ndarray, values: np.ndarray, meta: np.ndarray, bia
     wm, wn = bm // 2, bn // 2
     x32 = np.ascontiguousarray(x, np.float16).view(np.uint32)
     v32 = np.ascontiguousarray(values, np.float16).view(np.uint32)
+    if (why := refusal(s)) is not None:
+        raise UnsupportedMmaShape(why)
+    if s.stages:
+        return _emulate_pipelined(s, x32, v32, meta, bias)
     out = np.full((N, M), np.nan, np.float32)
     for by in range(M // bm):
         for bx in range(N // bn):
@@ -295,6 +492,100 @@ def emulate(s: MmaSpec, x: np.ndarray, values: np.ndarray, meta: np.ndarray, bia
                         for i in range(4):
                             r, c = _c_frag(wrow, wcol, mi, ni, lane // 4, lane % 4, i)
                             out[bx * bn + c, by * bm + r] = acc[tid, mi, ni, i] + bias[by * bm + r]
+    return out
+
+
+def _ldmatrix_x4(tile: np.ndarray, rows: list[tuple]) -> np.ndarray:
+    """What `ldmatrix...m8n8.x4.b16` gives 32 lanes (32, 4) b32: register j of lane l is word l % 4
+    of the 16-byte row whose address lane 8j + l // 4 supplied (`rows[lane]` = (row, first word))."""
+    out = np.zeros((32, 4), np.uint32)
+    for lane in range(32):
+        for j in range(4):
+            r, c = rows[8 * j + lane // 4]
+            out[lane, j] = tile[r, c + lane % 4]
+    return out
+
+
+class AsyncCopyModel:
+    """cp.async as the PTX ISA orders it: a copy lands only when a `cp.async.wait_group n` retires
+    its group (all but the newest n committed), so a stage read early or overwritten too soon shows."""
+
+    def __init__(self) -> None:
+        self.pending: list = []
+        self.groups: list[list] = []
+
+    def copy(self, tile: np.ndarray, index: tuple, words: np.ndarray) -> None:
+        self.pending.append((tile, index, words))
+
+    def commit(self) -> None:
+        self.groups.append(self.pending)
+        self.pending = []
+
+    def wait(self, n: int) -> None:
+        while len(self.groups) > n:
+            for tile, (*head, c), words in self.groups.pop(0):
+                tile[(*head, slice(c, c + 4))] = words
+
+
+def _emulate_load(s: MmaSpec, copies: AsyncCopyModel, tiles: tuple, operands: tuple, block: tuple[int, int],
+                  stage: int, ko: int) -> None:
+    """Every thread's cp.async of K step `ko` into `stage`, through the kernel's copy index functions."""
+    (a_s, b_s, e_s), (x32, v32, meta), (by, bx) = tiles, operands, block
+    bm, bn = s.tile
+    for tid in range(s.threads):
+        for q in range(tid, bm * BK // 16, s.threads):
+            r, c = _offset(_a_copy(q, 0), by * bm, ko * (BK // 4))
+            copies.copy(a_s, _staged(stage, _a_copy(q, 0)), v32[r, c:c + 4])
+        for q in range(tid, bn * BK // 8, s.threads):
+            r, c = _offset(_b_copy(q, 0), bx * bn, ko * (BK // 2))
+            copies.copy(b_s, _staged(stage, _b_copy(q, 0)), x32[r, c:c + 4])
+        for q in range(tid, bm // 16 * (BK // 32) * 4, s.threads):
+            m16, k32, w = _e_quad(q)
+            copies.copy(e_s, _staged(stage, _e_quad(q)), meta[by * (bm // 16) + m16, ko * (BK // 32) + k32, w:w + 4])
+
+
+def _emulate_pipelined(s: MmaSpec, x32: np.ndarray, v32: np.ndarray, meta: np.ndarray,
+                       bias: np.ndarray) -> np.ndarray:
+    """The pipelined kernel's schedule in numpy, step for step (prologue, wait, barrier, next
+    load, mma.sp on stage ko % stages), fragments through the ldmatrix model."""
+    M, K, N = s.rows, s.cols, s.tokens  # noqa: N806
+    bm, bn = s.tile
+    stages, threads, kt = s.stages, s.threads, K // BK
+    mt, nt = bm // s.warps_m // 16, bn // s.warps_n // 8
+    out = np.full((N, M), np.nan, np.float32)
+    for by, bx in np.ndindex(M // bm, N // bn):
+        tiles = (np.zeros((stages, bm, A_LD), np.uint32), np.zeros((stages, bn, B_LD), np.uint32),
+                 np.zeros((stages, bm // 16, BK // 32, 16), np.uint32))
+        a_s, b_s, e_s = tiles
+        copies = AsyncCopyModel()
+        acc = np.zeros((threads, mt, nt, 4), np.float32)
+        for p in range(stages - 1):
+            if p < kt:
+                _emulate_load(s, copies, tiles, (x32, v32, meta), (by, bx), p, p)
+            copies.commit()
+        for ko in range(kt):
+            copies.wait(stages - 2)
+            if ko + stages - 1 < kt:
+                _emulate_load(s, copies, tiles, (x32, v32, meta), (by, bx), (ko + stages - 1) % stages, ko + stages - 1)
+            copies.commit()
+            st = ko % stages
+            for warp in range(threads // 32):
+                tids = np.arange(warp * 32, warp * 32 + 32)
+                wrow, wcol = _warp_origin(warp, s)
+                for ks in range(BK // 32):
+                    bf = [_ldmatrix_x4(b_s[st], [_b_ldm(wcol, ni, lane, ks) for lane in range(32)])
+                          for ni in range(nt)]
+                    for mi in range(mt):
+                        a = _ldmatrix_x4(a_s[st], [_a_ldm(wrow, mi, lane, ks) for lane in range(32)])
+                        e = np.array([e_s[_staged(st, _e_frag(wrow, mi, lane // 4, lane % 4, ks))]
+                                      for lane in range(32)], np.uint32)
+                        for ni in range(nt):
+                            acc[tids, mi, ni] = mma_sp_m16n8k32(a, bf[ni], acc[tids, mi, ni], e)
+        for tid in range(threads):
+            wrow, wcol = _warp_origin(tid // 32, s)
+            for mi, ni, i in np.ndindex(mt, nt, 4):
+                r, c = _c_frag(wrow, wcol, mi, ni, tid % 32 // 4, tid % 4, i)
+                out[bx * bn + c, by * bm + r] = acc[tid, mi, ni, i] + bias[by * bm + r]
     return out
 
 
