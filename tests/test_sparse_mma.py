@@ -57,7 +57,8 @@ def test_mma24_pack_keeps_masked_groups_and_rejects_other_patterns() -> None:
 
 PIPELINED = [MmaSpec(128, 256, 128, "float32", bm=128, bn=128, warps_m=2, warps_n=2, stages=3),  # K steps > stages
              MmaSpec(128, 64, 128, "float32", bm=128, bn=128, warps_m=2, warps_n=4, stages=4),  # 8 warps, 1 K step
-             MmaSpec(128, 192, 128, "float32", bm=64, bn=128, warps_m=2, warps_n=2, stages=2)]  # 2 blocks, 3 K steps
+             MmaSpec(128, 192, 128, "float32", bm=64, bn=128, warps_m=2, warps_n=2, stages=2),  # 2 blocks, 3 K steps
+             MmaSpec(128, 128, 128, "float32", bm=128, bn=128, warps_m=2, warps_n=4, stages=3, staged_out=True)]
 
 
 @pytest.mark.parametrize("spec", [MmaSpec(128, 128, 128, "float32"), MmaSpec(192, 64, 64, "float32"), *PIPELINED],
@@ -146,6 +147,7 @@ def test_mma_kernel_compiles_and_assembles(arch: str, tmp_path: object) -> None:
     # the pipelined kernels: 16-byte cp.async into one dynamic pool, fragments by ldmatrix.x4
     assert "cp.async.cg.shared.global [%0], [%1], 16;" in source and "cp.async.wait_group 1;" in source
     assert "ldmatrix.sync.aligned.m8n8.x4.shared.b16" in source and source.count("extern __shared__") == 2
+    assert specs[-1].staged_out and "*(half4*)(out_ptr" in source and "make_ulonglong4" not in source
     if shutil.which("nvcc") is None:
         pytest.skip("no nvcc: the CUDA source was generated but not assembled")
     path = tmp_path / "k.cu"

@@ -68,6 +68,8 @@ B_LD = BK // 2 + 4  # uint32 row stride of the staged x rows: 32 + 4 pad
 MAX_SMEM = 160 * 1024  # dynamic shared memory per block an A100 (163 KiB) and an H100/H200 (227 KiB) both grant
 COPY = "cp.async.cg.shared.global"  # 16 bytes, global -> shared, bypassing L1
 LDMATRIX = "ldmatrix.sync.aligned.m8n8.x4.shared.b16"
+OUT_LANES = 4  # staged output: one 16-byte shared load and one 8 (fp16) or 16-byte store per chunk (TVM renders
+# an 8-lane uint32 vector as a broken ulonglong4, so 8 fp16 per store is not on offer)
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ class MmaSpec:
     warps_m: int = 2
     warps_n: int = 2
     stages: int = 0
+    staged_out: bool = False  # pipelined only: the tile goes out through shared memory, coalesced
 
     @property
     def tile(self) -> tuple[int, int]:
@@ -98,7 +101,8 @@ class MmaSpec:
         base = f"sparse_mma24_{self.rows}x{self.cols}_t{self.tokens}_{self.out_dtype}"
         if not self.stages:
             return base
-        return f"{base}_b{self.bm}x{self.bn}_w{self.warps_m}x{self.warps_n}_s{self.stages}"
+        out = "_so" if self.staged_out else ""
+        return f"{base}_b{self.bm}x{self.bn}_w{self.warps_m}x{self.warps_n}_s{self.stages}{out}"
 
     @property
     def threads(self) -> int:
@@ -129,7 +133,12 @@ def refusal(s: MmaSpec) -> str | None:
             return f"mma.sp config {s.name} is malformed: stages >= 2, warp tile a multiple of 16 x 8"
         if s.smem_bytes > MAX_SMEM:
             return f"mma.sp config {s.name} needs {s.smem_bytes} B of shared memory (> {MAX_SMEM}); fewer stages"
+        if s.staged_out and (bn * (bm + 4) * 4 > s.smem_bytes or bm * bn // OUT_LANES % s.threads):
+            return f"mma.sp config {s.name}: the output tile does not fit the stages' pool; staged_out=False"
+    elif s.staged_out:
+        return "mma.sp staged_out needs the pipelined kernel (stages >= 2)"
     return None
+
 
 
 def supported(rows: int, cols: int, tokens: int) -> bool:
@@ -144,10 +153,12 @@ def candidates(s: MmaSpec) -> list[MmaSpec]:
     configs = [(128, 128, 2, 2, 3), (128, 128, 2, 4, 3), (128, 256, 2, 4, 3), (256, 128, 4, 2, 3),
                (128, 128, 2, 2, 4), (64, 128, 2, 2, 4), (128, 64, 2, 2, 4), (64, 64, 2, 2, 4)]
     found = [replace(s, stages=0)] if supported(s.rows, s.cols, s.tokens) else []
+    staged = [(128, 128, 2, 4, 3), (128, 256, 2, 4, 3), (128, 128, 2, 2, 3)]
     for bm, bn, wm, wn, stages in configs:
-        spec = replace(s, bm=bm, bn=bn, warps_m=wm, warps_n=wn, stages=stages)
-        if refusal(spec) is None:
-            found.append(spec)
+        for out in (False, True) if (bm, bn, wm, wn, stages) in staged else (False,):
+            spec = replace(s, bm=bm, bn=bn, warps_m=wm, warps_n=wn, stages=stages, staged_out=out)
+            if refusal(spec) is None:
+                found.append(spec)
     return found
 
 
@@ -214,6 +225,10 @@ def _a_ldm(wrow, mi, lane, ks):  # noqa: ANN001, ANN202 — row address lane giv
 
 def _b_ldm(wcol, ni, lane, ks):  # noqa: ANN001, ANN202 — row address lane gives ldmatrix.x4 for B
     return wcol + ni * 8 + lane % 8, ks * 16 + lane // 8 * 4
+
+
+def _out_chunk(q, bm, lanes):  # noqa: ANN001, ANN202 — staged output: chunk q → (token, first row of W)
+    return q // (bm // lanes), q % (bm // lanes) * lanes
 
 
 def _warp_origin(warp, s):  # noqa: ANN001, ANN202 — (first W row, first token) of a warp's tile in the block tile
@@ -306,7 +321,7 @@ def _pipelined(s: MmaSpec, chain: str) -> tvm.tirx.PrimFunc:
     mt, nt = bm // s.warps_m // 16, bn // s.warps_n // 8
     a_quads, b_quads, e_quads = bm * BK // 16, bn * BK // 8, bm // 16 * (BK // 32) * 4
     a_size, b_size = stages * bm * A_LD, stages * bn * B_LD
-    pool_size = s.smem_bytes // 4
+    pool_size, lanes = s.smem_bytes // 4, OUT_LANES
 
     @T.macro
     def load(a_s, b_s, e_s, V32, X32, E, tid, by, bx, stage, ko):  # noqa: ANN001, ANN202, N803
@@ -343,6 +358,7 @@ def _pipelined(s: MmaSpec, chain: str) -> tvm.tirx.PrimFunc:
                                         scope="shared.dyn")
                     e_s = T.decl_buffer((stages, bm // 16, BK // 32, 16), "uint32", data=pool.data,
                                         elem_offset=a_size + b_size, scope="shared.dyn")
+                    c_s = T.decl_buffer((bn, bm + 4), "uint32", data=pool.data, scope="shared.dyn")
                     acc = T.alloc_local((mt, nt, 4), "float32")
                     af = T.alloc_local((mt, 4), "uint32")
                     bf = T.alloc_local((nt, 4), "uint32")
@@ -378,13 +394,33 @@ def _pipelined(s: MmaSpec, chain: str) -> tvm.tirx.PrimFunc:
                                                  bf[ni, 0], bf[ni, 1], bf[ni, 2], bf[ni, 3],
                                                  acc[mi, ni, 0], acc[mi, ni, 1], acc[mi, ni, 2], acc[mi, ni, 3],
                                                  ef[mi], 0)
-                    for mi in T.unroll(mt):
-                        for ni in T.unroll(nt):
-                            for i in T.unroll(4):
-                                out[bx * bn + _c_frag(wrow, wcol, mi, ni, lane // 4, lane % 4, i)[1],
-                                    by * bm + _c_frag(wrow, wcol, mi, ni, lane // 4, lane % 4, i)[0]] = T.Cast(
-                                    s.out_dtype,
-                                    acc[mi, ni, i] + bias[by * bm + _c_frag(wrow, wcol, mi, ni, lane // 4, lane % 4, i)[0]])
+                    if s.staged_out:
+                        # every warp is done with the stages (the tail's groups are empty); the
+                        # pool takes the tile token-major as fp32 bits, row stride bm + 4 words so
+                        # lanes g + 8t land on distinct banks, then leaves in coalesced rows of out
+                        T.tvm_storage_sync("shared")
+                        for mi in T.unroll(mt):
+                            for ni in T.unroll(nt):
+                                for i in T.unroll(4):
+                                    c_s[_c_frag(wrow, wcol, mi, ni, lane // 4, lane % 4, i)[1],
+                                        _c_frag(wrow, wcol, mi, ni, lane // 4, lane % 4, i)[0]] = T.reinterpret(
+                                        "uint32", acc[mi, ni, i]
+                                        + bias[by * bm + _c_frag(wrow, wcol, mi, ni, lane // 4, lane % 4, i)[0]])
+                        T.tvm_storage_sync("shared")
+                        for it in T.unroll(bm * bn // lanes // threads):
+                            for v in T.vectorized(lanes):  # indices inline (see the module docstring)
+                                out[bx * bn + _out_chunk(it * threads + tid, bm, lanes)[0],
+                                    by * bm + _out_chunk(it * threads + tid, bm, lanes)[1] + v] = T.Cast(
+                                    s.out_dtype, T.reinterpret("float32", c_s[_out_chunk(it * threads + tid, bm, lanes)[0],
+                                                                              _out_chunk(it * threads + tid, bm, lanes)[1] + v]))
+                    else:
+                        for mi in T.unroll(mt):
+                            for ni in T.unroll(nt):
+                                for i in T.unroll(4):
+                                    out[bx * bn + _c_frag(wrow, wcol, mi, ni, lane // 4, lane % 4, i)[1],
+                                        by * bm + _c_frag(wrow, wcol, mi, ni, lane // 4, lane % 4, i)[0]] = T.Cast(
+                                        s.out_dtype,
+                                        acc[mi, ni, i] + bias[by * bm + _c_frag(wrow, wcol, mi, ni, lane // 4, lane % 4, i)[0]])
 
     return f.with_attr({"op_pattern": OPAQUE, "tirx.is_scheduled": True, "tirx.noalias": True})
 
@@ -581,11 +617,19 @@ def _emulate_pipelined(s: MmaSpec, x32: np.ndarray, v32: np.ndarray, meta: np.nd
                                       for lane in range(32)], np.uint32)
                         for ni in range(nt):
                             acc[tids, mi, ni] = mma_sp_m16n8k32(a, bf[ni], acc[tids, mi, ni], e)
+        # staged: through a (bn, bm + 4) tile, then chunk by chunk; else straight to out
+        c_s = np.full((bn, bm + 4), np.nan, np.float32)
+        dest = c_s if s.staged_out else out[bx * bn:(bx + 1) * bn, by * bm:(by + 1) * bm]
         for tid in range(threads):
             wrow, wcol = _warp_origin(tid // 32, s)
             for mi, ni, i in np.ndindex(mt, nt, 4):
                 r, c = _c_frag(wrow, wcol, mi, ni, tid % 32 // 4, tid % 4, i)
-                out[bx * bn + c, by * bm + r] = acc[tid, mi, ni, i] + bias[by * bm + r]
+                dest[c, r] = acc[tid, mi, ni, i] + bias[by * bm + r]
+        if s.staged_out:
+            lanes = OUT_LANES
+            for q in range(bm * bn // lanes):
+                row, col = _out_chunk(q, bm, lanes)
+                out[bx * bn + row, by * bm + col:by * bm + col + lanes] = c_s[row, col:col + lanes]
     return out
 
 
