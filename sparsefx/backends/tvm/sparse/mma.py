@@ -125,11 +125,11 @@ def refusal(s: MmaSpec) -> str | None:
     if min(s.rows, s.cols, s.tokens) <= 0 or s.cols % BK:
         return f"mma.sp kernel needs cols % {BK} == 0 and positive sizes, got {s.rows}x{s.cols} at {s.tokens} tokens"
     if s.rows % bm or s.tokens % bn:
-        return (f"mma.sp tile {bm}x{bn} does not divide rows {s.rows} x tokens {s.tokens}; "
-                "pick a config from candidates() or the single-buffered kernel (stages=0)")
+        fix = "pick a config from candidates(spec)" if s.stages else "pad rows and tokens to multiples of 64"
+        return f"mma.sp tile {bm}x{bn} does not divide rows {s.rows} x tokens {s.tokens}; {fix}"
     if s.stages:
         wm, wn = bm // s.warps_m, bn // s.warps_n
-        if s.stages < 2 or wm % 16 or wn % 8 or bm * bn % (wm * wn) or s.threads > 1024:
+        if s.stages < 2 or bm % s.warps_m or bn % s.warps_n or wm % 16 or wn % 8 or s.threads > 1024:
             return f"mma.sp config {s.name} is malformed: stages >= 2, warp tile a multiple of 16 x 8"
         if s.smem_bytes > MAX_SMEM:
             return f"mma.sp config {s.name} needs {s.smem_bytes} B of shared memory (> {MAX_SMEM}); fewer stages"
@@ -138,7 +138,6 @@ def refusal(s: MmaSpec) -> str | None:
     elif s.staged_out:
         return "mma.sp staged_out needs the pipelined kernel (stages >= 2)"
     return None
-
 
 
 def supported(rows: int, cols: int, tokens: int) -> bool:
@@ -152,7 +151,7 @@ def candidates(s: MmaSpec) -> list[MmaSpec]:
     leave SMs idle (132 on an H200)."""
     configs = [(128, 128, 2, 2, 3), (128, 128, 2, 4, 3), (128, 256, 2, 4, 3), (256, 128, 4, 2, 3),
                (128, 128, 2, 2, 4), (64, 128, 2, 2, 4), (128, 64, 2, 2, 4), (64, 64, 2, 2, 4)]
-    found = [replace(s, stages=0)] if supported(s.rows, s.cols, s.tokens) else []
+    found = [replace(s, stages=0, staged_out=False)] if supported(s.rows, s.cols, s.tokens) else []
     staged = [(128, 128, 2, 4, 3), (128, 256, 2, 4, 3), (128, 128, 2, 2, 3)]
     for bm, bn, wm, wn, stages in configs:
         for out in (False, True) if (bm, bn, wm, wn, stages) in staged else (False,):
