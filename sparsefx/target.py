@@ -161,8 +161,10 @@ def with_threads(target: Target, threads: int | None) -> Target:
     return replace(target, cores=threads)
 
 
-PRECISIONS = ("fp32", "bf16")  # what compile accepts by name; IMPLEMENTED_PRECISIONS what it builds
-IMPLEMENTED_PRECISIONS = ("fp32",)
+PRECISIONS = ("fp32", "fp16", "bf16")  # what compile accepts by name; IMPLEMENTED_PRECISIONS what it builds
+IMPLEMENTED_PRECISIONS = ("fp32",)  # on CPU targets; CUDA targets build every precision their arch runs
+# the first CUDA compute capability with fp16 tensor cores (Volta) and with bf16 arithmetic (Ampere)
+MIN_CUDA_SM = {"fp16": 70, "bf16": 80}
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of the instructions bf16 kernels need
 
 
@@ -196,13 +198,24 @@ def check_precision(precision: str, target: Target, flags: frozenset[str] | None
     """`precision` if `target` can run it and sparsefx builds it, else a one-line TargetError."""
     if precision not in PRECISIONS:
         raise TargetError(f"unknown precision {precision!r}; use one of {', '.join(map(repr, PRECISIONS))}")
-    if precision == "bf16":
-        if target.is_gpu:
-            raise TargetError("precision='bf16' is for CPU targets; compile for CUDA with precision='fp32'")
-        if not set(BF16_FLAGS) & (cpu_flags() if flags is None else flags):
-            raise TargetError(f"precision='bf16' needs a CPU with AVX512-BF16 or AMX ({' or '.join(BF16_FLAGS)} in "
-                              "/proc/cpuinfo) and this one has neither; use precision='fp32'")
+    if target.is_gpu:
+        sm = sm_version(target.arch)
+        if precision in MIN_CUDA_SM and sm < MIN_CUDA_SM[precision]:
+            raise TargetError(f"precision={precision!r} needs a CUDA arch of sm_{MIN_CUDA_SM[precision]} or newer and "
+                              f"{target.arch} is older; use precision='fp32' or a newer target (e.g. 'cuda:sm_90')")
+        return precision
+    if precision == "fp16":
+        raise TargetError("precision='fp16' is for CUDA targets (tensor cores); compile for CPU with precision='fp32'")
+    if precision == "bf16" and not set(BF16_FLAGS) & (cpu_flags() if flags is None else flags):
+        raise TargetError(f"precision='bf16' needs a CPU with AVX512-BF16 or AMX ({' or '.join(BF16_FLAGS)} in "
+                          "/proc/cpuinfo) and this one has neither; use precision='fp32'")
     if precision not in IMPLEMENTED_PRECISIONS:
-        raise TargetError(f"precision={precision!r} is not built yet (this CPU has the instructions); "
+        raise TargetError(f"precision={precision!r} is not built yet for CPU targets (this CPU has the instructions); "
                           "use precision='fp32' (OpenVINO's default precision runs bf16 meanwhile)")
     return precision
+
+
+def sm_version(arch: str) -> int:
+    """The compute capability of a CUDA arch name as a number: 'sm_90a' -> 90; 0 where it has none."""
+    digits = "".join(ch for ch in arch.removeprefix("sm_") if ch.isdigit())
+    return int(digits) if digits else 0

@@ -21,6 +21,7 @@ from tvm import relax
 
 from sparsefx.backends.tvm import pipeline
 from sparsefx.backends.tvm.bundle import export_bundle
+from sparsefx.backends.tvm.half import half_passes
 from sparsefx.backends.tvm.importer import to_relax
 from sparsefx.backends.tvm.kernels import registry as own_kernels
 from sparsefx.backends.tvm.measure.host import HostTimer
@@ -59,7 +60,9 @@ def compile(model: nn.Module, example_inputs: object, target: object = "cpu", tu
     where they measure faster than TIR on this CPU (recorded in the artifact); `tune` is the MetaSchedule trial
     budget (0: default schedules only; records persist in the on-disk database). `threads` (default: all
     cores) is what the model runs with, PyTorch's and TVM's pools alike: kernels are measured at that
-    count, and it is recorded in the artifact for `load`. `precision`: "fp32" ("bf16" is refused for now)."""
+    count, and it is recorded in the artifact for `load`. `precision`: "fp32"; for CUDA targets also "fp16"
+    (sm_70+, matmuls and ungrouped convs on tensor cores) and "bf16" (sm_80+): weights and activations in
+    half, float32 accumulation, float32 inputs and outputs (`half`). CPU "bf16" is refused for now."""
     inputs = as_inputs(example_inputs)
     if not isinstance(model, nn.Module):
         raise SparsefxError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -83,6 +86,8 @@ def build(model: nn.Module, inputs: tuple, spec: Target, tune: int, dispatch: bo
     log(f"importing {type(model).__name__} into Relax")
     mod, route = to_relax(model, inputs)
     ran = pipeline.optimize_passes()
+    if precision != "fp32":  # CUDA only (check_precision): after BN folding, which is best done in fp32
+        ran += half_passes(precision)
     mod = pipeline.run(ran, mod, tvm_target)
     decisions = {}
     if dispatch and not spec.is_gpu:
