@@ -19,11 +19,11 @@ from tvm import relax
 import sparsefx
 from sparsefx.backends.tvm import pipeline
 from sparsefx.backends.tvm.bundle import precompile_cuda
-from sparsefx.backends.tvm.half import conv_to_matmul_pass
+from sparsefx.backends.tvm.half import conv_to_matmul_pass, half_passes
 from sparsefx.backends.tvm.importer import to_relax
 from sparsefx.target import Target, TargetError, check_precision, host_cpu, resolve_target
 
-pytestmark = pytest.mark.skipif(not list(Path("/usr/local").glob("cuda*/include/cuda_runtime.h")),
+needs_cuda_toolkit = pytest.mark.skipif(not list(Path("/usr/local").glob("cuda*/include/cuda_runtime.h")),
                                 reason="no CUDA toolkit")
 
 
@@ -35,10 +35,11 @@ def _mlp() -> tuple[nn.Module, torch.Tensor]:
 
 
 def _convnet() -> tuple[nn.Module, torch.Tensor]:
-    """A 3x3 conv (im2col), a 1x1 conv large enough for tensor cores, and a depthwise conv (stays a conv)."""
+    """A 3x3 conv (im2col), a 1x1 conv large enough for tensor cores, ReLU6 (a clip) and a depthwise conv
+    (stays a conv): MobileNetV2's pieces."""
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 96, 3, padding=1), nn.BatchNorm2d(96), nn.ReLU(), nn.Conv2d(96, 128, 1),
-                         nn.ReLU(), nn.Conv2d(128, 128, 3, groups=128, padding=1), nn.AdaptiveAvgPool2d(1),
+                         nn.ReLU6(), nn.Conv2d(128, 128, 3, groups=128, padding=1), nn.AdaptiveAvgPool2d(1),
                          nn.Flatten(), nn.Linear(128, 10)).eval(), torch.randn(1, 3, 16, 16)
 
 
@@ -52,6 +53,7 @@ def _cuda_source(compiled: sparsefx.backends.tvm.CompiledModel) -> str:
     return "".join(m.inspect_source("cuda") for m in modules(compiled.executable.mod) if m.kind == "cuda")
 
 
+@needs_cuda_toolkit
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 @pytest.mark.parametrize("name", list(MODELS))
@@ -69,6 +71,7 @@ def test_half_builds_compile_for_the_arch(name: str, precision: str, arch: str, 
     assert cubins and all((tmp_path / f"{c}.cubin").read_bytes()[:4] == b"\x7fELF" for c in cubins)
 
 
+@needs_cuda_toolkit
 def test_fp16_bundle_keeps_float32_inputs_and_ships_no_numpy(tmp_path: Path) -> None:
     model, x = _mlp()
     compiled = sparsefx.compile(model, x, target="cuda:sm_90", precision="fp16", verbose=False)
@@ -111,3 +114,20 @@ def test_conv_to_matmul_matches_the_convs_on_cpu() -> None:
         vm = relax.VirtualMachine(pipeline.build_module(module, tvm_target, spec), tvm.cpu())
         outputs.append(vm["main"](tvm.runtime.tensor(x.numpy())).numpy())
     np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_half_passes_stay_close_to_fp32_on_cpu(name: str) -> None:
+    """The rewrites are target independent: run on llvm, fp16 and bf16 stay within a few of their rounding
+    steps (2^-11, 2^-8) of PyTorch's fp32, relative to the largest output."""
+    model, x = MODELS[name]()
+    expected = model(x).detach().numpy()
+    spec = host_cpu()
+    tvm_target = spec.to_tvm()
+    fp32 = pipeline.run(pipeline.optimize_passes(), to_relax(model, (x,))[0], tvm_target)
+    for precision, step in (("fp16", 2**-11), ("bf16", 2**-8)):
+        mod = pipeline.run(half_passes(precision), fp32, tvm_target)
+        vm = relax.VirtualMachine(pipeline.build_module(mod, tvm_target, spec), tvm.cpu())
+        out = vm["main"](tvm.runtime.tensor(x.numpy())).numpy()
+        assert out.dtype == np.float32
+        assert np.abs(out - expected).max() < 8 * step * np.abs(expected).max()

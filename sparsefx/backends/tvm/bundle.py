@@ -10,6 +10,8 @@ Layout of the bundle directory (and of the .tar.gz made from it when the path en
     wheels/                   apache-tvm-ffi (and numpy) built for the deployment host's Python
     run.py                    loads and runs the model with those pieces only
 The deployment host needs Python of that version and, for CUDA, an NVIDIA driver (libcuda.so.1).
+Half-precision (fp16/bf16) models take and return float32 and cast inside (`half`), so run.py's numpy
+arrays serve them unchanged (numpy has no bfloat16); `numpy=False` leaves numpy to the host.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@
     python run.py x.npy [more.npy] --out y.npy
     import run; outputs = run.Model().run([array, ...])   # numpy in, numpy out
 
-The first run unpacks the bundled wheels (apache-tvm-ffi, numpy) into site/ beside this file.
+The first run unpacks the bundled wheels (apache-tvm-ffi, numpy unless the bundle leaves it to the host)
+into site/ beside this file. Inputs and outputs are float32 for fp16/bf16 models too (they cast inside).
 """
 
 from __future__ import annotations

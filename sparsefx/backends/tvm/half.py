@@ -23,7 +23,7 @@ FP32_ONLY = ("relax.nn.layer_norm", "relax.nn.group_norm", "relax.nn.rms_norm")
 
 def half_passes(precision: str) -> list[tuple[str, tvm.transform.Pass]]:
     """The named passes that run a float32 module in `precision` ('fp16' or 'bf16')."""
-    passes = [("ConvToMatmul", conv_to_matmul_pass()),
+    passes = [("ConvToMatmul", conv_to_matmul_pass()), ("ClipToMinMax", rewrite_pass(_ClipToMinMax, "ClipToMinMax")),
               ("ToMixedPrecision", relax.transform.ToMixedPrecision(out_dtype="float32"))]
     if precision == "bf16":
         passes.append(("Float16ToBFloat16", float16_to_bfloat16_pass()))
@@ -54,9 +54,29 @@ class _Float16ToBFloat16(PyExprMutator):
 
 
 def float16_to_bfloat16_pass() -> tvm.transform.Pass:
-    @tvm.transform.module_pass(opt_level=0, name="Float16ToBFloat16")
+    return rewrite_pass(_Float16ToBFloat16, "Float16ToBFloat16")
+
+
+@mutator
+class _ClipToMinMax(PyExprMutator):
+    """clip(x, lo, hi) (ReLU6) as maximum/minimum with tensor constants: ToMixedPrecision stops at
+    clip's scalar (PrimValue) bounds ("Expected TensorType, but got T.int64")."""
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = self.visit_expr_post_order(call)
+        if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.clip":
+            return call
+        x, low, high = call.args
+        dtype = str(x.ty.dtype)
+        bounds = [relax.const(float(b.value), dtype) for b in (low, high)]  # IntImm or FloatImm
+        return relax.op.minimum(self.builder_.emit(relax.op.maximum(x, bounds[0])), bounds[1])
+
+
+def rewrite_pass(rewriter_class: type, name: str) -> tvm.transform.Pass:
+    """A module pass running the mutator `rewriter_class` over every Relax function."""
+    @tvm.transform.module_pass(opt_level=0, name=name)
     def apply(mod: tvm.IRModule, _ctx: object) -> tvm.IRModule:
-        rewriter = _Float16ToBFloat16(mod)
+        rewriter = rewriter_class(mod)
         for gv, func in mod.functions.items():
             if isinstance(func, relax.Function):
                 rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
@@ -114,12 +134,4 @@ def conv2d_as_matmul(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr | N
 
 def conv_to_matmul_pass() -> tvm.transform.Pass:
     """Ungrouped NCHW conv2d -> (im2col +) matmul; target independent, exact up to summation order."""
-    @tvm.transform.module_pass(opt_level=0, name="ConvToMatmul")
-    def apply(mod: tvm.IRModule, _ctx: object) -> tvm.IRModule:
-        rewriter = _ConvToMatmul(mod)
-        for gv, func in mod.functions.items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        return rewriter.builder_.get()
-
-    return apply
+    return rewrite_pass(_ConvToMatmul, "ConvToMatmul")
