@@ -36,7 +36,11 @@ operands: the m16n8k32 A and B registers are four 8 × 8 b16 matrices each (A: r
 word columns 0-3 / 4-7 of a k32 step, B: token rows × k8 blocks), so one x4 per m16 or n8 tile,
 and the padded row strides (80 and 144 bytes) keep each 8-row phase on distinct banks. The
 buffers are views of the one pool: a buffer of its own is compacted to the elements the TIR
-indexes, and the 16-byte copies and ldmatrix rows index only each row's first word.
+indexes, and the 16-byte copies and ldmatrix rows index only each row's first word. Epilogue:
+straight from the accumulators (2-byte stores, four 16-byte pieces per warp store), or with
+`staged_out` through the pool (fp32, token-major) and out in coalesced half4 / float4 rows.
+Not done: split-K (the small-grid shapes at 128 tokens rely on the 64-wide tiles), swizzled
+instead of padded shared layouts, fragment double-buffering across the two k32 steps.
 
 Verified here (no GPU): the packing round trip, the TIR kernels compile to CUDA for sm_80 and
 sm_90, nvcc / nvrtc accept them (no spills), and `emulate` (numpy) — which walks the kernel's
