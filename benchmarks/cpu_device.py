@@ -308,9 +308,10 @@ def run_one(folder: Path, kit: Path, level: str, threads: list[int], rounds: int
 
 
 def run(kit: Path, out: Path, threads: list[int], rounds: int, budget: float, level: str | None = None,
-        timeout: float = 90.0) -> int:
+        timeout: float = 90.0, limit: float = 145.0) -> int:
     """Each model in a child process, given its share of `budget` for thread counts after the first and
-    `timeout` seconds past that share before it is stopped (its row as far as it got is kept)."""
+    `timeout` seconds past that share, and never past `limit` seconds from the start, before it is
+    stopped (its row as far as it got is kept)."""
     started = time.time()
     out.mkdir(parents=True, exist_ok=True)
     report = {"host": host_facts(), "load_before": os.getloadavg(), "threads": threads, "rounds": rounds, "models": []}
@@ -327,7 +328,8 @@ def run(kit: Path, out: Path, threads: list[int], rounds: int, budget: float, le
                    "--threads", ",".join(map(str, threads)), "--rounds", str(rounds), "--until", str(until),
                    "--log", str(log)]
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=max(until - time.time(), 0) + timeout)
+            stop = min(until + timeout, started + limit)  # a hung model must not cost the others or the report
+            done = subprocess.run(command, capture_output=True, text=True, timeout=max(stop - time.time(), 1.0))
             print(done.stderr[-3000:], file=sys.stderr)
             error = None if done.returncode == 0 else done.stderr.strip().splitlines()[-3:]
         except subprocess.TimeoutExpired:
@@ -402,6 +404,7 @@ def main() -> int:
     r.add_argument("--rounds", type=int, default=15)
     r.add_argument("--budget", type=float, default=130.0, help="seconds; later thread counts are dropped past it")
     r.add_argument("--timeout", type=float, default=90.0, help="seconds a model may run past its share of the budget")
+    r.add_argument("--limit", type=float, default=145.0, help="seconds from the start after which a model is stopped")
     r.add_argument("--level", choices=LEVELS, help="the bundles' x86-64 level (default: the widest the CPU has)")
     one = sub.add_parser("run-one")
     one.add_argument("folder", type=Path)
@@ -420,7 +423,8 @@ def main() -> int:
                       args.until, args.log)
         print(json.dumps(row))
         return 0
-    return run(args.kit, args.out, parse_threads(args.threads), args.rounds, args.budget, args.level, args.timeout)
+    return run(args.kit, args.out, parse_threads(args.threads), args.rounds, args.budget, args.level, args.timeout,
+               args.limit)
 
 
 if __name__ == "__main__":
