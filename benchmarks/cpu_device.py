@@ -240,8 +240,7 @@ def run_one(folder: Path, kit: Path, level: str, threads: list[int], rounds: int
     row: dict = {"model": folder.name, "level": level, **json.loads((folder / "build.json").read_text())}
     _link_shared(kit, bundle)
     want = torch.from_numpy(np.load(folder / "want.npy"))
-    # TVM sizes its pool from it when the pool starts; unset (half the cores), the pruned bundle's first
-    # conv (own direct kernel) segfaulted in TVMBackendParallelLaunch on a 2-core host
+    # TVM sizes its pool from it when the pool starts (unset: half the cores), in run.py's process and this one
     os.environ["TVM_NUM_THREADS"] = str(max(threads))
     done = subprocess.run([sys.executable, "-I", str(bundle / "run.py"), "--out", str(bundle / "got.npy")],
                           capture_output=True, text=True)  # -I: the bundle and the host's numpy, no sparsefx
