@@ -109,6 +109,7 @@ def _build_archs(out: Path) -> None:
 
 def _build_tvm(arch: str, out: Path) -> None:
     import sparsefx
+    from sparsefx.capture.compare import calibrate_norm_statistics, check_reference
     from sparsefx.capture.models import load_model
 
     out.mkdir(parents=True, exist_ok=True)
@@ -119,8 +120,12 @@ def _build_tvm(arch: str, out: Path) -> None:
             continue
         try:
             model, inputs = load_model(MODELS[name], batch_size=batch)
+            # calibrated batch norms: a random-init MobileNetV2 outputs ~3e-9 otherwise, below fp16's range
+            calibrate_norm_statistics(model, inputs)
             if variant == "pruned":
                 model = sparsefx.prune(model, inputs, ratio=0.5)
+                calibrate_norm_statistics(model, inputs)
+            check_reference(model, inputs)  # refuses an output near zero or one that ignores the input
             started = time.perf_counter()
             compiled = sparsefx.compile(model, inputs, target=f"cuda:{arch}", precision="fp16", verbose=False)
             compile_s = time.perf_counter() - started
