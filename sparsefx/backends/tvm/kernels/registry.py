@@ -25,6 +25,7 @@ from sparsefx.backends.tvm.dispatch.patterns import (
     shape_of,
 )
 from sparsefx.backends.tvm.kernels import depthwise, direct, pointwise
+from sparsefx.backends.tvm.tvmscript import parsed
 
 # first match wins (`kind_of`); their `supported` sets do not overlap
 KERNELS: dict[str, ModuleType] = {"depthwise": depthwise, "pointwise": pointwise, "direct": direct}
@@ -37,7 +38,7 @@ def kind_of(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...]) -> str 
 
 def build(kind: str, specs: list, target: tvm.target.Target) -> tvm.runtime.Module:
     """One library holding the `kind` kernels of `specs` (one LLVM build), each under its spec's `name`."""
-    funcs = {s.name: KERNELS[kind].kernel(s).with_attr("global_symbol", s.name) for s in dict.fromkeys(specs)}
+    funcs = {s.name: parsed(KERNELS[kind].kernel, s).with_attr("global_symbol", s.name) for s in dict.fromkeys(specs)}
     return tvm.compile(tvm.IRModule(funcs), target)
 
 
@@ -94,7 +95,7 @@ def own_kernel_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
         if not specs:
             return mod
         bb = relax.BlockBuilder(mod)
-        gvars = {name: bb.add_func(KERNELS[kind].kernel(spec), name) for name, (kind, spec) in specs.items()}
+        gvars = {name: bb.add_func(parsed(KERNELS[kind].kernel, spec), name) for name, (kind, spec) in specs.items()}
 
         def swap(expr: relax.Expr, matches: dict, ep: object, scaled: bool) -> relax.Expr:
             if (found := spec_for(expr, matches, ep, scaled)) is None:
