@@ -152,12 +152,11 @@ def measure_cpu_peaks() -> tuple[float, float]:
 
 
 def with_threads(target: Target, threads: int | None) -> Target:
-    """`target` run with `threads` cores: sets torch's and TVM's thread pools to match, so that
-    kernels are measured and compiled for the same core count (1 on a busy machine)."""
+    """`target` seen as having `threads` cores (1 on a busy machine): the count its kernels are timed,
+    priced and compiled for. Changes nothing process-wide: the timers and compiled models set PyTorch's
+    and TVM's pools to it for each call (`backends.tvm.threads.running_with`)."""
     if not threads or target.is_gpu:
         return target
-    os.environ["TVM_NUM_THREADS"] = str(threads)  # TVM's runtime thread pool reads it at start
-    torch.set_num_threads(threads)
     return replace(target, cores=threads)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes.util
 import json
 import shutil
 import subprocess
@@ -51,6 +52,11 @@ def test_cuda_bundle_builds_with_precompiled_kernels_under_budget(tmp_path) -> N
     assert _size(bundle) < BUDGET
     archive = compile(model, inputs, target="cuda:sm_90", verbose=False).export_bundle(tmp_path / "gpu.tar.gz")
     assert archive.stat().st_size < BUDGET
+    if ctypes.util.find_library("cuda") is None and _python312():  # this host has no NVIDIA driver
+        done = subprocess.run([_python312(), "-I", "-S", str(bundle / "run.py")], capture_output=True, text=True,
+                              env={}, timeout=300)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode != 0 and len(lines) == 1 and "NVIDIA driver" in lines[0], done.stderr[-2000:]
 
 
 @pytest.mark.skipif(_python312() is None, reason="no Python 3.12 interpreter")
@@ -66,6 +72,16 @@ def test_cpu_bundle_runs_with_only_the_bundled_runtime(tmp_path) -> None:
         expected = model(*inputs)
     actual = torch.from_numpy(np.load(tmp_path / "y.npy"))
     assert output_error(expected, actual).ok()
+    # an input 4 bytes off TVM's 64-byte alignment (numpy promises only 16) reaches the kernels aligned
+    probe = (f"import sys; sys.path.insert(0, {str(bundle)!r}); import run; m = run.Model(); import numpy as np\n"
+             f"x = np.load({str(tmp_path / 'x.npy')!r}); raw = np.empty(x.nbytes + 128, np.uint8)\n"
+             "start = (-raw.ctypes.data) % 64 + 4; a = raw[start:start + x.nbytes].view(x.dtype).reshape(x.shape)\n"
+             "a[...] = x; assert a.ctypes.data % 64 == 4\n"
+             "print(np.from_dlpack(m._to_device(a)).ctypes.data % 64, float(abs(m.run([a])[0]).max()))")
+    done = subprocess.run([_python312(), "-I", "-S", "-c", probe], capture_output=True, text=True, env={}, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    alignment, peak = done.stdout.split()
+    assert alignment == "0" and float(peak) == pytest.approx(float(actual.abs().max()), rel=1e-5)
 
 
 def test_bundle_refuses_pytorch_kernels(tmp_path) -> None:
@@ -74,3 +90,19 @@ def test_bundle_refuses_pytorch_kernels(tmp_path) -> None:
     compiled.manifest["dispatch"] = {"conv2d|...": {"impl": "torch"}}
     with pytest.raises(sparsefx.SparsefxError, match="dispatch=False"):
         compiled.export_bundle(tmp_path / "b")
+
+
+def test_compiled_model_aligns_inputs_and_names_a_missing_gpu() -> None:
+    model, inputs = _residual()
+    compiled = compile(model, inputs, dispatch=False, verbose=False)
+    x = inputs[0]
+    storage = torch.empty(x.numel() + 1)
+    shifted = storage[1:].view_as(x)  # 4 bytes past PyTorch's 64-byte alignment
+    shifted.copy_(x)
+    assert shifted.data_ptr() % 64 == 4
+    assert torch.from_dlpack(compiled.argument(shifted)).data_ptr() % 64 == 0
+    torch.testing.assert_close(compiled(shifted), compiled(x))
+    if not torch.cuda.is_available():
+        gpu = compile(model, inputs, target="cuda:sm_90", verbose=False)
+        with pytest.raises(sparsefx.SparsefxError, match="compiled for an NVIDIA GPU and PyTorch sees none"):
+            gpu(x)

@@ -17,7 +17,7 @@ from sparsefx.backends.tvm.threads import ALLOWED_CPUS, pool_workers, running_wi
 from sparsefx.cache import cache_dir
 from sparsefx.capture.compare import check_reference, output_error
 from sparsefx.cli.main import main
-from sparsefx.target import TargetError, check_precision, host_cpu
+from sparsefx.target import TargetError, check_precision, host_cpu, resolve_target, with_threads
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 CORES = host_cpu().cores
@@ -92,7 +92,7 @@ def test_running_with_sets_both_pools_and_puts_them_back() -> None:
 def test_a_new_thread_keeps_every_core_and_its_pool_a_worker_per_core(monkeypatch) -> None:
     """TVM's pool, started with its own defaults in a thread, pins that thread to core 0 on x86 (and
     with it every PyTorch thread started later) and holds half the cores' workers."""
-    # a user's TVM_NUM_THREADS wins; the CLI's --threads sets it for its process, and tests run the CLI in this one
+    # a user's TVM_NUM_THREADS wins over the one-worker-per-core start; the test wants the default start
     monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
     seen = {}
 
@@ -167,3 +167,12 @@ def test_cli_compile_records_threads(tmp_path, capsys) -> None:
     assert main(["compile", "default", "--threads", "1", "--no-dispatch", "--out", str(tmp_path / "m.sfx")]) == 0
     assert "1 thread(s)" in capsys.readouterr().out
     assert load(tmp_path / "m.sfx").manifest["threads"] == 1
+
+
+def test_with_threads_changes_nothing_process_wide(monkeypatch) -> None:
+    """A target for fewer cores is a value: timers and compiled models set the pools per call."""
+    monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    target = with_threads(resolve_target("cpu"), 1)
+    assert target.cores == 1
+    assert "TVM_NUM_THREADS" not in os.environ and torch.get_num_threads() == before

@@ -25,12 +25,10 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from sparsefx.cache import Table, cache_dir
 from sparsefx.cost.fusion import EPILOGUE_RULES, FusionRules
@@ -58,16 +56,6 @@ def l2_bytes() -> int:
             text = (index / "size").read_text().strip()
             return int(text.rstrip("KM")) * units.get(text[-1], 1)
     return 1 << 20
-
-
-@contextmanager
-def _threads(count: int) -> Iterator[None]:
-    saved = torch.get_num_threads()
-    torch.set_num_threads(max(1, count))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 class CostModel:
@@ -165,8 +153,7 @@ class CostModel:
     def _decide(self, kernels: list[Kernel]) -> tuple[list[str], list[Times]]:
         """Each kernel's implementation and the times it was chosen from: timed by the backend's
         timer and decided by `choose`, on the kernel without its epilogue, as the dispatch decides."""
-        with _threads(self.target.cores):
-            times = self.timer.time([k.bare for k in kernels])
+        times = self.timer.time([k.bare for k in kernels])  # the timer runs them on target.cores threads
         overheads = self.timer.overheads()
         return [choose(t, overheads) for t in times], times
 
@@ -177,13 +164,12 @@ class CostModel:
         chosen, bare = self._decide(kernels)
         times = [{impl: t[impl]} for impl, t in zip(chosen, bare, strict=True)]
         dressed = [i for i, k in enumerate(kernels) if k.bare != k]
-        with _threads(self.target.cores):
-            for i, t in zip(dressed, self.timer.time([kernels[i] for i in dressed], [[chosen[i]] for i in dressed]),
-                            strict=True):
-                # the chosen implementation cannot fuse this epilogue (a residual add on the depthwise
-                # kernel): approximated by the cheapest one that can (the model runs the chosen kernel
-                # and the add as an element-wise TIR kernel)
-                times[i] = t or self.timer.time([kernels[i]])[0]
+        for i, t in zip(dressed, self.timer.time([kernels[i] for i in dressed], [[chosen[i]] for i in dressed]),
+                        strict=True):
+            # the chosen implementation cannot fuse this epilogue (a residual add on the depthwise
+            # kernel): approximated by the cheapest one that can (the model runs the chosen kernel
+            # and the add as an element-wise TIR kernel)
+            times[i] = t or self.timer.time([kernels[i]])[0]
         overheads = self.timer.overheads()
         ms = [min(charged(t, overheads).values()) for t in times]
         if self.device:  # another device's times stand as measured: its output writes are not calibrated

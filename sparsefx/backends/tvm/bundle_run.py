@@ -21,6 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 POOLED_ALLOCATOR = 2
 CPU, CUDA = 1, 2  # DLPack device types
+ALIGNMENT = 64  # bytes: what TVM's allocator gives and its generated code may assume
 
 
 def unpack_wheels() -> None:
@@ -37,7 +38,13 @@ def unpack_wheels() -> None:
 def load_runtime(names: list[str]) -> None:
     """Load the bundled TVM runtime libraries, dependencies first, global so later ones link."""
     for name in names:
-        ctypes.CDLL(str(HERE / "lib" / name), mode=ctypes.RTLD_GLOBAL)
+        try:
+            ctypes.CDLL(str(HERE / "lib" / name), mode=ctypes.RTLD_GLOBAL)
+        except OSError as error:
+            gpu = "cuda" in name or "cudart" in name
+            raise SystemExit(f"run.py: cannot load {name} ({error}); " + (
+                "this bundle is for an NVIDIA GPU: run it on a host with the NVIDIA driver (libcuda.so.1)"
+                if gpu else "the bundle is incomplete: export it again")) from None
 
 
 def serve_precompiled_kernels(tvm_ffi: object, kernel_dir: Path, digests: list[str]) -> None:
@@ -92,8 +99,9 @@ class Model:
 
     def _to_device(self, array: object) -> object:
         host = self.ffi.from_dlpack(array)
-        if not self.gpu:
+        if not self.gpu and array.ctypes.data % ALIGNMENT == 0:
             return host
+        # TVM's kernels assume 64-byte aligned buffers (its allocator's); numpy only promises 16
         device = self._alloc(self.ffi.Shape(array.shape), str(array.dtype), self.device, None)
         self._copy(host, device)
         return device

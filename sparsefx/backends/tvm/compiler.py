@@ -34,6 +34,7 @@ from sparsefx.target import Target, check_precision, check_threads, host_cpu, re
 from sparsefx.version import __version__
 
 ARTIFACT_VERSION = 1
+ALIGNMENT = 64  # bytes: what TVM's allocator gives and its generated code may assume
 LOG = get_logger("tvm")
 
 
@@ -135,16 +136,30 @@ class CompiledModel:
             got = [tuple(x.shape) for x in inputs]
             raise SparsefxError(f"compiled for inputs {[tuple(e['shape']) for e in expected]}, got {got}; "
                                 "compile again with example inputs of the new shape")
-        args = [tvm_ffi.from_dlpack(x.detach().contiguous()) for x in inputs]
+        args = [self.argument(x) for x in inputs]
         with running_with(self.threads):
             return _to_torch(self.vm["main"](*args))
+
+    def argument(self, x: torch.Tensor) -> object:
+        """`x` as the compiled function takes it: contiguous, on the target's device, 64-byte aligned
+        (TVM's allocator aligns so and its kernels may load so; a view into a tensor need not be)."""
+        x = x.detach().contiguous()
+        want = "cuda" if self.target.is_gpu else "cpu"
+        if x.device.type != want:
+            if want == "cuda" and not torch.cuda.is_available():
+                raise SparsefxError("this model is compiled for an NVIDIA GPU and PyTorch sees none here; run it on a "
+                                    "host with CUDA, or compile for target='cpu'")
+            x = x.to(want)
+        if x.data_ptr() % ALIGNMENT:
+            x = x.clone()  # a fresh allocation: PyTorch's allocators align to 64 bytes
+        return tvm_ffi.from_dlpack(x)
 
     def profile(self, *inputs: torch.Tensor, repeat: int = 10) -> list[dict]:
         """Every call one run of the model makes (its kernels, PyTorch calls and VM builtins) in call
         order: {"name", "kind", "shapes", "ms"}, `ms` the fastest of `repeat` runs. The instrument
         costs each call a few microseconds, so the sum exceeds an uninstrumented run."""
         vm = relax.VirtualMachine(self.executable, self.device)  # its own: the instrument stays on it
-        args = [tvm_ffi.from_dlpack(x.detach().contiguous()) for x in inputs]
+        args = [self.argument(x) for x in inputs]
         with running_with(self.threads):
             vm["main"](*args)
         calls: list[tuple[str, tuple, float]] = []

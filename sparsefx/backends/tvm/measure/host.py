@@ -36,6 +36,7 @@ from sparsefx.backends.tvm.kernels import registry as own_kernels
 from sparsefx.backends.tvm.measure.calibrate import calibrate
 from sparsefx.backends.tvm.measure.emit import emit_kernel, operand_shapes
 from sparsefx.backends.tvm.pipeline import build_module
+from sparsefx.backends.tvm.threads import running_with
 from sparsefx.cost.kernel import Kernel
 from sparsefx.cost.timing import Times, time_in_turn, weight_copies
 from sparsefx.target import Target
@@ -117,12 +118,16 @@ class HostTimer:
         return dict.fromkeys(TORCH_IMPLEMENTATIONS, call_overhead_ms())
 
     def calibrate(self) -> dict[str, list[float]]:
-        return calibrate(self.target)
+        with running_with(self.target.cores):
+            return calibrate(self.target)
 
     def time(self, kernels: list[Kernel], implementations: Sequence[Sequence[str]] | None = None) -> list[Times]:
+        """Times on `target.cores` threads of PyTorch's and TVM's pools, as the compiled model runs them
+        (set for the call, as `CompiledModel` sets them: nothing process-wide changes)."""
         wanted = [set(names) for names in implementations] if implementations is not None else [None] * len(kernels)
-        times = self.time_rivals(kernels, wanted)
-        self.add_default_tir(kernels, times, wanted)
+        with running_with(self.target.cores):
+            times = self.time_rivals(kernels, wanted)
+            self.add_default_tir(kernels, times, wanted)
         return times
 
     def time_rivals(self, kernels: list[Kernel], wanted: list[set | None]) -> list[Times]:
