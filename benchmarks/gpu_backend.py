@@ -584,8 +584,12 @@ def run(kit: Path, out: Path, rounds: int, parts: set[str], device: str, only: s
     return 0
 
 
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
+def _ms(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _ratio(slower: float | None, faster: float | None) -> str:
+    return f"{slower / faster:.2f}x" if slower and faster else "-"
 
 
 def markdown(report: dict) -> str:
@@ -601,13 +605,11 @@ def markdown(report: dict) -> str:
             if "ms" not in r:
                 lines.append(f"| failed: {r.get('error')} |" + " |" * 8)
                 continue
-            ms = r["ms"]
-            ours, dense, lt = ms.get("sparsefx"), ms.get("cublas_dense"), ms.get("cusparselt")
-            lines.append(f"| {r['rows']}x{r['cols']} | {r['tokens']} | {_ms(dense)} | {_ms(lt)} | {_ms(ours)} | "
-                         f"{dense / ours:.2f}x | " if ours else f"| {r['rows']}x{r['cols']} | {r['tokens']} | "
-                         f"{_ms(dense)} | {_ms(lt)} | - | - | ")
-            lines[-1] += (f"{lt / ours:.2f}x | " if ours and lt else "- | ") + \
-                f"{r.get('rel_l2_err', float('nan')):.1e} | {r.get('best_config', '-')} |"
+            ours, dense, lt = (r["ms"].get(k) for k in ("sparsefx", "cublas_dense", "cusparselt"))
+            err = r.get("rel_l2_err")
+            lines.append(f"| {r['rows']}x{r['cols']} | {r['tokens']} | {_ms(dense, 4)} | {_ms(lt, 4)} | {_ms(ours, 4)} | "
+                         f"{_ratio(dense, ours)} | {_ratio(lt, ours)} | {'-' if err is None else f'{err:.1e}'} | "
+                         f"{r.get('best_config', '-')} |")
     if "bert24" in report:
         b = report["bert24"]
         lines += ["", "## BERT-base encoder, batch 32 x sequence 128, eager fp16, all 72 encoder linears 2:4", ""]
