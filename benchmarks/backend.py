@@ -55,7 +55,8 @@ def bench_model(name: str, batch: int, tune: int, repeat: int, round_to: int = 1
     for label, source in (("dense", model), ("pruned", pruned)):
         expected = check_reference(source, inputs)  # O(1) and input-dependent, or VacuousComparisonError
         started = time.perf_counter()
-        compiled = sparsefx.compile(source, inputs, target="cpu", tune=tune, verbose=False)
+        compiled = sparsefx.compile(source, inputs, target="cpu", tune=tune, verbose=False,
+                                    threads=torch.get_num_threads())  # eager's thread count, not all cores
         row[f"compile_s_{label}"] = round(time.perf_counter() - started, 1)
         row[f"tuning_{label}"] = compiled.manifest["tuning"]
         dispatch = compiled.manifest["dispatch"].values()

@@ -30,7 +30,7 @@ def _compile(model: torch.nn.Module, inputs: tuple, use_kernel: bool) -> object:
         pipeline.dispatch = lambda decisions: dispatch(
             {k: {**d, "impl": "torch"} if d["impl"] == "depthwise" else d for k, d in decisions.items()})
     try:
-        return sparsefx.compile(model, inputs, verbose=False)
+        return sparsefx.compile(model, inputs, verbose=False, threads=torch.get_num_threads())
     finally:
         pipeline.dispatch = dispatch
 

@@ -83,7 +83,7 @@ def prefill_latency(models: dict[str, torch.nn.Module], lengths: list[int], comp
             runners[f"{name} eager"] = model
             if compile_models:
                 try:
-                    runners[f"{name} compiled"] = sparsefx.compile(model, ids, verbose=False)
+                    runners[f"{name} compiled"] = sparsefx.compile(model, ids, verbose=False, threads=torch.get_num_threads())
                 except Exception as error:  # report, do not stop: the eager numbers still stand
                     rows.append({"tokens": length, "model": name, "runtime": "compiled", "error": one_line(error)})
         with torch.no_grad():

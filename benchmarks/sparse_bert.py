@@ -44,12 +44,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read when TVM's pool first starts
+    threads = torch.get_num_threads()  # TVM runs on eager's thread count (compile's default is every core)
     record = RunRecord(sys.argv)
     block = tuple(int(v) for v in args.block.split("x"))
     model, inputs = load_model(args.model)
     names = [n for n, _ in model.named_modules() if n.endswith(("intermediate.dense", "output.dense"))
              and "attention" not in n]
-    timed = {"eager dense": model, "tvm dense": sparsefx.compile(model, inputs, verbose=False)}
+    timed = {"eager dense": model, "tvm dense": sparsefx.compile(model, inputs, verbose=False, threads=threads)}
     rows = []
     for density in (float(d) for d in args.densities.split(",")):
         specs = dict.fromkeys(names, Sparsity(density, "block", block=block))
@@ -57,7 +58,7 @@ def main() -> None:
         apply_masks(masked, compute_masks(masked, specs))
         expected = check_reference(masked, inputs)
         started = time.perf_counter()
-        compiled = sparsefx.compile(sparsefx.sparsify(model, specs), inputs, verbose=False)
+        compiled = sparsefx.compile(sparsefx.sparsify(model, specs), inputs, verbose=False, threads=threads)
         compile_s = time.perf_counter() - started
         with torch.no_grad():
             error = output_error(expected, first_tensor(compiled(*inputs)))

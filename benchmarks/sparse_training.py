@@ -191,9 +191,9 @@ def latency(name: str, pattern: str, kept: float, sparse: nn.Module, dense: nn.M
                       for n, m in sparse.named_modules() if isinstance(m, (SparseLinear, SparseConv2d))}}
     for batch in BATCHES:
         x = torch.randn(batch, 1, 28, 28)
-        compiled = sparsefx.compile(sparse, (x,), verbose=False)
+        compiled = sparsefx.compile(sparse, (x,), verbose=False, threads=torch.get_num_threads())
         kernels = [r["name"].split("_")[1] for r in compiled.profile(x, repeat=1) if r["kind"] == "sparse"]
-        dense_compiled = sparsefx.compile(dense, (x,), verbose=False)
+        dense_compiled = sparsefx.compile(dense, (x,), verbose=False, threads=torch.get_num_threads())
         error = float((compiled(x) - sparse(x)).abs().max())
         row[f"b{batch}"] = {"sparse_ms": _time(compiled, x, quick), "dense_compiled_ms": _time(dense_compiled, x, quick),
                             "dense_eager_ms": _time(dense, x, quick), "kernels": kernels, "max_error": error}
