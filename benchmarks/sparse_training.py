@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 import math
 import multiprocessing
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from common import RunRecord  # noqa: E402
 from torch import nn  # noqa: E402
 
 import sparsefx  # noqa: E402
@@ -455,6 +456,7 @@ def main() -> None:
     seeds = args.seeds or (1 if args.quick else 3)
     cfgs = {name: cfg for name, cfg in configs(args.quick).items() if name in args.models.split(",")}
     args.out.mkdir(parents=True, exist_ok=True)
+    record = RunRecord(sys.argv)
     started = time.perf_counter()
     context = multiprocessing.get_context("spawn")
     with context.Pool(args.workers, initializer=_worker_init, initargs=(1,)) as pool:
@@ -498,7 +500,7 @@ def main() -> None:
     rows = summarise(records)
     for name in cfgs:
         plot(rows, latencies, name, args.out / f"{name}.png")
-    header = (f"# Sparse training on Fashion-MNIST{' (--quick)' if args.quick else ''}\n\n"
+    header = (f"# Sparse training on Fashion-MNIST{' (--quick)' if args.quick else ''}\n\n{record.markdown_line()}\n\n"
               f"torch {torch.__version__}, {args.workers} training processes of 1 thread, timing in one thread after "
               f"training; {seeds} seed(s); {training_s:.0f}s training, {time.perf_counter() - started:.0f}s in all. "
               "Epochs: " + "; ".join(
@@ -509,8 +511,8 @@ def main() -> None:
               f"fraction 0.3. DSD's sparse phase "
               f"keeps {DSD_KEPT:g} of each layer for half its epochs. Kept fractions split over layers by ERK. "
               "Adam with cosine decay, no distillation.")
-    (args.out / "results.json").write_text(json.dumps({"runs": records, "summary": rows, "latency": latencies,
-                                                       "memory": memory}, indent=1))
+    record.write_report(args.out / "results.json", {"runs": records, "summary": rows, "latency": latencies,
+                                                    "memory": memory})
     report = markdown(rows, latencies, memory, header)
     (args.out / "results.md").write_text(report + "\n")
     print(report)
