@@ -42,6 +42,7 @@ import subprocess
 import sys
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -592,6 +593,33 @@ def _ratio(slower: float | None, faster: float | None) -> str:
     return f"{slower / faster:.2f}x" if slower and faster else "-"
 
 
+def _rows(results: list[dict], key: str, width: int, lead: Callable[[dict], list[str]],
+          row: Callable[[dict], list[str]]) -> list[str]:
+    """Table rows: `row(r)` for a result that holds `key`, else its leading cells and the error."""
+    lines = []
+    for r in results:
+        cells = row(r) if key in r else [*lead(r), f"failed: {r.get('error')}"]
+        lines.append("| " + " | ".join(cells + [""] * (width - len(cells))) + " |")
+    return lines
+
+
+def _mma24_row(r: dict) -> list[str]:
+    ours, dense, lt = (r["ms"].get(k) for k in ("sparsefx", "cublas_dense", "cusparselt"))
+    err = r.get("rel_l2_err")
+    return [f"{r['rows']}x{r['cols']}", str(r["tokens"]), _ms(dense, 4), _ms(lt, 4), _ms(ours, 4), _ratio(dense, ours),
+            _ratio(lt, ours), "-" if err is None else f"{err:.1e}", str(r.get("best_config", "-"))]
+
+
+def _model_row(r: dict) -> list[str]:
+    lat = r["latency_ms"]
+    best = min([lat[k] for k in ("compile_default", "compile_reduce-overhead") if k in lat], default=None)
+    ours = lat.get("sparsefx")
+    note = r.get("sparsefx_error") or r.get("sparsefx_build_error") or "not built (weights too large to carry)"
+    return [r["model"], str(r["batch"]), f"{r['macs'] / 1e9:.2f}", _ms(lat.get("eager")), _ms(lat.get("compile_default")),
+            _ms(lat.get("compile_reduce-overhead")), _ms(ours) if ours else note, _ratio(best, ours),
+            f"{r['rel_l2_err']:.1e}" if ours else "-"]
+
+
 def markdown(report: dict) -> str:
     lines = [f"# sparsefx on {report['device']} ({report['date']}; PyTorch {report['torch']}, Python "
              f"{report['python']}; host {report['host_cpu']}, {report['cpu_cores']} cores)", "",
@@ -601,15 +629,7 @@ def markdown(report: dict) -> str:
         lines += ["## 2:4 GEMM out = x @ Wᵀ + b, fp16 (CUDA-event ms; sparsefx = fastest candidate configuration)", "",
                   "| W rows x cols | tokens | cuBLAS dense | cuSPARSELt 2:4 | sparsefx 2:4 | vs dense | vs cuSPARSELt | "
                   "rel err | config |", "|---|---|---|---|---|---|---|---|---|"]
-        for r in report["mma24"]:
-            if "ms" not in r:
-                lines.append(f"| failed: {r.get('error')} |" + " |" * 8)
-                continue
-            ours, dense, lt = (r["ms"].get(k) for k in ("sparsefx", "cublas_dense", "cusparselt"))
-            err = r.get("rel_l2_err")
-            lines.append(f"| {r['rows']}x{r['cols']} | {r['tokens']} | {_ms(dense, 4)} | {_ms(lt, 4)} | {_ms(ours, 4)} | "
-                         f"{_ratio(dense, ours)} | {_ratio(lt, ours)} | {'-' if err is None else f'{err:.1e}'} | "
-                         f"{r.get('best_config', '-')} |")
+        lines += _rows(report["mma24"], "ms", 9, lambda r: [], _mma24_row)
     if "bert24" in report:
         b = report["bert24"]
         lines += ["", "## BERT-base encoder, batch 32 x sequence 128, eager fp16, all 72 encoder linears 2:4", ""]
@@ -619,7 +639,7 @@ def markdown(report: dict) -> str:
             for label in ("dense", "cusparselt", "sparsefx"):
                 if label in ms:
                     err = b.get(f"{label}_rel_l2_err")
-                    lines.append(f"| {label} | {ms[label]:.3f} | {ms['dense'] / ms[label]:.2f}x | "
+                    lines.append(f"| {label} | {ms[label]:.3f} | {_ratio(ms['dense'], ms[label])} | "
                                  f"{'-' if err is None else f'{err:.1e}'} |")
             lines += [f"| {k.removesuffix('_error')} | failed: {v} | | |" for k, v in b.items() if k.endswith("_error")]
         else:
@@ -628,21 +648,7 @@ def markdown(report: dict) -> str:
         lines += ["", "## Models, fp16 (wall ms per call)", "",
                   "| model | batch | GMACs | eager | torch.compile | compile reduce-overhead | sparsefx | "
                   "sparsefx vs best compile | sparsefx rel err |", "|---|---|---|---|---|---|---|---|---|"]
-        for r in report["models"]:
-            if "latency_ms" not in r:
-                lines.append(f"| {r['model']} | {r['batch']} | failed: {r.get('error')} |" + " |" * 6)
-                continue
-            lat = r["latency_ms"]
-            best = min([lat[k] for k in ("compile_default", "compile_reduce-overhead") if k in lat], default=None)
-            ours = lat.get("sparsefx")
-            note = r.get("sparsefx_error") or r.get("sparsefx_build_error") or ("not built (weights too large to "
-                                                                                "carry)" if ours is None else "")
-            lines.append(f"| {r['model']} | {r['batch']} | {r['macs'] / 1e9:.2f} | {_ms(lat.get('eager'))} | "
-                         f"{_ms(lat.get('compile_default'))} | {_ms(lat.get('compile_reduce-overhead'))} | "
-                         f"{_ms(ours) if ours else note} | {f'{best / ours:.2f}x' if ours and best else '-'} | "
-                         f"{r['rel_l2_err']:.1e} |" if ours else
-                         f"| {r['model']} | {r['batch']} | {r['macs'] / 1e9:.2f} | {_ms(lat.get('eager'))} | "
-                         f"{_ms(lat.get('compile_default'))} | {_ms(lat.get('compile_reduce-overhead'))} | {note} | - | - |")
+        lines += _rows(report["models"], "latency_ms", 9, lambda r: [r["model"], str(r["batch"])], _model_row)
     return "\n".join(lines) + "\n"
 
 
