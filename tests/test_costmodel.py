@@ -9,6 +9,7 @@ from torch import nn
 import sparsefx
 from sparsefx.backends.tvm import fusion as tvm_fusion
 from sparsefx.backends.tvm.measure import host
+from sparsefx.capture.compare import TOLERANCE, check_reference, output_error
 from sparsefx.capture.models import load_model
 from sparsefx.cli.main import main
 from sparsefx.cost import timing
@@ -184,14 +185,20 @@ def test_cli_optimize_replans_until_measured_and_writes_everything(tmp_path, cap
     out = tmp_path / "opt"
     assert main(["optimize", "default", "--input-shape", "1,3,16,16", "--speedup", "1.3", "--rounds", "2", "--repeat", "4", "--threads", "1",
                  "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["model.pt", "model.sfx", "plan.json", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["model", "model.sfx", "plan.json", "report.json"]
     report = json.loads((out / "report.json").read_text())
     rounds = report["measured_planning"]["rounds"]
     assert 1 <= len(rounds) <= 2 and rounds[-1]["planned_ms"] < rounds[-1]["dense_ms"]
-    dense, inputs = load_model("default")  # the written model is the smaller one, counted afresh
-    assert sparsefx.count_macs(torch.load(out / "model.pt", weights_only=False), inputs) < sparsefx.count_macs(dense, inputs)
+    dense, _ = load_model("default")  # the written model is the smaller one, counted afresh
+    inputs = (torch.randn(1, 3, 16, 16),)
+    optimized = sparsefx.load(out / "model")  # sparsefx.save: rebuilt from the stored spec, never unpickled
+    assert sparsefx.count_macs(optimized, inputs) < sparsefx.count_macs(dense, inputs)
+    # the saved model is the one that was compiled: same output as the artifact beside it
+    error = output_error(check_reference(optimized, inputs), sparsefx.load(out / "model.sfx")(*inputs))
+    assert error.relative_l2 < TOLERANCE
     assert Plan.load(out / "plan.json").measured == report["measured_planning"]
-    assert "measured on this host" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "measured on this host" in printed and "model/ (safetensors + JSON, no pickle" in printed
 
 
 @pytest.mark.slow

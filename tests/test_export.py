@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import sparsefx
 from sparsefx.backends.export import ExportError, onnx_error
 from sparsefx.capture.compare import TOLERANCE, calibrate_norm_statistics, check_reference, first_tensor
 from sparsefx.capture.models import load_model
 from sparsefx.cli.main import main
+from sparsefx.sparse.layers import SparseConv2d, SparseLinear
 from tests import persist_models
 
 
@@ -44,13 +46,40 @@ def test_torch_export_archive_round_trip(tmp_path):
         assert torch.equal(first_tensor(program.module()(*inputs)), check_reference(pruned, inputs))
 
 
-def test_sparse_layers_export_with_torch_export_not_onnx(tmp_path):
-    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)).eval()
-    sparse = sparsefx.sparsify(model, {"0": sparsefx.Sparsity(0.5, "nm", m=4)})
-    inputs = (torch.randn(2, 16),)
-    with pytest.raises(ExportError, match="layer '0' runs a sparsefx sparse kernel"):
-        sparsefx.export(sparse, inputs, tmp_path / "sparse.onnx")
+def _sparse_model():
+    """Block-sparse (BSR) and 2:4 (N:M) convs and linears, the way masked training ends (to_sparse)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2), nn.Flatten(),
+                          nn.Linear(72, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    plan = {"0": sparsefx.Sparsity(0.5, "nm", m=4), "2": sparsefx.Sparsity(0.5, "block", (4, 1)),
+            "4": sparsefx.Sparsity(0.5, "block", (4, 1)), "6": sparsefx.Sparsity(0.5, "nm", m=4)}
+    sparsefx.apply_masks(model, sparsefx.compute_masks(model, plan))
+    sparse = sparsefx.to_sparse(model)
+    assert {(type(m).__name__, m.format) for m in sparse.modules() if hasattr(m, "format")} == {
+        ("SparseConv2d", "nm"), ("SparseConv2d", "bsr"), ("SparseLinear", "bsr"), ("SparseLinear", "nm")}
+    return sparse, (torch.randn(2, 4, 8, 8),)
+
+
+def test_sparse_layers_export_to_onnx_as_their_dense_equivalent(tmp_path):
+    pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    sparse, inputs = _sparse_model()
+    expected = check_reference(sparse, inputs)
+    path = sparsefx.export(sparse, inputs, tmp_path / "sparse.onnx")
+    assert onnx_error(path, sparse, inputs) < TOLERANCE
+    ops = {node.op_type for node in onnx.load(path).graph.node}
+    assert {"Conv", "Gemm"} <= ops or {"Conv", "MatMul"} <= ops
+    with torch.no_grad():  # the model exported is left as it was: sparse layers, same output
+        assert sum(isinstance(m, (SparseConv2d, SparseLinear)) for m in sparse.modules()) == 4
+        assert torch.equal(sparse(*inputs), expected)
+
+
+def test_sparse_layers_keep_their_kernels_in_a_torch_export_archive(tmp_path):
+    sparse, inputs = _sparse_model()
     program = torch.export.load(sparsefx.export(sparse, inputs, tmp_path / "sparse.pt2", format="torch.export"))
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert {"sparsefx.bsr_conv2d.default", "sparsefx.nm_conv2d.default", "sparsefx.bsr_linear.default",
+            "sparsefx.nm_linear.default"} <= targets
     with torch.no_grad():
         assert torch.equal(program.module()(*inputs), check_reference(sparse, inputs))
 

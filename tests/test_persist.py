@@ -245,6 +245,19 @@ def test_a_dense_model_saves_and_loads(tmp_path):
             assert torch.equal(first_tensor(loaded(*inputs)), check_reference(dense, inputs))
 
 
+def test_a_model_made_sparse_without_pruning_saves_and_loads_on_its_dense_architecture(tmp_path):
+    model, inputs = load_model("default")
+    plan = {"stages.1.0.conv2": sparsefx.Sparsity(0.5, "block", (4, 1)), "fc": sparsefx.Sparsity(0.5, "nm", m=4)}
+    sparsefx.apply_masks(model, sparsefx.compute_masks(model, plan))
+    sparse = sparsefx.to_sparse(model)  # masked training ended: BSR conv, 2:4 linear, no removal record
+    sparsefx.save(sparse, tmp_path / "sparse", spec="default")
+    loaded = sparsefx.load(tmp_path / "sparse")  # a fresh dense TinyResNet, the sparse layers swapped in
+    assert [(n, m.format) for n, m in loaded.named_modules() if isinstance(m, sparsefx.SparseLinear | sparsefx.SparseConv2d)] \
+        == [("stages.1.0.conv2", "bsr"), ("fc", "nm")]
+    with torch.no_grad():
+        assert torch.equal(loaded(*inputs), check_reference(sparse, inputs))
+
+
 def test_bert_with_evenly_pruned_mlps_keeps_save_pretrained(tmp_path):
     model, inputs = persist_models.bert()
     pruned = sparsefx.prune(model, inputs, {"encoder.layer.0.intermediate": 0.5, "encoder.layer.1.intermediate": 0.5})
@@ -287,3 +300,23 @@ def test_cli_finetunes_a_saved_model_into_a_saved_model(tmp_path, capsys):
     assert sparsefx.count_params(tuned) == sparsefx.count_params(pruned) < sparsefx.count_params(persist_models.lenet()[0])
     changed = [n for n, p in tuned.state_dict().items() if not torch.equal(p, pruned.state_dict()[n])]
     assert changed  # the fine-tuned weights were saved
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="dataset-fashion-mnist missing")
+def test_cli_finetunes_a_pickled_model_into_a_saved_model_and_pickles_only_when_asked(tmp_path, capsys, monkeypatch):
+    from sparsefx.cli import main as cli
+    from sparsefx.recovery.data import fashion_mnist
+
+    monkeypatch.setattr(cli, "fashion_mnist", lambda train_limit: fashion_mnist(train_limit=train_limit, test_limit=100))
+    spec = f"{MODELS_FILE}:lenet"
+    model, inputs = persist_models.lenet()
+    torch.save(sparsefx.prune(model, inputs, 0.5), tmp_path / "pruned.pt")  # the removal record rides along
+    assert main(["finetune", str(tmp_path / "pruned.pt"), "--arch", spec, "--epochs", "1", "--train-limit", "64",
+                 "--out", str(tmp_path / "tuned")]) == 0
+    assert "no pickle involved" in capsys.readouterr().out
+    tuned = sparsefx.load(tmp_path / "tuned", model=spec)
+    assert sparsefx.count_params(tuned) < sparsefx.count_params(model)
+    assert main(["finetune", str(tmp_path / "pruned.pt"), "--epochs", "1", "--train-limit", "64",
+                 "--out", str(tmp_path / "tuned.pt")]) == 0
+    assert "a pickle" in capsys.readouterr().err  # never pickled without saying so
+    assert sparsefx.count_params(torch.load(tmp_path / "tuned.pt", weights_only=False)) == sparsefx.count_params(tuned)

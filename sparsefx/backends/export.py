@@ -5,7 +5,9 @@ handles the rewritten graphs `prune` hands back (patched shape constants, split 
 like any other module. `onnx` and `onnxscript` are optional dependencies, imported by
 torch.onnx on first use; `onnx_error` runs the file in ONNX Runtime against eager PyTorch.
 Sparse layers (`SparseLinear`, `SparseConv2d`) call sparsefx's own operators, which ONNX has
-no op for: they export with format="torch.export" only.
+no op for: in ONNX they become the dense layer they stand for (pruned weights stored as zeros,
+so the file is as large and as fast as the dense layer); format="torch.export" keeps the
+sparse operators and their compressed weights.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from sparsefx.capture.compare import first_tensor, output_error
 from sparsefx.capture.trace import as_inputs
 from sparsefx.errors import SparsefxError, one_line
 from sparsefx.log import quiet
-from sparsefx.sparse.layers import SparseConv2d, SparseLinear
+from sparsefx.sparse.sparsify import dense_equivalent
 
 FORMATS = ("onnx", "torch.export")
 ONNX_PACKAGES = ("onnx", "onnxscript")
@@ -69,10 +71,7 @@ def _export_onnx(model: nn.Module, inputs: tuple, path: Path) -> None:
     missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
         raise ExportError(f"ONNX export needs {' and '.join(missing)}: pip install {' '.join(missing)}")
-    sparse = [name for name, m in model.named_modules() if isinstance(m, (SparseLinear, SparseConv2d))]
-    if sparse:
-        raise ExportError(f"layer {sparse[0]!r} runs a sparsefx sparse kernel, which ONNX has no op for; "
-                          "export with format='torch.export' or export the model before sparsify")
+    model = dense_equivalent(model)  # ONNX has no op for sparsefx's sparse kernels
     large = sum(t.numel() * t.element_size() for t in model.state_dict().values()) > EXTERNAL_DATA_BYTES
     try:
         # the exporter prints its progress; its optimizer logs constant folds it skipped (not actionable)

@@ -34,7 +34,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def add_arch_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", metavar="SPEC", default=None,
                         help="architecture of a saved model directory (default: the spec stored in it; a file spec "
-                        "such as mymodel.py:build runs code, so it is only used when given here)")
+                        "such as mymodel.py:build runs code, so it is only used when given here); for a torch.save'd "
+                        ".pt MODEL, the spec a saved directory written from it stores")
 
 
 def add_threads_arg(parser: argparse.ArgumentParser) -> None:
@@ -106,11 +107,18 @@ def saved_model(path: Path, arch: str | None = None) -> nn.Module:
 def save(model: nn.Module, out: Path, model_arg: str, arch: str | None = None) -> None:
     """Write `model` with sparsefx.save, storing the spec it was built from so `sparsefx.load(out)`
     (and every command that takes a saved model) rebuilds it unaided."""
-    spec = None if model_arg.endswith(".pt") else model_arg
-    if is_saved_model(model_arg):
-        spec = arch or read_description(Path(model_arg))["model"].get("spec")
+    spec = model_spec(model_arg, arch)
     sparsefx_save(model, out, spec=spec)
-    print(f"saved {out} (safetensors + JSON; load with `sparsefx.load(path)`, no pickle involved)")
+    how = "`sparsefx.load(path)`" if spec else "`sparsefx.load(path, model=<its dense architecture>)` (or --arch)"
+    print(f"saved {out} (safetensors + JSON; load with {how}, no pickle involved)")
+
+
+def model_spec(model_arg: str, arch: str | None = None) -> str | None:
+    """The spec of the dense architecture a model from the MODEL argument was built from: the
+    argument itself, --arch, the spec a saved directory stores, or None (a .pt without --arch)."""
+    if is_saved_model(model_arg):
+        return arch or read_description(Path(model_arg))["model"].get("spec")
+    return arch if model_arg.endswith(".pt") else model_arg
 
 
 def check_out(path: Path) -> None:

@@ -125,7 +125,9 @@ def _parser() -> argparse.ArgumentParser:
                           help="teacher model for knowledge distillation (usually the dense model)")
     finetune.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
     finetune.add_argument("--out", type=Path, required=True,
-                          help="where to save the fine-tuned model (in MODEL's format: directory or .pt)")
+                          help="directory to save the fine-tuned model to (sparsefx.save: safetensors + JSON, no pickle; "
+                          "give --arch for a .pt MODEL so it loads unaided); a name ending in .pt writes a torch.save "
+                          "pickle instead, for a .pt MODEL only")
     add_arch_arg(finetune)
     add_threads_arg(finetune)
     finetune.set_defaults(handler=_finetune)
@@ -367,11 +369,12 @@ def _finetune(args: argparse.Namespace) -> int:
         accuracy = f", test accuracy {100 * history.val_accuracy[epoch - 1]:.2f}%" if history.val_accuracy else ""
         print(f"epoch {epoch}: loss {loss:.4f}{accuracy}")
     tuned = history.model or model
-    if is_saved_model(args.model):  # a sparsefx.save directory in, one out (its model spec carried over)
+    if is_saved_model(args.model) or args.out.suffix != ".pt":  # sparsefx.save (a directory in: its spec carried over)
         save(tuned, args.out, str(args.model), args.arch)
-    else:
+    else:  # a .pt asked for by name: a pickle, which runs code when it is loaded
         torch.save(tuned, args.out)
-        print(f"saved {args.out}")
+        LOG.warning(f"saved {args.out} with torch.save: a pickle, loaded with torch.load(weights_only=False), which "
+                    "runs code; give a directory --out for safetensors + JSON that load without pickle")
     return 0
 
 

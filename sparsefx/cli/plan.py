@@ -13,7 +13,16 @@ import torch
 
 import sparsefx
 from sparsefx.backends.eager import measure_latencies
-from sparsefx.cli.common import LOG, add_model_args, add_threads_arg, check_out, load, progress_bars, save
+from sparsefx.cli.common import (
+    LOG,
+    add_model_args,
+    add_threads_arg,
+    check_out,
+    load,
+    model_spec,
+    progress_bars,
+    save,
+)
 from sparsefx.errors import SparsefxError
 from sparsefx.planning.measured import plan_measured
 from sparsefx.planning.plan import GRANULARITIES, Plan
@@ -52,7 +61,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                    help="CPU, --speedup/--latency-ms: plans tried until the compiled model measures within "
                         "--tolerance of the budget (1: trust the cost model's prediction)")
     o.add_argument("--tolerance", type=float, default=0.05, help="relative miss accepted by --rounds (default 0.05)")
-    o.add_argument("--out", type=Path, required=True, help="directory to create with plan, model, artifact, report")
+    o.add_argument("--out", type=Path, required=True, help="directory to create with plan.json, model/ (the optimized "
+                   "model, sparsefx.save: safetensors + JSON), model.sfx (compiled) and report.json")
     add_threads_arg(o)
     o.set_defaults(handler=_optimize)
 
@@ -156,11 +166,13 @@ def _optimize(args: argparse.Namespace) -> int:
         staging = Path(tmp) / "out"
         staging.mkdir()
         result.save(staging / "plan.json")
-        torch.save(optimized, staging / "model.pt")
+        spec = model_spec(args.model, args.arch)
+        sparsefx.save(optimized, staging / "model", spec=spec)
         compiled["optimized"].export(staging / "model.sfx")
         (staging / "report.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
         shutil.move(str(staging), args.out)
-    print(f"wrote {args.out}/: plan.json, model.pt, model.sfx, report.json")
+    how = f"sparsefx.load('{args.out / 'model'}'{'' if spec else ', model=<its dense architecture>'})"
+    print(f"wrote {args.out}/: plan.json, model/ (safetensors + JSON, no pickle: {how}), model.sfx, report.json")
     return 0
 
 

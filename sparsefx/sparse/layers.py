@@ -4,6 +4,8 @@ Their forward calls one `torch.ops.sparsefx.*` operator per layer, so `torch.fx`
 `torch.export` both record the layer as one node the TVM importer lowers to a TIR kernel
 (`backends/tvm/sparse_relax.py`). In PyTorch the operators are a reference implementation:
 expand the weight to dense, then the dense op (exact, not fast; nothing here trains).
+`dense_layer()` hands back the plain nn.Linear / nn.Conv2d a sparse layer stands for, for
+runtimes that have no sparse kernel (ONNX) and for the fingerprint of the dense architecture.
 """
 
 from __future__ import annotations
@@ -113,6 +115,20 @@ class _SparseWeight(nn.Module):
         """The weight as a dense (rows, cols) matrix, pruned entries zero."""
         return self.weight_format.to_dense()
 
+    def dense_state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of the state the dense layer holds, in state_dict order."""
+        shapes = {"weight": self.dense_shape}
+        if self.bias is not None:
+            shapes["bias"] = tuple(self.bias.shape)
+        return shapes
+
+    @property
+    def dense_shape(self) -> tuple[int, ...]:
+        return (self.rows, self.cols)
+
+    def _dense_weight_parameter(self) -> nn.Parameter:
+        return nn.Parameter(self.dense_weight().reshape(self.dense_shape), requires_grad=False)
+
 
 class SparseLinear(_SparseWeight):
     """nn.Linear with a BSR or N:M weight."""
@@ -125,6 +141,12 @@ class SparseLinear(_SparseWeight):
         if self.format == "bsr":
             return torch.ops.sparsefx.bsr_linear(x, self.values, self.indices, self.indptr, self.bias)
         return torch.ops.sparsefx.nm_linear(x, self.values, self.indices, self.bias, self.m)
+
+    def dense_layer(self) -> nn.Linear:
+        """The nn.Linear this layer stands for, pruned weights zero (the bias is shared)."""
+        layer = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+        layer.weight, layer.bias = self._dense_weight_parameter(), self.bias
+        return layer
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, {self.format}, density={self.sparsity.density:.3f}"
@@ -146,6 +168,17 @@ class SparseConv2d(_SparseWeight):
         if self.format == "bsr":
             return torch.ops.sparsefx.bsr_conv2d(x, self.values, self.indices, self.indptr, self.bias, *geometry)
         return torch.ops.sparsefx.nm_conv2d(x, self.values, self.indices, self.bias, self.m, *geometry)
+
+    @property
+    def dense_shape(self) -> tuple[int, ...]:
+        return (self.out_channels, self.in_channels, *self.kernel_size)
+
+    def dense_layer(self) -> nn.Conv2d:
+        """The nn.Conv2d this layer stands for, pruned weights zero (the bias is shared)."""
+        layer = nn.Conv2d(self.in_channels, self.out_channels, tuple(self.kernel_size), tuple(self.stride),
+                          tuple(self.padding), tuple(self.dilation), bias=False, device="meta")
+        layer.weight, layer.bias = self._dense_weight_parameter(), self.bias
+        return layer
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.kernel_size)}, "

@@ -4,7 +4,8 @@
 `Sparsity` asks for; a layer already in masked training (`masks.apply_masks`) keeps the
 mask it was trained with. `to_sparse(model)` ends masked training: every masked layer
 becomes its sparse layer, with the format read off its mask (`formats.detect`).
-Both return a new model and leave the input untouched.
+Both return a new model and leave the input untouched. `dense_equivalent(model)` goes the
+other way for runtimes with no sparse kernel: each sparse layer as the dense layer it stands for.
 """
 
 from __future__ import annotations
@@ -86,3 +87,17 @@ def to_sparse(model: nn.Module) -> nn.Module:
         else:
             _replace(model, name, sparse_layer(layer, sparsity, mask))
     return model
+
+
+def dense_equivalent(model: nn.Module) -> nn.Module:
+    """`model` with each sparse layer as the nn.Linear / nn.Conv2d it stands for (pruned weights
+    zero), or `model` itself when it has none. Every other tensor is shared with `model`, not
+    copied: the copy is for exporting, not for training on its own."""
+    sparse = [name for name, m in model.named_modules() if isinstance(m, (SparseLinear, SparseConv2d))]
+    if not sparse:
+        return model
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}  # deepcopy's memo: kept as they are
+    copied = copy.deepcopy(model, shared)
+    for name in sparse:
+        _replace(copied, name, copied.get_submodule(name).dense_layer())
+    return copied
