@@ -27,6 +27,7 @@ from sparsefx.backends.tvm.kernels import registry as own_kernels
 from sparsefx.backends.tvm.measure.host import HostTimer
 from sparsefx.backends.tvm.threads import running_with
 from sparsefx.backends.tvm.tuning import tune_module
+from sparsefx.backends.tvm.tvmscript import cheap_frames
 from sparsefx.capture.trace import as_inputs
 from sparsefx.errors import SparsefxError, one_line
 from sparsefx.log import get_logger
@@ -74,7 +75,7 @@ def compile(model: nn.Module, example_inputs: object, target: object = "cpu", tu
     check_precision(precision, spec)
     if not spec.is_gpu:  # dispatch and tuning tables are per core count: the cores the model will use
         spec = replace(spec, cores=threads)
-    with running_with(threads):
+    with running_with(threads), cheap_frames():  # TVMScript parses (own kernels, DLight's tensor intrinsics)
         return build(model, inputs, spec, tune, dispatch, verbose, threads, precision)
 
 

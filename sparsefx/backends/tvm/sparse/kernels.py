@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import tvm
 from tvm.script import tirx as T
 
-from sparsefx.backends.tvm.tvmscript import on_short_stack
+from sparsefx.backends.tvm.tvmscript import parse
 
 OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps must not fuse into a hand-scheduled kernel
 LANES = 16  # fp32 lanes of one AVX-512 register
@@ -79,7 +79,7 @@ def kernel(spec: KernelSpec, target: tvm.target.Target) -> tvm.tirx.PrimFunc:
 
 def build(specs: list[KernelSpec], target: tvm.target.Target) -> tvm.runtime.Module:
     """One library holding the kernels of `specs` (one LLVM/NVCC build), each under its `name`."""
-    funcs = {s.name: on_short_stack(kernel, s, target).with_attr("global_symbol", s.name) for s in dict.fromkeys(specs)}
+    funcs = {s.name: parse(kernel, s, target).with_attr("global_symbol", s.name) for s in dict.fromkeys(specs)}
     return tvm.compile(tvm.IRModule(funcs), target)
 
 

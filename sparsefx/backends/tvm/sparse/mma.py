@@ -62,7 +62,7 @@ import numpy as np
 import tvm
 from tvm.script import tirx as T
 
-from sparsefx.backends.tvm.tvmscript import on_short_stack
+from sparsefx.backends.tvm.tvmscript import parse
 from sparsefx.errors import SparsefxError
 
 OPAQUE = 8  # relax OpPatternKind.kOpaque
@@ -430,7 +430,7 @@ def _pipelined(s: MmaSpec, chain: str) -> tvm.tirx.PrimFunc:
 
 
 def build(specs: list[MmaSpec], target: tvm.target.Target, variant: str | None = None) -> tvm.runtime.Module:
-    funcs = {s.name: on_short_stack(kernel, s, variant).with_attr("global_symbol", s.name) for s in dict.fromkeys(specs)}
+    funcs = {s.name: parse(kernel, s, variant).with_attr("global_symbol", s.name) for s in dict.fromkeys(specs)}
     return tvm.compile(tvm.IRModule(funcs), target)
 
 

@@ -26,7 +26,7 @@ from tvm import relax, te, tirx
 
 from sparsefx.backends.tvm.sparse import mma as sparse_mma
 from sparsefx.backends.tvm.sparse.kernels import KernelSpec, kernel, transposed_operands
-from sparsefx.backends.tvm.tvmscript import on_short_stack
+from sparsefx.backends.tvm.tvmscript import parse
 
 ATTR = "sparsefx.kernel"
 MMA_ATTR = "sparsefx.mma_kernel"
@@ -44,7 +44,7 @@ def _emit(importer: object, spec: KernelSpec, d: relax.Expr, operands: list[rela
         bias = relax.const(np.zeros(spec.rows, "float32"))
     if transposed_operands(spec):
         operands = [bb.emit(relax.op.permute_dims(v)) for v in operands]
-    func = on_short_stack(kernel, spec, _CPU).with_attr(ATTR, json.dumps(spec.__dict__))
+    func = parse(kernel, spec, _CPU).with_attr(ATTR, json.dumps(spec.__dict__))
     gvar = bb.add_func(func, spec.name)
     return bb.emit(relax.call_tir(gvar, [d, *operands, bias], relax.TensorType(spec.out_shape, "float32")))
 
@@ -140,7 +140,7 @@ def _mma_linear(importer: object, x: relax.Expr, values: relax.Expr, indices: re
     packed = bb.emit(relax.op.astype(values, "float16"))
     bias = relax.const(np.zeros(rows, "float32")) if bias is None else bb.emit(relax.op.astype(bias, "float32"))
     spec = sparse_mma.MmaSpec(rows, cols, tokens, "float16")
-    func = on_short_stack(sparse_mma.reference_kernel, spec).with_attr(MMA_ATTR, json.dumps(spec.__dict__))
+    func = parse(sparse_mma.reference_kernel, spec).with_attr(MMA_ATTR, json.dumps(spec.__dict__))
     gvar = bb.add_func(func, spec.name)
     flat = bb.emit(relax.op.reshape(x, (tokens, cols)))
     out = bb.emit(relax.call_tir(gvar, [flat, packed, meta, bias], relax.TensorType((tokens, rows), "float16")))
@@ -182,10 +182,10 @@ def sparse_kernel_pass(target: tvm.target.Target) -> tvm.transform.Pass:
             if isinstance(func, tirx.PrimFunc) and func.attrs is not None and ATTR in func.attrs:
                 spec = json.loads(str(func.attrs[ATTR]))
                 spec = KernelSpec(**{**spec, "block": tuple(spec["block"])})
-                mod[gvar] = on_short_stack(kernel, spec, target).with_attr(ATTR, func.attrs[ATTR])
+                mod[gvar] = parse(kernel, spec, target).with_attr(ATTR, func.attrs[ATTR])
             elif isinstance(func, tirx.PrimFunc) and func.attrs is not None and MMA_ATTR in func.attrs:
                 spec = sparse_mma.MmaSpec(**json.loads(str(func.attrs[MMA_ATTR])))
-                mod[gvar] = on_short_stack(sparse_mma.kernel, spec).with_attr(MMA_ATTR, func.attrs[MMA_ATTR])
+                mod[gvar] = parse(sparse_mma.kernel, spec).with_attr(MMA_ATTR, func.attrs[MMA_ATTR])
         return mod
 
     return _pass
