@@ -10,6 +10,7 @@ from sparsefx.backends.export import export
 from sparsefx.capture.trace import trace
 from sparsefx.channels.calibration import CalibrationError
 from sparsefx.channels.depth import block_influence, prune_layers
+from sparsefx.channels.moe import prune_experts
 from sparsefx.channels.prune import Analysis, analyze, count_macs, count_params, prune
 from sparsefx.errors import PruneError, SparsefxError, TraceError
 from sparsefx.io import load, save
@@ -42,7 +43,7 @@ __all__ = [
     "LotteryTicket", "MaskCallback", "OneShot", "Plan", "PlanError", "PruneError", "RegrowthError", "RigL",
     "SET", "SparseConv2d", "SparseLinear", "SparsefxError", "Sparsity", "TraceError", "__version__",
     "analyze", "apply", "apply_masks", "block_influence", "block_mask", "compile", "compute_masks", "count_macs", "count_params",
-    "cubic_sparsity", "evaluate", "export", "finetune", "load", "nm_mask", "plan", "plan_measured", "prune", "prune_layers",
+    "cubic_sparsity", "evaluate", "export", "finetune", "load", "nm_mask", "plan", "plan_measured", "prune", "prune_experts", "prune_layers",
     "remove_masks", "save", "sparsify", "to_sparse", "trace", "unstructured_mask", "weight_density",
 ]
 

@@ -132,15 +132,16 @@ def test_bare_decoder_keeps_its_output_width() -> None:
 
 
 def test_unsupported_structure_names_the_op_that_freezes_it() -> None:
-    """Mixtral's stacked experts (indexed per token) are beyond the analysis: asked to prune only them,
-    prune says which op holds which layer and leaves the user's model as it was."""
+    """Mixtral's hidden size is beyond the analysis (the expert dispatch indexes the hidden states per
+    token): asked to prune only it, prune says which op holds which layer and leaves the user's model
+    as it was."""
     config = transformers.MixtralConfig(
         vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=HEADS,
         num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, num_local_experts=4, num_experts_per_tok=2, pad_token_id=0)
     model = transformers.MixtralForCausalLM(config).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.warns(UserWarning, match=r"nothing to prune.*frozen: .*index.*model\.embed_tokens"):
-        sparsefx.prune(model, (token_ids(),), ratio={"model.layers.0.mlp": 0.5, "*": 0.0})
+        sparsefx.prune(model, (token_ids(),), ratio={"model.embed_tokens": 0.5, "*": 0.0})
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and model.config.use_cache
 
 

@@ -129,9 +129,12 @@ def sync_decoder(model: nn.Module, width: int | None, norm_rescale: dict[str, fl
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if isinstance(embeddings, nn.Embedding):
         changed["hidden_size"] = embeddings.embedding_dim
-    mlp_widths = {m.down_proj.in_features for m in model.modules() if isinstance(getattr(m, "down_proj", None), nn.Linear)}
-    if len(mlp_widths) == 1:
-        changed["intermediate_size"] = mlp_widths.pop()
+    mlps = {name: m.down_proj.in_features for name, m in model.named_modules()
+            if isinstance(getattr(m, "down_proj", None), nn.Linear)}
+    for field, shared in (("intermediate_size", False), ("shared_expert_intermediate_size", True)):
+        widths = {width for name, width in mlps.items() if name.endswith("shared_expert") == shared}
+        if len(widths) == 1:  # Qwen2-MoE's shared experts have a size of their own
+            changed[field] = widths.pop()
     fields = [k for k, v in changed.items() if hasattr(config, k) and getattr(config, k) != v or k == "head_dim"]
     for field in fields:
         setattr(config, field, changed[field])

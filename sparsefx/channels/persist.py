@@ -4,7 +4,8 @@ Each step is traced again on inputs of the recorded shapes, its coupling compute
 the recorded kept indices turned back into the removed classes. Indices that do not fit the
 coupling (out of range, unsorted, a frozen channel, one layer cut differently from a layer it
 is coupled to) are refused before anything is removed: the same `remove` that pruned the model
-then rebuilds it, rewritten graph constants included.
+then rebuilds it, rewritten graph constants included. Mixture-of-experts steps (`channels.moe`)
+name blocks and kept indices and are redone by the same `moe.apply_changes`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 from torch import nn
 
 from sparsefx.capture.trace import METHODS, trace
+from sparsefx.channels import moe
 from sparsefx.channels.coupling import Coupling, analyze_coupling
 from sparsefx.channels.prune import remove, working_copy
 from sparsefx.channels.record import attach, example_input, fingerprint, removal_step
@@ -45,6 +47,12 @@ def replay(model: nn.Module, record: dict, source: str) -> nn.Module:
     check_architecture(work, record, source)
     for number, step in enumerate(steps, 1):
         where = f"{source} step {number}"
+        if step.get("method") == moe.METHOD:  # expert units or whole experts, module level
+            try:
+                moe.apply_changes(work, step.get("moe"))
+            except SparsefxError as error:
+                raise PersistError(f"{where}: {error}") from None
+            continue
         if step.get("method") not in METHODS:
             raise PersistError(f"{where}: unknown capture route {step.get('method')!r}; save the model again")
         inputs = tuple(example_input(spec) for spec in step["inputs"])

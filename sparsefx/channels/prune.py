@@ -15,13 +15,27 @@ from torch import nn
 from sparsefx.capture.annotate import total_macs
 from sparsefx.capture.trace import as_inputs, no_kv_cache, trace
 from sparsefx.channels import importance as importance_mod
+from sparsefx.channels import moe, moe_scores
 from sparsefx.channels.attention import split_attention
 from sparsefx.channels.coupling import ChannelGroup, Coupling, analyze_coupling
 from sparsefx.channels.hf_config import head_dim, linear_widths, splits_heads, sync_config, sync_decoder
+from sparsefx.channels.moe_layout import moe_blocks
 from sparsefx.channels.record import attach, history, removal_step
 from sparsefx.channels.remove import remove_channels
-from sparsefx.channels.select import Ratio, as_names, check_names, ignored, ratio_rule, select
+from sparsefx.channels.select import (
+    Ratio,
+    as_names,
+    check_names,
+    ignored,
+    name_ratio,
+    ratio_rule,
+    select,
+    under,
+)
 from sparsefx.errors import PruneError
+from sparsefx.log import get_logger
+
+LOG = get_logger("channels")
 
 
 @dataclass
@@ -97,6 +111,10 @@ def prune(
     modules whose output channels stay. The input model is never modified. The result is
     the model's own class when its forward still holds after removal, otherwise the
     rewritten `torch.fx.GraphModule` (its shape constants patched).
+
+    Mixture-of-experts layers (`channels.moe`): the ratio of a block's `experts` module removes
+    that fraction of every expert's hidden units, each expert ranking its own, per layer even
+    with `global_ranking`; whole experts go with `sparsefx.prune_experts`.
     """
     ratio_of = ratio_rule(ratio)
     if not isinstance(round_to, int) or round_to < 1:
@@ -104,13 +122,39 @@ def prune(
     ratio_names = [k for k in ratio if k != "*"] if isinstance(ratio, dict) else []
     scored = score_groups(model, example_inputs, importance, method, ignore, ratio_names,
                           keep=lambda group: ratio_of(group) > 0, **importance_options)
-    if not scored.groups:
+    experts = expert_units(scored, ratio, importance, round_to, importance_options)
+    if not scored.groups and not experts:
         warnings.warn(f"sparsefx: nothing to prune in {type(model).__name__}: no channel group is both prunable "
                       f"and selected{frozen_summary(scored.coupling.groups)} (see sparsefx inspect); "
                       "returning an unchanged copy", stacklevel=2)
         return scored.work.train(model.training)
-    removed = select(scored.groups, scored.scores, ratio_of, round_to, global_ranking)
-    return scored.remove(removed).train(model.training)
+    result = scored.work
+    if scored.groups:
+        result = scored.remove(select(scored.groups, scored.scores, ratio_of, round_to, global_ranking))
+    if experts and not moe_blocks(result):  # the rewritten graph came back: its experts cannot be found
+        warnings.warn("sparsefx: the expert hidden units were not pruned: the result is a graph module, not "
+                      f"{type(model).__name__}", stacklevel=2)
+    elif experts:
+        result = moe.carry_out(result, experts)
+    return result.train(model.training)
+
+
+def expert_units(scored: Scored, ratio: Ratio, importance: str | Callable, round_to: int,
+                 options: dict) -> list[dict]:
+    """The mixture-of-experts layers' hidden units to remove (`channels.moe`), scored on the dense
+    working copy: the ratio and `ignore` apply by the name of each block's `experts` module."""
+    ratio_of = name_ratio(ratio)
+    blocks = [b for b in moe_blocks(scored.work) if ratio_of(f"{b.name}.experts") > 0
+              and not any(under(f"{b.name}.experts", name) for name in scored.ignore)]
+    if not blocks:
+        return []
+    criterion = importance if importance in moe_scores.CRITERIA else "l1"
+    if criterion != importance:
+        LOG.info(f"importance {importance!r} does not apply to expert hidden units; they are ranked by l1")
+    scores = moe_scores.score(scored.work, blocks, criterion, whole=False,
+                              example_inputs=scored.inputs, calibration=options.get("calibration"),
+                              loss_fn=options.get("loss_fn"), seed=options.get("seed", 0))
+    return moe.unit_changes(blocks, scores, lambda name: ratio_of(f"{name}.experts"), round_to)
 
 
 def frozen_summary(groups: list[ChannelGroup], count: int = 3) -> str:

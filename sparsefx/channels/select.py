@@ -39,6 +39,20 @@ def ratio_rule(ratio: Ratio) -> Callable[[ChannelGroup], float]:
     return ratio_of
 
 
+def name_ratio(ratio: Ratio) -> Callable[[str], float]:
+    """The ratio of one module by name (its longest matching prefix, else "*"): for units that are
+    not channel groups of the graph (mixture-of-experts hidden units)."""
+    ratio_rule(ratio)  # the same checks
+    if not isinstance(ratio, dict):
+        return lambda name: float(ratio)
+
+    def ratio_of(name: str) -> float:
+        keys = [key for key in ratio if key != "*" and under(name, key)]
+        return float(ratio[max(keys, key=len)] if keys else ratio.get("*", 0.0))
+
+    return ratio_of
+
+
 def under(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
