@@ -21,6 +21,7 @@ from sparsefx.backends.export import FORMATS, onnx_error
 from sparsefx.backends.peers import RUNTIMES, PeerError, Peers, available, check
 from sparsefx.capture.compare import VacuousComparisonError
 from sparsefx.capture.models import load_model
+from sparsefx.cli.calibration import add_calibration_args, read_calibration
 from sparsefx.cli.common import (
     LOG,
     add_arch_arg,
@@ -72,7 +73,13 @@ def _parser() -> argparse.ArgumentParser:
     add_model_args(prune)
     prune.add_argument("--ratio", type=parse_ratio, default=0.5,
                        help="fraction of channels to remove: 0.5, or per module prefix: layer1=0.3,layer2=0.5")
-    prune.add_argument("--importance", default="l1", help="channel importance criterion (default: l1)")
+    prune.add_argument("--importance", default="l1",
+                       help="channel importance: l1 (default), l2, bn_scale, random, or data-aware wanda (weights "
+                       "times input activation norms) and taylor (|weight x gradient|), see --calibration")
+    add_calibration_args(prune)
+    prune.add_argument("--experts", type=int, default=0, metavar="N",
+                       help="first remove N experts, with their router rows, from every mixture-of-experts layer "
+                       "(Mixtral, Qwen-MoE), ranked by --importance (l1, l2, wanda, taylor or random)")
     prune.add_argument("--round-to", type=int, default=1, help="keep channel counts a multiple of N")
     prune.add_argument("--global", dest="global_ranking", action="store_true",
                        help="rank channels across all groups instead of within each group")
@@ -216,11 +223,17 @@ def _shape_text(shape: object) -> str:
 def _prune(args: argparse.Namespace) -> int:
     check_out(args.out)
     model, inputs = load(args)
-    LOG.info(f"pruning with ratio {args.ratio}")
+    calibration = read_calibration(args, model, inputs)
+    data = {} if calibration is None else {"calibration": calibration}
     started = time.perf_counter()
+    source = model
+    if args.experts:  # prune_experts logs what it removes
+        source = sparsefx.prune_experts(model, args.experts, importance=args.importance, example_inputs=inputs, **data)
+    LOG.info(f"pruning with ratio {args.ratio}" + (f" ({args.importance} on --calibration {args.calibration})"
+                                                   if data else ""))
     pruned = sparsefx.prune(
-        model, inputs, ratio=args.ratio, importance=args.importance, round_to=args.round_to,
-        global_ranking=args.global_ranking, ignore=tuple(args.ignore), method=args.method,
+        source, inputs, ratio=args.ratio, importance=args.importance, round_to=args.round_to,
+        global_ranking=args.global_ranking, ignore=tuple(args.ignore), method=args.method, **data,
     )
     LOG.info(f"pruned in {time.perf_counter() - started:.2f} s; measuring")
     print(_compare(model, pruned, inputs, repeat=args.repeat))
