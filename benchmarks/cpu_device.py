@@ -9,7 +9,7 @@ The host has PyTorch and ONNX Runtime but no TVM compiler, so the benchmark has 
 runtimes.py does, so outputs are O(1) and depend on the input) for two x86-64 levels, since the
 host's CPU is not this one: x86-64-v4 (AVX-512) and x86-64-v3 (AVX2). A runtime-only bundle has no
 PyTorch kernels, so no conv may be dispatched to them: by default (`--kernels own`) every conv
-sparsefx has a kernel for runs on it and the rest on TIR (`compile_own_kernels`); `--kernels tir` is
+sparsefx has a kernel for runs on it and the rest on TIR (`compile(dispatch="own")`); `--kernels tir` is
 `compile(dispatch=False)`, TIR's default schedules throughout. Each is exported as a runtime-only
 bundle (`CompiledModel.export_bundle`, no numpy wheel: the host has numpy); the TVM runtime library
 and the tvm-ffi wheels (one set per Python version asked for) are kept once in the kit. Beside the
@@ -79,10 +79,8 @@ def build(kit: Path, pythons: list[str], kernels: str = "own") -> None:
         folder.mkdir()
         for level, (bits, _) in LEVELS.items():
             target = {"name": "cpu", "kind": "llvm", "arch": level, "cores": HOST_CORES, "vector_bits": bits}
-            if kernels == "own":
-                compiled = compile_own_kernels(model, inputs, target)
-            else:
-                compiled = sparsefx.compile(model, inputs, target=target, dispatch=False, verbose=False)
+            compiled = sparsefx.compile(model, inputs, target=target, dispatch="own" if kernels == "own" else False,
+                                        verbose=False)
             bundle = compiled.export_bundle(folder / level, python=pythons[0], numpy=False)
             _keep_shared(kit, bundle, pythons[0])
             for python in pythons[1:]:  # other Pythons differ in their wheels only
@@ -100,46 +98,6 @@ def build(kit: Path, pythons: list[str], kernels: str = "own") -> None:
                                                        "kernels": kernels, "host_cores": HOST_CORES}))
     size = sum(f.stat().st_size for f in kit.rglob("*") if f.is_file())
     print(f"kit {kit}: {size / 2**20:.1f} MiB", flush=True)
-
-
-def compile_own_kernels(model: torch.nn.Module, inputs: tuple, target: dict) -> object:
-    """`sparsefx.compile`'s steps with every conv sparsefx has a kernel for on it (depthwise, pointwise,
-    direct) and the rest in TIR, decided by kind, not timed: the dispatch times candidates on this CPU
-    and may pick PyTorch's kernels, which a bundle lacks, and `dispatch=False` drops the own kernels
-    too (every conv then runs on TIR's default schedule, 20-25x slower than eager on MobileNetV2).
-    Belongs in compiler.py as a dispatch mode for runtime-only bundles; here until it is."""
-    import tvm
-
-    from sparsefx.backends.tvm import pipeline
-    from sparsefx.backends.tvm.compiler import ARTIFACT_VERSION, CompiledModel
-    from sparsefx.backends.tvm.dispatch.table import collect_kernels
-    from sparsefx.backends.tvm.importer import to_relax
-    from sparsefx.backends.tvm.measure.host import own_kernel
-    from sparsefx.target import Target
-    from sparsefx.version import __version__
-
-    started = time.perf_counter()
-    spec = Target.from_dict(target)
-    tvm_target = spec.to_tvm()
-    mod, route = to_relax(model, inputs)
-    ran = pipeline.optimize_passes()
-    mod = pipeline.run(ran, mod, tvm_target)
-    decisions = {}
-    for kernel in collect_kernels(mod):
-        own = own_kernel(kernel)
-        decisions[kernel.key] = {"impl": own[0] if own else "tir", "decided_by": "kind"}
-    rewrites = pipeline.dispatch(decisions)
-    mod = pipeline.run(rewrites, mod, tvm_target)
-    lowering = pipeline.lowering_passes(spec, tvm_target, None)
-    executable = tvm.compile(mod, tvm_target, relax_pipeline=pipeline.as_pipeline(lowering))
-    manifest = {
-        "format": "sparsefx-tvm", "version": ARTIFACT_VERSION, "sparsefx": __version__, "tvm": tvm.__version__,
-        "target": spec.as_dict(), "threads": spec.cores, "precision": "fp32", "import_route": route,
-        "inputs": [{"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")} for x in inputs],
-        "dispatch": decisions, "tuning": {"trials_per_task": 0, "tasks": 0, "tuned_tasks": 0, "seconds": 0.0},
-        "compile_seconds": round(time.perf_counter() - started, 3),
-        "passes": [name for name, _ in ran + rewrites + lowering]}
-    return CompiledModel(executable, manifest, threads=1)  # threads: this process's use only
 
 
 def _keep_shared(kit: Path, bundle: Path, python: str) -> None:

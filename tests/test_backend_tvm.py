@@ -13,6 +13,7 @@ import sparsefx
 from sparsefx.backends.tvm import compile, load
 from sparsefx.backends.tvm.kernels import registry as own_kernels
 from sparsefx.capture.compare import check_reference, output_error
+from sparsefx.errors import SparsefxError
 from sparsefx.target import resolve_target
 
 from .models_zoo import CASES
@@ -50,6 +51,20 @@ def test_dispatch_can_be_disabled_and_is_recorded() -> None:
     assert mixed.manifest["dispatch"] and all(d["impl"] in impls for d in mixed.manifest["dispatch"].values())
     with torch.no_grad():
         _close(pure(*inputs), model(*inputs))
+
+
+def test_own_dispatch_puts_convs_on_sparsefx_kernels_untimed() -> None:
+    build, make_inputs = CASES["depthwise"]
+    model, inputs = build().eval(), make_inputs()
+    expected = check_reference(model, inputs)
+    own = compile(model, inputs, dispatch="own", verbose=False)
+    decisions = list(own.manifest["dispatch"].values())
+    assert decisions and all(d["decided_by"] == "kind" and d["impl"] != "torch" for d in decisions)
+    assert any(d["impl"] in own_kernels.KERNELS for d in decisions)
+    with torch.no_grad():
+        _close(own(*inputs), expected)
+    with pytest.raises(SparsefxError, match="dispatch must be"):
+        compile(model, inputs, dispatch="torch", verbose=False)
 
 
 def test_export_and_load_round_trip(tmp_path) -> None:

@@ -88,8 +88,10 @@ def test_bundle_refuses_pytorch_kernels(tmp_path) -> None:
     model, inputs = _residual()
     compiled = compile(model, inputs, dispatch=False, verbose=False)
     compiled.manifest["dispatch"] = {"conv2d|...": {"impl": "torch"}}
-    with pytest.raises(sparsefx.SparsefxError, match="dispatch=False"):
+    with pytest.raises(sparsefx.SparsefxError, match="dispatch='own'"):
         compiled.export_bundle(tmp_path / "b")
+    own = compile(model, inputs, dispatch="own", verbose=False)  # what the error proposes bundles
+    assert own.export_bundle(tmp_path / "own").exists()
 
 
 def test_compiled_model_aligns_inputs_and_names_a_missing_gpu() -> None:

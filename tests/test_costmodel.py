@@ -8,7 +8,7 @@ from torch import nn
 
 import sparsefx
 from sparsefx.backends.tvm import fusion as tvm_fusion
-from sparsefx.backends.tvm.measure import host
+from sparsefx.backends.tvm.kernels.registry import own_kernel
 from sparsefx.capture.compare import TOLERANCE, check_reference, output_error
 from sparsefx.capture.models import load_model
 from sparsefx.cli.main import main
@@ -161,17 +161,17 @@ def test_depthwise_1x1_and_dense_convs_are_also_timed_on_sparsefx_kernels(monkey
 
     monkeypatch.setattr(cost.timer, "time_rivals", torch_absurdly_slow)
     depthwise = conv2d_kernel((1, 32, 16, 16), (1, 32, 16, 16), 32, (3, 3), (1, 1), (1, 1), (1, 1), cost.lanes)
-    kind, spec = host.own_kernel(depthwise.with_epilogue("relu6", False))
+    kind, spec = own_kernel(depthwise.with_epilogue("relu6", False))
     assert kind == "depthwise" and spec.activation == "relu6"
-    assert host.own_kernel(depthwise.with_epilogue("relu", True)) is None  # a residual stays PyTorch's
+    assert own_kernel(depthwise.with_epilogue("relu", True)) is None  # a residual stays PyTorch's
     pointwise = conv2d_kernel((1, 32, 16, 16), (1, 24, 16, 16), 1, (1, 1), (1, 1), (0, 0), (1, 1), cost.lanes)
-    kind, spec = host.own_kernel(pointwise.with_epilogue("relu", True))  # fuses the residual
+    kind, spec = own_kernel(pointwise.with_epilogue("relu", True))  # fuses the residual
     assert kind == "pointwise" and spec.residual and spec.activation == "relu"
     dense = conv2d_kernel((1, 32, 16, 16), (1, 32, 16, 16), 1, (3, 3), (1, 1), (1, 1), (1, 1), cost.lanes)
-    kind, spec = host.own_kernel(dense.with_epilogue("relu", True))
+    kind, spec = own_kernel(dense.with_epilogue("relu", True))
     assert kind == "direct" and spec.residual and spec.kernel == 3
     dilated = conv2d_kernel((1, 32, 16, 16), (1, 32, 16, 16), 1, (3, 3), (1, 1), (2, 2), (2, 2), cost.lanes)
-    assert host.own_kernel(dilated) is None
+    assert own_kernel(dilated) is None
     for kernel in (depthwise, pointwise.with_epilogue("relu", True), dense):
         assert 0 < cost.time_now(kernel) < 1e3
     assert cost.implementations([depthwise, pointwise, dense]) == ["depthwise", "pointwise", "direct"]

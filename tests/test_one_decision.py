@@ -15,7 +15,8 @@ import sparsefx
 from sparsefx.backends.tvm import pipeline
 from sparsefx.backends.tvm.dispatch.table import DispatchTable
 from sparsefx.backends.tvm.importer import to_relax
-from sparsefx.backends.tvm.measure.host import HostTimer, own_kernel
+from sparsefx.backends.tvm.kernels.registry import own_kernel
+from sparsefx.backends.tvm.measure.host import HostTimer
 from sparsefx.cost.kernel import Kernel
 from sparsefx.cost.latency import analyze_fusion, dense_kernels, priced_kernels
 from sparsefx.cost.model import MEASURED, CostModel

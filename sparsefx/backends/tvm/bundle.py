@@ -43,7 +43,7 @@ def export_bundle(compiled: object, path: str | Path, python: str = "3.12", nump
     on_torch = [k for k, d in manifest["dispatch"].items() if d["impl"] == "torch"]
     if on_torch:
         raise SparsefxError(f"{len(on_torch)} workloads run on PyTorch kernels, which a runtime-only host lacks; "
-                            "compile with dispatch=False to bundle")
+                            "compile with dispatch='own' (sparsefx's kernels and TIR) to bundle")
     path = Path(path)
     archive = path.name.endswith(".tar.gz")
     root = Path(tempfile.mkdtemp(prefix="sparsefx-bundle-")) / "bundle" if archive else path

@@ -54,12 +54,14 @@ def quiet_native_stderr() -> Iterator[None]:
 
 
 def compile(model: nn.Module, example_inputs: object, target: object = "cpu", tune: int = 0,
-            dispatch: bool = True, verbose: bool = True, threads: int | None = None,
+            dispatch: bool | str = True, verbose: bool = True, threads: int | None = None,
             precision: str = "fp32") -> CompiledModel:
     """Compile `model` for `target` ('cpu', 'cuda[:sm_XX]' or a Target).
 
     `dispatch` lets each conv, matmul, GELU, softmax and LayerNorm run on PyTorch's kernels
-    where they measure faster than TIR on this CPU (recorded in the artifact); `tune` is the MetaSchedule trial
+    where they measure faster than TIR on this CPU (recorded in the artifact); "own" puts every conv
+    sparsefx has a kernel for on it and the rest in TIR, untimed and never on PyTorch (for runtime-only
+    bundles and CPUs other than this one); False leaves everything to TIR's default schedules; `tune` is the MetaSchedule trial
     budget (0: default schedules only; records persist in the on-disk database). `threads` (default: all
     cores) is what the model runs with, PyTorch's and TVM's pools alike: kernels are measured at that
     count, and it is recorded in the artifact for `load`. `precision`: "fp32"; for CUDA targets also "fp16"
@@ -68,6 +70,8 @@ def compile(model: nn.Module, example_inputs: object, target: object = "cpu", tu
     inputs = as_inputs(example_inputs)
     if not isinstance(model, nn.Module):
         raise SparsefxError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not (isinstance(dispatch, bool) or dispatch == "own"):
+        raise SparsefxError(f"dispatch must be True (measured), 'own' or False, got {dispatch!r}")
     if not isinstance(tune, int) or tune < 0:
         raise SparsefxError(f"tune must be a trial budget >= 0, got {tune!r}")
     spec = resolve_target(target)
@@ -79,7 +83,7 @@ def compile(model: nn.Module, example_inputs: object, target: object = "cpu", tu
         return build(model, inputs, spec, tune, dispatch, verbose, threads, precision)
 
 
-def build(model: nn.Module, inputs: tuple, spec: Target, tune: int, dispatch: bool, verbose: bool,
+def build(model: nn.Module, inputs: tuple, spec: Target, tune: int, dispatch: bool | str, verbose: bool,
           threads: int, precision: str) -> CompiledModel:
     """`compile` after its arguments are checked, run with the model's threads."""
     tvm_target = spec.to_tvm()
@@ -93,7 +97,8 @@ def build(model: nn.Module, inputs: tuple, spec: Target, tune: int, dispatch: bo
     mod = pipeline.run(ran, mod, tvm_target)
     decisions = {}
     if dispatch and not spec.is_gpu:
-        decisions = pipeline.decide_dispatch(mod, spec, lambda history: HostTimer(spec, history=history), log)
+        decisions = (pipeline.decide_by_kind(mod) if dispatch == "own" else
+                     pipeline.decide_dispatch(mod, spec, lambda history: HostTimer(spec, history=history), log))
         rewrites = pipeline.dispatch(decisions)
         mod = pipeline.run(rewrites, mod, tvm_target)
         ran += rewrites

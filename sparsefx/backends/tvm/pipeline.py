@@ -92,6 +92,13 @@ def decide_dispatch(mod: tvm.IRModule, target: Target, timer_for: Callable[[Iter
     return decisions
 
 
+def decide_by_kind(mod: tvm.IRModule) -> dict[str, dict]:
+    """Each conv on sparsefx's own kernel where it has one, everything else in TIR: nothing timed and
+    nothing on PyTorch, for runtime-only bundles (they carry no PyTorch) and CPUs other than this one."""
+    return {k.key: {"impl": own[0] if own else "tir", "decided_by": "kind"}
+            for k in collect_kernels(mod) for own in [own_kernels.own_kernel(k)]}
+
+
 def dispatch(decisions: dict[str, dict]) -> list[NamedPass]:
     return [("FuseOwnKernels", own_kernel_pass(decisions)), ("FuseTorchEpilogue", epilogue_pass(decisions)),
             ("DispatchToTorch", dispatch_pass(decisions))]

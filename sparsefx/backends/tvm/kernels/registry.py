@@ -26,6 +26,7 @@ from sparsefx.backends.tvm.dispatch.patterns import (
 )
 from sparsefx.backends.tvm.kernels import depthwise, direct, pointwise
 from sparsefx.backends.tvm.tvmscript import parsed
+from sparsefx.cost.kernel import Kernel
 
 # first match wins (`kind_of`); their `supported` sets do not overlap
 KERNELS: dict[str, ModuleType] = {"depthwise": depthwise, "pointwise": pointwise, "direct": direct}
@@ -34,6 +35,21 @@ KERNELS: dict[str, ModuleType] = {"depthwise": depthwise, "pointwise": pointwise
 def kind_of(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...]) -> str | None:
     """The name of the own kernel that runs this conv workload, if any."""
     return next((name for name, module in KERNELS.items() if module.supported(attrs, shapes)), None)
+
+
+def own_kernel(kernel: Kernel) -> tuple[str, object] | None:
+    """(kind, spec) of the sparsefx TIR kernel that runs this conv with its bias and epilogue fused, else None."""
+    if kernel.op != "conv2d":
+        return None
+    attrs, shapes = kernel.conv_attrs, kernel.shapes
+    kind = kind_of(attrs, shapes)
+    if kind is None:
+        return None
+    act, residual = kernel.epilogue
+    module = KERNELS[kind]
+    if residual and not module.FUSES_RESIDUAL:
+        return None  # the residual add would be a kernel of its own
+    return kind, module.spec_of(attrs, shapes, act, residual=True) if residual else module.spec_of(attrs, shapes, act)
 
 
 def build(kind: str, specs: list, target: tvm.target.Target) -> tvm.runtime.Module:

@@ -33,6 +33,7 @@ from sparsefx.backends.tvm.dispatch.torch_kernels import (
     forget_packed,
 )
 from sparsefx.backends.tvm.kernels import registry as own_kernels
+from sparsefx.backends.tvm.kernels.registry import own_kernel
 from sparsefx.backends.tvm.measure.calibrate import calibrate
 from sparsefx.backends.tvm.measure.emit import emit_kernel, operand_shapes
 from sparsefx.backends.tvm.pipeline import build_module
@@ -56,21 +57,6 @@ def call_overhead_ms() -> float:
     ms = time_in_turn({"through": [lambda: packed(*args, *attrs, 0, 0)], "direct": [lambda: conv(x, w, b, attrs)]},
                       rounds=(200, 200))
     return max(ms["through"] - ms["direct"], 0.0)
-
-
-def own_kernel(kernel: Kernel) -> tuple[str, object] | None:
-    """(kind, spec) of the sparsefx TIR kernel that runs this conv with its bias and epilogue fused, else None."""
-    if kernel.op != "conv2d":
-        return None
-    attrs, shapes = kernel.conv_attrs, kernel.shapes
-    kind = own_kernels.kind_of(attrs, shapes)
-    if kind is None:
-        return None
-    act, residual = kernel.epilogue
-    module = own_kernels.KERNELS[kind]
-    if residual and not module.FUSES_RESIDUAL:
-        return None  # the residual add would be a kernel of its own
-    return kind, module.spec_of(attrs, shapes, act, residual=True) if residual else module.spec_of(attrs, shapes, act)
 
 
 def torch_rivals(kernel: Kernel) -> tuple[dict[str, list[Callable[[], object]]], list[int]]:
