@@ -144,6 +144,18 @@ def test_allocate_keeps_the_total_and_each_layer_its_share(pattern, rule, power)
         assert (densities[2] == 1.0) == (power == 1.5)
 
 
+@pytest.mark.parametrize("pattern", ["unstructured", "block"])
+def test_allocate_marks_a_layer_that_keeps_every_unit_dense(pattern):
+    """A share just under 1 that rounds to every weight (or block) is a dense layer: a masked layer
+    that keeps everything has nothing to regrow into (LeNet-300-100 at 10% under ERK: the 10-way
+    output layer's share rounds to all 1000 weights)."""
+    model = _lenet300()
+    for density in (0.05, 0.08, 0.1, 0.12, 0.15):
+        for name, s in sparsefx.sparse.masks.allocate(model, density, pattern).items():
+            units = model.get_submodule(name).weight.numel() // (4 if pattern == "block" else 1)
+            assert s.density == 1.0 or round(s.density * units) < units, (density, name, s)
+
+
 def test_allocate_nm_fits_each_layer_and_stays_within_the_budget():
     model = _lenet300()
     plan = sparsefx.sparse.masks.allocate(model, 0.02, "nm", max_m=128)

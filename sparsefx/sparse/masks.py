@@ -232,6 +232,9 @@ def _fit(share: float, pattern: str, block: tuple[int, int], shape: tuple[int, .
     if share >= 1:
         return Sparsity(1.0)  # kept whole: no pattern constraint to check
     if pattern != "nm":
+        units = math.prod(shape) // (math.prod(block) if pattern == "block" else 1)
+        if round(share * units) >= units:  # a share that rounds to every unit is a dense layer, not a mask
+            return Sparsity(1.0)
         return Sparsity(max(share, 1e-6), pattern, tuple(block))
     cols = math.prod(shape[1:])
     ms = [m for m in range(2, min(cols, max_m) + 1) if cols % m == 0]
