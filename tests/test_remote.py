@@ -81,7 +81,12 @@ def test_cli_plan_on_the_rpc_device(device, tmp_path, monkeypatch, capsys):
     out = tmp_path / "plan.json"
     assert main(["plan", "default", "--speedup", "1.2", "--rpc", device, "--out", str(out)]) == 2
     assert "--rpc-key" in capsys.readouterr().err
-    assert main(["plan", "default", "--input-shape", "1,3,32,32", "--speedup", "1.2", "--rpc", device,
-                 "--rpc-key", "sfx-test", "--out", str(out)]) == 0
+    # three convs, not the default ResNet: the plan times each candidate kernel over RPC
+    (tmp_path / "convs.py").write_text(
+        "from torch import nn\n\ndef build():\n    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), "
+        "nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), "
+        "nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))\n")
+    assert main(["plan", f"{tmp_path / 'convs.py'}:build", "--input-shape", "1,3,16,16", "--speedup", "1.2", "--rpc",
+                 device, "--rpc-key", "sfx-test", "--out", str(out)]) == 0
     assert Plan.load(out).predicted["speedup"] >= 1.2
     assert list((tmp_path / "costmodel").glob("*-rpc-sfx-test.json"))
