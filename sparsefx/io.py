@@ -188,7 +188,7 @@ def build_model(model: nn.Module | str | None, saved_spec: str | None, path: Pat
     if not isinstance(model, str):
         raise PersistError(f"model= must be a torch.nn.Module or a model spec string, got {type(model).__name__}")
     try:
-        return load_model(model)[0]
+        return load_model(model, need_inputs=False)[0]
     except SparsefxError as error:
         raise PersistError(f"model spec {model!r} cannot be built: {error}") from None
     except Exception as error:  # a user's factory or a library may raise anything

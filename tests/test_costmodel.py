@@ -182,16 +182,22 @@ def test_depthwise_1x1_and_dense_convs_are_also_timed_on_sparsefx_kernels(monkey
 
 @pytest.mark.slow
 def test_cli_optimize_replans_until_measured_and_writes_everything(tmp_path, capsys):
+    # three convs from a file spec, not the default ResNet: planning times every candidate kernel
+    spec = f"{tmp_path / 'convs.py'}:build"
+    (tmp_path / "convs.py").write_text(
+        "from torch import nn\n\ndef build():\n    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), "
+        "nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), "
+        "nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))\n")
     out = tmp_path / "opt"
-    assert main(["optimize", "default", "--input-shape", "1,3,16,16", "--speedup", "1.3", "--rounds", "2", "--repeat", "4", "--threads", "1",
-                 "--out", str(out)]) == 0
+    assert main(["optimize", spec, "--input-shape", "1,3,16,16", "--speedup", "1.3", "--rounds", "2", "--repeat", "4",
+                 "--threads", "1", "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["model", "model.sfx", "plan.json", "report.json"]
     report = json.loads((out / "report.json").read_text())
     rounds = report["measured_planning"]["rounds"]
     assert 1 <= len(rounds) <= 2 and rounds[-1]["planned_ms"] < rounds[-1]["dense_ms"]
-    dense, _ = load_model("default")  # the written model is the smaller one, counted afresh
+    dense, _ = load_model(spec, input_shape=(1, 3, 16, 16))  # the written model is the smaller one, counted afresh
     inputs = (torch.randn(1, 3, 16, 16),)
-    optimized = sparsefx.load(out / "model")  # sparsefx.save: rebuilt from the stored spec, never unpickled
+    optimized = sparsefx.load(out / "model", model=spec)  # sparsefx.save: rebuilt from the spec, never unpickled
     assert sparsefx.count_macs(optimized, inputs) < sparsefx.count_macs(dense, inputs)
     # the saved model is the one that was compiled: same output as the artifact beside it
     error = output_error(check_reference(optimized, inputs), sparsefx.load(out / "model.sfx")(*inputs))

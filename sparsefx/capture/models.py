@@ -76,13 +76,15 @@ class TinyResNet(nn.Module):
 
 
 def load_model(
-    spec: str, batch_size: int = 1, input_shape: Sequence[int] | None = None
+    spec: str, batch_size: int = 1, input_shape: Sequence[int] | None = None, need_inputs: bool = True
 ) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """Build the model a spec names, in eval mode, with example inputs for it.
 
     `input_shape` replaces the default input shape (for HF text models it is (batch, seq_len));
     a file factory's own example inputs win over it, since they may not be a single random tensor.
-    Weights are random but seeded, so the same spec gives the same model every time.
+    With `need_inputs=False` (rebuilding an architecture to load weights into) a file factory may
+    return the model alone; its inputs are then (). Weights are random but seeded, so the same spec
+    gives the same model every time.
     """
     if batch_size < 1:
         raise SparsefxError(f"batch size must be at least 1, got {batch_size}")
@@ -97,7 +99,7 @@ def load_model(
             model, inputs = _load_hf(spec.removeprefix("hf:"), batch_size, shape)
         elif ":" in spec and spec.rsplit(":", 1)[0].endswith(".py"):
             path, func = spec.rsplit(":", 1)
-            model, inputs = _load_from_file(Path(path), func, shape)
+            model, inputs = _load_from_file(Path(path), func, shape, need_inputs)
         else:
             raise SparsefxError(f"unknown model spec {spec!r}{_bare_name_hint(spec)}: {SPEC_HELP}")
     return model.eval(), inputs
@@ -173,7 +175,7 @@ def _parse_query(query: str) -> dict[str, int | float | str]:
 
 
 def _load_from_file(
-    path: Path, func: str, shape: tuple[int, ...] | None
+    path: Path, func: str, shape: tuple[int, ...] | None, need_inputs: bool
 ) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     if not path.is_file():
         raise SparsefxError(f"model file {str(path)!r} not found: pass an existing path/to/file.py:FUNC")
@@ -194,6 +196,8 @@ def _load_from_file(
     if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module):
         model, inputs = result
         inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    elif isinstance(result, nn.Module) and shape is None and not need_inputs:
+        model, inputs = result, ()
     elif isinstance(result, nn.Module):
         if shape is None:
             raise SparsefxError(
