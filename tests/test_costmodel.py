@@ -16,7 +16,7 @@ from sparsefx.cost import timing
 from sparsefx.cost.fusion import EPILOGUE_RULES
 from sparsefx.cost.kernel import conv2d_kernel, matmul_kernel
 from sparsefx.cost.latency import analyze_fusion, annotate_latency, dense_kernels
-from sparsefx.cost.model import CostModel, grid, l2_bytes
+from sparsefx.cost.model import PROBE_PREFIX, CostModel, grid, l2_bytes
 from sparsefx.planning.plan import Plan
 from sparsefx.planning.pricing import cost_model
 
@@ -226,6 +226,34 @@ def test_a_plan_warns_when_the_machine_no_longer_runs_at_the_speed_its_tables_sa
         stale.table[key] /= 3  # as if measured when the machine ran three times faster
     with pytest.warns(UserWarning, match="re-measure"):
         sparsefx.plan(model, inputs, speedup=1.1, cost=stale, verbose=False)
+
+
+class CompanyTimer:
+    """Times a kernel at 1 ms alone and 2 ms when timed in a batch with others, as a shared cache
+    or a busy neighbour can: the drift probes must compare like with like."""
+
+    device = ""
+
+    def time(self, kernels, implementations=None):  # noqa: ANN001, ANN201
+        return [{"torch": 1.0 if len(kernels) == 1 else 2.0} for _ in kernels]
+
+    def overheads(self) -> dict[str, float]:
+        return {}
+
+    def calibrate(self) -> dict[str, list[float]]:
+        return {"cold_write": [1e9]}
+
+
+def test_drift_probes_keep_references_of_their_own(tmp_path):
+    cost = CostModel("cpu", path=tmp_path / "table.json", timer=CompanyTimer())
+    probe = conv2d_kernel((1, 96, 56, 56), (1, 96, 56, 56), 96, (3, 3), (1, 1), (1, 1), (1, 1), cost.lanes)
+    other = conv2d_kernel((1, 64, 56, 56), (1, 64, 56, 56), 1, (3, 3), (1, 1), (1, 1), (1, 1), cost.lanes)
+    cost.measure_all([probe, other])  # the probe's shape timed in company, as interpolation corners are
+    assert all(then == pytest.approx(now) for _, then, now in cost.drift())  # alone then, alone now
+    cost.save()
+    again = CostModel("cpu", path=tmp_path / "table.json", timer=CompanyTimer())
+    assert all(then == pytest.approx(now) for _, then, now in again.drift())
+    assert again.table[probe.key] > again.table[PROBE_PREFIX + probe.key]  # the batch timing stays the kernel's
 
 
 class SqueezeExcite(nn.Module):

@@ -44,6 +44,7 @@ ROOFLINE_EFFICIENCY = 0.5  # what a tuned kernel reaches of the peak, for unmeas
 # bumped when what a measurement times changes; older tables are re-measured (v10: the backend's timer,
 # rivals in turn, the implementation chosen on the bare conv as the dispatch does, its call overhead)
 TABLE_VERSION = 10
+PROBE_PREFIX = "probe|"  # the drift probes' own entries (`drift`), apart from the kernels' timings
 CALIBRATION_VERSION = 3  # v3: timed in turn (`cost.timing`), no "dispatch" entry (the timer's overheads); re-fitted
 
 
@@ -104,7 +105,10 @@ class CostModel:
         (compute-bound) and a depthwise one (memory-bound). On a shared host the same kernels run
         tens of percent faster or slower an hour later (tables measured while this VM's host was
         busier over-predicted MobileNetV2 by 32-53% in a quieter spell); a table whose probes
-        moved no longer describes the machine. A probe missing from the table is measured into it.
+        moved no longer describes the machine. Each probe's reference is an entry of its own
+        (PROBE_PREFIX + key), timed alone as it is timed here; under the kernel's own key it may
+        have been timed in a batch with other kernels (interpolation corners measured together),
+        which is not what the probe times now. A table without them takes them now.
         Timed once per CostModel: a planning run that plans several times asks again."""
         if self._drift is not None:
             return self._drift
@@ -115,9 +119,10 @@ class CostModel:
                   "depthwise conv": conv2d_kernel((1, 96, 56, 56), (1, 96, 56, 56), 96, (3, 3), (1, 1), (1, 1), (1, 1),
                                                   self.lanes)}
         for name, kernel in probes.items():
-            then = self.table.get(kernel.key)
-            now = self.measured(kernel) if then is None else self.time_now(kernel)
-            self._drift.append((name, then or now, now))
+            now, key = self.time_now(kernel), PROBE_PREFIX + kernel.key
+            if key not in self.table:
+                self.table[key], self._dirty = now, True
+            self._drift.append((name, self.table[key], now))
         return self._drift
 
     def save(self) -> None:
