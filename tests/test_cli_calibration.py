@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import sparsefx
+import sparsefx.cli.plan
 from sparsefx.channels.moe_layout import moe_blocks
 from sparsefx.cli.calibration import read_calibration
 from sparsefx.cli.main import main
@@ -74,3 +75,26 @@ def test_text_calibration_needs_token_inputs(tmp_path: Path, capsys) -> None:
             "--out", str(tmp_path / "x")]
     assert main(argv) == 2
     assert "not (N, T) token ids; pass a .pt file" in capsys.readouterr().err
+
+
+LLAMA = ("hf:llama?layers=1&hidden_size=64&intermediate_size=128&num_attention_heads=4&num_key_value_heads=2"
+         "&head_dim=16&vocab_size=300")
+
+
+def test_plan_takes_calibration_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """`sparsefx plan --importance taylor --calibration` feeds the batches to the planner, and taylor
+    scores a bare decoder (hidden states out, not vocabulary logits) without a cross-entropy over them."""
+    (tmp_path / "corpus.txt").write_bytes(TEXT)
+    seen = {}
+    plan = sparsefx.cli.plan.plan
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.update(kwargs)
+        return plan(*args, **kwargs)
+
+    monkeypatch.setattr(sparsefx.cli.plan, "plan", spy)
+    argv = ["plan", LLAMA, "--input-shape", "1,16", "--macs-ratio", "0.6", "--importance", "taylor", "--calibration",
+            str(tmp_path / "corpus.txt"), "--calibration-batches", "2", "--out", str(tmp_path / "plan.json")]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert [tuple(b.shape) for b in seen["calibration"]] == [(1, 16)] * 2 and seen["importance"] == "taylor"
+    assert (tmp_path / "plan.json").is_file()

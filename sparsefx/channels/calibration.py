@@ -104,9 +104,11 @@ def main_output(out: object) -> torch.Tensor:
 def default_loss(out: torch.Tensor, inputs: tuple) -> torch.Tensor:
     """The loss Taylor scores differentiate when none is given: next-token cross-entropy for a
     language model ((N, T, vocab) logits of (N, T) token ids), cross-entropy on its own top-1
-    prediction for a classifier, half the squared output norm otherwise."""
+    prediction for a classifier, half the squared output norm otherwise (hidden states of a bare
+    decoder `*Model`: token ids past their last dimension show they are not vocabulary logits)."""
     ids = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
-    if out.dim() == 3 and ids is not None and not ids.is_floating_point() and ids.shape == out.shape[:2]:
+    if (out.dim() == 3 and ids is not None and not ids.is_floating_point() and ids.shape == out.shape[:2]
+            and int(ids.max()) < out.shape[-1]):
         return F.cross_entropy(out[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
     if out.dim() == 2:
         return F.cross_entropy(out, out.argmax(1))

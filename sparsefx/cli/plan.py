@@ -13,6 +13,7 @@ import torch
 
 import sparsefx
 from sparsefx.backends.eager import measure_latencies
+from sparsefx.cli.calibration import add_calibration_args, read_calibration
 from sparsefx.cli.common import (
     LOG,
     add_model_args,
@@ -75,7 +76,9 @@ def _add_plan_args(parser: argparse.ArgumentParser) -> None:
     budget.add_argument("--macs-ratio", type=float, help="fraction of MACs to keep")
     parser.add_argument("--target", default="cpu", help="cpu (host CPU via LLVM) or cuda[:sm_XX] (default: cpu)")
     parser.add_argument("--granularity", default="channel", help=f"comma list from {', '.join(GRANULARITIES)}")
-    parser.add_argument("--importance", default="l1", help="channel importance criterion (default: l1)")
+    parser.add_argument("--importance", default="l1", help="channel importance criterion (default: l1): l1, l2, "
+                        "wanda or taylor (data-aware, see --calibration)")
+    add_calibration_args(parser)
     parser.add_argument("--max-ratio", type=float, default=0.9, help="most of one group that may be removed")
     parser.add_argument("--ignore", nargs="+", action="extend", default=[], metavar="NAME",
                         help="module names whose channels must not be pruned")
@@ -94,6 +97,9 @@ def _make_plan(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple, 
     started = time.perf_counter()
     options = dict(granularities=[g.strip() for g in args.granularity.split(",") if g.strip()],
                    importance=args.importance, ignore=tuple(args.ignore), max_ratio=args.max_ratio)
+    calibration = read_calibration(args, model, inputs)
+    if calibration is not None:
+        options["calibration"] = calibration
     if getattr(args, "rpc", None):
         if not args.rpc_key:
             raise SparsefxError("--rpc needs --rpc-key, the key the device registered with at the tracker")
