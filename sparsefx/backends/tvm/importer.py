@@ -63,8 +63,23 @@ def _layer_norm(node: torch.fx.Node, importer: object) -> relax.Expr:
                                      args["normalized_shape"])
 
 
-# from_fx only: from_exported_program sees aten's `layer_norm.default`, always positional
-FX_CONVERT_MAP = {**CONVERT_MAP, "layer_norm": _layer_norm}
+def _cumsum(node: torch.fx.Node, importer: object) -> relax.Expr:
+    """`torch.cumsum` with PyTorch's type promotion: bool and integer inputs sum in int64 unless
+    `dtype` says otherwise. TVM's importer kept a bool input's dtype, and LLVM cannot add bools:
+    transformers' decoders cumsum a bool mask to build position ids / the causal mask, so every
+    Llama-style model failed to build ("CreateAdd ... kDLFloat")."""
+    x = importer.env[node.args[0]]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    dtype = node.kwargs.get("dtype")
+    if dtype is not None:
+        dtype = importer._convert_data_type(str(dtype), importer.env)
+    elif x.ty.dtype == "bool" or x.ty.dtype.startswith(("int", "uint")):
+        dtype = "int64"
+    return importer.block_builder.emit(relax.op.cumsum(x, dim, dtype))
+
+
+# layer_norm: from_fx only (from_exported_program sees aten's `layer_norm.default`, always positional)
+FX_CONVERT_MAP = {**CONVERT_MAP, "layer_norm": _layer_norm, "cumsum": _cumsum, "cumsum.default": _cumsum}
 
 
 def select_integer_indices(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
