@@ -36,6 +36,7 @@ class RunRecord:
     def __init__(self, argv: list[str] | None = None) -> None:
         self.argv = argv
         self.started = datetime.datetime.now(datetime.UTC)
+        self.git = git_state()  # the code that runs is the code at the start (commits may land meanwhile)
         self.wall0, self.times0, self.load0 = time.perf_counter(), os.times(), os.getloadavg()
 
     def meta(self) -> dict:
@@ -46,7 +47,7 @@ class RunRecord:
         return {
             "date": self.started.isoformat(timespec="seconds"),
             "argv": self.argv,
-            **git_state(),
+            **self.git,
             "host": {"cpu": cpu_model(), "cores": os.cpu_count(), "machine": platform.machine(),
                      "python": platform.python_version()},
             "threads": {"torch": torch.get_num_threads(), "TVM_NUM_THREADS": os.environ.get("TVM_NUM_THREADS")},
