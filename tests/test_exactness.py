@@ -87,3 +87,40 @@ def test_depthwise_and_grouped_convs_lose_whole_groups() -> None:
     assert pruned.dw[0].groups == pruned.dw[0].in_channels == pruned.dw[0].out_channels == 24
     assert pruned.grouped[0].groups == 2 and pruned.norm.num_groups * 4 == pruned.norm.num_channels
     assert pruned(*inputs).shape == model(*inputs).shape
+
+
+class FocalGates(torch.nn.Module):
+    """FocalNet's modulation: one conv's output split into a query, a context and per-level gates,
+    each gate a single channel sliced out (gates[:, l:l+1]) and broadcast over the context's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = torch.nn.Conv2d(8, 16 + 16 + 3, 1)
+        self.focal = torch.nn.ModuleList(torch.nn.Conv2d(16, 16, 3, padding=1, groups=16) for _ in range(2))
+        self.h, self.proj = torch.nn.Conv2d(16, 16, 1), torch.nn.Conv2d(16, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, ctx, gates = torch.split(self.f(x), [16, 16, 3], 1)
+        total = 0
+        for level, layer in enumerate(self.focal):
+            ctx = torch.nn.functional.gelu(layer(ctx))
+            total = total + ctx * gates[:, level:level + 1]
+        total = total + ctx.mean((2, 3), keepdim=True) * gates[:, 2:]
+        return self.proj(q * self.h(total))
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_single_channel_gates_broadcast_over_many_stay(method: str) -> None:
+    """Pruning a one-channel gate would leave none to broadcast (timm's FocalNet failed so); the
+    gates are frozen and the rest prunes exactly."""
+    torch.manual_seed(0)
+    model, inputs = FocalGates().eval(), (torch.randn(2, 8, 6, 6),)
+    groups = sparsefx.analyze(model, inputs, method=method).groups
+    assert any("single channel broadcast" in why for g in groups for why in g.frozen.values())
+    assert zero_lowest_classes(model, inputs, 0.5, method) > 0
+    expected = check_reference(model, inputs)
+    pruned = sparsefx.prune(model, inputs, ratio=0.5, importance="l1", method=method)
+    assert sparsefx.count_params(pruned) < sparsefx.count_params(model)
+    with torch.no_grad():
+        error = output_error(expected, first_tensor(pruned(*inputs)))
+    assert error.ok(), error

@@ -18,9 +18,12 @@ def merge(uf: ChannelIds, shapes: list[tuple[int, ...]], cmaps: list[list[Factor
     meets an untracked axis of the same size cannot be pruned: it is frozen.
     """
     result: list[Factor] = []
+    full = [max(sizes) for sizes in zip(*shapes, strict=True)]
     for shape, cmap in zip(shapes, cmaps, strict=True):
         for factor in cmap:
             if all(shape[a] == 1 for a in factor.axes):
+                if any(full[a] > 1 for a in factor.axes):  # one channel scaling many (FocalNet's gates[:, l:l+1]):
+                    uf.freeze(factor.ids, "a single channel broadcast over many")  # removing it leaves none
                 continue
             _absorb(uf, result, factor, why)
     for shape, cmap in zip(shapes, cmaps, strict=True):
