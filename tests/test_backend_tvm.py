@@ -248,7 +248,7 @@ def test_gelu_softmax_and_layer_norm_run_on_torch_when_dispatched_and_match_eage
     text = str(mod["main"])
     for name in ("layer_norm", "gelu", "gelu_tanh", "softmax"):
         assert f"sparsefx.torch.{name}\"" in text
-    assert text.count("R.nn.softmax") == 1  # the first-axis softmax stays in TIR
+    assert "R.nn.softmax" not in text  # the first-axis softmax too, with its axis (checked by the output below)
     lowering = pipeline.as_pipeline(pipeline.lowering_passes(target, target.to_tvm(), None))
     vm = relax.VirtualMachine(tvm.compile(mod, target.to_tvm(), relax_pipeline=lowering), tvm.cpu())
     out = torch.from_dlpack(vm["main"](tvm.runtime.tensor(inputs[0].numpy())))
@@ -259,3 +259,41 @@ def test_gelu_softmax_and_layer_norm_run_on_torch_when_dispatched_and_match_eage
     assert recorded and all(d["torch_ms"] > 0 for d in recorded.values())
     with torch.no_grad():
         _close(compiled(*inputs), model(*inputs))
+
+
+class SiluByHand(torch.nn.Module):
+    """YOLO's pieces as torch.export sees them: SiLU written as x * sigmoid(x) after a conv, a gate
+    x * sigmoid(y) that is not SiLU, and a softmax over the channel axis (the DFL head's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.gate = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        y = y * torch.sigmoid(y)
+        y = y * torch.sigmoid(self.gate(y))
+        return torch.softmax(y, dim=1)
+
+
+@pytest.mark.parametrize("route", ["fx", "export"])
+def test_silu_written_out_becomes_silu_and_channel_softmax_can_leave_tir(route: str) -> None:
+    from tvm import relax
+
+    from sparsefx.backends.tvm.importer import to_relax
+    from sparsefx.backends.tvm.silu import silu_pass
+
+    torch.manual_seed(0)
+    model, inputs = SiluByHand().eval(), (torch.randn(1, 3, 12, 12),)
+    if route == "export":  # fx traces this model; export's graph is what YOLO arrives as
+        model = torch.export.export(model, inputs).module()
+    mod, _ = to_relax(model, inputs)
+    text = silu_pass(relax.transform.CanonicalizeBindings()(mod)).script()
+    assert text.count("R.nn.silu(") == 1 and text.count("R.sigmoid(") == 1  # the gate stays a gate
+    expected = check_reference(model, inputs)
+    compiled = compile(model, inputs, verbose=False, threads=1)
+    assert "FuseSiLU" in compiled.manifest["passes"]
+    softmax = [d for key, d in compiled.manifest["dispatch"].items() if key.startswith("softmax")]
+    assert softmax  # a channel-axis softmax is a dispatch workload now, not TIR only
+    with torch.no_grad():
+        _close(compiled(*inputs), expected)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import operator
 import re
@@ -25,7 +26,8 @@ class UnsupportedOpError(SparsefxError):
 def to_relax(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[tvm.IRModule, str]:
     """A Relax module whose `main` takes the inputs, weights bound as constants; and the route used
     (torch.fx, else torch.export at the example's fixed shapes: `fx_else_export`)."""
-    model = model.eval()
+    with contextlib.suppress(NotImplementedError):  # torch.export's .module() refuses eval(); it is traced already
+        model = model.eval()
     info = [(tuple(x.shape), str(x.dtype).removeprefix("torch.")) for x in inputs]
 
     def from_fx_graph(model: nn.Module) -> tvm.IRModule:

@@ -20,6 +20,7 @@ from sparsefx.backends.tvm.dispatch.table import (  # noqa: F401
 from sparsefx.backends.tvm.kernels import registry as own_kernels
 from sparsefx.backends.tvm.kernels.registry import own_kernel_pass
 from sparsefx.backends.tvm.schedule import default_schedule_pass
+from sparsefx.backends.tvm.silu import silu_pass
 from sparsefx.backends.tvm.sparse.relax import sparse_kernel_pass
 from sparsefx.cost.timing import Timer
 from sparsefx.target import Target
@@ -34,6 +35,7 @@ def optimize_passes() -> list[NamedPass]:
         ("FoldBatchnormToConv2D", relax.transform.FoldBatchnormToConv2D()),
         ("DecomposeOpsForInference", relax.transform.DecomposeOpsForInference()),
         ("CanonicalizeBindings", relax.transform.CanonicalizeBindings()),
+        ("FuseSiLU", silu_pass),  # x * sigmoid(x) as silu: a conv epilogue the dispatch fuses
         ("FoldConstant", relax.transform.FoldConstant()),
         ("DeadCodeElimination", relax.transform.DeadCodeElimination()),
     ]

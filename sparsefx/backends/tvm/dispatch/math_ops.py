@@ -39,7 +39,15 @@ def _last_axis(axis: int, rank: int) -> bool:
 
 
 def _softmax_attrs(call: relax.Call, rank: int) -> tuple[float, ...] | None:
-    return () if _last_axis(int(call.attrs.axis), rank) else None
+    """() for the last axis (the common case keeps its workload key), else (axis,): TIR's default
+    schedule of a softmax over another axis is a strided scalar loop (YOLOv8's DFL softmax over 16
+    bins of a (1, 16, 4, 8400) tensor: 19.7 ms, a third of the pruned YOLOv8n)."""
+    axis = int(call.attrs.axis) % rank
+    return () if _last_axis(axis, rank) else (float(axis),)
+
+
+def _axis(attrs: tuple[float, ...]) -> int:
+    return int(attrs[0]) if attrs else -1
 
 
 def _layer_norm_attrs(call: relax.Call, rank: int) -> tuple[float, ...] | None:
@@ -53,8 +61,9 @@ MATH_OPS: dict[str, MathOp] = {
                             lambda t, attrs: F.gelu(t[0])),
     "relax.nn.gelu_tanh": MathOp("gelu_tanh", lambda call, rank: (), lambda args, attrs: relax.op.nn.gelu_tanh(args[0]),
                                  lambda t, attrs: F.gelu(t[0], approximate="tanh")),
-    "relax.nn.softmax": MathOp("softmax", _softmax_attrs, lambda args, attrs: relax.op.nn.softmax(args[0], axis=-1),
-                               lambda t, attrs: torch.softmax(t[0], -1)),
+    "relax.nn.softmax": MathOp("softmax", _softmax_attrs,
+                               lambda args, attrs: relax.op.nn.softmax(args[0], axis=_axis(attrs)),
+                               lambda t, attrs: torch.softmax(t[0], _axis(attrs))),
     "relax.nn.layer_norm": MathOp(
         "layer_norm", _layer_norm_attrs,
         lambda args, attrs: relax.op.nn.layer_norm(args[0], args[1], args[2], axes=[-1], epsilon=attrs[0]),
