@@ -12,6 +12,7 @@ keeps its own format; `load` tells the two apart and imports TVM only for an art
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shutil
@@ -128,8 +129,11 @@ def load_pruned(path: Path, model: nn.Module | str | None = None) -> nn.Module:
     if stored != expected or set(declared) - set(expected):
         raise PersistError(f"{path}: the rebuilt model's weights differ from the saved ones "
                            f"({_first_difference(expected, stored)}); the JSON does not match the weights")
-    state = safetensors.torch.load_file(weights)
+    state = collections.OrderedDict(safetensors.torch.load_file(weights))
     state.update({name: state[target] for name, target in description["aliases"].items()})
+    # the per-module versions a state_dict carries beside its tensors, which safetensors does not
+    # store: taken from the rebuilt model (torchvision's MNASNet refuses a state without them)
+    state._metadata = getattr(pruned.state_dict(), "_metadata", None)
     pruned.load_state_dict(state, strict=True)
     return pruned
 

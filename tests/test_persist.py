@@ -258,6 +258,34 @@ def test_a_model_made_sparse_without_pruning_saves_and_loads_on_its_dense_archit
         assert torch.equal(loaded(*inputs), check_reference(sparse, inputs))
 
 
+class Versioned(torch.nn.Module):
+    """A module whose loading reads the state_dict's per-module version, as torchvision's MNASNet does."""
+
+    _version = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args) -> None:  # noqa: ANN001
+        if local_metadata.get("version") != 2:
+            raise ValueError("version should be set to 2")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+def test_modules_that_read_their_state_dict_version_load(tmp_path):
+    torch.manual_seed(0)
+    inputs = (torch.randn(1, 3, 8, 8),)
+    pruned = sparsefx.prune(Versioned().eval(), inputs, ratio=0.5)
+    sparsefx.save(pruned, tmp_path / "v")
+    loaded = sparsefx.load(tmp_path / "v", model=Versioned().eval())
+    with torch.no_grad():
+        assert torch.equal(loaded(*inputs), check_reference(pruned, inputs))
+
+
 def test_bert_with_evenly_pruned_mlps_keeps_save_pretrained(tmp_path):
     model, inputs = persist_models.bert()
     pruned = sparsefx.prune(model, inputs, {"encoder.layer.0.intermediate": 0.5, "encoder.layer.1.intermediate": 0.5})
