@@ -28,10 +28,11 @@ from torch.nn.utils import parametrize
 
 from sparsefx.capture.models import load_model
 from sparsefx.channels.persist import PersistError, replay
-from sparsefx.channels.record import removal_of, shapes_fingerprint
+from sparsefx.channels.record import fingerprint, removal_of
 from sparsefx.errors import SparsefxError, one_line
 from sparsefx.sparse.formats import BSR, NM
 from sparsefx.sparse.layers import SparseConv2d, SparseLinear
+from sparsefx.sparse.sparsify import dense_equivalent
 from sparsefx.version import __version__
 
 if TYPE_CHECKING:  # the annotation only: TVM loads for compiled artifacts alone
@@ -63,7 +64,7 @@ def save(model: nn.Module, path: str | Path, spec: str | None = None) -> Path:
         raise PersistError(f"{path} exists and is not a sparsefx save; choose a new path (nothing is overwritten)")
     record = removal_of(model)
     if record is None:  # never pruned: saved as it is, sparse layers swapped in on load
-        record = {"class": type(model).__name__, "fingerprint": dense_fingerprint(model), "steps": []}
+        record = {"class": type(model).__name__, "fingerprint": fingerprint(dense_equivalent(model)), "steps": []}
     tensors, aliases = _unique_tensors(model.state_dict())
     description = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "sparsefx_version": __version__,
@@ -197,20 +198,6 @@ def build_model(model: nn.Module | str | None, saved_spec: str | None, path: Pat
         raise PersistError(f"model spec {model!r} cannot be built: {error}") from None
     except Exception as error:  # a user's factory or a library may raise anything
         raise PersistError(f"model spec {model!r} cannot be built: {one_line(error)}") from None
-
-
-def dense_fingerprint(model: nn.Module) -> str:
-    """The fingerprint of the dense model `model`'s sparse layers were made from (each counted as
-    the Linear / Conv2d it stands for): the architecture load builds before it swaps them in."""
-    sparse = {name: m for name, m in model.named_modules() if isinstance(m, (SparseLinear, SparseConv2d))}
-    shapes: dict[str, tuple[int, ...]] = {}
-    for name, tensor in model.state_dict().items():
-        layer = name.rpartition(".")[0]
-        if layer in sparse:  # the layer's tensors are consecutive: its dense ones go where the first was
-            shapes.update({f"{layer}.{part}": shape for part, shape in sparse[layer].dense_state_shapes().items()})
-        else:
-            shapes[name] = tuple(tensor.shape)
-    return shapes_fingerprint(type(model).__name__, shapes)
 
 
 def describe_sparse(name: str, layer: SparseLinear | SparseConv2d) -> dict:

@@ -25,12 +25,7 @@ EXACT_INPUT_LIMIT = 4096  # integer inputs (token ids, positions) up to this siz
 
 def fingerprint(model: nn.Module) -> str:
     """Identifies an architecture: class and state-dict names and shapes (not values)."""
-    return shapes_fingerprint(type(model).__name__, {n: tuple(t.shape) for n, t in model.state_dict().items()})
-
-
-def shapes_fingerprint(class_name: str, shapes: dict[str, tuple[int, ...]]) -> str:
-    """`fingerprint` of a model of class `class_name` whose state_dict holds `shapes` (in order)."""
-    items = [class_name] + [f"{n}:{tuple(shape)}" for n, shape in shapes.items()]
+    items = [type(model).__name__] + [f"{n}:{tuple(t.shape)}" for n, t in model.state_dict().items()]
     return hashlib.sha256("\n".join(items).encode()).hexdigest()[:16]
 
 

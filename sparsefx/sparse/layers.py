@@ -5,7 +5,8 @@ Their forward calls one `torch.ops.sparsefx.*` operator per layer, so `torch.fx`
 (`backends/tvm/sparse_relax.py`). In PyTorch the operators are a reference implementation:
 expand the weight to dense, then the dense op (exact, not fast; nothing here trains).
 `dense_layer()` hands back the plain nn.Linear / nn.Conv2d a sparse layer stands for, for
-runtimes that have no sparse kernel (ONNX) and for the fingerprint of the dense architecture.
+runtimes that have no sparse kernel (ONNX) and for the fingerprint of the dense architecture
+(`sparsify.dense_equivalent`).
 """
 
 from __future__ import annotations
@@ -114,13 +115,6 @@ class _SparseWeight(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         """The weight as a dense (rows, cols) matrix, pruned entries zero."""
         return self.weight_format.to_dense()
-
-    def dense_state_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Names and shapes of the state the dense layer holds, in state_dict order."""
-        shapes = {"weight": self.dense_shape}
-        if self.bias is not None:
-            shapes["bias"] = tuple(self.bias.shape)
-        return shapes
 
     @property
     def dense_shape(self) -> tuple[int, ...]:
