@@ -33,7 +33,6 @@ from sparsefx.backends.tvm.dispatch.torch_kernels import (
     forget_packed,
 )
 from sparsefx.backends.tvm.kernels import registry as own_kernels
-from sparsefx.backends.tvm.kernels.registry import own_kernel
 from sparsefx.backends.tvm.measure.calibrate import calibrate
 from sparsefx.backends.tvm.measure.emit import emit_kernel, operand_shapes
 from sparsefx.backends.tvm.pipeline import build_module
@@ -120,7 +119,7 @@ class HostTimer:
         """Each kernel on PyTorch's kernels and its own kernel (all of one kind in one build), in turn."""
         own = []
         for kernel, allowed in zip(kernels, wanted, strict=True):
-            found = own_kernel(kernel)
+            found = own_kernels.own_kernel(kernel)
             own.append(found if found and (allowed is None or found[0] in allowed) else None)
         libraries = {kind: own_kernels.build(kind, [o[1] for o in own if o and o[0] == kind], self.target.to_tvm())
                      for kind in dict.fromkeys(o[0] for o in own if o)}
