@@ -13,6 +13,12 @@ Importance: l1 (magnitude), wanda and taylor (calibration batches of training te
 width modes; layers are chosen by calibration (block influence) only. Recovery: distillation
 from the dense model (benchmarks/llm_recovery.recover) of the calibration-aware model at the
 ratios in --recover-ratios. A mode the analysis cannot prune is reported with its error.
+The planner: `sparsefx.plan(speedup=2)` on prefill of a training window (128 tokens) (Wanda importance, priced by the
+cost model at --threads), and `sparsefx.plan_measured` (re-planned until the compiled model
+measures as asked); each is applied, recovered like the width modes, and its compiled prefill
+timed against the dense compiled build. Decode: one token after a 128- and 512-token context,
+eager (transformers' KV cache) and compiled (`sparsefx.capture.decode_step.DecodeStep`, the cache
+as tensors), dense and pruned.
 
     .venv/bin/python benchmarks/llm.py            # full: ~1 h of 2 idle cores after the ~15 min training
     .venv/bin/python benchmarks/llm.py --quick    # smoke test on the --quick model (a few minutes)
@@ -47,7 +53,9 @@ from train_tiny_llama import (  # noqa: E402
 
 import sparsefx  # noqa: E402
 from sparsefx.backends.eager import measure_latencies  # noqa: E402
+from sparsefx.capture.decode_step import DecodeStep, cache_tensors  # noqa: E402
 from sparsefx.errors import one_line  # noqa: E402
+from sparsefx.target import resolve_target, with_threads  # noqa: E402
 
 log = logging.getLogger("sparsefx.bench.llm")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -77,22 +85,70 @@ def prefill_latency(models: dict[str, torch.nn.Module], lengths: list[int], comp
     rows = []
     for length in lengths:
         ids = (torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(length)),)
-        runners: dict[str, object] = {}
-        for name, model in models.items():
-            model.config.use_cache = False
-            runners[f"{name} eager"] = model
-            if compile_models:
-                try:
-                    runners[f"{name} compiled"] = sparsefx.compile(model, ids, verbose=False, threads=torch.get_num_threads())
-                except Exception as error:  # report, do not stop: the eager numbers still stand
-                    rows.append({"tokens": length, "model": name, "runtime": "compiled", "error": one_line(error)})
-        with torch.no_grad():
-            times = measure_latencies(runners, ids, repeat=10, rounds=5)
-        for key, ms in times.items():
-            name, runtime = key.rsplit(" ", 1)
-            rows.append({"tokens": length, "model": name, "runtime": runtime, "ms": round(ms, 3),
-                         "tokens_per_s": round(length / ms * 1000, 1)})
+        runners = runners_for(models, lambda model: model, ids, compile_models, rows, {"tokens": length})
+        rows += timed(runners, ids, {"tokens": length}, per_token=length)
     return rows
+
+
+def decode_latency(models: dict[str, torch.nn.Module], contexts: list[int], compile_models: bool) -> list[dict]:
+    """Median ms of one decoding step (batch 1, one new token) after a context of each length: eager
+    is transformers' KV-cache step, compiled is `DecodeStep` (the same step, cache as tensors)."""
+    rows = []
+    for context in contexts:
+        prompt = torch.randint(0, 256, (1, context), generator=torch.Generator().manual_seed(context))
+        token = torch.tensor([[ord("e")]])
+        runners: dict[str, object] = {}
+        inputs: dict[str, tuple] = {}
+        for name, model in models.items():
+            model.config.use_cache = True
+            with torch.no_grad():
+                inputs[name] = (token, *cache_tensors(model(prompt, use_cache=True)))
+            runners.update(runners_for({name: model}, DecodeStep, inputs[name], compile_models, rows,
+                                       {"context": context}))
+            model.config.use_cache = False
+        for key, runner in runners.items():  # each model has its own cache shapes: one model at a time
+            rows += timed({key: runner}, inputs[key.rsplit(" ", 1)[0]], {"context": context}, per_token=1)
+    return rows
+
+
+def runners_for(models: dict[str, torch.nn.Module], wrap: object, inputs: tuple, compile_models: bool,
+                errors: list[dict], where: dict) -> dict[str, object]:
+    runners: dict[str, object] = {}
+    for name, model in models.items():
+        model.config.use_cache = False
+        runners[f"{name} eager"] = wrap(model).eval()
+        if compile_models:
+            try:
+                runners[f"{name} compiled"] = sparsefx.compile(wrap(model).eval(), inputs, verbose=False,
+                                                               threads=torch.get_num_threads())
+            except Exception as error:  # report, do not stop: the eager numbers still stand
+                errors.append({**where, "model": name, "runtime": "compiled", "error": one_line(error)})
+    return runners
+
+
+def timed(runners: dict[str, object], inputs: tuple, where: dict, per_token: int) -> list[dict]:
+    with torch.no_grad():
+        times = measure_latencies(runners, inputs, repeat=10, rounds=5)
+    rows = []
+    for key, ms in times.items():
+        name, runtime = key.rsplit(" ", 1)
+        rows.append({**where, "model": name, "runtime": runtime, "ms": round(ms, 3),
+                     "tokens_per_s": round(per_token / ms * 1000, 1)})
+    return rows
+
+
+def planned(dense: torch.nn.Module, speedup: float, calibration: list[torch.Tensor], tokens: int,
+            measured: bool) -> tuple[torch.nn.Module, dict]:
+    """`dense` planned for `speedup` of compiled prefill at `tokens` (Wanda on the calibration
+    batches), applied; and what the plan predicted."""
+    ids = (torch.randint(0, 256, (1, tokens), generator=torch.Generator().manual_seed(tokens)),)
+    target = with_threads(resolve_target("cpu"), torch.get_num_threads())
+    options = {"target": target, "speedup": speedup, "importance": "wanda", "calibration": calibration,
+               "verbose": False}
+    plan = sparsefx.plan_measured(dense, ids, **options) if measured else sparsefx.plan(dense, ids, **options)
+    model = sparsefx.apply(dense, plan, ids, calibration=calibration)
+    return model, {"asked_speedup": speedup, "predicted": plan.predicted, "entries": len(plan.entries),
+                   "rounds": getattr(plan, "measured", None)}
 
 
 def markdown(record: RunRecord, report: dict) -> str:
@@ -110,11 +166,26 @@ def markdown(record: RunRecord, report: dict) -> str:
         after = f"{r['recovered_perplexity']:.3f}" if "recovered_perplexity" in r else ""
         lines.append(f"| {r['mode']} | {r['importance']} | {r['ratio']} | {r['removed']:.1%} | {r['perplexity']:.3f} "
                      f"| {r['perplexity'] / dense['perplexity'] - 1:+.1%} | {after} |")
-    lines += ["", "Prefill latency, batch 1 (median of alternating rounds):", "",
-              "| tokens | model | runtime | ms | tokens/s |", "|---|---|---|---|---|"]
-    for r in report["latency"]:
-        lines.append(f"| {r['tokens']} | {r['model']} | {r['runtime']} | {r.get('ms', '-')} | "
-                     f"{r.get('tokens_per_s', r.get('error', ''))} |")
+    lines += ["", f"The planner asked for a prefill speedup ({report['plan_tokens']} tokens, compiled, {report['threads']} thread(s)); "
+              "measured = dense compiled ms / planned compiled ms in the prefill table below:", "",
+              "| plan | params removed | predicted | measured | within 10% | perplexity | after recovery |",
+              "|---|---|---|---|---|---|---|"]
+    for r in report["plans"]:
+        if "error" in r:
+            lines.append(f"| {r['plan']} | error: {r['error']} | | | | | |")
+            continue
+        p = r["predicted"]
+        predicted = f"{p['dense_ms'] / p['planned_ms']:.2f}x" if p.get("planned_ms") else "-"
+        after = f"{r['recovered_perplexity']:.3f}" if "recovered_perplexity" in r else ""
+        lines.append(f"| {r['plan']} | {r['removed']:.1%} | {predicted} | {r.get('measured_speedup', '-')}x | "
+                     f"{'yes' if r.get('within_10pct') else 'no'} | {r['perplexity']:.3f} | {after} |")
+    for title, key, where in (("Prefill latency, batch 1", "latency", "tokens"),
+                              ("Decode latency, one token after the context, batch 1", "decode", "context")):
+        lines += ["", f"{title} (median of alternating rounds):", "",
+                  f"| {where} | model | runtime | ms | tokens/s |", "|---|---|---|---|---|"]
+        for r in report[key]:
+            lines.append(f"| {r[where]} | {r['model']} | {r['runtime']} | {r.get('ms', '-')} | "
+                         f"{r.get('tokens_per_s', r.get('error', ''))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -157,8 +228,12 @@ def main() -> None:
     parser.add_argument("--recover-steps", type=int, default=None, help="default 150 (--quick 5)")
     parser.add_argument("--eval-tokens", type=int, default=None, help="default 32768 (--quick 4096)")
     parser.add_argument("--no-compile", action="store_true", help="time eager only")
+    parser.add_argument("--speedup", type=float, default=2.0, help="prefill speedup asked of the planner (0: none)")
+    parser.add_argument("--threads", type=int, default=None, help="torch and TVM threads (default: all cores)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     record = RunRecord()
     s = settings_from(args)
     ratios = args.ratios or ([0.5] if args.quick else [0.25, 0.5, 0.75])
@@ -196,11 +271,39 @@ def main() -> None:
                     keep_for_latency[f"{mode} 0.5"] = model
                 rows.append(row)
                 log.info("%s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
-    latency = prefill_latency({"dense": dense, **keep_for_latency}, [128] if args.quick else [128, 512],
-                              compile_models=not args.no_compile)
+    width = calibration[0].shape[1]  # the plan's prefill length: Wanda's calibration batches match its example
+    plans = []
+    for measured in (False, True) if args.speedup else ():
+        name = f"planned {args.speedup:g}x" + (", measured" if measured else "")
+        started = time.perf_counter()
+        try:
+            model, row = planned(dense, args.speedup, calibration, width, measured)
+        except Exception as error:
+            plans.append({"plan": name, "error": one_line(error)})
+            log.warning("%s: %s", name, one_line(error))
+            continue
+        model.config.use_cache = False
+        row.update(plan=name, parameters=sparsefx.count_params(model),
+                   removed=1 - sparsefx.count_params(model) / dense_params, perplexity=perplexity(model, windows),
+                   plan_seconds=round(time.perf_counter() - started, 1))
+        if steps:
+            curve = recover(model, dense, train_data, steps, batch=s.batch, seq=s.seq)
+            row.update(recovered_perplexity=perplexity(model, windows), recovery_steps=steps,
+                       recovery_loss=[round(curve[0], 4), round(curve[-1], 4)])
+        keep_for_latency[name] = model
+        plans.append(row)
+        log.info("%s", {k: v for k, v in row.items() if k != "rounds"})
+    contexts = [width] if args.quick else [width, 4 * width]
+    latency = prefill_latency({"dense": dense, **keep_for_latency}, contexts, compile_models=not args.no_compile)
+    decode = decode_latency({"dense": dense, **keep_for_latency}, contexts, compile_models=not args.no_compile)
+    for row in plans:
+        ms = {r["model"]: r["ms"] for r in latency if r["tokens"] == width and r["runtime"] == "compiled" and "ms" in r}
+        if row.get("plan") in ms and "dense" in ms:
+            row["measured_speedup"] = round(ms["dense"] / ms[row["plan"]], 3)
+            row["within_10pct"] = abs(row["measured_speedup"] / row["asked_speedup"] - 1) <= 0.10
     report = {"dense": {"parameters": dense_params, "perplexity": dense_ppl}, "training": training["settings"],
               "eval_tokens": int(windows[:, 1:].numel()), "calibration": "4 batches of 8 x seq training windows",
-              "rows": rows, "latency": latency}
+              "threads": torch.get_num_threads(), "plan_tokens": width, "rows": rows, "plans": plans, "latency": latency, "decode": decode}
     name = "llm_quick" if args.quick else "llm"
     record.write_report(RESULTS / f"{name}.json", report)
     (RESULTS / f"{name}.md").write_text(markdown(record, report))

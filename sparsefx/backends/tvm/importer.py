@@ -10,7 +10,7 @@ import re
 import torch
 import tvm
 from torch import nn
-from tvm import relax
+from tvm import relax, tirx
 from tvm.relax.frontend.torch import from_exported_program, from_fx
 
 from sparsefx.backends.tvm.sparse.relax import CONVERT_MAP
@@ -80,8 +80,25 @@ def _cumsum(node: torch.fx.Node, importer: object) -> relax.Expr:
     return importer.block_builder.emit(relax.op.cumsum(x, dim, dtype))
 
 
+def _cat(node: torch.fx.Node, importer: object) -> relax.Expr:
+    """`torch.cat` skipping 1-D empty inputs, as PyTorch does. transformers' DynamicCache starts each
+    layer as `torch.tensor([])` and concatenates the first keys onto it, so a decode step captured
+    with its cache passed in as tensors held a (0,) constant that Relax's concat refused ("same
+    ndim")."""
+    args = importer.retrieve_args(node)
+    axis = args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    kept = [x for x in args[0] if not _empty_vector(x)] or list(args[0])
+    return kept[0] if len(kept) == 1 else importer.block_builder.emit(relax.op.concat(kept, axis=axis))
+
+
+def _empty_vector(x: relax.Expr) -> bool:
+    shape = getattr(x.ty, "shape", None)
+    return shape is not None and len(shape) == 1 and isinstance(shape[0], tirx.IntImm) and shape[0].value == 0
+
+
 # layer_norm: from_fx only (from_exported_program sees aten's `layer_norm.default`, always positional)
-FX_CONVERT_MAP = {**CONVERT_MAP, "layer_norm": _layer_norm, "cumsum": _cumsum, "cumsum.default": _cumsum}
+FX_CONVERT_MAP = {**CONVERT_MAP, "layer_norm": _layer_norm, "cumsum": _cumsum, "cumsum.default": _cumsum,
+                  "cat": _cat, "cat.default": _cat, "concat": _cat, "concat.default": _cat}
 
 
 def select_integer_indices(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
