@@ -273,6 +273,7 @@ def main() -> None:
                 log.info("%s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
     width = calibration[0].shape[1]  # the plan's prefill length: Wanda's calibration batches match its example
     plans = []
+    log.info("timing from here on (planning, measured planning, latency)")  # a sweep beside this run can pause now
     for measured in (False, True) if args.speedup else ():
         name = f"planned {args.speedup:g}x" + (", measured" if measured else "")
         started = time.perf_counter()

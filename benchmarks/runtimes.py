@@ -120,10 +120,12 @@ def markdown(rows: list[dict], runtimes: list[str], record: RunRecord) -> str:
              "(1x1/kxk convs and matmuls by MACs, depthwise and element-wise work by channels; `cost/bounds.py`). "
              "`vs best fp32`: sparsefx time over the fastest of ONNX Runtime, OpenVINO fp32 and torch.compile "
              "(<= 1.00 meets the goal). `pruned speedup / bound`: sparsefx dense/pruned over the op-class bound "
-             "(goal >= 0.8). OpenVINO default runs bf16 where the CPU has AMX.", "",
+             "(goal >= 0.8). OpenVINO default runs bf16 where the CPU has AMX (its precision is `precision` in the "
+             "JSON). `bf16 vs OpenVINO`: sparsefx-bf16 over OpenVINO's default precision (goal <= 1.10).", "",
              "| model | batch | threads | " + " | ".join(runtimes) +
-             " | vs best fp32 dense / pruned | sparsefx pruned speedup | MACs / op-class bound | pruned speedup / bound |",
-             "|---|---|---|" + "---|" * len(runtimes) + "---|---|---|---|"]
+             " | vs best fp32 dense / pruned | bf16 vs OpenVINO dense / pruned | sparsefx pruned speedup | "
+             "MACs / op-class bound | pruned speedup / bound |",
+             "|---|---|---|" + "---|" * len(runtimes) + "---|---|---|---|---|"]
     for key in dict.fromkeys((r["model"], r["batch"], r["threads"]) for r in rows):
         group = [r for r in rows if (r["model"], r["batch"], r["threads"]) == key]
         cell = {(r["variant"], r["runtime"]): r.get("ms") for r in group}
@@ -132,15 +134,17 @@ def markdown(rows: list[dict], runtimes: list[str], record: RunRecord) -> str:
         for runtime in runtimes:
             dense, pruned = ms("dense", runtime), ms("pruned", runtime)
             cells.append("failed" if dense is None and pruned is None else f"{_fmt(dense)} / {_fmt(pruned)}")
-        versus = []
+        versus, half = [], []
         for variant in ("dense", "pruned"):
             peers = [ms(variant, p) for p in FP32_PEERS if ms(variant, p)]
             mine = ms(variant, "sparsefx")
             versus.append(f"{mine / min(peers):.2f}" if mine and peers else "-")
+            mine, theirs = ms(variant, "sparsefx-bf16"), ms(variant, "openvino")
+            half.append(f"{mine / theirs:.2f}" if mine and theirs else "-")
         first = group[0]
         speedup = ms("dense", "sparsefx") / ms("pruned", "sparsefx") if ms("dense", "sparsefx") and ms("pruned", "sparsefx") else None
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + f" | {' / '.join(versus)} | "
-                     f"{_fmt(speedup, 'x')} | {first['macs_bound']:.2f}x / {first['op_class_bound']:.2f}x | "
+                     f"{' / '.join(half)} | {_fmt(speedup, 'x')} | {first['macs_bound']:.2f}x / {first['op_class_bound']:.2f}x | "
                      f"{_fmt(speedup / first['op_class_bound'] if speedup else None)} |")
     lines += ["", "## Build seconds and error against eager fp32", "",
               "Build: torch.compile's first call, session / compiled-model creation (the ONNX export, shared by "

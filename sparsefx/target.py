@@ -37,6 +37,9 @@ class Target:
     peak_gflops: float | None = None
     bandwidth_gbs: float | None = None
     device_name: str = ""
+    # what dispatched convs and matmuls compute in on a CPU ("bf16": PyTorch's bf16 kernels, fp32
+    # accumulation): the dispatch and the cost model time, price and decide at it (`with_precision`)
+    precision: str = "fp32"
 
     def to_tvm(self) -> object:
         import tvm
@@ -61,7 +64,9 @@ class Target:
         peaks = ""
         if self.peak_gflops:
             peaks = f", {self.peak_gflops:.0f} GFLOP/s, {self.bandwidth_gbs:.0f} GB/s"
-        return f"{self.name} ({self.device_name or self.arch}, {self.cores} cores, {self.vector_bits}-bit SIMD{peaks})"
+        bf16 = f", {self.precision}" if self.precision != "fp32" else ""
+        return (f"{self.name} ({self.device_name or self.arch}, {self.cores} cores, {self.vector_bits}-bit SIMD"
+                f"{peaks}{bf16})")
 
 
 def resolve_target(spec: object = "cpu", measure: bool = False) -> Target:
@@ -160,8 +165,14 @@ def with_threads(target: Target, threads: int | None) -> Target:
     return replace(target, cores=threads)
 
 
-PRECISIONS = ("fp32", "fp16", "bf16")  # what compile accepts by name; IMPLEMENTED_PRECISIONS what it builds
-IMPLEMENTED_PRECISIONS = ("fp32",)  # on CPU targets; CUDA targets build every precision their arch runs
+def with_precision(target: Target, precision: str) -> Target:
+    """`target` computing its convs and matmuls in `precision` (checked by `check_precision`): CPU
+    targets time, price and dispatch at it; CUDA targets take it from `compile`'s argument."""
+    check_precision(precision, target)
+    return target if target.is_gpu else replace(target, precision=precision)
+
+
+PRECISIONS = ("fp32", "fp16", "bf16")  # what compile accepts by name
 # the first CUDA compute capability with fp16 tensor cores (Volta) and with bf16 arithmetic (Ampere)
 MIN_CUDA_SM = {"fp16": 70, "bf16": 80}
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of the instructions bf16 kernels need
@@ -208,9 +219,6 @@ def check_precision(precision: str, target: Target, flags: frozenset[str] | None
     if precision == "bf16" and not set(BF16_FLAGS) & (cpu_flags() if flags is None else flags):
         raise TargetError(f"precision='bf16' needs a CPU with AVX512-BF16 or AMX ({' or '.join(BF16_FLAGS)} in "
                           "/proc/cpuinfo) and this one has neither; use precision='fp32'")
-    if precision not in IMPLEMENTED_PRECISIONS:
-        raise TargetError(f"precision={precision!r} is not built yet for CPU targets (this CPU has the instructions); "
-                          "use precision='fp32' (OpenVINO's default precision runs bf16 meanwhile)")
     return precision
 
 

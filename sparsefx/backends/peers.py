@@ -28,8 +28,9 @@ from torch import nn
 from sparsefx.backends.export import export
 from sparsefx.capture.compare import first_tensor
 from sparsefx.errors import SparsefxError, one_line
+from sparsefx.target import TargetError
 
-RUNTIMES = ("eager", "torch.compile", "onnxruntime", "openvino-fp32", "openvino", "sparsefx")
+RUNTIMES = ("eager", "torch.compile", "onnxruntime", "openvino-fp32", "openvino", "sparsefx", "sparsefx-bf16")
 NEEDS = {"onnxruntime": "onnxruntime", "openvino-fp32": "openvino", "openvino": "openvino"}  # runtime -> package
 ONNX_RUNTIMES = ("onnxruntime", "openvino-fp32", "openvino")
 
@@ -78,7 +79,7 @@ class Peers:
             raise PeerError(f"{name} is not installed: pip install {NEEDS[name]}")
         builder = {"eager": self.eager, "torch.compile": self.torch_compile, "onnxruntime": self.onnxruntime,
                    "openvino-fp32": lambda: self.openvino(fp32=True), "openvino": lambda: self.openvino(fp32=False),
-                   "sparsefx": self.sparsefx}[name]
+                   "sparsefx": self.sparsefx, "sparsefx-bf16": lambda: self.sparsefx("bf16")}[name]
         try:
             return builder()
         except PeerError:
@@ -153,16 +154,20 @@ class Peers:
         return Runner(name, run, compile_s, {"export_s": round(self.export_s, 2), "precision": precision,
                                             "openvino": openvino.__version__}, compiled)
 
-    def sparsefx(self) -> Runner:
+    def sparsefx(self, precision: str = "fp32") -> Runner:
         from sparsefx.backends import tvm as backend  # TVM loads with the compiled runner only
 
         started = time.perf_counter()
-        compiled = backend.compile(self.model, self.inputs, threads=self.threads, verbose=False)
+        try:
+            compiled = backend.compile(self.model, self.inputs, threads=self.threads, verbose=False,
+                                       precision=precision)
+        except TargetError as error:  # bf16 on a CPU without the instructions
+            raise PeerError(one_line(error)) from None
         compile_s = time.perf_counter() - started
 
         def run(*inputs: torch.Tensor) -> torch.Tensor:
             return first_tensor(compiled(*inputs))
 
         dispatch = compiled.manifest["dispatch"].values()
-        return Runner("sparsefx", run, compile_s,
+        return Runner("sparsefx" if precision == "fp32" else f"sparsefx-{precision}", run, compile_s,
                       {"torch_kernels": f"{sum(d['impl'] == 'torch' for d in dispatch)}/{len(dispatch)}"}, compiled)

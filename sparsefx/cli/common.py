@@ -17,6 +17,7 @@ from sparsefx.io import is_saved_model, read_description
 from sparsefx.io import load as sparsefx_load
 from sparsefx.io import save as sparsefx_save
 from sparsefx.log import get_logger
+from sparsefx.target import PRECISIONS
 
 LOG = get_logger("cli")
 
@@ -42,6 +43,12 @@ def add_threads_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for latency (default: torch's choice; use 1 on a busy machine, "
                         "where spinning worker threads can make timings 10-100x slower)")
+
+
+def add_precision_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
+                        help="what convs and matmuls compute in (default fp32): bf16 on CPUs with AVX512-BF16 or "
+                        "AMX (PyTorch's bf16 kernels where they measure faster), fp16/bf16 on CUDA")
 
 
 def add_verbosity_args(parser: argparse.ArgumentParser, default: object) -> None:

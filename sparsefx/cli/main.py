@@ -26,6 +26,7 @@ from sparsefx.cli.common import (
     LOG,
     add_arch_arg,
     add_model_args,
+    add_precision_arg,
     add_threads_arg,
     add_verbosity_args,
     check_out,
@@ -169,6 +170,7 @@ def _add_compile_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-dispatch", dest="dispatch", action="store_false",
                         help="never run convs, matmuls or math ops on PyTorch kernels, even where they measure faster")
     parser.add_argument("--prune", type=parse_ratio, default=None, metavar="RATIO", help="prune channels first")
+    add_precision_arg(parser)
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -268,7 +270,7 @@ def _compile(args: argparse.Namespace) -> int:
     model, inputs = load(args)
     model = _maybe_pruned(args, model, inputs)
     compiled = sparsefx.compile(model, inputs, target=args.target, tune=args.tune, dispatch=args.dispatch,
-                                threads=args.threads)
+                                threads=args.threads, precision=args.precision)
     print(_compile_summary(compiled))
     print(f"wrote {compiled.export(args.out)} (load with sparsefx.load(path))")
     if args.bundle:
@@ -300,7 +302,7 @@ def _bench(args: argparse.Namespace) -> int:
     for name, source in list(models.items()):
         LOG.info(f"compiling {name.split()[1]} model for {args.target}")
         compiled = sparsefx.compile(source, inputs, target=args.target, tune=args.tune, dispatch=args.dispatch,
-                                    threads=args.threads)
+                                    threads=args.threads, precision=args.precision)
         if compiled.target.is_gpu:
             raise SparsefxError("bench runs on this host's CPU; benchmark a CUDA build on the GPU host instead")
         models[name.replace("eager", "tvm")] = compiled

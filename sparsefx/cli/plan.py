@@ -17,6 +17,7 @@ from sparsefx.cli.calibration import add_calibration_args, read_calibration
 from sparsefx.cli.common import (
     LOG,
     add_model_args,
+    add_precision_arg,
     add_threads_arg,
     check_out,
     load,
@@ -30,7 +31,7 @@ from sparsefx.planning.plan import GRANULARITIES, Plan
 from sparsefx.planning.planner import apply, plan
 from sparsefx.planning.pricing import cost_model
 from sparsefx.recovery.data import fashion_mnist
-from sparsefx.target import Target, resolve_target, with_threads
+from sparsefx.target import Target, resolve_target, with_precision, with_threads
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -80,13 +81,16 @@ def _add_plan_args(parser: argparse.ArgumentParser) -> None:
                         "wanda or taylor (data-aware, see --calibration)")
     add_calibration_args(parser)
     parser.add_argument("--max-ratio", type=float, default=0.9, help="most of one group that may be removed")
+    add_precision_arg(parser)  # priced and compiled at it
     parser.add_argument("--ignore", nargs="+", action="extend", default=[], metavar="NAME",
                         help="module names whose channels must not be pruned")
 
 
 def _target(args: argparse.Namespace) -> Target:
-    """The target; on the CPU, --threads also sets the cores kernels are measured and compiled for."""
-    return with_threads(resolve_target(args.target), getattr(args, "threads", None))
+    """The target; on the CPU, --threads also sets the cores kernels are measured and compiled for,
+    --precision what they compute in."""
+    target = with_threads(resolve_target(args.target), getattr(args, "threads", None))
+    return with_precision(target, args.precision) if getattr(args, "precision", None) else target
 
 
 def _make_plan(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple, rounds: int = 1) -> Plan:

@@ -78,7 +78,8 @@ class CostModel:
         self.measure = measure and timer is not None and (bool(self.device) or not self.target.is_gpu)
         self.lanes = max(1, (self.target.vector_bits or 128) // 32) if not self.target.is_gpu else 8
         device = f"-{self.device}" if self.device else ""
-        self.path = path or cache_dir() / "costmodel" / f"{self.target.arch}-{self.target.cores}{device}.json"
+        precision = "" if self.target.precision == "fp32" else f"-{self.target.precision}"
+        self.path = path or cache_dir() / "costmodel" / f"{self.target.arch}-{self.target.cores}{device}{precision}.json"
         # calibrations are re-fitted when either version changes, kernels re-measured with TABLE_VERSION
         self.tables = (Table(self.path, TABLE_VERSION), Table(self.path.with_name(f"{self.path.stem}.calibration.json"),
                                                               f"{TABLE_VERSION}.{CALIBRATION_VERSION}"))

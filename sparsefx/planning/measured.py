@@ -24,7 +24,7 @@ from sparsefx.log import get_logger
 from sparsefx.planning.plan import Plan
 from sparsefx.planning.planner import apply, plan
 from sparsefx.planning.pricing import cost_model
-from sparsefx.target import Target, resolve_target
+from sparsefx.target import Target, resolve_target, with_precision
 
 LOG = get_logger("planning")
 Measure = Callable[[nn.Module, nn.Module, tuple, Target], tuple[float, float]]
@@ -54,6 +54,8 @@ def plan_measured(model: nn.Module, example_inputs: object, target: object = "cp
     this host (see the module doc; `measure` defaults to a `MeasurePair`). Other keyword arguments
     go to `sparsefx.plan`. The returned plan records every round under `measured`."""
     target = resolve_target(target)
+    if plan_options.get("precision"):  # the plans priced and the models timed at it
+        target = with_precision(target, plan_options.pop("precision"))
     if target.is_gpu:
         raise SparsefxError(f"measured planning times models on this host's CPU, not on {target.name}; "
                             "plan from the cost model alone (sparsefx.plan, or rounds=1 on the command line)")

@@ -42,6 +42,7 @@ from sparsefx.planning.pricing import cost_model
 from sparsefx.planning.sparse_options import SparseOption, candidates, layer_weights, sparse_options
 from sparsefx.sparse.masks import Sparsity
 from sparsefx.sparse.sparsify import sparsify
+from sparsefx.target import resolve_target, with_precision
 
 LOOKAHEAD = 4  # moves considered per group: the next few fast sizes, to see past flat steps
 
@@ -175,7 +176,7 @@ def plan(model: nn.Module, example_inputs: object, target: object = "cpu", speed
          latency_ms: float | None = None, macs_ratio: float | None = None, sparsity: float | None = None,
          granularities: Iterable[str] = ("channel",), importance: str = "l1", ignore: Iterable[str] = (),
          max_ratio: float = 0.9, cost: CostModel | None = None, verbose: bool = True,
-         calibration: object | None = None) -> Plan:
+         calibration: object | None = None, precision: str | None = None) -> Plan:
     """Choose what to do to each group or layer of `model` so that it meets one budget on `target`.
 
     `speedup` and `latency_ms` are predicted by the target's cost model (measured kernel
@@ -183,7 +184,10 @@ def plan(model: nn.Module, example_inputs: object, target: object = "cpu", speed
     level everywhere: that fraction of weights goes from every layer the first sparse
     granularity fits (block, N:M), or of channels from every group when only "channel" is
     given. `calibration` batches feed data-aware importance ("wanda", "taylor"; pass the same
-    to `apply`). The model is not changed; `apply(model, plan, example_inputs)` carries it out."""
+    to `apply`). `precision` ("bf16" on CPUs that have it) prices the kernels the model compiled at
+    that precision runs. The model is not changed; `apply(model, plan, example_inputs)` carries it out."""
+    if precision is not None:
+        target = with_precision(resolve_target(target), precision)
     budget = _budget(speedup=speedup, latency_ms=latency_ms, macs_ratio=macs_ratio, sparsity=sparsity)
     granularities = tuple(granularities)
     if not granularities:

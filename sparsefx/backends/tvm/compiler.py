@@ -31,10 +31,10 @@ from sparsefx.backends.tvm.tvmscript import cheap_frames
 from sparsefx.capture.trace import as_inputs
 from sparsefx.errors import SparsefxError, one_line
 from sparsefx.log import get_logger
-from sparsefx.target import Target, check_precision, check_threads, host_cpu, resolve_target
+from sparsefx.target import Target, check_threads, host_cpu, resolve_target, with_precision
 from sparsefx.version import __version__
 
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2  # v2: dispatched PyTorch kernels take a precision index (and matmuls a weight key)
 ALIGNMENT = 64  # bytes: what TVM's allocator gives and its generated code may assume
 LOG = get_logger("tvm")
 
@@ -55,7 +55,7 @@ def quiet_native_stderr() -> Iterator[None]:
 
 def compile(model: nn.Module, example_inputs: object, target: object = "cpu", tune: int = 0,
             dispatch: bool | str = True, verbose: bool = True, threads: int | None = None,
-            precision: str = "fp32") -> CompiledModel:
+            precision: str | None = None) -> CompiledModel:
     """Compile `model` for `target` ('cpu', 'cuda[:sm_XX]' or a Target).
 
     `dispatch` lets each conv, matmul, GELU, softmax and LayerNorm run on PyTorch's kernels
@@ -64,9 +64,13 @@ def compile(model: nn.Module, example_inputs: object, target: object = "cpu", tu
     bundles and CPUs other than this one); False leaves everything to TIR's default schedules; `tune` is the MetaSchedule trial
     budget (0: default schedules only; records persist in the on-disk database). `threads` (default: all
     cores) is what the model runs with, PyTorch's and TVM's pools alike: kernels are measured at that
-    count, and it is recorded in the artifact for `load`. `precision`: "fp32"; for CUDA targets also "fp16"
+    count, and it is recorded in the artifact for `load`. `precision` (default: the target's, "fp32" unless
+    it was made `with_precision`): "fp32"; for CUDA targets also "fp16"
     (sm_70+, matmuls and ungrouped convs on tensor cores) and "bf16" (sm_80+): weights and activations in
-    half, float32 accumulation, float32 inputs and outputs (`half`). CPU "bf16" is refused for now."""
+    half, float32 accumulation, float32 inputs and outputs (`half`). On CPUs with AVX512-BF16 or AMX,
+    "bf16" times each conv and matmul on PyTorch's bf16 kernels (oneDNN, float32 accumulation) against
+    TIR in float32 and runs the faster (`dispatch.torch_kernels`); norms, softmax and element-wise
+    ops stay float32. It needs the measured dispatch."""
     inputs = as_inputs(example_inputs)
     if not isinstance(model, nn.Module):
         raise SparsefxError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -76,7 +80,11 @@ def compile(model: nn.Module, example_inputs: object, target: object = "cpu", tu
         raise SparsefxError(f"tune must be a trial budget >= 0, got {tune!r}")
     spec = resolve_target(target)
     threads = check_threads(threads, spec)
-    check_precision(precision, spec)
+    precision = precision or spec.precision
+    spec = with_precision(spec, precision)
+    if precision != "fp32" and not spec.is_gpu and dispatch is not True:
+        raise SparsefxError(f"precision={precision!r} on a CPU runs convs and matmuls on PyTorch's bf16 kernels, "
+                            f"which dispatch={dispatch!r} never calls; use dispatch=True or precision='fp32'")
     if not spec.is_gpu:  # dispatch and tuning tables are per core count: the cores the model will use
         spec = replace(spec, cores=threads)
     with running_with(threads), cheap_frames():  # TVMScript parses (own kernels, DLight's tensor intrinsics)
@@ -92,14 +100,14 @@ def build(model: nn.Module, inputs: tuple, spec: Target, tune: int, dispatch: bo
     log(f"importing {type(model).__name__} into Relax")
     mod, route = to_relax(model, inputs)
     ran = pipeline.optimize_passes()
-    if precision != "fp32":  # CUDA only (check_precision): after BN folding, which is best done in fp32
+    if precision != "fp32" and spec.is_gpu:  # after BN folding, which is best done in fp32
         ran += half_passes(precision)
     mod = pipeline.run(ran, mod, tvm_target)
     decisions = {}
     if dispatch and not spec.is_gpu:
         decisions = (pipeline.decide_by_kind(mod) if dispatch == "own" else
                      pipeline.decide_dispatch(mod, spec, lambda history: HostTimer(spec, history=history), log))
-        rewrites = pipeline.dispatch(decisions)
+        rewrites = pipeline.dispatch(decisions, spec.precision)
         mod = pipeline.run(rewrites, mod, tvm_target)
         ran += rewrites
     tuned, tuning = None, {"trials_per_task": 0, "tasks": 0, "tuned_tasks": 0, "seconds": 0.0}
@@ -269,6 +277,9 @@ def load(path: str | Path, threads: int | None = None) -> CompiledModel:
                             "export it again with CompiledModel.export") from None
     if manifest["version"] > ARTIFACT_VERSION:
         raise SparsefxError(f"{path} was written by a newer sparsefx (artifact v{manifest['version']}); upgrade")
+    if manifest["version"] < 2 and any(d.get("impl") == "torch" for d in manifest.get("dispatch", {}).values()):
+        raise SparsefxError(f"{path} (artifact v{manifest['version']}) calls PyTorch kernels by an older signature; "
+                            "compile the model again with this sparsefx")
     try:
         with quiet_native_stderr():
             library = tvm.runtime.load_module(str(extract / "model.so"))

@@ -101,6 +101,6 @@ def decide_by_kind(mod: tvm.IRModule) -> dict[str, dict]:
             for k in collect_kernels(mod) for own in [own_kernels.own_kernel(k)]}
 
 
-def dispatch(decisions: dict[str, dict]) -> list[NamedPass]:
-    return [("FuseOwnKernels", own_kernel_pass(decisions)), ("FuseTorchEpilogue", epilogue_pass(decisions)),
-            ("DispatchToTorch", dispatch_pass(decisions))]
+def dispatch(decisions: dict[str, dict], precision: str = "fp32") -> list[NamedPass]:
+    return [("FuseOwnKernels", own_kernel_pass(decisions)), ("FuseTorchEpilogue", epilogue_pass(decisions, precision)),
+            ("DispatchToTorch", dispatch_pass(decisions, precision))]

@@ -33,6 +33,7 @@ from sparsefx.backends.tvm.dispatch.torch_kernels import (
     CONV_EPILOGUE,
     CONV_RESIDUAL,
     MATMUL,
+    PRECISIONS,
     TORCH_IMPLEMENTATIONS,
     weight_key,
 )
@@ -50,8 +51,9 @@ TABLE_VERSION = 8
 
 def table_key(target: Target, threads: int) -> str:
     """The table for `target` at `threads` PyTorch threads: PyTorch's kernels and TIR's parallel loops
-    scale differently with threads, so decisions are per thread count."""
-    return f"{target.arch}-{target.cores}-t{threads}"
+    scale differently with threads, so decisions are per thread count (and per precision: bf16 kernels
+    win where fp32 ones lose)."""
+    return f"{target.arch}-{target.cores}-t{threads}" + ("" if target.precision == "fp32" else f"-{target.precision}")
 
 
 class DispatchTable:
@@ -96,8 +98,10 @@ def decision(kernel: Kernel, times: Times, overheads: dict[str, float]) -> dict:
     return entry
 
 
-def dispatch_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
-    """Relax pass: rewrite calls whose workload was decided 'torch' into packed calls."""
+def dispatch_pass(decisions: dict[str, dict], precision: str = "fp32") -> tvm.transform.Pass:
+    """Relax pass: rewrite calls whose workload was decided 'torch' into packed calls computing in
+    `precision` (convs and matmuls; math ops stay float32)."""
+    code = relax.prim_value(PRECISIONS.index(precision))
 
     @relax.expr_functor.mutator
     class _Rewrite(relax.PyExprMutator):
@@ -111,8 +115,9 @@ def dispatch_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
                 return relax.call_pure_packed(BY_NAME[k.op].packed, *call.args, *attrs, ty_args=call.ty)
             if k.op == "conv2d":
                 extra = [relax.prim_value(v) for v in (*k.conv_attrs, _key(call.args[1], decisions[k.key]))]
-                return relax.call_pure_packed(CONV, call.args[0], call.args[1], *extra, ty_args=call.ty)
-            return relax.call_pure_packed(MATMUL, call.args[0], call.args[1], ty_args=call.ty)
+                return relax.call_pure_packed(CONV, call.args[0], call.args[1], *extra, code, ty_args=call.ty)
+            key = relax.prim_value(_weight_key(call.args[1]) if precision != "fp32" else 0)
+            return relax.call_pure_packed(MATMUL, call.args[0], call.args[1], key, code, ty_args=call.ty)
 
     return _each_relax_function("DispatchToTorch", lambda func: _Rewrite().visit_expr(func))
 
@@ -132,12 +137,15 @@ def _each_relax_function(name: str, rewrite: object) -> tvm.transform.Pass:
 
 def _key(weight: relax.Expr, decision: dict) -> int:
     """The prepacking key of a constant weight where prepacking measured faster; 0: plain F.conv2d."""
-    if not decision.get("prepack") or not isinstance(weight, tvm.ir.expr.Constant):
-        return 0
-    return weight_key(weight.value.numpy())
+    return _weight_key(weight) if decision.get("prepack") else 0
 
 
-def epilogue_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
+def _weight_key(weight: relax.Expr) -> int:
+    """The content key of a constant weight (converted or prepacked once per process); 0: not constant."""
+    return weight_key(weight.value.numpy()) if isinstance(weight, tvm.ir.expr.Constant) else 0
+
+
+def epilogue_pass(decisions: dict[str, dict], precision: str = "fp32") -> tvm.transform.Pass:
     """Relax pass: a conv PyTorch runs keeps its bias, residual add and activation (ReLU, ReLU6,
     SiLU) in the same call, so no TIR kernel has to re-read its output (runs before `dispatch_pass`)."""
     ep = epilogue_patterns()
@@ -150,7 +158,7 @@ def epilogue_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
                 not per_channel(matches[b], k.shapes[1][0]):
             return expr
         attrs = [relax.prim_value(v) for v in (*k.conv_attrs, _key(matches[w], decisions[k.key]),
-                                               ACTIVATIONS.index(act))]
+                                               ACTIVATIONS.index(act), PRECISIONS.index(precision))]
         if residual in matches:  # only the patterns with the residual add bind it
             if shape_of(matches[residual]) != list(k.shapes[2]):
                 return expr

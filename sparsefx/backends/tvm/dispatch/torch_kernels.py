@@ -10,6 +10,12 @@ it saves where activations are large and weights small. The compiler names each 
 weight by a hash of its contents, so it is packed once per process and input shape, also when the
 artifact is loaded elsewhere. The kernels return the tensor PyTorch allocated (shared
 through DLPack, no copy) rather than writing into a buffer TVM allocated.
+
+In bf16 (`Target.precision`, CPUs with AVX512-BF16 or AMX) a kernel takes and returns float32
+like the TIR around it and computes in bf16 on oneDNN: the input is cast once per call, the weight
+once per process (prepacked or kept as a bf16 copy under its key), accumulation is float32 inside
+oneDNN, and the output comes back as contiguous float32 in one pass. Everything outside the
+dispatched convs and matmuls (norms, softmax, element-wise) stays float32.
 """
 
 from __future__ import annotations
@@ -29,12 +35,14 @@ CONV_EPILOGUE = "sparsefx.torch.conv2d_bias"
 CONV_RESIDUAL = "sparsefx.torch.conv2d_bias_residual"
 MATMUL = "sparsefx.torch.matmul"
 TORCH_IMPLEMENTATIONS = ("torch", "torch_prepacked")  # as the timer and the dispatch table name them
+PRECISIONS = ("fp32", "bf16")  # what the kernels compute in; the compiled calls pass the index
 
 _ONEDNN_ACT = {"none": ("none", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0]), "silu": ("swish", [])}
 _EAGER_ACT = {"none": lambda t: t, "relu": torch.relu_, "relu6": lambda t: t.clamp_(0, 6),
               "silu": lambda t: F.silu(t, inplace=True)}
 PREPACK = torch.backends.mkldnn.is_available()
-_packed: dict[tuple, torch.Tensor] = {}  # (weight key, input shape) -> oneDNN-blocked weight
+_packed: dict[tuple, torch.Tensor] = {}  # (weight key, input shape, dtype) -> oneDNN-blocked weight
+_converted: dict[tuple, torch.Tensor] = {}  # (weight key, dtype) -> a matmul weight in that dtype
 
 
 def weight_key(weight: np.ndarray) -> int:
@@ -43,18 +51,21 @@ def weight_key(weight: np.ndarray) -> int:
 
 
 def conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, attrs: tuple[int, ...], key: int = 0,
-         act: str = "none", residual: torch.Tensor | None = None) -> torch.Tensor:
+         act: str = "none", residual: torch.Tensor | None = None, precision: str = "fp32") -> torch.Tensor:
     """conv2d (+ bias, + residual, + activation) for a workload's attrs (stride, padding, dilation
-    pairs, groups); with a weight key, on oneDNN with the weight prepacked and the activation fused."""
+    pairs, groups); with a weight key, on oneDNN with the weight prepacked and the activation fused;
+    in `precision` (float32 in and out either way)."""
     s0, s1, p0, p1, d0, d1, groups = attrs
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    x, b, residual = (t if t is None else t.to(dtype) for t in (x, b, residual))
     if not (key and PREPACK):
-        out = F.conv2d(x, w, b, (s0, s1), (p0, p1), (d0, d1), groups)
-        return _EAGER_ACT[act](out if residual is None else out.add_(residual))
+        out = F.conv2d(x, w.to(dtype), b, (s0, s1), (p0, p1), (d0, d1), groups)
+        return _float32(_EAGER_ACT[act](out if residual is None else out.add_(residual)))
     geometry = ([p0, p1], [s0, s1], [d0, d1], groups)
-    packed = _packed.get((key, tuple(x.shape)))
+    packed = _packed.get((key, tuple(x.shape), dtype))
     if packed is None:
-        packed = _packed[(key, tuple(x.shape))] = torch.ops.mkldnn._reorder_convolution_weight(
-            w, *geometry, list(x.shape))
+        packed = _packed[(key, tuple(x.shape), dtype)] = torch.ops.mkldnn._reorder_convolution_weight(
+            w.to(dtype), *geometry, list(x.shape))
     if residual is None:
         out = torch.ops.mkldnn._convolution_pointwise(x, packed, b, *geometry, *_ONEDNN_ACT[act], "")
     else:  # oneDNN's sum post-op takes ReLU after it; other activations run in place afterwards
@@ -62,44 +73,65 @@ def conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, attrs: tuple[
         out = torch.ops.mkldnn._convolution_pointwise.binary(x, residual, packed, b, *geometry, "add", None,
                                                              fused, [], None)
         out = out if fused else _EAGER_ACT[act](out)
-    return out.contiguous()  # oneDNN picks channels-last output for some shapes; TIR expects compact NCHW
+    return _float32(out)  # oneDNN picks channels-last output for some shapes; TIR expects compact NCHW
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, key: int = 0, precision: str = "fp32") -> torch.Tensor:
+    """a @ b in `precision`; a constant `b` named by `key` is converted once per process."""
+    if precision == "fp32":
+        return torch.matmul(a, b).contiguous()
+    dtype = torch.bfloat16
+    weight = _converted.get((key, dtype)) if key else None
+    if weight is None:
+        weight = b.to(dtype)
+        if key:
+            _converted[(key, dtype)] = weight
+    return _float32(torch.matmul(a.to(dtype), weight))
+
+
+def _float32(out: torch.Tensor) -> torch.Tensor:
+    """Compact NCHW float32 in one pass, whatever dtype and memory format oneDNN returned."""
+    return out.to(torch.float32, memory_format=torch.contiguous_format)
 
 
 def _t(value: object) -> torch.Tensor:
     return torch.from_dlpack(value)
 
 
+# each call ends in the weight key and the precision index (and the activation's for the epilogues)
 @tvm_ffi.register_global_func(CONV, override=True)
 def _torch_conv2d(x: object, w: object, *attrs_key: int) -> object:
-    *attrs, key = attrs_key
-    return tvm_ffi.from_dlpack(conv(_t(x), _t(w), None, tuple(attrs), key))
+    *attrs, key, precision = attrs_key
+    return tvm_ffi.from_dlpack(conv(_t(x), _t(w), None, tuple(attrs), key, precision=PRECISIONS[precision]))
 
 
 @tvm_ffi.register_global_func(CONV_EPILOGUE, override=True)
 def _torch_conv2d_epilogue(x: object, w: object, b: object, *attrs_key_act: int) -> object:
     """conv + per-channel bias (+ activation): one oneDNN call with the activation as its post-op."""
-    *attrs, key, act = attrs_key_act
-    return tvm_ffi.from_dlpack(conv(_t(x), _t(w), _t(b).reshape(-1), tuple(attrs), key, ACTIVATIONS[act]))
+    *attrs, key, act, precision = attrs_key_act
+    return tvm_ffi.from_dlpack(conv(_t(x), _t(w), _t(b).reshape(-1), tuple(attrs), key, ACTIVATIONS[act],
+                                    precision=PRECISIONS[precision]))
 
 
 @tvm_ffi.register_global_func(CONV_RESIDUAL, override=True)
 def _torch_conv2d_residual(x: object, w: object, b: object, residual: object, *attrs_key_act: int) -> object:
     """conv + bias + residual (+ activation): the ResNet block tail, without leaving oneDNN."""
-    *attrs, key, act = attrs_key_act
+    *attrs, key, act, precision = attrs_key_act
     return tvm_ffi.from_dlpack(conv(_t(x), _t(w), _t(b).reshape(-1), tuple(attrs), key, ACTIVATIONS[act],
-                                    _t(residual)))
+                                    _t(residual), PRECISIONS[precision]))
 
 
 @tvm_ffi.register_global_func(MATMUL, override=True)
-def _torch_matmul(a: object, b: object) -> object:
-    return tvm_ffi.from_dlpack(torch.matmul(_t(a), _t(b)).contiguous())
+def _torch_matmul(a: object, b: object, key: int, precision: int) -> object:
+    return tvm_ffi.from_dlpack(matmul(_t(a), _t(b), key, PRECISIONS[precision]))
 
 
 def forget_packed(keys: list[int]) -> None:
     """Drop the prepacked copies of the weights named `keys` (random ones, timed once)."""
     dropped = set(keys)
-    for entry in [e for e in _packed if e[0] in dropped]:
-        del _packed[entry]
+    for cache in (_packed, _converted):
+        for entry in [e for e in cache if e[0] in dropped]:
+            del cache[entry]
 
 
 def best_time(run: object, repeat: int) -> float:

@@ -2,7 +2,8 @@
 
 Implementations of one kernel (see `cost.timing` for how they are timed):
 - "torch", "torch_prepacked": the PyTorch kernel a dispatched op calls (`dispatch.torch_kernels`),
-  a conv plain or on oneDNN with its weight prepacked, with its bias and epilogue;
+  a conv plain or on oneDNN with its weight prepacked, with its bias and epilogue, in the
+  target's precision (bf16 convs and matmuls cast their input and output as the model's do);
 - "depthwise", "pointwise", "direct": sparsefx's own TIR kernel for the conv (`kernels.registry`),
   all of one kind in one LLVM build;
 - "tir": TVM's default schedule through the model's pipeline, only where the pre-filter
@@ -31,6 +32,7 @@ from sparsefx.backends.tvm.dispatch.torch_kernels import (
     TORCH_IMPLEMENTATIONS,
     conv,
     forget_packed,
+    matmul,
 )
 from sparsefx.backends.tvm.kernels import registry as own_kernels
 from sparsefx.backends.tvm.measure.calibrate import calibrate
@@ -53,31 +55,34 @@ def call_overhead_ms() -> float:
     x, w, b = torch.ones(1, 1, 1, 1), torch.ones(1, 1, 1, 1), torch.ones(1)
     packed, args = tvm.get_global_func(CONV_EPILOGUE), [tvm.runtime.tensor(t.numpy()) for t in (x, w, b)]
     attrs = (1, 1, 0, 0, 1, 1, 1)
-    ms = time_in_turn({"through": [lambda: packed(*args, *attrs, 0, 0)], "direct": [lambda: conv(x, w, b, attrs)]},
+    ms = time_in_turn({"through": [lambda: packed(*args, *attrs, 0, 0, 0)], "direct": [lambda: conv(x, w, b, attrs)]},
                       rounds=(200, 200))
     return max(ms["through"] - ms["direct"], 0.0)
 
 
-def torch_rivals(kernel: Kernel) -> tuple[dict[str, list[Callable[[], object]]], list[int]]:
-    """The PyTorch runs of `kernel` (one per weight copy) by implementation, and the keys of the
-    prepacked weights they make (to forget after timing)."""
+def torch_rivals(kernel: Kernel, precision: str = "fp32") -> tuple[dict[str, list[Callable[[], object]]], list[int]]:
+    """The PyTorch runs of `kernel` (one per weight copy) by implementation, in `precision`, and the
+    keys of the prepacked or converted weights they make (to forget after timing)."""
     if kernel.op in BY_NAME:  # inputs are activations, just written
         args = [torch.randn(s) for s in operand_shapes(kernel)]
         return {"torch": [lambda: BY_NAME[kernel.op].run(args, kernel.attrs)]}, []
     if kernel.op == "matmul":
         a, b = (torch.randn(s) for s in kernel.shapes[:2])
         if kernel.dims[0] > 1:  # attention's batched matmuls multiply two activations, both just written
-            return {"torch": [lambda: torch.matmul(a, b)]}, []
-        return {"torch": [functools.partial(torch.matmul, a, w) for w in weight_copies(b.shape)]}, []
+            return {"torch": [lambda: matmul(a, b, 0, precision)]}, []
+        weights = weight_copies(b.shape)
+        keys = [random.getrandbits(62) or 1 for _ in weights] if precision != "fp32" else [0] * len(weights)
+        return {"torch": [functools.partial(matmul, a, w, key, precision) for w, key in zip(weights, keys)]}, \
+            [key for key in keys if key]
     x_shape, w_shape, out_shape = kernel.shapes
     act, residual = kernel.epilogue
     x, b = torch.randn(x_shape), torch.randn(w_shape[0])  # BN folds into the bias
     add = torch.randn(out_shape) if residual else None
     weights = weight_copies(w_shape)
-    rivals = {"torch": [functools.partial(conv, x, w, b, kernel.conv_attrs, 0, act, add) for w in weights]}
+    rivals = {"torch": [functools.partial(conv, x, w, b, kernel.conv_attrs, 0, act, add, precision) for w in weights]}
     keys = [random.getrandbits(62) or 1 for _ in weights] if PREPACK else []  # names for the packed copies
     if keys:
-        rivals["torch_prepacked"] = [functools.partial(conv, x, w, b, kernel.conv_attrs, key, act, add)
+        rivals["torch_prepacked"] = [functools.partial(conv, x, w, b, kernel.conv_attrs, key, act, add, precision)
                                      for w, key in zip(weights, keys)]
     return rivals, keys
 
@@ -126,7 +131,7 @@ class HostTimer:
         times = []
         with torch.inference_mode():
             for kernel, allowed, mine in zip(kernels, wanted, own, strict=True):
-                rivals, keys = torch_rivals(kernel)
+                rivals, keys = torch_rivals(kernel, self.target.precision)
                 if mine:
                     rivals[mine[0]] = self.own_runs(libraries[mine[0]], mine[1])
                 rivals = {name: runs for name, runs in rivals.items() if allowed is None or name in allowed}
