@@ -17,6 +17,7 @@ from sparsefx.backends.tvm.dispatch.table import (  # noqa: F401
     epilogue_pass,
     table_key,
 )
+from sparsefx.backends.tvm.fold import numpy_fold_pass
 from sparsefx.backends.tvm.kernels import registry as own_kernels
 from sparsefx.backends.tvm.kernels.registry import own_kernel_pass
 from sparsefx.backends.tvm.schedule import default_schedule_pass
@@ -36,6 +37,7 @@ def optimize_passes() -> list[NamedPass]:
         ("DecomposeOpsForInference", relax.transform.DecomposeOpsForInference()),
         ("CanonicalizeBindings", relax.transform.CanonicalizeBindings()),
         ("FuseSiLU", silu_pass),  # x * sigmoid(x) as silu: a conv epilogue the dispatch fuses
+        ("NumpyFoldConstant", numpy_fold_pass),  # BN's arithmetic on weights, without an LLVM build per op
         ("FoldConstant", relax.transform.FoldConstant()),
         ("DeadCodeElimination", relax.transform.DeadCodeElimination()),
     ]
