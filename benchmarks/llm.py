@@ -29,8 +29,12 @@ Writes benchmarks/results/llm{_quick}.json, .md and .png.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -137,6 +141,57 @@ def timed(runners: dict[str, object], inputs: tuple, where: dict, per_token: int
     return rows
 
 
+def torchrun_recovery(steps: int = 6) -> dict:
+    """llm_recovery.py on the --quick model in one process and under `torchrun --nproc-per-node 2`
+    (DDP, gloo): the two loss curves, which should agree up to float summation order."""
+    here, curves = Path(__file__).resolve().parent, {}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    with tempfile.TemporaryDirectory() as tmp:
+        for processes in (1, 2):
+            out = Path(tmp) / f"{processes}.json"
+            launch = [sys.executable] if processes == 1 else [str(torchrun), "--nproc-per-node", "2"]
+            done = subprocess.run([*launch, str(here / "llm_recovery.py"), "--quick", "--recover-steps", str(steps),
+                                   "--out", str(out)], capture_output=True, text=True)
+            if done.returncode or not out.exists():
+                tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                return {"error": f"{processes} process(es): exit {done.returncode}: {tail[:200]}"}
+            curves[processes] = json.loads(out.read_text())["loss"]
+    gap = max(abs(a - b) for a, b in zip(curves[1], curves[2], strict=True))
+    return {"steps": steps, "loss_1_process": curves[1], "loss_2_processes": curves[2], "max_abs_diff": gap,
+            "matches": gap <= 1e-3}
+
+
+def goals(report: dict) -> list[str]:
+    """The issue's goals, each judged from this run's rows."""
+    dense, rows, lines = report["dense"]["perplexity"], [r for r in report["rows"] if "error" not in r], []
+    half = [r for r in rows if abs(r["removed"] - 0.5) <= 0.05 and "recovered_perplexity" in r]
+    for r in half:
+        ok = r["recovered_perplexity"] <= 1.15 * dense
+        lines.append(f"- {'met' if ok else 'missed'}: {r['mode']} {r['importance']} removes {r['removed']:.1%}, perplexity "
+                     f"after recovery {r['recovered_perplexity']:.3f} vs dense {dense:.3f} (goal within 15%)")
+    for mode in dict.fromkeys(r["mode"] for r in rows if r["importance"] == "l1"):
+        for ratio in sorted({r["ratio"] for r in rows if r["mode"] == mode}):
+            at = {r["importance"]: r["perplexity"] for r in rows if r["mode"] == mode and r["ratio"] == ratio}
+            aware = {k: v for k, v in at.items() if k in ("wanda", "taylor")}
+            if "l1" in at and aware:
+                best = min(aware, key=aware.get)
+                verdict = "met" if aware[best] < at["l1"] else "missed"
+                lines.append(f"- {verdict}: {mode} at {ratio}, {best} {aware[best]:.3f} vs magnitude {at['l1']:.3f} "
+                             f"before recovery (wanda {aware.get('wanda', float('nan')):.3f}, taylor "
+                             f"{aware.get('taylor', float('nan')):.3f})")
+    for r in report["plans"]:
+        if "measured_speedup" in r:
+            lines.append(f"- {'met' if r['within_10pct'] else 'missed'}: {r['plan']} measured {r['measured_speedup']}x "
+                         f"(goal within 10% of {r['asked_speedup']:g}x)")
+    ddp = report.get("torchrun", {})
+    if "matches" in ddp:
+        lines.append(f"- {'met' if ddp['matches'] else 'missed'}: torchrun with 2 processes vs 1, recovery loss curves "
+                     f"differ by at most {ddp['max_abs_diff']:.1e} over {ddp['steps']} steps")
+    elif ddp:
+        lines.append(f"- missed: torchrun recovery: {ddp['error']}")
+    return lines
+
+
 def planned(dense: torch.nn.Module, speedup: float, calibration: list[torch.Tensor], tokens: int,
             measured: bool) -> tuple[torch.nn.Module, dict]:
     """`dense` planned for `speedup` of compiled prefill at `tokens` (Wanda on the calibration
@@ -166,6 +221,7 @@ def markdown(record: RunRecord, report: dict) -> str:
         after = f"{r['recovered_perplexity']:.3f}" if "recovered_perplexity" in r else ""
         lines.append(f"| {r['mode']} | {r['importance']} | {r['ratio']} | {r['removed']:.1%} | {r['perplexity']:.3f} "
                      f"| {r['perplexity'] / dense['perplexity'] - 1:+.1%} | {after} |")
+    lines += ["", "Goals:", "", *goals(report)]
     lines += ["", f"The planner asked for a prefill speedup ({report['plan_tokens']} tokens, compiled, {report['threads']} thread(s)); "
               "measured = dense compiled ms / planned compiled ms in the prefill table below:", "",
               "| plan | params removed | predicted | measured | within 10% | perplexity | after recovery |",
@@ -304,7 +360,8 @@ def main() -> None:
             row["within_10pct"] = abs(row["measured_speedup"] / row["asked_speedup"] - 1) <= 0.10
     report = {"dense": {"parameters": dense_params, "perplexity": dense_ppl}, "training": training["settings"],
               "eval_tokens": int(windows[:, 1:].numel()), "calibration": "4 batches of 8 x seq training windows",
-              "threads": torch.get_num_threads(), "plan_tokens": width, "rows": rows, "plans": plans, "latency": latency, "decode": decode}
+              "threads": torch.get_num_threads(), "plan_tokens": width, "rows": rows, "plans": plans, "latency": latency,
+              "decode": decode, "torchrun": torchrun_recovery()}
     name = "llm_quick" if args.quick else "llm"
     record.write_report(RESULTS / f"{name}.json", report)
     (RESULTS / f"{name}.md").write_text(markdown(record, report))
