@@ -137,3 +137,28 @@ def test_bf16_plan_is_priced_on_bf16_kernels() -> None:
     assert bf16.target["precision"] == "bf16"
     assert cost_model(with_precision(host_cpu(), "bf16")).path.name.endswith("-bf16.json")
     assert sparsefx.plan(model, inputs, macs_ratio=0.6, verbose=False).target["precision"] == "fp32"
+
+
+def _dispatched_ir(model: nn.Module, inputs: tuple, precision: str) -> str:
+    """The model's Relax main after every conv and matmul is decided for PyTorch (no timing)."""
+    from sparsefx.backends.tvm import pipeline
+    from sparsefx.backends.tvm.dispatch.table import collect_kernels
+    from sparsefx.backends.tvm.importer import to_relax
+
+    target = host_cpu().to_tvm()
+    mod = pipeline.run(pipeline.optimize_passes(), to_relax(model, inputs)[0], target)
+    decisions = {k.key: {"impl": "torch", "prepack": True} for k in collect_kernels(mod)}
+    return str(pipeline.run(pipeline.dispatch(decisions, precision), mod, target)["main"])
+
+
+def test_bf16_convs_feeding_only_bf16_convs_hand_on_bf16() -> None:
+    """stem -> body (input and residual) stays bf16 between the two convs; body's output, read by
+    the mean (TIR), and the head's matmul are float32; an fp32 build has no bf16 at all."""
+    model, inputs = _model(batch=1)
+    text = _dispatched_ir(model, inputs, "bf16")
+    lines = [line for line in text.splitlines() if "call_pure_packed" in line]
+    convs = [line for line in lines if "conv2d" in line]
+    assert len(convs) == 2
+    assert 'dtype="bfloat16") = R.call_pure_packed("sparsefx.torch.conv2d_bias"' in convs[0]  # stem: chained
+    assert 'dtype="float32") = R.call_pure_packed("sparsefx.torch.conv2d_bias_residual"' in convs[1]
+    assert "bfloat16" not in _dispatched_ir(model, inputs, "fp32")

@@ -10,6 +10,7 @@ from tvm import relax
 from tvm.relax.backend import gpu_generic
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
+from sparsefx.backends.tvm.dispatch.bf16_chain import bf16_chain_pass
 from sparsefx.backends.tvm.dispatch.table import (  # noqa: F401
     DispatchTable,
     collect_kernels,
@@ -104,5 +105,6 @@ def decide_by_kind(mod: tvm.IRModule) -> dict[str, dict]:
 
 
 def dispatch(decisions: dict[str, dict], precision: str = "fp32") -> list[NamedPass]:
-    return [("FuseOwnKernels", own_kernel_pass(decisions)), ("FuseTorchEpilogue", epilogue_pass(decisions, precision)),
-            ("DispatchToTorch", dispatch_pass(decisions, precision))]
+    passes = [("FuseOwnKernels", own_kernel_pass(decisions)), ("FuseTorchEpilogue", epilogue_pass(decisions, precision)),
+              ("DispatchToTorch", dispatch_pass(decisions, precision))]
+    return passes + ([("ChainBf16", bf16_chain_pass)] if precision == "bf16" else [])

@@ -78,6 +78,9 @@ def torch_rivals(kernel: Kernel, precision: str = "fp32") -> tuple[dict[str, lis
     act, residual = kernel.epilogue
     x, b = torch.randn(x_shape), torch.randn(w_shape[0])  # BN folds into the bias
     add = torch.randn(out_shape) if residual else None
+    if precision == "bf16":  # timed as inside a chain of bf16 convs (`bf16_chain`): bf16 in and out, no casts
+        x, add = (t if t is None else t.to(torch.bfloat16, memory_format=torch.channels_last) for t in (x, add))
+        precision = "bf16-out"
     weights = weight_copies(w_shape)
     rivals = {"torch": [functools.partial(conv, x, w, b, kernel.conv_attrs, 0, act, add, precision) for w in weights]}
     keys = [random.getrandbits(62) or 1 for _ in weights] if PREPACK else []  # names for the packed copies
