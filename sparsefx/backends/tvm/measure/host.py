@@ -90,6 +90,12 @@ def torch_rivals(kernel: Kernel, precision: str = "fp32") -> tuple[dict[str, lis
     return rivals, keys
 
 
+def _edge_casts(x: torch.Tensor, out: torch.Tensor) -> None:
+    """What a float32 kernel between bf16 convs costs them: its input back to float32, its output to bf16."""
+    x.to(torch.float32, memory_format=torch.contiguous_format)
+    out.to(torch.bfloat16, memory_format=torch.channels_last)
+
+
 def has_weight(kernel: Kernel) -> bool:
     """Whether the kernel's second operand is a weight (cycled through copies when timed)."""
     return kernel.op == "conv2d" or (kernel.op == "matmul" and kernel.dims[0] == 1)
@@ -121,7 +127,24 @@ class HostTimer:
         with running_with(self.target.cores):
             times = self.time_rivals(kernels, wanted)
             self.add_default_tir(kernels, times, wanted)
+            if self.target.precision == "bf16":
+                self.add_edge_casts(kernels, times)
         return times
+
+    @staticmethod
+    def add_edge_casts(kernels: list[Kernel], times: list[Times]) -> None:
+        """In bf16, a conv left in float32 TIR breaks a chain of bf16 convs (`bf16_chain`): the conv
+        before it returns float32 and the one after casts back. PyTorch's times are chained (no casts),
+        so the float32 kernels pay those two casts here, else MobileNetV2's small convs stayed in TIR by
+        a few microseconds each and the casts around them made the bf16 build slower than fp32."""
+        for kernel, kernel_times in zip(kernels, times, strict=True):
+            if kernel.op != "conv2d" or not set(kernel_times) - set(TORCH_IMPLEMENTATIONS):
+                continue
+            x_shape, _, out_shape = kernel.shapes
+            x = torch.randn(x_shape).to(torch.bfloat16, memory_format=torch.channels_last)
+            cast = time_in_turn({"casts": [functools.partial(_edge_casts, x, torch.randn(out_shape))]})["casts"]
+            for name in set(kernel_times) - set(TORCH_IMPLEMENTATIONS):
+                kernel_times[name] += cast
 
     def time_rivals(self, kernels: list[Kernel], wanted: list[set | None]) -> list[Times]:
         """Each kernel on PyTorch's kernels and its own kernel (all of one kind in one build), in turn."""
