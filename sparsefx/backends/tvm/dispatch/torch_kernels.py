@@ -11,11 +11,11 @@ weight by a hash of its contents, so it is packed once per process and input sha
 artifact is loaded elsewhere. The kernels return the tensor PyTorch allocated (shared
 through DLPack, no copy) rather than writing into a buffer TVM allocated.
 
-In bf16 (`Target.precision`, CPUs with AVX512-BF16 or AMX) a kernel takes and returns float32
-like the TIR around it and computes in bf16 on oneDNN: the input is cast once per call, the weight
-once per process (prepacked or kept as a bf16 copy under its key), accumulation is float32 inside
-oneDNN, and the output comes back as contiguous float32 in one pass. Everything outside the
-dispatched convs and matmuls (norms, softmax, element-wise) stays float32.
+In bf16 (`Target.precision`, CPUs with AVX512-BF16 or AMX) a kernel computes in bf16 on oneDNN:
+the input is cast (channels-last) once per call, the weight once per process (prepacked, or kept as
+a bf16 copy under its key), accumulation is float32 inside oneDNN, and the output comes back as
+compact float32 in one pass, or as bf16 where only other bf16 convs read it (`bf16_chain`).
+Everything outside the dispatched convs and matmuls (norms, softmax, element-wise) stays float32.
 """
 
 from __future__ import annotations
