@@ -16,6 +16,8 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from sparsefx.backends.tvm.function_pass import function_pass
+
 
 def _axes(call: relax.Call, name: str) -> list[int] | None:
     value = getattr(call.attrs, name, None)
@@ -58,10 +60,7 @@ FOLDERS: dict[str, tuple[int, Callable[[relax.Call, list[np.ndarray]], np.ndarra
 class _NumpyFold(PyExprMutator):
     def constant(self, expr: relax.Expr) -> np.ndarray | None:
         if isinstance(expr, relax.Var):
-            try:
-                expr = self.lookup_binding(expr)
-            except Exception:  # a parameter or a var bound outside this block: not a constant
-                return None
+            expr = self.lookup_binding(expr)  # None for a parameter: not a constant
         value = getattr(expr, "value", None) if isinstance(expr, tvm.ir.expr.Constant) else None
         if isinstance(value, float) and str(getattr(expr.ty, "dtype", "")) == "float32":  # a scalar (BN's eps)
             return np.float32(value)
@@ -88,9 +87,4 @@ class _NumpyFold(PyExprMutator):
         return relax.const(result)
 
 
-@tvm.transform.module_pass(opt_level=0, name="NumpyFoldConstant")
-def numpy_fold_pass(mod: tvm.IRModule, _ctx: object) -> tvm.IRModule:
-    for gvar, func in list(mod.functions.items()):
-        if isinstance(func, relax.Function):
-            mod[gvar] = _NumpyFold().visit_expr(func)
-    return mod
+numpy_fold_pass = function_pass("NumpyFoldConstant", lambda func: _NumpyFold().visit_expr(func))

@@ -8,9 +8,10 @@ every conv of a pruned YOLOv8n (1-2 ms each at 80x80 and above, one thread).
 
 from __future__ import annotations
 
-import tvm
 from tvm import relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+from sparsefx.backends.tvm.function_pass import function_pass
 
 
 def _rewritten(func: relax.Function) -> relax.Function:
@@ -29,9 +30,4 @@ def _rewritten(func: relax.Function) -> relax.Function:
     return rewrite_call(pattern, rewriter, func)
 
 
-@tvm.transform.module_pass(opt_level=0, name="FuseSiLU")
-def silu_pass(mod: tvm.IRModule, _ctx: object) -> tvm.IRModule:
-    for gvar, func in list(mod.functions.items()):
-        if isinstance(func, relax.Function):
-            mod[gvar] = _rewritten(func)
-    return mod
+silu_pass = function_pass("FuseSiLU", _rewritten)

@@ -9,9 +9,10 @@ batch 8 and its compile take minutes. matmul broadcasts a 2-D operand itself, wi
 
 from __future__ import annotations
 
-import tvm
 from tvm import relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+from sparsefx.backends.tvm.function_pass import function_pass
 
 
 def _shape(expr: relax.Expr) -> list[int] | None:
@@ -21,7 +22,7 @@ def _shape(expr: relax.Expr) -> list[int] | None:
         return None
 
 
-def unbroadcast_matmul(mod: tvm.IRModule) -> tvm.IRModule:
+def _unbroadcast(func: relax.Function) -> relax.Function:
     lhs, rhs = wildcard(), wildcard()
     broadcast = is_op("relax.broadcast_to")(rhs, wildcard())
     pattern = is_op("relax.matmul")(lhs, broadcast)
@@ -32,7 +33,7 @@ def unbroadcast_matmul(mod: tvm.IRModule) -> tvm.IRModule:
             return expr
         return relax.op.matmul(matches[lhs], matches[rhs], out_dtype=expr.attrs.out_dtype)
 
-    for gvar, func in list(mod.functions.items()):
-        if isinstance(func, relax.Function):
-            mod[gvar] = rewrite_call(pattern, rewriter, func)
-    return mod
+    return rewrite_call(pattern, rewriter, func)
+
+
+unbroadcast_matmul = function_pass("UnbroadcastMatmul", _unbroadcast)

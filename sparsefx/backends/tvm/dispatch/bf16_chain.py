@@ -16,6 +16,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, PyExprVisitor, mutator, visitor
 
 from sparsefx.backends.tvm.dispatch.torch_kernels import CONV, CONV_EPILOGUE, CONV_RESIDUAL, PRECISIONS
+from sparsefx.backends.tvm.function_pass import function_pass
 
 CONVS = {CONV: (0,), CONV_EPILOGUE: (0,), CONV_RESIDUAL: (0, 3)}  # which of their tensor arguments take activations
 BF16, BF16_OUT = PRECISIONS.index("bf16"), PRECISIONS.index("bf16-out")
@@ -80,13 +81,11 @@ class _Chain(PyExprMutator):
                                       ty_args=relax.TensorType(out.shape, "bfloat16"))
 
 
-@tvm.transform.module_pass(opt_level=0, name="ChainBf16")
-def bf16_chain_pass(mod: tvm.IRModule, _ctx: object) -> tvm.IRModule:
-    for gvar, func in list(mod.functions.items()):
-        if isinstance(func, relax.Function):
-            uses = _Uses()
-            uses.visit_expr(func)
-            chained = uses.chained()
-            if chained:
-                mod[gvar] = _Chain(chained).visit_expr(func)
-    return mod
+def _chained(func: relax.Function) -> relax.Function:
+    uses = _Uses()
+    uses.visit_expr(func)
+    chained = uses.chained()
+    return _Chain(chained).visit_expr(func) if chained else func
+
+
+bf16_chain_pass = function_pass("ChainBf16", _chained)

@@ -37,6 +37,7 @@ from sparsefx.backends.tvm.dispatch.torch_kernels import (
     TORCH_IMPLEMENTATIONS,
     weight_key,
 )
+from sparsefx.backends.tvm.function_pass import function_pass
 from sparsefx.backends.tvm.kernels import registry as own_kernels
 from sparsefx.cache import Table, cache_dir
 from sparsefx.cost.kernel import Kernel
@@ -119,20 +120,7 @@ def dispatch_pass(decisions: dict[str, dict], precision: str = "fp32") -> tvm.tr
             key = relax.prim_value(_weight_key(call.args[1]) if precision != "fp32" else 0)
             return relax.call_pure_packed(MATMUL, call.args[0], call.args[1], key, code, ty_args=call.ty)
 
-    return _each_relax_function("DispatchToTorch", lambda func: _Rewrite().visit_expr(func))
-
-
-def _each_relax_function(name: str, rewrite: object) -> tvm.transform.Pass:
-    """A module pass that applies `rewrite` to every Relax function of the module."""
-
-    @tvm.transform.module_pass(opt_level=0, name=name)
-    def _pass(mod: tvm.IRModule, _ctx: object) -> tvm.IRModule:
-        for gvar, func in list(mod.functions.items()):
-            if isinstance(func, relax.Function):
-                mod[gvar] = rewrite(func)
-        return mod
-
-    return _pass
+    return function_pass("DispatchToTorch", lambda func: _Rewrite().visit_expr(func))
 
 
 def _key(weight: relax.Expr, decision: dict) -> int:
@@ -171,7 +159,7 @@ def epilogue_pass(decisions: dict[str, dict], precision: str = "fp32") -> tvm.tr
             func = rewrite_call(pattern, rewriter, func)
         return func
 
-    return _each_relax_function("FuseTorchEpilogue", rewrite_all)
+    return function_pass("FuseTorchEpilogue", rewrite_all)
 
 
 def collect_kernels(mod: tvm.IRModule) -> list[Kernel]:
