@@ -136,7 +136,8 @@ class CompiledModel:
         self.target = Target.from_dict(manifest["target"])
         self.threads = runnable_threads(manifest, threads)
         self.device = tvm.cuda(0) if self.target.is_gpu else tvm.cpu(0)
-        self._vm = None
+        self._vm, self._main = None, None
+        self._shapes = [tuple(e["shape"]) for e in manifest["inputs"]]  # checked on every call: kept as tuples
 
     @property
     def vm(self) -> relax.VirtualMachine:
@@ -145,14 +146,15 @@ class CompiledModel:
         return self._vm
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        expected = self.manifest["inputs"]
-        if len(inputs) != len(expected) or any(list(x.shape) != e["shape"] for x, e in zip(inputs, expected)):
+        if len(inputs) != len(self._shapes) or any(x.shape != shape for x, shape in zip(inputs, self._shapes)):
             got = [tuple(x.shape) for x in inputs]
-            raise SparsefxError(f"compiled for inputs {[tuple(e['shape']) for e in expected]}, got {got}; "
+            raise SparsefxError(f"compiled for inputs {self._shapes}, got {got}; "
                                 "compile again with example inputs of the new shape")
-        args = [self.argument(x) for x in inputs]
+        args = [self.argument(x) for x in inputs]  # first: it names a missing GPU before the VM needs one
+        if self._main is None:
+            self._main = self.vm["main"]  # looked up once: a small model's call is a few microseconds
         with running_with(self.threads):
-            return _to_torch(self.vm["main"](*args))
+            return _to_torch(self._main(*args))
 
     def argument(self, x: torch.Tensor) -> object:
         """`x` as the compiled function takes it: contiguous, on the target's device, 64-byte aligned

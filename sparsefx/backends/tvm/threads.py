@@ -2,9 +2,9 @@
 
 A compiled model runs TIR kernels on TVM's thread pool and dispatched convolutions/matmuls on
 PyTorch's, one after the other in the calling thread; both get the model's thread count while it
-runs, and both are put back as they were after, so using sparsefx changes no setting the caller
-sees. TVM sizes its pool once per calling thread, when first used, from TVM_NUM_THREADS, and
-without it from half the logical cores on x86 (it assumes hyper-threading); on a 2-core machine
+runs, and PyTorch's is put back as it was after, so using sparsefx changes no PyTorch setting the
+caller sees (TVM's pool stays at the last model's count: see `running_with`). TVM sizes its
+pool once per calling thread, when first used, from TVM_NUM_THREADS, and without it from half the logical cores on x86 (it assumes hyper-threading); on a 2-core machine
 that pool had one worker, TIR kernels ran on one core whatever PyTorch was given, and starting it
 pinned the calling thread, and so the PyTorch threads it starts later, to core 0. So the first run
 in a thread starts that pool with a worker per core (TVM_NUM_THREADS set just for that moment,
@@ -52,11 +52,14 @@ def set_pool_workers(threads: int) -> None:
 
 @contextlib.contextmanager
 def running_with(threads: int) -> Iterator[None]:
-    """PyTorch's intra-op threads and TVM's pool workers at `threads` inside, as they were after."""
-    torch_before, tvm_before = torch.get_num_threads(), pool_workers()
+    """PyTorch's intra-op threads at `threads` inside and as they were after; TVM's pool of this
+    thread at `threads` from then on. TVM's pool is not put back: only TVM kernels use it, every
+    sparsefx call sets it again, and putting it back took two `config_threadpool` calls (~8 us of
+    the ~19 us a one-kernel model's call took here)."""
+    torch_before = torch.get_num_threads()
     if torch_before != threads:
         torch.set_num_threads(threads)
-    if tvm_before != threads:
+    if pool_workers() != threads:
         set_pool_workers(threads)
         if pool_workers() < threads and not getattr(_started, "warned", False):
             _started.warned = True
@@ -67,8 +70,6 @@ def running_with(threads: int) -> Iterator[None]:
     finally:
         if torch.get_num_threads() != torch_before:
             torch.set_num_threads(torch_before)
-        if pool_workers() != tvm_before:
-            set_pool_workers(tvm_before)
 
 
 @contextlib.contextmanager
