@@ -17,6 +17,7 @@ from sparsefx.io import load, save
 from sparsefx.planning.measured import plan_measured
 from sparsefx.planning.plan import Plan, PlanError
 from sparsefx.planning.planner import apply, plan
+from sparsefx.recovery.compact import CompactLinear, CompactSET, densify
 from sparsefx.recovery.evaluate import Evaluation, evaluate
 from sparsefx.recovery.finetune import History, finetune
 from sparsefx.recovery.regrowth import DSD, SET, LotteryTicket, RegrowthError, RigL
@@ -39,11 +40,11 @@ from sparsefx.version import __version__
 LAZY_BACKEND = ("CompiledModel", "compile")  # from sparsefx.backends.tvm, which imports TVM
 
 __all__ = [
-    "Analysis", "CalibrationError", "CompiledModel", "DSD", "Evaluation", "Gradual", "GradualPruner", "History", "Iterative",
+    "Analysis", "CalibrationError", "CompactLinear", "CompactSET", "CompiledModel", "DSD", "Evaluation", "Gradual", "GradualPruner", "History", "Iterative",
     "LotteryTicket", "MaskCallback", "OneShot", "Plan", "PlanError", "PruneError", "RegrowthError", "RigL",
     "SET", "SparseConv2d", "SparseLinear", "SparsefxError", "Sparsity", "TraceError", "__version__",
     "analyze", "apply", "apply_masks", "block_influence", "block_mask", "compile", "compute_masks", "count_macs", "count_params",
-    "cubic_sparsity", "evaluate", "export", "finetune", "load", "nm_mask", "plan", "plan_measured", "prune", "prune_experts", "prune_layers",
+    "cubic_sparsity", "densify", "evaluate", "export", "finetune", "load", "nm_mask", "plan", "plan_measured", "prune", "prune_experts", "prune_layers",
     "remove_masks", "save", "sparsify", "to_sparse", "trace", "unstructured_mask", "weight_density",
 ]
 

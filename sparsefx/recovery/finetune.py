@@ -75,6 +75,9 @@ def finetune(model: nn.Module, train_loader: Batches, epochs: int = 3, lr: float
         distill_from.eval()
     history, started, t = History(), time.perf_counter(), 0
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    bind = getattr(pruner, "bind", None)  # pruners that edit per-weight optimizer state (CompactSET)
+    if bind is not None:
+        bind(optimizer)
     bar = tqdm(total=total, disable=not progress, desc="finetune", leave=False)
     try:
         for epoch in range(epochs):
@@ -86,6 +89,8 @@ def finetune(model: nn.Module, train_loader: Batches, epochs: int = 3, lr: float
                     if pruner.changed:  # channels were removed: a new model with new parameters
                         model.train()
                         optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+                        if bind is not None:
+                            bind(optimizer)
                 for group in optimizer.param_groups:
                     group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * t / total))
                 logits = model(x)
