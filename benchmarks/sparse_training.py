@@ -8,7 +8,8 @@ way and against eager PyTorch, at batch 1 and 256. Also: training memory, dense 
     .venv/bin/python benchmarks/sparse_training.py --quick    # smoke run, about a minute
 
 Writes results.json, results.md and one PNG per model under --out. Every method gets the same
-number of training epochs in all (dense + fine-tune = sparse from scratch = dense + ticket rounds).
+number of training epochs in all (dense + fine-tune = sparse from scratch), except the lottery ticket
+and its one-shot baseline, which get the ticket's rounds (each as long as dense training) alike.
 Needs `dataset-fashion-mnist` (apt).
 """
 
@@ -35,7 +36,19 @@ from common import RunRecord  # noqa: E402
 from torch import nn  # noqa: E402
 
 import sparsefx  # noqa: E402
-from sparsefx import DSD, SET, GradualPruner, LotteryTicket, OneShot, RigL, Sparsity, finetune, to_sparse  # noqa: E402
+from sparsefx import (  # noqa: E402
+    DSD,
+    SET,
+    CompactSET,
+    GradualPruner,
+    LotteryTicket,
+    OneShot,
+    RigL,
+    Sparsity,
+    densify,
+    finetune,
+    to_sparse,
+)
 from sparsefx.backends.eager import measure_latency  # noqa: E402
 from sparsefx.recovery.data import fashion_mnist  # noqa: E402
 from sparsefx.recovery.evaluate import evaluate  # noqa: E402
@@ -53,27 +66,38 @@ DSD_KEPT = 0.5  # DSD's sparse phase keeps half of each layer (Han et al. prune 
 
 
 def configs(quick: bool) -> dict[str, dict]:
-    """Per model: epochs (dense, then fine-tuning; sparse-from-scratch runs get both), lottery rounds,
-    and the runs: (method, pattern, kept fractions). Block/N:M only on LeNet-300-100, where the
-    structured 2% row is the hard one (LeNet-5's 5x5 convs have 25 and 150 inputs: no 1x4 blocks).
-    "rigl-dense" is RigL started from the trained dense model's magnitude masks for the fine-tuning
-    epochs, against "rigl", sparse from random masks for the whole budget."""
+    """Per model: epochs (dense; then fine-tuning, which sparse-from-scratch runs get on top), the
+    lottery ticket's rounds and epochs per round (each round retrains the rewound ticket as long as
+    the dense model trained, as Frankle & Carbin do; one-shot fine-tunes for the ticket's whole
+    budget, so the two compare at equal epochs), and the runs: (method, pattern, kept fractions).
+    Block/N:M only on LeNet-300-100, where the structured 2% row is the hard one (LeNet-5's 5x5 convs
+    have 25 and 150 inputs: no 1x4 blocks). "rigl-dense" is RigL started from the trained dense
+    model's magnitude masks for the fine-tuning epochs, against "rigl", sparse from random masks for
+    the whole budget; "set-compact" is SET on layers holding only their kept weights (`CompactSET`)."""
     if quick:
-        return {"lenet300": {"dense": 1, "tune": 1, "rounds": 1, "lr": 2e-3,
-                             "runs": [(m, "unstructured", [0.05]) for m in ("one-shot", "lottery", "set", "rigl")]
+        return {"lenet300": {"dense": 1, "tune": 1, "rounds": 1, "round_epochs": 1, "lr": 2e-3,
+                             "runs": [(m, "unstructured", [0.05]) for m in ("one-shot", "lottery", "set", "rigl",
+                                                                            "set-compact")]
                              + [("rigl", "block1x4", [0.05]), ("rigl-dense", "block1x4", [0.05]), ("dsd", "-", [])]},
-                "lenet5": {"dense": 1, "tune": 1, "rounds": 1, "lr": 2e-3,
+                "lenet5": {"dense": 1, "tune": 1, "rounds": 1, "round_epochs": 1, "lr": 2e-3,
                            "runs": [("one-shot", "unstructured", [0.05]), ("rigl", "unstructured", [0.05])]}}
     levels = [0.1, 0.05, 0.02]
-    # epochs sized for ~15 minutes on 2 free cores (a masked LeNet-300-100 epoch takes 2-3 s on one
-    # thread, a LeNet-5 one 7-8 s): 127 LeNet-300-100 and 26 LeNet-5 epochs per seed
-    return {"lenet300": {"dense": 3, "tune": 4, "rounds": 2, "lr": 2e-3,
-                         "runs": [(m, "unstructured", levels) for m in ("one-shot", "lottery", "set", "rigl")]
+    # a masked LeNet-300-100 epoch takes 2-3 s on one thread (a compact one 5-6 s), a LeNet-5 one 7-8 s
+    return {"lenet300": {"dense": 10, "tune": 20, "rounds": 5, "round_epochs": 10, "lr": 2e-3,
+                         "runs": [(m, "unstructured", levels) for m in ("one-shot", "lottery", "set", "rigl",
+                                                                        "set-compact")]
                          + [("rigl", p, [0.05, 0.02]) for p in ("block1x4", "nm")]
                          + [(m, p, [0.02]) for m in ("set", "rigl-dense") for p in ("block1x4", "nm")]
                          + [("dsd", "-", [])]},
-            "lenet5": {"dense": 2, "tune": 2, "rounds": 2, "lr": 2e-3,
+            "lenet5": {"dense": 4, "tune": 8, "rounds": 4, "round_epochs": 4, "lr": 2e-3,
                        "runs": [(m, "unstructured", levels) for m in ("one-shot", "lottery", "rigl")]}}
+
+
+def epochs_of(cfg: dict, method: str) -> int:
+    """Training epochs a method's run gets in all, the dense training it starts from included."""
+    if method in ("one-shot", "lottery"):
+        return cfg["dense"] + cfg["rounds"] * cfg["round_epochs"]
+    return cfg["dense"] + cfg["tune"]
 
 
 def plan_for(model: nn.Module, kept: float, pattern: str) -> dict[str, Sparsity]:
@@ -141,22 +165,25 @@ def run_method(name: str, cfg: dict, seed: int, method: str, pattern: str, kept:
     loader, steps = _seeded(data.train, seed), len(data.train)
     tune, lr, updates = cfg["tune"], cfg["lr"], 0
     started = time.perf_counter()
-    if method in ("set", "rigl"):  # sparse from the start: random masks, the whole budget from scratch
+    if method in ("set", "rigl", "set-compact"):  # sparse from the start: random masks, the whole budget
         epochs = cfg["dense"] + tune
-        kind = SET if method == "set" else RigL
         every = min(100, max(1, steps // 4))  # RigL's 100 steps; more often on --quick's short epochs
-        pruner = kind(model, plan, every=every, end=int(0.75 * epochs * steps), fraction=0.3, seed=seed)
+        schedule = {"every": every, "end": int(0.75 * epochs * steps), "fraction": 0.3, "seed": seed}
+        if method == "set-compact":  # the dense weights are replaced before training and never come back
+            pruner = CompactSET(model, {name: s.density for name, s in plan.items()}, **schedule)
+        else:
+            pruner = (SET if method == "set" else RigL)(model, plan, **schedule)
         finetune(model, loader, epochs=epochs, lr=lr, progress=False, pruner=pruner)
         updates = pruner.updates
     else:
         model.load_state_dict(dense["state"])
-        if method == "one-shot":
-            finetune(model, loader, epochs=tune, lr=lr, progress=False, pruner=GradualPruner(model, OneShot(), plan))
+        if method == "one-shot":  # as many epochs as the lottery ticket's rounds take
+            finetune(model, loader, epochs=cfg["rounds"] * cfg["round_epochs"], lr=lr, progress=False,
+                     pruner=GradualPruner(model, OneShot(), plan))
         elif method == "lottery":
             ticket = LotteryTicket(model, plan, rounds=cfg["rounds"], rewind_state=dense["rewind"])
-            per_round = max(1, tune // cfg["rounds"])
             while ticket.next_round():
-                finetune(model, loader, epochs=per_round, lr=lr, progress=False, pruner=ticket)
+                finetune(model, loader, epochs=cfg["round_epochs"], lr=lr, progress=False, pruner=ticket)
         elif method == "rigl-dense":  # RigL as fine-tuning: magnitude masks of the trained dense model, then regrowth
             every = min(100, max(1, steps // 4))
             pruner = RigL(model, plan, every=every, end=int(0.75 * tune * steps), fraction=0.3, init="magnitude",
@@ -169,6 +196,7 @@ def run_method(name: str, cfg: dict, seed: int, method: str, pattern: str, kept:
         elif method == "dense+":  # the dense model trained on for the same budget: DSD's baseline
             finetune(model, loader, epochs=tune, lr=lr, progress=False)
     seconds = time.perf_counter() - started
+    model = densify(model)  # set-compact's layers back to nn.Linear (zeros where nothing is kept)
     sparse = to_sparse(model) if seed == 0 and method == "rigl" else None  # the one timed per point
     model = remove_masks(model)
     result = evaluate(model, data.test, class_names=data.class_names)
@@ -177,7 +205,7 @@ def run_method(name: str, cfg: dict, seed: int, method: str, pattern: str, kept:
     record = {"model": name, "method": method, "pattern": pattern, "kept_target": kept, "seed": seed,
               "kept": kept_fraction(model), "accuracy": result.accuracy,
               "class_accuracy": {c.name: c.accuracy for c in result.classes}, "macs": macs, "effective_macs": effective,
-              "train_s": round(seconds, 1), "mask_updates": updates, "epochs": cfg["dense"] + tune}
+              "train_s": round(seconds, 1), "mask_updates": updates, "epochs": epochs_of(cfg, method)}
     return {"record": record, "sparse": sparse}
 
 
@@ -220,9 +248,14 @@ def training_memory(name: str, method: str, quick: bool) -> dict:
         plan = plan_for(model, 0.05, "unstructured")
         if method == "masked":
             apply_masks(model, compute_masks(model, plan))
+        elif method == "compact":  # Linear layers only: LeNet-5's two convs (2.6k weights) train dense
+            pruner = CompactSET(model, {n: s.density for n, s in plan.items()
+                                        if isinstance(model.get_submodule(n), nn.Linear)}, every=1, end=10)
         else:
             pruner = RigL(model, plan, every=1, end=10)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    if isinstance(pruner, CompactSET):
+        pruner.bind(optimizer)
     saved: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -241,8 +274,10 @@ def training_memory(name: str, method: str, quick: bool) -> dict:
     state: dict[int, int] = {}
     tensors = [*model.parameters(), *(p.grad for p in model.parameters() if p.grad is not None), *model.buffers(),
                *(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))]
-    if pruner is not None:
+    if isinstance(pruner, RigL):
         tensors += [c.grad for c in pruner.catchers.values() if c.grad is not None]
+    if isinstance(pruner, CompactSET):  # the CSR layouts of W and W.T derived from the indices
+        tensors += [t for layer in pruner.layers.values() for t in layer.layout()]
     for t in tensors:
         state[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     extra = {ptr: n for ptr, n in saved.items() if ptr not in state}
@@ -404,10 +439,12 @@ def markdown(rows: list[dict], latencies: list[dict], memory: list[dict], header
     out += ["", "## Training memory (one step, batch 128, LeNet at 5% kept)", "",
             "Counted tensor by tensor. Masked training here keeps dense weights: the weight, its gradient and both Adam "
             "moments at full size, plus a float mask per layer and the masked weight built on every forward (saved for "
-            "the backward); RigL also keeps each layer's dense gradient for an update. So sparse training takes *more* "
-            "memory than dense; a variant that never materialises the dense weights (values + indices only) is not "
-            "implemented. `sparse state if not materialised` is what the same state would take as CSR (4-byte value "
-            "and 4-byte column index per kept weight, for weight, gradient and two moments).", "",
+            "the backward); RigL also keeps each layer's dense gradient for an update. So masked sparse training takes "
+            "*more* memory than dense. `compact` is SET on layers that hold only their kept weights (`CompactSET`: "
+            "values, their gradient and Adam moments nnz long, int32 row and column indices, the CSR layouts of W and "
+            "W.T); it trains Linear layers only, so LeNet-5's two convs train dense there. `sparse state if not "
+            "materialised` is the estimate the masked rows are measured against (CSR: 4-byte value and 4-byte column "
+            "index per kept weight, for weight, gradient and two moments).", "",
             "| model | training | state KiB | saved for backward KiB | total KiB | vs dense "
             "| sparse state if not materialised KiB |", "|---|---|---:|---:|---:|---:|---:|"]
     dense_total = {m["model"]: m["total_bytes"] for m in memory if m["method"] == "dense"}
@@ -496,7 +533,7 @@ def main() -> None:
             latencies.append(latency(r["model"], r["pattern"], r["kept_target"], result["sparse"], dense_model.eval(),
                                      args.quick))
     latencies.sort(key=lambda lat: (lat["model"], lat["pattern"], -lat["kept_target"]))
-    memory = [training_memory(name, method, args.quick) for name in cfgs for method in ("dense", "masked", "rigl")]
+    memory = [training_memory(name, method, args.quick) for name in cfgs for method in ("dense", "masked", "rigl", "compact")]
     rows = summarise(records)
     for name in cfgs:
         plot(rows, latencies, name, args.out / f"{name}.png")
@@ -504,9 +541,10 @@ def main() -> None:
               f"torch {torch.__version__}, {args.workers} training processes of 1 thread, timing in one thread after "
               f"training; {seeds} seed(s); {training_s:.0f}s training, {time.perf_counter() - started:.0f}s in all. "
               "Epochs: " + "; ".join(
-                  f"{n}: dense {c['dense']}; one-shot, DSD and rigl-dense {c['tune']} more from the dense model, the "
-                  f"lottery ticket {c['rounds']} round(s) of {max(1, c['tune'] // c['rounds'])} from it (rewound to a "
-                  f"quarter epoch in); SET and RigL {c['dense'] + c['tune']} from random masks" for n, c in cfgs.items())
+                  f"{n}: dense {c['dense']}; DSD and rigl-dense {c['tune']} more from the dense model, the lottery "
+                  f"ticket {c['rounds']} round(s) of {c['round_epochs']} from it (rewound to a quarter epoch in) and "
+                  f"one-shot as many ({c['rounds'] * c['round_epochs']}); SET, RigL and set-compact "
+                  f"{c['dense'] + c['tune']} from random masks" for n, c in cfgs.items())
               + f". SET/RigL: a mask update every 100 steps (a quarter epoch if shorter) until 75% of training, drop "
               f"fraction 0.3. DSD's sparse phase "
               f"keeps {DSD_KEPT:g} of each layer for half its epochs. Kept fractions split over layers by ERK. "
