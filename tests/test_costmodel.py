@@ -131,12 +131,25 @@ def test_cli_apply_refuses_a_bad_edit_and_writes_nothing(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_timed_weights_are_distinct_copies_spanning_the_cold_region():
+def test_timed_weights_are_distinct_copies_one_per_round():
     copies = timing.weight_copies((64, 64, 3, 3))
-    assert len(copies) >= 2 and len({c.data_ptr() for c in copies}) == len(copies)
+    assert len(copies) == timing.ROUNDS[1] and len({c.data_ptr() for c in copies}) == len(copies)
     assert all(c.shape == (64, 64, 3, 3) for c in copies) and not torch.equal(copies[0], copies[1])
     big = timing.weight_copies((timing.COLD_BYTES // 4 // 2 + 1,))  # two do not fit in the pool: fresh tensors
     assert len(big) == 2
+
+
+def test_cold_traffic_reads_past_the_copies_what_256_copies_spanned(monkeypatch):
+    reads = []
+    monkeypatch.setattr(timing, "_read", lambda start, end: reads.append((start, end)))
+    shape = (16, 16, 3, 3)  # 256 copies fit in the pool
+    size = 16 * 16 * 9
+    timing.cold_traffic(shape)()
+    start, end = reads[-1]
+    assert start == timing.ROUNDS[1] * size  # the timed copies stay out of it: they must not be re-warmed
+    assert end == 256 * size  # with the copies: the span 256 copies covered
+    timing.cold_traffic((timing.COLD_BYTES // 4 // 8,))()  # 8 copies fill the pool: up to its end, no further
+    assert reads[-1] == (8 * (timing.COLD_BYTES // 4 // 8), timing.COLD_BYTES // 4)
 
 
 def test_output_write_is_charged_up_to_the_l2(monkeypatch, tmp_path):

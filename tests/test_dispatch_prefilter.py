@@ -94,7 +94,7 @@ def test_table_builds_calibration_and_plausible_tir_wins_only() -> None:
 def test_own_kernel_convs_build_only_sparsefx_kernel_not_the_default_tir(monkeypatch, kind, kernel) -> None:
     ran: list[str] = []
 
-    def rigged_time_in_turn(rivals, rounds=None, budget_s=None):  # every rival runs; the own kernel wins
+    def rigged_time_in_turn(rivals, rounds=None, budget_s=None, between=None):  # every rival runs; the own kernel wins
         for name, runs in rivals.items():
             runs[0]()
             ran.append(name)
@@ -114,9 +114,12 @@ def test_time_in_turn_times_each_rival_every_round() -> None:
         counts[i] += 1
         time.sleep(0.002 if i == 0 else 0.004)
 
-    times = time_in_turn({"a": [lambda: rival(0)], "b": [lambda: rival(1), lambda: rival(2)]}, rounds=(4, 4))
-    # every run once to warm up, then four rounds, b's two weight copies taken in turn
+    order = []
+    times = time_in_turn({"a": [lambda: rival(0)], "b": [lambda: rival(1), lambda: rival(2)]}, rounds=(4, 4),
+                         between=lambda: order.append(list(counts)))
+    # every run once to warm up, then `between` once, then four rounds, b's two weight copies taken in turn
     assert set(times) == {"a", "b"} and 2.0 <= times["a"] < times["b"] and times["b"] >= 4.0 and counts == [5, 3, 3]
+    assert order == [[1, 1, 1]]
 
 
 def test_pytorch_is_charged_its_call_overhead_against_tir() -> None:

@@ -10,7 +10,11 @@ after round, each on a weight cycled through distinct copies (`weight_copies`), 
 run of each counts. Inside a model a layer's input was just written by its producer but its
 weight was last read one inference ago, with the whole model's data in between: from memory,
 not cache. Cycling copies reproduces that and leaves the code of the call path warm, as it is in
-a model. (Flushing the caches before each run evicted that code too: on an Intel Xeon VM a 1x1
+a model. Each copy is timed once, so only as many copies as rounds exist; after the warm-up
+(each copy's first run, which prepacks it) as much other data streams through the caches as a
+span of 256 copies (at most `COLD_BYTES`) before the timed rounds (`cold_traffic`). Running the
+kernel on all 256 copies did the same and took 90% of a plan's measuring time: ResNet-50's convs
+took 0.4-1.7 s each to warm up against 0.02-0.05 s for their timed rounds. (Flushing the caches before each run evicted that code too: on an Intel Xeon VM a 1x1
 conv on a 4x4 input took 5 us hot and 67 us after the flush, and MobileNetV2 pruned to half its
 channels was predicted 37% slow. Timed hot, PyTorch's convs looked 2-3x faster than they ran in
 the model and won near-ties they lose there.) Timing the rivals in turn keeps a drift of a
@@ -74,13 +78,16 @@ def choose(times: Times, overheads: Mapping[str, float]) -> str:
 
 
 def time_in_turn(rivals: Mapping[str, Sequence[Callable[[], object]]], rounds: tuple[int, int] = ROUNDS,
-                 budget_s: float = BUDGET_S) -> Times:
+                 budget_s: float = BUDGET_S, between: Callable[[], object] | None = None) -> Times:
     """Fastest ms of each rival, its runs (one per weight copy) taken in turn with the other rivals'
-    round after round, after running every run once (see the module doc)."""
+    round after round, after running every run once and then `between` (the traffic that makes the
+    copies cold again, `cold_traffic`; see the module doc)."""
     names = [name for name, runs in rivals.items() if runs]
     for name in names:
         for run in rivals[name]:
             run()
+    if between is not None:
+        between()
     best = dict.fromkeys(names, math.inf)
     started, done = time.perf_counter(), 0
     while done < rounds[0] or (done < rounds[1] and time.perf_counter() - started < budget_s):
@@ -100,11 +107,29 @@ def _pool() -> torch.Tensor:
     return torch.randn(COLD_BYTES // 4)
 
 
-def weight_copies(shape: tuple[int, ...], limit: int = 256) -> list[torch.Tensor]:
-    """Distinct random weights of `shape`, as many as fit in `COLD_BYTES` (at least two), for a
-    timing to cycle through (see the module doc)."""
+def weight_copies(shape: tuple[int, ...]) -> list[torch.Tensor]:
+    """Distinct random weights of `shape` for a timing to take in turn: one per round it can run
+    (`ROUNDS[1]`), fewer where they would not fit in `COLD_BYTES` (at least two), cut from the
+    start of the pool (see `cold_traffic`)."""
     size = math.prod(shape)
-    count = min(limit, max(2, COLD_BYTES // 4 // max(size, 1)))
+    count = min(ROUNDS[1], max(2, COLD_BYTES // 4 // max(size, 1)))
     if size * count > _pool().numel():
         return [torch.randn(shape) for _ in range(count)]
     return [_pool()[i * size:(i + 1) * size].view(shape) for i in range(count)]
+
+
+def cold_traffic(shape: tuple[int, ...], copies: int | None = None) -> Callable[[], None]:
+    """A run that reads as much of the pool, past the `copies` weights of `shape` cut from its start
+    (`weight_copies`'s), as 256 copies would span (at most `COLD_BYTES`): between the warm-up and
+    the timed rounds it puts through the caches what the rest of a model would, so each copy is
+    read as a layer's weight is, one inference after its last use."""
+    size = math.prod(shape)
+    count = len(weight_copies(shape)) if copies is None else copies
+    start = min(size * count, _pool().numel())
+    end = min(_pool().numel(), start + max(0, min(256 * size, COLD_BYTES // 4) - size * count))
+    return functools.partial(_read, start, end)
+
+
+def _read(start: int, end: int) -> None:
+    if end > start:
+        _pool()[start:end].sum()

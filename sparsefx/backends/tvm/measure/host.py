@@ -40,7 +40,7 @@ from sparsefx.backends.tvm.measure.emit import emit_kernel, operand_shapes
 from sparsefx.backends.tvm.pipeline import build_module
 from sparsefx.backends.tvm.threads import running_with
 from sparsefx.cost.kernel import Kernel
-from sparsefx.cost.timing import Times, time_in_turn, weight_copies
+from sparsefx.cost.timing import Times, cold_traffic, time_in_turn, weight_copies
 from sparsefx.target import Target
 
 SLOW_MS = 50.0  # a default-TIR kernel that took longer once is not run again: its time is not in doubt
@@ -161,9 +161,14 @@ class HostTimer:
                 if mine:
                     rivals[mine[0]] = self.own_runs(libraries[mine[0]], mine[1])
                 rivals = {name: runs for name, runs in rivals.items() if allowed is None or name in allowed}
-                times.append(time_in_turn(rivals) if rivals else {})
+                times.append(time_in_turn(rivals, between=self.cold(kernel)) if rivals else {})
                 forget_packed(keys)
         return times
+
+    @staticmethod
+    def cold(kernel: Kernel) -> Callable[[], None] | None:
+        """What makes the kernel's timed weight copies cold after their warm-up (`cold_traffic`)."""
+        return cold_traffic(tuple(kernel.shapes[1])) if has_weight(kernel) else None
 
     @staticmethod
     def own_runs(library: tvm.runtime.Module, spec: object) -> list[Callable[[], object]]:
@@ -211,7 +216,7 @@ class HostTimer:
                 if has_weight(kernels[i]):
                     weights = [tvm.runtime.tensor(w.numpy()) for w in weight_copies(arg_shapes[1])]
                     runs = [functools.partial(run, args[0], w, *args[2:]) for w in weights]
-                ms = time_in_turn({"tir": runs})["tir"]
+                ms = time_in_turn({"tir": runs}, between=self.cold(kernels[i]))["tir"]
             times[i]["tir"] = ms
             if kernels[i].key in by_key:
                 c = by_key[kernels[i].key]

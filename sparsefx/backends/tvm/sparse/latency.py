@@ -28,7 +28,7 @@ from sparsefx.errors import SparsefxError
 from sparsefx.sparse.masks import Sparsity
 from sparsefx.target import Target, resolve_target
 
-TABLE_VERSION = 2  # bumped when how a kernel is timed changes: older tables are re-measured (v2: cold weights, `time_in_turn`)
+TABLE_VERSION = 3  # bumped when how a kernel is timed changes: older tables are re-measured (v3: a copy per round, `cold_traffic`)
 REPEAT = 5  # timed repeats (the best counts: on a shared CPU the minimum is what the kernel can do)
 
 
@@ -76,18 +76,22 @@ def random_operands(spec: KernelSpec, seed: int = 0) -> list[np.ndarray]:
 def time_kernels(specs: list[KernelSpec], target: tvm.target.Target, repeat: int = REPEAT) -> list[float]:
     """Build all kernels in one module and time each as the cost model times the dense kernels they
     replace (`cost.timing.time_in_turn`: ms, best of at least `repeat` runs), the sparse weight (its
-    format arrays and bias) cycled through copies spanning `COLD_BYTES`, so it is read from memory
-    as in a model rather than from cache."""
+    format arrays and bias) cycled through a copy per round, made cold after their warm-up by as
+    much other traffic as 256 copies would span (`cost.timing.cold_traffic`), so it is read from
+    memory as in a model rather than from cache."""
     lib = build(specs, target)
     times = []
     for spec in specs:
         run = lib.mod[spec.name]  # looked up once: a lookup costs more than a small kernel
         x, *weight = random_operands(spec)
-        count = min(256, max(2, timing.COLD_BYTES // sum(a.nbytes for a in weight)))
+        nbytes = sum(a.nbytes for a in weight)
+        rounds = (repeat, max(repeat, timing.ROUNDS[1]))
+        count = min(rounds[1], max(2, timing.COLD_BYTES // nbytes))
         copies = [[tvm.runtime.tensor(a) for a in weight] for _ in range(count)]
         args = tvm.runtime.tensor(x), tvm.runtime.empty(spec.out_shape, "float32")
         runs = [functools.partial(run, args[0], *copy, args[1]) for copy in copies]
-        times.append(timing.time_in_turn({"sparse": runs}, rounds=(repeat, max(repeat, timing.ROUNDS[1])))["sparse"])
+        between = timing.cold_traffic((max(1, nbytes // 4),), copies=0)  # the copies are TVM's, not the pool's
+        times.append(timing.time_in_turn({"sparse": runs}, rounds=rounds, between=between)["sparse"])
     return times
 
 
