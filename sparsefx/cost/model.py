@@ -143,6 +143,8 @@ class CostModel:
     def measure_all(self, kernels: list[Kernel]) -> None:
         """Time those of `kernels` the table lacks, together (see `time_all`), into the table."""
         missing = list({k.key: k for k in kernels if k.key not in self.table}.values())
+        if not missing:
+            return
         for kernel, ms in zip(missing, self.time_all(missing), strict=True):
             self.table[kernel.key] = ms
             self._dirty = True
