@@ -19,7 +19,7 @@ import warnings
 import torch
 from torch import nn
 
-from sparsefx.recovery.regrowth import RegrowthError, check_kept
+from sparsefx.recovery.regrowth import RegrowthError, check_kept, check_schedule
 
 
 def _csr_tensor(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -150,13 +150,7 @@ class CompactSET:
 
     def __init__(self, model: nn.Module, kept: dict[str, float], every: int = 100, end: int = 1000,
                  fraction: float = 0.3, init: str = "random", seed: int = 0) -> None:
-        for label, value in (("every", every), ("end", end)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise RegrowthError(f"{label} must be a positive number of steps, got {value!r}")
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
-            raise RegrowthError(f"the drop fraction must be in (0, 1), got {fraction!r}")
-        if init not in ("random", "magnitude"):
-            raise RegrowthError(f"init must be 'random' (sparse from scratch) or 'magnitude', got {init!r}")
+        check_schedule(every, end, fraction, init)
         if not kept:
             raise RegrowthError("CompactSET needs {layer: kept fraction} for at least one nn.Linear layer")
         layers = dict(model.named_modules())

@@ -41,6 +41,17 @@ def check_kept(value: object, what: str = "kept fraction") -> float:
     return float(value)
 
 
+def check_schedule(every: object, end: object, fraction: object, init: object) -> None:
+    """A drop-and-regrow schedule's settings, each refused in one line."""
+    for label, value in (("every", every), ("end", end)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise RegrowthError(f"{label} must be a positive number of steps, got {value!r}")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise RegrowthError(f"the drop fraction must be in (0, 1), got {fraction!r}")
+    if init not in ("random", "magnitude"):
+        raise RegrowthError(f"init must be 'random' (sparse from scratch) or 'magnitude', got {init!r}")
+
+
 def layer_plan(model: nn.Module, masks: dict[str, Sparsity | float] | Sparsity | float) -> dict[str, Sparsity]:
     """{layer: Sparsity} from one Sparsity or kept fraction for every Linear/Conv, or a dict of them."""
     if not isinstance(masks, dict):
@@ -176,13 +187,7 @@ class Regrowth:
 
     def __init__(self, model: nn.Module, masks: dict[str, Sparsity | float] | Sparsity | float, every: int = 100,
                  end: int = 1000, fraction: float = 0.3, init: str = "random", seed: int = 0) -> None:
-        for label, value in (("every", every), ("end", end)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise RegrowthError(f"{label} must be a positive number of steps, got {value!r}")
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
-            raise RegrowthError(f"the drop fraction must be in (0, 1), got {fraction!r}")
-        if init not in ("random", "magnitude"):
-            raise RegrowthError(f"init must be 'random' (sparse from scratch) or 'magnitude', got {init!r}")
+        check_schedule(every, end, fraction, init)
         self.model, self.every, self.end, self.fraction, self.changed = model, every, end, float(fraction), False
         self.plan = layer_plan(model, masks)
         for name, sparsity in self.plan.items():

@@ -1,0 +1,67 @@
+"""How long planning takes: `sparsefx plan MODEL --speedup S` on empty caches (cold), then again (warm).
+
+Each run is the CLI in its own process, as a user starts it, with `SPARSEFX_CACHE` pointing at a
+fresh directory for the cold run and the same directory for the warm ones; the wall time includes
+starting Python and importing TVM. The goal (issue 21): ResNet-50 at 2x under 60 s cold, 5 s warm.
+
+    python benchmarks/plan_time.py                         # ResNet-50, 2x, all cores
+    python benchmarks/plan_time.py --model torchvision:resnet18 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import ROOT, RunRecord
+
+GOALS_S = {"cold": 60.0, "warm": 5.0}
+
+
+def run_plan(model: str, speedup: float, threads: int | None, cache: Path, out: Path) -> dict:
+    command = [sys.executable, "-m", "sparsefx.cli.main", "plan", model, "--speedup", str(speedup),
+               "--out", str(out), "-q"] + (["--threads", str(threads)] if threads else [])
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, env={**os.environ, "SPARSEFX_CACHE": str(cache)},
+                          capture_output=True, text=True)
+    row = {"seconds": round(time.perf_counter() - started, 1), "returncode": done.returncode}
+    if done.returncode:
+        row["error"] = (done.stderr.strip().splitlines() or ["?"])[-1]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="torchvision:resnet50")
+    parser.add_argument("--speedup", type=float, default=2.0)
+    parser.add_argument("--threads", type=int, default=None, help="default: all cores, as the CLI plans")
+    parser.add_argument("--warm-runs", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    record = RunRecord(sys.argv)
+    with tempfile.TemporaryDirectory(prefix="sfx-plan-time-") as tmp:
+        cache, plan_file = Path(tmp) / "cache", Path(tmp) / "plan.json"
+        rows = [{"run": "cold", **run_plan(args.model, args.speedup, args.threads, cache, plan_file)}]
+        rows += [{"run": "warm", **run_plan(args.model, args.speedup, args.threads, cache, plan_file)}
+                 for _ in range(args.warm_runs)]
+    for row in rows:
+        row["goal_s"] = GOALS_S[row["run"]]
+        row["met"] = row["returncode"] == 0 and row["seconds"] <= row["goal_s"]
+    record.write(args.out / "plan_time.json", rows)
+    lines = [f"# Planning time: `sparsefx plan {args.model} --speedup {args.speedup:g}`", "", record.markdown_line(),
+             "", f"Threads: {args.threads or 'all cores'}. Cold: empty `SPARSEFX_CACHE`; warm: the same cache again. "
+             "Wall time of the CLI process (Python start and imports included).", "",
+             "| run | seconds | goal (s) | met | error |", "|---|---:|---:|---|---|"]
+    lines += [f"| {r['run']} | {r['seconds']:.1f} | {r['goal_s']:g} | {'yes' if r['met'] else 'no'} "
+              f"| {r.get('error', '')} |" for r in rows]
+    (args.out / "plan_time.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
