@@ -178,7 +178,7 @@ def run_method(name: str, cfg: dict, seed: int, method: str, pattern: str, kept:
     else:
         model.load_state_dict(dense["state"])
         if method == "one-shot":  # as many epochs as the lottery ticket's rounds take
-            finetune(model, loader, epochs=cfg["rounds"] * cfg["round_epochs"], lr=lr, progress=False,
+            finetune(model, loader, epochs=epochs_of(cfg, method) - cfg["dense"], lr=lr, progress=False,
                      pruner=GradualPruner(model, OneShot(), plan))
         elif method == "lottery":
             ticket = LotteryTicket(model, plan, rounds=cfg["rounds"], rewind_state=dense["rewind"])

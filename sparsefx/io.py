@@ -237,8 +237,7 @@ def _put_sparse(model: nn.Module, entry: dict, header: dict, path: Path) -> None
         sparse = SparseLinear(weight, dense.bias)
     else:
         sparse = SparseConv2d(weight, dense.bias, dense.kernel_size, dense.stride, dense.padding, dense.dilation)
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, sparse)
+    model.set_submodule(name, sparse)
 
 
 def _unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -137,9 +137,8 @@ def prune_layers(model: nn.Module, calibration: object, n: int, layers: str | No
     removed = sorted(np.argsort(influence, kind="stable")[:n].tolist())
     kept = [i for i in range(len(blocks)) if i not in removed]
     work = copy.deepcopy(model)
-    parent, _, attr = path.rpartition(".")
     work_blocks = operator.attrgetter(path)(work)
-    setattr(operator.attrgetter(parent)(work) if parent else work, attr, nn.ModuleList([work_blocks[i] for i in kept]))
+    work.set_submodule(path, nn.ModuleList([work_blocks[i] for i in kept]))
     renumber(operator.attrgetter(path)(work), kept)
     update_config(work, kept, len(blocks))
     work.sparsefx_depth = {"removed": removed, "kept": kept, "influence": [round(float(v), 6) for v in influence]}

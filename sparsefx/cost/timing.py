@@ -14,8 +14,9 @@ a model. Each copy is timed once, so only as many copies as rounds exist; after 
 (each copy's first run, which prepacks it) as much other data streams through the caches as a
 span of 256 copies (at most `COLD_BYTES`) before the timed rounds (`cold_traffic`). Running the
 kernel on all 256 copies did the same and took 90% of a plan's measuring time: ResNet-50's convs
-took 0.4-1.7 s each to warm up against 0.02-0.05 s for their timed rounds. (Flushing the caches before each run evicted that code too: on an Intel Xeon VM a 1x1
-conv on a 4x4 input took 5 us hot and 67 us after the flush, and MobileNetV2 pruned to half its
+took 0.4-1.7 s each to warm up against 0.02-0.05 s for their timed rounds. (Flushing the caches
+before each run evicted that code too: on an Intel Xeon VM a 1x1 conv on a 4x4 input took 5 us
+hot and 67 us after the flush, and MobileNetV2 pruned to half its
 channels was predicted 37% slow. Timed hot, PyTorch's convs looked 2-3x faster than they ran in
 the model and won near-ties they lose there.) Timing the rivals in turn keeps a drift of a
 shared host's speed out of the comparison; on a shared CPU the minimum is what a kernel can do.
@@ -111,11 +112,15 @@ def weight_copies(shape: tuple[int, ...]) -> list[torch.Tensor]:
     """Distinct random weights of `shape` for a timing to take in turn: one per round it can run
     (`ROUNDS[1]`), fewer where they would not fit in `COLD_BYTES` (at least two), cut from the
     start of the pool (see `cold_traffic`)."""
-    size = math.prod(shape)
-    count = min(ROUNDS[1], max(2, COLD_BYTES // 4 // max(size, 1)))
+    size, count = math.prod(shape), copy_count(shape)
     if size * count > _pool().numel():
         return [torch.randn(shape) for _ in range(count)]
     return [_pool()[i * size:(i + 1) * size].view(shape) for i in range(count)]
+
+
+def copy_count(shape: tuple[int, ...]) -> int:
+    """How many weight copies of `shape` a timing takes in turn (`weight_copies`)."""
+    return min(ROUNDS[1], max(2, COLD_BYTES // 4 // max(math.prod(shape), 1)))
 
 
 def cold_traffic(shape: tuple[int, ...], copies: int | None = None) -> Callable[[], None]:
@@ -124,7 +129,7 @@ def cold_traffic(shape: tuple[int, ...], copies: int | None = None) -> Callable[
     the timed rounds it puts through the caches what the rest of a model would, so each copy is
     read as a layer's weight is, one inference after its last use."""
     size = math.prod(shape)
-    count = len(weight_copies(shape)) if copies is None else copies
+    count = copy_count(shape) if copies is None else copies  # counted, not made: big weights are fresh tensors
     start = min(size * count, _pool().numel())
     end = min(_pool().numel(), start + max(0, min(256 * size, COLD_BYTES // 4) - size * count))
     return functools.partial(_read, start, end)

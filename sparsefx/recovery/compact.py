@@ -37,14 +37,14 @@ class _SparseLinearFunction(torch.autograd.Function):
     def forward(ctx: object, values: torch.Tensor, x: torch.Tensor, layer: CompactLinear) -> torch.Tensor:
         crow, col, order, crow_t, col_t, order_t = layer.layout()
         weight = _csr_tensor(crow, col, values[order], (layer.out_features, layer.in_features))
-        ctx.layer, ctx.layout = layer, (crow, col, crow_t, col_t, order, order_t)
+        ctx.layer, ctx.layout = layer, (crow, col, order, crow_t, col_t, order_t)
         ctx.save_for_backward(values, x)
         return (weight @ x.T).T
 
     @staticmethod
     def backward(ctx: object, grad: torch.Tensor) -> tuple:
         values, x = ctx.saved_tensors
-        crow, col, crow_t, col_t, order, order_t = ctx.layout
+        crow, col, order, crow_t, col_t, order_t = ctx.layout
         layer, grad_values, grad_x = ctx.layer, None, None
         if ctx.needs_input_grad[1]:
             transposed = _csr_tensor(crow_t, col_t, values[order_t], (layer.in_features, layer.out_features))
@@ -99,8 +99,7 @@ class CompactLinear(nn.Module):
         if self._layout is None:
             self._layout = (*_csr(self.rows, self.cols, self.in_features, self.out_features),
                             *_csr(self.cols, self.rows, self.out_features, self.in_features))
-        crow, col, order, crow_t, col_t, order_t = self._layout
-        return crow, col, order, crow_t, col_t, order_t
+        return self._layout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
@@ -132,13 +131,8 @@ def densify(model: nn.Module) -> nn.Module:
     """`model` with every CompactLinear replaced by its dense nn.Linear (in place; returned)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, CompactLinear):
-            _replace(model, name, module.to_linear())
+            model.set_submodule(name, module.to_linear())
     return model
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 class CompactSET:
@@ -165,7 +159,7 @@ class CompactSET:
         self.layers: dict[str, CompactLinear] = {}
         for name, fraction_kept in kept.items():
             compact = CompactLinear.from_linear(layers[name], fraction_kept, init, self.generator)
-            _replace(model, name, compact)
+            model.set_submodule(name, compact)
             self.layers[name] = compact
 
     def bind(self, optimizer: torch.optim.Optimizer) -> None:
@@ -188,9 +182,10 @@ class CompactSET:
             layer.rows[slots] = (flat // layer.in_features).to(torch.int32)
             layer.cols[slots] = (flat % layer.in_features).to(torch.int32)
             layer.values[slots] = 0
-            for value in (self.optimizer.state.get(layer.values, {}) if self.optimizer is not None else {}).values():
+            state = self.optimizer.state.get(layer.values, {}) if self.optimizer is not None else {}
+            for value in state.values():  # Adam's moments of the moved slots: the new weight has no history
                 if torch.is_tensor(value) and value.shape == layer.values.shape:
-                    value[slots] = 0  # Adam's moments of the moved slots: the new weight has no history
+                    value[slots] = 0
             layer.moved()
         self.updates += 1
 

@@ -41,11 +41,6 @@ def sparse_layer(layer: nn.Linear | nn.Conv2d, sparsity: Sparsity, mask: object 
     return SparseConv2d(weight, layer.bias, layer.kernel_size, layer.stride, layer.padding, layer.dilation)
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, module)
-
-
 def _layer(model: nn.Module, name: str) -> nn.Module:
     try:
         return model.get_submodule(name)
@@ -65,7 +60,7 @@ def sparsify(model: nn.Module, specs: dict[str, Sparsity]) -> nn.Module:
     model = copy.deepcopy(model)
     masks = current_masks(model)
     for name, sparsity in specs.items():
-        _replace(model, name, sparse_layer(_layer(model, name), sparsity, masks.get(name)))
+        model.set_submodule(name, sparse_layer(_layer(model, name), sparsity, masks.get(name)))
     return model
 
 
@@ -85,7 +80,7 @@ def to_sparse(model: nn.Module) -> nn.Module:
         if sparsity is None or sparsity.density == 1:
             parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
         else:
-            _replace(model, name, sparse_layer(layer, sparsity, mask))
+            model.set_submodule(name, sparse_layer(layer, sparsity, mask))
     return model
 
 
@@ -99,5 +94,5 @@ def dense_equivalent(model: nn.Module) -> nn.Module:
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())}  # deepcopy's memo: kept as they are
     copied = copy.deepcopy(model, shared)
     for name in sparse:
-        _replace(copied, name, copied.get_submodule(name).dense_layer())
+        copied.set_submodule(name, copied.get_submodule(name).dense_layer())
     return copied

@@ -4,13 +4,14 @@ A compiled model runs TIR kernels on TVM's thread pool and dispatched convolutio
 PyTorch's, one after the other in the calling thread; both get the model's thread count while it
 runs, and PyTorch's is put back as it was after, so using sparsefx changes no PyTorch setting the
 caller sees (TVM's pool stays at the last model's count: see `running_with`). TVM sizes its
-pool once per calling thread, when first used, from TVM_NUM_THREADS, and without it from half the logical cores on x86 (it assumes hyper-threading); on a 2-core machine
-that pool had one worker, TIR kernels ran on one core whatever PyTorch was given, and starting it
-pinned the calling thread, and so the PyTorch threads it starts later, to core 0. So the first run
-in a thread starts that pool with a worker per core (TVM_NUM_THREADS set just for that moment,
-unless the user set it), and each call picks how many workers it uses with
-`runtime.config_threadpool` in the mode whose workers share every allowed core (no pinning,
-given the cores explicitly so TVM's core count is not consulted again; about 10 us).
+pool once per calling thread, when first used, from TVM_NUM_THREADS, and without it from half the
+logical cores on x86 (it assumes hyper-threading); on a 2-core machine that pool had one worker,
+TIR kernels ran on one core whatever PyTorch was given, and starting it pinned the calling thread,
+and so the PyTorch threads it starts later, to core 0. So the first run in a thread starts that
+pool with a worker per core (TVM_NUM_THREADS set just for that moment, unless the user set it),
+and each call picks how many workers it uses with `runtime.config_threadpool` in the mode whose
+workers share every allowed core (no pinning, given the cores explicitly so TVM's core count is
+not consulted again; about 4 us, and only when the count changes).
 """
 
 from __future__ import annotations
