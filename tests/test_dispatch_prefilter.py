@@ -94,7 +94,7 @@ def test_table_builds_calibration_and_plausible_tir_wins_only() -> None:
 def test_own_kernel_convs_build_only_sparsefx_kernel_not_the_default_tir(monkeypatch, kind, kernel) -> None:
     ran: list[str] = []
 
-    def rigged_time_in_turn(rivals, rounds=None, budget_s=None, between=None):  # every rival runs; the own kernel wins
+    def rigged_time_in_turn(rivals, rounds=None, budget_s=None, between=None, stateless=()):  # every rival runs; own wins
         for name, runs in rivals.items():
             runs[0]()
             ran.append(name)
@@ -152,3 +152,11 @@ def test_dlight_gemv_only_schedules_reduction_heavy_kernels() -> None:
     target = resolve_target("cpu").to_tvm()
     assert ReductionHeavyGEMV().apply(_se_conv_prim_func(48, 1152), target, False) is None
     assert ReductionHeavyGEMV().apply(_se_conv_prim_func(1152, 48), target, False) is not None
+
+
+def test_a_stateless_rival_is_warmed_by_its_first_run_only() -> None:
+    counts = [0, 0]
+    runs = [lambda i=i: counts.__setitem__(i, counts[i] + 1) for i in range(2)]
+    seen = []
+    time_in_turn({"s": runs}, rounds=(2, 2), between=lambda: seen.append(list(counts)), stateless={"s"})
+    assert seen == [[1, 0]] and counts == [2, 1]  # copy 1 is first run in the timed rounds

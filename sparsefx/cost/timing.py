@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Protocol
 
 import torch
@@ -38,6 +38,7 @@ Times = dict[str, float]  # implementation name -> ms of one run
 COLD_BYTES = 256 << 20  # what a weight's timed copies span (see `weight_copies`)
 ROUNDS = (5, 15)  # rounds every implementation gets at least, and at most within `BUDGET_S`
 BUDGET_S = 0.25
+ALIGN = 16  # float32s in 64 bytes, the alignment TVM's kernels assume of their arguments
 
 
 class Timer(Protocol):
@@ -79,13 +80,17 @@ def choose(times: Times, overheads: Mapping[str, float]) -> str:
 
 
 def time_in_turn(rivals: Mapping[str, Sequence[Callable[[], object]]], rounds: tuple[int, int] = ROUNDS,
-                 budget_s: float = BUDGET_S, between: Callable[[], object] | None = None) -> Times:
+                 budget_s: float = BUDGET_S, between: Callable[[], object] | None = None,
+                 stateless: Collection[str] = ()) -> Times:
     """Fastest ms of each rival, its runs (one per weight copy) taken in turn with the other rivals'
-    round after round, after running every run once and then `between` (the traffic that makes the
-    copies cold again, `cold_traffic`; see the module doc)."""
+    round after round, after a warm-up and then `between` (the traffic that makes the copies cold
+    again, `cold_traffic`; see the module doc). The warm-up runs every run once, as a first run
+    with a new weight makes what a rival keeps per weight (a prepacked copy); `stateless` rivals
+    keep nothing per weight, and their first run alone warms the code (`between` evicts the data
+    either way): a third of ResNet-50's planning time went to warm-ups."""
     names = [name for name, runs in rivals.items() if runs]
     for name in names:
-        for run in rivals[name]:
+        for run in rivals[name][:1] if name in stateless else rivals[name]:
             run()
     if between is not None:
         between()
@@ -111,16 +116,22 @@ def _pool() -> torch.Tensor:
 def weight_copies(shape: tuple[int, ...]) -> list[torch.Tensor]:
     """Distinct random weights of `shape` for a timing to take in turn: one per round it can run
     (`ROUNDS[1]`), fewer where they would not fit in `COLD_BYTES` (at least two), cut from the
-    start of the pool (see `cold_traffic`)."""
-    size, count = math.prod(shape), copy_count(shape)
-    if size * count > _pool().numel():
+    start of the pool (see `cold_traffic`), each 64-byte aligned so a TVM kernel can take it as
+    it is (`tvm.runtime.from_dlpack`; copying 15 copies of a 512x512x3x3 weight took 70 ms)."""
+    size, stride, count = math.prod(shape), _stride(shape), copy_count(shape)
+    if stride * count > _pool().numel():
         return [torch.randn(shape) for _ in range(count)]
-    return [_pool()[i * size:(i + 1) * size].view(shape) for i in range(count)]
+    return [_pool()[i * stride:i * stride + size].view(shape) for i in range(count)]
+
+
+def _stride(shape: tuple[int, ...]) -> int:
+    """Pool elements from one copy's start to the next: its size rounded up to 64 bytes."""
+    return -(-math.prod(shape) // ALIGN) * ALIGN
 
 
 def copy_count(shape: tuple[int, ...]) -> int:
     """How many weight copies of `shape` a timing takes in turn (`weight_copies`)."""
-    return min(ROUNDS[1], max(2, COLD_BYTES // 4 // max(math.prod(shape), 1)))
+    return min(ROUNDS[1], max(2, COLD_BYTES // 4 // max(_stride(shape), 1)))
 
 
 def cold_traffic(shape: tuple[int, ...], copies: int | None = None) -> Callable[[], None]:
@@ -128,9 +139,9 @@ def cold_traffic(shape: tuple[int, ...], copies: int | None = None) -> Callable[
     (`weight_copies`'s), as 256 copies would span (at most `COLD_BYTES`): between the warm-up and
     the timed rounds it puts through the caches what the rest of a model would, so each copy is
     read as a layer's weight is, one inference after its last use."""
-    size = math.prod(shape)
+    size, stride = math.prod(shape), _stride(shape)
     count = copy_count(shape) if copies is None else copies  # counted, not made: big weights are fresh tensors
-    start = min(size * count, _pool().numel())
+    start = min(stride * count, _pool().numel())
     end = min(_pool().numel(), start + max(0, min(256 * size, COLD_BYTES // 4) - size * count))
     return functools.partial(_read, start, end)
 

@@ -55,21 +55,37 @@ class _Search:
     """Greedy latency-saliency search over units removed per group."""
 
     def __init__(self, gm: torch.fx.GraphModule, shrink: ShrinkModel, price: Callable[[Kernel, Kernel], float],
-                 lanes: int, rules: FusionRules) -> None:
-        self.gm, self.shrink, self.price, self.lanes = gm, shrink, price, lanes
+                 lanes: int, rules: FusionRules,
+                 prefetch: Callable[[list[tuple[Kernel, Kernel]]], None] = lambda pairs: None) -> None:
+        """`prefetch` gets every (kernel, reference) pair a batch of trials is about to `price`, first
+        (`CostModel.prefetch`: what they read is measured together)."""
+        self.gm, self.shrink, self.price, self.lanes, self.prefetch = gm, shrink, price, lanes, prefetch
         self.refs = dense_kernels(gm, lanes)
         self.fusion = analyze_fusion(gm, self.refs, rules)
         self.removed: dict[int, int] = {}
         self.chosen: dict[torch.fx.Node, SparseOption] = {}  # layers running a sparse kernel
+        self.prefetch_trials([({}, list(gm.graph.nodes))])
         self.ms = {n: self.node_ms(n, self.removed) for n in gm.graph.nodes}
+
+    def pairs(self, node: object, removed: dict[int, int]) -> list[tuple[Kernel, Kernel]]:
+        """(kernel, dense reference) of each kernel `node` runs with `removed` units gone."""
+        if node in self.chosen or not self.refs[node]:
+            return []
+        kernels = priced_kernels(node, self.gm, lambda x: self.shrink.shape(x, removed), self.lanes, self.fusion)
+        return list(zip(kernels, self.refs[node]))
 
     def node_ms(self, node: object, removed: dict[int, int]) -> float:
         if node in self.chosen:
             return self.chosen[node].ms
-        if not self.refs[node]:
-            return 0.0
-        kernels = priced_kernels(node, self.gm, lambda x: self.shrink.shape(x, removed), self.lanes, self.fusion)
-        return sum(self.price(k, ref) for k, ref in zip(kernels, self.refs[node]))
+        return sum(self.price(k, ref) for k, ref in self.pairs(node, removed))
+
+    def prefetch_trials(self, trials: Iterable[tuple[dict[int, int], Iterable[object]]]) -> None:
+        """Hand `prefetch` what pricing these (units removed, nodes) trials will read."""
+        self.prefetch([pair for removed, nodes in trials for node in nodes for pair in self.pairs(node, removed)])
+
+    def prefetch_moves(self, moves: Iterable[tuple[int, int]]) -> None:
+        """`prefetch_trials` for (group, units removed) moves from the current state (`delta`'s)."""
+        self.prefetch_trials(({**self.removed, gid: units}, self.shrink.affected(gid)) for gid, units in moves)
 
     @property
     def total(self) -> float:
@@ -150,7 +166,8 @@ class Planner:
         self.by_macs = by_macs
         self.shrink = ShrinkModel(self.gm, self.coupling, self.orders)
         price = (lambda k, ref: k.flops / 2) if by_macs else self.cost.latency
-        self.search = _Search(self.gm, self.shrink, price, self.cost.lanes, self.cost.fusion)
+        self.search = _Search(self.gm, self.shrink, price, self.cost.lanes, self.cost.fusion,
+                              **({} if by_macs else {"prefetch": self.cost.prefetch}))
         self.dense = self.search.total
         # every Linear/Conv weight, counted once per coupled dimension as the losses count it
         self.total_importance = 2 * sum(w.numel() for _, _, w in layer_weights(self.gm).values())
@@ -165,6 +182,7 @@ class Planner:
 
     def evaluate(self, removed: dict[int, int]) -> float:
         """Predicted cost (ms, or MACs) of the model with `removed` units gone."""
+        self.search.prefetch_trials([(removed, self.gm.graph.nodes)])
         return sum(self.search.node_ms(n, removed) for n in self.gm.graph.nodes)
 
     def uniform(self, ratio: float) -> dict[int, int]:
@@ -293,11 +311,15 @@ def _greedy(search: _Search, groups: list[ChannelGroup], losses: dict[int, np.nd
         for node in search.shrink.affected(g.id):
             groups_of.setdefault(node, set()).add(g.id)
 
-    def channel_move(gid: int) -> tuple[float, object] | None:
+    def trials(gid: int) -> list[int]:
+        """The units-removed counts a channel move of `gid` weighs (none where a layer went sparse)."""
         if any(node in search.chosen for node in search.shrink.affected(gid)):
-            return None
+            return []
+        return [u for u in allowed[gid] if u > search.removed.get(gid, 0)][:LOOKAHEAD]
+
+    def channel_move(gid: int) -> tuple[float, object] | None:
         now, best = search.removed.get(gid, 0), None
-        for units in [u for u in allowed[gid] if u > now][:LOOKAHEAD]:
+        for units in trials(gid):
             saved = -search.delta(gid, units)
             rate = (losses[gid][units] - losses[gid][now]) / saved if saved > 1e-9 else None
             if rate is not None and (best is None or rate < best[0]):
@@ -318,7 +340,14 @@ def _greedy(search: _Search, groups: list[ChannelGroup], losses: dict[int, np.nd
                     best = (rate, option)
         return best
 
-    moves = {("g", g.id): channel_move(g.id) for g in groups} | {("s", n): sparse_move(n) for n in options}
+    def refresh(keys: Iterable[tuple[str, object]]) -> None:
+        keys = list(keys)
+        search.prefetch_moves((gid, units) for kind, gid in keys if kind == "g" for units in trials(gid))
+        for k in keys:
+            moves[k] = channel_move(k[1]) if k[0] == "g" else sparse_move(k[1])
+
+    moves: dict[tuple[str, object], tuple[float, object] | None] = {}
+    refresh([("g", g.id) for g in groups] + [("s", n) for n in options])
     while search.total > goal:
         live = {key: move for key, move in moves.items() if move is not None}
         if not live:
@@ -332,8 +361,7 @@ def _greedy(search: _Search, groups: list[ChannelGroup], losses: dict[int, np.nd
         else:
             search.choose(live[key][1])
             stale = {("s", what)} | {("g", h) for h in groups_of.get(what, ())}
-        for k in stale:
-            moves[k] = channel_move(k[1]) if k[0] == "g" else sparse_move(k[1])
+        refresh(stale)
 
 
 def _as_plan(model: nn.Module, planner: Planner, budget: dict) -> Plan:

@@ -54,8 +54,13 @@ def own_kernel(kernel: Kernel) -> tuple[str, object] | None:
 
 def build(kind: str, specs: list, target: tvm.target.Target) -> tvm.runtime.Module:
     """One library holding the `kind` kernels of `specs` (one LLVM build), each under its spec's `name`."""
-    funcs = {s.name: parsed(KERNELS[kind].kernel, s).with_attr("global_symbol", s.name) for s in dict.fromkeys(specs)}
-    return tvm.compile(tvm.IRModule(funcs), target)
+    return tvm.compile(kernel_module([(kind, s) for s in specs]), target)
+
+
+def kernel_module(pairs: list[tuple[str, object]]) -> tvm.IRModule:
+    """The kernels of these (kind, spec) pairs, each under its spec's `name`."""
+    return tvm.IRModule({s.name: parsed(KERNELS[kind].kernel, s).with_attr("global_symbol", s.name)
+                         for kind, s in dict.fromkeys(pairs)})
 
 
 def own_kernel_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:

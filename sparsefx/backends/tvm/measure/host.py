@@ -19,7 +19,6 @@ import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-import numpy as np
 import torch
 import tvm
 from tvm import relax
@@ -35,6 +34,7 @@ from sparsefx.backends.tvm.dispatch.torch_kernels import (
     matmul,
 )
 from sparsefx.backends.tvm.kernels import registry as own_kernels
+from sparsefx.backends.tvm.kernels.workers import build_kernels
 from sparsefx.backends.tvm.measure.calibrate import calibrate
 from sparsefx.backends.tvm.measure.emit import emit_kernel, operand_shapes
 from sparsefx.backends.tvm.pipeline import build_module
@@ -101,6 +101,11 @@ def has_weight(kernel: Kernel) -> bool:
     return kernel.op == "conv2d" or (kernel.op == "matmul" and kernel.dims[0] == 1)
 
 
+def random_tensor(shape: Sequence[int]) -> tvm.runtime.Tensor:
+    """A TVM tensor of standard normals, made by PyTorch and shared (numpy's took 18 ms for 1x256x56x56)."""
+    return tvm.runtime.from_dlpack(torch.randn(tuple(shape)))
+
+
 class HostTimer:
     """Times kernels on this host's CPU (`cost.timing.Timer`). `build` compiles a Relax module as the
     model's pipeline does; `history` holds earlier default-TIR measurements (dispatch table entries)
@@ -152,16 +157,18 @@ class HostTimer:
         for kernel, allowed in zip(kernels, wanted, strict=True):
             found = own_kernels.own_kernel(kernel)
             own.append(found if found and (allowed is None or found[0] in allowed) else None)
-        libraries = {kind: own_kernels.build(kind, [o[1] for o in own if o and o[0] == kind], self.target.to_tvm())
-                     for kind in dict.fromkeys(o[0] for o in own if o)}
+        built = build_kernels([o for o in own if o], self.target.to_tvm()) if any(own) else {}
         times = []
         with torch.inference_mode():
             for kernel, allowed, mine in zip(kernels, wanted, own, strict=True):
                 rivals, keys = torch_rivals(kernel, self.target.precision)
                 if mine:
-                    rivals[mine[0]] = self.own_runs(libraries[mine[0]], mine[1])
+                    rivals[mine[0]] = self.own_runs(built[mine[1].name], mine[1])
                 rivals = {name: runs for name, runs in rivals.items() if allowed is None or name in allowed}
-                times.append(time_in_turn(rivals, between=self.cold(kernel)) if rivals else {})
+                # PyTorch's plain conv and the own kernels keep nothing per weight; prepacked convs and
+                # converted matmul weights (`keys`) do
+                stateless = set(rivals) - {"torch_prepacked"} - ({"torch"} if kernel.op == "matmul" and keys else set())
+                times.append(time_in_turn(rivals, between=self.cold(kernel), stateless=stateless) if rivals else {})
                 forget_packed(keys)
         return times
 
@@ -171,10 +178,9 @@ class HostTimer:
         return cold_traffic(tuple(kernel.shapes[1])) if has_weight(kernel) else None
 
     @staticmethod
-    def own_runs(library: tvm.runtime.Module, spec: object) -> list[Callable[[], object]]:
-        run = library[spec.name]  # looked up once: a lookup costs 10-80 us, more than small kernels
-        args = [tvm.runtime.tensor(np.random.randn(*shape).astype("float32")) for shape in spec.arg_shapes]
-        weights = [tvm.runtime.tensor(w.numpy()) for w in weight_copies(spec.arg_shapes[1])]
+    def own_runs(run: Callable[..., object], spec: object) -> list[Callable[[], object]]:
+        args = [random_tensor(shape) for shape in spec.arg_shapes]
+        weights = [tvm.runtime.from_dlpack(w) for w in weight_copies(spec.arg_shapes[1])]
         return [functools.partial(run, args[0], w, *args[2:]) for w in weights]
 
     def add_default_tir(self, kernels: list[Kernel], times: list[Times], wanted: list[set | None]) -> None:
@@ -207,16 +213,16 @@ class HostTimer:
         by_key = {c.key: c for c in candidates}
         for i, arg_shapes in zip(picked, shapes, strict=True):
             run = vm[f"k{i}"]
-            args = [tvm.runtime.tensor(np.random.randn(*s).astype("float32")) for s in arg_shapes]
+            args = [random_tensor(s) for s in arg_shapes]
             started = time.perf_counter()
             run(*args)
             ms = (time.perf_counter() - started) * 1e3
             if ms < SLOW_MS:
                 runs = [functools.partial(run, *args)]
                 if has_weight(kernels[i]):
-                    weights = [tvm.runtime.tensor(w.numpy()) for w in weight_copies(arg_shapes[1])]
+                    weights = [tvm.runtime.from_dlpack(w) for w in weight_copies(arg_shapes[1])]
                     runs = [functools.partial(run, args[0], w, *args[2:]) for w in weights]
-                ms = time_in_turn({"tir": runs}, between=self.cold(kernels[i]))["tir"]
+                ms = time_in_turn({"tir": runs}, between=self.cold(kernels[i]), stateless={"tir"})["tir"]
             times[i]["tir"] = ms
             if kernels[i].key in by_key:
                 c = by_key[kernels[i].key]
