@@ -27,8 +27,8 @@ def test_kernels_built_in_workers_compute_what_kernels_built_here_do(monkeypatch
     target = resolve_target("cpu").to_tvm()
     monkeypatch.setattr(workers, "usable_cores", lambda: 2)
     used = []
-    real = workers._in_workers
-    monkeypatch.setattr(workers, "_in_workers", lambda *a: used.append(a[2]) or real(*a))
+    real = workers.build_in_workers
+    monkeypatch.setattr(workers, "build_in_workers", lambda *a: used.append(a[2]) or real(*a))
     in_workers = _outputs(workers.build_kernels(PAIRS, target))
     assert used == [2]
     monkeypatch.setattr(workers, "usable_cores", lambda: 1)
@@ -41,7 +41,7 @@ def test_kernels_built_in_workers_compute_what_kernels_built_here_do(monkeypatch
 
 def test_a_failing_worker_means_building_here(monkeypatch, caplog) -> None:
     monkeypatch.setattr(workers, "usable_cores", lambda: 2)
-    monkeypatch.setattr(workers, "_build_share", _broken_share)
+    monkeypatch.setattr(workers, "build_share", _broken_share)
     kernels = workers.build_kernels(PAIRS, resolve_target("cpu").to_tvm())
     assert set(kernels) == {spec.name for _, spec in PAIRS}
     assert "building them here" in caplog.text

@@ -1,6 +1,7 @@
 """Planner, plan files and apply: budgets met on the applied model, editable JSON, clear errors."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from sparsefx.capture.models import load_model
 from sparsefx.channels.record import fingerprint
 from sparsefx.cost.model import CostModel
 from sparsefx.planning.plan import Plan, PlanError
-from sparsefx.planning.planner import Planner, apply, plan
+from sparsefx.planning.planner import Planner, apply, plan, uniform_if_better
 
 from .models_zoo import CASES
 
@@ -129,3 +130,34 @@ def test_explain_lists_every_entry():
     text = result.explain()
     assert all(entry.name in text for entry in result.entries)
     assert "importance retained" in text
+
+
+class _UniformPlanner:
+    """One 64-unit group; each unit removed saves 0.1 ms of 10 and loses 1% of the importance."""
+
+    def __init__(self, greedy_units: int) -> None:
+        from types import SimpleNamespace
+        self.groups = [SimpleNamespace(id=0, classes=list(range(64)), size=64, free=list(range(64)))]
+        self.search = SimpleNamespace(removed={0: greedy_units}, commit=self.commit)
+        self.priced = []
+
+    def commit(self, gid: int, units: int) -> None:
+        self.search.removed[gid] = units
+
+    def uniform(self, ratio: float) -> dict[int, int]:
+        return {0: min(math.floor(64 * ratio), 63)}
+
+    def retained(self, removed: dict[int, int]) -> float:
+        return 1 - removed.get(0, 0) / 100
+
+    def evaluate(self, removed: dict[int, int]) -> float:
+        self.priced.append(removed[0])
+        return 10 - 0.1 * removed[0]
+
+
+@pytest.mark.parametrize("greedy_units, adopted", [(40, 30), (20, 20)])
+def test_uniform_second_opinion_prices_only_ratios_that_keep_more(greedy_units, adopted):
+    planner = _UniformPlanner(greedy_units)
+    uniform_if_better(planner, goal=7.0, lanes=1, max_ratio=0.9)  # 30 units removed meet 7 ms
+    assert planner.search.removed == {0: adopted}
+    assert all(units < greedy_units for units in planner.priced)  # nothing keeping less was timed

@@ -45,7 +45,7 @@ ROOFLINE_EFFICIENCY = 0.5  # what a tuned kernel reaches of the peak, for unmeas
 # rivals in turn, the implementation chosen on the bare conv as the dispatch does, its call overhead;
 # v11: a weight copy per round, made cold by `cost.timing.cold_traffic`)
 TABLE_VERSION = 11
-PROBE_PREFIX = "probe|"  # the drift probes' own entries (`drift`), apart from the kernels' timings
+PROBE_PREFIX = "probe-torch|"  # the drift probes' own entries (`drift`), apart from the kernels' timings
 CALIBRATION_VERSION = 3  # v3: timed in turn (`cost.timing`), no "dispatch" entry (the timer's overheads); re-fitted
 
 
@@ -89,6 +89,7 @@ class CostModel:
         self.sources: dict[str, int] = {}
         self._dirty = False
         self._drift: list[tuple[str, float, float]] | None = None
+        self._priced: dict[tuple[Kernel, Kernel], tuple[float, int, bool]] = {}  # (kernel, reference) -> `_interpolated`
         self.progress: Callable[[int], None] | None = None
 
     # --- public -------------------------------------------------------------------------
@@ -111,6 +112,8 @@ class CostModel:
         (PROBE_PREFIX + key), timed alone as it is timed here; under the kernel's own key it may
         have been timed in a batch with other kernels (interpolation corners measured together),
         which is not what the probe times now. A table without them takes them now.
+        A probe runs on PyTorch's plain conv only ("torch"): a change of speed shows on any
+        implementation, and no kernel is built for it (timing every rival took 1 s of a 9 s warm plan).
         Timed once per CostModel: a planning run that plans several times asks again."""
         if self._drift is not None:
             return self._drift
@@ -121,7 +124,7 @@ class CostModel:
                   "depthwise conv": conv2d_kernel((1, 96, 56, 56), (1, 96, 56, 56), 96, (3, 3), (1, 1), (1, 1), (1, 1),
                                                   self.lanes)}
         for name, kernel in probes.items():
-            now, key = self.time_now(kernel), PROBE_PREFIX + kernel.key
+            now, key = self.timer.time([kernel], [["torch"]])[0]["torch"], PROBE_PREFIX + kernel.key
             if key not in self.table:
                 self.table[key], self._dirty = now, True
             self._drift.append((name, self.table[key], now))
@@ -140,6 +143,7 @@ class CostModel:
         at a time, as a search prices its moves, ResNet-50's plan made 480 builds of ~2 kernels."""
         wanted = [k for kernel, reference in pairs
                   if kernel.op in MEASURED and kernel.op not in CALIBRATED and self.measure
+                  and (kernel, reference or kernel) not in self._priced
                   for _, k in self._corners(kernel, reference or kernel) if min(k.dims) > 0]
         self.measure_all(wanted)
 
@@ -208,11 +212,20 @@ class CostModel:
     def _interpolated(self, kernel: Kernel, reference: Kernel) -> float:
         """Multilinear interpolation over grid points of each dimension that differs from the
         reference, after rounding channel-like dimensions up to the vector width."""
-        corners = self._corners(kernel, reference)
-        self.measure_all([k for _, k in corners if min(k.dims) > 0])  # the corners' own kernels in one build
-        # A zero-sized corner (below the smallest grid point) costs the call overhead only.
-        total = sum(weight * (self.measured(k) if min(k.dims) > 0 else self.dispatch_overhead()) for weight, k in corners)
-        if len(corners) > 1:  # a kernel on the grid counts as measured
+        known = self._priced.get((kernel, reference))
+        if known is not None:
+            total, measured, interpolated = known
+            self.sources["measured"] = self.sources.get("measured", 0) + measured
+        else:
+            corners = self._corners(kernel, reference)
+            self.measure_all([k for _, k in corners if min(k.dims) > 0])  # the corners' own kernels in one build
+            # A zero-sized corner (below the smallest grid point) costs the call overhead only.
+            total = sum(weight * (self.measured(k) if min(k.dims) > 0 else self.dispatch_overhead())
+                        for weight, k in corners)
+            measured, interpolated = sum(min(k.dims) > 0 for _, k in corners), len(corners) > 1
+            # a search prices the same kernels over and over: remembered, with what they count as
+            self._priced[(kernel, reference)] = (total, measured, interpolated)
+        if interpolated:  # a kernel on the grid counts as measured only
             self.sources["interpolated"] = self.sources.get("interpolated", 0) + 1
         return total
 

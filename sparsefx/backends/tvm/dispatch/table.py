@@ -77,9 +77,13 @@ class DispatchTable:
             for kernel, times in zip(new, timer.time(new), strict=True):
                 self.entries[kernel.key] = decision(kernel, times, overheads)
             ceilings = prefilter.tir_ceilings(self.entries.values())
+            ruled_out = getattr(timer, "own_ruled_out", {})
             for kernel in new:
                 entry = self.entries[kernel.key]
-                if entry["decided_by"] == "prefilter" and entry["op_class"] in ceilings:
+                if kernel.key in ruled_out:  # an own kernel runs it, left out by its ceiling
+                    kind, ceiling = ruled_out[kernel.key]
+                    entry[f"{kind}_ceiling_gflops"] = round(ceiling, 2)
+                elif entry["decided_by"] == "prefilter" and entry["op_class"] in ceilings:
                     entry["tir_ceiling_gflops"] = round(ceilings[entry["op_class"]][0], 2)
             self.table.save()
         return {k.key: self.entries[k.key] for k in kernels}

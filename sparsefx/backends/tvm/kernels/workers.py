@@ -36,7 +36,7 @@ def build_kernels(pairs: list[tuple[str, object]], target: tvm.target.Target) ->
     workers = min(usable_cores(), len(unique) // PER_WORKER)
     if workers >= 2 and "fork" in multiprocessing.get_all_start_methods():
         try:
-            return _in_workers(unique, target, workers)
+            return build_in_workers(unique, target, workers)
         except Exception as error:  # noqa: BLE001 - any worker failure: build here, as without workers
             LOG.warning("building kernels in worker processes failed (%s); building them here", one_line(error))
     library = tvm.compile(kernel_module(unique), target)
@@ -47,13 +47,13 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _in_workers(pairs: list[tuple[str, object]], target: tvm.target.Target,
+def build_in_workers(pairs: list[tuple[str, object]], target: tvm.target.Target,
                 workers: int) -> dict[str, Callable[..., object]]:
     shares = [pairs[i::workers] for i in range(workers)]  # dealt round-robin: each gets every kind
     with tempfile.TemporaryDirectory(prefix="sfx-kernels-") as tmp:
         paths = [str(Path(tmp) / f"share{i}.so") for i in range(workers)]
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            list(pool.map(_build_share, shares, [target.export()] * workers, paths))
+            list(pool.map(build_share, shares, [target.export()] * workers, paths))
         kernels = {}
         for share, path in zip(shares, paths, strict=True):
             library = tvm.runtime.load_module(path)  # loaded: the file may go
@@ -61,6 +61,6 @@ def _in_workers(pairs: list[tuple[str, object]], target: tvm.target.Target,
     return kernels
 
 
-def _build_share(pairs: list[tuple[str, object]], target: dict, path: str) -> str:
+def build_share(pairs: list[tuple[str, object]], target: dict, path: str) -> str:
     tvm.compile(kernel_module(pairs), tvm.target.Target(target)).export_library(path)
     return path

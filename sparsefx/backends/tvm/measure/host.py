@@ -108,8 +108,8 @@ def random_tensor(shape: Sequence[int]) -> tvm.runtime.Tensor:
 
 class HostTimer:
     """Times kernels on this host's CPU (`cost.timing.Timer`). `build` compiles a Relax module as the
-    model's pipeline does; `history` holds earlier default-TIR measurements (dispatch table entries)
-    that set the pre-filter's ceilings, and grows with this timer's."""
+    model's pipeline does; `history` holds earlier default-TIR and own-kernel measurements (dispatch
+    table entries) that set the pre-filter's ceilings, and grows with this timer's."""
 
     device = ""
 
@@ -117,6 +117,7 @@ class HostTimer:
         self.target = target
         self.build = build or (lambda mod, tvm_target: build_module(mod, tvm_target, target))
         self.history = list(history)
+        self.own_ruled_out: dict[str, tuple[str, float]] = {}  # kernel key -> (own kind, its ceiling GFLOP/s)
 
     def overheads(self) -> dict[str, float]:
         return dict.fromkeys(TORCH_IMPLEMENTATIONS, call_overhead_ms())
@@ -152,24 +153,52 @@ class HostTimer:
                 kernel_times[name] += cast
 
     def time_rivals(self, kernels: list[Kernel], wanted: list[set | None]) -> list[Times]:
-        """Each kernel on PyTorch's kernels and its own kernel (all of one kind in one build), in turn."""
-        own = []
-        for kernel, allowed in zip(kernels, wanted, strict=True):
-            found = own_kernels.own_kernel(kernel)
-            own.append(found if found and (allowed is None or found[0] in allowed) else None)
-        built = build_kernels([o for o in own if o], self.target.to_tvm()) if any(own) else {}
-        times = []
+        """Each kernel on PyTorch's kernels and its own kernel (`own_kernels.own_kernel`), in turn, the
+        own kernels built together (`build_kernels`). Where the own kernel's kind has a ceiling
+        (`prefilter.own_ceilings`), PyTorch is timed first and the own kernel left out where PyTorch
+        beats it (`prefilter.OWN_MARGIN`), recorded in `own_ruled_out`; the rest are timed again with it."""
+        own = [self.own_kernel(kernel, allowed) for kernel, allowed in zip(kernels, wanted, strict=True)]
+        ceilings = prefilter.own_ceilings(self.history, own_kernels.KERNELS)
+        first = [i for i, mine in enumerate(own) if mine and wanted[i] is None
+                 and ceilings.get(mine[0], (0.0, 0))[1] >= prefilter.CALIBRATE]
+        times: list[Times | None] = [None] * len(kernels)
+        for i in first:
+            times[i] = self.time_one(kernels[i], None, None)
+            candidate = prefilter.Candidate(kernels[i].key, own[i][0], prefilter.gflop(kernels[i]),
+                                            min(times[i].values()))
+            ceiling = prefilter.skip(candidate, ceilings, prefilter.OWN_MARGIN)
+            if ceiling is None:
+                times[i] = None
+            else:
+                self.own_ruled_out[kernels[i].key] = (own[i][0], ceiling)
+                own[i] = None
+        built = build_kernels([mine for i, mine in enumerate(own) if mine and times[i] is None],
+                              self.target.to_tvm())
+        for i, kernel in enumerate(kernels):
+            if times[i] is None:
+                times[i] = self.time_one(kernel, wanted[i], own[i] and (own[i][0], built[own[i][1].name], own[i][1]))
+                if own[i] and own[i][0] in times[i] and wanted[i] is None:
+                    self.history.append({"gflop": prefilter.gflop(kernel), f"{own[i][0]}_ms": times[i][own[i][0]],
+                                         "torch_ms": min(times[i].get(t, math.inf) for t in TORCH_IMPLEMENTATIONS)})
+        return times
+
+    @staticmethod
+    def own_kernel(kernel: Kernel, allowed: set | None) -> tuple[str, object] | None:
+        found = own_kernels.own_kernel(kernel)
+        return found if found and (allowed is None or found[0] in allowed) else None
+
+    def time_one(self, kernel: Kernel, allowed: set | None, mine: tuple[str, Callable, object] | None) -> Times:
+        """`kernel` on PyTorch's kernels (those `allowed`), and on `mine` (kind, built kernel, spec), in turn."""
         with torch.inference_mode():
-            for kernel, allowed, mine in zip(kernels, wanted, own, strict=True):
-                rivals, keys = torch_rivals(kernel, self.target.precision)
-                if mine:
-                    rivals[mine[0]] = self.own_runs(built[mine[1].name], mine[1])
-                rivals = {name: runs for name, runs in rivals.items() if allowed is None or name in allowed}
-                # PyTorch's plain conv and the own kernels keep nothing per weight; prepacked convs and
-                # converted matmul weights (`keys`) do
-                stateless = set(rivals) - {"torch_prepacked"} - ({"torch"} if kernel.op == "matmul" and keys else set())
-                times.append(time_in_turn(rivals, between=self.cold(kernel), stateless=stateless) if rivals else {})
-                forget_packed(keys)
+            rivals, keys = torch_rivals(kernel, self.target.precision)
+            if mine:
+                rivals[mine[0]] = self.own_runs(mine[1], mine[2])
+            rivals = {name: runs for name, runs in rivals.items() if allowed is None or name in allowed}
+            # PyTorch's plain conv and the own kernels keep nothing per weight; prepacked convs and
+            # converted matmul weights (`keys`) do
+            stateless = set(rivals) - {"torch_prepacked"} - ({"torch"} if kernel.op == "matmul" and keys else set())
+            times = time_in_turn(rivals, between=self.cold(kernel), stateless=stateless) if rivals else {}
+            forget_packed(keys)
         return times
 
     @staticmethod
@@ -189,7 +218,7 @@ class HostTimer:
         asked = [i for i, allowed in enumerate(wanted) if allowed is not None and "tir" in allowed]
         self.time_tir(kernels, times, asked)
         open_ = {kernels[i].key: i for i, allowed in enumerate(wanted)
-                 if allowed is None and not set(times[i]) & set(own_kernels.KERNELS)}
+                 if allowed is None and own_kernels.own_kernel(kernels[i]) is None}
         candidates = [prefilter.Candidate(key, prefilter.op_class(kernels[i]), prefilter.gflop(kernels[i]),
                                           min(times[i].get(t, math.inf) for t in TORCH_IMPLEMENTATIONS))
                       for key, i in open_.items()]
