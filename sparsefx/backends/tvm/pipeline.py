@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable
 
 import torch
 import tvm
+from tqdm import tqdm
 from tvm import relax
 from tvm.relax.backend import gpu_generic
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
@@ -88,7 +90,11 @@ def decide_dispatch(mod: tvm.IRModule, target: Target, timer_for: Callable[[Iter
     fresh = [k for k in kernels if k.key not in table.entries]
     if progress and fresh:
         progress(f"measuring {len(fresh)} conv/matmul/math-op workloads on PyTorch kernels, and on TIR where it could win")
-    decisions = table.decide(kernels, timer_for(table.entries.values()))
+    timer = timer_for(table.entries.values())
+    with tqdm(total=len(fresh), desc="measuring kernels", unit=" kernel", disable=not (progress and fresh),
+              file=sys.stderr, leave=False) as bar:
+        timer.progress = bar.update  # per kernel timed (`HostTimer.time`)
+        decisions = table.decide(kernels, timer)
     if progress and fresh:
         by = [table.entries[k.key].get("decided_by") for k in fresh]
         own = ", ".join(f"{by.count(kind)} {kind}" for kind in own_kernels.KERNELS)

@@ -118,6 +118,7 @@ class HostTimer:
         self.build = build or (lambda mod, tvm_target: build_module(mod, tvm_target, target))
         self.history = list(history)
         self.own_ruled_out: dict[str, tuple[str, float]] = {}  # kernel key -> (own kind, its ceiling GFLOP/s)
+        self.progress: Callable[[int], object] | None = None  # told of each kernel `time` has timed
 
     def overheads(self) -> dict[str, float]:
         return dict.fromkeys(TORCH_IMPLEMENTATIONS, call_overhead_ms())
@@ -180,6 +181,8 @@ class HostTimer:
                 if own[i] and own[i][0] in times[i] and wanted[i] is None:
                     self.history.append({"gflop": prefilter.gflop(kernel), f"{own[i][0]}_ms": times[i][own[i][0]],
                                          "torch_ms": min(times[i].get(t, math.inf) for t in TORCH_IMPLEMENTATIONS)})
+            if self.progress:
+                self.progress(1)
         return times
 
     @staticmethod
