@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,9 @@ def run_cli(args: list[str], threads: int | None, cache: Path) -> dict:
     done = subprocess.run(command, cwd=ROOT, env={**os.environ, "SPARSEFX_CACHE": str(cache)},
                           capture_output=True, text=True)
     row = {"seconds": round(time.perf_counter() - started, 1), "returncode": done.returncode}
+    inside = re.search(r"compile ([0-9.]+) s", done.stdout)  # the compile call itself, as its summary line says
+    if inside:
+        row["call_s"] = float(inside.group(1))
     if done.returncode:
         row["error"] = (done.stderr.strip().splitlines() or ["?"])[-1]
     return row
@@ -62,9 +66,11 @@ def main() -> None:
              f"`sparsefx compile {args.model}`", "", record.markdown_line(),
              "", f"Threads: {args.threads or 'all cores'}. Cold: empty `SPARSEFX_CACHE` (one per command); warm: the "
              "same cache again. Wall time of the CLI process (Python start and imports included).", "",
-             "| command | run | seconds | goal (s) | met | error |", "|---|---|---:|---:|---|---|"]
-    lines += [f"| {r['command']} | {r['run']} | {r['seconds']:.1f} | {r['goal_s']:g} | {'yes' if r['met'] else 'no'} "
-              f"| {r.get('error', '')} |" for r in rows]
+             "`in the call`: the seconds `sparsefx.compile` itself took (its summary line), without starting "
+             "Python, imports, loading the model or writing the artifact; the goal is judged on the whole process.", "",
+             "| command | run | seconds | in the call | goal (s) | met | error |", "|---|---|---:|---:|---:|---|---|"]
+    lines += [f"| {r['command']} | {r['run']} | {r['seconds']:.1f} | {r.get('call_s', '-')} | {r['goal_s']:g} | "
+              f"{'yes' if r['met'] else 'no'} | {r.get('error', '')} |" for r in rows]
     (args.out / "plan_time.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -32,6 +32,7 @@ from sparsefx.cli.common import (
     check_out,
     load,
     parse_ratio,
+    progress_bars,
     save,
     saved_model,
 )
@@ -270,7 +271,7 @@ def _compile(args: argparse.Namespace) -> int:
     model, inputs = load(args)
     model = _maybe_pruned(args, model, inputs)
     compiled = sparsefx.compile(model, inputs, target=args.target, tune=args.tune, dispatch=args.dispatch,
-                                threads=args.threads, precision=args.precision)
+                                threads=args.threads, precision=args.precision, verbose=progress_bars(args))
     print(_compile_summary(compiled))
     print(f"wrote {compiled.export(args.out)} (load with sparsefx.load(path))")
     if args.bundle:

@@ -106,7 +106,8 @@ def build(model: nn.Module, inputs: tuple, spec: Target, tune: int, dispatch: bo
     decisions = {}
     if dispatch and not spec.is_gpu:
         decisions = (pipeline.decide_by_kind(mod) if dispatch == "own" else
-                     pipeline.decide_dispatch(mod, spec, lambda history: HostTimer(spec, history=history), log))
+                     pipeline.decide_dispatch(mod, spec, lambda history: HostTimer(spec, history=history), log,
+                                                              bar=verbose))
         rewrites = pipeline.dispatch(decisions, spec.precision)
         mod = pipeline.run(rewrites, mod, tvm_target)
         ran += rewrites

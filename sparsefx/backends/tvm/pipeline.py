@@ -82,16 +82,17 @@ def build_module(mod: tvm.IRModule, tvm_target: tvm.target.Target, target: Targe
 
 
 def decide_dispatch(mod: tvm.IRModule, target: Target, timer_for: Callable[[Iterable[dict]], Timer],
-                    progress: Callable[[str], None] | None = None) -> dict[str, dict]:
+                    progress: Callable[[str], None] | None = None, bar: bool = False) -> dict[str, dict]:
     """Measured choice of implementation for each conv, matmul and math-op (`math_ops`) kernel of `mod`
-    (CPU targets), by the timer `timer_for(earlier decisions)` makes."""
+    (CPU targets), by the timer `timer_for(earlier decisions)` makes; status lines to `progress`, and a
+    progress bar over the kernels to measure where `bar`."""
     table = DispatchTable(table_key(target, torch.get_num_threads()))
     kernels = collect_kernels(mod)
     fresh = [k for k in kernels if k.key not in table.entries]
     if progress and fresh:
         progress(f"measuring {len(fresh)} conv/matmul/math-op workloads on PyTorch kernels, and on TIR where it could win")
     timer = timer_for(table.entries.values())
-    with tqdm(total=len(fresh), desc="measuring kernels", unit=" kernel", disable=not (progress and fresh),
+    with tqdm(total=len(fresh), desc="measuring kernels", unit=" kernel", disable=not (bar and fresh),
               file=sys.stderr, leave=False) as bar:
         timer.progress = bar.update  # per kernel timed (`HostTimer.time`)
         decisions = table.decide(kernels, timer)
