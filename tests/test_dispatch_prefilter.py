@@ -160,3 +160,11 @@ def test_a_stateless_rival_is_warmed_by_its_first_run_only() -> None:
     seen = []
     time_in_turn({"s": runs}, rounds=(2, 2), between=lambda: seen.append(list(counts)), stateless={"s"})
     assert seen == [[1, 0]] and counts == [2, 1]  # copy 1 is first run in the timed rounds
+
+
+def test_time_in_turn_counts_the_statistic_asked_for() -> None:
+    def timed(statistic):  # noqa: ANN001, ANN202
+        pauses = iter([0.0, 0.001, 0.008, 0.001, 0.001, 0.001])  # the warm-up, then five rounds
+        return time_in_turn({"a": [lambda: time.sleep(next(pauses))]}, rounds=(5, 5), statistic=statistic)["a"]
+
+    assert timed(min) < 4.0 <= 8.0 <= timed(max)

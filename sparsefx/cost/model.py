@@ -33,7 +33,7 @@ import numpy as np
 from sparsefx.cache import Table, cache_dir
 from sparsefx.cost.fusion import EPILOGUE_RULES, FusionRules
 from sparsefx.cost.kernel import CALIBRATED, Kernel, conv2d_kernel
-from sparsefx.cost.timing import Timer, Times, charged, choose
+from sparsefx.cost.timing import Timer, Times, charged, choose, probe_ms
 from sparsefx.errors import SparsefxError
 from sparsefx.target import Target, resolve_target, with_measured_peaks
 
@@ -45,7 +45,7 @@ ROOFLINE_EFFICIENCY = 0.5  # what a tuned kernel reaches of the peak, for unmeas
 # rivals in turn, the implementation chosen on the bare conv as the dispatch does, its call overhead;
 # v11: a weight copy per round, made cold by `cost.timing.cold_traffic`)
 TABLE_VERSION = 11
-PROBE_PREFIX = "probe-torch|"  # the drift probes' own entries (`drift`), apart from the kernels' timings
+PROBE_PREFIX = "probe-median|"  # the drift probes' own entries (`drift`), apart from the kernels' timings
 CALIBRATION_VERSION = 3  # v3: timed in turn (`cost.timing`), no "dispatch" entry (the timer's overheads); re-fitted
 
 
@@ -112,8 +112,9 @@ class CostModel:
         (PROBE_PREFIX + key), timed alone as it is timed here; under the kernel's own key it may
         have been timed in a batch with other kernels (interpolation corners measured together),
         which is not what the probe times now. A table without them takes them now.
-        A probe runs on PyTorch's plain conv only ("torch"): a change of speed shows on any
-        implementation, and no kernel is built for it (timing every rival took 1 s of a 9 s warm plan).
+        A probe is PyTorch's plain conv, timed here (`timing.probe_ms`, the median of its runs): a
+        change of speed shows on any implementation, and no kernel is built for it (timing every
+        rival through the timer took 1 s of a 9 s warm plan).
         Timed once per CostModel: a planning run that plans several times asks again."""
         if self._drift is not None:
             return self._drift
@@ -124,7 +125,7 @@ class CostModel:
                   "depthwise conv": conv2d_kernel((1, 96, 56, 56), (1, 96, 56, 56), 96, (3, 3), (1, 1), (1, 1), (1, 1),
                                                   self.lanes)}
         for name, kernel in probes.items():
-            now, key = self.timer.time([kernel], [["torch"]])[0]["torch"], PROBE_PREFIX + kernel.key
+            now, key = probe_ms(kernel, self.target.cores), PROBE_PREFIX + kernel.key
             if key not in self.table:
                 self.table[key], self._dirty = now, True
             self._drift.append((name, self.table[key], now))

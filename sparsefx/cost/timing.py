@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+import statistics
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Protocol
@@ -81,20 +82,21 @@ def choose(times: Times, overheads: Mapping[str, float]) -> str:
 
 def time_in_turn(rivals: Mapping[str, Sequence[Callable[[], object]]], rounds: tuple[int, int] = ROUNDS,
                  budget_s: float = BUDGET_S, between: Callable[[], object] | None = None,
-                 stateless: Collection[str] = ()) -> Times:
+                 stateless: Collection[str] = (), statistic: Callable[[list[float]], float] = min) -> Times:
     """Fastest ms of each rival, its runs (one per weight copy) taken in turn with the other rivals'
     round after round, after a warm-up and then `between` (the traffic that makes the copies cold
     again, `cold_traffic`; see the module doc). The warm-up runs every run once, as a first run
     with a new weight makes what a rival keeps per weight (a prepacked copy); `stateless` rivals
     keep nothing per weight, and their first run alone warms the code (`between` evicts the data
-    either way): a third of ResNet-50's planning time went to warm-ups."""
+    either way): a third of ResNet-50's planning time went to warm-ups. `statistic` of each rival's
+    runs counts (the fastest: what the kernel can do on a shared CPU)."""
     names = [name for name, runs in rivals.items() if runs]
     for name in names:
         for run in rivals[name][:1] if name in stateless else rivals[name]:
             run()
     if between is not None:
         between()
-    best = dict.fromkeys(names, math.inf)
+    samples: dict[str, list[float]] = {name: [] for name in names}
     started, done = time.perf_counter(), 0
     while done < rounds[0] or (done < rounds[1] and time.perf_counter() - started < budget_s):
         for name in names:
@@ -102,9 +104,29 @@ def time_in_turn(rivals: Mapping[str, Sequence[Callable[[], object]]], rounds: t
             run = runs[done % len(runs)]
             t0 = time.perf_counter()
             run()
-            best[name] = min(best[name], time.perf_counter() - t0)
+            samples[name].append(time.perf_counter() - t0)
         done += 1
-    return {name: ms * 1e3 for name, ms in best.items()}
+    return {name: statistic(runs) * 1e3 for name, runs in samples.items()}
+
+
+def probe_ms(kernel: Kernel, threads: int) -> float:
+    """Median ms of PyTorch's plain conv2d on the conv `kernel`, at `threads` threads (put back after),
+    timed as `time_in_turn` times, every round: a drift probe (`CostModel.drift`). The median, not the
+    fastest run, so that a neighbour taking the CPU shows (with one memory-streaming process per core,
+    the fastest of 15 runs moved 5-15%, inside the drift tolerance)."""
+    x_shape, w_shape, _ = kernel.shapes
+    s0, s1, p0, p1, d0, d1, groups = kernel.conv_attrs
+    x = torch.randn(x_shape)
+    runs = [functools.partial(torch.nn.functional.conv2d, x, w, None, (s0, s1), (p0, p1), (d0, d1), groups)
+            for w in weight_copies(tuple(w_shape))]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            return time_in_turn({"probe": runs}, rounds=(ROUNDS[1], ROUNDS[1]), between=cold_traffic(tuple(w_shape)),
+                                stateless={"probe"}, statistic=statistics.median)["probe"]
+    finally:
+        torch.set_num_threads(before)
 
 
 @functools.cache
