@@ -168,3 +168,17 @@ def test_time_in_turn_counts_the_statistic_asked_for() -> None:
         return time_in_turn({"a": [lambda: time.sleep(next(pauses))]}, rounds=(5, 5), statistic=statistic)["a"]
 
     assert timed(min) < 4.0 <= 8.0 <= timed(max)
+
+
+def test_own_kernels_are_built_only_where_pytorch_does_not_beat_their_ceiling(monkeypatch) -> None:
+    # each kind ran at 10 GFLOP/s at best so far; PyTorch takes 0.1 ms on both convs below
+    history = [{"gflop": 1.0, f"{kind}_ms": 100.0, "torch_ms": 1.0} for kind in ("direct", "depthwise") for _ in range(4)]
+    timer = host.HostTimer(resolve_target("cpu"), history=history)
+    built = []
+    monkeypatch.setattr(host, "build_kernels", lambda pairs, target: {s.name: built.append(s.name) for _, s in pairs})
+    monkeypatch.setattr(timer, "time_one", lambda kernel, allowed, mine: {"torch": 0.1, **({mine[0]: 0.2} if mine else {})})
+    dense = conv2d_kernel((1, 64, 56, 56), (1, 64, 56, 56), 1, (3, 3), (1, 1), (1, 1), (1, 1), 16)  # 2300 GFLOP/s on PyTorch
+    depthwise = conv2d_kernel((1, 96, 56, 56), (1, 96, 56, 56), 96, (3, 3), (1, 1), (1, 1), (1, 1), 16)
+    times = timer.time_rivals([dense, depthwise], [None, None])
+    assert "direct" not in times[0] and timer.own_ruled_out[dense.key][0] == "direct"
+    assert "depthwise" in times[1] and len(built) == 1  # memory-bound: never ruled out by GFLOP/s

@@ -12,9 +12,10 @@ in TIR), and they neither set nor meet a ceiling; a tiny one left on PyTorch als
 sigmoid from fusing with the conv, so the sigmoid fuses into the broadcast multiply after it and
 runs once per pixel instead of once per channel (pruned EfficientNet-B0: 0.6 -> 2.7 ms).
 
-sparsefx's own kernels (`kernels.registry`) are filtered the same way with a ceiling per kind
-(`own_ceilings`) and a smaller margin (`OWN_MARGIN`): PyTorch is timed first, and the own kernel
-is built, and timed in turn with PyTorch's again, only where PyTorch does not beat its ceiling.
+sparsefx's compute-bound own kernels (`kernels.registry`: `OWN_FILTERED`) are filtered the same
+way with a ceiling per kind (`own_ceilings`) and a smaller margin (`OWN_MARGIN`): PyTorch is timed
+first, and the own kernel is built, and timed in turn with PyTorch's again, only where PyTorch
+does not beat its ceiling.
 """
 
 from __future__ import annotations
@@ -27,9 +28,13 @@ from sparsefx.cost.kernel import Kernel
 
 MARGIN = 2.0  # TIR's GFLOP/s varies with shape; only skip when PyTorch wins by more than this
 # sparsefx's own kernels run closer to their best: in a cold plan of ResNet-50 (AMD EPYC, 2 threads), skipping
-# them where PyTorch beat 1.25x their best GFLOP/s so far would have skipped 293 of 477 and no kernel they won
-# (1.5x: 162; 2x: 1)
+# them where PyTorch beat 1.25x their best GFLOP/s so far (after two measurements per kind) would have skipped
+# 293 of 477 and no kernel they won (1.5x: 162; 2x: 1)
 OWN_MARGIN = 1.25
+# only the compute-bound kinds: a depthwise conv's GFLOP/s says little of what it can do (memory-bound, and
+# its first timings in a process ran 1.7x slow: a ceiling of two such runs ruled out kernels that won), and a
+# kind needs this many measurements before its ceiling rules anything out
+OWN_FILTERED, OWN_CALIBRATE = ("pointwise", "direct"), 4
 CALIBRATE = 2  # TIR measurements a class needs before its ceiling is trusted
 TINY_MS = 0.05  # PyTorch time below which a workload is always built in TIR
 

@@ -159,9 +159,9 @@ class HostTimer:
         (`prefilter.own_ceilings`), PyTorch is timed first and the own kernel left out where PyTorch
         beats it (`prefilter.OWN_MARGIN`), recorded in `own_ruled_out`; the rest are timed again with it."""
         own = [self.own_kernel(kernel, allowed) for kernel, allowed in zip(kernels, wanted, strict=True)]
-        ceilings = prefilter.own_ceilings(self.history, own_kernels.KERNELS)
+        ceilings = prefilter.own_ceilings(self.history, prefilter.OWN_FILTERED)
         first = [i for i, mine in enumerate(own) if mine and wanted[i] is None
-                 and ceilings.get(mine[0], (0.0, 0))[1] >= prefilter.CALIBRATE]
+                 and ceilings.get(mine[0], (0.0, 0))[1] >= prefilter.OWN_CALIBRATE]
         times: list[Times | None] = [None] * len(kernels)
         for i in first:
             times[i] = self.time_one(kernels[i], None, None)
