@@ -145,7 +145,7 @@ class CostModel:
         wanted = [k for kernel, reference in pairs
                   if kernel.op in MEASURED and kernel.op not in CALIBRATED and self.measure
                   and (kernel, reference or kernel) not in self._priced
-                  for _, k in self._corners(kernel, reference or kernel) if min(k.dims) > 0]
+                  for _, k in corners(kernel, reference or kernel) if min(k.dims) > 0]
         self.measure_all(wanted)
 
     def measured(self, kernel: Kernel) -> float:
@@ -218,47 +218,17 @@ class CostModel:
             total, measured, interpolated = known
             self.sources["measured"] = self.sources.get("measured", 0) + measured
         else:
-            corners = self._corners(kernel, reference)
-            self.measure_all([k for _, k in corners if min(k.dims) > 0])  # the corners' own kernels in one build
+            points = corners(kernel, reference)
+            self.measure_all([k for _, k in points if min(k.dims) > 0])  # the corners' own kernels in one build
             # A zero-sized corner (below the smallest grid point) costs the call overhead only.
             total = sum(weight * (self.measured(k) if min(k.dims) > 0 else self.dispatch_overhead())
-                        for weight, k in corners)
-            measured, interpolated = sum(min(k.dims) > 0 for _, k in corners), len(corners) > 1
+                        for weight, k in points)
+            measured, interpolated = sum(min(k.dims) > 0 for _, k in points), len(points) > 1
             # a search prices the same kernels over and over: remembered, with what they count as
             self._priced[(kernel, reference)] = (total, measured, interpolated)
         if interpolated:  # a kernel on the grid counts as measured only
             self.sources["interpolated"] = self.sources.get("interpolated", 0) + 1
         return total
-
-    def _corners(self, kernel: Kernel, reference: Kernel) -> list[tuple[float, Kernel]]:
-        """The grid kernels `kernel` is interpolated from, with their weights (one, of weight 1,
-        where every dimension is on the grid)."""
-        steps = kernel.steps or (0,) * len(kernel.dims)
-        dims = [self._stair(d, ref, step) for d, ref, step in zip(kernel.dims, reference.dims, steps)]
-        axes = []
-        for i, (d, ref) in enumerate(zip(dims, reference.dims)):
-            if d == ref:
-                continue
-            points = grid(ref, steps[i])
-            if d in points:
-                continue
-            lo = max(p for p in points if p < d) if any(p < d for p in points) else 0
-            hi = min(p for p in points if p > d)
-            axes.append((i, lo, hi, d))
-        corners = []
-        for corner in itertools.product((0, 1), repeat=len(axes)):
-            weight, point = 1.0, list(dims)
-            for bit, (i, lo, hi, d) in zip(corner, axes):
-                t = (d - lo) / (hi - lo)
-                weight *= t if bit else 1 - t
-                point[i] = hi if bit else lo
-            if weight:
-                corners.append((weight, kernel.with_dims(tuple(point))))
-        return corners
-
-    @staticmethod
-    def _stair(d: int, ref: int, step: int) -> int:
-        return min(ref, math.ceil(d / step) * step) if step and d != ref else d
 
     def _roofline(self, kernel: Kernel) -> float:
         if self.target.kind == "llvm" and not self.target.peak_gflops and not self.device:
@@ -285,6 +255,39 @@ class CostModel:
             self._dirty = True
             self.save()
         return self.calibration[entry]
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def corners(kernel: Kernel, reference: Kernel) -> tuple[tuple[float, Kernel], ...]:
+    """The grid kernels `kernel` is interpolated from, with their weights (one, of weight 1,
+    where every dimension is on the grid). Cached: a search asks for the same ones to measure and
+    then to price."""
+    steps = kernel.steps or (0,) * len(kernel.dims)
+    dims = [_stair(d, ref, step) for d, ref, step in zip(kernel.dims, reference.dims, steps)]
+    axes = []
+    for i, (d, ref) in enumerate(zip(dims, reference.dims)):
+        if d == ref:
+            continue
+        points = grid(ref, steps[i])
+        if d in points:
+            continue
+        lo = max(p for p in points if p < d) if any(p < d for p in points) else 0
+        hi = min(p for p in points if p > d)
+        axes.append((i, lo, hi, d))
+    found = []
+    for corner in itertools.product((0, 1), repeat=len(axes)):
+        weight, point = 1.0, list(dims)
+        for bit, (i, lo, hi, d) in zip(corner, axes):
+            t = (d - lo) / (hi - lo)
+            weight *= t if bit else 1 - t
+            point[i] = hi if bit else lo
+        if weight:
+            found.append((weight, kernel.with_dims(tuple(point))))
+    return tuple(found)
+
+
+def _stair(d: int, ref: int, step: int) -> int:
+    return min(ref, math.ceil(d / step) * step) if step and d != ref else d
 
 
 def grid(ref: int, step: int) -> list[int]:

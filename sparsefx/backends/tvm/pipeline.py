@@ -93,8 +93,8 @@ def decide_dispatch(mod: tvm.IRModule, target: Target, timer_for: Callable[[Iter
         progress(f"measuring {len(fresh)} conv/matmul/math-op workloads on PyTorch kernels, and on TIR where it could win")
     timer = timer_for(table.entries.values())
     with tqdm(total=len(fresh), desc="measuring kernels", unit=" kernel", disable=not (bar and fresh),
-              file=sys.stderr, leave=False) as bar:
-        timer.progress = bar.update  # per kernel timed (`HostTimer.time`)
+              file=sys.stderr, leave=False) as meter:
+        timer.progress = meter.update  # per kernel timed (`HostTimer.time`)
         decisions = table.decide(kernels, timer)
     if progress and fresh:
         by = [table.entries[k.key].get("decided_by") for k in fresh]

@@ -106,6 +106,12 @@ def random_tensor(shape: Sequence[int]) -> tvm.runtime.Tensor:
     return tvm.runtime.from_dlpack(torch.randn(tuple(shape)))
 
 
+def cycled_weight_runs(run: Callable[..., object], args: list[tvm.runtime.Tensor]) -> list[Callable[[], object]]:
+    """`run` on `args`, one run per timed copy of the weight (the second argument, `weight_copies`)."""
+    weights = [tvm.runtime.from_dlpack(w) for w in weight_copies(tuple(args[1].shape))]
+    return [functools.partial(run, args[0], w, *args[2:]) for w in weights]
+
+
 class HostTimer:
     """Times kernels on this host's CPU (`cost.timing.Timer`). `build` compiles a Relax module as the
     model's pipeline does; `history` holds earlier default-TIR and own-kernel measurements (dispatch
@@ -211,9 +217,7 @@ class HostTimer:
 
     @staticmethod
     def own_runs(run: Callable[..., object], spec: object) -> list[Callable[[], object]]:
-        args = [random_tensor(shape) for shape in spec.arg_shapes]
-        weights = [tvm.runtime.from_dlpack(w) for w in weight_copies(spec.arg_shapes[1])]
-        return [functools.partial(run, args[0], w, *args[2:]) for w in weights]
+        return cycled_weight_runs(run, [random_tensor(shape) for shape in spec.arg_shapes])
 
     def add_default_tir(self, kernels: list[Kernel], times: list[Times], wanted: list[set | None]) -> None:
         """Time TVM's default schedule where asked for by name, or (unasked) for kernels no own kernel
@@ -250,10 +254,7 @@ class HostTimer:
             run(*args)
             ms = (time.perf_counter() - started) * 1e3
             if ms < SLOW_MS:
-                runs = [functools.partial(run, *args)]
-                if has_weight(kernels[i]):
-                    weights = [tvm.runtime.from_dlpack(w) for w in weight_copies(arg_shapes[1])]
-                    runs = [functools.partial(run, args[0], w, *args[2:]) for w in weights]
+                runs = cycled_weight_runs(run, args) if has_weight(kernels[i]) else [functools.partial(run, *args)]
                 ms = time_in_turn({"tir": runs}, between=self.cold(kernels[i]), stateless={"tir"})["tir"]
             times[i]["tir"] = ms
             if kernels[i].key in by_key:
