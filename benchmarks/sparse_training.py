@@ -41,6 +41,7 @@ from sparsefx import (  # noqa: E402
     SET,
     CompactSET,
     GradualPruner,
+    GraNet,
     LotteryTicket,
     OneShot,
     RigL,
@@ -60,7 +61,8 @@ from sparsefx.sparse.masks import MASKABLE, allocate, apply_masks, compute_masks
 
 log = logging.getLogger("sparsefx.bench")
 PATTERNS = {"unstructured": {"pattern": "unstructured"}, "block1x4": {"pattern": "block", "block": (1, 4)},
-            "nm": {"pattern": "nm"}}
+            "block2x1": {"pattern": "block", "block": (2, 1)}, "nm": {"pattern": "nm"}}
+TIMED = ("rigl", "granet")  # the methods whose seed-0 models are compiled and timed, one per (pattern, kept)
 BATCHES = (1, 256)
 DSD_KEPT = 0.5  # DSD's sparse phase keeps half of each layer (Han et al. prune 30-50%); its result is dense
 
@@ -73,7 +75,9 @@ def configs(quick: bool) -> dict[str, dict]:
     Block/N:M only on LeNet-300-100, where the structured 2% row is the hard one (LeNet-5's 5x5 convs
     have 25 and 150 inputs: no 1x4 blocks). "rigl-dense" is RigL started from the trained dense
     model's magnitude masks for the fine-tuning epochs, against "rigl", sparse from random masks for
-    the whole budget; "set-compact" is SET on layers holding only their kept weights (`CompactSET`)."""
+    the whole budget; "granet" prunes the trained dense model gradually (cubic, over the first half
+    of the fine-tuning) while RigL regrows, drop fraction 0.1, blocks of 2x1 (two outputs share an
+    input) as well as 1x4; "set-compact" is SET on layers holding only their kept weights (`CompactSET`)."""
     if quick:
         return {"lenet300": {"dense": 1, "tune": 1, "rounds": 1, "round_epochs": 1, "lr": 2e-3,
                              "runs": [(m, "unstructured", [0.05]) for m in ("one-shot", "lottery", "set", "rigl",
@@ -88,6 +92,7 @@ def configs(quick: bool) -> dict[str, dict]:
                                                                         "set-compact")]
                          + [("rigl", p, [0.05, 0.02]) for p in ("block1x4", "nm")]
                          + [(m, p, [0.02]) for m in ("set", "rigl-dense") for p in ("block1x4", "nm")]
+                         + [("granet", p, [0.02]) for p in ("block1x4", "block2x1", "nm")]
                          + [("dsd", "-", [])]},
             "lenet5": {"dense": 4, "tune": 8, "rounds": 4, "round_epochs": 4, "lr": 2e-3,
                        "runs": [(m, "unstructured", levels) for m in ("one-shot", "lottery", "rigl")]}}
@@ -190,6 +195,12 @@ def run_method(name: str, cfg: dict, seed: int, method: str, pattern: str, kept:
                           seed=seed)
             finetune(model, loader, epochs=tune, lr=lr, progress=False, pruner=pruner)
             updates = pruner.updates
+        elif method == "granet":  # gradual pruning of the dense model with regrowth, over the fine-tuning epochs
+            every = min(100, max(1, steps // 4))
+            pruner = GraNet(model, plan, every=every, end=int(0.75 * tune * steps), fraction=0.1,
+                            prune_end=int(0.5 * tune * steps), seed=seed)
+            finetune(model, loader, epochs=tune, lr=lr, progress=False, pruner=pruner)
+            updates = pruner.updates
         elif method == "dsd":  # every layer at DSD_KEPT, as Han et al. prune each layer
             pruner = DSD(model, DSD_KEPT, sparse_at=0, dense_at=tune * steps // 2)
             finetune(model, loader, epochs=tune, lr=lr, progress=False, pruner=pruner)
@@ -197,7 +208,7 @@ def run_method(name: str, cfg: dict, seed: int, method: str, pattern: str, kept:
             finetune(model, loader, epochs=tune, lr=lr, progress=False)
     seconds = time.perf_counter() - started
     model = densify(model)  # set-compact's layers back to nn.Linear (zeros where nothing is kept)
-    sparse = to_sparse(model) if seed == 0 and method == "rigl" else None  # the one timed per point
+    sparse = to_sparse(model) if seed == 0 and method in TIMED else None  # timed, one per point
     model = remove_masks(model)
     result = evaluate(model, data.test, class_names=data.class_names)
     x = data.test.dataset.tensors[0][:1]
@@ -386,8 +397,8 @@ def goals(rows: list[dict], latencies: list[dict]) -> list[str]:
                      and math.isclose(r["kept_target"], kept)), None)
 
     lines = []
-    regrown = [r for r in rows if r["model"] == "lenet300" and r["method"] in ("set", "rigl", "rigl-dense")
-               and r["pattern"] in ("block1x4", "nm") and math.isclose(r["kept_target"], 0.02)]
+    regrown = [r for r in rows if r["model"] == "lenet300" and r["method"] in ("set", "rigl", "rigl-dense", "granet")
+               and r["pattern"] in ("block1x4", "block2x1", "nm") and math.isclose(r["kept_target"], 0.02)]
     if regrown:
         best = max(regrown, key=lambda r: r["accuracy"])
         verdict = "MET" if -100 * best["delta"] <= 1 else f"MISSED by {-100 * best['delta'] - 1:.2f} points"
@@ -421,7 +432,7 @@ def markdown(rows: list[dict], latencies: list[dict], memory: list[dict], header
                    f"| {_pm(r)} | {100 * r['delta']:+.2f} | {worst} "
                    f"| {r['effective_macs'] / r['macs']:.3f} | {r['epochs']} | {r['seeds']} |")
     out += ["", "## Latency: compiled sparse (to_sparse + sparsefx.compile) vs dense", "",
-            "One model per (pattern, kept fraction), the RigL run of seed 0 (every method at that point keeps the same "
+            "One model per (pattern, kept fraction), the RigL run of seed 0, else the GraNet one (every method at that point keeps the same "
             "number of weights per layer). Kernels: the sparse TIR kernels the compiled model calls (from "
             "`CompiledModel.profile`); dense compiled: the dense LeNet through the same `sparsefx.compile`. Median ms. "
             "N:M masks whose M is not 4, 8 or 16 (ERK picks M up to 128) reach `to_sparse` as CSR (bsr1x1): "
@@ -488,10 +499,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=None, help="seeds per point (default 3, --quick 1)")
     parser.add_argument("--workers", type=int, default=2, help="training processes (one torch thread each)")
     parser.add_argument("--models", default="lenet300,lenet5")
+    parser.add_argument("--methods", default=None, help="only these methods (comma-separated); dense always trains")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     seeds = args.seeds or (1 if args.quick else 3)
     cfgs = {name: cfg for name, cfg in configs(args.quick).items() if name in args.models.split(",")}
+    if args.methods:
+        wanted = set(args.methods.split(","))
+        cfgs = {name: {**cfg, "runs": [run for run in cfg["runs"] if run[0] in wanted]} for name, cfg in cfgs.items()}
+        cfgs = {name: cfg for name, cfg in cfgs.items() if cfg["runs"]}
     args.out.mkdir(parents=True, exist_ok=True)
     record = RunRecord(sys.argv)
     started = time.perf_counter()
@@ -524,10 +540,12 @@ def main() -> None:
                         "macs": macs, "effective_macs": macs, "train_s": round(d["seconds"], 1), "mask_updates": 0,
                         "epochs": cfgs[name]["dense"]})
     records += [r["record"] for r in results]
-    latencies = []
-    for result in results:  # timed alone, after training: nothing else of ours runs meanwhile
-        r = result["record"]
-        if result["sparse"] is not None and r["method"] == "rigl":
+    latencies, timed = [], set()
+    for result in sorted(results, key=lambda res: TIMED.index(res["record"]["method"]) if res["sparse"] else 0):
+        r = result["record"]  # timed alone, after training: nothing else of ours runs meanwhile
+        point = (r["model"], r["pattern"], r["kept_target"])
+        if result["sparse"] is not None and point not in timed:
+            timed.add(point)
             dense_model = ZOO[r["model"]]()
             dense_model.load_state_dict(dense[(r["model"], 0)]["state"])
             latencies.append(latency(r["model"], r["pattern"], r["kept_target"], result["sparse"], dense_model.eval(),
@@ -541,12 +559,12 @@ def main() -> None:
               f"torch {torch.__version__}, {args.workers} training processes of 1 thread, timing in one thread after "
               f"training; {seeds} seed(s); {training_s:.0f}s training, {time.perf_counter() - started:.0f}s in all. "
               "Epochs: " + "; ".join(
-                  f"{n}: dense {c['dense']}; DSD and rigl-dense {c['tune']} more from the dense model, the lottery "
+                  f"{n}: dense {c['dense']}; DSD, rigl-dense and GraNet {c['tune']} more from the dense model, the lottery "
                   f"ticket {c['rounds']} round(s) of {c['round_epochs']} from it (rewound to a quarter epoch in) and "
                   f"one-shot as many ({c['rounds'] * c['round_epochs']}); SET, RigL and set-compact "
                   f"{c['dense'] + c['tune']} from random masks" for n, c in cfgs.items())
               + f". SET/RigL: a mask update every 100 steps (a quarter epoch if shorter) until 75% of training, drop "
-              f"fraction 0.3. DSD's sparse phase "
+              f"fraction 0.3 (GraNet: 0.1, pruning cubic over the first half of its epochs). DSD's sparse phase "
               f"keeps {DSD_KEPT:g} of each layer for half its epochs. Kept fractions split over layers by ERK. "
               "Adam with cosine decay, no distillation.")
     record.write_report(args.out / "results.json", {"runs": records, "summary": rows, "latency": latencies,

@@ -20,7 +20,7 @@ from sparsefx.planning.planner import apply, plan
 from sparsefx.recovery.compact import CompactLinear, CompactSET, densify
 from sparsefx.recovery.evaluate import Evaluation, evaluate
 from sparsefx.recovery.finetune import History, finetune
-from sparsefx.recovery.regrowth import DSD, SET, LotteryTicket, RegrowthError, RigL
+from sparsefx.recovery.regrowth import DSD, SET, GraNet, LotteryTicket, RegrowthError, RigL
 from sparsefx.recovery.schedules import Gradual, GradualPruner, Iterative, OneShot, cubic_sparsity
 from sparsefx.sparse.layers import SparseConv2d, SparseLinear
 from sparsefx.sparse.masks import (
@@ -40,7 +40,7 @@ from sparsefx.version import __version__
 LAZY_BACKEND = ("CompiledModel", "compile")  # from sparsefx.backends.tvm, which imports TVM
 
 __all__ = [
-    "Analysis", "CalibrationError", "CompactLinear", "CompactSET", "CompiledModel", "DSD", "Evaluation", "Gradual", "GradualPruner", "History", "Iterative",
+    "Analysis", "CalibrationError", "CompactLinear", "CompactSET", "CompiledModel", "DSD", "Evaluation", "Gradual", "GradualPruner", "GraNet", "History", "Iterative",
     "LotteryTicket", "MaskCallback", "OneShot", "Plan", "PlanError", "PruneError", "RegrowthError", "RigL",
     "SET", "SparseConv2d", "SparseLinear", "SparsefxError", "Sparsity", "TraceError", "__version__",
     "analyze", "apply", "apply_masks", "block_influence", "block_mask", "compile", "compute_masks", "count_macs", "count_params",

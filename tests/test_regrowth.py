@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import sparsefx
-from sparsefx import DSD, SET, LotteryTicket, RegrowthError, RigL, Sparsity, finetune, to_sparse
+from sparsefx import DSD, SET, GraNet, LotteryTicket, RegrowthError, RigL, Sparsity, finetune, to_sparse
 from sparsefx.recovery.data import batches
 from sparsefx.recovery.regrowth import drop_and_grow, parameters_by_name, unit_counts
 from sparsefx.sparse.masks import current_masks, nm_mask
@@ -76,6 +76,33 @@ def test_regrowth_keeps_the_kept_fraction_and_moves_the_mask(model, method, spar
     changes = [sum(int((a[n] != b[n]).sum()) for n in a) for a, b in zip(watch.seen, watch.seen[1:])]
     assert sum(c > 0 for c in changes) == 9  # every update moved the mask, nothing else did
     assert torch.count_nonzero(model(torch.randn(4, 64))) > 0
+
+
+class WatchGraNet:
+    """Checks a GraNet's masks after every step against the density its schedule asks for then."""
+
+    def __init__(self, inner: GraNet) -> None:
+        self.inner, self.changed, self.kept, self.seen = inner, False, [], []
+
+    def step(self, t: int) -> nn.Module:
+        model = self.inner.step(t)
+        self.seen.append(_check(model, self.inner.now))
+        self.kept.append(sum(int(m.sum()) for m in self.seen[-1].values()))
+        return model
+
+
+@pytest.mark.parametrize("sparsity", PATTERNS, ids=lambda s: f"{s.pattern}-{s.density}-m{s.m}")
+def test_granet_prunes_gradually_to_the_plan_and_regrows(model, sparsity):
+    pruner = GraNet(model, sparsity, every=4, end=40, fraction=0.3, prune_end=24)
+    watch = WatchGraNet(pruner)
+    assert all(int(m.sum()) == m.numel() for m in current_masks(model).values())  # starts from the dense model
+    finetune(model, _loader(), epochs=3, lr=1e-2, pruner=watch, progress=False)  # 48 steps, updates every 4
+    assert watch.kept == sorted(watch.kept, reverse=True)  # the kept count only falls
+    assert len(set(watch.kept[:25])) > 3 and len(set(watch.kept[24:])) == 1  # gradually, then at the plan
+    assert pruner.now == {name: sparsity for name in pruner.plan}
+    _check(model, pruner.plan)
+    late = watch.seen[24:]  # pruning has ended: regrowth still moves the mask at the same count
+    assert any(any(bool((a[n] != b[n]).any()) for n in a) for a, b in zip(late, late[1:]))
 
 
 def test_regrowth_on_conv_layers():
@@ -208,6 +235,8 @@ def test_compiled_regrown_model_runs_sparse_kernels(model):
     (lambda m: LotteryTicket(m, {"fc1": -0.1}), r"kept fraction must be in \(0, 1\]"),
     (lambda m: DSD(m, 2.0, sparse_at=1, dense_at=5), r"kept fraction must be in \(0, 1\]"),
     (lambda m: SET(m, 0.2, fraction=1.0), "drop fraction"),
+    (lambda m: GraNet(m, 0.2, end=100, prune_end=200), r"prune_end must be a step in \(0, end=100\]"),
+    (lambda m: GraNet(m, 0.2, initial=0.0), r"initial kept fraction must be in \(0, 1\]"),
     (lambda m: SET(m, {}), "names no layer"),
     (lambda m: DSD(m, 0.2, sparse_at=5, dense_at=5), "sparse_at < dense_at"),
     (lambda m: drop_and_grow(m.fc1.weight, torch.ones(32, 64, dtype=torch.bool), Sparsity(0.5, "nm", m=4), 0.3,
