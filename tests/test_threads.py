@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from sparsefx.backends.tvm import compile, load
-from sparsefx.backends.tvm.threads import ALLOWED_CPUS, pool_workers, running_with
+from sparsefx.backends.tvm.parallel import share_openmp_pool
+from sparsefx.backends.tvm.threads import ALLOWED_CPUS, running_with, tir_threads
 from sparsefx.cache import cache_dir
 from sparsefx.capture.compare import check_reference, output_error
 from sparsefx.cli.main import main
@@ -39,12 +40,12 @@ def _small() -> tuple[nn.Module, tuple[torch.Tensor]]:
 
 
 def _threads_seen_during_call(compiled: object, inputs: tuple) -> set[tuple[int, int]]:
-    """(PyTorch threads, TVM pool workers) at every call the VM makes while the model runs."""
+    """(PyTorch threads, TIR kernel threads) at every call the VM makes while the model runs."""
     seen = set()
 
     def instrument(_func: object, _symbol: str, before: bool, _ret: object, *_args: object) -> int:
         if before:
-            seen.add((torch.get_num_threads(), pool_workers()))
+            seen.add((torch.get_num_threads(), tir_threads()))
         return 0
 
     compiled.vm.set_instrument(instrument)
@@ -79,11 +80,12 @@ def test_running_with_sets_both_pools_and_puts_torchs_back() -> None:
     environment = dict(os.environ)
     torch_before = torch.get_num_threads()
     with running_with(1):
-        assert (torch.get_num_threads(), pool_workers()) == (1, 1)
-    assert (torch.get_num_threads(), pool_workers()) == (torch_before, 1)  # TVM's pool stays: only TVM uses it
+        assert (torch.get_num_threads(), tir_threads()) == (1, 1)
+    # on PyTorch's pool TIR follows PyTorch's count; TVM's own pool stays at 1: only TVM uses it
+    assert (torch.get_num_threads(), tir_threads()) == (torch_before, torch_before if share_openmp_pool() else 1)
     if CORES > 1:  # the pool holds a worker per core, not TVM's default of half the cores on x86
         with running_with(CORES):
-            assert (torch.get_num_threads(), pool_workers()) == (CORES, CORES)
+            assert (torch.get_num_threads(), tir_threads()) == (CORES, CORES)
     assert torch.get_num_threads() == torch_before
     assert dict(os.environ) == environment  # TVM_NUM_THREADS was set only while the pool started
 
@@ -99,7 +101,7 @@ def test_a_new_thread_keeps_every_core_and_its_pool_a_worker_per_core(monkeypatc
         with running_with(1):
             seen["affinity"] = os.sched_getaffinity(0)
         with running_with(CORES):
-            seen["workers"] = pool_workers()
+            seen["workers"] = tir_threads()
         seen["after"] = os.sched_getaffinity(0)
 
     thread = threading.Thread(target=run)  # TVM's pool is per thread: this one starts a fresh one

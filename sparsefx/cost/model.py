@@ -43,8 +43,9 @@ LAUNCH_MS = {"llvm": 0.004, "cuda": 0.005}  # roofline per-kernel overhead where
 ROOFLINE_EFFICIENCY = 0.5  # what a tuned kernel reaches of the peak, for unmeasured targets
 # bumped when what a measurement times changes; older tables are re-measured (v10: the backend's timer,
 # rivals in turn, the implementation chosen on the bare conv as the dispatch does, its call overhead;
-# v11: a weight copy per round, made cold by `cost.timing.cold_traffic`)
-TABLE_VERSION = 11
+# v11: a weight copy per round, made cold by `cost.timing.cold_traffic`; v12: TIR kernels' parallel
+# loops on PyTorch's OpenMP pool, `backends.tvm.parallel`)
+TABLE_VERSION = 12
 PROBE_PREFIX = "probe-median|"  # the drift probes' own entries (`drift`), apart from the kernels' timings
 CALIBRATION_VERSION = 3  # v3: timed in turn (`cost.timing`), no "dispatch" entry (the timer's overheads); re-fitted
 

@@ -9,11 +9,15 @@ import os
 os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 
 from sparsefx.backends.tvm.compiler import CompiledModel, compile, load
+from sparsefx.backends.tvm.parallel import share_openmp_pool
 from sparsefx.backends.tvm.threads import pool_workers
 
-# The importing thread's TVM pool starts now, a worker per core: left to TVM, the first TIR kernel
-# run (a planner's timing, say) starts it with half the cores on x86 and pins this thread, and the
-# PyTorch threads it starts later, to those cores (core 0 of 2 here). Workers sleep till used.
+# TIR kernels' parallel loops run on PyTorch's OpenMP pool, registered before any module loads.
+share_openmp_pool()
+# TVM's own pool (all of them where that pool cannot be shared, TVM's internal parallel work
+# otherwise) starts now in the importing thread, a worker per core: left to TVM, its first use
+# starts it with half the cores on x86 and pins this thread, and the PyTorch threads it starts
+# later, to those cores (core 0 of 2 here). Workers sleep till used.
 pool_workers()
 
 __all__ = ["CompiledModel", "compile", "load"]

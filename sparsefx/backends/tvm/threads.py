@@ -1,9 +1,12 @@
 """The cores a compiled model runs on: PyTorch's intra-op pool and TVM's pool set alike, per call.
 
-A compiled model runs TIR kernels on TVM's thread pool and dispatched convolutions/matmuls on
-PyTorch's, one after the other in the calling thread; both get the model's thread count while it
-runs, and PyTorch's is put back as it was after, so using sparsefx changes no PyTorch setting the
-caller sees (TVM's pool stays at the last model's count: see `running_with`). TVM sizes its
+A compiled model runs TIR kernels and dispatched convolutions/matmuls one after the other in the
+calling thread; the TIR kernels' parallel loops run on PyTorch's OpenMP pool (`parallel`), so
+PyTorch's thread count, set to the model's while it runs and put back as it was after, is all
+there is to set: using sparsefx changes no PyTorch setting the caller sees.
+
+Where that pool cannot be shared, TIR kernels run on TVM's own pool (its count stays at the last
+model's: see `running_with`). TVM sizes its
 pool once per calling thread, when first used, from TVM_NUM_THREADS, and without it from half the
 logical cores on x86 (it assumes hyper-threading); on a 2-core machine that pool had one worker,
 TIR kernels ran on one core whatever PyTorch was given, and starting it pinned the calling thread,
@@ -25,6 +28,7 @@ from collections.abc import Iterator
 import torch
 import tvm
 
+from sparsefx.backends.tvm.parallel import share_openmp_pool
 from sparsefx.log import get_logger
 
 SHARE_ALL_CORES = -3  # TVM's affinity mode: every worker may run on any of the cores given
@@ -47,6 +51,11 @@ def pool_workers() -> int:
     return int(runtime_function("runtime.NumThreads")())
 
 
+def tir_threads() -> int:
+    """Threads a TIR kernel's parallel loop gets when run now from the calling thread."""
+    return torch.get_num_threads() if share_openmp_pool() else pool_workers()
+
+
 def set_pool_workers(threads: int) -> None:
     runtime_function("runtime.config_threadpool")(SHARE_ALL_CORES, threads, [str(c) for c in ALLOWED_CPUS])
 
@@ -59,8 +68,8 @@ def running_with(threads: int) -> Iterator[None]:
     the ~19 us a one-kernel model's call took here)."""
     torch_before = torch.get_num_threads()
     if torch_before != threads:
-        torch.set_num_threads(threads)
-    if pool_workers() != threads:
+        torch.set_num_threads(threads)  # TIR kernels' parallel loops take it too, on PyTorch's pool (`parallel`)
+    if not share_openmp_pool() and pool_workers() != threads:
         set_pool_workers(threads)
         if pool_workers() < threads and not getattr(_started, "warned", False):
             _started.warned = True

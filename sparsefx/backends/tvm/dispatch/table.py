@@ -44,11 +44,11 @@ from sparsefx.cost.kernel import Kernel
 from sparsefx.cost.timing import Timer, Times, choose
 from sparsefx.target import Target
 
-# v9: a weight copy per round, made cold by `cost.timing.cold_traffic`; v8: kernels timed by the shared
+# v10: TIR kernels' parallel loops on PyTorch's OpenMP pool (`parallel`); v9: a weight copy per round, made cold by `cost.timing.cold_traffic`; v8: kernels timed by the shared
 # timer (`measure.host`: rivals in turn on cycled weight copies, PyTorch with its bias), decided by
 # `cost.timing.choose`, keyed by `cost.kernel.Kernel`; v7: own kernels in turn with PyTorch's after a
 # cache flush; `direct` since v6, `pointwise` v5
-TABLE_VERSION = 9
+TABLE_VERSION = 10
 
 
 def table_key(target: Target, threads: int) -> str:

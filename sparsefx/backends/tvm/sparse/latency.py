@@ -28,7 +28,7 @@ from sparsefx.errors import SparsefxError
 from sparsefx.sparse.masks import Sparsity
 from sparsefx.target import Target, resolve_target
 
-TABLE_VERSION = 3  # bumped when how a kernel is timed changes: older tables are re-measured (v3: a copy per round, `cold_traffic`)
+TABLE_VERSION = 4  # bumped when how a kernel is timed changes: older tables are re-measured (v3: a copy per round, `cold_traffic`; v4: parallel loops on PyTorch's OpenMP pool)
 REPEAT = 5  # timed repeats (the best counts: on a shared CPU the minimum is what the kernel can do)
 
 
