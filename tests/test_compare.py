@@ -60,3 +60,14 @@ def test_random_efficientnet_is_flagged_until_its_norms_are_calibrated() -> None
     assert not model.training
     reference = check_reference(model, inputs)
     assert reference.pow(2).mean().sqrt() > 1e-2
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_norm_calibration_takes_inputs_of_any_batch(batch: int) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    model[0].weight.data *= 100  # activations far from the default statistics' unit variance
+    inputs = (torch.randn(batch, 3, 8, 8),)
+    assert calibrate_norm_statistics(model, inputs) == 1
+    out = model(*inputs)
+    assert out.shape[0] == batch and 0.3 < float(out.std()) < 3  # normalised by statistics of its own scale

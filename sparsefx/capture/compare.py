@@ -114,7 +114,8 @@ def calibrate_norm_statistics(model: nn.Module, inputs: tuple, batches: int = 2,
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None  # cumulative average over the calibration batches
-    batch = tuple(x.expand(batch_size, *x.shape[1:]) if isinstance(x, torch.Tensor) and x.dim() else x for x in inputs)
+    # shapes of `batch_size` examples (values are random_like's): from the first, whatever the batch given
+    batch = tuple(x[:1].expand(batch_size, *x.shape[1:]) if isinstance(x, torch.Tensor) and x.dim() else x for x in inputs)
     model.train()
     with torch.no_grad():
         for _ in range(batches):
