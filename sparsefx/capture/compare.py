@@ -114,8 +114,11 @@ def calibrate_norm_statistics(model: nn.Module, inputs: tuple, batches: int = 2,
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None  # cumulative average over the calibration batches
-    # shapes of `batch_size` examples (values are random_like's): from the first, whatever the batch given
-    batch = tuple(x[:1].expand(batch_size, *x.shape[1:]) if isinstance(x, torch.Tensor) and x.dim() else x for x in inputs)
+    # inputs' own batch, at least `batch_size` (a norm in training mode needs more than one value per
+    # channel); the values are random_like's. A traced model may have its batch size built in (ViT's
+    # class token expanded to it), so a larger batch is kept as it is
+    batch = tuple(x[:1].expand(max(batch_size, len(x)), *x.shape[1:]) if isinstance(x, torch.Tensor) and x.dim() else x
+                  for x in inputs)
     model.train()
     with torch.no_grad():
         for _ in range(batches):
