@@ -169,10 +169,10 @@ def run_method(name: str, cfg: dict, seed: int, method: str, pattern: str, kept:
     plan = plan_for(model, kept, pattern) if pattern != "-" else {}  # DSD and its baseline prune no plan
     loader, steps = _seeded(data.train, seed), len(data.train)
     tune, lr, updates = cfg["tune"], cfg["lr"], 0
+    every = min(100, max(1, steps // 4))  # mask updates: RigL's 100 steps; more often on --quick's short epochs
     started = time.perf_counter()
     if method in ("set", "rigl", "set-compact"):  # sparse from the start: random masks, the whole budget
         epochs = cfg["dense"] + tune
-        every = min(100, max(1, steps // 4))  # RigL's 100 steps; more often on --quick's short epochs
         schedule = {"every": every, "end": int(0.75 * epochs * steps), "fraction": 0.3, "seed": seed}
         if method == "set-compact":  # the dense weights are replaced before training and never come back
             pruner = CompactSET(model, {name: s.density for name, s in plan.items()}, **schedule)
@@ -190,13 +190,11 @@ def run_method(name: str, cfg: dict, seed: int, method: str, pattern: str, kept:
             while ticket.next_round():
                 finetune(model, loader, epochs=cfg["round_epochs"], lr=lr, progress=False, pruner=ticket)
         elif method == "rigl-dense":  # RigL as fine-tuning: magnitude masks of the trained dense model, then regrowth
-            every = min(100, max(1, steps // 4))
             pruner = RigL(model, plan, every=every, end=int(0.75 * tune * steps), fraction=0.3, init="magnitude",
                           seed=seed)
             finetune(model, loader, epochs=tune, lr=lr, progress=False, pruner=pruner)
             updates = pruner.updates
         elif method == "granet":  # gradual pruning of the dense model with regrowth, over the fine-tuning epochs
-            every = min(100, max(1, steps // 4))
             pruner = GraNet(model, plan, every=every, end=int(0.75 * tune * steps), fraction=0.1,
                             prune_end=int(0.5 * tune * steps), seed=seed)
             finetune(model, loader, epochs=tune, lr=lr, progress=False, pruner=pruner)

@@ -212,8 +212,12 @@ class Regrowth:
     def grow_scores(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def updates_at(self, t: int) -> bool:
+        """Whether step t is a mask update (every `every` steps, before `end`)."""
+        return t > 0 and t % self.every == 0 and t < self.end
+
     def step(self, t: int) -> nn.Module:
-        if t > 0 and t % self.every == 0 and t < self.end:
+        if self.updates_at(t):
             self.update(self.drop_fraction(t))
         return self.model
 
@@ -222,9 +226,10 @@ class Regrowth:
         """One drop-and-regrow of every layer in the plan; regrown weights start at zero."""
         masks, scores, new = current_masks(self.model), self.grow_scores(), {}
         for name, sparsity in self.now.items():
-            if sparsity.density >= 1 or sparsity.pattern == "nm" and round(sparsity.density * sparsity.m) >= sparsity.m:
-                continue  # a layer still whole has nowhere to regrow
             weight = stored_weight(self.model, name)
+            kept, total = unit_counts(weight.shape, sparsity)
+            if kept >= total:
+                continue  # a layer still whole has nowhere to regrow
             new[name] = drop_and_grow(weight, masks[name], sparsity, fraction, scores[name])
             weight[new[name] & ~masks[name]] = 0
         apply_masks(self.model, new)
@@ -305,7 +310,7 @@ class GraNet(RigL):
         return 1 - cubic_sparsity(t, 1 - start, 1 - sparsity.density, 0, steps, self.every)
 
     def step(self, t: int) -> nn.Module:
-        if t > 0 and t % self.every == 0 and t < self.end:
+        if self.updates_at(t):
             wanted = {name: s.at(self.density(t, s)) for name, s in self.plan.items()}
             if wanted != self.now:  # prune by magnitude first; the regrowth below then works on what is left
                 with torch.no_grad():

@@ -31,7 +31,7 @@ import tempfile
 from pathlib import Path
 
 import tvm  # noqa: F401  (registers TVM's own launcher first: a later registration wins)
-import tvm_ffi
+from tvm_ffi.libinfo import find_libtvm_ffi
 
 from sparsefx.cache import cache_dir
 from sparsefx.log import get_logger
@@ -135,7 +135,7 @@ def openmp_launcher() -> ctypes.CDLL | None:
     if loaded_openmp() != before:  # the launcher bound to another libgomp: two pools again, so do not use it
         LOG.warning("the OpenMP launcher loaded a second OpenMP runtime; TIR kernels keep TVM's thread pool")
         return None
-    register = ctypes.CDLL(str(Path(tvm_ffi.__file__).parent / "lib" / "libtvm_ffi.so")).TVMFFIEnvModRegisterContextSymbol
+    register = ctypes.CDLL(find_libtvm_ffi()).TVMFFIEnvModRegisterContextSymbol
     register.argtypes, register.restype = [ctypes.c_char_p, ctypes.c_void_p], ctypes.c_int
     for context, symbol in SYMBOLS.items():
         if register(context.encode(), ctypes.cast(getattr(library, symbol), ctypes.c_void_p)) != 0:

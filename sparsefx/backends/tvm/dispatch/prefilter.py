@@ -69,11 +69,8 @@ def tir_ceilings(entries: Iterable[dict]) -> dict[str, tuple[float, int]]:
     """Per op class: the best TIR GFLOP/s measured so far and how many measurements back it."""
     best: dict[str, tuple[float, int]] = {}
     for entry in entries:
-        if entry.get("tir_ms") is None or "op_class" not in entry or entry["torch_ms"] < TINY_MS:
-            continue
-        gflops = entry["gflop"] / entry["tir_ms"] * 1e3
-        top, count = best.get(entry["op_class"], (0.0, 0))
-        best[entry["op_class"]] = (max(top, gflops), count + 1)
+        if entry.get("tir_ms") is not None and "op_class" in entry and entry["torch_ms"] >= TINY_MS:
+            _raise_ceiling(best, entry["op_class"], entry["gflop"] / entry["tir_ms"] * 1e3)
     return best
 
 
@@ -85,9 +82,14 @@ def own_ceilings(entries: Iterable[dict], kinds: Iterable[str]) -> dict[str, tup
         for kind in kinds:
             ms = entry.get(f"{kind}_ms")
             if ms and entry.get("torch_ms", 0.0) >= TINY_MS:
-                top, count = best.get(kind, (0.0, 0))
-                best[kind] = (max(top, entry["gflop"] / ms * 1e3), count + 1)
+                _raise_ceiling(best, kind, entry["gflop"] / ms * 1e3)
     return best
+
+
+def _raise_ceiling(best: dict[str, tuple[float, int]], key: str, gflops: float) -> None:
+    """One more measurement of `key`: its ceiling the higher of the two, its count one more."""
+    top, count = best.get(key, (0.0, 0))
+    best[key] = (max(top, gflops), count + 1)
 
 
 def calibration(candidates: list[Candidate], entries: Iterable[dict]) -> list[Candidate]:
