@@ -81,3 +81,31 @@ def test_pass_folds_the_squeeze_excite_scale_into_the_next_1x1_conv(scale_first)
     assert "pointwise_24to10_8x6_b2_none_scaled" in text and "R.multiply" not in text
     with torch.no_grad():
         np.testing.assert_allclose(got, model(*inputs).numpy(), rtol=1e-4, atol=1e-5)
+
+
+class _InvertedResiduals(nn.Module):
+    """MobileNetV2's `x + block(x)` where x is the previous block's projection (conv + BN, no activation):
+    that projection is read by the next block's expansion and by the add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.project0, self.bn0 = nn.Conv2d(8, 6, 1, bias=False), nn.BatchNorm2d(6)
+        self.expand, self.project1 = nn.Conv2d(6, 12, 1), nn.Conv2d(12, 6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn0(self.project0(x))
+        return x + self.project1(F.relu6(self.expand(x)))
+
+
+@pytest.mark.parametrize("impl", ["pointwise", "torch"])
+def test_residual_add_fuses_into_the_conv_no_one_else_reads(impl) -> None:
+    """The add fuses into project1, not into project0 (whose output the expansion reads too): project0
+    fused there would run twice."""
+    model = with_random_bn_stats(_InvertedResiduals())
+    inputs = (torch.randn(1, 8, 8, 8),)
+    text, got = dispatched(model, inputs, lambda w: impl)
+    calls = ["pointwise_" in line or "sparsefx.torch.conv2d" in line for line in text.splitlines()]
+    assert sum(calls) == 3, text  # one call per conv
+    assert "R.add" not in text and ("12to6_8x8_b1_none_res" in text if impl == "pointwise" else "residual" in text)
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(*inputs).numpy(), rtol=1e-4, atol=1e-5)

@@ -6,11 +6,13 @@ with its epilogue (`dispatch.table.epilogue_pass`, `kernels.registry.own_kernel_
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import tvm
 from tvm import relax
-from tvm.relax.dpl import is_const, is_op, wildcard
+from tvm.relax.dpl import CallPattern, is_const, is_op, rewrite_call, wildcard
 
 from sparsefx.backends.tvm.dispatch.math_ops import MATH_OPS
 from sparsefx.cost.kernel import Kernel, conv2d_kernel, matmul_of_shapes
@@ -84,3 +86,35 @@ def epilogue_patterns(x: object = None) -> EpiloguePatterns:
                    lambda t: is_op("relax.clip")(t, wildcard(), wildcard()))
     patterns = [act(inner) for inner in (*summed, biased) for act in activations] + [*summed, biased]
     return EpiloguePatterns(x, w, b, residual, conv, tuple(patterns))
+
+
+def shared_values(func: relax.Function) -> set:
+    """The bound values whose variable more than one expression reads (or the function returns)."""
+    reads: Counter = Counter()
+
+    @relax.expr_functor.visitor
+    class _Reads(relax.PyExprVisitor):
+        def visit_var_(self, var: relax.Var) -> None:
+            reads[var] += 1
+
+        def visit_dataflow_var_(self, var: relax.DataflowVar) -> None:
+            reads[var] += 1
+
+    _Reads().visit_expr(func)
+    return {value for var, value in relax.analysis.get_var2val(func).items() if reads[var] > 1}
+
+
+def rewrite_fused(pattern: object, rewriter: Callable, func: relax.Function) -> relax.Function:
+    """`rewrite_call` for fusing patterns: a match that would take in an intermediate value other
+    expressions read too is left alone, since the fused call would compute that value a second time
+    (MobileNetV2's `x + block(x)` matched the previous block's projection conv as the fused one, and
+    that conv ran twice: once for the next block's expansion, once inside the add)."""
+    shared = shared_values(func)
+
+    def guarded(expr: relax.Expr, matches: dict) -> relax.Expr:
+        # the calls the pattern spells out are taken in; its wildcards (inputs, a residual) are only read
+        if any(isinstance(p, CallPattern) and not v.same_as(expr) and v in shared for p, v in matches.items()):
+            return expr
+        return rewriter(expr, matches)
+
+    return rewrite_call(pattern, guarded, func)

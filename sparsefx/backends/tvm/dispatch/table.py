@@ -16,7 +16,6 @@ import math
 
 import tvm
 from tvm import relax
-from tvm.relax.dpl import rewrite_call
 
 from sparsefx.backends.tvm.dispatch import prefilter
 from sparsefx.backends.tvm.dispatch.math_ops import BY_NAME
@@ -25,6 +24,7 @@ from sparsefx.backends.tvm.dispatch.patterns import (
     epilogue_patterns,
     kernel_of,
     per_channel,
+    rewrite_fused,
     shape_of,
 )
 from sparsefx.backends.tvm.dispatch.torch_kernels import (
@@ -161,7 +161,7 @@ def epilogue_pass(decisions: dict[str, dict], precision: str = "fp32") -> tvm.tr
 
     def rewrite_all(func: relax.Function) -> relax.Function:
         for pattern in ep.patterns:
-            func = rewrite_call(pattern, rewriter, func)
+            func = rewrite_fused(pattern, rewriter, func)
         return func
 
     return function_pass("FuseTorchEpilogue", rewrite_all)

@@ -14,7 +14,7 @@ from types import ModuleType
 import numpy as np
 import tvm
 from tvm import relax
-from tvm.relax.dpl import is_op, rewrite_call, wildcard
+from tvm.relax.dpl import is_op, wildcard
 
 from sparsefx.backends.tvm.dispatch.patterns import (
     EpiloguePatterns,
@@ -22,6 +22,7 @@ from sparsefx.backends.tvm.dispatch.patterns import (
     epilogue_patterns,
     kernel_of,
     per_channel,
+    rewrite_fused,
     shape_of,
 )
 from sparsefx.backends.tvm.kernels import depthwise, direct, pointwise
@@ -98,7 +99,7 @@ def own_kernel_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
             if isinstance(func, relax.Function):
                 for ep, scaled in families:
                     for pattern in (*ep.patterns, ep.conv):
-                        func = rewrite_call(pattern, lambda e, m, ep=ep, scaled=scaled: rewriter(e, m, ep, scaled), func)
+                        func = rewrite_fused(pattern, lambda e, m, ep=ep, scaled=scaled: rewriter(e, m, ep, scaled), func)
                 mod[gvar] = func
         return mod
 
