@@ -4,8 +4,11 @@ For each model, batch size and thread count, dense and pruned (`sparsefx.prune(r
 eager, torch.compile (inductor), ONNX Runtime (CPU EP, all graph optimisations, intra-op threads
 set), OpenVINO in fp32 and in its default precision, and sparsefx.compile (`backends/peers.py`).
 Every runtime of one (model, batch, threads) is timed in the same alternating rounds (round-robin:
-one short burst of each in turn, per round; the median of the rounds' medians), so load from other
-processes hits them alike. Also: build (compile) seconds, the relative L2 error of each runtime's
+each in turn per round: WARMUP_PER_TURN untimed calls, then the median of CALLS_PER_TURN timed ones;
+the median of the rounds' medians), so load from other processes hits them alike, and no runtime is
+timed on the call that wakes its threads after another runtime's turn (one call a turn did: at 2
+threads ONNX Runtime's and OpenVINO's pruned MobileNetV2 took 3.1 and 3.0 ms so against 1.7 and 1.5
+with warm-up calls). Also: build (compile) seconds, the relative L2 error of each runtime's
 output against eager fp32 of the same model (`capture.compare`; batch-norm statistics calibrated so
 outputs are O(1)), and the pruned model's speedup bounds: by MACs and per op class (`cost.bounds`,
 roofline shares at this CPU's measured FLOP/s per byte). A runtime that cannot build a model is a
@@ -54,6 +57,7 @@ MODELS = {"resnet18": "torchvision:resnet18", "resnet50": "torchvision:resnet50"
 FULL = "resnet18,resnet50,mobilenet_v2,efficientnet_b0,convnext_tiny,vit_b_16,bert-base"
 FP32_PEERS = ("onnxruntime", "openvino-fp32", "torch.compile")  # the fp32 runtimes sparsefx must match
 LOG = logging.getLogger("sparsefx.bench")
+WARMUP_PER_TURN, CALLS_PER_TURN = 3, 5
 
 
 def prepare(name: str, batch: int, ratio: float, flops_per_byte: float) -> tuple[dict, dict]:
@@ -103,7 +107,7 @@ def bench(name: str, batch: int, threads: int, runtimes: list[str], rounds: int,
                     runners[(variant, runtime)] = runner
             LOG.info(f"{name} batch {batch}, {threads} thread(s): timing {len(runners)} builds in {rounds} rounds")
             latency = measure_latencies({f"{v}/{r}": runner for (v, r), runner in runners.items()}, inputs,
-                                        repeat=rounds * max(1, 20 // rounds), rounds=rounds)
+                                        repeat=rounds * CALLS_PER_TURN, rounds=rounds, warmup=WARMUP_PER_TURN)
     finally:
         torch.set_num_threads(saved)
     for row in rows:
@@ -115,7 +119,8 @@ def bench(name: str, batch: int, threads: int, runtimes: list[str], rounds: int,
 
 def markdown(rows: list[dict], runtimes: list[str], record: RunRecord) -> str:
     lines = ["# sparsefx against the runtimes users deploy with", "", record.markdown_line(), "",
-             "Median ms over alternating rounds (every runtime of a row timed in turn each round), dense / pruned "
+             f"Median ms over alternating rounds (every runtime of a row timed in turn each round: {WARMUP_PER_TURN} untimed calls, then "
+             f"the median of {CALLS_PER_TURN}), dense / pruned "
              "(`sparsefx.prune(ratio=0.5)`). Bounds: the pruned model's speedup limit by MACs and per op class "
              "(1x1/kxk convs and matmuls by MACs, depthwise and element-wise work by channels; `cost/bounds.py`). "
              "`vs best fp32`: sparsefx time over the fastest of ONNX Runtime, OpenVINO fp32 and torch.compile "

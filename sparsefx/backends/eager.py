@@ -39,13 +39,16 @@ def measure_latency(
 
 
 def measure_latencies(
-    models: dict[str, nn.Module | Callable[..., object]], example_inputs: tuple[torch.Tensor, ...], repeat: int = 20, rounds: int = 5
+    models: dict[str, nn.Module | Callable[..., object]], example_inputs: tuple[torch.Tensor, ...], repeat: int = 20, rounds: int = 5,
+    warmup: int = 1,
 ) -> dict[str, float]:
     """Median latency in ms per model, measured in alternating rounds so that load from other
-    processes (common on shared CPUs) hits every model alike instead of whichever ran during it."""
+    processes (common on shared CPUs) hits every model alike instead of whichever ran during it.
+    Each model's turn runs `warmup` untimed calls first: a runtime whose threads went to sleep while
+    another one ran pays the wake-up there, not in its timed calls."""
     per_round: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(rounds):
         for name, model in models.items():
-            stats = measure_latency(model, example_inputs, warmup=1, repeat=max(1, repeat // rounds))
+            stats = measure_latency(model, example_inputs, warmup=warmup, repeat=max(1, repeat // rounds))
             per_round[name].append(stats["median_ms"])
     return {name: float(np.median(times)) for name, times in per_round.items()}

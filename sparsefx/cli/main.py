@@ -310,7 +310,8 @@ def _bench(args: argparse.Namespace) -> int:
     models.update(_peer_runners(args.vs, {name.split()[1]: models[name] for name in ("eager dense", "eager pruned")
                                           if name in models}, inputs, compiled.threads))
     LOG.info("measuring (alternating rounds)")
-    latency = measure_latencies(models, inputs, repeat=args.repeat)
+    # beside other runtimes, each turn first wakes its runtime's threads (the peers' pools sleep between turns)
+    latency = measure_latencies(models, inputs, repeat=args.repeat, warmup=3 if args.vs else 1)
     base = latency["eager dense"]
     width = max(14, *map(len, latency))
     print(f"{'model':<{width}} {'median ms':>10} {'vs eager dense':>15}")
