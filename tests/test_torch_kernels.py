@@ -1,4 +1,4 @@
-"""Dispatched PyTorch convolutions: prepacked oneDNN weights and fused ReLU6/SiLU epilogues match eager."""
+"""Dispatched PyTorch convolutions and matmuls: prepacked oneDNN weights and fused ReLU6/SiLU epilogues match eager."""
 
 from __future__ import annotations
 
@@ -40,6 +40,13 @@ def _model() -> tuple[nn.Module, tuple[torch.Tensor]]:
     return model, (torch.randn(2, 3, 12, 12),)
 
 
+def _mlp() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """Linear layers on a (batch, tokens, features) input: float32 matmuls with constant weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 48), nn.GELU(), nn.Linear(48, 16)).eval()
+    return model, (torch.randn(1, 10, 24),)
+
+
 def test_activations_fuse_into_dispatched_convs() -> None:
     model, inputs = _model()
     target = resolve_target("cpu")
@@ -51,8 +58,9 @@ def test_activations_fuse_into_dispatched_convs() -> None:
     assert text.count("R.clip") == 1  # clamp(-1, 1) is no ReLU6 and stays in TIR
 
 
+@pytest.mark.parametrize("make", [_model, _mlp])
 @pytest.mark.parametrize("prepack", [True, False])
-def test_dispatched_model_matches_eager(prepack: bool, monkeypatch) -> None:
+def test_dispatched_model_matches_eager(prepack: bool, make, monkeypatch) -> None:
     if prepack and not torch_kernels.PREPACK:
         pytest.skip("this PyTorch has no MKLDNN: there are no prepacked weights to check")
     monkeypatch.setattr(torch_kernels, "PREPACK", prepack)
@@ -60,9 +68,10 @@ def test_dispatched_model_matches_eager(prepack: bool, monkeypatch) -> None:
     rigged = {"torch": 2e-6, "torch_prepacked": 1e-6, "depthwise": 1.0, "pointwise": 1.0, "direct": 1.0, "tir": 1.0}
     monkeypatch.setattr(HostTimer, "time", lambda self, kernels, implementations=None: [dict(rigged) for _ in kernels])
     monkeypatch.setattr(HostTimer, "overheads", lambda self: {})
-    model, inputs = _model()
+    model, inputs = make()
     compiled = compile(model, inputs, verbose=False)
-    assert all(d["impl"] == "torch" and d["prepack"] for d in compiled.manifest["dispatch"].values())
+    decided = [d for d in compiled.manifest["dispatch"].values() if d["op_class"].startswith(("conv2d", "matmul"))]
+    assert decided and all(d["impl"] == "torch" and d["prepack"] for d in decided)
     expected = check_reference(model, inputs)
     with torch.no_grad():
         for _ in range(2):  # the second call reuses the packed weights

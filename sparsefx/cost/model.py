@@ -44,8 +44,8 @@ ROOFLINE_EFFICIENCY = 0.5  # what a tuned kernel reaches of the peak, for unmeas
 # bumped when what a measurement times changes; older tables are re-measured (v10: the backend's timer,
 # rivals in turn, the implementation chosen on the bare conv as the dispatch does, its call overhead;
 # v11: a weight copy per round, made cold by `cost.timing.cold_traffic`; v12: TIR kernels' parallel
-# loops on PyTorch's OpenMP pool, `backends.tvm.parallel`)
-TABLE_VERSION = 12
+# loops on PyTorch's OpenMP pool, `backends.tvm.parallel`; v13: float32 matmuls also on oneDNN prepacked)
+TABLE_VERSION = 13
 PROBE_PREFIX = "probe-median|"  # the drift probes' own entries (`drift`), apart from the kernels' timings
 CALIBRATION_VERSION = 3  # v3: timed in turn (`cost.timing`), no "dispatch" entry (the timer's overheads); re-fitted
 

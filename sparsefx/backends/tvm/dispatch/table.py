@@ -48,7 +48,7 @@ from sparsefx.target import Target
 # timer (`measure.host`: rivals in turn on cycled weight copies, PyTorch with its bias), decided by
 # `cost.timing.choose`, keyed by `cost.kernel.Kernel`; v7: own kernels in turn with PyTorch's after a
 # cache flush; `direct` since v6, `pointwise` v5
-TABLE_VERSION = 10
+TABLE_VERSION = 11  # v11: float32 matmuls timed prepacked on oneDNN too
 
 
 def table_key(target: Target, threads: int) -> str:
@@ -122,14 +122,14 @@ def dispatch_pass(decisions: dict[str, dict], precision: str = "fp32") -> tvm.tr
             if k.op == "conv2d":
                 extra = [relax.prim_value(v) for v in (*k.conv_attrs, _key(call.args[1], decisions[k.key]))]
                 return relax.call_pure_packed(CONV, call.args[0], call.args[1], *extra, code, ty_args=call.ty)
-            key = relax.prim_value(_weight_key(call.args[1]) if precision != "fp32" else 0)
+            key = relax.prim_value(_weight_key(call.args[1]) if precision != "fp32" else _key(call.args[1], decisions[k.key]))
             return relax.call_pure_packed(MATMUL, call.args[0], call.args[1], key, code, ty_args=call.ty)
 
     return function_pass("DispatchToTorch", lambda func: _Rewrite().visit_expr(func))
 
 
 def _key(weight: relax.Expr, decision: dict) -> int:
-    """The prepacking key of a constant weight where prepacking measured faster; 0: plain F.conv2d."""
+    """The prepacking key of a constant weight where prepacking measured faster; 0: plain F.conv2d or matmul."""
     return _weight_key(weight) if decision.get("prepack") else 0
 
 

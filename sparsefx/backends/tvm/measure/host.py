@@ -71,9 +71,13 @@ def torch_rivals(kernel: Kernel, precision: str = "fp32") -> tuple[dict[str, lis
         if kernel.dims[0] > 1:  # attention's batched matmuls multiply two activations, both just written
             return {"torch": [lambda: matmul(a, b, 0, precision)]}, []
         weights = weight_copies(b.shape)
-        keys = [random.getrandbits(62) or 1 for _ in weights] if precision != "fp32" else [0] * len(weights)
-        return {"torch": [functools.partial(matmul, a, w, key, precision) for w, key in zip(weights, keys)]}, \
-            [key for key in keys if key]
+        keys = [random.getrandbits(62) or 1 for _ in weights]  # bf16: converted copies; fp32: prepacked ones
+        if precision != "fp32":
+            return {"torch": [functools.partial(matmul, a, w, key, precision) for w, key in zip(weights, keys)]}, keys
+        rivals = {"torch": [functools.partial(matmul, a, w) for w in weights]}
+        if PREPACK:
+            rivals["torch_prepacked"] = [functools.partial(matmul, a, w, key) for w, key in zip(weights, keys)]
+        return rivals, keys if PREPACK else []
     x_shape, w_shape, out_shape = kernel.shapes
     act, residual = kernel.epilogue
     x, b = torch.randn(x_shape), torch.randn(w_shape[0])  # BN folds into the bias
@@ -205,7 +209,8 @@ class HostTimer:
             rivals = {name: runs for name, runs in rivals.items() if allowed is None or name in allowed}
             # PyTorch's plain conv and the own kernels keep nothing per weight; prepacked convs and
             # converted matmul weights (`keys`) do
-            stateless = set(rivals) - {"torch_prepacked"} - ({"torch"} if kernel.op == "matmul" and keys else set())
+            stateless = set(rivals) - {"torch_prepacked"} - \
+                ({"torch"} if kernel.op == "matmul" and self.target.precision != "fp32" else set())
             times = time_in_turn(rivals, between=self.cold(kernel), stateless=stateless) if rivals else {}
             forget_packed(keys)
         return times
