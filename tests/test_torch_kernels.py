@@ -58,6 +58,17 @@ def test_activations_fuse_into_dispatched_convs() -> None:
     assert text.count("R.clip") == 1  # clamp(-1, 1) is no ReLU6 and stays in TIR
 
 
+def test_linear_layers_keep_bias_and_gelu_in_one_call() -> None:
+    model, inputs = _mlp()
+    target = resolve_target("cpu")
+    mod, _ = to_relax(model, inputs)
+    mod = pipeline.run(pipeline.optimize_passes(), mod, target.to_tvm())
+    decisions = {k.key: {"impl": "torch"} for k in pipeline.collect_kernels(mod)}
+    text = str(pipeline.run(pipeline.dispatch(decisions), mod, target.to_tvm())["main"])
+    assert text.count("sparsefx.torch.matmul_bias") == 2
+    assert "R.nn.gelu" not in text and "sparsefx.torch.gelu" not in text and "R.add" not in text
+
+
 @pytest.mark.parametrize("make", [_model, _mlp])
 @pytest.mark.parametrize("prepack", [True, False])
 def test_dispatched_model_matches_eager(prepack: bool, make, monkeypatch) -> None:
@@ -83,3 +94,33 @@ def test_weight_key_names_contents() -> None:
     w = torch.randn(8, 4, 3, 3).numpy()
     assert torch_kernels.weight_key(w) == torch_kernels.weight_key(w.copy()) > 0
     assert torch_kernels.weight_key(w) != torch_kernels.weight_key(w * 2)
+
+
+def test_a_reshape_between_the_linear_and_its_gelu_still_fuses() -> None:
+    """A Linear on 3-D input imported through torch.export: 2-D matmul, bias, reshape back, GELU."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((10, 24), "float32"))
+    weight, bias = (np.random.rand(*s).astype("float32") for s in ((24, 48), (48,)))
+    w, b = relax.const(weight), relax.const(bias)
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.add(b, relax.op.matmul(x, w)))
+            out = bb.emit_output(relax.op.nn.gelu(relax.op.reshape(y, (1, 10, 48))))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    decisions = {k.key: {"impl": "torch"} for k in pipeline.collect_kernels(mod)}
+    target = resolve_target("cpu")
+    fused = pipeline.run(pipeline.dispatch(decisions), mod, target.to_tvm())
+    text = str(fused["main"])
+    assert "sparsefx.torch.matmul_bias" in text and "gelu" not in text.replace("matmul_bias", "")
+    lowering = pipeline.as_pipeline(pipeline.lowering_passes(target, target.to_tvm(), None))
+    vm = relax.VirtualMachine(tvm.compile(fused, target.to_tvm(), relax_pipeline=lowering), tvm.cpu())
+    xs = torch.randn(10, 24)
+    got = torch.from_dlpack(vm["main"](tvm.runtime.tensor(xs.numpy())))
+    want = torch.nn.functional.gelu(xs @ torch.from_numpy(weight) + torch.from_numpy(bias))
+    assert got.shape == (1, 10, 48)
+    torch.testing.assert_close(got[0], want, rtol=1e-4, atol=1e-5)

@@ -34,7 +34,7 @@ from sparsefx.log import get_logger
 from sparsefx.target import Target, check_threads, host_cpu, resolve_target, with_precision
 from sparsefx.version import __version__
 
-ARTIFACT_VERSION = 2  # v2: dispatched PyTorch kernels take a precision index (and matmuls a weight key)
+ARTIFACT_VERSION = 3  # v2: dispatched PyTorch kernels take a precision index (and matmuls a weight key); v3: Linear layers call `matmul_bias`
 ALIGNMENT = 64  # bytes: what TVM's allocator gives and its generated code may assume
 LOG = get_logger("tvm")
 

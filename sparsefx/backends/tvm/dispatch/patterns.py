@@ -1,4 +1,4 @@
-"""What the dispatch reads off Relax: the `Kernel` a call runs, and the conv epilogue patterns.
+"""What the dispatch reads off Relax: the `Kernel` a call runs, and the conv and matmul epilogue patterns.
 
 Shared by the dispatch table (which decides per kernel) and the passes that rewrite a decided conv
 with its epilogue (`dispatch.table.epilogue_pass`, `kernels.registry.own_kernel_pass`).
@@ -57,7 +57,8 @@ def activation_of(expr: relax.Expr) -> str | None:
     if name == "relax.clip":
         bounds = [getattr(a, "value", None) for a in expr.args[1:]]
         return "relu6" if [float(v) if v is not None else None for v in bounds] == [0.0, 6.0] else None
-    return {"relax.nn.relu": "relu", "relax.nn.silu": "silu"}.get(name, "none")
+    return {"relax.nn.relu": "relu", "relax.nn.silu": "silu", "relax.nn.gelu": "gelu",
+            "relax.nn.gelu_tanh": "gelu_tanh"}.get(name, "none")
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,29 @@ def epilogue_patterns(x: object = None) -> EpiloguePatterns:
                    lambda t: is_op("relax.clip")(t, wildcard(), wildcard()))
     patterns = [act(inner) for inner in (*summed, biased) for act in activations] + [*summed, biased]
     return EpiloguePatterns(x, w, b, residual, conv, tuple(patterns))
+
+
+@dataclass(frozen=True)
+class MatmulEpiloguePatterns:
+    """A matmul by a constant with a bias added and an activation after it (a Linear layer; a reshape
+    may come between), the longest first; `x`, `w`, `b`, `matmul` name their parts in a match."""
+
+    x: object
+    w: object
+    b: object
+    matmul: object
+    patterns: tuple
+
+
+def matmul_epilogue_patterns() -> MatmulEpiloguePatterns:
+    x, w, b = wildcard(), is_const(), is_const()
+    product = is_op("relax.matmul")(x, w)
+    biased = (is_op("relax.add")(product, b), is_op("relax.add")(b, product))
+    # a Linear on 3-D input imports as a 2-D matmul reshaped back before the activation (ViT, BERT)
+    reshaped = tuple(is_op("relax.reshape")(inner, wildcard()) for inner in biased)
+    activations = [is_op(name) for name in ("relax.nn.relu", "relax.nn.gelu", "relax.nn.gelu_tanh")]
+    return MatmulEpiloguePatterns(x, w, b, product, tuple(act(inner) for inner in biased + reshaped
+                                                          for act in activations) + biased)
 
 
 def shared_values(func: relax.Function) -> set:

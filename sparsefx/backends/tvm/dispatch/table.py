@@ -23,6 +23,7 @@ from sparsefx.backends.tvm.dispatch.patterns import (
     activation_of,
     epilogue_patterns,
     kernel_of,
+    matmul_epilogue_patterns,
     per_channel,
     rewrite_fused,
     shape_of,
@@ -33,6 +34,8 @@ from sparsefx.backends.tvm.dispatch.torch_kernels import (
     CONV_EPILOGUE,
     CONV_RESIDUAL,
     MATMUL,
+    MATMUL_ACTIVATIONS,
+    MATMUL_EPILOGUE,
     PRECISIONS,
     TORCH_IMPLEMENTATIONS,
     weight_key,
@@ -140,9 +143,26 @@ def _weight_key(weight: relax.Expr) -> int:
 
 def epilogue_pass(decisions: dict[str, dict], precision: str = "fp32") -> tvm.transform.Pass:
     """Relax pass: a conv PyTorch runs keeps its bias, residual add and activation (ReLU, ReLU6,
-    SiLU) in the same call, so no TIR kernel has to re-read its output (runs before `dispatch_pass`)."""
-    ep = epilogue_patterns()
+    SiLU) in the same call, so no TIR kernel has to re-read its output, and a matmul by a constant
+    its bias and ReLU/GELU (a Linear layer: one oneDNN call where its weight is prepacked); runs
+    before `dispatch_pass`."""
+    ep, mp = epilogue_patterns(), matmul_epilogue_patterns()
     x, w, b, residual, conv = ep.x, ep.w, ep.b, ep.residual, ep.conv
+    code = relax.prim_value(PRECISIONS.index(precision))
+
+    def linear(expr: relax.Expr, matches: dict) -> relax.Expr:
+        k = kernel_of(matches[mp.matmul])
+        decision = decisions.get(k.key, {}) if k is not None else {}
+        bias = shape_of(matches[mp.b])
+        if decision.get("impl") != "torch" or bias[-1:] != [k.shapes[1][-1]] or math.prod(bias) != bias[-1]:
+            return expr
+        weight, product = matches[mp.w], matches[mp.matmul]
+        key = _weight_key(weight) if precision != "fp32" else _key(weight, decision)
+        fused = relax.call_pure_packed(MATMUL_EPILOGUE, matches[mp.x], weight, matches[mp.b], relax.prim_value(key),
+                                       relax.prim_value(MATMUL_ACTIVATIONS.index(activation_of(expr))), code,
+                                       ty_args=product.ty)
+        # the activation is element-wise: a reshape matched before it can as well come after
+        return fused if shape_of(expr) == shape_of(product) else relax.op.reshape(fused, expr.ty.shape)
 
     def rewriter(expr: relax.Expr, matches: dict) -> relax.Expr:
         k = kernel_of(matches[conv])
@@ -162,6 +182,8 @@ def epilogue_pass(decisions: dict[str, dict], precision: str = "fp32") -> tvm.tr
     def rewrite_all(func: relax.Function) -> relax.Function:
         for pattern in ep.patterns:
             func = rewrite_fused(pattern, rewriter, func)
+        for pattern in mp.patterns:
+            func = rewrite_fused(pattern, linear, func)
         return func
 
     return function_pass("FuseTorchEpilogue", rewrite_all)

@@ -35,6 +35,8 @@ CONV = "sparsefx.torch.conv2d"
 CONV_EPILOGUE = "sparsefx.torch.conv2d_bias"
 CONV_RESIDUAL = "sparsefx.torch.conv2d_bias_residual"
 MATMUL = "sparsefx.torch.matmul"
+MATMUL_EPILOGUE = "sparsefx.torch.matmul_bias"
+MATMUL_ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh")  # codes in fused matmuls' calls
 TORCH_IMPLEMENTATIONS = ("torch", "torch_prepacked")  # as the timer and the dispatch table name them
 # what the kernels compute in; the compiled calls pass the index. "bf16-out": bf16 returned as bf16, for a
 # conv whose result only feeds other bf16 convs (`dispatch.bf16_chain`)
@@ -42,7 +44,9 @@ PRECISIONS = ("fp32", "bf16", "bf16-out")
 
 _ONEDNN_ACT = {"none": ("none", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0]), "silu": ("swish", [])}
 _EAGER_ACT = {"none": lambda t: t, "relu": torch.relu_, "relu6": lambda t: t.clamp_(0, 6),
-              "silu": lambda t: F.silu(t, inplace=True)}
+              "silu": lambda t: F.silu(t, inplace=True), "gelu": F.gelu,
+              "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
+_ONEDNN_LINEAR_ACT = {"none": ("none", ""), "relu": ("relu", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
 PREPACK = torch.backends.mkldnn.is_available()
 _packed: dict[tuple, torch.Tensor] = {}  # (weight key, input shape, dtype) or (key, "linear") -> oneDNN-blocked weight
 _converted: dict[tuple, torch.Tensor] = {}  # (weight key, dtype) -> a matmul weight in that dtype
@@ -85,25 +89,30 @@ def conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, attrs: tuple[
     return finish(out)  # oneDNN picks channels-last output for some shapes; TIR expects compact NCHW
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor, key: int = 0, precision: str = "fp32") -> torch.Tensor:
-    """a @ b in `precision`; a constant `b` named by `key` is prepared once per process: in float32
-    prepacked for oneDNN's linear (PyTorch's matmul calls MKL, which on the AMD EPYC here ran BERT's
-    768 -> 3072 projection at 28-44 GMAC/s against oneDNN's 55 with its weight prepacked), in bf16
-    converted."""
-    if precision == "fp32":
-        if not (key and PREPACK and b.dim() == 2):
-            return torch.matmul(a, b).contiguous()
+def matmul(a: torch.Tensor, b: torch.Tensor, key: int = 0, precision: str = "fp32", bias: torch.Tensor | None = None,
+           act: str = "none") -> torch.Tensor:
+    """act(a @ b + bias) in `precision`; a constant `b` named by `key` is prepared once per process:
+    in float32 prepacked for oneDNN's linear, which then applies the bias and activation too (PyTorch's
+    matmul calls MKL, which on the AMD EPYC here ran BERT's 768 -> 3072 projection at 28-44 GMAC/s
+    against oneDNN's 55 with its weight prepacked), in bf16 converted."""
+    if precision == "fp32" and key and PREPACK and b.dim() == 2:
         packed = _packed.get((key, "linear"))
         if packed is None:  # oneDNN takes the weight as (out, in), like nn.Linear's
             packed = _packed[(key, "linear")] = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), None)
-        return torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
-    dtype = torch.bfloat16
-    weight = _converted.get((key, dtype)) if key else None
-    if weight is None:
-        weight = b.to(dtype)
-        if key:
-            _converted[(key, dtype)] = weight
-    return _float32(torch.matmul(a.to(dtype), weight))
+        return torch.ops.mkldnn._linear_pointwise(a, packed, bias, _ONEDNN_LINEAR_ACT[act][0], [],
+                                                  _ONEDNN_LINEAR_ACT[act][1])
+    if precision == "fp32":
+        out = torch.matmul(a, b)
+    else:
+        dtype = torch.bfloat16
+        weight = _converted.get((key, dtype)) if key else None
+        if weight is None:
+            weight = b.to(dtype)
+            if key:
+                _converted[(key, dtype)] = weight
+        out = _float32(torch.matmul(a.to(dtype), weight))
+    out = out if bias is None else out.add_(bias)
+    return _EAGER_ACT[act](out).contiguous()
 
 
 def _float32(out: torch.Tensor) -> torch.Tensor:
@@ -141,6 +150,13 @@ def _torch_conv2d_residual(x: object, w: object, b: object, residual: object, *a
 @tvm_ffi.register_global_func(MATMUL, override=True)
 def _torch_matmul(a: object, b: object, key: int, precision: int) -> object:
     return tvm_ffi.from_dlpack(matmul(_t(a), _t(b), key, PRECISIONS[precision]))
+
+
+@tvm_ffi.register_global_func(MATMUL_EPILOGUE, override=True)
+def _torch_matmul_bias(a: object, b: object, bias: object, key: int, act: int, precision: int) -> object:
+    """a @ b + bias (+ activation): a Linear layer, one oneDNN call where its weight is prepacked."""
+    return tvm_ffi.from_dlpack(matmul(_t(a), _t(b), key, PRECISIONS[precision], _t(bias).reshape(-1),
+                                      MATMUL_ACTIVATIONS[act]))
 
 
 def forget_packed(keys: list[int]) -> None:
