@@ -47,24 +47,23 @@ def _mlp() -> tuple[nn.Module, tuple[torch.Tensor]]:
     return model, (torch.randn(1, 10, 24),)
 
 
-def test_activations_fuse_into_dispatched_convs() -> None:
-    model, inputs = _model()
+def _all_on_torch(model: nn.Module, inputs: tuple[torch.Tensor]) -> str:
+    """main's text after the dispatch passes with every kernel decided for PyTorch."""
     target = resolve_target("cpu")
     mod, _ = to_relax(model, inputs)
     mod = pipeline.run(pipeline.optimize_passes(), mod, target.to_tvm())
     decisions = {k.key: {"impl": "torch"} for k in pipeline.collect_kernels(mod)}
-    text = str(pipeline.run(pipeline.dispatch(decisions), mod, target.to_tvm())["main"])
+    return str(pipeline.run(pipeline.dispatch(decisions), mod, target.to_tvm())["main"])
+
+
+def test_activations_fuse_into_dispatched_convs() -> None:
+    text = _all_on_torch(*_model())
     assert "R.nn.silu" not in text and "conv2d_bias_residual" in text
     assert text.count("R.clip") == 1  # clamp(-1, 1) is no ReLU6 and stays in TIR
 
 
 def test_linear_layers_keep_bias_and_gelu_in_one_call() -> None:
-    model, inputs = _mlp()
-    target = resolve_target("cpu")
-    mod, _ = to_relax(model, inputs)
-    mod = pipeline.run(pipeline.optimize_passes(), mod, target.to_tvm())
-    decisions = {k.key: {"impl": "torch"} for k in pipeline.collect_kernels(mod)}
-    text = str(pipeline.run(pipeline.dispatch(decisions), mod, target.to_tvm())["main"])
+    text = _all_on_torch(*_mlp())
     assert text.count("sparsefx.torch.matmul_bias") == 2
     assert "R.nn.gelu" not in text and "sparsefx.torch.gelu" not in text and "R.add" not in text
 

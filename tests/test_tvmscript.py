@@ -1,10 +1,11 @@
 """cheap_frames: TVM's parser gets FrameInfo records equal to inspect's in what it reads, and its
-own `inspect` back afterwards, also when uses nest or overlap in threads."""
+own `inspect` back afterwards, also when uses nest or overlap in threads; parsed kernels kept on disk."""
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import threading
 
 import tvm
@@ -67,3 +68,22 @@ def test_a_macro_kernel_parses_the_same() -> None:
         return f
 
     tvm.ir.assert_structural_equal(parse(build, 8), build(8))
+
+
+def test_a_parsed_kernel_is_kept_on_disk_and_reparsed_when_damaged(private_cache, caplog) -> None:
+    from sparsefx.backends.tvm.kernels import pointwise
+    from sparsefx.backends.tvm.tvmscript import backend_source_version, parsed
+    from sparsefx.cache import cache_dir
+
+    spec = pointwise.PointwiseSpec(1, 8, 16, 4, 8, "relu", True)
+    first = parsed(pointwise.kernel, spec)
+    (stored,) = (cache_dir() / "tvmscript").glob("*.json")
+    parsed.cache_clear()  # a new process: only the disk copy is left
+    tvm.ir.assert_structural_equal(parsed(pointwise.kernel, spec), first)
+    stored.write_text(json.dumps({"version": backend_source_version(), "entries": {"func": "not TVM JSON"}}))
+    parsed.cache_clear()
+    with caplog.at_level("WARNING", logger="sparsefx.cache"):
+        tvm.ir.assert_structural_equal(parsed(pointwise.kernel, spec), first)
+    assert "parsing it again" in caplog.text
+    parsed.cache_clear()
+    tvm.ir.assert_structural_equal(parsed(pointwise.kernel, spec), first)  # and stored again, whole
