@@ -207,8 +207,8 @@ class HostTimer:
             if mine:
                 rivals[mine[0]] = self.own_runs(mine[1], mine[2])
             rivals = {name: runs for name, runs in rivals.items() if allowed is None or name in allowed}
-            # PyTorch's plain conv and the own kernels keep nothing per weight; prepacked convs and
-            # converted matmul weights (`keys`) do
+            # PyTorch's plain conv and matmul and the own kernels keep nothing per weight; prepacked
+            # convs and matmuls and bf16-converted matmul weights (`keys`) do
             stateless = set(rivals) - {"torch_prepacked"} - \
                 ({"torch"} if kernel.op == "matmul" and self.target.precision != "fp32" else set())
             times = time_in_turn(rivals, between=self.cold(kernel), stateless=stateless) if rivals else {}
