@@ -125,7 +125,7 @@ def dispatch_pass(decisions: dict[str, dict], precision: str = "fp32") -> tvm.tr
             if k.op == "conv2d":
                 extra = [relax.prim_value(v) for v in (*k.conv_attrs, _key(call.args[1], decisions[k.key]))]
                 return relax.call_pure_packed(CONV, call.args[0], call.args[1], *extra, code, ty_args=call.ty)
-            key = relax.prim_value(_weight_key(call.args[1]) if precision != "fp32" else _key(call.args[1], decisions[k.key]))
+            key = relax.prim_value(_matmul_key(call.args[1], decisions[k.key], precision))
             return relax.call_pure_packed(MATMUL, call.args[0], call.args[1], key, code, ty_args=call.ty)
 
     return function_pass("DispatchToTorch", lambda func: _Rewrite().visit_expr(func))
@@ -134,6 +134,11 @@ def dispatch_pass(decisions: dict[str, dict], precision: str = "fp32") -> tvm.tr
 def _key(weight: relax.Expr, decision: dict) -> int:
     """The prepacking key of a constant weight where prepacking measured faster; 0: plain F.conv2d or matmul."""
     return _weight_key(weight) if decision.get("prepack") else 0
+
+
+def _matmul_key(weight: relax.Expr, decision: dict, precision: str) -> int:
+    """A matmul weight's key: in bf16 always (converted once), in float32 where prepacking measured faster."""
+    return _weight_key(weight) if precision != "fp32" else _key(weight, decision)
 
 
 def _weight_key(weight: relax.Expr) -> int:
@@ -157,7 +162,7 @@ def epilogue_pass(decisions: dict[str, dict], precision: str = "fp32") -> tvm.tr
         if decision.get("impl") != "torch" or bias[-1:] != [k.shapes[1][-1]] or math.prod(bias) != bias[-1]:
             return expr
         weight, product = matches[mp.w], matches[mp.matmul]
-        key = _weight_key(weight) if precision != "fp32" else _key(weight, decision)
+        key = _matmul_key(weight, decision, precision)
         fused = relax.call_pure_packed(MATMUL_EPILOGUE, matches[mp.x], weight, matches[mp.b], relax.prim_value(key),
                                        relax.prim_value(MATMUL_ACTIVATIONS.index(activation_of(expr))), code,
                                        ty_args=product.ty)
