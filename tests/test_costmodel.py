@@ -14,7 +14,7 @@ from sparsefx.capture.models import load_model
 from sparsefx.cli.main import main
 from sparsefx.cost import timing
 from sparsefx.cost.fusion import EPILOGUE_RULES
-from sparsefx.cost.kernel import conv2d_kernel, matmul_kernel
+from sparsefx.cost.kernel import Kernel, conv2d_kernel, matmul_kernel
 from sparsefx.cost.latency import analyze_fusion, annotate_latency, dense_kernels
 from sparsefx.cost.model import PROBE_PREFIX, CostModel, grid, l2_bytes
 from sparsefx.planning.plan import Plan
@@ -245,6 +245,7 @@ class RefusingTimer:
     """A timer that must not be asked: the drift probes time PyTorch's conv themselves."""
 
     device = ""
+    free_epilogues: dict = {}
 
     def time(self, kernels, implementations=None):  # noqa: ANN001, ANN201
         raise AssertionError("a drift probe went through the timer")
@@ -296,3 +297,37 @@ def test_squeeze_excite_scale_folds_into_the_next_1x1_conv_where_the_backend_fol
         annotate_latency(gm, CostModel("cpu", measure=False, fusion=rules))
         priced[rules] = mul.meta["sfx_latency_ms"]
     assert priced[EPILOGUE_RULES] > 0 and (priced[tvm_fusion.RULES] == 0) == folds
+
+
+class RecordingTimer:
+    """PyTorch at 1 ms and the own 1x1 kernel at 0.5 ms, a fused residual add 0.25 ms more; records
+    the kernels each call asked about."""
+
+    device = ""
+    free_epilogues = {"pointwise": ("none", "relu", "relu6")}
+
+    def __init__(self) -> None:
+        self.asked: list[list[str]] = []
+
+    def time(self, kernels, implementations=None):  # noqa: ANN001, ANN201
+        self.asked.append([k.key for k in kernels])
+        offered = {"torch": 1.0, "pointwise": 0.5}
+        return [{name: ms + 0.25 * kernel.epilogue[1] for name, ms in offered.items()
+                 if implementations is None or name in implementations[i]} for i, kernel in enumerate(kernels)]
+
+    def overheads(self) -> dict[str, float]:
+        return {}
+
+    def calibrate(self) -> dict[str, list[float]]:
+        return {"cold_write": [1e9]}
+
+
+def test_an_epilogue_the_chosen_kernel_applies_for_free_is_priced_without_timing_it_again(tmp_path):
+    timer = RecordingTimer()
+    cost = CostModel("cpu", path=tmp_path / "table.json", timer=timer)
+    bare = conv2d_kernel((1, 32, 16, 16), (1, 24, 16, 16), 1, (1, 1), (1, 1), (0, 0), (1, 1), cost.lanes)
+    relu, residual = (Kernel(bare.op, bare.dims, (*bare.attrs, 1, add), bare.steps) for add in (0, 1))
+    assert relu.epilogue == ("relu", False) and residual.epilogue == ("relu", True)
+    ms = cost.time_all([relu, residual])
+    assert timer.asked == [[bare.key, bare.key], [residual.key]]  # decided on the bare conv; only the add timed again
+    assert ms[0] == pytest.approx(0.5, abs=1e-3) and ms[1] == pytest.approx(0.75, abs=1e-3)

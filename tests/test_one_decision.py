@@ -33,6 +33,7 @@ class FakeTimer:
     Records which kernels each call asked about."""
 
     device = ""
+    free_epilogues = HostTimer.free_epilogues
 
     def __init__(self) -> None:
         self.asked: list[set[str]] = []

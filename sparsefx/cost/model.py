@@ -183,11 +183,14 @@ class CostModel:
 
     def time_all(self, kernels: list[Kernel]) -> list[float]:
         """ms of each kernel as the compiled model runs it, timed now (uncached): the implementation
-        the dispatch picks (`implementations`) with the kernel's epilogue fused, plus its call
-        overhead, plus the cold output on this host (see `output_ms`)."""
+        the dispatch picks (`implementations`) with the kernel's epilogue fused (timed so, unless the
+        implementation applies that epilogue in the bare kernel's time: the timer's `free_epilogues`),
+        plus its call overhead, plus the cold output on this host (see `output_ms`)."""
         chosen, bare = self._decide(kernels)
         times = [{impl: t[impl]} for impl, t in zip(chosen, bare, strict=True)]
-        dressed = [i for i, k in enumerate(kernels) if k.bare != k]
+        free = self.timer.free_epilogues  # epilogues that cost the chosen implementation nothing: not timed again
+        dressed = [i for i, k in enumerate(kernels)
+                   if k.bare != k and (k.epilogue[1] or k.epilogue[0] not in free.get(chosen[i], ()))]
         for i, t in zip(dressed, self.timer.time([kernels[i] for i in dressed], [[chosen[i]] for i in dressed]),
                         strict=True):
             # the chosen implementation cannot fuse this epilogue (a residual add on the depthwise

@@ -46,9 +46,12 @@ class Timer(Protocol):
     """Times kernels on one device as a compiled model runs them.
 
     `device`: "" for this host; otherwise the device's name (the cost model keeps its table apart,
-    and calibrates nothing there)."""
+    and calibrates nothing there). `free_epilogues`: implementation -> the activations it applies
+    to a conv's output in the time of the conv without them (bias included); the cost model then
+    prices the conv with that epilogue by the bare conv's time instead of timing it again."""
 
     device: str
+    free_epilogues: Mapping[str, Collection[str]]
 
     def time(self, kernels: list[Kernel], implementations: Sequence[Sequence[str]] | None = None) -> list[Times]:
         """ms of each implementation that can run each kernel (only those in `implementations[i]`

@@ -6,8 +6,10 @@ process none of it overlaps (code generation holds the GIL: two threads looked k
 faster than one). Workers forked from this process, with TVM and the kernel modules already
 imported, each build their share into a shared library as a compiled model is saved
 (`export_library`: the system C compiler links it), and this process loads them. The caller
-waits for every worker before it times anything, so no build runs beside a timing. Where
-forking is unavailable, or a worker fails, the kernels are built here.
+waits for every worker before it times anything, so no build runs beside a timing; between
+batches the workers wait, idle, for the next (one pool per process: a cold plan of ResNet-50
+builds ~50 batches, and forking a process with torch and TVM loaded for each cost ~0.1 s a batch).
+Where forking is unavailable, or a worker fails, the kernels are built here.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from sparsefx.log import get_logger
 
 LOG = get_logger("tvm")
 PER_WORKER = 2  # fewer kernels than this per worker are built here (4 kernels: 0.33 s in two workers, 0.46 here)
+_pools: dict[tuple[int, int], ProcessPoolExecutor] = {}  # (pid, workers) -> a pool: a forked child makes its own
 
 
 def build_kernels(pairs: list[tuple[str, object]], target: tvm.target.Target) -> dict[str, Callable[..., object]]:
@@ -38,6 +41,9 @@ def build_kernels(pairs: list[tuple[str, object]], target: tvm.target.Target) ->
         try:
             return build_in_workers(unique, target, workers)
         except Exception as error:  # noqa: BLE001 - any worker failure: build here, as without workers
+            broken = _pools.pop((os.getpid(), workers), None)  # made afresh next time
+            if broken is not None:
+                broken.shutdown(cancel_futures=True)
             LOG.warning("building kernels in worker processes failed (%s); building them here", one_line(error))
     library = tvm.compile(kernel_module(unique), target)
     return {spec.name: library[spec.name] for _, spec in unique}
@@ -52,13 +58,21 @@ def build_in_workers(pairs: list[tuple[str, object]], target: tvm.target.Target,
     shares = [pairs[i::workers] for i in range(workers)]  # dealt round-robin: each gets every kind
     with tempfile.TemporaryDirectory(prefix="sfx-kernels-") as tmp:
         paths = [str(Path(tmp) / f"share{i}.so") for i in range(workers)]
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            list(pool.map(build_share, shares, [target.export()] * workers, paths))
+        list(pool(workers).map(build_share, shares, [target.export()] * workers, paths))
         kernels = {}
         for share, path in zip(shares, paths, strict=True):
             library = tvm.runtime.load_module(path)  # loaded: the file may go
             kernels.update({spec.name: library[spec.name] for _, spec in share})
     return kernels
+
+
+def pool(workers: int) -> ProcessPoolExecutor:
+    """This process's pool of `workers` forked workers, made on first use (see the module doc);
+    Python's exit handler stops them with the process."""
+    key = (os.getpid(), workers)
+    if key not in _pools:
+        _pools[key] = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    return _pools[key]
 
 
 def build_share(pairs: list[tuple[str, object]], target: dict, path: str) -> str:

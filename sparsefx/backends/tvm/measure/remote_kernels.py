@@ -43,6 +43,7 @@ class RemoteTimer:
         self.tracker, self.key, self.target, self.repeat = tracker, key, target, repeat
         self.session_s = session_s
         self.device = f"rpc-{key}"
+        self.free_epilogues: dict[str, tuple[str, ...]] = {}
         self._session = None
 
     def time(self, kernels: list[Kernel], implementations: Sequence[Sequence[str]] | None = None) -> list[Times]:
