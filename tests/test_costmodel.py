@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import sparsefx
-from sparsefx.backends.tvm import fusion as tvm_fusion
 from sparsefx.backends.tvm.kernels.registry import own_kernel
+from sparsefx.backends.tvm.measure.host import HostTimer
 from sparsefx.capture.compare import TOLERANCE, check_reference, output_error
 from sparsefx.capture.models import load_model
 from sparsefx.cli.main import main
@@ -18,7 +18,8 @@ from sparsefx.cost.kernel import Kernel, conv2d_kernel, matmul_kernel
 from sparsefx.cost.latency import analyze_fusion, annotate_latency, dense_kernels
 from sparsefx.cost.model import PROBE_PREFIX, CostModel, grid, l2_bytes
 from sparsefx.planning.plan import Plan
-from sparsefx.planning.pricing import cost_model
+from sparsefx.planning.pricing import RULES, cost_model
+from sparsefx.target import resolve_target
 
 
 def _fake_cost(monkeypatch, tmp_path):
@@ -162,7 +163,7 @@ def test_output_write_is_charged_up_to_the_l2(monkeypatch, tmp_path):
 
 
 def test_depthwise_1x1_and_dense_convs_are_also_timed_on_sparsefx_kernels(monkeypatch, tmp_path):
-    cost = cost_model("cpu", path=tmp_path / "table.json")
+    cost = CostModel("cpu", path=tmp_path / "table.json", timer=HostTimer(resolve_target("cpu")))
     monkeypatch.setattr(cost, "_calibration", lambda entry: {"cold_write": [1e9]}.get(entry, [1e-6, 1e3]))
     measure = cost.timer.time_rivals
 
@@ -291,12 +292,12 @@ def test_squeeze_excite_scale_folds_into_the_next_1x1_conv_where_the_backend_fol
     kernels = dense_kernels(gm, 8)
     mul = next(n for n in gm.graph.nodes if n.name == "mul")
     assert mul not in analyze_fusion(gm, kernels).fused  # without the fold the multiply is a kernel of its own
-    assert (mul in analyze_fusion(gm, kernels, tvm_fusion.RULES).fused) == folds
+    assert (mul in analyze_fusion(gm, kernels, RULES).fused) == folds
     priced = {}
-    for rules in (EPILOGUE_RULES, tvm_fusion.RULES):
+    for rules in (EPILOGUE_RULES, RULES):
         annotate_latency(gm, CostModel("cpu", measure=False, fusion=rules))
         priced[rules] = mul.meta["sfx_latency_ms"]
-    assert priced[EPILOGUE_RULES] > 0 and (priced[tvm_fusion.RULES] == 0) == folds
+    assert priced[EPILOGUE_RULES] > 0 and (priced[RULES] == 0) == folds
 
 
 class RecordingTimer:

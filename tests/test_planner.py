@@ -2,6 +2,9 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -161,3 +164,22 @@ def test_uniform_second_opinion_prices_only_ratios_that_keep_more(greedy_units, 
     uniform_if_better(planner, goal=7.0, lanes=1, max_ratio=0.9)  # 30 units removed meet 7 ms
     assert planner.search.removed == {0: adopted}
     assert all(units < greedy_units for units in planner.priced)  # nothing keeping less was timed
+
+
+PLAN_ONCE = """
+import sys, torch
+from torch import nn
+import sparsefx
+torch.manual_seed(0)
+model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                      nn.Conv2d(32, 8, 1)).eval()
+sparsefx.plan(model, (torch.randn(1, 3, 32, 32),), speedup=1.3, verbose=False)
+print("tvm" in sys.modules)
+"""
+
+
+def test_a_plan_priced_from_the_tables_alone_does_not_load_tvm(tmp_path):
+    env = {**os.environ, "SPARSEFX_CACHE": str(tmp_path)}
+    loaded = [subprocess.run([sys.executable, "-c", PLAN_ONCE], env=env, capture_output=True, text=True,
+                             check=True).stdout.split()[-1] for _ in range(2)]
+    assert loaded == ["True", "False"]  # the first plan measured its kernels on TVM; the second read them

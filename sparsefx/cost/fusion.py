@@ -7,7 +7,7 @@ A backend says what its compiled model fuses, and the latency pass prices the mo
   excitation's `x * s`, s of shape (n, c, 1, 1)) takes the scale in, so the multiply costs nothing
   of its own.
 `EPILOGUE_RULES` is what any backend running a conv with a fused epilogue does; the TVM backend's
-rules (`backends.tvm.fusion`) add its squeeze-excite fold.
+rules (`planning.pricing.RULES`) add its squeeze-excite fold (`backends.tvm.fusion`).
 """
 
 from __future__ import annotations

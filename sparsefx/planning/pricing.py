@@ -5,15 +5,54 @@ On this host the timer starts from the dispatch table's earlier decisions (its p
 new TIR builds where the compiler already measured); with `rpc=("HOST:PORT", key)` kernels are
 timed on the device a TVM RPC tracker serves under `key` (pure TIR, as a `dispatch=False` build
 runs there), in a table of their own. GPU targets without RPC, and `measure=False`, price by the
-roofline. On this host the latency pass fuses as the TVM backend does (`backends.tvm.fusion`).
+roofline. On this host the latency pass fuses as the TVM backend does (`RULES`).
+
+The TVM backend loads TVM, which `import sparsefx` must not, and which a plan whose kernels are
+all in the cost table never needs (importing it took 2.1 s of a 6.3 s warm plan of ResNet-50):
+it is imported when a kernel is first timed or a squeeze-excite fold first asked about.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
+from sparsefx.cost.fusion import EPILOGUE_RULES
+from sparsefx.cost.kernel import Kernel
 from sparsefx.cost.model import CostModel
-from sparsefx.target import resolve_target
+from sparsefx.target import Target, resolve_target
+
+
+def folds_scale(conv: Kernel) -> bool:
+    """The TVM backend's squeeze-excite fold (`backends.tvm.fusion.folds_scale`)."""
+    from sparsefx.backends.tvm.fusion import folds_scale as backend_folds_scale
+
+    return backend_folds_scale(conv)
+
+
+RULES = replace(EPILOGUE_RULES, scale_fold=folds_scale)  # what the TVM backend fuses
+
+
+class HostTimerOnDemand:
+    """The TVM backend's `HostTimer` for `spec` (`cost.timing.Timer`), made when first asked for
+    anything, with the dispatch table's history (see the module doc)."""
+
+    device = ""
+
+    def __init__(self, spec: Target) -> None:
+        self.spec = spec
+        self.made: object | None = None
+
+    def __getattr__(self, name: str) -> object:  # only reached for what this object lacks: the timer's
+        if name.startswith("__") or name in ("spec", "made"):
+            raise AttributeError(name)
+        if self.made is None:
+            from sparsefx.backends.tvm.dispatch.table import DispatchTable, table_key
+            from sparsefx.backends.tvm.measure.host import HostTimer
+
+            history = DispatchTable(table_key(self.spec, self.spec.cores)).entries.values()  # at spec.cores threads
+            self.made = HostTimer(self.spec, history=history)
+        return getattr(self.made, name)
 
 
 def cost_model(target: object = "cpu", measure: bool = True, rpc: tuple[str, str] | None = None,
@@ -21,14 +60,8 @@ def cost_model(target: object = "cpu", measure: bool = True, rpc: tuple[str, str
     spec = resolve_target(target)
     if not measure or (spec.is_gpu and rpc is None):
         return CostModel(spec, measure=False, path=path)
-    # the TVM backend loads TVM, which `import sparsefx` must not: imported when a timer is needed
     if rpc is not None:
         from sparsefx.backends.tvm.measure.remote_kernels import RemoteTimer
 
         return CostModel(spec, path=path, timer=RemoteTimer(*rpc, spec))
-    from sparsefx.backends.tvm.dispatch.table import DispatchTable, table_key
-    from sparsefx.backends.tvm.fusion import RULES
-    from sparsefx.backends.tvm.measure.host import HostTimer
-
-    history = DispatchTable(table_key(spec, spec.cores)).entries.values()  # the cost model times at spec.cores threads
-    return CostModel(spec, path=path, timer=HostTimer(spec, history=history), fusion=RULES)
+    return CostModel(spec, path=path, timer=HostTimerOnDemand(spec), fusion=RULES)

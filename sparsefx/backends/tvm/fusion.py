@@ -1,4 +1,4 @@
-"""The TVM backend's fusion rules for the latency pass (`cost.fusion.FusionRules`), as its passes fuse.
+"""The TVM backend's fusion beyond any backend's conv epilogue, for the latency pass (`planning.pricing.RULES`).
 
 `dispatch.table.epilogue_pass` keeps a conv's bias, residual add and ReLU/ReLU6/SiLU in the call to
 PyTorch, and `kernels.registry.own_kernel_pass` fuses the same into sparsefx's kernels; it also folds
@@ -11,13 +11,9 @@ multiply then runs as an element-wise kernel the latency pass does not price.
 from __future__ import annotations
 
 from sparsefx.backends.tvm.kernels import pointwise
-from sparsefx.cost.fusion import FusionRules
-from sparsefx.cost.kernel import EPILOGUE_ACTIVATIONS, Kernel
+from sparsefx.cost.kernel import Kernel
 
 
 def folds_scale(conv: Kernel) -> bool:
     """Whether `own_kernel_pass` can fold an input scale into this conv (the `pointwise` kernel runs it)."""
     return conv.op == "conv2d" and pointwise.supported(conv.conv_attrs, conv.shapes)
-
-
-RULES = FusionRules(activations=EPILOGUE_ACTIVATIONS[1:], residual=True, scale_fold=folds_scale)
