@@ -139,8 +139,8 @@ def test_bf16_plan_is_priced_on_bf16_kernels() -> None:
     assert sparsefx.plan(model, inputs, macs_ratio=0.6, verbose=False).target["precision"] == "fp32"
 
 
-def _dispatched_ir(model: nn.Module, inputs: tuple, precision: str) -> str:
-    """The model's Relax main after every conv and matmul is decided for PyTorch (no timing)."""
+def _dispatched(model: nn.Module, inputs: tuple, precision: str) -> object:
+    """The model's Relax module after every conv and matmul is decided for PyTorch (no timing)."""
     from sparsefx.backends.tvm import pipeline
     from sparsefx.backends.tvm.dispatch.table import collect_kernels
     from sparsefx.backends.tvm.importer import to_relax
@@ -148,7 +148,11 @@ def _dispatched_ir(model: nn.Module, inputs: tuple, precision: str) -> str:
     target = host_cpu().to_tvm()
     mod = pipeline.run(pipeline.optimize_passes(), to_relax(model, inputs)[0], target)
     decisions = {k.key: {"impl": "torch", "prepack": True} for k in collect_kernels(mod)}
-    return str(pipeline.run(pipeline.dispatch(decisions, precision), mod, target)["main"])
+    return pipeline.run(pipeline.dispatch(decisions, precision), mod, target)
+
+
+def _dispatched_ir(model: nn.Module, inputs: tuple, precision: str) -> str:
+    return str(_dispatched(model, inputs, precision)["main"])
 
 
 def test_bf16_convs_feeding_only_bf16_convs_hand_on_bf16() -> None:
@@ -162,3 +166,48 @@ def test_bf16_convs_feeding_only_bf16_convs_hand_on_bf16() -> None:
     assert 'dtype="bfloat16") = R.call_pure_packed("sparsefx.torch.conv2d_bias"' in convs[0]  # stem: chained
     assert 'dtype="float32") = R.call_pure_packed("sparsefx.torch.conv2d_bias_residual"' in convs[1]
     assert "bfloat16" not in _dispatched_ir(model, inputs, "fp32")
+
+
+class StemNet(nn.Module):
+    """ResNet's stem: conv, ReLU, max-pool, read by a block's conv and its shortcut conv (or, with
+    `pool_read_by_tir`, also by a mean: TIR)."""
+
+    def __init__(self, pool_read_by_tir: bool = False) -> None:
+        super().__init__()
+        self.stem, self.pool = nn.Conv2d(3, 16, 3, padding=1), nn.MaxPool2d(3, 2, 1)
+        self.block, self.shortcut = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 1)
+        self.pool_read_by_tir = pool_read_by_tir
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.pool(torch.relu(self.stem(x)))
+        out = (torch.relu(self.block(y)) + self.shortcut(y)).mean((2, 3))
+        return out + y.mean((2, 3)) if self.pool_read_by_tir else out
+
+
+def test_a_max_pool_between_bf16_convs_runs_in_bf16_on_pytorch() -> None:
+    torch.manual_seed(0)
+    inputs = (torch.randn(1, 3, 16, 16),)
+    lines = [line for line in _dispatched_ir(StemNet().eval(), inputs, "bf16").splitlines() if "call_pure_packed" in line]
+    pools = [line for line in lines if torch_kernels.MAX_POOL in line]
+    assert len(pools) == 1 and 'dtype="bfloat16")' in pools[0]
+    assert 'dtype="bfloat16") = R.call_pure_packed("sparsefx.torch.conv2d_bias"' in lines[0]  # the stem hands on bf16
+    tir_read = _dispatched_ir(StemNet(pool_read_by_tir=True).eval(), inputs, "bf16")
+    assert torch_kernels.MAX_POOL not in tir_read and "R.nn.max_pool2d" in tir_read  # float32 for TIR's mean
+    assert torch_kernels.MAX_POOL not in _dispatched_ir(StemNet().eval(), inputs, "fp32")
+
+
+@needs_bf16
+def test_a_bf16_stem_with_its_pool_on_pytorch_is_within_the_bound() -> None:
+    import tvm
+
+    from sparsefx.backends.tvm.pipeline import build_module
+
+    torch.manual_seed(0)
+    model, inputs = StemNet().eval(), (torch.randn(2, 3, 32, 32),)
+    expected = check_reference(model, inputs)
+    mod = _dispatched(model, inputs, "bf16")
+    assert torch_kernels.MAX_POOL in str(mod["main"])
+    vm = tvm.relax.VirtualMachine(build_module(mod, host_cpu().to_tvm(), host_cpu()), tvm.cpu())
+    got = torch.from_dlpack(vm["main"](tvm.runtime.tensor(inputs[0].numpy())))
+    error = output_error(expected, got)
+    assert 1e-5 < error.relative_l2 < BOUND, error  # bf16's rounding, within its bound

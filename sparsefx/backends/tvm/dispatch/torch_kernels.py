@@ -37,6 +37,7 @@ CONV_RESIDUAL = "sparsefx.torch.conv2d_bias_residual"
 MATMUL = "sparsefx.torch.matmul"
 MATMUL_EPILOGUE = "sparsefx.torch.matmul_bias"
 MATMUL_ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh")  # codes in fused matmuls' calls
+MAX_POOL = "sparsefx.torch.max_pool2d"  # a max-pool between bf16 convs, in bf16 (`bf16_chain`)
 TORCH_IMPLEMENTATIONS = ("torch", "torch_prepacked")  # as the timer and the dispatch table name them
 # what the kernels compute in; the compiled calls pass the index. "bf16-out": bf16 returned as bf16, for a
 # conv whose result only feeds other bf16 convs (`dispatch.bf16_chain`)
@@ -157,6 +158,14 @@ def _torch_matmul_bias(a: object, b: object, bias: object, key: int, act: int, p
     """a @ b + bias (+ activation): a Linear layer, one oneDNN call where its weight is prepacked."""
     return tvm_ffi.from_dlpack(matmul(_t(a), _t(b), key, PRECISIONS[precision], _t(bias).reshape(-1),
                                       MATMUL_ACTIVATIONS[act]))
+
+
+@tvm_ffi.register_global_func(MAX_POOL, override=True)
+def _torch_max_pool2d(x: object, *window: int) -> object:
+    """max_pool2d on what a bf16 conv handed on (bf16, channels-last), returned as it comes out:
+    window (kh, kw), stride, padding and dilation pairs, then ceil_mode."""
+    kh, kw, sh, sw, ph, pw, dh, dw, ceil = window
+    return tvm_ffi.from_dlpack(F.max_pool2d(_t(x), (kh, kw), (sh, sw), (ph, pw), (dh, dw), bool(ceil)))
 
 
 def forget_packed(keys: list[int]) -> None:
