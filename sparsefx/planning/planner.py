@@ -236,7 +236,9 @@ def plan(model: nn.Module, example_inputs: object, target: object = "cpu", speed
     if sparse and cost.target.is_gpu:
         raise SparsefxError(f"block and N:M kernels are timed on the host CPU; plan them with target='cpu', "
                             f"or use granularities=('channel',) for {cost.target.name}")
-    with tqdm(desc="measuring kernels", unit=" kernel", disable=not verbose, file=sys.stderr, leave=False) as bar:
+    # shown after a second: a plan priced from the tables alone measures nothing and needs no bar
+    with tqdm(desc="measuring kernels", unit=" kernel", disable=not verbose, file=sys.stderr, leave=False,
+              delay=1.0) as bar:
         cost.progress = bar.update
         if "speedup" in budget or "latency_ms" in budget:
             _warn_if_drifted(cost)
