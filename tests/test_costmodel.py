@@ -1,6 +1,11 @@
 """Cost model: staircase rounding, interpolation between measured points, roofline, latency facts."""
 
 import json
+import os
+import subprocess
+import sys
+import time
+import warnings
 
 import pytest
 import torch
@@ -17,6 +22,7 @@ from sparsefx.cost.fusion import EPILOGUE_RULES
 from sparsefx.cost.kernel import Kernel, conv2d_kernel, matmul_kernel
 from sparsefx.cost.latency import analyze_fusion, annotate_latency, dense_kernels
 from sparsefx.cost.model import PROBE_PREFIX, CostModel, grid, l2_bytes
+from sparsefx.planning import planner as planner_module
 from sparsefx.planning.plan import Plan
 from sparsefx.planning.pricing import RULES, cost_model
 from sparsefx.target import resolve_target
@@ -320,7 +326,7 @@ class RecordingTimer:
         return {}
 
     def calibrate(self) -> dict[str, list[float]]:
-        return {"cold_write": [1e9]}
+        return {"elementwise": [0.002, 10.0], "reduce": [0.002, 10.0], "pool": [0.002, 10.0], "cold_write": [1e9]}
 
 
 def test_an_epilogue_the_chosen_kernel_applies_for_free_is_priced_without_timing_it_again(tmp_path):
@@ -332,3 +338,34 @@ def test_an_epilogue_the_chosen_kernel_applies_for_free_is_priced_without_timing
     ms = cost.time_all([relu, residual])
     assert timer.asked == [[bare.key, bare.key], [residual.key]]  # decided on the bare conv; only the add timed again
     assert ms[0] == pytest.approx(0.5, abs=1e-3) and ms[1] == pytest.approx(0.75, abs=1e-3)
+
+
+def test_neighbours_cores_sees_a_process_spinning_beside_it():
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        busy = timing.neighbours_cores()
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert busy is not None and busy >= 0.6
+
+
+class FlopsTimer(RecordingTimer):
+    """PyTorch alone, at a millisecond per GFLOP: pruning pays as the planner expects."""
+
+    def time(self, kernels, implementations=None):  # noqa: ANN001, ANN201
+        return [{"torch": (kernel.flops + 1e6) / 1e9} for kernel in kernels]
+
+
+def test_a_plan_warns_when_other_processes_take_the_cores_it_plans_for(monkeypatch, tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1)).eval()
+    inputs = (torch.randn(1, 3, 16, 16),)
+    for busy, warned in ((0.0, False), (float(os.cpu_count()), True)):
+        monkeypatch.setattr(planner_module, "neighbours_cores", lambda busy=busy: busy)
+        cost = CostModel("cpu", path=tmp_path / f"table{busy}.json", timer=FlopsTimer())  # new: no probe drift
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sparsefx.plan(model, inputs, speedup=1.1, cost=cost, verbose=False)
+        assert any("other processes keep" in str(w.message) for w in caught) == warned

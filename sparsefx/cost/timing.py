@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -174,3 +175,24 @@ def cold_traffic(shape: tuple[int, ...], copies: int | None = None) -> Callable[
 def _read(start: int, end: int) -> None:
     if end > start:
         _pool()[start:end].sum()
+
+
+def neighbours_cores(window_s: float = 0.15) -> float | None:
+    """How many cores other processes kept busy over `window_s` while this one slept: the host's busy
+    time in /proc/stat over the window, less this process's, over the window (None where /proc/stat
+    cannot be read). The drift probes alone missed a neighbour: with one memory-streaming process per
+    core they moved 0-3x from one plan to the next, their sub-millisecond runs fitting between the
+    scheduler's slices; the CPU share the neighbours take is asked directly."""
+    def busy_ticks() -> int:
+        with open("/proc/stat") as stat:
+            user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in stat.readline().split()[1:8])
+        return user + nice + system + irq + softirq
+
+    try:
+        before, own_before, started = busy_ticks(), sum(os.times()[:2]), time.perf_counter()
+        time.sleep(window_s)
+        ticks, own = busy_ticks() - before, sum(os.times()[:2]) - own_before
+        wall = time.perf_counter() - started
+    except (OSError, ValueError):
+        return None
+    return max(0.0, ticks / os.sysconf("SC_CLK_TCK") - own) / wall

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 import sys
 import warnings
 from collections.abc import Callable, Iterable
@@ -36,6 +37,7 @@ from sparsefx.cost.kernel import Kernel
 from sparsefx.cost.latency import analyze_fusion, dense_kernels, priced_kernels
 from sparsefx.cost.model import CostModel
 from sparsefx.cost.shrink import ShrinkModel, removal_order
+from sparsefx.cost.timing import neighbours_cores
 from sparsefx.errors import SparsefxError
 from sparsefx.planning.plan import GRANULARITIES, Entry, Plan, PlanError
 from sparsefx.planning.pricing import cost_model
@@ -269,13 +271,20 @@ def plan(model: nn.Module, example_inputs: object, target: object = "cpu", speed
 
 def _warn_if_drifted(cost: CostModel, tolerance: float = 0.2) -> None:
     """Say so when the cost tables no longer describe this machine's speed (see `CostModel.drift`;
-    a new table takes its probes now, with the rest of its measurements)."""
+    a new table takes its probes now, with the rest of its measurements), or when other processes
+    take more of the CPU than the target leaves them (`neighbours_cores`), by half a core."""
     for name, then, now in cost.drift():
         if abs(now / then - 1) > tolerance:
             warnings.warn(f"the cost tables in {cost.path} were measured when a probe {name} took {then:.3f} ms; it takes "
                           f"{now:.3f} ms now ({100 * (now / then - 1):+.0f}%), so predictions may be off by as much: delete "
                           "the file to re-measure under today's load, or use plan_measured", stacklevel=3)
             return
+    host = os.cpu_count() or 1
+    busy = neighbours_cores() if cost.measure and not cost.device and not cost.target.is_gpu else None
+    if busy is not None and busy > host - min(cost.target.cores, host) + 0.5:
+        warnings.warn(f"other processes keep {busy:.1f} of this machine's {host} cores busy: kernels timed now, and the "
+                      f"model compiled from this plan, run slower than the tables in {cost.path} say; plan when the machine "
+                      "is quiet (or delete the file to re-measure under this load), or use plan_measured", stacklevel=3)
 
 
 def _aligned_uniform(planner: Planner, ratio: float, allowed: dict[int, list[int]]) -> dict[int, int]:
