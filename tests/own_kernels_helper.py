@@ -50,13 +50,26 @@ def with_random_bn_stats(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def dispatched(model: nn.Module, inputs: tuple[torch.Tensor], impl: Callable[[object], str]) -> tuple[str, np.ndarray]:
-    """main's text after the dispatch passes with each workload decided `impl(workload)`, and the built
-    model's output on `inputs`."""
+def dispatched_module(model: nn.Module, inputs: tuple[torch.Tensor], impl: Callable[[object], str],
+                      precision: str = "fp32", prepack: bool = False) -> tvm.IRModule:
+    """The model's Relax module after the optimize and dispatch passes (in `precision`), each workload
+    decided `impl(workload)`, PyTorch's with its weight prepacked where `prepack` (no timing)."""
     target = resolve_target("cpu")
     mod, _ = to_relax(model, inputs)
     mod = pipeline.run(pipeline.optimize_passes(), mod, target.to_tvm())
-    decisions = {k.key: {"impl": impl(k)} for k in pipeline.collect_kernels(mod)}
-    mod = pipeline.run(pipeline.dispatch(decisions), mod, target.to_tvm())
+    decisions = {k.key: {"impl": impl(k), **({"prepack": True} if prepack else {})} for k in pipeline.collect_kernels(mod)}
+    return pipeline.run(pipeline.dispatch(decisions, precision), mod, target.to_tvm())
+
+
+def run_module(mod: tvm.IRModule, inputs: tuple[torch.Tensor]) -> np.ndarray:
+    """`mod` built for this CPU with the model's lowering, run on `inputs`."""
+    target = resolve_target("cpu")
     vm = tvm.relax.VirtualMachine(build_module(mod, target.to_tvm(), target), tvm.cpu())
-    return str(mod["main"]), vm["main"](*[tvm.runtime.tensor(x.numpy()) for x in inputs]).numpy()
+    return vm["main"](*[tvm.runtime.tensor(x.numpy()) for x in inputs]).numpy()
+
+
+def dispatched(model: nn.Module, inputs: tuple[torch.Tensor], impl: Callable[[object], str]) -> tuple[str, np.ndarray]:
+    """main's text after the dispatch passes with each workload decided `impl(workload)`, and the built
+    model's output on `inputs`."""
+    mod = dispatched_module(model, inputs, impl)
+    return str(mod["main"]), run_module(mod, inputs)

@@ -20,6 +20,8 @@ from sparsefx.capture.compare import check_reference, output_error
 from sparsefx.planning.pricing import cost_model
 from sparsefx.target import BF16_FLAGS, TargetError, check_precision, cpu_flags, host_cpu, with_precision
 
+from .own_kernels_helper import dispatched_module, run_module
+
 pytestmark = pytest.mark.usefixtures("private_cache")
 HAS_BF16 = bool(set(BF16_FLAGS) & cpu_flags())
 needs_bf16 = pytest.mark.skipif(not HAS_BF16, reason="this CPU has neither AVX512-BF16 nor AMX")
@@ -140,15 +142,8 @@ def test_bf16_plan_is_priced_on_bf16_kernels() -> None:
 
 
 def _dispatched(model: nn.Module, inputs: tuple, precision: str) -> object:
-    """The model's Relax module after every conv and matmul is decided for PyTorch (no timing)."""
-    from sparsefx.backends.tvm import pipeline
-    from sparsefx.backends.tvm.dispatch.table import collect_kernels
-    from sparsefx.backends.tvm.importer import to_relax
-
-    target = host_cpu().to_tvm()
-    mod = pipeline.run(pipeline.optimize_passes(), to_relax(model, inputs)[0], target)
-    decisions = {k.key: {"impl": "torch", "prepack": True} for k in collect_kernels(mod)}
-    return pipeline.run(pipeline.dispatch(decisions, precision), mod, target)
+    """The model's Relax module after every conv and matmul is decided for PyTorch, prepacked (no timing)."""
+    return dispatched_module(model, inputs, lambda k: "torch", precision, prepack=True)
 
 
 def _dispatched_ir(model: nn.Module, inputs: tuple, precision: str) -> str:
@@ -198,16 +193,11 @@ def test_a_max_pool_between_bf16_convs_runs_in_bf16_on_pytorch() -> None:
 
 @needs_bf16
 def test_a_bf16_stem_with_its_pool_on_pytorch_is_within_the_bound() -> None:
-    import tvm
-
-    from sparsefx.backends.tvm.pipeline import build_module
-
     torch.manual_seed(0)
     model, inputs = StemNet().eval(), (torch.randn(2, 3, 32, 32),)
     expected = check_reference(model, inputs)
     mod = _dispatched(model, inputs, "bf16")
     assert torch_kernels.MAX_POOL in str(mod["main"])
-    vm = tvm.relax.VirtualMachine(build_module(mod, host_cpu().to_tvm(), host_cpu()), tvm.cpu())
-    got = torch.from_dlpack(vm["main"](tvm.runtime.tensor(inputs[0].numpy())))
+    got = torch.from_numpy(run_module(mod, inputs))
     error = output_error(expected, got)
     assert 1e-5 < error.relative_l2 < BOUND, error  # bf16's rounding, within its bound

@@ -8,10 +8,11 @@ from torch import nn
 
 from sparsefx.backends.tvm import compile, pipeline
 from sparsefx.backends.tvm.dispatch import torch_kernels
-from sparsefx.backends.tvm.importer import to_relax
 from sparsefx.backends.tvm.measure.host import HostTimer
 from sparsefx.capture.compare import check_reference, output_error
 from sparsefx.target import resolve_target
+
+from .own_kernels_helper import dispatched_module, run_module
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 
@@ -49,11 +50,7 @@ def _mlp() -> tuple[nn.Module, tuple[torch.Tensor]]:
 
 def _all_on_torch(model: nn.Module, inputs: tuple[torch.Tensor]) -> str:
     """main's text after the dispatch passes with every kernel decided for PyTorch."""
-    target = resolve_target("cpu")
-    mod, _ = to_relax(model, inputs)
-    mod = pipeline.run(pipeline.optimize_passes(), mod, target.to_tvm())
-    decisions = {k.key: {"impl": "torch"} for k in pipeline.collect_kernels(mod)}
-    return str(pipeline.run(pipeline.dispatch(decisions), mod, target.to_tvm())["main"])
+    return str(dispatched_module(model, inputs, lambda k: "torch")["main"])
 
 
 def test_activations_fuse_into_dispatched_convs() -> None:
@@ -98,7 +95,6 @@ def test_weight_key_names_contents() -> None:
 def test_a_reshape_between_the_linear_and_its_gelu_still_fuses() -> None:
     """A Linear on 3-D input imported through torch.export: 2-D matmul, bias, reshape back, GELU."""
     import numpy as np
-    import tvm
     from tvm import relax
 
     bb = relax.BlockBuilder()
@@ -116,10 +112,8 @@ def test_a_reshape_between_the_linear_and_its_gelu_still_fuses() -> None:
     fused = pipeline.run(pipeline.dispatch(decisions), mod, target.to_tvm())
     text = str(fused["main"])
     assert "sparsefx.torch.matmul_bias" in text and "gelu" not in text.replace("matmul_bias", "")
-    lowering = pipeline.as_pipeline(pipeline.lowering_passes(target, target.to_tvm(), None))
-    vm = relax.VirtualMachine(tvm.compile(fused, target.to_tvm(), relax_pipeline=lowering), tvm.cpu())
     xs = torch.randn(10, 24)
-    got = torch.from_dlpack(vm["main"](tvm.runtime.tensor(xs.numpy())))
+    got = torch.from_numpy(run_module(fused, (xs,)))
     want = torch.nn.functional.gelu(xs @ torch.from_numpy(weight) + torch.from_numpy(bias))
     assert got.shape == (1, 10, 48)
     torch.testing.assert_close(got[0], want, rtol=1e-4, atol=1e-5)

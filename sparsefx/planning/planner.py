@@ -280,7 +280,7 @@ def _warn_if_drifted(cost: CostModel, tolerance: float = 0.2) -> None:
                           "the file to re-measure under today's load, or use plan_measured", stacklevel=3)
             return
     host = os.cpu_count() or 1
-    busy = neighbours_cores() if cost.measure and not cost.device and not cost.target.is_gpu else None
+    busy = neighbours_cores() if cost.measure and not cost.device else None  # this host's timings only
     if busy is not None and busy > host - min(cost.target.cores, host) + 0.5:
         warnings.warn(f"other processes keep {busy:.1f} of this machine's {host} cores busy: kernels timed now, and the "
                       f"model compiled from this plan, run slower than the tables in {cost.path} say; plan when the machine "
