@@ -57,7 +57,7 @@ class FakeTimer:
         return {"torch": 0.004, "torch_prepacked": 0.004}
 
     def calibrate(self) -> dict[str, list[float]]:
-        return {"elementwise": [0.002, 10.0], "reduce": [0.002, 10.0], "pool": [0.002, 10.0], "cold_write": [10.0]}
+        return {"elementwise": [0.002, 10.0], "reduce": [0.002, 10.0], "pool": [0.002, 10.0]}
 
 
 def dispatch_choices(model: nn.Module, inputs: tuple, timer: object) -> dict[str, str]:

@@ -12,11 +12,15 @@ Sources, best first:
   can be measured (no timer, CUDA targets on this host, `measure=False`).
 
 Measured kernels run as a layer inside a model does: on a weight from memory (see
-`cost.timing`), writing an output buffer out of cache (`CostModel.output_ms`), with the code of
-the call path warm.
+`cost.timing`), with the code of the call path warm. Nothing is added for writing the output:
+charging it at the bandwidth of writing memory last written 256 MiB ago (as tables v6-v13 did)
+over-predicted every pruned model on an Intel Xeon with AMX (MobileNetV2 at half its channels
+by 83%); without it the pruned ResNets and MobileNetV2 came within 5% of their compiled runs.
 
 Latency is a staircase in the channel count (SIMD width, blocked layouts): a channel-like
-dimension is first rounded up to the target's vector lanes, then looked up. Measurements
+dimension is first rounded up to the target's vector lanes, then looked up; in steps of a
+quarter of its unpruned size where that is finer (a 16-channel layer pruned to 5 ran in a third
+of the 16-channel time on sparsefx's direct conv, not in the same time). Measurements
 are cached on disk per target (`cache_dir()/costmodel/<arch>-<cores>.json`, calibrations beside it).
 """
 
@@ -44,21 +48,11 @@ ROOFLINE_EFFICIENCY = 0.5  # what a tuned kernel reaches of the peak, for unmeas
 # bumped when what a measurement times changes; older tables are re-measured (v10: the backend's timer,
 # rivals in turn, the implementation chosen on the bare conv as the dispatch does, its call overhead;
 # v11: a weight copy per round, made cold by `cost.timing.cold_traffic`; v12: TIR kernels' parallel
-# loops on PyTorch's OpenMP pool, `backends.tvm.parallel`; v13: float32 matmuls also on oneDNN prepacked)
-TABLE_VERSION = 13
+# loops on PyTorch's OpenMP pool, `backends.tvm.parallel`; v13: float32 matmuls also on oneDNN prepacked;
+# v14: no output-write charge in the entries)
+TABLE_VERSION = 14
 PROBE_PREFIX = "probe-median|"  # the drift probes' own entries (`drift`), apart from the kernels' timings
-CALIBRATION_VERSION = 3  # v3: timed in turn (`cost.timing`), no "dispatch" entry (the timer's overheads); re-fitted
-
-
-@functools.cache
-def l2_bytes() -> int:
-    """This CPU's per-core L2 cache (1 MiB where /sys does not say)."""
-    units = {"K": 1 << 10, "M": 1 << 20}
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-        if (index / "level").read_text().strip() == "2":
-            text = (index / "size").read_text().strip()
-            return int(text.rstrip("KM")) * units.get(text[-1], 1)
-    return 1 << 20
+CALIBRATION_VERSION = 4  # v3: timed in turn (`cost.timing`), no "dispatch" entry (the timer's overheads); v4: no "cold_write"
 
 
 class CostModel:
@@ -185,7 +179,7 @@ class CostModel:
         """ms of each kernel as the compiled model runs it, timed now (uncached): the implementation
         the dispatch picks (`implementations`) with the kernel's epilogue fused (timed so, unless the
         implementation applies that epilogue in the bare kernel's time: the timer's `free_epilogues`),
-        plus its call overhead, plus the cold output on this host (see `output_ms`)."""
+        plus its call overhead."""
         chosen, bare = self._decide(kernels)
         times = [{impl: t[impl]} for impl, t in zip(chosen, bare, strict=True)]
         free = self.timer.free_epilogues  # epilogues that cost the chosen implementation nothing: not timed again
@@ -198,20 +192,7 @@ class CostModel:
             # and the add as an element-wise TIR kernel)
             times[i] = t or self.timer.time([kernels[i]])[0]
         overheads = self.timer.overheads()
-        ms = [min(charged(t, overheads).values()) for t in times]
-        if self.device:  # another device's times stand as measured: its output writes are not calibrated
-            return ms
-        return [m + self.output_ms(kernel) for m, kernel in zip(ms, kernels, strict=True)]
-
-    def output_ms(self, kernel: Kernel) -> float:
-        """What writing the output costs in a model beyond a timing loop: the loop's output lands
-        in the buffer the previous run freed, still in L2, where a model's layer writes a buffer
-        last written an inference ago. The part of the output the L2 would hold is charged at the
-        calibrated cold-write bandwidth. MobileNetV2's 1x1 conv from 32 to 192 channels at 28x28:
-        0.10 ms in the loop, 0.16-0.25 ms in the model (Intel Xeon VM, one thread)."""
-        d = kernel.dims  # conv: n, groups, ci, co, oh, ow, ...; matmul: batch, m, k, n
-        elements = d[0] * d[1] * d[3] * d[4] * d[5] if kernel.op == "conv2d" else d[0] * d[1] * d[3]
-        return min(4 * elements, l2_bytes()) / self._calibration("cold_write")[0] / 1e6
+        return [min(charged(t, overheads).values()) for t in times]
 
     # --- sources ------------------------------------------------------------------------
     def _interpolated(self, kernel: Kernel, reference: Kernel) -> float:
@@ -266,7 +247,7 @@ def corners(kernel: Kernel, reference: Kernel) -> tuple[tuple[float, Kernel], ..
     """The grid kernels `kernel` is interpolated from, with their weights (one, of weight 1,
     where every dimension is on the grid). Cached: a search asks for the same ones to measure and
     then to price."""
-    steps = kernel.steps or (0,) * len(kernel.dims)
+    steps = [_step(ref, step) for ref, step in zip(reference.dims, kernel.steps or (0,) * len(kernel.dims))]
     dims = [_stair(d, ref, step) for d, ref, step in zip(kernel.dims, reference.dims, steps)]
     axes = []
     for i, (d, ref) in enumerate(zip(dims, reference.dims)):
@@ -288,6 +269,12 @@ def corners(kernel: Kernel, reference: Kernel) -> tuple[tuple[float, Kernel], ..
         if weight:
             found.append((weight, kernel.with_dims(tuple(point))))
     return tuple(found)
+
+
+def _step(ref: int, lanes_step: int) -> int:
+    """A dimension's staircase step: the vector lanes, or a power of two near a quarter of its
+    unpruned size where that is finer (a 16-channel layer has a grid of 4, 8, 12 and 16)."""
+    return min(lanes_step, 1 << max(0, (ref // 4).bit_length() - 1)) if lanes_step else 0
 
 
 def _stair(d: int, ref: int, step: int) -> int:

@@ -65,8 +65,7 @@ class Timer(Protocol):
         ...
 
     def calibrate(self) -> dict[str, list[float]]:
-        """{kernel class: [overhead ms, GB/s]} for element-wise, reduce and pool kernels, and
-        {"cold_write": [GB/s]} (see `CostModel.output_ms`)."""
+        """{kernel class: [overhead ms, GB/s]} for element-wise, reduce and pool kernels."""
         ...
 
 

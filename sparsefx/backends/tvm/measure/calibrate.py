@@ -1,21 +1,19 @@
 """Calibrate the cost model's TIR kernel classes on the target: build element-wise,
 reduction and pooling ops at a few sizes with the pipeline compiled models get, time them,
 and fit `overhead + bytes / bandwidth` per class. A reduction (softmax) is timed also as the
-dispatch may run it, on PyTorch (`math_ops`), and the faster counts. Also measures the
-bandwidth of writing memory no recent kernel wrote (`CostModel.output_ms`). Timed as every
+dispatch may run it, on PyTorch (`math_ops`), and the faster counts. Timed as every
 kernel is (`cost.timing.time_in_turn`); inputs are activations, just written, as in a model."""
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 import tvm
 from tvm import relax
 
 from sparsefx.backends.tvm.dispatch.math_ops import BY_NAME
 from sparsefx.backends.tvm.pipeline import build_module
 from sparsefx.cost.model import fit_line
-from sparsefx.cost.timing import COLD_BYTES, time_in_turn
+from sparsefx.cost.timing import time_in_turn
 from sparsefx.target import Target
 
 SIZES = (1 << 14, 1 << 17, 1 << 20, 1 << 22)  # float32 elements
@@ -49,14 +47,6 @@ def _emit(bb: relax.BlockBuilder, op: str, name: str, shapes: list[tuple[int, ..
         bb.emit_func_output(result)
 
 
-def cold_write_gbs() -> float:
-    """GB/s of writing memory last written long ago (a 256 MiB region, 1 MiB at a time)."""
-    region, chunk = torch.zeros(COLD_BYTES // 4), (1 << 20) // 4
-    ms = time_in_turn({"fill": [lambda part=part: part.fill_(1.0) for part in region.split(chunk)]},
-                      rounds=(30, 30))["fill"]
-    return chunk * 4 / ms / 1e6
-
-
 def calibrate(target: Target) -> dict[str, list[float]]:
     """{class: [overhead ms, GB/s]} measured on the host `target`."""
     cases = _cases()
@@ -77,6 +67,4 @@ def calibrate(target: Target) -> dict[str, list[float]]:
         xs, ys = points.setdefault(op, ([], []))
         xs.append(moved)
         ys.append(ms)
-    fitted = {op: list(fit_line(xs, ys)) for op, (xs, ys) in points.items()}
-    fitted["cold_write"] = [cold_write_gbs()]
-    return fitted
+    return {op: list(fit_line(xs, ys)) for op, (xs, ys) in points.items()}
