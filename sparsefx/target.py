@@ -221,6 +221,17 @@ def check_threads(threads: int | None, target: Target | None = None) -> int:
     return threads
 
 
+def compile_target(target: object, threads: int | None, precision: str | None) -> tuple[Target, int, str]:
+    """What `sparsefx.compile` builds for: the target as it measures and records it (a CPU target's cores
+    are the threads the model runs with: dispatch and tuning tables are per core count), the thread
+    count and the precision, each checked."""
+    spec = resolve_target(target)
+    threads = check_threads(threads, spec)
+    precision = precision or spec.precision
+    spec = with_precision(spec, precision)
+    return (spec if spec.is_gpu else replace(spec, cores=threads)), threads, precision
+
+
 def check_precision(precision: str, target: Target, flags: frozenset[str] | None = None) -> str:
     """`precision` if `target` can run it and sparsefx builds it, else a one-line TargetError."""
     if precision not in PRECISIONS:

@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -16,11 +17,13 @@ from torch import nn
 
 import sparsefx
 from sparsefx import log
+from sparsefx.backends import artifacts
 from sparsefx.backends.eager import measure_latencies
 from sparsefx.backends.export import FORMATS, onnx_error
 from sparsefx.backends.peers import RUNTIMES, PeerError, Peers, available, check
 from sparsefx.capture.compare import VacuousComparisonError
 from sparsefx.capture.models import load_model
+from sparsefx.capture.trace import as_inputs
 from sparsefx.cli.calibration import add_calibration_args, read_calibration
 from sparsefx.cli.common import (
     LOG,
@@ -40,7 +43,7 @@ from sparsefx.cli.plan import add_commands
 from sparsefx.errors import SparsefxError
 from sparsefx.io import is_saved_model
 from sparsefx.recovery.data import fashion_mnist
-from sparsefx.target import check_threads
+from sparsefx.target import Target, check_threads, compile_target
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -107,6 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("--out", type=Path, required=True, help="artifact to write (.sfx)")
     compile_.add_argument("--threads", type=int, default=None,
                           help="cores the compiled model runs on, recorded in the artifact (default: all)")
+    compile_.add_argument("--no-cache", dest="cache", action="store_false",
+                          help="compile afresh even if this model was compiled with these options before")
     compile_.add_argument("--bundle", type=Path, metavar="PATH",
                           help="also write a runtime-only bundle (directory, or .tar.gz) for a host with no TVM "
                           "compiler and Python 3.12; CPU targets need --no-dispatch")
@@ -270,19 +275,40 @@ def _compile(args: argparse.Namespace) -> int:
     check_out(args.out)
     model, inputs = load(args)
     model = _maybe_pruned(args, model, inputs)
+    kept = _kept_artifact(model, inputs, args) if args.cache and not args.bundle else None
+    if kept is not None:  # compiled before: copied, without importing TVM
+        shutil.copyfile(kept, args.out)
+        manifest = artifacts.manifest_of(kept)
+        print(_compile_summary(manifest, manifest["threads"], reused=True))
+        print(f"wrote {args.out} (load with sparsefx.load(path))")
+        return 0
     compiled = sparsefx.compile(model, inputs, target=args.target, tune=args.tune, dispatch=args.dispatch,
-                                threads=args.threads, precision=args.precision, verbose=progress_bars(args))
-    print(_compile_summary(compiled))
+                                threads=args.threads, precision=args.precision, verbose=progress_bars(args),
+                                cache=args.cache)
+    print(_compile_summary(compiled.manifest, compiled.threads, reused=compiled.reused is not None))
     print(f"wrote {compiled.export(args.out)} (load with sparsefx.load(path))")
     if args.bundle:
         print(f"wrote {compiled.export_bundle(args.bundle)} (run it with: python run.py [inputs.npy])")
     return 0
 
 
-def _compile_summary(compiled: object) -> str:
-    m = compiled.manifest
-    tuning = m["tuning"]
-    return (f"target: {compiled.target}, {compiled.threads} thread(s)\nimport route: {m['import_route']}, compile {m['compile_seconds']:.1f} s\n"
+def _kept_artifact(model: nn.Module, inputs: tuple, args: argparse.Namespace) -> Path | None:
+    """The artifact `sparsefx.compile` would reuse for these arguments, if it is whole (else dropped)."""
+    spec, threads, precision = compile_target(args.target, args.threads, args.precision)
+    key = artifacts.compile_key(model, as_inputs(inputs), spec, threads, precision, args.dispatch, args.tune)
+    path = artifacts.cached(key)
+    if path is not None and not artifacts.is_whole(path):
+        LOG.warning(f"a kept compiled artifact is damaged ({path}); compiling again")
+        artifacts.forget(key)
+        return None
+    return path
+
+
+def _compile_summary(manifest: dict, threads: int, reused: bool = False) -> str:
+    m, tuning = manifest, manifest["tuning"]
+    built = (f"reused the artifact compiled in {m['compile_seconds']:.1f} s (same model and options; --no-cache "
+             "compiles afresh)" if reused else f"compile {m['compile_seconds']:.1f} s")
+    return (f"target: {Target.from_dict(m['target'])}, {threads} thread(s)\nimport route: {m['import_route']}, {built}\n"
             f"{_kernel_summary(m)}\n"
             f"tuning: {tuning['tuned_tasks']}/{tuning['tasks']} workloads tuned, {tuning['seconds']:.0f} s")
 

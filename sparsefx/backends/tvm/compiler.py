@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sys
 import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ import tvm_ffi
 from torch import nn
 from tvm import relax
 
+from sparsefx.backends import artifacts
 from sparsefx.backends.tvm import pipeline
 from sparsefx.backends.tvm.bundle import export_bundle
 from sparsefx.backends.tvm.half import half_passes
@@ -31,7 +32,7 @@ from sparsefx.backends.tvm.tvmscript import cheap_frames
 from sparsefx.capture.trace import as_inputs
 from sparsefx.errors import SparsefxError, one_line
 from sparsefx.log import get_logger
-from sparsefx.target import Target, check_threads, host_cpu, resolve_target, with_precision
+from sparsefx.target import Target, check_threads, compile_target, host_cpu
 from sparsefx.version import __version__
 
 ARTIFACT_VERSION = 3  # v2: dispatched PyTorch kernels take a precision index (and matmuls a weight key); v3: Linear layers call `matmul_bias`
@@ -55,7 +56,7 @@ def quiet_native_stderr() -> Iterator[None]:
 
 def compile(model: nn.Module, example_inputs: object, target: object = "cpu", tune: int = 0,
             dispatch: bool | str = True, verbose: bool = True, threads: int | None = None,
-            precision: str | None = None) -> CompiledModel:
+            precision: str | None = None, cache: bool = True) -> CompiledModel:
     """Compile `model` for `target` ('cpu', 'cuda[:sm_XX]' or a Target).
 
     `dispatch` lets each conv, matmul, GELU, softmax and LayerNorm run on PyTorch's kernels
@@ -70,7 +71,9 @@ def compile(model: nn.Module, example_inputs: object, target: object = "cpu", tu
     half, float32 accumulation, float32 inputs and outputs (`half`). On CPUs with AVX512-BF16 or AMX,
     "bf16" times each conv and matmul on PyTorch's bf16 kernels (oneDNN, float32 accumulation) against
     TIR in float32 and runs the faster (`dispatch.torch_kernels`); norms, softmax and element-wise
-    ops stay float32. It needs the measured dispatch."""
+    ops stay float32. It needs the measured dispatch. `cache`: a model compiled and exported before with
+    the same code, weights, inputs and options is loaded from its kept artifact instead of compiled again
+    (`backends.artifacts`); False compiles afresh."""
     inputs = as_inputs(example_inputs)
     if not isinstance(model, nn.Module):
         raise SparsefxError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -78,17 +81,36 @@ def compile(model: nn.Module, example_inputs: object, target: object = "cpu", tu
         raise SparsefxError(f"dispatch must be True (measured), 'own' or False, got {dispatch!r}")
     if not isinstance(tune, int) or tune < 0:
         raise SparsefxError(f"tune must be a trial budget >= 0, got {tune!r}")
-    spec = resolve_target(target)
-    threads = check_threads(threads, spec)
-    precision = precision or spec.precision
-    spec = with_precision(spec, precision)
+    spec, threads, precision = compile_target(target, threads, precision)
     if precision != "fp32" and not spec.is_gpu and dispatch is not True:
         raise SparsefxError(f"precision={precision!r} on a CPU runs convs and matmuls on PyTorch's bf16 kernels, "
                             f"which dispatch={dispatch!r} never calls; use dispatch=True or precision='fp32'")
-    if not spec.is_gpu:  # dispatch and tuning tables are per core count: the cores the model will use
-        spec = replace(spec, cores=threads)
+    key = artifacts.compile_key(model, inputs, spec, threads, precision, dispatch, tune) if cache else None
+    reused = reuse(key, threads) if key else None
+    if reused is not None:
+        return reused
     with running_with(threads), cheap_frames():  # TVMScript parses (own kernels, DLight's tensor intrinsics)
-        return build(model, inputs, spec, tune, dispatch, verbose, threads, precision)
+        compiled = build(model, inputs, spec, tune, dispatch, verbose, threads, precision)
+    compiled.cache_key = key
+    return compiled
+
+
+def reuse(key: str, threads: int) -> CompiledModel | None:
+    """The artifact compiled before under `key` (`backends.artifacts`), loaded; None when there is none
+    or it cannot be loaded (then it is dropped and the model compiled again)."""
+    path = artifacts.cached(key)
+    if path is None:
+        return None
+    try:
+        compiled = load(path, threads)
+    except SparsefxError as error:
+        LOG.warning(f"a kept compiled artifact could not be loaded ({error}); compiling again")
+        artifacts.forget(key)
+        return None
+    LOG.info(f"reused the artifact compiled in {compiled.manifest['compile_seconds']:.1f} s "
+             "(same model, inputs and options; cache=False compiles afresh)")
+    compiled.cache_key, compiled.reused = key, path
+    return compiled
 
 
 def build(model: nn.Module, inputs: tuple, spec: Target, tune: int, dispatch: bool | str, verbose: bool,
@@ -134,6 +156,8 @@ class CompiledModel:
 
     def __init__(self, executable: object, manifest: dict, threads: int | None = None) -> None:
         self.executable, self.manifest = executable, manifest
+        self.cache_key: str | None = None  # set by `compile`: `export` keeps the artifact under it for reuse
+        self.reused: Path | None = None  # the kept artifact this was loaded from instead of compiled
         self.target = Target.from_dict(manifest["target"])
         self.threads = runnable_threads(manifest, threads)
         self.device = tvm.cuda(0) if self.target.is_gpu else tvm.cpu(0)
@@ -202,12 +226,17 @@ class CompiledModel:
     def export(self, path: str | Path) -> Path:
         """One file: the compiled library plus a JSON manifest (target, inputs, dispatch, tuning)."""
         path = Path(path)
+        if self.reused is not None and self.reused.is_file():
+            shutil.copyfile(self.reused, path)  # a loaded library cannot be exported again
+            return path
         with tempfile.TemporaryDirectory() as tmp:
             library = self.export_library(Path(tmp) / "model.so")
             (Path(tmp) / "manifest.json").write_text(json.dumps(self.manifest, indent=1))
             with tarfile.open(path, "w") as tar:
                 tar.add(Path(tmp) / "manifest.json", "manifest.json")
                 tar.add(library, "model.so")
+        if self.cache_key:
+            artifacts.keep(self.cache_key, path)
         return path
 
     def export_library(self, path: str | Path) -> Path:
