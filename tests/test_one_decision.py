@@ -141,3 +141,34 @@ def test_a_real_timer_gives_the_same_decisions_on_both_paths(tmp_path) -> None:
     compiled = dispatch_choices(model, inputs, timer)
     assert planned == compiled and len(compiled) == 4
     assert all(ms > 0 for t in timer.seen.values() for ms in t.values())
+
+
+class Attention(nn.Module):
+    """Self-attention through PyTorch's SDPA with a boolean mask and a scale that float32 rounds."""
+
+    def __init__(self, causal: bool = False) -> None:
+        super().__init__()
+        self.qkv, self.causal = nn.Linear(32, 96), causal
+        self.register_buffer("mask", torch.arange(10)[None, :] <= torch.arange(10)[:, None] + 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).view(1, 10, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        mask = None if self.causal else self.mask
+        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal, scale=0.3)
+        return out.transpose(1, 2).reshape(1, 10, 32)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_is_priced_as_the_fused_workload_the_dispatch_decides(causal: bool, tmp_path) -> None:
+    model, inputs = Attention(causal).eval(), (torch.randn(1, 10, 32),)
+    cost = CostModel("cpu", path=tmp_path / "table.json", timer=FakeTimer())
+    gm = sparsefx.trace(model, inputs)
+    fusion = analyze_fusion(gm, dense_kernels(gm, cost.lanes), cost.fusion)
+    planned = {k.key for node in gm.graph.nodes
+               for k in priced_kernels(node, gm, lambda n: n.meta.get("sfx_shape"), cost.lanes, fusion)
+               if k.op == "attention"}
+    mod, _ = to_relax(model, inputs)
+    mod = pipeline.run(pipeline.optimize_passes(), mod, resolve_target("cpu").to_tvm())
+    compiled = {k.key for k in pipeline.collect_kernels(mod) if k.op == "attention"}
+    assert len(planned) == 1 and planned == compiled
+    assert cost.latency(next(k for k in pipeline.collect_kernels(mod) if k.op == "attention")) > 0

@@ -23,8 +23,10 @@ class Kernel:
 
     conv2d: dims (n, groups, ci, co, oh, ow, ih, iw) per group, attrs (kh, kw, sh, sw, ph, pw, dh, dw
     [, activation code, residual]); matmul: dims (batch, m, k, n), batch > 1 when both operands are
-    activations; a math op the dispatch may hand to PyTorch (gelu, softmax, ...): dims its input's
-    shape, attrs its numeric attributes; element-wise/reduce/pool: dims (bytes moved,)."""
+    activations; attention (PyTorch's SDPA): dims (batch, seq, heads, head dim, seq_kv, value dim),
+    attrs (scale or 0, causal, adds a bias); another math op the dispatch may hand to PyTorch (gelu,
+    softmax, ...): dims its input's shape, attrs its numeric attributes; element-wise/reduce/pool:
+    dims (bytes moved,)."""
 
     op: str
     dims: tuple[int, ...]
@@ -44,6 +46,9 @@ class Kernel:
         if self.op == "matmul":
             b, m, k, n = self.dims
             return 2.0 * b * m * k * n
+        if self.op == "attention":
+            b, s, heads, d, s_kv, d_v = self.dims
+            return 2.0 * b * heads * s * s_kv * (d + d_v)
         return 0.0
 
     @property
@@ -57,6 +62,9 @@ class Kernel:
         if self.op == "matmul":
             b, m, k, n = self.dims
             return 4.0 * b * (m * k + k * n + m * n)
+        if self.op == "attention":  # q, k, v and the output; a bias of the scores' size where it adds one
+            b, s, heads, d, s_kv, d_v = self.dims
+            return 4.0 * b * heads * (s * d + s_kv * (d + d_v) + s * d_v + s * s_kv * self.attrs[2])
         return 8.0 * math.prod(self.dims)  # a math op reads and writes its input's size
 
     def with_dims(self, dims: tuple[int, ...]) -> Kernel:

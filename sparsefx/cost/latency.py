@@ -112,7 +112,16 @@ def _matmul(node: torch.fx.Node, gm: torch.fx.GraphModule, shape_of: ShapeOf, la
 
 
 def _attention(node: torch.fx.Node, gm: torch.fx.GraphModule, shape_of: ShapeOf, lanes: int) -> list[Kernel]:
+    """On 4-D inputs one fused attention, the workload the TVM backend imports and dispatches it as
+    (`backends/tvm/importer.py`); otherwise its two matmuls and the softmax between."""
     q, k, out = shape_of(node.args[0]), shape_of(node.args[1]), shape_of(node)
+    args = {**dict(zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal"), node.args, strict=False)),
+            **node.kwargs}
+    if len(q) == 4:
+        b, heads, s, d = q
+        return [Kernel("attention", (b, s, heads, d, k[-2], out[-1]),
+                       (float(args.get("scale") or 0.0), float(bool(args.get("is_causal"))),
+                        float(args.get("attn_mask") is not None)))]
     batch = math.prod(q[:-2])
     scores = batch * q[-2] * k[-2]
     return [matmul_kernel(batch, q[-2], q[-1], k[-2], lanes), Kernel("reduce", (8 * scores,)),

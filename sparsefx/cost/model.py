@@ -1,7 +1,7 @@
 """Hardware cost model: the latency of one kernel at one shape on one target.
 
 Sources, best first:
-- measured: convolutions and matmuls are timed by the backend's `Timer` (`cost.timing`) on
+- measured: convolutions, matmuls and attention are timed by the backend's `Timer` (`cost.timing`) on
   every implementation the compiled model could run them on, and the one the compiler's
   dispatch would pick (`cost.timing.choose`, decided on the conv without its epilogue, as the
   dispatch decides) is priced with its epilogue, at the exact shape or at points of a
@@ -41,7 +41,7 @@ from sparsefx.cost.timing import Timer, Times, charged, choose, probe_ms
 from sparsefx.errors import SparsefxError
 from sparsefx.target import Target, resolve_target, with_measured_peaks
 
-MEASURED = ("conv2d", "matmul")
+MEASURED = ("conv2d", "matmul", "attention")
 GRID = (1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0)
 LAUNCH_MS = {"llvm": 0.004, "cuda": 0.005}  # roofline per-kernel overhead where not calibrated
 ROOFLINE_EFFICIENCY = 0.5  # what a tuned kernel reaches of the peak, for unmeasured targets

@@ -33,7 +33,8 @@ def kernel_of(call: relax.Call) -> Kernel | None:
         return None
     if call.op.name in MATH_OPS:
         attrs = MATH_OPS[call.op.name].attrs(call, len(shapes[0]))
-        return None if attrs is None else Kernel(MATH_OPS[call.op.name].name, shapes[0], attrs)
+        op = MATH_OPS[call.op.name]
+        return None if attrs is None else Kernel(op.name, op.dims(shapes), attrs)
     if call.op.name == "relax.nn.conv2d":
         a = call.attrs
         pad = [int(v) for v in a.padding]

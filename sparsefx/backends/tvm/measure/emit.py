@@ -20,7 +20,7 @@ def operand_shapes(kernel: Kernel) -> list[tuple[int, ...]]:
         return [x, w, (1, w[0], 1, 1)] + ([out] if kernel.epilogue[1] else [])
     if kernel.op == "matmul":
         return list(kernel.shapes[:2])
-    return BY_NAME[kernel.op].operands(kernel.dims)
+    return BY_NAME[kernel.op].operands(kernel.dims, kernel.attrs)
 
 
 def emit_kernel(bb: relax.BlockBuilder, name: str, kernel: Kernel) -> list[tuple[int, ...]]:
