@@ -50,6 +50,18 @@ def test_the_key_follows_weights_buffers_attributes_inputs_and_options():
     assert artifacts.compile_key(model, inputs, peaks, threads, precision, "own", 0) == key
 
 
+def test_state_that_cannot_be_read_as_bytes_is_never_kept_and_sparse_buffers_are():
+    spec, threads, precision = compile_target("cpu", 1, None)
+    key = lambda m: artifacts.compile_key(m, (torch.randn(1, 4),), spec, threads, precision, True, 0)  # noqa: E731
+    assert key(torch.nn.Linear(4, 4, device="meta")) is None
+    torch.manual_seed(0)
+    sparse = [torch.nn.Linear(4, 4)]
+    sparse.append(copy.deepcopy(sparse[0]))
+    for i, m in enumerate(sparse):
+        m.register_buffer("mask", (torch.eye(4) * (i + 1)).to_sparse())  # only the sparse buffer differs
+    assert None not in (key(sparse[0]), key(sparse[1])) and key(sparse[0]) != key(sparse[1])
+
+
 def test_a_model_compiled_and_exported_before_is_reused_and_runs_the_same(tmp_path):
     model, inputs = _model()
     expected = check_reference(model, inputs)

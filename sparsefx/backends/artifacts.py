@@ -40,8 +40,9 @@ PLAIN = (bool, int, float, str, type(None))
 
 
 def compile_key(model: nn.Module, inputs: tuple, target: Target, threads: int, precision: str, dispatch: bool | str,
-                tune: int) -> str:
-    """The key `model` compiled from `inputs` with these (checked) options is kept under."""
+                tune: int) -> str | None:
+    """The key `model` compiled from `inputs` with these (checked) options is kept under; None where the
+    model's state cannot be read as bytes (packed quantized weights, the meta device): it is not kept."""
     measured = ("peak_gflops", "bandwidth_gbs")  # filled in once measured: the same target before and after
     options = {"target": {k: v for k, v in target.as_dict().items() if k not in measured}, "threads": threads,
                "precision": precision, "dispatch": dispatch, "tune": tune}
@@ -49,10 +50,19 @@ def compile_key(model: nn.Module, inputs: tuple, target: Target, threads: int, p
     head = {"options": options, "inputs": [(tuple(x.shape), str(x.dtype)) for x in inputs],
             "versions": [_sources_digest(), torch.__version__, _version("apache-tvm")], "tree": _tree(model)}
     digest.update(json.dumps(head, sort_keys=True, default=str).encode())
-    for name, tensor in model.state_dict().items():
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    try:
+        for name, tensor in model.state_dict().items():
+            if not isinstance(tensor, torch.Tensor):  # extra state: a plain value or a dtype stands for itself
+                if not isinstance(tensor, (*PLAIN, torch.dtype)):
+                    return None  # packed parameters (quantized modules): their repr elides values
+                digest.update(f"{name}|{tensor!r}".encode())
+                continue
+            tensor = tensor.detach().cpu()
+            tensor = (tensor.to_dense() if tensor.layout != torch.strided else tensor).contiguous()
+            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
     return digest.hexdigest()[:32]
 
 

@@ -296,7 +296,7 @@ def _kept_artifact(model: nn.Module, inputs: tuple, args: argparse.Namespace) ->
     """The artifact `sparsefx.compile` would reuse for these arguments, if it is whole (else dropped)."""
     spec, threads, precision = compile_target(args.target, args.threads, args.precision)
     key = artifacts.compile_key(model, as_inputs(inputs), spec, threads, precision, args.dispatch, args.tune)
-    path = artifacts.cached(key)
+    path = artifacts.cached(key) if key else None
     if path is not None and not artifacts.is_whole(path):
         LOG.warning(f"a kept compiled artifact is damaged ({path}); compiling again")
         artifacts.forget(key)
