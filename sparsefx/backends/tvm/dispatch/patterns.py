@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import tvm
 from tvm import relax
-from tvm.relax.dpl import CallPattern, is_const, is_op, rewrite_call, wildcard
+from tvm.relax.dpl import CallPattern, is_const, is_op, wildcard
 
 from sparsefx.backends.tvm.dispatch.math_ops import MATH_OPS
 from sparsefx.cost.kernel import Kernel, conv2d_kernel, matmul_of_shapes
@@ -142,4 +142,32 @@ def rewrite_fused(pattern: object, rewriter: Callable, func: relax.Function) -> 
             return expr
         return rewriter(expr, matches)
 
-    return rewrite_call(pattern, guarded, func)
+    return rewrite_once(pattern, guarded, func)
+
+
+def rewrite_once(pattern: object, rewriter: Callable, func: relax.Function) -> relax.Function:
+    """`rewrite_call` in one pass over the bindings: each bound value the pattern matches (looking
+    through bound variables) is replaced by what `rewriter(value, matches)` returns, and the values only
+    the replaced ones read are dropped. TVM's `rewrite_call` repeats its pass until nothing changes and
+    spent ~5 ms on every replacement: 2.5 s of a 10.5 s ResNet-50 compile went to the ~100 fusion
+    rewrites, whose replacements (packed calls, own kernels) never match again."""
+    var2val = relax.analysis.get_var2val(func)
+    bound = {value: var for var, value in var2val.items()}
+
+    @relax.expr_functor.mutator
+    class _Once(relax.PyExprMutator):
+        def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+            value = binding.value
+            matches = pattern.extract_matched_expr(value, var2val) if isinstance(value, relax.Call) else None
+            if matches is not None:  # what a wildcard matched is read through its variable, not computed again
+                matches = {p: e if isinstance(p, CallPattern) else bound.get(e, e) for p, e in matches.items()}
+            replaced = rewriter(value, matches) if matches is not None else value
+            if replaced.same_as(value):
+                super().visit_var_binding_(binding)
+                return
+            # the same variable, bound to the replacement (of the same type); its inputs as this pass left them
+            replaced = self.builder_.normalize(self.visit_expr(replaced))
+            self.builder_.emit_normalized(relax.VarBinding(binding.var, replaced))
+
+    rewritten = _Once().visit_expr(func)
+    return relax.analysis.remove_all_unused(rewritten)
