@@ -335,3 +335,11 @@ def test_sdpa_compiles_to_one_attention_with_every_argument(variant: str, dispat
     _close(compiled(*inputs), expected)
     if dispatch:
         assert any(key.startswith("attention|") for key in compiled.manifest["dispatch"])  # one fused workload
+    else:  # nothing runs it on PyTorch: written out as matmuls and a softmax, as TIR compiles them well
+        assert "ExpandAttention" in compiled.manifest["passes"]
+
+
+def test_attention_is_written_out_for_cuda_targets() -> None:
+    model, inputs = SdpaVariant(causal=True, scale=0.3).eval(), (torch.randn(2, 10, 32),)
+    compiled = compile(model, inputs, target="cuda:sm_90", precision="fp16", verbose=False, cache=False)
+    assert "ExpandAttention" in compiled.manifest["passes"]

@@ -22,6 +22,7 @@ from tvm import relax
 from sparsefx.backends import artifacts
 from sparsefx.backends.tvm import pipeline
 from sparsefx.backends.tvm.bundle import export_bundle
+from sparsefx.backends.tvm.expand_attention import expand_attention_pass
 from sparsefx.backends.tvm.half import half_passes
 from sparsefx.backends.tvm.importer import to_relax
 from sparsefx.backends.tvm.kernels import registry as own_kernels
@@ -122,6 +123,8 @@ def build(model: nn.Module, inputs: tuple, spec: Target, tune: int, dispatch: bo
     log(f"importing {type(model).__name__} into Relax")
     mod, route = to_relax(model, inputs)
     ran = pipeline.optimize_passes()
+    if spec.is_gpu or dispatch is not True:  # nothing will run attention on PyTorch's SDPA
+        ran.append(("ExpandAttention", expand_attention_pass))
     if precision != "fp32" and spec.is_gpu:  # after BN folding, which is best done in fp32
         ran += half_passes(precision)
     mod = pipeline.run(ran, mod, tvm_target)
