@@ -10,7 +10,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -87,7 +87,7 @@ def compile(model: nn.Module, example_inputs: object, target: object = "cpu", tu
         raise SparsefxError(f"precision={precision!r} on a CPU runs convs and matmuls on PyTorch's bf16 kernels, "
                             f"which dispatch={dispatch!r} never calls; use dispatch=True or precision='fp32'")
     key = artifacts.compile_key(model, inputs, spec, threads, precision, dispatch, tune) if cache else None
-    reused = reuse(key, threads) if key else None
+    reused = reuse(key, threads, LOG.info if verbose else LOG.debug) if key else None
     if reused is not None:
         return reused
     with running_with(threads), cheap_frames():  # TVMScript parses (own kernels, DLight's tensor intrinsics)
@@ -96,7 +96,7 @@ def compile(model: nn.Module, example_inputs: object, target: object = "cpu", tu
     return compiled
 
 
-def reuse(key: str, threads: int) -> CompiledModel | None:
+def reuse(key: str, threads: int, log: Callable[[str], None]) -> CompiledModel | None:
     """The artifact compiled before under `key` (`backends.artifacts`), loaded; None when there is none
     or it cannot be loaded (then it is dropped and the model compiled again)."""
     path = artifacts.cached(key)
@@ -108,8 +108,8 @@ def reuse(key: str, threads: int) -> CompiledModel | None:
         LOG.warning(f"a kept compiled artifact could not be loaded ({error}); compiling again")
         artifacts.forget(key)
         return None
-    LOG.info(f"reused the artifact compiled in {compiled.manifest['compile_seconds']:.1f} s "
-             "(same model, inputs and options; cache=False compiles afresh)")
+    log(f"reused the artifact compiled in {compiled.manifest['compile_seconds']:.1f} s "
+        "(same model, inputs and options; cache=False compiles afresh)")
     compiled.cache_key, compiled.reused = key, path
     return compiled
 
