@@ -100,11 +100,7 @@ def _host_cpu() -> str:
     """LLVM's name for the host CPU (what TVM compiles for), asked of TVM once per CPU model, flags
     and TVM version and kept on disk (`cache_dir()/host_cpu.json`): importing TVM to ask took 2.1 s
     of a 6.3 s warm plan of ResNet-50 that otherwise needs no TVM."""
-    try:
-        tvm_version = importlib.metadata.version("apache-tvm")
-    except importlib.metadata.PackageNotFoundError:
-        tvm_version = "unknown"
-    key = hashlib.sha1(f"{cpu_model()}|{' '.join(sorted(cpu_flags()))}|{tvm_version}".encode()).hexdigest()[:16]
+    key = hashlib.sha1(f"{cpu_model()}|{' '.join(sorted(cpu_flags()))}|{tvm_version()}".encode()).hexdigest()[:16]
     table = Table(cache_dir() / "host_cpu.json", HOST_CPU_VERSION)
     if not isinstance(table.entries.get(key), str):
         import tvm.target.codegen
@@ -112,6 +108,15 @@ def _host_cpu() -> str:
         table.entries[key] = str(tvm.target.codegen.llvm_get_system_cpu())
         table.save()
     return table.entries[key]
+
+
+@functools.cache
+def tvm_version() -> str:
+    """The installed apache-tvm's version, read without importing TVM ("unknown" where it is not installed)."""
+    try:
+        return importlib.metadata.version("apache-tvm")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _host_cores() -> int:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.metadata
 import inspect
 import json
 import os
@@ -33,7 +32,7 @@ from torch import nn
 
 from sparsefx.cache import cache_dir
 from sparsefx.log import get_logger
-from sparsefx.target import Target
+from sparsefx.target import Target, tvm_version
 
 LOG = get_logger("artifacts")
 PLAIN = (bool, int, float, str, type(None))
@@ -48,7 +47,7 @@ def compile_key(model: nn.Module, inputs: tuple, target: Target, threads: int, p
                "precision": precision, "dispatch": dispatch, "tune": tune}
     digest = hashlib.sha256()
     head = {"options": options, "inputs": [(tuple(x.shape), str(x.dtype)) for x in inputs],
-            "versions": [_sources_digest(), torch.__version__, _version("apache-tvm")], "tree": _tree(model)}
+            "versions": [_sources_digest(), torch.__version__, tvm_version()], "tree": _tree(model)}
     digest.update(json.dumps(head, sort_keys=True, default=str).encode())
     try:
         for name, tensor in model.state_dict().items():
@@ -67,9 +66,14 @@ def compile_key(model: nn.Module, inputs: tuple, target: Target, threads: int, p
 
 
 def cached(key: str) -> Path | None:
-    """The artifact kept under `key`, marked as just used; None when there is none."""
+    """The artifact kept under `key`, marked as just used; None when there is none, or when it is
+    damaged (then it is dropped with a warning)."""
     path = _root() / f"{key}.sfx"
     if not path.is_file():
+        return None
+    if not is_whole(path):
+        LOG.warning(f"a kept compiled artifact is damaged ({path}); compiling again")
+        forget(key)
         return None
     os.utime(path)  # least recently used goes first
     return path
@@ -154,11 +158,3 @@ def _sources_digest() -> str:
         digest.update(str(path.relative_to(package)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
-
-
-@functools.cache
-def _version(distribution: str) -> str:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return ""

@@ -153,6 +153,13 @@ ADDMM = alias("addmm", torch.addmm, "addmm", aten.addmm)
 MATMUL = alias("matmul", torch.matmul, operator.matmul, "matmul", "__matmul__", aten.matmul,
                torch.bmm, "bmm", aten.bmm, torch.mm, "mm", aten.mm)
 ATTENTION = alias("scaled_dot_product_attention", F.scaled_dot_product_attention, aten.scaled_dot_product_attention)
+ATTENTION_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")  # positional; scale, enable_gqa by keyword
+
+
+def attention_args(node: torch.fx.Node) -> dict:
+    """An ATTENTION call's arguments by name, positional or keyword (its fx node, or the same node
+    in an exported program as TVM's importer hands it over)."""
+    return {**dict(zip(ATTENTION_ARGS, node.args, strict=False)), **node.kwargs}
 EMBEDDING = alias("embedding", F.embedding, aten.embedding)
 
 BATCH_NORM = alias("batch_norm", F.batch_norm, aten.batch_norm, aten._native_batch_norm_legit_no_training)

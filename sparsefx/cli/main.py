@@ -275,7 +275,8 @@ def _compile(args: argparse.Namespace) -> int:
     check_out(args.out)
     model, inputs = load(args)
     model = _maybe_pruned(args, model, inputs)
-    kept = _kept_artifact(model, inputs, args) if args.cache and not args.bundle else None
+    key = _compile_key(model, inputs, args) if args.cache else None
+    kept = artifacts.cached(key) if key and not args.bundle else None  # a bundle is made from a compiled model
     if kept is not None:  # compiled before: copied, without importing TVM
         shutil.copyfile(kept, args.out)
         manifest = artifacts.manifest_of(kept)
@@ -284,24 +285,19 @@ def _compile(args: argparse.Namespace) -> int:
         return 0
     compiled = sparsefx.compile(model, inputs, target=args.target, tune=args.tune, dispatch=args.dispatch,
                                 threads=args.threads, precision=args.precision, verbose=progress_bars(args),
-                                cache=args.cache)
-    print(_compile_summary(compiled.manifest, compiled.threads, reused=compiled.reused is not None))
+                                cache=False)  # looked up above: the weights are hashed once
+    compiled.cache_key = key  # the export below keeps it
+    print(_compile_summary(compiled.manifest, compiled.threads))
     print(f"wrote {compiled.export(args.out)} (load with sparsefx.load(path))")
     if args.bundle:
         print(f"wrote {compiled.export_bundle(args.bundle)} (run it with: python run.py [inputs.npy])")
     return 0
 
 
-def _kept_artifact(model: nn.Module, inputs: tuple, args: argparse.Namespace) -> Path | None:
-    """The artifact `sparsefx.compile` would reuse for these arguments, if it is whole (else dropped)."""
+def _compile_key(model: nn.Module, inputs: tuple, args: argparse.Namespace) -> str | None:
+    """The key `sparsefx.compile` keeps this model's artifact under, for these arguments (`backends.artifacts`)."""
     spec, threads, precision = compile_target(args.target, args.threads, args.precision)
-    key = artifacts.compile_key(model, as_inputs(inputs), spec, threads, precision, args.dispatch, args.tune)
-    path = artifacts.cached(key) if key else None
-    if path is not None and not artifacts.is_whole(path):
-        LOG.warning(f"a kept compiled artifact is damaged ({path}); compiling again")
-        artifacts.forget(key)
-        return None
-    return path
+    return artifacts.compile_key(model, as_inputs(inputs), spec, threads, precision, args.dispatch, args.tune)
 
 
 def _compile_summary(manifest: dict, threads: int, reused: bool = False) -> str:

@@ -115,8 +115,7 @@ def _attention(node: torch.fx.Node, gm: torch.fx.GraphModule, shape_of: ShapeOf,
     """On 4-D inputs one fused attention, the workload the TVM backend imports and dispatches it as
     (`backends/tvm/importer.py`); otherwise its two matmuls and the softmax between."""
     q, k, out = shape_of(node.args[0]), shape_of(node.args[1]), shape_of(node)
-    args = {**dict(zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal"), node.args, strict=False)),
-            **node.kwargs}
+    args = ops.attention_args(node)
     if len(q) == 4:
         b, heads, s, d = q
         return [Kernel("attention", (b, s, heads, d, k[-2], out[-1]),

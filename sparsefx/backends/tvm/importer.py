@@ -15,6 +15,7 @@ from tvm.relax.frontend.torch import from_exported_program, from_fx
 
 from sparsefx.backends.tvm.sparse.relax import CONVERT_MAP
 from sparsefx.backends.tvm.unbroadcast import unbroadcast_matmul
+from sparsefx.capture.ops import attention_args
 from sparsefx.capture.trace import fx_else_export, is_aten_graph, trace
 from sparsefx.errors import SparsefxError
 
@@ -105,11 +106,10 @@ def _attention(node: torch.fx.Node, importer: object) -> relax.Expr:
     layer fused. TVM's own converter passed no `scale` and refused boolean masks (BERT's). A bool
     mask becomes a bias of 0 / -inf; a bias is broadcast to (batch, heads, seq, seq_kv); grouped
     key/value heads (`enable_gqa`) are repeated."""
-    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
-    args = {**dict(zip(names, node.args, strict=False)), **node.kwargs}
+    args = attention_args(node)
     if args.get("dropout_p", 0.0):
         raise UnsupportedOpError("scaled_dot_product_attention with dropout; put the model in eval() first")
-    q, k, v = (importer.env[args[name]] for name in names[:3])
+    q, k, v = (importer.env[args[name]] for name in ("query", "key", "value"))
     if len(q.ty.shape) != 4:
         raise UnsupportedOpError(f"scaled_dot_product_attention on {len(q.ty.shape)}-D inputs (sparsefx compiles 4-D)")
     bb = importer.block_builder
