@@ -52,7 +52,7 @@ ROOFLINE_EFFICIENCY = 0.5  # what a tuned kernel reaches of the peak, for unmeas
 # v14: no output-write charge in the entries)
 TABLE_VERSION = 14
 PROBE_PREFIX = "probe-median|"  # the drift probes' own entries (`drift`), apart from the kernels' timings
-CALIBRATION_VERSION = 4  # v3: timed in turn (`cost.timing`), no "dispatch" entry (the timer's overheads); v4: no "cold_write"
+CALIBRATION_VERSION = 5  # v3: timed in turn (`cost.timing`), no "dispatch" entry (the timer's overheads); v4: no "cold_write"; v5: max_pool2d on sparsefx's kernel
 
 
 class CostModel:

@@ -21,6 +21,7 @@ from sparsefx.backends.tvm.dispatch.table import (  # noqa: F401
     table_key,
 )
 from sparsefx.backends.tvm.fold import numpy_fold_pass
+from sparsefx.backends.tvm.kernels import max_pool
 from sparsefx.backends.tvm.kernels import registry as own_kernels
 from sparsefx.backends.tvm.kernels.registry import own_kernel_pass
 from sparsefx.backends.tvm.schedule import default_schedule_pass
@@ -30,6 +31,7 @@ from sparsefx.cost.timing import Timer
 from sparsefx.target import Target
 
 NamedPass = tuple[str, tvm.transform.Pass]
+OWN_LEGALIZE = {"relax.nn.max_pool2d": max_pool.legalize}  # CPU: ops lowered to sparsefx's kernels, not TVM's TOPI
 
 
 def optimize_passes() -> list[NamedPass]:
@@ -51,7 +53,7 @@ def lowering_passes(target: Target, tvm_target: tvm.target.Target, tuned: tvm.tr
     passes: list[NamedPass] = [(type(p).__name__, p) for p in generic.library_dispatch_passes(tvm_target)]
     passes += [
         ("SparseKernels", sparse_kernel_pass(tvm_target)),  # sparse layers' kernels for this target
-        ("LegalizeOps", relax.transform.LegalizeOps()),
+        ("LegalizeOps", relax.transform.LegalizeOps(None if target.is_gpu else OWN_LEGALIZE)),
         ("AnnotateTIROpPattern", relax.transform.AnnotateTIROpPattern()),
         ("FoldConstant", relax.transform.FoldConstant()),
         ("FuseOps", relax.transform.FuseOps()),
