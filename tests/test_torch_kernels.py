@@ -117,3 +117,39 @@ def test_a_reshape_between_the_linear_and_its_gelu_still_fuses() -> None:
     want = torch.nn.functional.gelu(xs @ torch.from_numpy(weight) + torch.from_numpy(bias))
     assert got.shape == (1, 10, 48)
     torch.testing.assert_close(got[0], want, rtol=1e-4, atol=1e-5)
+
+
+class _Residuals(nn.Module):
+    """Two conv + residual tails on a conv's output: the first the residual's last reader, the second
+    followed by another read of its residual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.a, self.b, self.c = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 1), \
+            nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.stem(x)
+        y = torch.relu(self.a(r) + r)  # r's last reader: may take the result
+        s = self.b(y)
+        z = torch.relu(self.c(s) + s)
+        return z + s  # s is read again: its residual conv must not write into it
+
+
+def test_a_residual_read_last_takes_the_result_in_place(monkeypatch) -> None:
+    torch.manual_seed(0)
+    model, inputs = _Residuals().eval(), (torch.randn(1, 3, 10, 10),)
+    text = _all_on_torch(model, inputs)
+    assert text.count(f'"{torch_kernels.CONV_RESIDUAL_IN_PLACE}"') == 1
+    assert text.count(f'"{torch_kernels.CONV_RESIDUAL}"') == 1
+    if not torch_kernels.PREPACK:
+        return  # the in-place call only differs on oneDNN
+    rigged = {"torch": 2e-6, "torch_prepacked": 1e-6, "depthwise": 1.0, "pointwise": 1.0, "direct": 1.0, "tir": 1.0}
+    monkeypatch.setattr(HostTimer, "time", lambda self, kernels, implementations=None: [dict(rigged) for _ in kernels])
+    monkeypatch.setattr(HostTimer, "overheads", lambda self: {})
+    compiled = compile(model, inputs, verbose=False)
+    expected = check_reference(model, inputs)
+    with torch.no_grad():
+        for _ in range(2):
+            error = output_error(expected, compiled(*inputs))
+            assert error.ok(), error

@@ -13,6 +13,7 @@ from tvm.relax.backend import gpu_generic
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
 from sparsefx.backends.tvm.dispatch.bf16_chain import bf16_chain_pass
+from sparsefx.backends.tvm.dispatch.residual_in_place import residual_in_place_pass
 from sparsefx.backends.tvm.dispatch.table import (  # noqa: F401
     DispatchTable,
     collect_kernels,
@@ -116,4 +117,5 @@ def decide_by_kind(mod: tvm.IRModule) -> dict[str, dict]:
 def dispatch(decisions: dict[str, dict], precision: str = "fp32") -> list[NamedPass]:
     passes = [("FuseOwnKernels", own_kernel_pass(decisions)), ("FuseTorchEpilogue", epilogue_pass(decisions, precision)),
               ("DispatchToTorch", dispatch_pass(decisions, precision))]
-    return passes + ([("ChainBf16", bf16_chain_pass)] if precision == "bf16" else [])
+    passes += [("ChainBf16", bf16_chain_pass)] if precision == "bf16" else []
+    return passes + [("ResidualInPlace", residual_in_place_pass)]

@@ -31,7 +31,7 @@ CONVS = {CONV: (0,), CONV_EPILOGUE: (0,), CONV_RESIDUAL: (0, 3)}  # which of the
 BF16, BF16_OUT = PRECISIONS.index("bf16"), PRECISIONS.index("bf16-out")
 
 
-def _packed(call: relax.Expr) -> str | None:
+def packed_name(call: relax.Expr) -> str | None:
     """The packed function a call_pure_packed calls, or None for any other expression."""
     if isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.call_pure_packed":
         return str(call.args[0].global_symbol)
@@ -39,7 +39,7 @@ def _packed(call: relax.Expr) -> str | None:
 
 
 def _bf16_conv(call: relax.Expr) -> bool:
-    name = _packed(call)
+    name = packed_name(call)
     return name in CONVS and int(call.args[-1].value) == BF16
 
 
@@ -74,8 +74,8 @@ class _Uses(PyExprVisitor):
         super().visit_var_binding_(binding)
 
     def visit_call_(self, call: relax.Call) -> None:
-        activations = CONVS[_packed(call)] if _bf16_conv(call) else (0,) if _pool_window(call) is not None else ()
-        for position, arg in enumerate(call.args[1:] if _packed(call) else call.args):
+        activations = CONVS[packed_name(call)] if _bf16_conv(call) else (0,) if _pool_window(call) is not None else ()
+        for position, arg in enumerate(call.args[1:] if packed_name(call) else call.args):
             if not isinstance(arg, relax.Var):
                 self.visit_expr(arg)
             elif position not in activations:

@@ -34,6 +34,7 @@ from sparsefx.cost.kernel import EPILOGUE_ACTIVATIONS as ACTIVATIONS  # the code
 CONV = "sparsefx.torch.conv2d"
 CONV_EPILOGUE = "sparsefx.torch.conv2d_bias"
 CONV_RESIDUAL = "sparsefx.torch.conv2d_bias_residual"
+CONV_RESIDUAL_IN_PLACE = "sparsefx.torch.conv2d_bias_residual_"  # the result written into the residual (`residual_in_place`)
 MATMUL = "sparsefx.torch.matmul"
 MATMUL_EPILOGUE = "sparsefx.torch.matmul_bias"
 MATMUL_ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh")  # codes in fused matmuls' calls
@@ -59,12 +60,16 @@ def weight_key(weight: np.ndarray) -> int:
 
 
 def conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, attrs: tuple[int, ...], key: int = 0,
-         act: str = "none", residual: torch.Tensor | None = None, precision: str = "fp32") -> torch.Tensor:
+         act: str = "none", residual: torch.Tensor | None = None, precision: str = "fp32",
+         in_place: bool = False) -> torch.Tensor:
     """conv2d (+ bias, + residual, + activation) for a workload's attrs (stride, padding, dilation
     pairs, groups); with a weight key, on oneDNN with the weight prepacked and the activation fused;
-    in `precision`: float32 out, except "bf16-out" (bf16, channels-last as oneDNN left it)."""
+    in `precision`: float32 out, except "bf16-out" (bf16, channels-last as oneDNN left it). `in_place`:
+    the residual is free to take the result (it is returned then, where its dtype allows)."""
     s0, s1, p0, p1, d0, d1, groups = attrs
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    in_place = in_place and residual is not None and residual.dtype == dtype \
+        and (dtype is torch.float32 or residual.is_contiguous(memory_format=torch.channels_last))
     if dtype is torch.bfloat16:  # channels-last: oneDNN's bf16 convs run 2x faster on it than on NCHW (64->256
         # 1x1 + residual at 56x56: 0.6 vs 1.3 ms); a no-op on what a chained bf16 conv handed on
         x, residual = (t if t is None else t.to(dtype, memory_format=torch.channels_last) for t in (x, residual))
@@ -84,8 +89,12 @@ def conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, attrs: tuple[
         out = torch.ops.mkldnn._convolution_pointwise(x, packed, b, *geometry, *_ONEDNN_ACT[act], "")
     else:  # oneDNN's sum post-op takes ReLU after it; other activations run in place afterwards
         fused = "relu" if act == "relu" else None
-        out = torch.ops.mkldnn._convolution_pointwise.binary(x, residual, packed, b, *geometry, "add", None,
-                                                             fused, [], None)
+        if in_place:  # no copy of the residual into a fresh output for the sum post-op to add to
+            out = torch.ops.mkldnn._convolution_pointwise_.binary(residual, x, packed, b, *geometry, "add", None,
+                                                                  fused, [], None)
+        else:
+            out = torch.ops.mkldnn._convolution_pointwise.binary(x, residual, packed, b, *geometry, "add", None,
+                                                                 fused, [], None)
         out = out if fused else _EAGER_ACT[act](out)
     return finish(out)  # oneDNN picks channels-last output for some shapes; TIR expects compact NCHW
 
@@ -146,6 +155,14 @@ def _torch_conv2d_residual(x: object, w: object, b: object, residual: object, *a
     *attrs, key, act, precision = attrs_key_act
     return tvm_ffi.from_dlpack(conv(_t(x), _t(w), _t(b).reshape(-1), tuple(attrs), key, ACTIVATIONS[act],
                                     _t(residual), PRECISIONS[precision]))
+
+
+@tvm_ffi.register_global_func(CONV_RESIDUAL_IN_PLACE, override=True)
+def _torch_conv2d_residual_in_place(x: object, w: object, b: object, residual: object, *attrs_key_act: int) -> object:
+    """The same, written into the residual, which nothing reads afterwards."""
+    *attrs, key, act, precision = attrs_key_act
+    return tvm_ffi.from_dlpack(conv(_t(x), _t(w), _t(b).reshape(-1), tuple(attrs), key, ACTIVATIONS[act],
+                                    _t(residual), PRECISIONS[precision], in_place=True))
 
 
 @tvm_ffi.register_global_func(MATMUL, override=True)
