@@ -32,8 +32,8 @@ def out_hw(spec: object) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
-class DepthwiseSpec:
-    """A depthwise conv (one filter per channel), square kernel, equal strides and padding."""
+class PlaneWindow:
+    """A square window sliding over each (image, channel) plane alike, equal strides and padding."""
 
     batch: int
     channels: int
@@ -42,7 +42,6 @@ class DepthwiseSpec:
     kernel: int
     stride: int
     padding: int
-    activation: str = "none"
 
     @property
     def out_hw(self) -> tuple[int, int]:
@@ -51,6 +50,13 @@ class DepthwiseSpec:
     @property
     def out_shape(self) -> tuple[int, int, int, int]:
         return (self.batch, self.channels, *self.out_hw)
+
+
+@dataclass(frozen=True)
+class DepthwiseSpec(PlaneWindow):
+    """A depthwise conv (one filter per channel)."""
+
+    activation: str = "none"
 
     @property
     def arg_shapes(self) -> tuple[tuple[int, ...], ...]:

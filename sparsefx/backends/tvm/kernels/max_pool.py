@@ -22,25 +22,14 @@ import tvm
 from tvm import relax, tirx
 from tvm.script import tirx as T
 
+from sparsefx.backends.tvm.kernels.depthwise import PlaneWindow
 from sparsefx.backends.tvm.sparse.kernels import LANES, OPAQUE, STACK
 from sparsefx.backends.tvm.tvmscript import parsed
 
 
 @dataclass(frozen=True)
-class MaxPoolSpec:
-    """A max pool over square windows, equal strides and padding, floor mode, no dilation."""
-
-    batch: int
-    channels: int
-    height: int
-    width: int
-    kernel: int
-    stride: int
-    padding: int
-
-    @property
-    def out_hw(self) -> tuple[int, int]:
-        return tuple((n + 2 * self.padding - self.kernel) // self.stride + 1 for n in (self.height, self.width))
+class MaxPoolSpec(PlaneWindow):
+    """A max pool, floor mode, no dilation."""
 
     @property
     def name(self) -> str:
@@ -81,7 +70,7 @@ def kernel(s: MaxPoolSpec) -> tvm.tirx.PrimFunc:
         return functools.reduce(T.max, [tirx.Shuffle([row[tirx.Ramp(first * 2 + kw, 1, span)]], evens) for kw in range(k)])
 
     @T.prim_func(private=True, s_tir=True)
-    def f(x: T.Buffer((s.batch, s.channels, h, w), "float32"), out: T.Buffer((s.batch, s.channels, ho, wo), "float32")):
+    def f(x: T.Buffer((s.batch, s.channels, h, w), "float32"), out: T.Buffer(s.out_shape, "float32")):
         with T.sblock("root"):  # TVM's reshape check (RewriteDataflowReshape) wants a root block
             for plane in T.parallel(s.batch * s.channels):
                 n: T.let = plane // s.channels
@@ -109,4 +98,4 @@ def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     if spec is None:
         return tvm.ir.Op.get("relax.nn.max_pool2d").get_attr("FLegalize")(bb, call)
     func = bb.add_func(parsed(kernel, spec), spec.name)
-    return relax.call_tir(func, [call.args[0]], relax.TensorType((spec.batch, spec.channels, *spec.out_hw), "float32"))
+    return relax.call_tir(func, [call.args[0]], relax.TensorType(spec.out_shape, "float32"))
