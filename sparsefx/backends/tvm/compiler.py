@@ -36,7 +36,7 @@ from sparsefx.log import get_logger
 from sparsefx.target import Target, check_threads, compile_target, host_cpu
 from sparsefx.version import __version__
 
-ARTIFACT_VERSION = 3  # v2: dispatched PyTorch kernels take a precision index (and matmuls a weight key); v3: Linear layers call `matmul_bias`
+ARTIFACT_VERSION = 4  # v2: dispatched PyTorch kernels take a precision index (and matmuls a weight key); v3: Linear layers call `matmul_bias`; v4: a residual conv may call `conv2d_bias_residual_`
 ALIGNMENT = 64  # bytes: what TVM's allocator gives and its generated code may assume
 LOG = get_logger("tvm")
 

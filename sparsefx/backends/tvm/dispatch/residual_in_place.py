@@ -40,7 +40,8 @@ def _in_place(func: relax.Function) -> relax.Function:
         if packed_name(call) != CONV_RESIDUAL:
             continue
         x, residual = call.args[1], call.args[4]
-        if residual in torch_made and last_use.get(residual) == i and residual not in returned and x is not residual:
+        if residual in torch_made and last_use.get(residual) == i and residual not in returned \
+                and not x.same_as(residual):  # an input overwritten while read
             swaps[call] = relax.call_pure_packed(CONV_RESIDUAL_IN_PLACE, *call.args[1:], ty_args=call.ty)
     return _Swap(swaps).visit_expr(func) if swaps else func
 
