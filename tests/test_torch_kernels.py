@@ -154,3 +154,23 @@ def test_a_residual_read_last_takes_the_result_in_place(monkeypatch) -> None:
         for _ in range(2):
             error = output_error(expected, compiled(*inputs))
             assert error.ok(), error
+
+
+class _ViewedResidual(nn.Module):
+    """A residual whose reshaped view is read after the residual conv: writing into it would change the view."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.p, self.a = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r = self.stem(x)
+        view = r.reshape(r.shape[0], -1)
+        y = torch.relu(self.a(self.p(r)) + r)
+        return y, view * 2
+
+
+def test_a_residual_read_through_a_view_keeps_its_values() -> None:
+    torch.manual_seed(0)
+    text = _all_on_torch(_ViewedResidual().eval(), (torch.randn(1, 3, 10, 10),))
+    assert f'"{torch_kernels.CONV_RESIDUAL}"' in text and torch_kernels.CONV_RESIDUAL_IN_PLACE not in text
