@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("sparsefx.cache")
+STALE = "has version"  # how a table of another version is reported
 
 
 def cache_dir() -> Path:
@@ -36,11 +37,15 @@ class Table:
     `version` is the one place a format or a measurement method is versioned: bump it and
     every table saved before is re-measured."""
 
-    def __init__(self, path: Path, version: int | str) -> None:
+    def __init__(self, path: Path, version: int | str, stale_is_routine: bool = False) -> None:
+        """`stale_is_routine`: a table of another version is expected (one per parsed kernel, versioned
+        by the sources that build it) and is started afresh without a warning; damage still warns."""
         self.path, self.version = Path(path), version
         entries, problem = self._read()
         if problem:
-            log.warning("cache %s %s: starting it empty, its entries will be re-measured", self.path, problem)
+            stale = problem.startswith(STALE)
+            log.log(logging.DEBUG if stale and stale_is_routine else logging.WARNING,
+                    "cache %s %s: starting it empty, its entries will be re-measured", self.path, problem)
         self.entries: dict[str, Any] = entries
 
     def save(self) -> None:
@@ -75,7 +80,7 @@ class Table:
         if not isinstance(data, dict) or not isinstance(data.get("entries"), dict):
             return {}, "is not a sparsefx table (written by an older sparsefx?)"
         if data.get("version") != self.version:
-            return {}, f"has version {data.get('version')!r}, this sparsefx reads version {self.version!r}"
+            return {}, f"{STALE} {data.get('version')!r}, this sparsefx reads version {self.version!r}"
         return data["entries"], None
 
     def _write(self, data: dict) -> None:

@@ -87,3 +87,27 @@ def test_a_parsed_kernel_is_kept_on_disk_and_reparsed_when_damaged(private_cache
     assert "parsing it again" in caplog.text
     parsed.cache_clear()
     tvm.ir.assert_structural_equal(parsed(pointwise.kernel, spec), first)  # and stored again, whole
+
+
+def test_a_kernel_parsed_by_other_sources_is_parsed_again_quietly(private_cache, caplog) -> None:
+    """Every backend change re-versions each kept kernel: expected, so no warning (damage still warns)."""
+    from sparsefx.backends.tvm.kernels import pointwise
+    from sparsefx.backends.tvm.tvmscript import parsed
+    from sparsefx.cache import cache_dir
+
+    spec = pointwise.PointwiseSpec(1, 8, 16, 4, 8, "relu", True)
+    parsed.cache_clear()  # kept in memory by an earlier test: parse it into this test's cache
+    first = parsed(pointwise.kernel, spec)
+    (stored,) = (cache_dir() / "tvmscript").glob("*.json")
+    stored.write_text(json.dumps({"version": "older sources", "entries": {"func": "not TVM JSON"}}))
+    parsed.cache_clear()
+    with caplog.at_level("DEBUG", logger="sparsefx.cache"):
+        tvm.ir.assert_structural_equal(parsed(pointwise.kernel, spec), first)
+    stale = [r for r in caplog.records if "older sources" in r.getMessage()]
+    assert stale and all(r.levelname == "DEBUG" for r in stale)
+    stored.write_text("{")
+    parsed.cache_clear()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sparsefx.cache"):
+        parsed(pointwise.kernel, spec)
+    assert "truncated or corrupt" in caplog.text

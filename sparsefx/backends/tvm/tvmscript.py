@@ -105,7 +105,7 @@ def parsed(build: Callable[[object], T], spec: object) -> T:
     file is damaged): parsing a conv kernel takes 40-60 ms, loading it 7 ms, and a warm compile of
     ResNet-50 at 2 threads parsed 43 of them (2.7 s of the 4.4 s it took)."""
     key = hashlib.sha1(f"{build.__module__}.{build.__qualname__}|{spec!r}".encode()).hexdigest()[:32]
-    table = Table(cache_dir() / "tvmscript" / f"{key}.json", backend_source_version())
+    table = Table(cache_dir() / "tvmscript" / f"{key}.json", backend_source_version(), stale_is_routine=True)
     if isinstance(table.entries.get("func"), str):
         try:
             return from_json_graph_str(table.entries["func"])  # written by this TVM: no upgrade pass
