@@ -7,9 +7,10 @@ all on the same ONNX export and inputs. Each call is put in an op class: k x k c
 convolution, depthwise convolution, pooling, matmul (Linear layers), and everything else (element-wise
 kernels, layout reorders, the VM's own calls). Convolutions are classed by their weight's shape:
 sparsefx's and ONNX Runtime's profiles carry it; OpenVINO's names the node, whose weight is looked up
-in the ONNX graph. Profiled sums exceed an uninstrumented run (each profiler costs each call a few
-microseconds); the run's own median is given beside them. Writes benchmarks/results/<name>.json
-and .md.
+in the ONNX graph. Fusion moves work between classes (EfficientNet's squeeze-excite scale runs inside
+sparsefx's 1x1 conv, as a separate Mul in ONNX Runtime: "other"). sparsefx's per-call times are the
+fastest of the runs (`profile`), ONNX Runtime's the median, OpenVINO's the last run's; the
+uninstrumented run's median is given beside the sums. Writes benchmarks/results/<name>.json and .md.
 
     python benchmarks/op_profile.py                                   # ResNet-18, ResNet-50, MobileNetV2
     python benchmarks/op_profile.py --models mobilenet_v2 --threads 2
