@@ -24,7 +24,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import onnx
@@ -32,6 +31,7 @@ import torch
 from common import RunRecord
 
 import sparsefx
+from sparsefx.backends.eager import measure_latency
 from sparsefx.backends.peers import Peers
 from sparsefx.capture.compare import calibrate_norm_statistics
 from sparsefx.capture.models import load_model
@@ -149,14 +149,7 @@ def profile_openvino(path: Path, inputs: tuple, threads: int, repeat: int) -> tu
 
 
 def median_ms(run: object, repeat: int) -> float:
-    for _ in range(3):
-        run()
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1e3
+    return measure_latency(run, (), repeat=repeat)["median_ms"]
 
 
 def markdown(rows: list[dict], record: RunRecord) -> str:
