@@ -7,7 +7,8 @@ one (image, channel) plane at a time, one output row at a time: the maximum over
 rows, whole vectors along the input row, into a row buffer; then the maximum over the window's
 columns read from that buffer, 2 x 16 contiguous lanes split by a shuffle at stride 2. Padding
 needs no -inf: a window always holds an input row and column (PyTorch allows padding up to half
-the window), so a row or column past the edge is read as the nearest edge one, which the window
+the window, and in ceil mode starts a last window only inside the input or its left padding), so a
+row or column past the edge is read as the nearest edge one, which the window
 holds anyway and which leaves its maximum unchanged. ResNet's pool: 0.136 ms. The kernel's function
 has a root block only because TVM's RewriteDataflowReshape checks every one-input call_tir's
 function for a reshape and fails on a body without one.
@@ -29,11 +30,25 @@ from sparsefx.backends.tvm.tvmscript import parsed
 
 @dataclass(frozen=True)
 class MaxPoolSpec(PlaneWindow):
-    """A max pool, floor mode, no dilation."""
+    """A max pool, no dilation; `ceil`: PyTorch's ceil_mode (a last, partial window where one starts
+    inside the input or its left padding)."""
+
+    ceil: bool = False
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        if not self.ceil:
+            return super().out_hw
+        sizes = []
+        for n in (self.height, self.width):
+            out = -(-(n + 2 * self.padding - self.kernel) // self.stride) + 1
+            sizes.append(out - 1 if (out - 1) * self.stride >= n + self.padding else out)
+        return tuple(sizes)
 
     @property
     def name(self) -> str:
-        return f"max_pool_{self.batch}x{self.channels}x{self.height}x{self.width}_k{self.kernel}s{self.stride}p{self.padding}"
+        return f"max_pool_{self.batch}x{self.channels}x{self.height}x{self.width}_k{self.kernel}s{self.stride}" \
+               f"p{self.padding}" + ("_ceil" if self.ceil else "")
 
 
 def spec_of(call: relax.Call) -> MaxPoolSpec | None:
@@ -41,14 +56,15 @@ def spec_of(call: relax.Call) -> MaxPoolSpec | None:
     a = call.attrs
     ty = call.args[0].ty
     shape = getattr(ty, "shape", None)
-    if str(ty.dtype) != "float32" or a.layout != "NCHW" or a.out_layout != "NCHW" or a.ceil_mode \
+    if str(ty.dtype) != "float32" or a.layout != "NCHW" or a.out_layout != "NCHW" \
             or shape is None or len(shape) != 4 or not all(isinstance(d, tirx.IntImm) for d in shape):
         return None
     (kh, kw), (sh, sw), (dh, dw), pads = ([int(v) for v in x] for x in (a.pool_size, a.strides, a.dilation, a.padding))
     n, c, h, w = (int(d) for d in shape)
-    spec = MaxPoolSpec(n, c, h, w, kh, sh, pads[0])
+    spec = MaxPoolSpec(n, c, h, w, kh, sh, pads[0], bool(a.ceil_mode))
     if kh != kw or sh != sw or sh not in (1, 2) or dh != dw or dh != 1 or len(set(pads)) != 1 \
-            or 2 * spec.padding > kh or min(spec.out_hw) < 1:
+            or 2 * spec.padding > kh or min(spec.out_hw) < 1 \
+            or [int(d) for d in call.ty.shape] != list(spec.out_shape):  # output sizes worked out alike
         return None
     return spec
 
