@@ -22,7 +22,7 @@ from sparsefx.backends.tvm.dispatch.table import (  # noqa: F401
     table_key,
 )
 from sparsefx.backends.tvm.fold import numpy_fold_pass
-from sparsefx.backends.tvm.kernels import max_pool
+from sparsefx.backends.tvm.kernels import pool
 from sparsefx.backends.tvm.kernels import registry as own_kernels
 from sparsefx.backends.tvm.kernels.registry import own_kernel_pass
 from sparsefx.backends.tvm.schedule import default_schedule_pass
@@ -32,7 +32,7 @@ from sparsefx.cost.timing import Timer
 from sparsefx.target import Target
 
 NamedPass = tuple[str, tvm.transform.Pass]
-OWN_LEGALIZE = {"relax.nn.max_pool2d": max_pool.legalize}  # CPU: ops lowered to sparsefx's kernels, not TVM's TOPI
+OWN_LEGALIZE = {"relax.nn.max_pool2d": pool.legalize, "relax.nn.avg_pool2d": pool.legalize}  # CPU: ops lowered to sparsefx's kernels, not TVM's TOPI
 
 
 def optimize_passes() -> list[NamedPass]:

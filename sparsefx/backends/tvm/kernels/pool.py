@@ -1,22 +1,23 @@
-"""A CPU TIR kernel for 2-D max pooling (NCHW, stride 1 or 2), used as max_pool2d's legalization.
+"""A CPU TIR kernel for 2-D max and average pooling (NCHW, stride 1 or 2), the pools' legalization.
 
 TVM's legalization pads the input into a buffer of its own and takes each output's maximum one
 window element at a time; with stride 2 every vector of it is a gather. ResNet's 3x3 stride-2 pool
 of 64 x 112x112 took 0.59 ms on one thread of this Xeon, ONNX Runtime's 0.13 ms. This kernel works
-one (image, channel) plane at a time, one output row at a time: the maximum over the window's
-rows, whole vectors along the input row, into a row buffer; then the maximum over the window's
-columns read from that buffer, 2 x 16 contiguous lanes split by a shuffle at stride 2. Padding
-needs no -inf: a window always holds an input row and column (PyTorch allows padding up to half
-the window, and in ceil mode starts a last window only inside the input or its left padding), so a
-row or column past the edge is read as the nearest edge one, which the window
-holds anyway and which leaves its maximum unchanged. ResNet's pool: 0.136 ms. The kernel's function
-has a root block only because TVM's RewriteDataflowReshape checks every one-input call_tir's
-function for a reshape and fails on a body without one.
+one (image, channel) plane at a time, one output row at a time: the window's rows combined, whole
+vectors along the input row, into a row buffer; then the window's columns combined from that buffer,
+2 x 16 contiguous lanes split by a shuffle at stride 2. A max pool needs no -inf padding: a window
+always holds an input row and column (PyTorch allows padding up to half the window, and in ceil mode
+starts a last window only inside the input or its left padding), so a row or column past the edge
+is read as the nearest edge one, which the window holds anyway. An average pool (padding counted,
+PyTorch's default) adds zeros there instead and divides by the window's size. ResNet's pool: 0.136
+ms. The kernel's function has a root block only because TVM's RewriteDataflowReshape checks every
+one-input call_tir's function for a reshape and fails on a body without one.
 """
 
 from __future__ import annotations
 
 import functools
+import operator
 from dataclasses import dataclass
 
 import tvm
@@ -29,11 +30,12 @@ from sparsefx.backends.tvm.tvmscript import parsed
 
 
 @dataclass(frozen=True)
-class MaxPoolSpec(PlaneWindow):
-    """A max pool, no dilation; `ceil`: PyTorch's ceil_mode (a last, partial window where one starts
-    inside the input or its left padding)."""
+class PoolSpec(PlaneWindow):
+    """A max pool, or an average pool counting padding (`average`); no dilation. `ceil`: PyTorch's
+    ceil_mode (a last, partial window where one starts inside the input or its left padding)."""
 
     ceil: bool = False
+    average: bool = False
 
     @property
     def out_hw(self) -> tuple[int, int]:
@@ -47,13 +49,16 @@ class MaxPoolSpec(PlaneWindow):
 
     @property
     def name(self) -> str:
-        return f"max_pool_{self.batch}x{self.channels}x{self.height}x{self.width}_k{self.kernel}s{self.stride}" \
+        return f"{'avg' if self.average else 'max'}_pool_{self.batch}x{self.channels}x{self.height}x{self.width}_k{self.kernel}s{self.stride}" \
                f"p{self.padding}" + ("_ceil" if self.ceil else "")
 
 
-def spec_of(call: relax.Call) -> MaxPoolSpec | None:
-    """The spec of a Relax max_pool2d call this kernel runs, else None."""
+def spec_of(call: relax.Call) -> PoolSpec | None:
+    """The spec of a Relax max_pool2d or avg_pool2d call this kernel runs, else None."""
     a = call.attrs
+    average = call.op.name == "relax.nn.avg_pool2d"
+    if average and (a.ceil_mode or not a.count_include_pad):  # divisors that vary over the output: TVM's
+        return None
     ty = call.args[0].ty
     shape = getattr(ty, "shape", None)
     if str(ty.dtype) != "float32" or a.layout != "NCHW" or a.out_layout != "NCHW" \
@@ -61,7 +66,7 @@ def spec_of(call: relax.Call) -> MaxPoolSpec | None:
         return None
     (kh, kw), (sh, sw), (dh, dw), pads = ([int(v) for v in x] for x in (a.pool_size, a.strides, a.dilation, a.padding))
     n, c, h, w = (int(d) for d in shape)
-    spec = MaxPoolSpec(n, c, h, w, kh, sh, pads[0], bool(a.ceil_mode))
+    spec = PoolSpec(n, c, h, w, kh, sh, pads[0], bool(a.ceil_mode), average)
     if kh != kw or sh != sw or sh not in (1, 2) or dh != dw or dh != 1 or len(set(pads)) != 1 \
             or 2 * spec.padding > kh or min(spec.out_hw) < 1 \
             or [int(d) for d in call.ty.shape] != list(spec.out_shape):  # output sizes worked out alike
@@ -69,7 +74,7 @@ def spec_of(call: relax.Call) -> MaxPoolSpec | None:
     return spec
 
 
-def kernel(s: MaxPoolSpec) -> tvm.tirx.PrimFunc:
+def kernel(s: PoolSpec) -> tvm.tirx.PrimFunc:
     k, st, p, h, w = s.kernel, s.stride, s.padding, s.height, s.width
     ho, wo = s.out_hw
     in_lanes, out_lanes = min(LANES, w), min(LANES, wo)
@@ -77,13 +82,23 @@ def kernel(s: MaxPoolSpec) -> tvm.tirx.PrimFunc:
     row_len = max(w + 2 * p, st * (wo - out_lanes) + k - 1 + span)  # the last vector's reads stay inside
     evens = [tirx.IntImm("int32", 2 * m) for m in range(out_lanes)]
 
-    def over_rows(x, n, c, oh, iw):  # noqa: ANN001, ANN202 (TIR expressions): the window rows' maximum
-        return functools.reduce(T.max, [x[n, c, T.max(T.min(oh * st - p + kh, h - 1), 0), iw] for kh in range(k)])
+    combine = operator.add if s.average else T.max
+
+    def row_of(x, n, c, oh, kh, iw):  # noqa: ANN001, ANN202 (TIR expressions): a window row, the nearest
+        ih = oh * st - p + kh  # in the input where it is past the edge (a max pool's), else zeros (an average's)
+        value = x[n, c, T.max(T.min(ih, h - 1), 0), iw]
+        return T.if_then_else(tirx.all(ih >= 0, ih < h), value, T.float32(0)) if s.average else value
+
+    def over_rows(x, n, c, oh, iw):  # noqa: ANN001, ANN202 (TIR expressions): the window rows combined
+        return functools.reduce(combine, [row_of(x, n, c, oh, kh, iw) for kh in range(k)])
 
     def over_columns(row, first):  # noqa: ANN001, ANN202 (TIR expressions): a vector of outputs from `first`
         if st == 1:
-            return functools.reduce(T.max, [row[tirx.Ramp(first + kw, 1, out_lanes)] for kw in range(k)])
-        return functools.reduce(T.max, [tirx.Shuffle([row[tirx.Ramp(first * 2 + kw, 1, span)]], evens) for kw in range(k)])
+            taps = [row[tirx.Ramp(first + kw, 1, out_lanes)] for kw in range(k)]
+        else:
+            taps = [tirx.Shuffle([row[tirx.Ramp(first * 2 + kw, 1, span)]], evens) for kw in range(k)]
+        combined = functools.reduce(combine, taps)
+        return combined * T.float32(1 / (k * k)) if s.average else combined
 
     @T.prim_func(private=True, s_tir=True)
     def f(x: T.Buffer((s.batch, s.channels, h, w), "float32"), out: T.Buffer(s.out_shape, "float32")):
@@ -98,9 +113,9 @@ def kernel(s: MaxPoolSpec) -> tvm.tirx.PrimFunc:
                             iw: T.let = T.min(i0 * in_lanes, w - in_lanes) + il
                             row[p + iw] = over_rows(x, n, c, oh, iw)
                     for j in range(p):
-                        row[j] = row[p]
+                        row[j] = T.float32(0) if s.average else row[p]
                     for j in range(p + w, row_len):
-                        row[j] = row[p + w - 1]
+                        row[j] = T.float32(0) if s.average else row[p + w - 1]
                     for o0 in range(-(-wo // out_lanes)):
                         first: T.let = T.min(o0 * out_lanes, wo - out_lanes)
                         out[n, c, oh, tirx.Ramp(first, 1, out_lanes)] = over_columns(row, first)
@@ -109,9 +124,9 @@ def kernel(s: MaxPoolSpec) -> tvm.tirx.PrimFunc:
 
 
 def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    """max_pool2d as this kernel where it applies (`spec_of`), else TVM's own legalization."""
+    """max_pool2d / avg_pool2d as this kernel where it applies (`spec_of`), else TVM's own legalization."""
     spec = spec_of(call)
     if spec is None:
-        return tvm.ir.Op.get("relax.nn.max_pool2d").get_attr("FLegalize")(bb, call)
+        return call.op.get_attr("FLegalize")(bb, call)
     func = bb.add_func(parsed(kernel, spec), spec.name)
     return relax.call_tir(func, [call.args[0]], relax.TensorType(spec.out_shape, "float32"))

@@ -1,4 +1,4 @@
-"""sparsefx's max-pool kernel (max_pool2d's CPU legalization) against PyTorch, and where it declines."""
+"""sparsefx's pool kernel (max_pool2d's and avg_pool2d's CPU legalization) against PyTorch, and where it declines."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import tvm
 from tvm import relax
 
-from sparsefx.backends.tvm.kernels import max_pool
+from sparsefx.backends.tvm.kernels import pool
 from sparsefx.backends.tvm.pipeline import build_module
 from sparsefx.target import resolve_target
 
@@ -22,12 +22,13 @@ CASES = [((1, 8, 112, 112), 3, 2, 1, False), ((2, 5, 17, 23), 3, 2, 1, False), (
          ((1, 4, 14, 14), 3, 1, 1, True), ((1, 3, 9, 10), 2, 2, 0, True)]
 
 
-def pool_module(shape: tuple[int, ...], k: int, stride: int, padding: int, **attrs: object) -> tvm.IRModule:
+def pool_module(shape: tuple[int, ...], k: int, stride: int, padding: int, op: object = relax.op.nn.max_pool2d,
+                **attrs: object) -> tvm.IRModule:
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType(shape, "float32"))
     with bb.function("main", [x]):
         with bb.dataflow():
-            out = bb.emit_output(bb.emit(relax.op.nn.max_pool2d(x, (k, k), (stride, stride), padding, **attrs)))
+            out = bb.emit_output(bb.emit(op(x, (k, k), (stride, stride), padding, **attrs)))
         bb.emit_func_output(out)
     return bb.get()
 
@@ -36,7 +37,7 @@ def pool_module(shape: tuple[int, ...], k: int, stride: int, padding: int, **att
 def test_max_pool_equals_torch(shape: tuple[int, ...], k: int, stride: int, padding: int, ceil: bool) -> None:
     target = resolve_target("cpu")
     mod = pool_module(shape, k, stride, padding, ceil_mode=ceil)
-    assert max_pool.spec_of(mod["main"].body.blocks[0].bindings[0].value) is not None
+    assert pool.spec_of(mod["main"].body.blocks[0].bindings[0].value) is not None
     vm = relax.VirtualMachine(build_module(mod, target.to_tvm(), target), tvm.cpu())
     x = torch.randn(shape) - 1  # negative: a padding read as 0 would show
     got = vm["main"](tvm.runtime.tensor(x.numpy())).numpy()
@@ -49,9 +50,31 @@ def test_max_pool_declines_what_it_does_not_run(attrs: dict) -> None:
     stride = attrs.pop("strides", (2, 2))[0]
     shape, k, padding = (1, 4, 15, 15), 3, 1
     mod = pool_module(shape, k, stride, padding, **attrs)
-    assert max_pool.spec_of(mod["main"].body.blocks[0].bindings[0].value) is None
+    assert pool.spec_of(mod["main"].body.blocks[0].bindings[0].value) is None
     target = resolve_target("cpu")
     vm = relax.VirtualMachine(build_module(mod, target.to_tvm(), target), tvm.cpu())
     x = torch.randn(shape)
     want = F.max_pool2d(x, k, stride, padding, dilation=attrs.get("dilation", 1), ceil_mode=attrs.get("ceil_mode", False))
     np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(x.numpy())).numpy(), want.numpy())
+
+
+AVERAGE_CASES = [((1, 8, 35, 35), 3, 1, 1), ((1, 8, 56, 56), 2, 2, 0), ((2, 3, 17, 23), 3, 2, 1), ((1, 4, 9, 40), 5, 1, 2)]
+
+
+@pytest.mark.parametrize(("shape", "k", "stride", "padding"), AVERAGE_CASES)
+def test_average_pool_equals_torch(shape: tuple[int, ...], k: int, stride: int, padding: int) -> None:
+    """Inception's 3x3/1 pools and DenseNet's 2x2/2 ones: padding counted as zeros (PyTorch's default)."""
+    target = resolve_target("cpu")
+    mod = pool_module(shape, k, stride, padding, relax.op.nn.avg_pool2d, count_include_pad=True)
+    assert pool.spec_of(mod["main"].body.blocks[0].bindings[0].value) is not None
+    vm = relax.VirtualMachine(build_module(mod, target.to_tvm(), target), tvm.cpu())
+    x = torch.randn(shape) + 1  # positive: an edge row read again instead of zeros would show
+    got = vm["main"](tvm.runtime.tensor(x.numpy())).numpy()
+    np.testing.assert_allclose(got, F.avg_pool2d(x, k, stride, padding).numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("attrs", [{"count_include_pad": False}, {"ceil_mode": True}])
+def test_average_pool_with_varying_divisors_stays_on_tvm(attrs: dict) -> None:
+    """Divisors that vary over the output (padding not counted; ceil mode's last windows) are TVM's."""
+    mod = pool_module((1, 4, 15, 15), 3, 2, 1, relax.op.nn.avg_pool2d, **attrs)
+    assert pool.spec_of(mod["main"].body.blocks[0].bindings[0].value) is None
