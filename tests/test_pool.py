@@ -58,23 +58,41 @@ def test_max_pool_declines_what_it_does_not_run(attrs: dict) -> None:
     np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(x.numpy())).numpy(), want.numpy())
 
 
-AVERAGE_CASES = [((1, 8, 35, 35), 3, 1, 1), ((1, 8, 56, 56), 2, 2, 0), ((2, 3, 17, 23), 3, 2, 1), ((1, 4, 9, 40), 5, 1, 2)]
+AVERAGE_CASES = [((1, 8, 35, 35), 3, 1, 1, False, True), ((1, 8, 56, 56), 2, 2, 0, False, True),
+                 ((2, 3, 17, 23), 3, 2, 1, False, True), ((1, 4, 9, 40), 5, 1, 2, False, True),
+                 ((1, 4, 15, 15), 3, 2, 1, True, True), ((1, 4, 15, 15), 3, 2, 1, True, False),
+                 ((1, 4, 14, 13), 3, 1, 1, False, False), ((1, 3, 9, 10), 2, 2, 0, True, False)]
 
 
-@pytest.mark.parametrize(("shape", "k", "stride", "padding"), AVERAGE_CASES)
-def test_average_pool_equals_torch(shape: tuple[int, ...], k: int, stride: int, padding: int) -> None:
-    """Inception's 3x3/1 pools and DenseNet's 2x2/2 ones: padding counted as zeros (PyTorch's default)."""
+@pytest.mark.parametrize(("shape", "k", "stride", "padding", "ceil", "count_pad"), AVERAGE_CASES)
+def test_average_pool_equals_torch(shape: tuple[int, ...], k: int, stride: int, padding: int, ceil: bool,
+                                   count_pad: bool) -> None:
+    """Inception's 3x3/1 pools and DenseNet's 2x2/2 ones (padding counted as zeros, PyTorch's default),
+    and the divisors that shrink at the edges: ceil mode's last windows, padding not counted."""
     target = resolve_target("cpu")
-    mod = pool_module(shape, k, stride, padding, relax.op.nn.avg_pool2d, count_include_pad=True)
+    mod = pool_module(shape, k, stride, padding, relax.op.nn.avg_pool2d, ceil_mode=ceil, count_include_pad=count_pad)
     assert pool.spec_of(mod["main"].body.blocks[0].bindings[0].value) is not None
     vm = relax.VirtualMachine(build_module(mod, target.to_tvm(), target), tvm.cpu())
-    x = torch.randn(shape) + 1  # positive: an edge row read again instead of zeros would show
+    x = torch.randn(shape) + 1  # positive: an edge row read instead of zeros, or a wrong divisor, would show
     got = vm["main"](tvm.runtime.tensor(x.numpy())).numpy()
-    np.testing.assert_allclose(got, F.avg_pool2d(x, k, stride, padding).numpy(), rtol=1e-5, atol=1e-6)
+    want = F.avg_pool2d(x, k, stride, padding, ceil_mode=ceil, count_include_pad=count_pad)
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("attrs", [{"count_include_pad": False}, {"ceil_mode": True}])
-def test_average_pool_with_varying_divisors_stays_on_tvm(attrs: dict) -> None:
-    """Divisors that vary over the output (padding not counted; ceil mode's last windows) are TVM's."""
-    mod = pool_module((1, 4, 15, 15), 3, 2, 1, relax.op.nn.avg_pool2d, **attrs)
-    assert pool.spec_of(mod["main"].body.blocks[0].bindings[0].value) is None
+def test_avg_pool_modules_keep_count_include_pad(private_cache) -> None:
+    """TVM's fx importer drops nn.AvgPool2d's count_include_pad; sparsefx imports the module as the function."""
+    from sparsefx.backends.tvm import compile
+
+    model = torch.nn.Sequential(torch.nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=False)).eval()
+    x = torch.randn(1, 3, 15, 15) + 1
+    compiled = compile(model, (x,), verbose=False, cache=False)
+    np.testing.assert_allclose(compiled(x).numpy(), model(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_an_avg_pool_divisor_override_is_refused(private_cache) -> None:
+    from sparsefx.backends.tvm import compile
+    from sparsefx.errors import SparsefxError
+
+    model = torch.nn.Sequential(torch.nn.AvgPool2d(3, 2, 1, divisor_override=4)).eval()
+    with pytest.raises(SparsefxError, match="divisor_override=4"):
+        compile(model, (torch.randn(1, 3, 15, 15),), verbose=False, cache=False)

@@ -8,8 +8,8 @@ vectors along the input row, into a row buffer; then the window's columns combin
 2 x 16 contiguous lanes split by a shuffle at stride 2. A max pool needs no -inf padding: a window
 always holds an input row and column (PyTorch allows padding up to half the window, and in ceil mode
 starts a last window only inside the input or its left padding), so a row or column past the edge
-is read as the nearest edge one, which the window holds anyway. An average pool (padding counted,
-PyTorch's default) adds zeros there instead and divides by the window's size. ResNet's pool: 0.136
+is read as the nearest edge one, which the window holds anyway. An average pool adds zeros there
+instead and divides by PyTorch's count (the window, or only its part inside the input or its padding). ResNet's pool: 0.136
 ms. The kernel's function has a root block only because TVM's RewriteDataflowReshape checks every
 one-input call_tir's function for a reshape and fails on a body without one.
 """
@@ -31,11 +31,13 @@ from sparsefx.backends.tvm.tvmscript import parsed
 
 @dataclass(frozen=True)
 class PoolSpec(PlaneWindow):
-    """A max pool, or an average pool counting padding (`average`); no dilation. `ceil`: PyTorch's
-    ceil_mode (a last, partial window where one starts inside the input or its left padding)."""
+    """A max pool, or an average pool (`average`; `count_pad`: padding counted in the divisor, PyTorch's
+    count_include_pad); no dilation. `ceil`: PyTorch's ceil_mode (a last, partial window where one
+    starts inside the input or its left padding)."""
 
     ceil: bool = False
     average: bool = False
+    count_pad: bool = True
 
     @property
     def out_hw(self) -> tuple[int, int]:
@@ -50,15 +52,13 @@ class PoolSpec(PlaneWindow):
     @property
     def name(self) -> str:
         return f"{'avg' if self.average else 'max'}_pool_{self.batch}x{self.channels}x{self.height}x{self.width}_k{self.kernel}s{self.stride}" \
-               f"p{self.padding}" + ("_ceil" if self.ceil else "")
+               f"p{self.padding}" + ("_ceil" if self.ceil else "") + ("" if self.count_pad else "_nopad")
 
 
 def spec_of(call: relax.Call) -> PoolSpec | None:
     """The spec of a Relax max_pool2d or avg_pool2d call this kernel runs, else None."""
     a = call.attrs
     average = call.op.name == "relax.nn.avg_pool2d"
-    if average and (a.ceil_mode or not a.count_include_pad):  # divisors that vary over the output: TVM's
-        return None
     ty = call.args[0].ty
     shape = getattr(ty, "shape", None)
     if str(ty.dtype) != "float32" or a.layout != "NCHW" or a.out_layout != "NCHW" \
@@ -66,7 +66,7 @@ def spec_of(call: relax.Call) -> PoolSpec | None:
         return None
     (kh, kw), (sh, sw), (dh, dw), pads = ([int(v) for v in x] for x in (a.pool_size, a.strides, a.dilation, a.padding))
     n, c, h, w = (int(d) for d in shape)
-    spec = PoolSpec(n, c, h, w, kh, sh, pads[0], bool(a.ceil_mode), average)
+    spec = PoolSpec(n, c, h, w, kh, sh, pads[0], bool(a.ceil_mode), average, not average or bool(a.count_include_pad))
     if kh != kw or sh != sw or sh not in (1, 2) or dh != dw or dh != 1 or len(set(pads)) != 1 \
             or 2 * spec.padding > kh or min(spec.out_hw) < 1 \
             or [int(d) for d in call.ty.shape] != list(spec.out_shape):  # output sizes worked out alike
@@ -97,8 +97,13 @@ def kernel(s: PoolSpec) -> tvm.tirx.PrimFunc:
             taps = [row[tirx.Ramp(first + kw, 1, out_lanes)] for kw in range(k)]
         else:
             taps = [tirx.Shuffle([row[tirx.Ramp(first * 2 + kw, 1, span)]], evens) for kw in range(k)]
-        combined = functools.reduce(combine, taps)
-        return combined * T.float32(1 / (k * k)) if s.average else combined
+        return functools.reduce(combine, taps)
+
+    reach = p if s.count_pad else 0  # how far past the input a window's divisor counts
+
+    def divisor(o, size):  # noqa: ANN001, ANN202 (TIR expressions): window positions counted along one axis
+        start = o * st - p
+        return T.min(start + k, size + reach) - T.max(start, -reach)
 
     @T.prim_func(private=True, s_tir=True)
     def f(x: T.Buffer((s.batch, s.channels, h, w), "float32"), out: T.Buffer(s.out_shape, "float32")):
@@ -118,7 +123,14 @@ def kernel(s: PoolSpec) -> tvm.tirx.PrimFunc:
                         row[j] = T.float32(0) if s.average else row[p + w - 1]
                     for o0 in range(-(-wo // out_lanes)):
                         first: T.let = T.min(o0 * out_lanes, wo - out_lanes)
-                        out[n, c, oh, tirx.Ramp(first, 1, out_lanes)] = over_columns(row, first)
+                        if T.bool(s.average):  # PyTorch's divisor per output: it shrinks at the edges of ceil mode's last
+                            sums = T.alloc_buffer((out_lanes,), "float32", scope=STACK)  # windows, and without count_pad
+                            sums[tirx.Ramp(0, 1, out_lanes)] = over_columns(row, first)
+                            for ol in T.vectorized(out_lanes):
+                                out[n, c, oh, first + ol] = sums[ol] / T.Cast(
+                                    "float32", divisor(oh, h) * divisor(first + ol, w))
+                        else:
+                            out[n, c, oh, tirx.Ramp(first, 1, out_lanes)] = over_columns(row, first)
 
     return f.with_attr({"op_pattern": OPAQUE, "tirx.is_scheduled": True, "tirx.noalias": True})
 
