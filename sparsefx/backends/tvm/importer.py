@@ -162,17 +162,17 @@ def avg_pools_as_functions(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     drops a module's count_include_pad, which made count_include_pad=False pools wrong (a 3x3/2
     ceil-mode pool over 15x15: 0.24 off)."""
     modules = dict(gm.named_modules())
-    for node in list(gm.graph.nodes):
-        module = modules.get(node.target) if node.op == "call_module" else None
-        if not isinstance(module, nn.AvgPool2d):
-            continue
+    pools = [node for node in gm.graph.nodes if node.op == "call_module" and isinstance(modules.get(node.target), nn.AvgPool2d)]
+    for node in pools:
+        module = modules[node.target]
         with gm.graph.inserting_before(node):
             call = gm.graph.call_function(F.avg_pool2d, (node.args[0], module.kernel_size, module.stride,
                                                           module.padding, module.ceil_mode, module.count_include_pad,
                                                           module.divisor_override))
         node.replace_all_uses_with(call)
         gm.graph.erase_node(node)
-    gm.recompile()
+    if pools:  # most models have none: no second code generation for them
+        gm.recompile()
     return gm
 
 
