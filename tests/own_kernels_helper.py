@@ -24,8 +24,11 @@ def assert_kernels_match_torch(kind: str, specs: list, groups: Callable[[object]
     bias, input scale, residual and activation, on random arguments of its `arg_shapes`."""
     library = own_kernels.build(kind, specs, resolve_target("cpu").to_tvm())
     torch.manual_seed(0)
+    module = own_kernels.KERNELS[kind]
     for s in specs:
         args = [torch.randn(shape) for shape in s.arg_shapes[:-1]]
+        if own_kernels.repacked(s):  # the reference takes PyTorch's layout, the kernel its own
+            args[1] = torch.randn(s.weight_shape)
         if s.activation == "silu":
             args[0] *= 20  # reach exp's clamp: no inf or nan from a large |x|
         x, w, b, *rest = args
@@ -34,7 +37,10 @@ def assert_kernels_match_torch(kind: str, specs: list, groups: Callable[[object]
         want = F.conv2d(x, w, b, getattr(s, "stride", 1), getattr(s, "padding", 0), 1, groups(s))
         want = ACT[s.activation](want + rest[0] if getattr(s, "residual", False) else want)
         out = tvm.runtime.empty(s.out_shape, "float32")
-        library[s.name](*[tvm.runtime.tensor(t.numpy()) for t in args], out)
+        given = [t.numpy() for t in args]
+        if own_kernels.repacked(s):
+            given[1] = module.pack_weight(s, given[1])
+        library[s.name](*[tvm.runtime.tensor(a) for a in given], out)
         scale = max(1.0, float(want.abs().max()))  # large sums cancel: absolute error grows with the values
         np.testing.assert_allclose(out.numpy(), want.numpy(), rtol=1e-5, atol=1e-5 * scale, err_msg=s.name)
 

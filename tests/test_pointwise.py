@@ -28,6 +28,45 @@ def test_kernel_matches_torch_conv_with_bias_residual_and_activation(monkeypatch
     monkeypatch.setattr(pointwise, "INPUT_IN_CACHE", 1 << 30 if by_channel else 0)  # both loop orders
     assert_kernels_match_torch("pointwise", [pointwise.PointwiseSpec(*s) for s in SPECS])
 
+CHANNEL_VECTOR_SPECS = [  # small maps: vectorised over output channels (counts off the 32-channel blocks too)
+    (1, 40, 64, 7, 7, "relu", False), (2, 24, 96, 14, 14, "none", True), (1, 17, 60, 6, 9, "relu6", True),
+    (1, 64, 32, 11, 3, "silu", False), (2, 40, 64, 7, 7, "none", False, True), (1, 9, 96, 5, 10, "relu", True, True),
+]
+
+
+def test_small_maps_vectorise_over_channels_and_match_torch_conv() -> None:
+    specs = [pointwise.PointwiseSpec(*s) for s in CHANNEL_VECTOR_SPECS]
+    assert all(s.by_channels and s.name.endswith("_cv") for s in specs)
+    assert_kernels_match_torch("pointwise", specs)
+
+
+def test_channel_vectorised_where_fewer_lanes_are_wasted() -> None:
+    assert pointwise.PointwiseSpec(1, 512, 2048, 7, 7).by_channels  # 49 pixels: 2 x 32-pixel blocks
+    assert pointwise.PointwiseSpec(1, 256, 1024, 14, 14).pixel_block == 14
+    assert not pointwise.PointwiseSpec(1, 288, 48, 14, 14).by_channels  # 48 channels: 2 x 32-channel blocks
+    assert not pointwise.PointwiseSpec(1, 64, 256, 28, 28).by_channels  # large map
+    assert not pointwise.PointwiseSpec(1, 64, 16, 7, 7).by_channels  # fewer channels than a block
+    assert not pointwise.PointwiseSpec(1, 2048, 512, 7, 7).by_channels  # a 2048 x 32 weight block per pixel block
+
+
+def test_packed_weight_holds_each_block_of_output_channels_transposed() -> None:
+    s = pointwise.PointwiseSpec(1, 3, 60, 7, 7)
+    w = np.arange(60 * 3, dtype=np.float32).reshape(60, 3, 1, 1)
+    packed = pointwise.pack_weight(s, w)
+    assert packed.shape == s.arg_shapes[1] == (2, 3, 32)
+    np.testing.assert_array_equal(packed[0], w[:32, :, 0, 0].T)
+    np.testing.assert_array_equal(packed[1], w[28:, :, 0, 0].T)  # the last block shifted back to end at 60
+
+
+def test_pass_repacks_the_weight_of_a_channel_vectorised_conv() -> None:
+    model = with_random_bn_stats(nn.Sequential(nn.Conv2d(24, 64, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()))
+    inputs = (torch.randn(2, 24, 7, 7),)
+    text, got = dispatched(model, inputs, lambda w: "pointwise")
+    assert "pointwise_24to64_7x7_b2_relu_cv" in text and "R.nn.relu" not in text
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(*inputs).numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_supported_takes_only_unstrided_ungrouped_1x1_convs_on_a_whole_pixel_block() -> None:
     shapes = ((1, 8, 8, 8), (16, 8, 1, 1), (1, 16, 8, 8))
     assert pointwise.supported((1, 1, 0, 0, 1, 1, 1), shapes)
@@ -62,10 +101,10 @@ def test_pass_fuses_bias_residual_and_activation_and_matches_eager() -> None:
 class _SqueezeExcite(nn.Module):
     """MBConv's tail: squeeze-and-excitation scales the channels, then a 1x1 conv + BN projects."""
 
-    def __init__(self, scale_first: bool) -> None:
+    def __init__(self, scale_first: bool, out: int = 10) -> None:
         super().__init__()
         self.fc1, self.fc2 = nn.Conv2d(24, 6, 1), nn.Conv2d(6, 24, 1)
-        self.project, self.bn = nn.Conv2d(24, 10, 1, bias=False), nn.BatchNorm2d(10)
+        self.project, self.bn = nn.Conv2d(24, out, 1, bias=False), nn.BatchNorm2d(out)
         self.scale_first = scale_first
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,12 +112,14 @@ class _SqueezeExcite(nn.Module):
         return self.bn(self.project(s * x if self.scale_first else x * s))
 
 
-@pytest.mark.parametrize("scale_first", [True, False])
-def test_pass_folds_the_squeeze_excite_scale_into_the_next_1x1_conv(scale_first) -> None:
-    model = with_random_bn_stats(_SqueezeExcite(scale_first))
+@pytest.mark.parametrize(("scale_first", "out", "name"), [(True, 10, "pointwise_24to10_8x6_b2_none_scaled"),
+                                                          (False, 10, "pointwise_24to10_8x6_b2_none_scaled"),
+                                                          (True, 64, "pointwise_24to64_8x6_b2_none_scaled_cv")])
+def test_pass_folds_the_squeeze_excite_scale_into_the_next_1x1_conv(scale_first, out, name) -> None:
+    model = with_random_bn_stats(_SqueezeExcite(scale_first, out))
     inputs = (torch.randn(2, 24, 8, 6),)
     text, got = dispatched(model, inputs, lambda w: own_kernels.kind_of(w.conv_attrs, w.shapes) or "tir")
-    assert "pointwise_24to10_8x6_b2_none_scaled" in text and "R.multiply" not in text
+    assert name in text and "R.multiply" not in text
     with torch.no_grad():
         np.testing.assert_allclose(got, model(*inputs).numpy(), rtol=1e-4, atol=1e-5)
 

@@ -2,7 +2,9 @@
 
 Each kernel module (`depthwise`, `pointwise` for 1x1, `direct` for dense k x k) says which conv
 workloads it runs (`supported`), builds a spec for one (`spec_of`) and its PrimFunc (`kernel`),
-and whether it fuses a residual add (`FUSES_RESIDUAL`); the dispatch times it beside PyTorch and
+whether it fuses a residual add (`FUSES_RESIDUAL`) and, where a spec's weight argument is not in
+PyTorch's layout (`arg_shapes[1]` differs from its `weight_shape`), `pack_weight(spec, weight)`,
+applied to the constant weight at compile time; the dispatch times it beside PyTorch and
 records `impl: <name>` where it wins, and the cost model prices the same choice.
 """
 
@@ -53,6 +55,11 @@ def own_kernel(kernel: Kernel) -> tuple[str, object] | None:
     return kind, module.spec_of(attrs, shapes, act, residual=True) if residual else module.spec_of(attrs, shapes, act)
 
 
+def repacked(spec: object) -> bool:
+    """Whether the kernel of `spec` takes its weight in a layout of its own (`pack_weight`)."""
+    return tuple(spec.arg_shapes[1]) != tuple(getattr(spec, "weight_shape", spec.arg_shapes[1]))
+
+
 def build(kind: str, specs: list, target: tvm.target.Target) -> tvm.runtime.Module:
     """One library holding the `kind` kernels of `specs` (one LLVM build), each under its spec's `name`."""
     return tvm.compile(kernel_module([(kind, s) for s in specs]), target)
@@ -92,7 +99,10 @@ def own_kernel_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
             if not KERNELS[kind].FUSES_RESIDUAL or shape_of(matches[ep.residual]) != list(out_shape):
                 return None
             options["residual"] = True
-        return kind, KERNELS[kind].spec_of(k.conv_attrs, k.shapes, act, **options)
+        spec = KERNELS[kind].spec_of(k.conv_attrs, k.shapes, act, **options)
+        if repacked(spec) and not isinstance(matches[ep.w], tvm.ir.expr.Constant):
+            return None  # a weight computed at run time cannot be repacked at compile time
+        return kind, spec
 
     def rewrite_all(mod: tvm.IRModule, rewriter: Callable) -> tvm.IRModule:
         for gvar, func in list(mod.functions.items()):
@@ -122,10 +132,13 @@ def own_kernel_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
         def swap(expr: relax.Expr, matches: dict, ep: object, scaled: bool) -> relax.Expr:
             if (found := spec_for(expr, matches, ep, scaled)) is None:
                 return expr
-            spec = found[1]
+            kind, spec = found
             channels = spec.arg_shapes[2][0]
             bias = matches[ep.b].value.numpy().reshape(-1) if ep.b in matches else np.zeros(channels, "float32")
-            args = [matches[unscaled] if scaled else matches[ep.x], matches[ep.w], relax.const(bias)]
+            weight = matches[ep.w]
+            if repacked(spec):
+                weight = relax.const(KERNELS[kind].pack_weight(spec, weight.value.numpy()))
+            args = [matches[unscaled] if scaled else matches[ep.x], weight, relax.const(bias)]
             args += [matches[scale]] if scaled else []
             args += [matches[ep.residual]] if ep.residual in matches else []
             return relax.call_tir(gvars[spec.name], args, relax.TensorType(spec.out_shape, "float32"))
