@@ -54,8 +54,8 @@ def sparsefx_class(call: dict) -> str:
     weights = [s for s in shapes[1:2] if len(s) == 4]  # a conv's second argument is its weight
     if "pool" in name and "avg_pool" not in name:
         return "pool"
-    if call["kind"] == "pointwise":  # 1x1 always; its weight may be repacked (`pointwise.pack_weight`)
-        return "conv 1x1"
+    if call["kind"] in ("pointwise", "depthwise"):  # their weights may be repacked (`pack_weight`)
+        return "conv 1x1" if call["kind"] == "pointwise" else "conv depthwise"
     if weights and ("conv" in name or call["kind"] in ("direct", "pointwise", "depthwise")):
         return conv_class(weights[0], shapes[0][1])
     if "matmul" in name or "dense" in name:

@@ -26,6 +26,29 @@ pytestmark = pytest.mark.usefixtures("private_cache")
 def test_kernel_matches_torch_conv_with_bias_and_activation() -> None:
     assert_kernels_match_torch("depthwise", [depthwise.DepthwiseSpec(*s) for s in SPECS], lambda s: s.channels)
 
+CHANNEL_VECTOR_SPECS = [  # output rows of 14 or fewer columns, 16 channels or more (counts off the 16-lane blocks too)
+    (1, 16, 7, 7, 5, 1, 2, "relu6"), (2, 37, 14, 14, 3, 1, 1, "silu"), (1, 24, 14, 13, 5, 2, 2, "relu"),
+    (1, 20, 9, 6, 3, 1, 0, "none"), (2, 17, 27, 28, 3, 2, 1, "none"),
+]
+
+
+def test_narrow_rows_vectorise_over_channels_and_match_torch_conv() -> None:
+    specs = [depthwise.DepthwiseSpec(*s) for s in CHANNEL_VECTOR_SPECS]
+    assert all(s.by_channels and s.name.endswith("_cv") for s in specs)
+    assert not any(depthwise.DepthwiseSpec(*s).by_channels for s in SPECS)  # fewer than 16 channels
+    assert not depthwise.DepthwiseSpec(1, 32, 28, 28, 3, 1, 1).by_channels  # 28-wide output rows
+    assert_kernels_match_torch("depthwise", specs, lambda s: s.channels)
+
+
+def test_packed_weight_holds_each_block_of_channels_tap_major() -> None:
+    s = depthwise.DepthwiseSpec(1, 20, 7, 7, 3, 1, 1)
+    w = np.arange(20 * 9, dtype=np.float32).reshape(20, 1, 3, 3)
+    packed = depthwise.pack_weight(s, w)
+    assert packed.shape == s.arg_shapes[1] == (2, 3, 3, 16)
+    np.testing.assert_array_equal(packed[0, 1, 2], w[:16, 0, 1, 2])
+    np.testing.assert_array_equal(packed[1, 2, 0], w[4:, 0, 2, 0])  # the last block shifted back to end at 20
+
+
 def test_supported_takes_only_plain_depthwise_convs() -> None:
     shapes = ((1, 8, 16, 16), (8, 1, 3, 3), (1, 8, 16, 16))
     assert depthwise.supported((1, 1, 1, 1, 1, 1, 8), shapes)
@@ -37,19 +60,21 @@ def test_supported_takes_only_plain_depthwise_convs() -> None:
 class _Block(nn.Module):
     """Depthwise conv + BN + ReLU6 (BN folds into a bias), then a pointwise conv."""
 
-    def __init__(self) -> None:
+    def __init__(self, channels: int) -> None:
         super().__init__()
-        self.dw, self.bn = nn.Conv2d(12, 12, 3, 2, 1, groups=12, bias=False), nn.BatchNorm2d(12)
-        self.pw = nn.Conv2d(12, 8, 1)
+        self.dw, self.bn = nn.Conv2d(channels, channels, 3, 2, 1, groups=channels, bias=False), nn.BatchNorm2d(channels)
+        self.pw = nn.Conv2d(channels, 8, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pw(F.relu6(self.bn(self.dw(x))))
 
 
-def test_pass_swaps_in_the_kernel_with_its_epilogue_and_matches_eager() -> None:
-    model = with_random_bn_stats(_Block())
-    inputs = (torch.randn(1, 12, 15, 15),)
+@pytest.mark.parametrize(("channels", "name"), [(12, "depthwise_c12_15x15_k3s2p1_b1_relu6"),
+                                              (24, "depthwise_c24_15x15_k3s2p1_b1_relu6_cv")])
+def test_pass_swaps_in_the_kernel_with_its_epilogue_and_matches_eager(channels, name) -> None:
+    model = with_random_bn_stats(_Block(channels))
+    inputs = (torch.randn(1, channels, 15, 15),)
     text, got = dispatched(model, inputs, lambda w: "depthwise" if w.conv_attrs[-1] > 1 else "tir")
-    assert "depthwise_c12_15x15_k3s2p1_b1_relu6" in text and "R.clip" not in text  # bias and ReLU6 fused in
+    assert name in text and "R.clip" not in text  # bias and ReLU6 fused in
     with torch.no_grad():
         np.testing.assert_allclose(got, model(*inputs).numpy(), rtol=1e-4, atol=1e-5)
