@@ -49,8 +49,9 @@ ROOFLINE_EFFICIENCY = 0.5  # what a tuned kernel reaches of the peak, for unmeas
 # rivals in turn, the implementation chosen on the bare conv as the dispatch does, its call overhead;
 # v11: a weight copy per round, made cold by `cost.timing.cold_traffic`; v12: TIR kernels' parallel
 # loops on PyTorch's OpenMP pool, `backends.tvm.parallel`; v13: float32 matmuls also on oneDNN prepacked;
-# v14: no output-write charge in the entries; v15, v16: small-map 1x1 and depthwise convs vectorised over channels)
-TABLE_VERSION = 16
+# v14: no output-write charge in the entries; v15, v16: small-map 1x1 and depthwise convs vectorised over channels;
+# v17: depthwise rows stored straight into the output)
+TABLE_VERSION = 17
 PROBE_PREFIX = "probe-median|"  # the drift probes' own entries (`drift`), apart from the kernels' timings
 CALIBRATION_VERSION = 5  # v3: timed in turn (`cost.timing`), no "dispatch" entry (the timer's overheads); v4: no "cold_write"; v5: max_pool2d on sparsefx's kernel
 
