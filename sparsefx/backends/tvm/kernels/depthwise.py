@@ -39,6 +39,12 @@ FUSES_RESIDUAL = False  # a residual add after it stays a TIR element-wise kerne
 NARROW = 14  # the widest output rows vectorised over channels (`by_channels`; 28 lost)
 
 
+def blocks_starting(count: int, width: int) -> list[int]:
+    """Where each block of `width` starts over `count` items, the last shifted back to end at the end
+    (the channel blocks of the kernels' repacked weights)."""
+    return [min(b * width, count - width) for b in range(-(-count // width))]
+
+
 def out_hw(spec: object) -> tuple[int, int]:
     """Output height and width of a spec's square `kernel` with equal `stride` and `padding`."""
     return tuple((size + 2 * spec.padding - spec.kernel) // spec.stride + 1 for size in (spec.height, spec.width))
@@ -103,8 +109,8 @@ def pack_weight(s: DepthwiseSpec, weight: np.ndarray) -> np.ndarray:
     if not s.by_channels:
         return weight
     taps = weight.reshape(s.channels, s.kernel, s.kernel)
-    starts = [min(b * LANES, s.channels - LANES) for b in range(s.channel_blocks)]
-    return np.ascontiguousarray(np.stack([taps[c:c + LANES].transpose(1, 2, 0) for c in starts]), dtype=np.float32)
+    return np.ascontiguousarray(np.stack([taps[c:c + LANES].transpose(1, 2, 0) for c in blocks_starting(s.channels, LANES)]),
+                                dtype=np.float32)
 
 
 def supported(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...]) -> bool:

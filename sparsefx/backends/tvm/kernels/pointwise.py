@@ -36,7 +36,7 @@ import numpy as np
 import tvm
 from tvm.script import tirx as T
 
-from sparsefx.backends.tvm.kernels.depthwise import activate
+from sparsefx.backends.tvm.kernels.depthwise import activate, blocks_starting
 from sparsefx.backends.tvm.sparse.kernels import LANES, OPAQUE, STACK
 
 ROWS, PIXELS = 8, 32  # output channels x pixels held in registers; (8, 32) beat (4|6|12|16, 16-64) on MobileNetV2
@@ -116,8 +116,8 @@ def pack_weight(s: PointwiseSpec, weight: np.ndarray) -> np.ndarray:
     if not s.by_channels:
         return weight
     rows = weight.reshape(s.cout, s.cin)
-    starts = [min(b * CHANNEL_BLOCK, s.cout - CHANNEL_BLOCK) for b in range(s.channel_blocks)]
-    return np.ascontiguousarray(np.stack([rows[c:c + CHANNEL_BLOCK].T for c in starts]), dtype=np.float32)
+    return np.ascontiguousarray(np.stack([rows[c:c + CHANNEL_BLOCK].T for c in blocks_starting(s.cout, CHANNEL_BLOCK)]),
+                                dtype=np.float32)
 
 
 def supported(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...]) -> bool:
