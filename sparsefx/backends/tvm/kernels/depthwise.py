@@ -173,10 +173,16 @@ def channel_vector_kernel(s: DepthwiseSpec) -> tvm.tirx.PrimFunc:
             b: T.let = t % blocks
             c0: T.let = T.min(b * LANES, s.channels - LANES)
             tile = T.alloc_buffer((rows, columns, LANES), "float32", scope=STACK)
-            for i in range(rows):
-                for j in range(columns):
-                    for lane in T.vectorized(LANES):
-                        tile[i, j, lane] = T.float32(0)
+            for i in range(rows):  # zeros where the padding is: the top and bottom rows, then each row's ends
+                if i < pad or i >= pad + s.height:
+                    for j in range(columns):
+                        for lane in T.vectorized(LANES):
+                            tile[i, j, lane] = T.float32(0)
+                else:
+                    for j in range(pad):
+                        for lane in T.vectorized(LANES):
+                            tile[i, j, lane] = T.float32(0)
+                            tile[i, columns - 1 - j, lane] = T.float32(0)
             for i in range(s.height):
                 for j in range(s.width):
                     for lane in T.vectorized(LANES):
