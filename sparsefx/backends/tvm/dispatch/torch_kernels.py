@@ -152,17 +152,20 @@ def _torch_conv2d_epilogue(x: object, w: object, b: object, *attrs_key_act: int)
 @tvm_ffi.register_global_func(CONV_RESIDUAL, override=True)
 def _torch_conv2d_residual(x: object, w: object, b: object, residual: object, *attrs_key_act: int) -> object:
     """conv + bias + residual (+ activation): the ResNet block tail, without leaving oneDNN."""
-    *attrs, key, act, precision = attrs_key_act
-    return tvm_ffi.from_dlpack(conv(_t(x), _t(w), _t(b).reshape(-1), tuple(attrs), key, ACTIVATIONS[act],
-                                    _t(residual), PRECISIONS[precision]))
+    return _conv2d_residual(x, w, b, residual, attrs_key_act, in_place=False)
 
 
 @tvm_ffi.register_global_func(CONV_RESIDUAL_IN_PLACE, override=True)
 def _torch_conv2d_residual_in_place(x: object, w: object, b: object, residual: object, *attrs_key_act: int) -> object:
     """The same, written into the residual, which nothing reads afterwards."""
+    return _conv2d_residual(x, w, b, residual, attrs_key_act, in_place=True)
+
+
+def _conv2d_residual(x: object, w: object, b: object, residual: object, attrs_key_act: tuple[int, ...],
+                     in_place: bool) -> object:
     *attrs, key, act, precision = attrs_key_act
     return tvm_ffi.from_dlpack(conv(_t(x), _t(w), _t(b).reshape(-1), tuple(attrs), key, ACTIVATIONS[act],
-                                    _t(residual), PRECISIONS[precision], in_place=True))
+                                    _t(residual), PRECISIONS[precision], in_place=in_place))
 
 
 @tvm_ffi.register_global_func(MATMUL, override=True)

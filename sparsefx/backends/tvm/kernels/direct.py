@@ -55,8 +55,13 @@ class DirectSpec:
     def arg_shapes(self) -> tuple[tuple[int, ...], ...]:
         """Shapes of the kernel's arguments: input, weight, bias, [residual,] output."""
         residual = (self.out_shape,) if self.residual else ()
-        return ((self.batch, self.cin, self.height, self.width), (self.cout, self.cin, self.kernel, self.kernel),
-                (self.cout,), *residual, self.out_shape)
+        return ((self.batch, self.cin, self.height, self.width), self.weight_shape, (self.cout,), *residual,
+                self.out_shape)
+
+    @property
+    def weight_shape(self) -> tuple[int, int, int, int]:
+        """PyTorch's weight shape, which this kernel takes as it is."""
+        return (self.cout, self.cin, self.kernel, self.kernel)
 
     @property
     def name(self) -> str:

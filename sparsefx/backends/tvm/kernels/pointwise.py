@@ -139,7 +139,7 @@ def kernel(s: PointwiseSpec) -> tvm.tirx.PrimFunc:
 
 
 def pixel_vector_body(s: PointwiseSpec):  # noqa: ANN201 (a TVMScript macro)
-    rows, pixels, plane = min(ROWS, s.cout), PIXELS, s.height * s.width
+    rows, pixels, plane = min(ROWS, s.cout), PIXELS, s.plane
     blocks = -(-s.cout // rows)
     pixel_blocks = -(-plane // pixels)
     # channel blocks outermost where the input fits in cache (each block re-reads all of it); where it

@@ -2,8 +2,8 @@
 
 Each kernel module (`depthwise`, `pointwise` for 1x1, `direct` for dense k x k) says which conv
 workloads it runs (`supported`), builds a spec for one (`spec_of`) and its PrimFunc (`kernel`),
-whether it fuses a residual add (`FUSES_RESIDUAL`) and, where a spec's weight argument is not in
-PyTorch's layout (`arg_shapes[1]` differs from its `weight_shape`), `pack_weight(spec, weight)`,
+whether it fuses a residual add (`FUSES_RESIDUAL`), PyTorch's weight shape (`spec.weight_shape`) and,
+where a spec's weight argument is not in that layout (`arg_shapes[1]` differs), `pack_weight(spec, weight)`,
 applied to the constant weight at compile time; the dispatch times it beside PyTorch and
 records `impl: <name>` where it wins, and the cost model prices the same choice.
 """
@@ -57,7 +57,7 @@ def own_kernel(kernel: Kernel) -> tuple[str, object] | None:
 
 def repacked(spec: object) -> bool:
     """Whether the kernel of `spec` takes its weight in a layout of its own (`pack_weight`)."""
-    return tuple(spec.arg_shapes[1]) != tuple(getattr(spec, "weight_shape", spec.arg_shapes[1]))
+    return tuple(spec.arg_shapes[1]) != tuple(spec.weight_shape)
 
 
 def build(kind: str, specs: list, target: tvm.target.Target) -> tvm.runtime.Module:
