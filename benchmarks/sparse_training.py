@@ -6,6 +6,8 @@ way and against eager PyTorch, at batch 1 and 256. Also: training memory, dense 
 
     .venv/bin/python benchmarks/sparse_training.py            # full run, ~15 min on 2 cores
     .venv/bin/python benchmarks/sparse_training.py --quick    # smoke run, about a minute
+    .venv/bin/python benchmarks/sparse_training.py --methods granet --models lenet300 \
+        --out benchmarks/results/sparse_training/granet    # the GraNet rows alone, ~6 min
 
 Writes results.json, results.md and one PNG per model under --out. Every method gets the same
 number of training epochs in all (dense + fine-tune = sparse from scratch), except the lottery ticket
