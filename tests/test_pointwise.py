@@ -23,9 +23,15 @@ SPECS = [  # (batch, cin, cout, height, width, activation, residual, scaled): ch
 pytestmark = pytest.mark.usefixtures("private_cache")
 
 
-@pytest.mark.parametrize("by_channel", [True, False])
-def test_kernel_matches_torch_conv_with_bias_residual_and_activation(monkeypatch, by_channel) -> None:
-    monkeypatch.setattr(pointwise, "INPUT_IN_CACHE", 1 << 30 if by_channel else 0)  # both loop orders
+def split_into_bands(monkeypatch: pytest.MonkeyPatch, banded: bool) -> None:
+    """Both task orders: every pixel block a band of its own, or channel blocks outermost."""
+    monkeypatch.setattr(pointwise, "BAND_INPUT", 64 if banded else 1 << 30)
+    monkeypatch.setattr(pointwise, "INPUT_IN_CACHE", 0)
+
+
+@pytest.mark.parametrize("banded", [True, False])
+def test_kernel_matches_torch_conv_with_bias_residual_and_activation(monkeypatch, banded) -> None:
+    split_into_bands(monkeypatch, banded)
     assert_kernels_match_torch("pointwise", [pointwise.PointwiseSpec(*s) for s in SPECS])
 
 CHANNEL_VECTOR_SPECS = [  # small maps: vectorised over output channels (counts off the 32-channel blocks too)
@@ -34,10 +40,21 @@ CHANNEL_VECTOR_SPECS = [  # small maps: vectorised over output channels (counts 
 ]
 
 
-def test_small_maps_vectorise_over_channels_and_match_torch_conv() -> None:
+@pytest.mark.parametrize("banded", [True, False])
+def test_small_maps_vectorise_over_channels_and_match_torch_conv(monkeypatch, banded) -> None:
+    split_into_bands(monkeypatch, banded)
     specs = [pointwise.PointwiseSpec(*s) for s in CHANNEL_VECTOR_SPECS]
     assert all(s.by_channels and s.name.endswith("_cv") for s in specs)
     assert_kernels_match_torch("pointwise", specs)
+
+
+def test_bands_only_where_the_input_is_large_and_the_weight_stays_in_cache() -> None:
+    mb = 1 << 20
+    assert pointwise.bands(98, 3 * mb, 64 << 10) == 12  # 256 -> 64 at 56x56: a quarter MB of input per band
+    assert pointwise.bands(98, 3 * mb, 4 * mb) == 1  # every band would read a weight from memory again
+    assert pointwise.bands(98, 128 << 10, 64 << 10) == 1  # the input comes from cache anyway
+    assert pointwise.bands(7, 600 << 10, 64 << 10) == 1  # 3 and 4 pixel blocks: one thread would wait
+    assert pointwise.bands(5, 3 * mb, 64 << 10) == 5  # an input in memory: bands even where unequal
 
 
 def test_channel_vectorised_where_fewer_lanes_are_wasted() -> None:
