@@ -91,6 +91,19 @@ def test_bf16_matmul_converts_a_keyed_weight_once() -> None:
     torch_kernels.forget_packed([77])
 
 
+@needs_bf16
+@pytest.mark.parametrize("act", ["none", "gelu_tanh"])
+def test_bf16_prepacked_matmul_with_bias_and_activation_matches_float32_within_rounding(act: str) -> None:
+    torch.manual_seed(0)
+    a, b, bias = torch.randn(2, 9, 32), torch.randn(32, 24) * 0.2, torch.randn(24)
+    exact = torch_kernels.matmul(a, b, bias=bias.clone(), act=act)
+    half = torch_kernels.matmul(a, b, key=78, precision="bf16", bias=bias, act=act)
+    torch_kernels.forget_packed([78])
+    assert half.dtype == torch.float32 and half.shape == exact.shape == (2, 9, 24)
+    relative = ((half - exact).norm() / exact.norm()).item()
+    assert 1e-5 < relative < 1e-2
+
+
 def test_bf16_tables_are_kept_apart_from_fp32() -> None:
     cpu = host_cpu()
     bf16 = cpu if not HAS_BF16 else with_precision(cpu, "bf16")
