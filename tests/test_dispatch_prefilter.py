@@ -182,3 +182,15 @@ def test_own_kernels_are_built_only_where_pytorch_does_not_beat_their_ceiling(mo
     times = timer.time_rivals([dense, depthwise], [None, None])
     assert "direct" not in times[0] and timer.own_ruled_out[dense.key][0] == "direct"
     assert "depthwise" in times[1] and len(built) == 1  # memory-bound: never ruled out by GFLOP/s
+
+
+def test_pytorch_float32_convs_are_charged_what_they_lose_inside_a_model(monkeypatch) -> None:
+    timed = {"torch": 1.0, "torch_prepacked": 1.1, "direct": 1.1}
+    monkeypatch.setattr(host, "time_in_turn", lambda rivals, **_: {name: timed[name] for name in rivals})
+    timer = host.HostTimer(resolve_target("cpu"))
+    conv = conv2d_kernel((1, 16, 8, 8), (1, 16, 8, 8), 1, (3, 3), (1, 1), (1, 1), (1, 1), 0)
+    mine = ("direct", lambda *args: None, host.own_kernels.own_kernel(conv)[1])
+    times = timer.time_one(conv, None, mine)
+    factor = host.PYTORCH_CONV_IN_MODEL
+    assert times == {"torch": pytest.approx(factor), "torch_prepacked": pytest.approx(1.1 * factor), "direct": 1.1}
+    assert choose(times, timer.overheads()) == "direct"  # timed 10% slower, faster in the model
