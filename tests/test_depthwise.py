@@ -40,6 +40,21 @@ def test_narrow_rows_vectorise_over_channels_and_match_torch_conv() -> None:
     assert_kernels_match_torch("depthwise", specs, lambda s: s.channels)
 
 
+ROW_PAIR_SPECS = [  # 3x3 stride 2 over even widths of 32 or more, output rows wider than 14 or few channels
+    (1, 3, 9, 40, 3, 2, 1, "silu"), (2, 3, 16, 32, 3, 2, 1, "relu6"), (1, 2, 10, 46, 3, 2, 1, "none"),
+    (1, 20, 33, 34, 3, 2, 1, "relu"),
+]
+
+
+def test_stride_2_rows_split_by_shuffles_match_torch_conv() -> None:
+    specs = [depthwise.DepthwiseSpec(*s) for s in ROW_PAIR_SPECS]
+    assert all(s.by_row_pairs and s.name.endswith("_rp") for s in specs)
+    assert not depthwise.DepthwiseSpec(1, 8, 40, 40, 5, 2, 2).by_row_pairs  # 5x5: phase planes
+    assert not depthwise.DepthwiseSpec(1, 8, 40, 30, 3, 2, 1).by_row_pairs  # narrower than two vectors
+    assert not depthwise.DepthwiseSpec(1, 8, 40, 41, 3, 2, 1).by_row_pairs  # odd width
+    assert_kernels_match_torch("depthwise", specs, lambda s: s.channels)
+
+
 def test_packed_weight_holds_each_block_of_channels_tap_major() -> None:
     s = depthwise.DepthwiseSpec(1, 20, 7, 7, 3, 1, 1)
     w = np.arange(20 * 9, dtype=np.float32).reshape(20, 1, 3, 3)
