@@ -55,6 +55,20 @@ def test_stride_2_rows_split_by_shuffles_match_torch_conv() -> None:
     assert_kernels_match_torch("depthwise", specs, lambda s: s.channels)
 
 
+ROW_SPECS = [  # 3x3 stride 1 over rows of more than 16 columns: two vectors overlapping, a shifted last one, three whole
+    (1, 3, 5, 17, 3, 1, 1, "relu6"), (2, 4, 9, 40, 3, 1, 1, "silu"), (1, 2, 1, 48, 3, 1, 1, "none"),
+    (1, 18, 20, 20, 3, 1, 1, "relu"),
+]
+
+
+def test_stride_1_rows_read_straight_from_the_input_match_torch_conv() -> None:
+    specs = [depthwise.DepthwiseSpec(*s) for s in ROW_SPECS]
+    assert all(s.by_rows and s.name.endswith("_r") for s in specs)
+    assert not depthwise.DepthwiseSpec(1, 4, 16, 16, 3, 1, 1).by_rows  # one vector: both ends at once
+    assert not depthwise.DepthwiseSpec(1, 4, 20, 20, 3, 1, 0).by_rows  # no padding: phase planes
+    assert_kernels_match_torch("depthwise", specs, lambda s: s.channels)
+
+
 def test_packed_weight_holds_each_block_of_channels_tap_major() -> None:
     s = depthwise.DepthwiseSpec(1, 20, 7, 7, 3, 1, 1)
     w = np.arange(20 * 9, dtype=np.float32).reshape(20, 1, 3, 3)

@@ -25,7 +25,9 @@ channels 5x5 at 7x7 0.108 -> 0.048 ms, 672 5x5 at 14x14 0.159 -> 0.091, stride 2
 A 3x3 stride-2 window over rows of even width takes no phase planes (`row_pair_kernel`): each input
 row's 32 columns are split into even and odd columns by two shuffles as they are loaded. One
 thread, the kernels alone: MobileNetV2's 96 channels at 112x112 0.385 -> 0.212 ms (ONNX Runtime's
-in the model: 0.238), 144 at 56x56 0.109 -> 0.076.
+in the model: 0.238), 144 at 56x56 0.109 -> 0.076. A 3x3 stride-1 window over rows wider than 16
+takes no padded plane either (`row_kernel`): the side taps are loads one column either side, moved
+by a lane at a row's ends: 32 channels at 112x112 0.174 -> 0.109 ms, 144 at 56x56 0.190 -> 0.133.
 
 Each task computes from a stretch of input it read at once, and nothing fetched the next stretch
 meanwhile: each task now prefetches its successor's input into L2 while it computes (`prefetch`).
@@ -111,6 +113,12 @@ class DepthwiseSpec(PlaneWindow):
         return self.out_hw[1] <= NARROW and self.channels >= LANES
 
     @property
+    def by_rows(self) -> bool:
+        """A 3x3 stride-1 window over rows of more than 16 columns (`row_kernel`: a row's first and
+        last vectors differ)."""
+        return not self.by_channels and (self.kernel, self.stride, self.padding) == (3, 1, 1) and self.width > LANES
+
+    @property
     def by_row_pairs(self) -> bool:
         """A 3x3 stride-2 window over rows of even width (`row_pair_kernel`)."""
         return not self.by_channels and (self.kernel, self.stride, self.padding) == (3, 2, 1) \
@@ -119,7 +127,7 @@ class DepthwiseSpec(PlaneWindow):
     @property
     def name(self) -> str:
         return f"depthwise_c{self.channels}_{self.height}x{self.width}_k{self.kernel}s{self.stride}p{self.padding}_" \
-               f"b{self.batch}_{self.activation}" + ("_cv" if self.by_channels else "_rp" if self.by_row_pairs else "")
+               f"b{self.batch}_{self.activation}" + ("_cv" if self.by_channels else "_r" if self.by_rows else "_rp" if self.by_row_pairs else "")
 
 
 def pack_weight(s: DepthwiseSpec, weight: np.ndarray) -> np.ndarray:
@@ -171,7 +179,8 @@ def _exp(value):  # noqa: ANN001, ANN202 (TIR expressions)
 
 def kernel(s: DepthwiseSpec) -> tvm.tirx.PrimFunc:
     """The scheduled PrimFunc: out = act(depthwise(x, w) + bias)."""
-    f = channel_vector_kernel(s) if s.by_channels else row_pair_kernel(s) if s.by_row_pairs else plane_kernel(s)
+    f = channel_vector_kernel(s) if s.by_channels else row_kernel(s) if s.by_rows else \
+        row_pair_kernel(s) if s.by_row_pairs else plane_kernel(s)
     return f.with_attr({"op_pattern": OPAQUE, "tirx.is_scheduled": True, "tirx.noalias": True})
 
 
@@ -317,6 +326,53 @@ def row_pair_kernel(s: DepthwiseSpec) -> tvm.tirx.PrimFunc:
                             acc[tirx.Ramp(0, 1, LANES)] = acc[tirx.Ramp(0, 1, LANES)] \
                                 + tirx.Shuffle([tirx.Broadcast(edge, LANES), odd], before) * w[c, 0, kh, 0] \
                                 + tirx.Shuffle([row], evens) * w[c, 0, kh, 1] + odd * w[c, 0, kh, 2]
+                    for lane in T.vectorized(LANES):
+                        out[n, c, oh, ow0 + lane] = activate(acc[lane], act)
+
+    return f
+
+
+def row_kernel(s: DepthwiseSpec) -> tvm.tirx.PrimFunc:
+    """A 3x3 stride-1 window (padding 1) straight from the input, no padded plane: per input row and
+    16 outputs from column ow0, the middle tap one load, the side taps loads one column either side,
+    except at a row's ends, where they are the middle load moved a lane, a zero in the lane that
+    falls off the row."""
+    ho, wo = s.out_hw
+    planes, plane_size = s.batch * s.channels, s.height * s.width
+    lines = -(-plane_size // LANES)
+    nvec = -(-wo // LANES)
+    act = s.activation
+    up = [tirx.IntImm("int32", m) for m in [0, *range(LANES, 2 * LANES - 1)]]  # [zero, mid[0..14]]
+    down = [tirx.IntImm("int32", m) for m in range(1, LANES + 1)]  # [mid[1..15], zero]
+    lanes = tirx.Ramp(0, 1, LANES)
+
+    @T.prim_func(private=True)
+    def f(x: T.Buffer(s.arg_shapes[0], "float32"), w: T.Buffer(s.arg_shapes[1], "float32"),
+          bias: T.Buffer(s.arg_shapes[2], "float32"), out: T.Buffer(s.arg_shapes[3], "float32")):
+        flat = T.decl_buffer((planes * plane_size,), "float32", data=x.data)
+        for t in T.parallel(planes):
+            n: T.let = t // s.channels
+            c: T.let = t % s.channels
+            for oh in range(ho):
+                prefetch(flat, T.min(t + 1, planes - 1) * plane_size, plane_size, oh * lines // ho, (oh + 1) * lines // ho)
+                for v in range(nvec):
+                    ow0: T.let = T.min(v * LANES, wo - LANES)
+                    acc = T.alloc_buffer((LANES,), "float32", scope=STACK)
+                    for lane in T.vectorized(LANES):
+                        acc[lane] = bias[c]
+                    for kh in T.unroll(3):
+                        i: T.let = oh - 1 + kh
+                        if 0 <= i and i < s.height:
+                            mid = x[n, c, i, tirx.Ramp(ow0, 1, LANES)]
+                            if v == 0:
+                                acc[lanes] = acc[lanes] + tirx.Shuffle([tirx.Broadcast(T.float32(0), LANES), mid], up) \
+                                    * w[c, 0, kh, 0] + mid * w[c, 0, kh, 1] + x[n, c, i, tirx.Ramp(ow0 + 1, 1, LANES)] * w[c, 0, kh, 2]
+                            elif v == nvec - 1:
+                                acc[lanes] = acc[lanes] + x[n, c, i, tirx.Ramp(ow0 - 1, 1, LANES)] * w[c, 0, kh, 0] \
+                                    + mid * w[c, 0, kh, 1] + tirx.Shuffle([mid, tirx.Broadcast(T.float32(0), LANES)], down) * w[c, 0, kh, 2]
+                            else:
+                                acc[lanes] = acc[lanes] + x[n, c, i, tirx.Ramp(ow0 - 1, 1, LANES)] * w[c, 0, kh, 0] \
+                                    + mid * w[c, 0, kh, 1] + x[n, c, i, tirx.Ramp(ow0 + 1, 1, LANES)] * w[c, 0, kh, 2]
                     for lane in T.vectorized(LANES):
                         out[n, c, oh, ow0 + lane] = activate(acc[lane], act)
 
