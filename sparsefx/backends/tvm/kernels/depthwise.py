@@ -185,11 +185,12 @@ def kernel(s: DepthwiseSpec) -> tvm.tirx.PrimFunc:
 
 
 @T.macro
-def prefetch(flat, start, size, first, last):  # noqa: ANN001, ANN202
-    """Lines `first` to `last` of the `size` floats of `flat` from `start` on, on their way into cache:
-    each task fetches its successor's input while it computes from its own, a row's share per output
-    row (a call inside the loops holding accumulators in registers made LLVM store them every step)."""
-    for line in range(first, last):
+def prefetch(flat, start, size, oh, ho):  # noqa: ANN001, ANN202
+    """Output row oh's share (of ho) of the cache lines of the `size` floats of `flat` from `start` on,
+    on their way into L2: each task fetches its successor's input while it computes from its own, a
+    share per output row (a call inside the loops holding accumulators in registers made LLVM store
+    them every step)."""
+    for line in range(oh * ((size + LANES - 1) // LANES) // ho, (oh + 1) * ((size + LANES - 1) // LANES) // ho):
         T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(flat[start + T.min(line * LANES, size - 1)]),
                                       T.int32(0), T.int32(2), T.int32(1)))
 
@@ -202,17 +203,18 @@ def channel_vector_kernel(s: DepthwiseSpec) -> tvm.tirx.PrimFunc:
     ho, wo = s.out_hw
     rows, columns, blocks = s.height + 2 * pad, s.width + 2 * pad, s.channel_blocks
     act = s.activation
-    plane_size = s.height * s.width
-    lines = plane_size  # cache lines of a block's 16 planes, one stretch of memory
+    tasks, plane_size = s.batch * blocks, s.height * s.width
 
     @T.prim_func(private=True)
     def f(x: T.Buffer(s.arg_shapes[0], "float32"), w: T.Buffer(s.arg_shapes[1], "float32"),
           bias: T.Buffer(s.arg_shapes[2], "float32"), out: T.Buffer(s.arg_shapes[3], "float32")):
         flat = T.decl_buffer((s.batch * s.channels * plane_size,), "float32", data=x.data)
-        for t in T.parallel(s.batch * blocks):
+        for t in T.parallel(tasks):
             n: T.let = t // blocks
             b: T.let = t % blocks
             c0: T.let = T.min(b * LANES, s.channels - LANES)
+            later: T.let = T.min(t + 1, tasks - 1)  # the next task: its block's 16 planes, one stretch of memory
+            later_start: T.let = (later // blocks * s.channels + T.min(later % blocks * LANES, s.channels - LANES)) * plane_size
             tile = T.alloc_buffer((rows, columns, LANES), "float32", scope=STACK)
             for i in range(rows):  # zeros where the padding is: the top and bottom rows, then each row's ends
                 if i < pad or i >= pad + s.height:
@@ -229,9 +231,7 @@ def channel_vector_kernel(s: DepthwiseSpec) -> tvm.tirx.PrimFunc:
                     for lane in T.vectorized(LANES):
                         tile[i + pad, j + pad, lane] = x[n, c0 + lane, i, j]
             for oh in range(ho):
-                prefetch(flat, s.channels * plane_size * (T.min(t + 1, s.batch * blocks - 1) // blocks) + plane_size * T.min(
-                    (T.min(t + 1, s.batch * blocks - 1) % blocks) * LANES, s.channels - LANES), plane_size * LANES,
-                    oh * lines // ho, (oh + 1) * lines // ho)
+                prefetch(flat, later_start, plane_size * LANES, oh, ho)
                 acc = T.alloc_buffer((wo, LANES), "float32", scope=STACK)
                 for ow in T.unroll(wo):
                     for lane in T.vectorized(LANES):
@@ -259,7 +259,6 @@ def plane_kernel(s: DepthwiseSpec) -> tvm.tirx.PrimFunc:
     nvec = -(-wo // lanes)
     act = s.activation
     planes, plane_size = s.batch * s.channels, s.height * s.width
-    lines = -(-plane_size // LANES)  # cache lines of an input plane
 
     @T.prim_func(private=True)
     def f(x: T.Buffer(s.arg_shapes[0], "float32"), w: T.Buffer(s.arg_shapes[1], "float32"),
@@ -271,7 +270,7 @@ def plane_kernel(s: DepthwiseSpec) -> tvm.tirx.PrimFunc:
             plane = T.alloc_buffer((1, ph * ph, geometry.size), "float32", scope=STACK)
             fill(x, plane, n, c, 0)
             for oh in range(ho):
-                prefetch(flat, T.min(t + 1, planes - 1) * plane_size, plane_size, oh * lines // ho, (oh + 1) * lines // ho)
+                prefetch(flat, T.min(t + 1, planes - 1) * plane_size, plane_size, oh, ho)
                 for v in range(nvec):
                     acc = T.alloc_buffer((lanes,), "float32", scope=STACK)
                     ow0: T.let = T.min(v * lanes, wo - lanes)
@@ -345,7 +344,6 @@ def row_window_kernel(s: DepthwiseSpec, add_row) -> tvm.tirx.PrimFunc:  # noqa: 
     pieces: 1.2-1.5x slower with 2 bands, 1.7-3x with 16, one thread."""
     ho, wo = s.out_hw
     planes, plane_size = s.batch * s.channels, s.height * s.width
-    lines = -(-plane_size // LANES)
     nvec = -(-wo // LANES)
     act = s.activation
 
@@ -357,7 +355,7 @@ def row_window_kernel(s: DepthwiseSpec, add_row) -> tvm.tirx.PrimFunc:  # noqa: 
             n: T.let = t // s.channels
             c: T.let = t % s.channels
             for oh in range(ho):
-                prefetch(flat, T.min(t + 1, planes - 1) * plane_size, plane_size, oh * lines // ho, (oh + 1) * lines // ho)
+                prefetch(flat, T.min(t + 1, planes - 1) * plane_size, plane_size, oh, ho)
                 for v in range(nvec):
                     ow0: T.let = T.min(v * LANES, wo - LANES)
                     acc = T.alloc_buffer((LANES,), "float32", scope=STACK)
