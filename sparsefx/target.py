@@ -49,7 +49,10 @@ class Target:
         import tvm
 
         if self.kind == "llvm":
-            return tvm.target.Target({"kind": "llvm", "mcpu": self.arch, "num-cores": self.cores})
+            config = {"kind": "llvm", "mcpu": self.arch, "num-cores": self.cores}
+            if self.precision == "bf16" and has_tiles():  # LLVM may not name the CPU (this Xeon: "rocketlake")
+                config["mattr"] = list(TILE_MATTR)
+            return tvm.target.Target(config)
         return tvm.target.Target({"kind": "cuda", "arch": self.arch},
                                  host={"kind": "llvm", "mcpu": _host_cpu(), "num-cores": _host_cores()})
 
@@ -198,6 +201,8 @@ PRECISIONS = ("fp32", "fp16", "bf16")  # what compile accepts by name
 # the first CUDA compute capability with fp16 tensor cores (Volta) and with bf16 arithmetic (Ampere)
 MIN_CUDA_SM = {"fp16": 70, "bf16": 80}
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of the instructions bf16 kernels need
+TILE_FLAGS = ("amx_tile", "amx_bf16")  # AMX with bf16 tiles (`kernels.amx`)
+TILE_MATTR = ("+amx-tile", "+amx-bf16", "+avx512bf16")  # what LLVM needs enabled to emit them
 
 
 class TargetError(SparsefxError):
@@ -210,6 +215,11 @@ def cpu_flags() -> frozenset[str]:
         return frozenset(Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split(":", 1)[1].split())
     except (OSError, IndexError):
         return frozenset()
+
+
+def has_tiles() -> bool:
+    """Whether this CPU has AMX with bf16 tiles."""
+    return set(TILE_FLAGS) <= cpu_flags()
 
 
 def check_threads(threads: int | None, target: Target | None = None) -> int:

@@ -25,6 +25,7 @@ from sparsefx.backends.tvm.bundle import export_bundle
 from sparsefx.backends.tvm.expand_attention import expand_attention_pass
 from sparsefx.backends.tvm.half import half_passes
 from sparsefx.backends.tvm.importer import to_relax
+from sparsefx.backends.tvm.kernels import amx
 from sparsefx.backends.tvm.kernels import registry as own_kernels
 from sparsefx.backends.tvm.measure.host import HostTimer
 from sparsefx.backends.tvm.threads import running_with
@@ -33,7 +34,7 @@ from sparsefx.backends.tvm.tvmscript import cheap_frames
 from sparsefx.capture.trace import as_inputs
 from sparsefx.errors import SparsefxError, one_line
 from sparsefx.log import get_logger
-from sparsefx.target import Target, check_threads, compile_target, host_cpu
+from sparsefx.target import Target, check_threads, compile_target, has_tiles, host_cpu
 from sparsefx.version import __version__
 
 ARTIFACT_VERSION = 4  # v2: dispatched PyTorch kernels take a precision index (and matmuls a weight key); v3: Linear layers call `matmul_bias`; v4: a residual conv may call `conv2d_bias_residual_`
@@ -164,6 +165,8 @@ class CompiledModel:
         self.target = Target.from_dict(manifest["target"])
         self.threads = runnable_threads(manifest, threads)
         self.device = tvm.cuda(0) if self.target.is_gpu else tvm.cpu(0)
+        if self.target.precision == "bf16" and has_tiles():
+            amx.enable()  # its convs may run on AMX tiles (`kernels.amx`)
         self._vm, self._main = None, None
         self._shapes = [tuple(e["shape"]) for e in manifest["inputs"]]  # checked on every call: kept as tuples
 

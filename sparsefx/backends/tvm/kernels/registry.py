@@ -27,25 +27,31 @@ from sparsefx.backends.tvm.dispatch.patterns import (
     rewrite_fused,
     shape_of,
 )
-from sparsefx.backends.tvm.kernels import depthwise, direct, pointwise
+from sparsefx.backends.tvm.kernels import amx, depthwise, direct, pointwise, tile_layout
 from sparsefx.backends.tvm.tvmscript import parsed
 from sparsefx.cost.kernel import Kernel
+from sparsefx.target import has_tiles
 
-# first match wins (`kind_of`); their `supported` sets do not overlap
-KERNELS: dict[str, ModuleType] = {"depthwise": depthwise, "pointwise": pointwise, "direct": direct}
-
-
-def kind_of(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...]) -> str | None:
-    """The name of the own kernel that runs this conv workload, if any."""
-    return next((name for name, module in KERNELS.items() if module.supported(attrs, shapes)), None)
+# first match wins (`kind_of`): the float32 kernels' `supported` sets do not overlap; `amx` comes first
+# where it applies at all
+KERNELS: dict[str, ModuleType] = {"amx": amx, "depthwise": depthwise, "pointwise": pointwise, "direct": direct}
+TILE_KINDS = ("amx",)  # bf16 on AMX tiles, NHWC (`tile_layout`): only for bf16 targets whose CPU has them
 
 
-def own_kernel(kernel: Kernel) -> tuple[str, object] | None:
-    """(kind, spec) of the sparsefx TIR kernel that runs this conv with its bias and epilogue fused, else None."""
+def kind_of(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...], precision: str = "fp32") -> str | None:
+    """The name of the own kernel that runs this conv workload in `precision`, if any."""
+    tiles = precision == "bf16" and has_tiles()
+    return next((name for name, module in KERNELS.items()
+                 if (tiles or name not in TILE_KINDS) and module.supported(attrs, shapes)), None)
+
+
+def own_kernel(kernel: Kernel, precision: str = "fp32") -> tuple[str, object] | None:
+    """(kind, spec) of the sparsefx TIR kernel that runs this conv in `precision` with its bias and
+    epilogue fused, else None."""
     if kernel.op != "conv2d":
         return None
     attrs, shapes = kernel.conv_attrs, kernel.shapes
-    kind = kind_of(attrs, shapes)
+    kind = kind_of(attrs, shapes, precision)
     if kind is None:
         return None
     act, residual = kernel.epilogue
@@ -128,6 +134,8 @@ def own_kernel_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
             return mod
         bb = relax.BlockBuilder(mod)
         gvars = {name: bb.add_func(parsed(KERNELS[kind].kernel, spec), name) for name, (kind, spec) in specs.items()}
+        for name, make in layout_kernels([spec for kind, spec in specs.values() if kind in TILE_KINDS]).items():
+            gvars[name] = bb.add_func(make(), name)
 
         def swap(expr: relax.Expr, matches: dict, ep: object, scaled: bool) -> relax.Expr:
             if (found := spec_for(expr, matches, ep, scaled)) is None:
@@ -141,8 +149,40 @@ def own_kernel_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
             args = [matches[unscaled] if scaled else matches[ep.x], weight, relax.const(bias)]
             args += [matches[scale]] if scaled else []
             args += [matches[ep.residual]] if ep.residual in matches else []
+            if kind in TILE_KINDS:
+                return tile_call(gvars, spec, args)
             return relax.call_tir(gvars[spec.name], args, relax.TensorType(spec.out_shape, "float32"))
 
         return rewrite_all(bb.get(), swap)
 
     return _pass
+
+
+def nchw(shape: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    n, h, w, c = shape
+    return (n, c, h, w)
+
+
+def layout_kernels(specs: list) -> dict[str, Callable[[], tvm.tirx.PrimFunc]]:
+    """The layout conversions AMX kernels of `specs` are called between (`tile_call`), by name."""
+    made = {}
+    for spec in specs:
+        into = [spec.in_shape, *([spec.out_shape] if spec.residual else [])]
+        for shape in map(nchw, into):
+            made[tile_layout.name(tile_layout.TO_TILES, shape)] = lambda shape=shape: tile_layout.to_tiles(shape)
+        out = nchw(spec.out_shape)
+        made[tile_layout.name(tile_layout.FROM_TILES, out)] = lambda out=out: tile_layout.from_tiles(out)
+    return made
+
+
+def tile_call(gvars: dict, spec: object, args: list[relax.Expr]) -> relax.Expr:
+    """An AMX kernel's call on float32 NCHW tensors: input (and residual) converted in, the result out
+    (`tile_layout.round_trip_pass` drops the conversions between two such kernels)."""
+    def into(value: relax.Expr, shape: tuple[int, ...]) -> relax.Expr:
+        return relax.call_tir(gvars[tile_layout.name(tile_layout.TO_TILES, nchw(shape))], [value],
+                              relax.TensorType(shape, "uint16"))
+
+    args = [into(args[0], spec.in_shape), *args[1:3], *([into(args[3], spec.out_shape)] if spec.residual else [])]
+    result = relax.call_tir(gvars[spec.name], args, relax.TensorType(spec.out_shape, "uint16"))
+    out = nchw(spec.out_shape)
+    return relax.call_tir(gvars[tile_layout.name(tile_layout.FROM_TILES, out)], [result], relax.TensorType(out, "float32"))

@@ -6,7 +6,8 @@ Implementations of one kernel (see `cost.timing` for how they are timed):
   target's precision (bf16 convs and matmuls cast their input and output as the model's do);
   a float32 conv charged what it loses inside a model (`PYTORCH_CONV_IN_MODEL`);
 - "depthwise", "pointwise", "direct": sparsefx's own TIR kernel for the conv (`kernels.registry`),
-  all of one kind in one LLVM build;
+  all of one kind in one LLVM build; "amx" in bf16 where the CPU has AMX tiles, timed as chained
+  (NHWC bf16 in and out, as PyTorch's bf16 convs are timed);
 - "tir": TVM's default schedule through the model's pipeline, only where the pre-filter
   (`dispatch.prefilter`) cannot rule it out, or where asked for by name.
 PyTorch's kernels cost the model a call out of the VM beyond their time (`overheads`).
@@ -34,6 +35,7 @@ from sparsefx.backends.tvm.dispatch.torch_kernels import (
     forget_packed,
     matmul,
 )
+from sparsefx.backends.tvm.kernels import amx
 from sparsefx.backends.tvm.kernels import registry as own_kernels
 from sparsefx.backends.tvm.kernels.workers import build_kernels
 from sparsefx.backends.tvm.measure.calibrate import calibrate
@@ -113,15 +115,22 @@ def has_weight(kernel: Kernel) -> bool:
     return kernel.op == "conv2d" or (kernel.op == "matmul" and kernel.dims[0] == 1)
 
 
-def random_tensor(shape: Sequence[int]) -> tvm.runtime.Tensor:
-    """A TVM tensor of standard normals, made by PyTorch and shared (numpy's took 18 ms for 1x256x56x56)."""
-    return tvm.runtime.from_dlpack(torch.randn(tuple(shape)))
+def random_tensor(shape: Sequence[int], dtype: str = "float32") -> tvm.runtime.Tensor:
+    """A TVM tensor of standard normals, made by PyTorch and shared (numpy's took 18 ms for 1x256x56x56);
+    "uint16": their bf16 bit patterns."""
+    values = torch.randn(tuple(shape))
+    return tvm.runtime.from_dlpack(values if dtype == "float32" else values.to(torch.bfloat16).view(torch.uint16))
 
 
 def cycled_weight_runs(run: Callable[..., object], args: list[tvm.runtime.Tensor]) -> list[Callable[[], object]]:
-    """`run` on `args`, one run per timed copy of the weight (the second argument, `weight_copies`)."""
-    weights = [tvm.runtime.from_dlpack(w) for w in weight_copies(tuple(args[1].shape))]
-    return [functools.partial(run, args[0], w, *args[2:]) for w in weights]
+    """`run` on `args`, one run per timed copy of the weight (the second argument, `weight_copies`); a
+    uint16 weight (bf16 bits, pairs in its last axis) is cut from float32 copies of half its size."""
+    shape = tuple(args[1].shape)
+    if args[1].dtype == "uint16":
+        copies = [w.view(torch.uint16) for w in weight_copies((*shape[:-1], shape[-1] // 2))]
+    else:
+        copies = weight_copies(shape)
+    return [functools.partial(run, args[0], tvm.runtime.from_dlpack(w), *args[2:]) for w in copies]
 
 
 class HostTimer:
@@ -168,12 +177,13 @@ class HostTimer:
         so the float32 kernels pay those two casts here, else MobileNetV2's small convs stayed in TIR by
         a few microseconds each and the casts around them made the bf16 build slower than fp32."""
         for kernel, kernel_times in zip(kernels, times, strict=True):
-            if kernel.op != "conv2d" or not set(kernel_times) - set(TORCH_IMPLEMENTATIONS):
+            float32 = set(kernel_times) - set(TORCH_IMPLEMENTATIONS) - set(own_kernels.TILE_KINDS)
+            if kernel.op != "conv2d" or not float32:
                 continue
             x_shape, _, out_shape = kernel.shapes
             x = torch.randn(x_shape).to(torch.bfloat16, memory_format=torch.channels_last)
             cast = time_in_turn({"casts": [functools.partial(_edge_casts, x, torch.randn(out_shape))]})["casts"]
-            for name in set(kernel_times) - set(TORCH_IMPLEMENTATIONS):
+            for name in float32:
                 kernel_times[name] += cast
 
     def time_rivals(self, kernels: list[Kernel], wanted: list[set | None]) -> list[Times]:
@@ -208,9 +218,10 @@ class HostTimer:
                 self.progress(1)
         return times
 
-    @staticmethod
-    def own_kernel(kernel: Kernel, allowed: set | None) -> tuple[str, object] | None:
-        found = own_kernels.own_kernel(kernel)
+    def own_kernel(self, kernel: Kernel, allowed: set | None) -> tuple[str, object] | None:
+        found = own_kernels.own_kernel(kernel, self.target.precision)
+        if found and found[0] in own_kernels.TILE_KINDS:
+            amx.enable()
         return found if found and (allowed is None or found[0] in allowed) else None
 
     def time_one(self, kernel: Kernel, allowed: set | None, mine: tuple[str, Callable, object] | None) -> Times:
@@ -238,7 +249,9 @@ class HostTimer:
 
     @staticmethod
     def own_runs(run: Callable[..., object], spec: object) -> list[Callable[[], object]]:
-        return cycled_weight_runs(run, [random_tensor(shape) for shape in spec.arg_shapes])
+        dtypes = getattr(spec, "arg_dtypes", ("float32",) * len(spec.arg_shapes))
+        return cycled_weight_runs(run, [random_tensor(shape, dtype) for shape, dtype in zip(spec.arg_shapes, dtypes,
+                                                                                          strict=True)])
 
     def add_default_tir(self, kernels: list[Kernel], times: list[Times], wanted: list[set | None]) -> None:
         """Time TVM's default schedule where asked for by name, or (unasked) for kernels no own kernel
@@ -246,7 +259,7 @@ class HostTimer:
         asked = [i for i, allowed in enumerate(wanted) if allowed is not None and "tir" in allowed]
         self.time_tir(kernels, times, asked)
         open_ = {kernels[i].key: i for i, allowed in enumerate(wanted)
-                 if allowed is None and own_kernels.own_kernel(kernels[i]) is None}
+                 if allowed is None and own_kernels.own_kernel(kernels[i], self.target.precision) is None}
         candidates = [prefilter.Candidate(key, prefilter.op_class(kernels[i]), prefilter.gflop(kernels[i]),
                                           min(times[i].get(t, math.inf) for t in TORCH_IMPLEMENTATIONS))
                       for key, i in open_.items()]

@@ -1,0 +1,101 @@
+"""bf16 convs on AMX tiles (`kernels.amx`): each shape kind against PyTorch's conv, the weight packing
+and rounding against PyTorch's bf16, and a bf16 build whose chain of AMX convs converts its layout
+only at the ends."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import tvm
+from torch import nn
+
+from sparsefx.backends.tvm import compile
+from sparsefx.backends.tvm.kernels import amx, tile_layout
+from sparsefx.capture.compare import check_reference, output_error
+from sparsefx.target import has_tiles, host_cpu, with_precision
+
+pytestmark = [pytest.mark.usefixtures("private_cache"),
+              pytest.mark.skipif(not has_tiles(), reason="this CPU has no AMX bf16 tiles")]
+ACT = {"none": lambda t: t, "relu": F.relu, "relu6": lambda t: t.clamp(0, 6)}
+
+
+def bits(t: torch.Tensor) -> np.ndarray:
+    """A float tensor as NHWC bf16 bit patterns."""
+    return t.permute(0, 2, 3, 1).contiguous().bfloat16().view(torch.int16).numpy().view(np.uint16)
+
+
+def from_bits(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16).float().permute(0, 3, 1, 2)
+
+
+def test_bf16_bits_round_as_pytorch_does() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4096) * torch.logspace(-30, 30, 4096)
+    assert np.array_equal(amx.bf16_bits(x.numpy()), x.bfloat16().view(torch.int16).numpy().view(np.uint16))
+
+
+@pytest.mark.parametrize(("cin", "cout", "size", "kernel", "stride", "residual", "act"), [
+    (32, 32, 8, 3, 1, False, "relu"),  # padded flat positions, padding columns dropped
+    (64, 48, 9, 1, 1, True, "none"),  # unpadded 1x1; 48 outputs: the last channel pair overlaps
+    (32, 64, 10, 3, 2, False, "relu6"),  # stride 2: positions within output rows
+    (64, 32, 7, 1, 2, True, "relu"),  # strided 1x1 (a downsample), rows of 4
+    (96, 32, 3, 3, 1, False, "none"),  # fewer positions than a tile
+])
+def test_kernel_matches_pytorch(cin: int, cout: int, size: int, kernel: int, stride: int, residual: bool,
+                                act: str) -> None:
+    amx.enable()
+    spec = amx.AmxSpec(2, cin, cout, size, size, kernel, stride, kernel // 2, act, residual)
+    library = tvm.compile(tvm.IRModule({"main": amx.kernel(spec).with_attr("global_symbol", "main")}),
+                          with_precision(host_cpu(), "bf16").to_tvm())
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, cin, size, size), torch.randn(cout, cin, kernel, kernel) * 0.1, torch.randn(cout)
+    add = torch.randn(2, cout, *spec.out_hw)
+    x, w, add = (t.bfloat16().float() for t in (x, w, add))  # the kernel's inputs are exactly these
+    want = F.conv2d(x, w, b, stride, kernel // 2)
+    want = ACT[act](want + add if residual else want)
+    out = tvm.runtime.empty(spec.out_shape, "uint16")
+    args = [bits(x), amx.pack_weight(spec, w.numpy()), b.numpy(), *([bits(add)] if residual else [])]
+    library["main"](*[tvm.runtime.tensor(a) for a in args], out)
+    got = from_bits(out.numpy())
+    assert got.shape == want.shape
+    assert (got - want).norm() / want.norm() < 5e-3  # float32 accumulation, one bf16 rounding at the end
+
+
+def test_supported_shapes() -> None:
+    plain = (1, 1, 1, 1, 1, 1, 1)
+    assert amx.supported(plain, ((1, 64, 8, 8), (32, 64, 3, 3)))
+    assert not amx.supported(plain, ((1, 48, 8, 8), (32, 48, 3, 3)))  # not whole 32-channel steps
+    assert not amx.supported(plain, ((1, 64, 8, 8), (24, 64, 3, 3)))  # not whole 16-channel tiles
+    assert not amx.supported((1, 1, 1, 1, 1, 1, 2), ((1, 64, 8, 8), (32, 32, 3, 3)))  # grouped
+
+
+class Blocks(nn.Module):
+    """Two residual blocks whose convs all run on tiles, between a float32 head and tail."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(32, 64, 3, padding=1), nn.Conv2d(64, 64, 1)
+        self.c, self.d = nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.Conv2d(64, 64, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.a(x))
+        y = torch.relu(self.b(y) + y)
+        z = torch.relu(self.c(y))
+        return torch.relu(self.d(z) + z).mean((2, 3))
+
+
+def test_chain_converts_only_at_its_ends() -> None:
+    torch.manual_seed(0)
+    model, inputs = Blocks().eval(), (torch.randn(1, 32, 16, 16),)
+    expected = check_reference(model, inputs)
+    compiled = compile(model, inputs, precision="bf16", threads=1, verbose=False)
+    calls = [row["name"] for row in compiled.profile(*inputs, repeat=1)]
+    convs = [name for name in calls if name.startswith("amx_") and not name.startswith(
+        (tile_layout.TO_TILES, tile_layout.FROM_TILES))]
+    assert len(convs) == 4, calls
+    assert sum(name.startswith(tile_layout.TO_TILES) for name in calls) == 1  # the input, once
+    assert sum(name.startswith(tile_layout.FROM_TILES) for name in calls) == 1  # the last conv's output
+    error = output_error(expected, compiled(*inputs))
+    assert 1e-5 < error.relative_l2 < 3e-2, error  # bf16 rounding (not float32), within the bf16 bound
