@@ -41,7 +41,9 @@ def test_bf16_bits_round_as_pytorch_does() -> None:
     (64, 48, 9, 1, 1, True, "none"),  # unpadded 1x1; 48 outputs: the last channel pair overlaps
     (32, 64, 10, 3, 2, False, "relu6"),  # stride 2: positions within output rows
     (64, 32, 7, 1, 2, True, "relu"),  # strided 1x1 (a downsample), rows of 4
-    (96, 32, 3, 3, 1, False, "none"),  # fewer positions than a tile
+    (96, 32, 3, 3, 1, False, "none"),  # fewer positions than a tile; weight-stationary task order
+    (3, 32, 16, 7, 2, False, "relu"),  # a stem: window columns folded into the reduction
+    (3, 32, 11, 3, 1, True, "none"),  # folded, stride 1
 ])
 def test_kernel_matches_pytorch(cin: int, cout: int, size: int, kernel: int, stride: int, residual: bool,
                                 act: str) -> None:
@@ -67,20 +69,23 @@ def test_supported_shapes() -> None:
     plain = (1, 1, 1, 1, 1, 1, 1)
     assert amx.supported(plain, ((1, 64, 8, 8), (32, 64, 3, 3)))
     assert not amx.supported(plain, ((1, 48, 8, 8), (32, 48, 3, 3)))  # not whole 32-channel steps
+    assert amx.supported((2, 2, 3, 3, 1, 1, 1), ((1, 3, 224, 224), (64, 3, 7, 7)))  # a stem, folded
+    assert not amx.supported(plain, ((1, 8, 8, 8), (32, 8, 5, 5)))  # 40 > 32: neither
     assert not amx.supported(plain, ((1, 64, 8, 8), (24, 64, 3, 3)))  # not whole 16-channel tiles
     assert not amx.supported((1, 1, 1, 1, 1, 1, 2), ((1, 64, 8, 8), (32, 32, 3, 3)))  # grouped
 
 
 class Blocks(nn.Module):
-    """Two residual blocks whose convs all run on tiles, between a float32 head and tail."""
+    """A ResNet's stem and max-pool, then two residual blocks: every conv on tiles, the pool between."""
 
     def __init__(self) -> None:
         super().__init__()
+        self.stem, self.pool = nn.Conv2d(3, 32, 7, stride=2, padding=3), nn.MaxPool2d(3, 2, 1)
         self.a, self.b = nn.Conv2d(32, 64, 3, padding=1), nn.Conv2d(64, 64, 1)
         self.c, self.d = nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.Conv2d(64, 64, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(self.a(x))
+        y = torch.relu(self.a(self.pool(torch.relu(self.stem(x)))))
         y = torch.relu(self.b(y) + y)
         z = torch.relu(self.c(y))
         return torch.relu(self.d(z) + z).mean((2, 3))
@@ -88,13 +93,13 @@ class Blocks(nn.Module):
 
 def test_chain_converts_only_at_its_ends() -> None:
     torch.manual_seed(0)
-    model, inputs = Blocks().eval(), (torch.randn(1, 32, 16, 16),)
+    model, inputs = Blocks().eval(), (torch.randn(1, 3, 64, 64),)
     expected = check_reference(model, inputs)
     compiled = compile(model, inputs, precision="bf16", threads=1, verbose=False)
     calls = [row["name"] for row in compiled.profile(*inputs, repeat=1)]
     convs = [name for name in calls if name.startswith("amx_") and not name.startswith(
         (tile_layout.TO_TILES, tile_layout.FROM_TILES))]
-    assert len(convs) == 4, calls
+    assert len(convs) == 6, calls  # five convs and the pool
     assert sum(name.startswith(tile_layout.TO_TILES) for name in calls) == 1  # the input, once
     assert sum(name.startswith(tile_layout.FROM_TILES) for name in calls) == 1  # the last conv's output
     error = output_error(expected, compiled(*inputs))

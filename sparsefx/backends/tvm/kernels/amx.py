@@ -72,7 +72,8 @@ class AmxSpec:
     @property
     def arg_shapes(self) -> tuple[tuple[int, ...], ...]:
         """Input (NHWC bf16 bits), packed weight, bias (float32), [residual (NHWC),] output (NHWC)."""
-        packed = (self.cout // COLUMNS, self.kernel ** 2, self.cin // DEPTH, DEPTH // 2, COLUMNS, 2)
+        taps, steps = (self.kernel, 1) if folded(self) else (self.kernel ** 2, self.cin // DEPTH)
+        packed = (self.cout // COLUMNS, taps, steps, DEPTH // 2, COLUMNS, 2)
         residual = (self.out_shape,) if self.residual else ()
         return (self.in_shape, packed, (self.cout,), *residual, self.out_shape)
 
@@ -88,11 +89,12 @@ class AmxSpec:
 
 def supported(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...]) -> bool:
     """Whether a conv2d workload runs here: no groups or dilation, a square window, equal strides of
-    1 or 2 and equal padding, whole 32-channel steps in and 16-channel tiles out (at least two)."""
+    1 or 2 and equal padding, whole 32-channel steps in (or a window row's channels within one, as a
+    stem's) and 16-channel tiles out (at least two)."""
     s0, s1, p0, p1, d0, d1, groups = attrs
     (_, ci, _, _), (co, _, kh, kw) = shapes[:2]
     return groups == 1 and d0 == d1 == 1 and kh == kw and s0 == s1 in (1, 2) and p0 == p1 < kh \
-        and ci % DEPTH == 0 and co % COLUMNS == 0 and co >= 2 * COLUMNS
+        and (ci % DEPTH == 0 or ci * kw <= DEPTH) and co % COLUMNS == 0 and co >= 2 * COLUMNS
 
 
 def spec_of(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...], activation: str = "none",
@@ -108,9 +110,14 @@ def bf16_bits(values: np.ndarray) -> np.ndarray:
 
 
 def pack_weight(s: AmxSpec, weight: np.ndarray) -> np.ndarray:
-    """PyTorch's (cout, cin, k, k) weight as bf16 tiles: [cout/16][tap][cin/32][16 input pairs][16 outputs][2]."""
-    taps = s.kernel ** 2
-    tiles = bf16_bits(weight).reshape(s.cout // COLUMNS, COLUMNS, s.cin // DEPTH, DEPTH // 2, 2, taps)
+    """PyTorch's (cout, cin, k, k) weight as bf16 tiles: [cout/16][tap][cin/32][16 input pairs][16 outputs][2];
+    `folded`: [cout/16][window row][1][...], the reduction running over (column, channel), zero past them."""
+    if folded(s):
+        rows = np.zeros((s.cout, s.kernel, DEPTH), np.float32)
+        rows[:, :, :s.kernel * s.cin] = weight.transpose(0, 2, 3, 1).reshape(s.cout, s.kernel, -1)
+        weight = rows.transpose(0, 2, 1)[..., None]  # (cout, 32, k, 1): one 32-wide step per window row
+    taps = weight.shape[2] * weight.shape[3]
+    tiles = bf16_bits(weight).reshape(s.cout // COLUMNS, COLUMNS, weight.shape[1] // DEPTH, DEPTH // 2, 2, taps)
     return np.ascontiguousarray(tiles.transpose(0, 5, 2, 3, 1, 4))
 
 
@@ -126,60 +133,94 @@ def tile(name: str, *args):  # noqa: ANN201 (a TIR statement)
     return T.evaluate(T.call_llvm_intrin("void", f"llvm.x86.{name}", *args))
 
 
-def group_size(pairs: int, tasks: int) -> int:
-    """Output-channel pairs per task: the largest divisor of `pairs` that leaves about `TASKS` tasks."""
-    wanted = max(1, pairs * tasks // TASKS)
-    return max(d for d in range(1, pairs + 1) if pairs % d == 0 and d <= wanted)
+def group_size(count: int, outer: int) -> int:
+    """Inner steps per task: the largest divisor of `count` that leaves about `TASKS` tasks with `outer`."""
+    wanted = max(1, count * outer // TASKS)
+    return max(d for d in range(1, count + 1) if count % d == 0 and d <= wanted)
+
+
+def folded(s: AmxSpec) -> bool:
+    """Whether the window's columns go into the reduction with the channels: a stem's 3 channels x 7
+    columns are one 32-wide step per window row (of 7), not 49 steps of 3 channels padded to 32."""
+    return s.cin % DEPTH != 0 and s.cin * s.kernel <= DEPTH
+
+
+def weight_stationary(s: AmxSpec) -> bool:
+    """Output channels outermost, each task running over positions with its weight in cache: where the
+    weight outweighs the input (ResNet-50's 512 -> 512 3x3 at 7x7: 4.7 MB of weight against 50 KB of
+    input, read once per position pair positions-outermost)."""
+    return s.cout * s.cin * s.kernel ** 2 > s.height * s.width * s.cin * s.batch
 
 
 def kernel(s: AmxSpec) -> tvm.tirx.PrimFunc:
     """The scheduled PrimFunc: out = act(conv(x, w) + bias [+ residual]), all NHWC."""
     k, st, p = s.kernel, s.stride, s.padding
     ho, wo = s.out_hw
-    padded = k > 1 or p > 0
-    rows_in, row = (s.height + 2 * p + 1, s.width + 2 * p) if padded else (s.height, s.width)
-    flat = st == 1  # positions over the flat index (stride 1) or within output rows (stride 2)
-    n_out = ho * row if flat else ho * wo
-    m = min(ROWS, n_out if flat else wo)
+    fold = folded(s)
+    by_rows = fold and st == 2  # a folded window's columns are adjacent in the padded image, not in phase planes
+    copied = k > 1 or p > 0 or st > 1  # else the input is read as it is
+    ph = 1 if by_rows else min(k, st)  # phase planes per axis
+    reach = (k - 1) // st
+    if by_rows:
+        rows_in, row = s.height + 2 * p + 1, s.width + 2 * p
+    elif copied:  # one spare row: the last tile's windows run past the last output row
+        rows_in, row = ho + reach + 1, -(-(s.width + 2 * p) // st)
+    else:
+        rows_in, row = s.height, s.width
+    plane = rows_in * row
+    n_out = ho * wo if by_rows else ho * row  # flat: the padding columns computed and dropped
+    m = min(ROWS, wo if by_rows else n_out)
     per_row = -(-wo // m)
-    tiles = -(-n_out // m) if flat else ho * per_row
+    tiles = ho * per_row if by_rows else -(-n_out // m)
     # an odd last tile pairs with its predecessor, an odd last 16-channel block too (computed twice)
     pairs, co_pairs = -(-tiles // 2), -(-s.cout // (2 * COLUMNS))
-    group = group_size(co_pairs, pairs)
-    steps, taps = s.cin // DEPTH, k * k
-    stride_bytes = st * s.cin * 2
-    src_len = s.batch * rows_in * row * s.cin
+    by_channels = weight_stationary(s)
+    outer, inner = (co_pairs, pairs) if by_channels else (pairs, co_pairs)
+    group = group_size(inner, outer)
+    steps, taps = (1, k) if fold else (s.cin // DEPTH, k * k)
+    stride_bytes = (st if by_rows else 1) * s.cin * 2
+    src_len = s.batch * ph * ph * plane * s.cin
+    lanes = DEPTH if s.cin % DEPTH == 0 else s.cin
+    fill_stride = 1 if by_rows else st
 
-    def first(t):  # noqa: ANN001, ANN202 (TIR expressions): a tile's first position, in the source's flat index
-        if flat:
-            return T.min(t * m, n_out - m)
-        return t // per_row * st * row + T.min(t % per_row * m, wo - m) * st
+    def first(t):  # noqa: ANN001, ANN202 (TIR expressions): a tile's first position in its plane's flat index
+        if by_rows:
+            return t // per_row * st * row + T.min(t % per_row * m, wo - m) * st
+        return T.min(t * m, n_out - m)
 
     def position(t, r):  # noqa: ANN001, ANN202 (TIR expressions): (output row, column) of tile t's row r; -1 column: a padding column
-        if flat:
-            q = T.min(t * m, n_out - m) + r
-            return q // row, T.if_then_else(q % row < wo, q % row, -1)
-        return t // per_row, T.min(t % per_row * m, wo - m) + r
+        if by_rows:
+            return t // per_row, T.min(t % per_row * m, wo - m) + r
+        q = T.min(t * m, n_out - m) + r
+        return q // row, T.if_then_else(q % row < wo, q % row, -1)
+
+    def window(t, tap, c):  # noqa: ANN001, ANN202 (TIR expressions): where tile t's rows start reading for a step
+        kh, kw = (tap, 0) if fold else (tap // k, tap % k)  # folded: a step takes a whole window row
+        offset = (kh % st * ph + kw % st) * plane + kh // st * row + kw // st if not by_rows else kh * row
+        return (first(t) + offset) * s.cin + c * DEPTH
 
     @T.macro
-    def fill(x, src, n):  # noqa: ANN001, ANN202 (a TVMScript macro): the image zero-padded (one spare row: the last windows run over)
-        for r in T.parallel(rows_in):
-            for c in range(row):
-                for l0 in range(s.cin // DEPTH):
-                    for lane in T.vectorized(DEPTH):
-                        src[((n * rows_in + r) * row + c) * s.cin + l0 * DEPTH + lane] = T.if_then_else(
-                            p <= r and r < p + s.height and p <= c and c < p + s.width,
-                            x[n, T.min(T.max(r - p, 0), s.height - 1), T.min(T.max(c - p, 0), s.width - 1),
-                              l0 * DEPTH + lane], T.uint16(0))
+    def fill(x, src, n):  # noqa: ANN001, ANN202 (a TVMScript macro): the image zero-padded, split into phase planes
+        for a in range(ph * ph):
+            for r in T.parallel(rows_in):
+                for c in range(row):
+                    for l0 in range(s.cin // lanes):
+                        for lane in T.vectorized(lanes):
+                            ih: T.let = r * fill_stride + a // ph - p
+                            iw: T.let = c * fill_stride + a % ph - p
+                            src[(((n * ph * ph + a) * rows_in + r) * row + c) * s.cin + l0 * lanes + lane] = \
+                                T.if_then_else(0 <= ih and ih < s.height and 0 <= iw and iw < s.width,
+                                               x[n, T.min(T.max(ih, 0), s.height - 1), T.min(T.max(iw, 0), s.width - 1),
+                                                 l0 * lanes + lane], T.uint16(0))
 
     @T.macro
     def body(x, w, bias, res, out):  # noqa: ANN001, ANN202
         flat_x = T.decl_buffer((src_len,), "uint16", data=x.data)
-        src = T.alloc_buffer((src_len,) if padded else (1,), "uint16")
+        src = T.alloc_buffer((src_len,) if copied else (1,), "uint16")
         for n in range(s.batch):
-            if T.bool(padded):
+            if T.bool(copied):
                 fill(x, src, n)
-            for task in T.parallel(pairs * (co_pairs // group)):
+            for task in T.parallel(outer * (inner // group)):
                 config = T.alloc_buffer((64,), "uint8", scope=STACK)
                 for i in T.unroll(64):  # palette 1; tiles 0-3 accumulators, 4-5 inputs (m rows), 6-7 weights
                     config[i] = T.uint8(0)
@@ -191,30 +232,31 @@ def kernel(s: AmxSpec) -> tvm.tirx.PrimFunc:
                 config[54] = T.uint8(DEPTH // 2)
                 config[55] = T.uint8(DEPTH // 2)
                 tile("ldtilecfg", T.address_of(config[0]))
-                t0: T.let = task // (co_pairs // group) * 2
-                t1: T.let = T.min(t0 + 1, tiles - 1)
-                base: T.let = n * rows_in * row
+                base: T.let = n * ph * ph * plane
                 acc = T.alloc_buffer((4, ROWS, COLUMNS), "float32", scope=STACK)
                 for g in range(group):
-                    ob: T.let = T.min((task % (co_pairs // group) * group + g) * 2, s.cout // COLUMNS - 2)
+                    here: T.let = task % (inner // group) * group + g
+                    pair: T.let = T.if_then_else(by_channels, here, task // (inner // group))
+                    t0: T.let = pair * 2
+                    t1: T.let = T.min(t0 + 1, tiles - 1)
+                    ob: T.let = T.min(T.if_then_else(by_channels, task // (inner // group), here) * 2,
+                                      s.cout // COLUMNS - 2)
                     tile("tilezero", T.uint8(0))
                     tile("tilezero", T.uint8(1))
                     tile("tilezero", T.uint8(2))
                     tile("tilezero", T.uint8(3))
                     for tap in range(taps):
                         for c in range(steps):
-                            if T.bool(padded):
-                                tile("tileloadd64", T.uint8(4), T.address_of(
-                                    src[(base + first(t0) + tap // k * row + tap % k) * s.cin + c * DEPTH]),
-                                    T.int64(stride_bytes))
-                                tile("tileloadd64", T.uint8(5), T.address_of(
-                                    src[(base + first(t1) + tap // k * row + tap % k) * s.cin + c * DEPTH]),
-                                    T.int64(stride_bytes))
+                            if T.bool(copied):
+                                tile("tileloadd64", T.uint8(4), T.address_of(src[base * s.cin + window(t0, tap, c)]),
+                                     T.int64(stride_bytes))
+                                tile("tileloadd64", T.uint8(5), T.address_of(src[base * s.cin + window(t1, tap, c)]),
+                                     T.int64(stride_bytes))
                             else:
-                                tile("tileloadd64", T.uint8(4), T.address_of(
-                                    flat_x[(base + first(t0)) * s.cin + c * DEPTH]), T.int64(stride_bytes))
-                                tile("tileloadd64", T.uint8(5), T.address_of(
-                                    flat_x[(base + first(t1)) * s.cin + c * DEPTH]), T.int64(stride_bytes))
+                                tile("tileloadd64", T.uint8(4), T.address_of(flat_x[base * s.cin + window(t0, tap, c)]),
+                                     T.int64(stride_bytes))
+                                tile("tileloadd64", T.uint8(5), T.address_of(flat_x[base * s.cin + window(t1, tap, c)]),
+                                     T.int64(stride_bytes))
                             tile("tileloadd64", T.uint8(6), T.address_of(w[ob, tap, c, 0, 0, 0]), T.int64(64))
                             tile("tileloadd64", T.uint8(7), T.address_of(w[ob + 1, tap, c, 0, 0, 0]), T.int64(64))
                             tile("tdpbf16ps", T.uint8(0), T.uint8(4), T.uint8(6))
