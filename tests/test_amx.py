@@ -12,7 +12,7 @@ import tvm
 from torch import nn
 
 from sparsefx.backends.tvm import compile
-from sparsefx.backends.tvm.kernels import amx, tile_layout
+from sparsefx.backends.tvm.kernels import amx, amx_depthwise, tile_layout
 from sparsefx.capture.compare import check_reference, output_error
 from sparsefx.target import has_tiles, host_cpu, with_precision
 
@@ -22,8 +22,9 @@ ACT = {"none": lambda t: t, "relu": F.relu, "relu6": lambda t: t.clamp(0, 6)}
 
 
 def bits(t: torch.Tensor) -> np.ndarray:
-    """A float tensor as NHWC bf16 bit patterns."""
-    return t.permute(0, 2, 3, 1).contiguous().bfloat16().view(torch.int16).numpy().view(np.uint16)
+    """A float NCHW tensor as NHWC bf16 bit patterns, channels zero-padded as the layout stores them."""
+    padded = F.pad(t, (0, 0, 0, 0, 0, tile_layout.stored(t.shape[1]) - t.shape[1]))
+    return padded.permute(0, 2, 3, 1).contiguous().bfloat16().view(torch.int16).numpy().view(np.uint16)
 
 
 def from_bits(a: np.ndarray) -> torch.Tensor:
@@ -44,6 +45,8 @@ def test_bf16_bits_round_as_pytorch_does() -> None:
     (96, 32, 3, 3, 1, False, "none"),  # fewer positions than a tile; weight-stationary task order
     (3, 32, 16, 7, 2, False, "relu"),  # a stem: window columns folded into the reduction
     (3, 32, 11, 3, 1, True, "none"),  # folded, stride 1
+    (24, 40, 9, 3, 1, True, "relu6"),  # channels stored padded to 32 in and out
+    (144, 24, 8, 1, 1, False, "none"),  # 144 = 4.5 steps: the last one half zeros
 ])
 def test_kernel_matches_pytorch(cin: int, cout: int, size: int, kernel: int, stride: int, residual: bool,
                                 act: str) -> None:
@@ -58,20 +61,40 @@ def test_kernel_matches_pytorch(cin: int, cout: int, size: int, kernel: int, str
     want = F.conv2d(x, w, b, stride, kernel // 2)
     want = ACT[act](want + add if residual else want)
     out = tvm.runtime.empty(spec.out_shape, "uint16")
-    args = [bits(x), amx.pack_weight(spec, w.numpy()), b.numpy(), *([bits(add)] if residual else [])]
+    args = [bits(x), amx.pack_weight(spec, w.numpy()), amx.pack_bias(spec, b.numpy()), *([bits(add)] if residual else [])]
     library["main"](*[tvm.runtime.tensor(a) for a in args], out)
-    got = from_bits(out.numpy())
+    stored = from_bits(out.numpy())
+    assert not stored[:, cout:].any()  # the layout's channels past the conv's stay zero
+    got = stored[:, :cout]
     assert got.shape == want.shape
     assert (got - want).norm() / want.norm() < 5e-3  # float32 accumulation, one bf16 rounding at the end
+
+
+@pytest.mark.parametrize(("channels", "size", "kernel", "stride", "act"), [
+    (32, 10, 3, 1, "relu6"), (40, 9, 3, 2, "relu"), (96, 12, 5, 2, "none"), (64, 5, 3, 1, "relu6"),
+])
+def test_depthwise_matches_pytorch(channels: int, size: int, kernel: int, stride: int, act: str) -> None:
+    spec = amx_depthwise.AmxDepthwiseSpec(2, channels, size, size, kernel, stride, kernel // 2, act)
+    library = tvm.compile(tvm.IRModule({"main": amx_depthwise.kernel(spec).with_attr("global_symbol", "main")}),
+                          with_precision(host_cpu(), "bf16").to_tvm())
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, channels, size, size).bfloat16().float(), torch.randn(channels, 1, kernel, kernel), \
+        torch.randn(channels)
+    want = ACT[act](F.conv2d(x, w, b, stride, kernel // 2, 1, channels))
+    out = tvm.runtime.empty(spec.out_shape, "uint16")
+    args = [bits(x), amx_depthwise.pack_weight(spec, w.numpy()), amx_depthwise.pack_bias(spec, b.numpy())]
+    library["main"](*[tvm.runtime.tensor(a) for a in args], out)
+    stored = from_bits(out.numpy())
+    assert not stored[:, channels:].any()
+    assert (stored[:, :channels] - want).norm() / want.norm() < 5e-3
 
 
 def test_supported_shapes() -> None:
     plain = (1, 1, 1, 1, 1, 1, 1)
     assert amx.supported(plain, ((1, 64, 8, 8), (32, 64, 3, 3)))
-    assert not amx.supported(plain, ((1, 48, 8, 8), (32, 48, 3, 3)))  # not whole 32-channel steps
+    assert amx.supported(plain, ((1, 48, 8, 8), (24, 48, 3, 3)))  # stored as 64 and 32 channels
     assert amx.supported((2, 2, 3, 3, 1, 1, 1), ((1, 3, 224, 224), (64, 3, 7, 7)))  # a stem, folded
-    assert not amx.supported(plain, ((1, 8, 8, 8), (32, 8, 5, 5)))  # 40 > 32: neither
-    assert not amx.supported(plain, ((1, 64, 8, 8), (24, 64, 3, 3)))  # not whole 16-channel tiles
+    assert not amx.supported((1, 1, 5, 5, 1, 1, 1), ((1, 3, 8, 8), (32, 3, 11, 11)))  # 3 x 11 > 32: no fold
     assert not amx.supported((1, 1, 1, 1, 1, 1, 2), ((1, 64, 8, 8), (32, 32, 3, 3)))  # grouped
 
 

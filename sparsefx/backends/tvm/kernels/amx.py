@@ -28,7 +28,7 @@ import tvm
 from tvm.script import tirx as T
 
 from sparsefx.backends.tvm.kernels.depthwise import activate, out_hw
-from sparsefx.backends.tvm.kernels.tile_layout import to_bf16, to_float
+from sparsefx.backends.tvm.kernels.tile_layout import FEW, stored, to_bf16, to_float
 from sparsefx.backends.tvm.sparse.kernels import OPAQUE, STACK
 from sparsefx.errors import SparsefxError
 
@@ -58,12 +58,29 @@ class AmxSpec:
         return out_hw(self)
 
     @property
+    def nchw_in(self) -> tuple[int, int, int, int]:
+        """The input's shape outside the layout (`tile_layout.to_tiles`)."""
+        return (self.batch, self.cin, self.height, self.width)
+
+    @property
+    def nchw_out(self) -> tuple[int, int, int, int]:
+        return (self.batch, self.cout, *self.out_hw)
+
+    @property
+    def cin_stored(self) -> int:
+        return stored(self.cin)
+
+    @property
+    def cout_stored(self) -> int:
+        return stored(self.cout)
+
+    @property
     def out_shape(self) -> tuple[int, int, int, int]:
-        return (self.batch, *self.out_hw, self.cout)
+        return (self.batch, *self.out_hw, self.cout_stored)
 
     @property
     def in_shape(self) -> tuple[int, int, int, int]:
-        return (self.batch, self.height, self.width, self.cin)
+        return (self.batch, self.height, self.width, self.cin_stored)
 
     @property
     def weight_shape(self) -> tuple[int, int, int, int]:
@@ -72,10 +89,10 @@ class AmxSpec:
     @property
     def arg_shapes(self) -> tuple[tuple[int, ...], ...]:
         """Input (NHWC bf16 bits), packed weight, bias (float32), [residual (NHWC),] output (NHWC)."""
-        taps, steps = (self.kernel, 1) if folded(self) else (self.kernel ** 2, self.cin // DEPTH)
-        packed = (self.cout // COLUMNS, taps, steps, DEPTH // 2, COLUMNS, 2)
+        taps, steps = (self.kernel, 1) if folded(self) else (self.kernel ** 2, self.cin_stored // DEPTH)
+        packed = (self.cout_stored // COLUMNS, taps, steps, DEPTH // 2, COLUMNS, 2)
         residual = (self.out_shape,) if self.residual else ()
-        return (self.in_shape, packed, (self.cout,), *residual, self.out_shape)
+        return (self.in_shape, packed, (self.cout_stored,), *residual, self.out_shape)
 
     @property
     def arg_dtypes(self) -> tuple[str, ...]:
@@ -89,12 +106,12 @@ class AmxSpec:
 
 def supported(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...]) -> bool:
     """Whether a conv2d workload runs here: no groups or dilation, a square window, equal strides of
-    1 or 2 and equal padding, whole 32-channel steps in (or a window row's channels within one, as a
-    stem's) and 16-channel tiles out (at least two)."""
+    1 or 2 and equal padding; channels are stored in whole 32-channel steps (`tile_layout.stored`), but
+    a stem's few channels only where a window row's fit one step (`folded`)."""
     s0, s1, p0, p1, d0, d1, groups = attrs
-    (_, ci, _, _), (co, _, kh, kw) = shapes[:2]
+    (_, ci, _, _), (_, _, kh, kw) = shapes[:2]
     return groups == 1 and d0 == d1 == 1 and kh == kw and s0 == s1 in (1, 2) and p0 == p1 < kh \
-        and (ci % DEPTH == 0 or ci * kw <= DEPTH) and co % COLUMNS == 0 and co >= 2 * COLUMNS
+        and (ci > FEW or ci * kw <= DEPTH)
 
 
 def spec_of(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...], activation: str = "none",
@@ -110,15 +127,24 @@ def bf16_bits(values: np.ndarray) -> np.ndarray:
 
 
 def pack_weight(s: AmxSpec, weight: np.ndarray) -> np.ndarray:
-    """PyTorch's (cout, cin, k, k) weight as bf16 tiles: [cout/16][tap][cin/32][16 input pairs][16 outputs][2];
-    `folded`: [cout/16][window row][1][...], the reduction running over (column, channel), zero past them."""
+    """PyTorch's (cout, cin, k, k) weight as bf16 tiles, zero for the stored channels past the conv's:
+    [cout/16][tap][cin/32][16 input pairs][16 outputs][2]; `folded`: [cout/16][window row][1][...], the
+    reduction running over (column, channel), zero past them."""
     if folded(s):
-        rows = np.zeros((s.cout, s.kernel, DEPTH), np.float32)
-        rows[:, :, :s.kernel * s.cin] = weight.transpose(0, 2, 3, 1).reshape(s.cout, s.kernel, -1)
+        rows = np.zeros((s.cout_stored, s.kernel, DEPTH), np.float32)
+        rows[:s.cout, :, :s.kernel * s.cin] = weight.transpose(0, 2, 3, 1).reshape(s.cout, s.kernel, -1)
         weight = rows.transpose(0, 2, 1)[..., None]  # (cout, 32, k, 1): one 32-wide step per window row
+    else:
+        weight = np.pad(weight, ((0, s.cout_stored - s.cout), (0, s.cin_stored - s.cin), (0, 0), (0, 0)))
     taps = weight.shape[2] * weight.shape[3]
-    tiles = bf16_bits(weight).reshape(s.cout // COLUMNS, COLUMNS, weight.shape[1] // DEPTH, DEPTH // 2, 2, taps)
+    tiles = bf16_bits(weight).reshape(s.cout_stored // COLUMNS, COLUMNS, weight.shape[1] // DEPTH, DEPTH // 2, 2, taps)
     return np.ascontiguousarray(tiles.transpose(0, 5, 2, 3, 1, 4))
+
+
+def pack_bias(s: AmxSpec, bias: np.ndarray) -> np.ndarray:
+    """The bias, zero for the stored output channels past the conv's (they stay zero: every activation
+    here maps 0 to 0)."""
+    return np.pad(np.asarray(bias, np.float32).reshape(-1), (0, s.cout_stored - s.cout))
 
 
 @functools.cache
@@ -142,7 +168,7 @@ def group_size(count: int, outer: int) -> int:
 def folded(s: AmxSpec) -> bool:
     """Whether the window's columns go into the reduction with the channels: a stem's 3 channels x 7
     columns are one 32-wide step per window row (of 7), not 49 steps of 3 channels padded to 32."""
-    return s.cin % DEPTH != 0 and s.cin * s.kernel <= DEPTH
+    return s.cin <= FEW and s.cin * s.kernel <= DEPTH
 
 
 def weight_stationary(s: AmxSpec) -> bool:
@@ -155,6 +181,7 @@ def weight_stationary(s: AmxSpec) -> bool:
 def kernel(s: AmxSpec) -> tvm.tirx.PrimFunc:
     """The scheduled PrimFunc: out = act(conv(x, w) + bias [+ residual]), all NHWC."""
     k, st, p = s.kernel, s.stride, s.padding
+    ci, co = s.cin_stored, s.cout_stored  # the layout's channels (zero past the conv's)
     ho, wo = s.out_hw
     fold = folded(s)
     by_rows = fold and st == 2  # a folded window's columns are adjacent in the padded image, not in phase planes
@@ -173,14 +200,14 @@ def kernel(s: AmxSpec) -> tvm.tirx.PrimFunc:
     per_row = -(-wo // m)
     tiles = ho * per_row if by_rows else -(-n_out // m)
     # an odd last tile pairs with its predecessor, an odd last 16-channel block too (computed twice)
-    pairs, co_pairs = -(-tiles // 2), -(-s.cout // (2 * COLUMNS))
+    pairs, co_pairs = -(-tiles // 2), -(-co // (2 * COLUMNS))
     by_channels = weight_stationary(s)
     outer, inner = (co_pairs, pairs) if by_channels else (pairs, co_pairs)
     group = group_size(inner, outer)
-    steps, taps = (1, k) if fold else (s.cin // DEPTH, k * k)
-    stride_bytes = (st if by_rows else 1) * s.cin * 2
-    src_len = s.batch * ph * ph * plane * s.cin
-    lanes = DEPTH if s.cin % DEPTH == 0 else s.cin
+    steps, taps = (1, k) if fold else (ci // DEPTH, k * k)
+    stride_bytes = (st if by_rows else 1) * ci * 2
+    src_len = s.batch * ph * ph * plane * ci
+    lanes = DEPTH if ci % DEPTH == 0 else ci
     fill_stride = 1 if by_rows else st
 
     def first(t):  # noqa: ANN001, ANN202 (TIR expressions): a tile's first position in its plane's flat index
@@ -197,18 +224,18 @@ def kernel(s: AmxSpec) -> tvm.tirx.PrimFunc:
     def window(t, tap, c):  # noqa: ANN001, ANN202 (TIR expressions): where tile t's rows start reading for a step
         kh, kw = (tap, 0) if fold else (tap // k, tap % k)  # folded: a step takes a whole window row
         offset = (kh % st * ph + kw % st) * plane + kh // st * row + kw // st if not by_rows else kh * row
-        return (first(t) + offset) * s.cin + c * DEPTH
+        return (first(t) + offset) * ci + c * DEPTH
 
     @T.macro
     def fill(x, src, n):  # noqa: ANN001, ANN202 (a TVMScript macro): the image zero-padded, split into phase planes
         for a in range(ph * ph):
             for r in T.parallel(rows_in):
                 for c in range(row):
-                    for l0 in range(s.cin // lanes):
+                    for l0 in range(ci // lanes):
                         for lane in T.vectorized(lanes):
                             ih: T.let = r * fill_stride + a // ph - p
                             iw: T.let = c * fill_stride + a % ph - p
-                            src[(((n * ph * ph + a) * rows_in + r) * row + c) * s.cin + l0 * lanes + lane] = \
+                            src[(((n * ph * ph + a) * rows_in + r) * row + c) * ci + l0 * lanes + lane] = \
                                 T.if_then_else(0 <= ih and ih < s.height and 0 <= iw and iw < s.width,
                                                x[n, T.min(T.max(ih, 0), s.height - 1), T.min(T.max(iw, 0), s.width - 1),
                                                  l0 * lanes + lane], T.uint16(0))
@@ -240,7 +267,7 @@ def kernel(s: AmxSpec) -> tvm.tirx.PrimFunc:
                     t0: T.let = pair * 2
                     t1: T.let = T.min(t0 + 1, tiles - 1)
                     ob: T.let = T.min(T.if_then_else(by_channels, task // (inner // group), here) * 2,
-                                      s.cout // COLUMNS - 2)
+                                      co // COLUMNS - 2)
                     tile("tilezero", T.uint8(0))
                     tile("tilezero", T.uint8(1))
                     tile("tilezero", T.uint8(2))
@@ -248,14 +275,14 @@ def kernel(s: AmxSpec) -> tvm.tirx.PrimFunc:
                     for tap in range(taps):
                         for c in range(steps):
                             if T.bool(copied):
-                                tile("tileloadd64", T.uint8(4), T.address_of(src[base * s.cin + window(t0, tap, c)]),
+                                tile("tileloadd64", T.uint8(4), T.address_of(src[base * ci + window(t0, tap, c)]),
                                      T.int64(stride_bytes))
-                                tile("tileloadd64", T.uint8(5), T.address_of(src[base * s.cin + window(t1, tap, c)]),
+                                tile("tileloadd64", T.uint8(5), T.address_of(src[base * ci + window(t1, tap, c)]),
                                      T.int64(stride_bytes))
                             else:
-                                tile("tileloadd64", T.uint8(4), T.address_of(flat_x[base * s.cin + window(t0, tap, c)]),
+                                tile("tileloadd64", T.uint8(4), T.address_of(flat_x[base * ci + window(t0, tap, c)]),
                                      T.int64(stride_bytes))
-                                tile("tileloadd64", T.uint8(5), T.address_of(flat_x[base * s.cin + window(t1, tap, c)]),
+                                tile("tileloadd64", T.uint8(5), T.address_of(flat_x[base * ci + window(t1, tap, c)]),
                                      T.int64(stride_bytes))
                             tile("tileloadd64", T.uint8(6), T.address_of(w[ob, tap, c, 0, 0, 0]), T.int64(64))
                             tile("tileloadd64", T.uint8(7), T.address_of(w[ob + 1, tap, c, 0, 0, 0]), T.int64(64))

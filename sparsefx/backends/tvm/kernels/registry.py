@@ -27,15 +27,16 @@ from sparsefx.backends.tvm.dispatch.patterns import (
     rewrite_fused,
     shape_of,
 )
-from sparsefx.backends.tvm.kernels import amx, depthwise, direct, pointwise, tile_layout
+from sparsefx.backends.tvm.kernels import amx, amx_depthwise, depthwise, direct, pointwise, tile_layout
 from sparsefx.backends.tvm.tvmscript import parsed
 from sparsefx.cost.kernel import Kernel
 from sparsefx.target import has_tiles
 
 # first match wins (`kind_of`): the float32 kernels' `supported` sets do not overlap; `amx` comes first
 # where it applies at all
-KERNELS: dict[str, ModuleType] = {"amx": amx, "depthwise": depthwise, "pointwise": pointwise, "direct": direct}
-TILE_KINDS = ("amx",)  # bf16 on AMX tiles, NHWC (`tile_layout`): only for bf16 targets whose CPU has them
+KERNELS: dict[str, ModuleType] = {"amx": amx, "amx_depthwise": amx_depthwise, "depthwise": depthwise,
+                                  "pointwise": pointwise, "direct": direct}
+TILE_KINDS = ("amx", "amx_depthwise")  # bf16 in the AMX tiles' layout (`tile_layout`): bf16 targets whose CPU has them
 
 
 def kind_of(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...], precision: str = "fp32") -> str | None:
@@ -146,6 +147,8 @@ def own_kernel_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
             weight = matches[ep.w]
             if repacked(spec):
                 weight = relax.const(KERNELS[kind].pack_weight(spec, weight.value.numpy()))
+            if kind in TILE_KINDS:
+                bias = KERNELS[kind].pack_bias(spec, bias)
             args = [matches[unscaled] if scaled else matches[ep.x], weight, relax.const(bias)]
             args += [matches[scale]] if scaled else []
             args += [matches[ep.residual]] if ep.residual in matches else []
@@ -158,31 +161,26 @@ def own_kernel_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
     return _pass
 
 
-def nchw(shape: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
-    n, h, w, c = shape
-    return (n, c, h, w)
-
 
 def layout_kernels(specs: list) -> dict[str, Callable[[], tvm.tirx.PrimFunc]]:
     """The layout conversions AMX kernels of `specs` are called between (`tile_call`), by name."""
     made = {}
     for spec in specs:
-        into = [spec.in_shape, *([spec.out_shape] if spec.residual else [])]
-        for shape in map(nchw, into):
+        for shape in [spec.nchw_in, *([spec.nchw_out] if getattr(spec, "residual", False) else [])]:
             made[tile_layout.name(tile_layout.TO_TILES, shape)] = lambda shape=shape: tile_layout.to_tiles(shape)
-        out = nchw(spec.out_shape)
-        made[tile_layout.name(tile_layout.FROM_TILES, out)] = lambda out=out: tile_layout.from_tiles(out)
+        made[tile_layout.name(tile_layout.FROM_TILES, spec.nchw_out)] = lambda out=spec.nchw_out: tile_layout.from_tiles(out)
     return made
 
 
 def tile_call(gvars: dict, spec: object, args: list[relax.Expr]) -> relax.Expr:
     """An AMX kernel's call on float32 NCHW tensors: input (and residual) converted in, the result out
     (`tile_layout.round_trip_pass` drops the conversions between two such kernels)."""
-    def into(value: relax.Expr, shape: tuple[int, ...]) -> relax.Expr:
-        return relax.call_tir(gvars[tile_layout.name(tile_layout.TO_TILES, nchw(shape))], [value],
-                              relax.TensorType(shape, "uint16"))
+    def into(value: relax.Expr) -> relax.Expr:
+        shape = tuple(shape_of(value))
+        return relax.call_tir(gvars[tile_layout.name(tile_layout.TO_TILES, shape)], [value],
+                              relax.TensorType(tile_layout.tiled(shape), "uint16"))
 
-    args = [into(args[0], spec.in_shape), *args[1:3], *([into(args[3], spec.out_shape)] if spec.residual else [])]
+    args = [into(args[0]), *args[1:3], *([into(args[3])] if len(args) > 3 else [])]
     result = relax.call_tir(gvars[spec.name], args, relax.TensorType(spec.out_shape, "uint16"))
-    out = nchw(spec.out_shape)
+    out = spec.nchw_out
     return relax.call_tir(gvars[tile_layout.name(tile_layout.FROM_TILES, out)], [result], relax.TensorType(out, "float32"))

@@ -17,6 +17,13 @@ from tvm.script import tirx as T
 from sparsefx.backends.tvm.sparse.kernels import LANES, OPAQUE
 
 TO_TILES, FROM_TILES = "amx_nhwc", "amx_nchw"  # names start with the kind `CompiledModel.profile` files them under
+STEP = 32  # channels are stored in whole steps of a tile's reduction, zero past the tensor's own
+FEW = 4  # channel counts stored as they are: a stem's input, whose window columns fold into one step
+
+
+def stored(channels: int) -> int:
+    """The channels a tensor of `channels` has in this layout."""
+    return channels if channels <= FEW else -(-channels // STEP) * STEP
 
 
 def to_bf16(value):  # noqa: ANN001, ANN201 (TIR expressions): float32 -> bf16 bits, rounded to nearest even
@@ -33,30 +40,40 @@ def name(direction: str, shape: tuple[int, ...]) -> str:
     return f"{direction}_{'x'.join(map(str, shape))}"
 
 
-def to_tiles(shape: tuple[int, int, int, int]) -> tvm.tirx.PrimFunc:
-    """float32 (n, c, h, w) -> bf16 bits (n, h, w, c)."""
+def tiled(shape: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """The shape of an NCHW tensor in this layout."""
     n, c, h, w = shape
-    lanes = LANES if c % LANES == 0 else 1
+    return (n, h, w, stored(c))
+
+
+def to_tiles(shape: tuple[int, int, int, int]) -> tvm.tirx.PrimFunc:
+    """float32 (n, c, h, w) -> bf16 bits (n, h, w, stored c), zero past c."""
+    n, c, h, w = shape
+    cs = stored(c)
+    lanes = LANES if cs % LANES == 0 else 1
 
     @T.prim_func(private=True, s_tir=True)
-    def f(x: T.Buffer(shape, "float32"), out: T.Buffer((n, h, w, c), "uint16")):
+    def f(x: T.Buffer(shape, "float32"), out: T.Buffer((n, h, w, cs), "uint16")):
         with T.sblock("root"):  # TVM's reshape check (RewriteDataflowReshape) wants a root block
             for i in T.parallel(n * h):
                 for col in range(w):
-                    for c0 in range(c // lanes):
+                    for c0 in range(cs // lanes):
                         for lane in T.vectorized(lanes):
-                            out[i // h, i % h, col, c0 * lanes + lane] = to_bf16(x[i // h, c0 * lanes + lane, i % h, col])
+                            out[i // h, i % h, col, c0 * lanes + lane] = T.if_then_else(
+                                c0 * lanes + lane < c, to_bf16(x[i // h, T.min(c0 * lanes + lane, c - 1), i % h, col]),
+                                T.uint16(0))
 
     return f.with_attr({"op_pattern": OPAQUE, "tirx.is_scheduled": True, "tirx.noalias": True})
 
 
 def from_tiles(shape: tuple[int, int, int, int]) -> tvm.tirx.PrimFunc:
-    """bf16 bits (n, h, w, c) -> float32 (n, c, h, w)."""
+    """bf16 bits (n, h, w, stored c) -> float32 (n, c, h, w)."""
     n, c, h, w = shape
+    cs = stored(c)
     lanes = LANES if w % LANES == 0 else 1
 
     @T.prim_func(private=True, s_tir=True)
-    def f(x: T.Buffer((n, h, w, c), "uint16"), out: T.Buffer(shape, "float32")):
+    def f(x: T.Buffer((n, h, w, cs), "uint16"), out: T.Buffer(shape, "float32")):
         with T.sblock("root"):
             for i in T.parallel(n * c):
                 for row in range(h):
@@ -159,14 +176,14 @@ def round_trip_pass(mod: tvm.IRModule, _ctx: object) -> tvm.IRModule:
         swaps = {}
         for call, (source, (window, stride, padding)) in _tiled_pools(func).items():
             n, c, ho, wo = (int(v) for v in call.ty.shape)
-            in_shape = tuple(int(v) for v in source.ty.shape)
+            in_shape = tuple(int(v) for v in source.ty.shape)  # stored: (n, h, w, stored c)
             pool = bb.add_func(max_pool(in_shape, (ho, wo), window, stride, padding),
                                name(f"amx_max_pool_k{window}s{stride}p{padding}", in_shape))
             back = name(FROM_TILES, (n, c, ho, wo))
             back_gvar = next((g for g in bb.get().functions if g.name_hint == back), None) \
                 or bb.add_func(from_tiles((n, c, ho, wo)), back)
-            tiled = relax.call_tir(pool, [source], relax.TensorType((n, ho, wo, c), "uint16"))
-            swaps[call] = relax.call_tir(back_gvar, [tiled], relax.TensorType((n, c, ho, wo), "float32"))
+            pooled = relax.call_tir(pool, [source], relax.TensorType((n, ho, wo, in_shape[3]), "uint16"))
+            swaps[call] = relax.call_tir(back_gvar, [pooled], relax.TensorType((n, c, ho, wo), "float32"))
         if swaps:
             func = _Swap(swaps).visit_expr(func)
         bb.update_func(gvar, _drop_round_trips(func))
