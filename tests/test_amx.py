@@ -12,7 +12,7 @@ import tvm
 from torch import nn
 
 from sparsefx.backends.tvm import compile
-from sparsefx.backends.tvm.kernels import amx, amx_depthwise, tile_layout
+from sparsefx.backends.tvm.kernels import amx, amx_depthwise, amx_linear, tile_layout
 from sparsefx.capture.compare import check_reference, output_error
 from sparsefx.target import has_tiles, host_cpu, with_precision
 
@@ -89,29 +89,46 @@ def test_depthwise_matches_pytorch(channels: int, size: int, kernel: int, stride
     assert (stored[:, :channels] - want).norm() / want.norm() < 5e-3
 
 
+@pytest.mark.parametrize(("rows", "inputs", "outputs", "act"), [(1, 96, 100, "none"), (3, 40, 64, "relu")])
+def test_linear_matches_pytorch(rows: int, inputs: int, outputs: int, act: str) -> None:
+    spec = amx_linear.LinearSpec(rows, inputs, outputs, act)
+    library = tvm.compile(tvm.IRModule({"main": amx_linear.kernel(spec).with_attr("global_symbol", "main")}),
+                          with_precision(host_cpu(), "bf16").to_tvm())
+    torch.manual_seed(0)
+    x, w, b = torch.randn(rows, inputs), torch.randn(inputs, outputs).bfloat16().float(), torch.randn(outputs)
+    want = ACT[act](x @ w + b)
+    out = tvm.runtime.empty(spec.out_shape, "float32")
+    library["main"](*[tvm.runtime.tensor(a) for a in (x.numpy(), amx_linear.pack_weight(spec, w.numpy()),
+                                                      b.numpy())], out)
+    assert (torch.from_numpy(out.numpy()) - want).norm() / want.norm() < 1e-5  # the weight is exact in bf16
+
+
 def test_supported_shapes() -> None:
     plain = (1, 1, 1, 1, 1, 1, 1)
     assert amx.supported(plain, ((1, 64, 8, 8), (32, 64, 3, 3)))
     assert amx.supported(plain, ((1, 48, 8, 8), (24, 48, 3, 3)))  # stored as 64 and 32 channels
     assert amx.supported((2, 2, 3, 3, 1, 1, 1), ((1, 3, 224, 224), (64, 3, 7, 7)))  # a stem, folded
     assert not amx.supported((1, 1, 5, 5, 1, 1, 1), ((1, 3, 8, 8), (32, 3, 11, 11)))  # 3 x 11 > 32: no fold
+    assert not amx.supported((1, 1, 0, 0, 1, 1, 1), ((1, 96, 1, 1), (4, 96, 1, 1)))  # 4 outputs: narrower than a tile
     assert not amx.supported((1, 1, 1, 1, 1, 1, 2), ((1, 64, 8, 8), (32, 32, 3, 3)))  # grouped
 
 
 class Blocks(nn.Module):
-    """A ResNet's stem and max-pool, then two residual blocks: every conv on tiles, the pool between."""
+    """A ResNet's stem and max-pool, two residual blocks, a classifier: every conv on tiles, the pool
+    between, the classifier on `amx_linear`."""
 
     def __init__(self) -> None:
         super().__init__()
         self.stem, self.pool = nn.Conv2d(3, 32, 7, stride=2, padding=3), nn.MaxPool2d(3, 2, 1)
         self.a, self.b = nn.Conv2d(32, 64, 3, padding=1), nn.Conv2d(64, 64, 1)
         self.c, self.d = nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.Conv2d(64, 64, 1)
+        self.head = nn.Linear(64, 100)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.relu(self.a(self.pool(torch.relu(self.stem(x)))))
         y = torch.relu(self.b(y) + y)
         z = torch.relu(self.c(y))
-        return torch.relu(self.d(z) + z).mean((2, 3))
+        return self.head(torch.relu(self.d(z) + z).mean((2, 3)))
 
 
 def test_chain_converts_only_at_its_ends() -> None:
@@ -121,8 +138,9 @@ def test_chain_converts_only_at_its_ends() -> None:
     compiled = compile(model, inputs, precision="bf16", threads=1, verbose=False)
     calls = [row["name"] for row in compiled.profile(*inputs, repeat=1)]
     convs = [name for name in calls if name.startswith("amx_") and not name.startswith(
-        (tile_layout.TO_TILES, tile_layout.FROM_TILES))]
+        (tile_layout.TO_TILES, tile_layout.FROM_TILES, "amx_linear"))]
     assert len(convs) == 6, calls  # five convs and the pool
+    assert sum(name.startswith("amx_linear") for name in calls) == 1, calls
     assert sum(name.startswith(tile_layout.TO_TILES) for name in calls) == 1  # the input, once
     assert sum(name.startswith(tile_layout.FROM_TILES) for name in calls) == 1  # the last conv's output
     error = output_error(expected, compiled(*inputs))

@@ -107,11 +107,12 @@ class AmxSpec:
 def supported(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...]) -> bool:
     """Whether a conv2d workload runs here: no groups or dilation, a square window, equal strides of
     1 or 2 and equal padding; channels are stored in whole 32-channel steps (`tile_layout.stored`), but
-    a stem's few channels only where a window row's fit one step (`folded`)."""
+    a stem's few channels only where a window row's fit one step (`folded`), and never as outputs (the
+    layout keeps them unpadded, narrower than a tile)."""
     s0, s1, p0, p1, d0, d1, groups = attrs
-    (_, ci, _, _), (_, _, kh, kw) = shapes[:2]
+    (_, ci, _, _), (co, _, kh, kw) = shapes[:2]
     return groups == 1 and d0 == d1 == 1 and kh == kw and s0 == s1 in (1, 2) and p0 == p1 < kh \
-        and (ci > FEW or ci * kw <= DEPTH)
+        and (ci > FEW or ci * kw <= DEPTH) and co > FEW
 
 
 def spec_of(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...], activation: str = "none",

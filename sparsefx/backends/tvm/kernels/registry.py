@@ -1,11 +1,13 @@
-"""sparsefx's own TIR kernels for convolutions, and the Relax pass that swaps them in.
+"""sparsefx's own TIR kernels for convolutions and matmuls, and the Relax passes that swap them in.
 
-Each kernel module (`depthwise`, `pointwise` for 1x1, `direct` for dense k x k) says which conv
-workloads it runs (`supported`), builds a spec for one (`spec_of`) and its PrimFunc (`kernel`),
+Each conv kernel module (`depthwise`, `pointwise` for 1x1, `direct` for dense k x k; in bf16 on CPUs
+with AMX tiles `amx` and `amx_depthwise`) says which conv workloads it runs (`supported`), builds a
+spec for one (`spec_of`) and its PrimFunc (`kernel`),
 whether it fuses a residual add (`FUSES_RESIDUAL`), PyTorch's weight shape (`spec.weight_shape`) and,
 where a spec's weight argument is not in that layout (`arg_shapes[1]` differs), `pack_weight(spec, weight)`,
 applied to the constant weight at compile time; the dispatch times it beside PyTorch and
-records `impl: <name>` where it wins, and the cost model prices the same choice.
+records `impl: <name>` where it wins, and the cost model prices the same choice. Matmul kernels
+(`amx_linear`) say the same of a matmul `Kernel` and are swapped in by `own_linear_pass`.
 """
 
 from __future__ import annotations
@@ -23,32 +25,47 @@ from sparsefx.backends.tvm.dispatch.patterns import (
     activation_of,
     epilogue_patterns,
     kernel_of,
+    matmul_epilogue_patterns,
     per_channel,
     rewrite_fused,
     shape_of,
 )
-from sparsefx.backends.tvm.kernels import amx, amx_depthwise, depthwise, direct, pointwise, tile_layout
+from sparsefx.backends.tvm.kernels import (
+    amx,
+    amx_depthwise,
+    amx_linear,
+    depthwise,
+    direct,
+    pointwise,
+    tile_layout,
+)
 from sparsefx.backends.tvm.tvmscript import parsed
 from sparsefx.cost.kernel import Kernel
 from sparsefx.target import has_tiles
 
 # first match wins (`kind_of`): the float32 kernels' `supported` sets do not overlap; `amx` comes first
 # where it applies at all
-KERNELS: dict[str, ModuleType] = {"amx": amx, "amx_depthwise": amx_depthwise, "depthwise": depthwise,
-                                  "pointwise": pointwise, "direct": direct}
-TILE_KINDS = ("amx", "amx_depthwise")  # bf16 in the AMX tiles' layout (`tile_layout`): bf16 targets whose CPU has them
+CONV_KERNELS: dict[str, ModuleType] = {"amx": amx, "amx_depthwise": amx_depthwise, "depthwise": depthwise,
+                                       "pointwise": pointwise, "direct": direct}
+MATMUL_KERNELS: dict[str, ModuleType] = {"amx_linear": amx_linear}
+KERNELS: dict[str, ModuleType] = {**CONV_KERNELS, **MATMUL_KERNELS}
+BF16_KINDS = ("amx", "amx_depthwise", "amx_linear")  # only for bf16 targets whose CPU has AMX tiles
+TILE_KINDS = ("amx", "amx_depthwise")  # of those, the ones in the tiles' layout (`tile_layout`)
 
 
 def kind_of(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...], precision: str = "fp32") -> str | None:
     """The name of the own kernel that runs this conv workload in `precision`, if any."""
     tiles = precision == "bf16" and has_tiles()
-    return next((name for name, module in KERNELS.items()
-                 if (tiles or name not in TILE_KINDS) and module.supported(attrs, shapes)), None)
+    return next((name for name, module in CONV_KERNELS.items()
+                 if (tiles or name not in BF16_KINDS) and module.supported(attrs, shapes)), None)
 
 
 def own_kernel(kernel: Kernel, precision: str = "fp32") -> tuple[str, object] | None:
-    """(kind, spec) of the sparsefx TIR kernel that runs this conv in `precision` with its bias and
-    epilogue fused, else None."""
+    """(kind, spec) of the sparsefx TIR kernel that runs this conv or matmul in `precision` with its bias
+    and epilogue fused, else None."""
+    if kernel.op == "matmul":
+        tiles = precision == "bf16" and has_tiles()
+        return ("amx_linear", amx_linear.spec_of(kernel)) if tiles and amx_linear.supported(kernel) else None
     if kernel.op != "conv2d":
         return None
     attrs, shapes = kernel.conv_attrs, kernel.shapes
@@ -184,3 +201,59 @@ def tile_call(gvars: dict, spec: object, args: list[relax.Expr]) -> relax.Expr:
     result = relax.call_tir(gvars[spec.name], args, relax.TensorType(spec.out_shape, "uint16"))
     out = spec.nchw_out
     return relax.call_tir(gvars[tile_layout.name(tile_layout.FROM_TILES, out)], [result], relax.TensorType(out, "float32"))
+
+
+def own_linear_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
+    """Relax pass: a 2-D matmul by a constant decided for a matmul kernel (`MATMUL_KERNELS`), with the
+    bias added after it and a ReLU where one follows, becomes one `call_tir` of that kernel (runs
+    before the torch epilogue and dispatch passes)."""
+    mp = matmul_epilogue_patterns()
+
+    def spec_for(expr: relax.Expr, matches: dict) -> tuple[str, object] | None:
+        k = kernel_of(matches[mp.matmul])
+        kind = decisions.get(k.key, {}).get("impl") if k is not None else None
+        if kind not in MATMUL_KERNELS:
+            return None
+        act = activation_of(expr) if mp.b in matches else "none"
+        spec = KERNELS[kind].spec_of(k, act)
+        if act not in KERNELS[kind].ACTIVATIONS or shape_of(expr) != list(spec.out_shape) \
+                or (mp.b in matches and shape_of(matches[mp.b])[-1:] != [spec.outputs]) \
+                or len(shape_of(matches[mp.x])) != 2:
+            return None
+        return kind, spec
+
+    def rewrite_all(mod: tvm.IRModule, rewriter: Callable) -> tvm.IRModule:
+        for gvar, func in list(mod.functions.items()):
+            if isinstance(func, relax.Function):
+                for pattern in (*mp.patterns, mp.matmul):
+                    func = rewrite_fused(pattern, rewriter, func)
+                mod[gvar] = func
+        return mod
+
+    @tvm.transform.module_pass(opt_level=0, name="FuseOwnLinear")
+    def _pass(mod: tvm.IRModule, _ctx: object) -> tvm.IRModule:
+        specs: dict[str, tuple[str, object]] = {}
+
+        def find(expr: relax.Expr, matches: dict) -> relax.Expr:
+            if (found := spec_for(expr, matches)) is not None:
+                specs[found[1].name] = found
+            return expr
+
+        rewrite_all(mod, find)
+        if not specs:
+            return mod
+        bb = relax.BlockBuilder(mod)
+        gvars = {name: bb.add_func(parsed(KERNELS[kind].kernel, spec), name) for name, (kind, spec) in specs.items()}
+
+        def swap(expr: relax.Expr, matches: dict) -> relax.Expr:
+            if (found := spec_for(expr, matches)) is None:
+                return expr
+            kind, spec = found
+            bias = matches[mp.b].value.numpy().reshape(-1) if mp.b in matches else np.zeros(spec.outputs, "float32")
+            weight = relax.const(KERNELS[kind].pack_weight(spec, matches[mp.w].value.numpy()))
+            return relax.call_tir(gvars[spec.name], [matches[mp.x], weight, relax.const(bias.astype("float32"))],
+                                  relax.TensorType(spec.out_shape, "float32"))
+
+        return rewrite_all(bb.get(), swap)
+
+    return _pass
