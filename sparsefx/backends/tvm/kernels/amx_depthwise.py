@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import tvm
+from tvm import tirx
 from tvm.script import tirx as T
 
 from sparsefx.backends.tvm.kernels.depthwise import activate, out_hw
-from sparsefx.backends.tvm.kernels.tile_layout import FEW, stored, to_bf16, to_float
+from sparsefx.backends.tvm.kernels.tile_layout import FEW, stored, to_bf16_vector, to_float
 from sparsefx.backends.tvm.sparse.kernels import LANES, OPAQUE, STACK
 
 FUSES_RESIDUAL = False
@@ -134,6 +135,8 @@ def kernel(s: AmxDepthwiseSpec) -> tvm.tirx.PrimFunc:
                                                                            cb * LANES + lane]), T.float32(0))
                     for i in T.unroll(px):
                         for lane in T.vectorized(LANES):
-                            out[n, oh, ow0 + i, cb * LANES + lane] = to_bf16(activate(acc[i, lane], s.activation))
+                            acc[i, lane] = activate(acc[i, lane], s.activation)
+                        out[n, oh, ow0 + i, tirx.Ramp(cb * LANES, 1, LANES)] = to_bf16_vector(
+                            acc[i, tirx.Ramp(0, 1, LANES)])
 
     return f.with_attr({"op_pattern": OPAQUE, "tirx.is_scheduled": True, "tirx.noalias": True})

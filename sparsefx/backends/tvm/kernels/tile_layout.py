@@ -19,6 +19,7 @@ from sparsefx.backends.tvm.sparse.kernels import LANES, OPAQUE
 TO_TILES, FROM_TILES = "amx_nhwc", "amx_nchw"  # names start with the kind `CompiledModel.profile` files them under
 STEP = 32  # channels are stored in whole steps of a tile's reduction, zero past the tensor's own
 FEW = 4  # channel counts stored as they are: a stem's input, whose window columns fold into one step
+CONVERT = "llvm.x86.avx512bf16.cvtneps2bf16.512"  # 16 float32 -> 16 bf16 (AMX CPUs all have AVX512-BF16)
 
 
 def stored(channels: int) -> int:
@@ -30,6 +31,12 @@ def to_bf16(value):  # noqa: ANN001, ANN201 (TIR expressions): float32 -> bf16 b
     b = T.reinterpret("uint32", value)
     return T.Cast("uint16", T.shift_right(b + T.uint32(0x7FFF) + T.bitwise_and(T.shift_right(b, T.uint32(16)),
                                                                              T.uint32(1)), T.uint32(16)))
+
+
+def to_bf16_vector(values):  # noqa: ANN001, ANN201 (TIR expressions): float32x16 -> bf16 bits x16, one instruction
+    """AVX512-BF16's vcvtneps2bf16 (round to nearest even, as `to_bf16`): TIR's own bf16 casts, and
+    `to_bf16`, take five integer instructions a vector."""
+    return T.reinterpret(f"uint16x{LANES}", T.call_llvm_pure_intrin(f"bfloat16x{LANES}", CONVERT, values))
 
 
 def to_float(bits):  # noqa: ANN001, ANN201 (TIR expressions): bf16 bits -> float32, exactly
