@@ -103,6 +103,25 @@ def test_linear_matches_pytorch(rows: int, inputs: int, outputs: int, act: str) 
     assert (torch.from_numpy(out.numpy()) - want).norm() / want.norm() < 1e-5  # the weight is exact in bf16
 
 
+@pytest.mark.parametrize("channels", [40, 64])  # a part-vector of scales past the whole ones; none
+def test_layout_scale_and_mean_match_pytorch(channels: int) -> None:
+    stored = (2, 5, 6, tile_layout.stored(channels))
+    target = with_precision(host_cpu(), "bf16").to_tvm()
+    build = {f: tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target)["main"]
+             for f in (tile_layout.scale(stored, channels), tile_layout.mean(stored, channels))}
+    scale_fn, mean_fn = build.values()
+    torch.manual_seed(0)
+    x, s = torch.randn(2, channels, 5, 6).bfloat16().float(), torch.rand(2, channels, 1, 1)
+    scaled = tvm.runtime.empty(stored, "uint16")
+    scale_fn(tvm.runtime.tensor(bits(x)), tvm.runtime.tensor(s.numpy()), scaled)
+    got = from_bits(scaled.numpy())
+    assert not got[:, channels:].any()
+    assert (got[:, :channels] - x * s).norm() / (x * s).norm() < 5e-3
+    means = tvm.runtime.empty((2, channels, 1, 1), "float32")
+    mean_fn(tvm.runtime.tensor(bits(x)), means)
+    assert torch.allclose(torch.from_numpy(means.numpy()), x.mean((2, 3), keepdim=True), atol=1e-5)
+
+
 def test_supported_shapes() -> None:
     plain = (1, 1, 1, 1, 1, 1, 1)
     assert amx.supported(plain, ((1, 64, 8, 8), (32, 64, 3, 3)))
@@ -145,3 +164,32 @@ def test_chain_converts_only_at_its_ends() -> None:
     assert sum(name.startswith(tile_layout.FROM_TILES) for name in calls) == 1  # the last conv's output
     error = output_error(expected, compiled(*inputs))
     assert 1e-5 < error.relative_l2 < 3e-2, error  # bf16 rounding (not float32), within the bf16 bound
+
+
+class Excited(nn.Module):
+    """EfficientNet's squeeze-and-excitation between two convs, and a pooling head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(32, 64, 3, padding=1), nn.Conv2d(64, 48, 1)
+        self.squeeze, self.excite = nn.Conv2d(64, 16, 1), nn.Conv2d(16, 64, 1)
+        self.pool, self.head = nn.AdaptiveAvgPool2d(1), nn.Linear(48, 100)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.silu(self.a(x))
+        y = y * torch.sigmoid(self.excite(F.silu(self.squeeze(self.pool(y)))))
+        return self.head(self.pool(self.b(y)).flatten(1))
+
+
+def test_squeeze_excitation_and_pooling_head_stay_in_the_layout() -> None:
+    torch.manual_seed(0)
+    model, inputs = Excited().eval(), (torch.randn(1, 32, 20, 20),)
+    expected = check_reference(model, inputs)
+    compiled = compile(model, inputs, precision="bf16", threads=1, verbose=False)
+    calls = [row["name"] for row in compiled.profile(*inputs, repeat=1)]
+    assert any(name.startswith("amx_scale") for name in calls), calls
+    assert sum(name.startswith("amx_mean") for name in calls) == 2, calls  # the squeeze and the head
+    big = [name for name in calls if name.startswith(tile_layout.FROM_TILES) and not name.endswith("x1x1")]
+    assert not big, calls  # nothing but 1x1 maps leaves the layout
+    error = output_error(expected, compiled(*inputs))
+    assert 1e-5 < error.relative_l2 < 3e-2, error

@@ -191,7 +191,7 @@ def layout_kernels(specs: list) -> dict[str, Callable[[], tvm.tirx.PrimFunc]]:
 
 def tile_call(gvars: dict, spec: object, args: list[relax.Expr]) -> relax.Expr:
     """An AMX kernel's call on float32 NCHW tensors: input (and residual) converted in, the result out
-    (`tile_layout.round_trip_pass` drops the conversions between two such kernels)."""
+    (`tile_chain.tile_chain_pass` drops the conversions between two such kernels)."""
     def into(value: relax.Expr) -> relax.Expr:
         shape = tuple(shape_of(value))
         return relax.call_tir(gvars[tile_layout.name(tile_layout.TO_TILES, shape)], [value],

@@ -1,20 +1,18 @@
-"""The layout `amx` kernels take and give (NHWC, bf16 bits as uint16) and the way back to the model's.
+"""The layout sparsefx's bf16 tile kernels take and give, and its kernels for the ops between them.
 
-`own_kernel_pass` puts an AMX conv between a conversion in (float32 NCHW -> NHWC bf16) and one out,
-so it fits anywhere; `round_trip_pass` then drops each conversion out that goes straight back in, so
-a chain of AMX convs (a ResNet's blocks, the residuals included, and a max-pool between two of them,
-run on NHWC bf16 here) hands its activations on in NHWC bf16 and converts only where something else
-reads them. Out and back in is exact: bf16 widened to
-float32 and rounded back is the same bf16. Rewrites Relax bindings only; invalidates nothing else.
+NHWC, bf16 bits as uint16 (TIR's bf16 legalisation is not needed where tiles, bit shifts and
+AVX512-BF16's conversion are all that touch them), channels zero-padded to whole 32-channel steps
+(`stored`). Conversions to and from float32 NCHW (`to_tiles`, `from_tiles`), and the max-pool,
+per-channel scale and global mean that `tile_chain` runs in the layout between AMX kernels.
 """
 
 from __future__ import annotations
 
 import tvm
-from tvm import relax
+from tvm import tirx
 from tvm.script import tirx as T
 
-from sparsefx.backends.tvm.sparse.kernels import LANES, OPAQUE
+from sparsefx.backends.tvm.sparse.kernels import LANES, OPAQUE, STACK
 
 TO_TILES, FROM_TILES = "amx_nhwc", "amx_nchw"  # names start with the kind `CompiledModel.profile` files them under
 STEP = 32  # channels are stored in whole steps of a tile's reduction, zero past the tensor's own
@@ -120,102 +118,54 @@ def max_pool(shape: tuple[int, int, int, int], out_hw: tuple[int, int], window: 
     return f.with_attr({"op_pattern": OPAQUE, "tirx.is_scheduled": True, "tirx.noalias": True})
 
 
-def _callee(value: relax.Expr | None) -> str:
-    """The name of the TIR function a call_tir binding calls ("" for anything else)."""
-    if isinstance(value, relax.Call) and getattr(value.op, "name", None) == "relax.call_tir":
-        return value.args[0].name_hint
-    return ""
+def scale(shape: tuple[int, int, int, int], channels: int) -> tvm.tirx.PrimFunc:
+    """NHWC bf16 bits times a float32 scale per image and channel, (n, channels, 1, 1) (squeeze-and-
+    excitation's `x * s`), 16 channels a vector; the stored channels past `channels` stay zero."""
+    n, h, w, cs = shape
+
+    whole = channels // LANES  # vectors of channels the scale covers whole; then at most one part-vector
+
+    @T.prim_func(private=True, s_tir=True)
+    def f(x: T.Buffer(shape, "uint16"), s: T.Buffer((n, channels, 1, 1), "float32"), out: T.Buffer(shape, "uint16")):
+        with T.sblock("root"):
+            for i in T.parallel(n * h):
+                done = T.alloc_buffer((LANES,), "float32", scope=STACK)
+                for col in range(w):
+                    for c0 in range(cs // LANES):
+                        if c0 < whole:  # contiguous scales: a vector load, not a gather of clamped indices
+                            for lane in T.vectorized(LANES):
+                                done[lane] = to_float(x[i // h, i % h, col, c0 * LANES + lane]) * s[
+                                    i // h, c0 * LANES + lane, 0, 0]
+                        else:
+                            for lane in T.vectorized(LANES):
+                                done[lane] = to_float(x[i // h, i % h, col, c0 * LANES + lane]) * s[
+                                    i // h, T.min(c0 * LANES + lane, channels - 1), 0, 0]
+                        out[i // h, i % h, col, tirx.Ramp(c0 * LANES, 1, LANES)] = to_bf16_vector(
+                            done[tirx.Ramp(0, 1, LANES)])
+
+    return f.with_attr({"op_pattern": OPAQUE, "tirx.is_scheduled": True, "tirx.noalias": True})
 
 
-def _source(value: relax.Expr) -> relax.Expr:
-    """A conversion's (call_tir's) argument."""
-    return value.args[1].fields[0]
+def mean(shape: tuple[int, int, int, int], channels: int) -> tvm.tirx.PrimFunc:
+    """The mean over each image's positions of NHWC bf16 bits, as float32 (n, channels, 1, 1) (a global
+    average pool), 16 channels a vector summed in float32."""
+    n, h, w, cs = shape
+
+    @T.prim_func(private=True, s_tir=True)
+    def f(x: T.Buffer(shape, "uint16"), out: T.Buffer((n, channels, 1, 1), "float32")):
+        with T.sblock("root"):
+            for i in T.parallel(n * (cs // LANES)):
+                total = T.alloc_buffer((LANES,), "float32", scope=STACK)
+                for lane in T.vectorized(LANES):
+                    total[lane] = T.float32(0)
+                for p in range(h * w):
+                    for lane in T.vectorized(LANES):
+                        total[lane] = total[lane] + to_float(x[i // (cs // LANES), p // w, p % w,
+                                                                 i % (cs // LANES) * LANES + lane])
+                for lane in range(LANES):
+                    if i % (cs // LANES) * LANES + lane < channels:
+                        out[i // (cs // LANES), i % (cs // LANES) * LANES + lane, 0, 0] = total[lane] / T.float32(h * w)
+
+    return f.with_attr({"op_pattern": OPAQUE, "tirx.is_scheduled": True, "tirx.noalias": True})
 
 
-def _pool_window(call: relax.Expr) -> tuple[int, int, int] | None:
-    """(window, stride, padding) of a square NCHW max_pool2d with equal padding and no dilation, else None."""
-    if not (isinstance(call, relax.Call) and getattr(call.op, "name", None) == "relax.nn.max_pool2d"):
-        return None
-    a = call.attrs
-    (kh, kw), (sh, sw), pads, (dh, dw) = ([int(v) for v in vs] for vs in (a.pool_size, a.strides, a.padding, a.dilation))
-    if a.layout != "NCHW" or a.out_layout != "NCHW" or kh != kw or sh != sw or len(set(pads)) != 1 or (dh, dw) != (1, 1) \
-            or a.ceil_mode:
-        return None
-    return kh, sh, pads[0]
-
-
-def _tiled_pools(func: relax.Function) -> dict[relax.Call, tuple[relax.Expr, tuple[int, int, int]]]:
-    """The max-pools that can run on NHWC bf16: their input comes out of the tile layout and only
-    conversions back into it read their result. {pool call: (its tiled source, window)}."""
-    values = relax.analysis.get_var2val(func)
-    readers: dict[relax.Var, list[relax.Expr]] = {}
-    for value in values.values():
-        for var in relax.analysis.free_vars(value):
-            readers.setdefault(var, []).append(value)
-    returned = set(relax.analysis.free_vars(func.body.body))
-    pools = {}
-    for var, value in values.items():
-        window = _pool_window(value)
-        source = values.get(value.args[0]) if window else None
-        if window and _callee(source).startswith(FROM_TILES) and var not in returned \
-                and all(_callee(r).startswith(TO_TILES) for r in readers.get(var, [])):
-            pools[value] = (_source(source), window)
-    return pools
-
-
-def _drop_round_trips(func: relax.Function) -> relax.Function:
-    values = relax.analysis.get_var2val(func)
-    remap = {var: _source(values[_source(value)]) for var, value in values.items()
-             if _callee(value).startswith(TO_TILES) and _callee(values.get(_source(value))).startswith(FROM_TILES)}
-    if not remap:
-        return func
-    return relax.analysis.remove_all_unused(_Remap(remap).visit_expr(func))
-
-
-@tvm.transform.module_pass(opt_level=0, name="DropTileRoundTrips")
-def round_trip_pass(mod: tvm.IRModule, _ctx: object) -> tvm.IRModule:
-    """Max-pools between tiled convs (ResNet's stem) run on NHWC bf16, then every conversion out that
-    goes straight back in is dropped."""
-    bb = relax.BlockBuilder(mod)
-    for gvar, func in list(mod.functions.items()):
-        if not isinstance(func, relax.Function):
-            continue
-        swaps = {}
-        for call, (source, (window, stride, padding)) in _tiled_pools(func).items():
-            n, c, ho, wo = (int(v) for v in call.ty.shape)
-            in_shape = tuple(int(v) for v in source.ty.shape)  # stored: (n, h, w, stored c)
-            pool = bb.add_func(max_pool(in_shape, (ho, wo), window, stride, padding),
-                               name(f"amx_max_pool_k{window}s{stride}p{padding}", in_shape))
-            back = name(FROM_TILES, (n, c, ho, wo))
-            back_gvar = next((g for g in bb.get().functions if g.name_hint == back), None) \
-                or bb.add_func(from_tiles((n, c, ho, wo)), back)
-            pooled = relax.call_tir(pool, [source], relax.TensorType((n, ho, wo, in_shape[3]), "uint16"))
-            swaps[call] = relax.call_tir(back_gvar, [pooled], relax.TensorType((n, c, ho, wo), "float32"))
-        if swaps:
-            func = _Swap(swaps).visit_expr(func)
-        bb.update_func(gvar, _drop_round_trips(func))
-    return bb.get()
-
-
-@relax.expr_functor.mutator
-class _Swap(relax.PyExprMutator):
-    def __init__(self, swaps: dict[relax.Call, relax.Expr]) -> None:
-        super().__init__()
-        self.swaps = swaps
-
-    def visit_call_(self, call: relax.Call) -> relax.Expr:
-        swap = self.swaps.get(call)
-        return self.visit_expr(swap) if swap is not None else self.visit_expr_post_order(call)
-
-
-@relax.expr_functor.mutator
-class _Remap(relax.PyExprMutator):
-    def __init__(self, remap: dict[relax.Var, relax.Expr]) -> None:
-        super().__init__()
-        self.remap = remap
-
-    def visit_dataflow_var_(self, var: relax.Var) -> relax.Expr:
-        return self.remap.get(var, var)
-
-    def visit_var_(self, var: relax.Var) -> relax.Expr:
-        return self.remap.get(var, var)
