@@ -94,7 +94,8 @@ def _errors(rows: list[dict]) -> np.ndarray:
     return np.array([abs(r["predicted_ms"] / r["measured_ms"] - 1) for r in rows])
 
 
-def write(out: Path, layers: list[dict], ends: list[dict], target: object, record: RunRecord) -> dict:
+def write(out: Path, layers: list[dict], ends: list[dict], target: object, record: RunRecord,
+          name: str = "costmodel") -> dict:
     out.mkdir(parents=True, exist_ok=True)
     layer_err, end_err = _errors(layers), _errors(ends)
     summary = {
@@ -104,7 +105,7 @@ def write(out: Path, layers: list[dict], ends: list[dict], target: object, recor
         "goals": {"per_layer_median_within_10pct": bool(np.median(layer_err) <= 0.10),
                   "end_to_end_within_15pct": bool(np.max(end_err) <= 0.15)},
     }
-    record.write_report(out / "costmodel.json", {"summary": summary, "end_to_end": ends, "layers": layers})
+    record.write_report(out / f"{name}.json", {"summary": summary, "end_to_end": ends, "layers": layers})
     lines = [f"# Cost model: predicted vs measured latency ({target})", "", record.markdown_line(), "",
              f"Per layer ({len(layers)} conv/matmul kernels): median |error| {100 * summary['per_layer_median_abs_error']:.1f}%, "
              f"90th percentile {100 * summary['per_layer_p90_abs_error']:.1f}% (goal: median within 10%).",
@@ -118,8 +119,8 @@ def write(out: Path, layers: list[dict], ends: list[dict], target: object, recor
         lines.append(f"| {e['model']} | {e['ratio']} | {e['macs_ratio']:.2f} | {e['predicted_ms']:.3f} | "
                      f"{e['measured_ms']:.3f} | {e['measured_median_ms']:.3f} | {100 * (e['predicted_ms'] / e['measured_ms'] - 1):+.1f}% | "
                      f"{100 * float(np.median(_errors(mine))):.1f}% |")
-    (out / "costmodel.md").write_text("\n".join(lines) + "\n")
-    _plot(out / "costmodel.png", layers, ends)
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    _plot(out / f"{name}.png", layers, ends)
     return summary
 
 
@@ -150,11 +151,17 @@ def main() -> int:
     parser.add_argument("--ratios", default=",".join(map(str, RATIOS)))
     parser.add_argument("--threads", type=int, default=None, help="CPU cores to use (default: all)")
     parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--precision", default="fp32", help="what convs and matmuls compute in: fp32 or bf16 "
+                        "(the kernels the compiler runs in it are priced and compiled)")
+    parser.add_argument("--name", default="costmodel", help="results file stem")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
-    from sparsefx.target import resolve_target, with_threads
+    from sparsefx.target import check_precision, resolve_target, with_precision, with_threads
 
     target = with_threads(resolve_target("cpu"), args.threads)
+    if args.precision != "fp32":
+        check_precision(args.precision, target)
+        target = with_precision(target, args.precision)
     torch.set_num_threads(target.cores)
     record = RunRecord(sys.argv)
     layers, ends = [], []
@@ -162,7 +169,7 @@ def main() -> int:
         more_layers, more_ends = run_model(name, [float(r) for r in args.ratios.split(",")], target, args.repeat)
         layers += more_layers
         ends += more_ends
-    summary = write(args.out, layers, ends, target, record)
+    summary = write(args.out, layers, ends, target, record, args.name)
     print(json.dumps(summary, indent=1))
     return 0
 

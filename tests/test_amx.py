@@ -4,6 +4,8 @@ only at the ends."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -11,9 +13,10 @@ import torch.nn.functional as F
 import tvm
 from torch import nn
 
-from sparsefx.backends.tvm import compile
+from sparsefx.backends.tvm import compile, compiler, load
 from sparsefx.backends.tvm.kernels import amx, amx_depthwise, amx_linear, tile_layout
 from sparsefx.capture.compare import check_reference, output_error
+from sparsefx.errors import SparsefxError
 from sparsefx.target import has_tiles, host_cpu, with_precision
 
 pytestmark = [pytest.mark.usefixtures("private_cache"),
@@ -164,6 +167,17 @@ def test_chain_converts_only_at_its_ends() -> None:
     assert sum(name.startswith(tile_layout.FROM_TILES) for name in calls) == 1  # the last conv's output
     error = output_error(expected, compiled(*inputs))
     assert 1e-5 < error.relative_l2 < 3e-2, error  # bf16 rounding (not float32), within the bf16 bound
+
+
+def test_artifact_with_tiles_is_refused_on_a_cpu_without(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model, inputs = Blocks().eval(), (torch.randn(1, 3, 64, 64),)
+    compile(model, inputs, precision="bf16", threads=1, verbose=False).export(tmp_path / "m.sfx")
+    monkeypatch.setattr(compiler, "has_tiles", lambda: False)
+    with pytest.raises(SparsefxError, match="no AMX"):
+        load(tmp_path / "m.sfx")
+    monkeypatch.undo()
+    assert torch.equal(load(tmp_path / "m.sfx")(*inputs), load(tmp_path / "m.sfx")(*inputs))  # the file is intact
 
 
 class Excited(nn.Module):

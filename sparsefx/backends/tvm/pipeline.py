@@ -102,7 +102,7 @@ def decide_dispatch(mod: tvm.IRModule, target: Target, timer_for: Callable[[Iter
         decisions = table.decide(kernels, timer)
     if progress and fresh:
         by = [table.entries[k.key].get("decided_by") for k in fresh]
-        own = ", ".join(f"{by.count(kind)} {kind}" for kind in own_kernels.KERNELS)
+        own = ", ".join(f"{by.count(kind)} {kind}" for kind in own_kernels.KERNELS if by.count(kind)) or "0 own"
         progress(f"{by.count('measured')} built in TIR, {own} (sparsefx's kernels, not TIR's default), "
                  f"{by.count('prefilter')} decided by the pre-filter (PyTorch far faster)")
     return decisions

@@ -3,18 +3,20 @@
 In bf16 the convs ran on PyTorch's oneDNN kernels, ~30 us of overhead per call on top of the
 convolution (even on a 16-channel 4x4 conv) and the casts around it; OpenVINO ran pruned ResNet-50's
 53 convs in 2.6 ms in all. This kernel calls the tile instructions from TIR (`llvm.x86.tdpbf16ps`
-and friends, LLVM's intrinsics on fixed tile registers): the input and output are bf16 in NHWC
-(stored as uint16: TIR's bf16 legalisation is not needed where only tiles and bit shifts touch it),
-so a tile's rows are 16 output positions and its columns 32 input channels, read straight from the
-activation with a row stride of the channel count. Each task keeps a 2 x 2 block of 16 x 16 float32
-accumulator tiles (32 positions x 32 output channels) over the taps and input channels, then adds
-the bias (and residual), applies the activation and stores bf16, rounded to nearest even.
+and friends, LLVM's intrinsics on fixed tile registers) on activations in the tile layout
+(`tile_layout`: NHWC bf16, channels in whole 32-channel steps), so a tile's rows are 16 output
+positions and its columns 32 input channels, read straight from the activation with a row stride of
+the channel count. Each task keeps a 2 x 2 block of 16 x 16 float32 accumulator tiles (32 positions
+x 32 output channels) over the taps and input channels, then adds the bias (and residual), applies
+the activation and stores bf16 (AVX512-BF16's rounding conversion).
 
-Stride 1: positions run over the zero-padded input's flat index (as `direct` does), the padding
-columns computed and dropped. Stride 2: a tile is 16 positions of one output row, read with twice the
-row stride. The weight is packed at compile time into tiles of 16 output channels x 16 input-channel
-pairs (`pack_weight`: the VNNI layout the instruction takes). `enable()` asks Linux for the tile
-state once per process (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), else the first tile instruction faults.
+Positions run over the zero-padded input's flat index (as `direct` does; stride 2 over phase planes),
+the padding columns computed and dropped. A stem's few channels fold the window's columns into the
+reduction (`folded`); its stride-2 tiles run within output rows, read with twice the row stride. The
+weight is packed at compile time into tiles of 16 output channels x 16 input-channel pairs
+(`pack_weight`: the VNNI layout the instruction takes); where it outweighs the input, output channels
+are the outer loop (`weight_stationary`). `enable()` asks Linux for the tile state once per process
+(`arch_prctl(ARCH_REQ_XCOMP_PERM)`), else the first tile instruction faults.
 """
 
 from __future__ import annotations

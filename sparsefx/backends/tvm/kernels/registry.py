@@ -65,7 +65,9 @@ def own_kernel(kernel: Kernel, precision: str = "fp32") -> tuple[str, object] | 
     and epilogue fused, else None."""
     if kernel.op == "matmul":
         tiles = precision == "bf16" and has_tiles()
-        return ("amx_linear", amx_linear.spec_of(kernel)) if tiles and amx_linear.supported(kernel) else None
+        kind = next((name for name, module in MATMUL_KERNELS.items()
+                     if (tiles or name not in BF16_KINDS) and module.supported(kernel)), None)
+        return (kind, MATMUL_KERNELS[kind].spec_of(kernel)) if kind else None
     if kernel.op != "conv2d":
         return None
     attrs, shapes = kernel.conv_attrs, kernel.shapes
@@ -176,7 +178,6 @@ def own_kernel_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
         return rewrite_all(bb.get(), swap)
 
     return _pass
-
 
 
 def layout_kernels(specs: list) -> dict[str, Callable[[], tvm.tirx.PrimFunc]]:

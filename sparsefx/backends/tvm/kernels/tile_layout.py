@@ -41,8 +41,9 @@ def to_float(bits):  # noqa: ANN001, ANN201 (TIR expressions): bf16 bits -> floa
     return T.reinterpret("float32", T.shift_left(T.Cast("uint32", bits), T.uint32(16)))
 
 
-def name(direction: str, shape: tuple[int, ...]) -> str:
-    return f"{direction}_{'x'.join(map(str, shape))}"
+def name(prefix: str, shape: tuple[int, ...]) -> str:
+    """A layout kernel's name: what it does, then the shape it was made for."""
+    return f"{prefix}_{'x'.join(map(str, shape))}"
 
 
 def tiled(shape: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
