@@ -77,7 +77,7 @@ def test_kernel_matches_pytorch(cin: int, cout: int, size: int, kernel: int, str
     (32, 10, 3, 1, "relu6"), (40, 9, 3, 2, "relu"), (96, 12, 5, 2, "none"), (64, 5, 3, 1, "relu6"),
 ])
 def test_depthwise_matches_pytorch(channels: int, size: int, kernel: int, stride: int, act: str) -> None:
-    spec = amx_depthwise.AmxDepthwiseSpec(2, channels, size, size, kernel, stride, kernel // 2, act)
+    spec = amx_depthwise.AmxDepthwiseSpec(2, channels, channels, size, size, kernel, stride, kernel // 2, act)
     library = tvm.compile(tvm.IRModule({"main": amx_depthwise.kernel(spec).with_attr("global_symbol", "main")}),
                           with_precision(host_cpu(), "bf16").to_tvm())
     torch.manual_seed(0)

@@ -22,7 +22,7 @@ from sparsefx.backends.tvm.dispatch.torch_kernels import (
     CONV_RESIDUAL_IN_PLACE,
     MAX_POOL,
 )
-from sparsefx.backends.tvm.function_pass import function_pass
+from sparsefx.backends.tvm.function_pass import function_pass, swap_calls
 
 TORCH_ALLOCATED = (CONV, CONV_EPILOGUE, CONV_RESIDUAL, CONV_RESIDUAL_IN_PLACE, MAX_POOL)  # results PyTorch allocated
 VIEWS = ("relax.reshape", "relax.expand_dims", "relax.squeeze", "relax.flatten", "relax.memory.view")  # may alias
@@ -55,18 +55,7 @@ def _in_place(func: relax.Function) -> relax.Function:
         if residual in torch_made and residual not in returned and readers[residual][-1][0] == i \
                 and not x.same_as(residual) and all(_fresh_result(value) for _, value in readers[residual]):
             swaps[call] = relax.call_pure_packed(CONV_RESIDUAL_IN_PLACE, *call.args[1:], ty_args=call.ty)
-    return _Swap(swaps).visit_expr(func) if swaps else func
-
-
-@relax.expr_functor.mutator
-class _Swap(relax.PyExprMutator):
-    def __init__(self, swaps: dict[relax.Call, relax.Call]) -> None:
-        super().__init__()
-        self.swaps = swaps
-
-    def visit_call_(self, call: relax.Call) -> relax.Expr:
-        swap = self.swaps.get(call)
-        return swap if swap is not None else self.visit_expr_post_order(call)
+    return swap_calls(func, swaps)
 
 
 residual_in_place_pass = function_pass("ResidualInPlace", _in_place)

@@ -30,8 +30,8 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
-from sparsefx.backends.tvm.kernels.depthwise import activate, out_hw
-from sparsefx.backends.tvm.kernels.tile_layout import FEW, stored, to_bf16_vector, to_float
+from sparsefx.backends.tvm.kernels.depthwise import activate
+from sparsefx.backends.tvm.kernels.tile_layout import FEW, TileConv, to_bf16_vector, to_float
 from sparsefx.backends.tvm.sparse.kernels import OPAQUE, STACK
 from sparsefx.errors import SparsefxError
 
@@ -45,48 +45,10 @@ SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 158, 0x1023, 18
 
 
 @dataclass(frozen=True)
-class AmxSpec:
+class AmxSpec(TileConv):
     """A dense bf16 conv, square kernel, equal strides (1 or 2) and padding; NHWC activations."""
 
-    batch: int
-    cin: int
-    cout: int
-    height: int
-    width: int
-    kernel: int
-    stride: int
-    padding: int
-    activation: str = "none"
     residual: bool = False
-
-    @property
-    def out_hw(self) -> tuple[int, int]:
-        return out_hw(self)
-
-    @property
-    def nchw_in(self) -> tuple[int, int, int, int]:
-        """The input's shape outside the layout (`tile_layout.to_tiles`)."""
-        return (self.batch, self.cin, self.height, self.width)
-
-    @property
-    def nchw_out(self) -> tuple[int, int, int, int]:
-        return (self.batch, self.cout, *self.out_hw)
-
-    @property
-    def cin_stored(self) -> int:
-        return stored(self.cin)
-
-    @property
-    def cout_stored(self) -> int:
-        return stored(self.cout)
-
-    @property
-    def out_shape(self) -> tuple[int, int, int, int]:
-        return (self.batch, *self.out_hw, self.cout_stored)
-
-    @property
-    def in_shape(self) -> tuple[int, int, int, int]:
-        return (self.batch, self.height, self.width, self.cin_stored)
 
     @property
     def weight_shape(self) -> tuple[int, int, int, int]:

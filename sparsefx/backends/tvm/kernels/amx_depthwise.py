@@ -17,8 +17,8 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
-from sparsefx.backends.tvm.kernels.depthwise import activate, out_hw
-from sparsefx.backends.tvm.kernels.tile_layout import FEW, stored, to_bf16_vector, to_float
+from sparsefx.backends.tvm.kernels.depthwise import activate
+from sparsefx.backends.tvm.kernels.tile_layout import FEW, TileConv, to_bf16_vector, to_float
 from sparsefx.backends.tvm.sparse.kernels import LANES, OPAQUE, STACK
 
 FUSES_RESIDUAL = False
@@ -26,36 +26,16 @@ PIXELS = 8  # output positions of a row per register block
 
 
 @dataclass(frozen=True)
-class AmxDepthwiseSpec:
-    batch: int
-    channels: int
-    height: int
-    width: int
-    kernel: int
-    stride: int
-    padding: int
-    activation: str = "none"
+class AmxDepthwiseSpec(TileConv):
+    """A depthwise conv (`cin` == `cout`, one filter per channel)."""
 
     @property
-    def out_hw(self) -> tuple[int, int]:
-        return out_hw(self)
-
-    @property
-    def nchw_in(self) -> tuple[int, int, int, int]:
-        """The input's shape outside the layout (`tile_layout.to_tiles`)."""
-        return (self.batch, self.channels, self.height, self.width)
-
-    @property
-    def nchw_out(self) -> tuple[int, int, int, int]:
-        return (self.batch, self.channels, *self.out_hw)
+    def channels(self) -> int:
+        return self.cin
 
     @property
     def stored(self) -> int:
-        return stored(self.channels)
-
-    @property
-    def out_shape(self) -> tuple[int, int, int, int]:
-        return (self.batch, *self.out_hw, self.stored)
+        return self.cin_stored
 
     @property
     def weight_shape(self) -> tuple[int, int, int, int]:
@@ -88,7 +68,7 @@ def supported(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...]) -> bo
 
 def spec_of(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...], activation: str = "none") -> AmxDepthwiseSpec:
     (n, c, h, w), (_, _, k, _) = shapes[:2]
-    return AmxDepthwiseSpec(n, c, h, w, k, attrs[0], attrs[2], activation)
+    return AmxDepthwiseSpec(n, c, c, h, w, k, attrs[0], attrs[2], activation)
 
 
 def pack_weight(s: AmxDepthwiseSpec, weight: np.ndarray) -> np.ndarray:

@@ -139,45 +139,22 @@ def own_kernel_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
                 mod[gvar] = func
         return mod
 
-    @tvm.transform.module_pass(opt_level=0, name="FuseOwnKernels")
-    def _pass(mod: tvm.IRModule, _ctx: object) -> tvm.IRModule:
-        # a call_tir needs its callee typed, i.e. already in the module: find the kernels first
-        specs: dict[str, tuple[str, object]] = {}
+    def call(gvars: dict, kind: str, spec: object, matches: dict, ep: object, scaled: bool) -> relax.Expr:
+        channels = spec.arg_shapes[2][0]
+        bias = matches[ep.b].value.numpy().reshape(-1) if ep.b in matches else np.zeros(channels, "float32")
+        weight = matches[ep.w]
+        if repacked(spec):
+            weight = relax.const(KERNELS[kind].pack_weight(spec, weight.value.numpy()))
+        if kind in TILE_KINDS:
+            bias = KERNELS[kind].pack_bias(spec, bias)
+        args = [matches[unscaled] if scaled else matches[ep.x], weight, relax.const(bias)]
+        args += [matches[scale]] if scaled else []
+        args += [matches[ep.residual]] if ep.residual in matches else []
+        if kind in TILE_KINDS:
+            return tile_call(gvars, spec, args)
+        return relax.call_tir(gvars[spec.name], args, relax.TensorType(spec.out_shape, "float32"))
 
-        def find(expr: relax.Expr, matches: dict, ep: object, scaled: bool) -> relax.Expr:
-            if (found := spec_for(expr, matches, ep, scaled)) is not None:
-                specs[found[1].name] = found
-            return expr
-
-        rewrite_all(mod, find)
-        if not specs:
-            return mod
-        bb = relax.BlockBuilder(mod)
-        gvars = {name: bb.add_func(parsed(KERNELS[kind].kernel, spec), name) for name, (kind, spec) in specs.items()}
-        for name, make in layout_kernels([spec for kind, spec in specs.values() if kind in TILE_KINDS]).items():
-            gvars[name] = bb.add_func(make(), name)
-
-        def swap(expr: relax.Expr, matches: dict, ep: object, scaled: bool) -> relax.Expr:
-            if (found := spec_for(expr, matches, ep, scaled)) is None:
-                return expr
-            kind, spec = found
-            channels = spec.arg_shapes[2][0]
-            bias = matches[ep.b].value.numpy().reshape(-1) if ep.b in matches else np.zeros(channels, "float32")
-            weight = matches[ep.w]
-            if repacked(spec):
-                weight = relax.const(KERNELS[kind].pack_weight(spec, weight.value.numpy()))
-            if kind in TILE_KINDS:
-                bias = KERNELS[kind].pack_bias(spec, bias)
-            args = [matches[unscaled] if scaled else matches[ep.x], weight, relax.const(bias)]
-            args += [matches[scale]] if scaled else []
-            args += [matches[ep.residual]] if ep.residual in matches else []
-            if kind in TILE_KINDS:
-                return tile_call(gvars, spec, args)
-            return relax.call_tir(gvars[spec.name], args, relax.TensorType(spec.out_shape, "float32"))
-
-        return rewrite_all(bb.get(), swap)
-
-    return _pass
+    return swapping_pass("FuseOwnKernels", rewrite_all, spec_for, call)
 
 
 def layout_kernels(specs: list) -> dict[str, Callable[[], tvm.tirx.PrimFunc]]:
@@ -231,12 +208,27 @@ def own_linear_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
                 mod[gvar] = func
         return mod
 
-    @tvm.transform.module_pass(opt_level=0, name="FuseOwnLinear")
+    def call(gvars: dict, kind: str, spec: object, matches: dict) -> relax.Expr:
+        bias = matches[mp.b].value.numpy().reshape(-1) if mp.b in matches else np.zeros(spec.outputs, "float32")
+        weight = relax.const(KERNELS[kind].pack_weight(spec, matches[mp.w].value.numpy()))
+        return relax.call_tir(gvars[spec.name], [matches[mp.x], weight, relax.const(bias.astype("float32"))],
+                              relax.TensorType(spec.out_shape, "float32"))
+
+    return swapping_pass("FuseOwnLinear", rewrite_all, spec_for, call)
+
+
+def swapping_pass(name: str, rewrite_all: Callable, spec_for: Callable, call: Callable) -> tvm.transform.Pass:
+    """A module pass that swaps own kernels in: `rewrite_all(mod, rewriter)` offers each match,
+    `spec_for(expr, matches, *rest)` says which kernel (kind, spec) takes it, if any, and
+    `call(gvars, kind, spec, matches, *rest)` makes its call. A call_tir needs its callee typed, i.e.
+    already in the module: the kernels are found and added first, then the matches swapped."""
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
     def _pass(mod: tvm.IRModule, _ctx: object) -> tvm.IRModule:
         specs: dict[str, tuple[str, object]] = {}
 
-        def find(expr: relax.Expr, matches: dict) -> relax.Expr:
-            if (found := spec_for(expr, matches)) is not None:
+        def find(expr: relax.Expr, matches: dict, *rest: object) -> relax.Expr:
+            if (found := spec_for(expr, matches, *rest)) is not None:
                 specs[found[1].name] = found
             return expr
 
@@ -245,15 +237,12 @@ def own_linear_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
             return mod
         bb = relax.BlockBuilder(mod)
         gvars = {name: bb.add_func(parsed(KERNELS[kind].kernel, spec), name) for name, (kind, spec) in specs.items()}
+        for kernel_name, make in layout_kernels([spec for kind, spec in specs.values() if kind in TILE_KINDS]).items():
+            gvars[kernel_name] = bb.add_func(make(), kernel_name)
 
-        def swap(expr: relax.Expr, matches: dict) -> relax.Expr:
-            if (found := spec_for(expr, matches)) is None:
-                return expr
-            kind, spec = found
-            bias = matches[mp.b].value.numpy().reshape(-1) if mp.b in matches else np.zeros(spec.outputs, "float32")
-            weight = relax.const(KERNELS[kind].pack_weight(spec, matches[mp.w].value.numpy()))
-            return relax.call_tir(gvars[spec.name], [matches[mp.x], weight, relax.const(bias.astype("float32"))],
-                                  relax.TensorType(spec.out_shape, "float32"))
+        def swap(expr: relax.Expr, matches: dict, *rest: object) -> relax.Expr:
+            found = spec_for(expr, matches, *rest)
+            return expr if found is None else call(gvars, *found, matches, *rest)
 
         return rewrite_all(bb.get(), swap)
 

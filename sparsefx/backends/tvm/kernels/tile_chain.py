@@ -20,6 +20,7 @@ from collections.abc import Callable
 import tvm
 from tvm import relax
 
+from sparsefx.backends.tvm.function_pass import swap_calls
 from sparsefx.backends.tvm.kernels.tile_layout import (
     FROM_TILES,
     TO_TILES,
@@ -135,19 +136,8 @@ def tile_chain_pass(mod: tvm.IRModule, _ctx: object) -> tvm.IRModule:
     for gvar, func in list(mod.functions.items()):
         if isinstance(func, relax.Function):
             swaps = _in_layout(func, kernels)
-            bb.update_func(gvar, _drop_round_trips(_Swap(swaps).visit_expr(func) if swaps else func))
+            bb.update_func(gvar, _drop_round_trips(swap_calls(func, swaps)))
     return bb.get()
-
-
-@relax.expr_functor.mutator
-class _Swap(relax.PyExprMutator):
-    def __init__(self, swaps: dict[relax.Call, relax.Expr]) -> None:
-        super().__init__()
-        self.swaps = swaps
-
-    def visit_call_(self, call: relax.Call) -> relax.Expr:
-        swap = self.swaps.get(call)
-        return self.visit_expr(swap) if swap is not None else self.visit_expr_post_order(call)
 
 
 @relax.expr_functor.mutator

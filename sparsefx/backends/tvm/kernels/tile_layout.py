@@ -8,6 +8,8 @@ per-channel scale and global mean that `tile_chain` runs in the layout between A
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import tvm
 from tvm import tirx
 from tvm.script import tirx as T
@@ -39,6 +41,50 @@ def to_bf16_vector(values):  # noqa: ANN001, ANN201 (TIR expressions): float32x1
 
 def to_float(bits):  # noqa: ANN001, ANN201 (TIR expressions): bf16 bits -> float32, exactly
     return T.reinterpret("float32", T.shift_left(T.Cast("uint32", bits), T.uint32(16)))
+
+
+@dataclass(frozen=True)
+class TileConv:
+    """A conv on activations in this layout: square window, equal strides and padding."""
+
+    batch: int
+    cin: int
+    cout: int
+    height: int
+    width: int
+    kernel: int
+    stride: int
+    padding: int
+    activation: str = "none"
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        return tuple((n + 2 * self.padding - self.kernel) // self.stride + 1 for n in (self.height, self.width))
+
+    @property
+    def nchw_in(self) -> tuple[int, int, int, int]:
+        """The input's shape outside the layout (`to_tiles`)."""
+        return (self.batch, self.cin, self.height, self.width)
+
+    @property
+    def nchw_out(self) -> tuple[int, int, int, int]:
+        return (self.batch, self.cout, *self.out_hw)
+
+    @property
+    def cin_stored(self) -> int:
+        return stored(self.cin)
+
+    @property
+    def cout_stored(self) -> int:
+        return stored(self.cout)
+
+    @property
+    def in_shape(self) -> tuple[int, int, int, int]:
+        return (self.batch, self.height, self.width, self.cin_stored)
+
+    @property
+    def out_shape(self) -> tuple[int, int, int, int]:
+        return (self.batch, *self.out_hw, self.cout_stored)
 
 
 def name(prefix: str, shape: tuple[int, ...]) -> str:
