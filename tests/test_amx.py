@@ -50,15 +50,18 @@ def test_bf16_bits_round_as_pytorch_does() -> None:
     (3, 32, 11, 3, 1, True, "none"),  # folded, stride 1
     (24, 40, 9, 3, 1, True, "relu6"),  # channels stored padded to 32 in and out
     (144, 24, 8, 1, 1, False, "none"),  # 144 = 4.5 steps: the last one half zeros
+    (32, 32, (9, 13), 3, 2, True, "relu"),  # not square
+    (3, 32, (12, 17), 7, 2, False, "none"),  # a folded stem, not square
 ])
-def test_kernel_matches_pytorch(cin: int, cout: int, size: int, kernel: int, stride: int, residual: bool,
-                                act: str) -> None:
+def test_kernel_matches_pytorch(cin: int, cout: int, size: int | tuple[int, int], kernel: int, stride: int,
+                                residual: bool, act: str) -> None:
     amx.enable()
-    spec = amx.AmxSpec(2, cin, cout, size, size, kernel, stride, kernel // 2, act, residual)
+    height, width = size if isinstance(size, tuple) else (size, size)
+    spec = amx.AmxSpec(2, cin, cout, height, width, kernel, stride, kernel // 2, act, residual)
     library = tvm.compile(tvm.IRModule({"main": amx.kernel(spec).with_attr("global_symbol", "main")}),
                           with_precision(host_cpu(), "bf16").to_tvm())
     torch.manual_seed(0)
-    x, w, b = torch.randn(2, cin, size, size), torch.randn(cout, cin, kernel, kernel) * 0.1, torch.randn(cout)
+    x, w, b = torch.randn(2, cin, height, width), torch.randn(cout, cin, kernel, kernel) * 0.1, torch.randn(cout)
     add = torch.randn(2, cout, *spec.out_hw)
     x, w, add = (t.bfloat16().float() for t in (x, w, add))  # the kernel's inputs are exactly these
     want = F.conv2d(x, w, b, stride, kernel // 2)
@@ -75,13 +78,16 @@ def test_kernel_matches_pytorch(cin: int, cout: int, size: int, kernel: int, str
 
 @pytest.mark.parametrize(("channels", "size", "kernel", "stride", "act"), [
     (32, 10, 3, 1, "relu6"), (40, 9, 3, 2, "relu"), (96, 12, 5, 2, "none"), (64, 5, 3, 1, "relu6"),
+    (48, (7, 11), 3, 2, "relu6"),
 ])
-def test_depthwise_matches_pytorch(channels: int, size: int, kernel: int, stride: int, act: str) -> None:
-    spec = amx_depthwise.AmxDepthwiseSpec(2, channels, channels, size, size, kernel, stride, kernel // 2, act)
+def test_depthwise_matches_pytorch(channels: int, size: int | tuple[int, int], kernel: int, stride: int,
+                                   act: str) -> None:
+    height, width = size if isinstance(size, tuple) else (size, size)
+    spec = amx_depthwise.AmxDepthwiseSpec(2, channels, channels, height, width, kernel, stride, kernel // 2, act)
     library = tvm.compile(tvm.IRModule({"main": amx_depthwise.kernel(spec).with_attr("global_symbol", "main")}),
                           with_precision(host_cpu(), "bf16").to_tvm())
     torch.manual_seed(0)
-    x, w, b = torch.randn(2, channels, size, size).bfloat16().float(), torch.randn(channels, 1, kernel, kernel), \
+    x, w, b = torch.randn(2, channels, height, width).bfloat16().float(), torch.randn(channels, 1, kernel, kernel), \
         torch.randn(channels)
     want = ACT[act](F.conv2d(x, w, b, stride, kernel // 2, 1, channels))
     out = tvm.runtime.empty(spec.out_shape, "uint16")
