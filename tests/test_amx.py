@@ -51,6 +51,10 @@ def test_bf16_bits_round_as_pytorch_does() -> None:
     (24, 40, 9, 3, 1, True, "relu6"),  # channels stored padded to 32 in and out
     (144, 24, 8, 1, 1, False, "none"),  # 144 = 4.5 steps: the last one half zeros
     (32, 32, (9, 13), 3, 2, True, "relu"),  # not square
+    (16, 16, 10, 3, 1, True, "relu"),  # 16 channels: half steps in, one output-channel tile out
+    (8, 48, 9, 1, 1, False, "relu6"),  # 8 channels stored as 16
+    (48, 8, 9, 1, 2, False, "none"),  # 8 outputs stored as 16
+    (3, 16, 12, 7, 2, False, "relu"),  # a folded stem with one output tile
     (3, 32, (12, 17), 7, 2, False, "none"),  # a folded stem, not square
 ])
 def test_kernel_matches_pytorch(cin: int, cout: int, size: int | tuple[int, int], kernel: int, stride: int,
@@ -78,7 +82,7 @@ def test_kernel_matches_pytorch(cin: int, cout: int, size: int | tuple[int, int]
 
 @pytest.mark.parametrize(("channels", "size", "kernel", "stride", "act"), [
     (32, 10, 3, 1, "relu6"), (40, 9, 3, 2, "relu"), (96, 12, 5, 2, "none"), (64, 5, 3, 1, "relu6"),
-    (48, (7, 11), 3, 2, "relu6"),
+    (48, (7, 11), 3, 2, "relu6"), (8, 9, 3, 1, "relu6"),
 ])
 def test_depthwise_matches_pytorch(channels: int, size: int | tuple[int, int], kernel: int, stride: int,
                                    act: str) -> None:

@@ -57,8 +57,9 @@ class AmxSpec(TileConv):
     @property
     def arg_shapes(self) -> tuple[tuple[int, ...], ...]:
         """Input (NHWC bf16 bits), packed weight, bias (float32), [residual (NHWC),] output (NHWC)."""
-        taps, steps = (self.kernel, 1) if folded(self) else (self.kernel ** 2, self.cin_stored // DEPTH)
-        packed = (self.cout_stored // COLUMNS, taps, steps, DEPTH // 2, COLUMNS, 2)
+        depth = step(self)
+        taps, steps = (self.kernel, 1) if folded(self) else (self.kernel ** 2, self.cin_stored // depth)
+        packed = (self.cout_stored // COLUMNS, taps, steps, depth // 2, COLUMNS, 2)
         residual = (self.out_shape,) if self.residual else ()
         return (self.in_shape, packed, (self.cout_stored,), *residual, self.out_shape)
 
@@ -105,8 +106,8 @@ def pack_weight(s: AmxSpec, weight: np.ndarray) -> np.ndarray:
         weight = rows.transpose(0, 2, 1)[..., None]  # (cout, 32, k, 1): one 32-wide step per window row
     else:
         weight = np.pad(weight, ((0, s.cout_stored - s.cout), (0, s.cin_stored - s.cin), (0, 0), (0, 0)))
-    taps = weight.shape[2] * weight.shape[3]
-    tiles = bf16_bits(weight).reshape(s.cout_stored // COLUMNS, COLUMNS, weight.shape[1] // DEPTH, DEPTH // 2, 2, taps)
+    taps, depth = weight.shape[2] * weight.shape[3], step(s)
+    tiles = bf16_bits(weight).reshape(s.cout_stored // COLUMNS, COLUMNS, weight.shape[1] // depth, depth // 2, 2, taps)
     return np.ascontiguousarray(tiles.transpose(0, 5, 2, 3, 1, 4))
 
 
@@ -132,6 +133,11 @@ def group_size(count: int, outer: int) -> int:
     """Inner steps per task: the largest divisor of `count` that leaves about `TASKS` tasks with `outer`."""
     wanted = max(1, count * outer // TASKS)
     return max(d for d in range(1, count + 1) if count % d == 0 and d <= wanted)
+
+
+def step(s: AmxSpec) -> int:
+    """Input channels per step of the reduction: 32, or 16 on a 16-channel input (`tile_layout.stored`)."""
+    return s.cin_stored if s.cin_stored < DEPTH and not folded(s) else DEPTH
 
 
 def folded(s: AmxSpec) -> bool:
@@ -170,10 +176,12 @@ def kernel(s: AmxSpec) -> tvm.tirx.PrimFunc:
     tiles = ho * per_row if by_rows else -(-n_out // m)
     # an odd last tile pairs with its predecessor, an odd last 16-channel block too (computed twice)
     pairs, co_pairs = -(-tiles // 2), -(-co // (2 * COLUMNS))
+    two = co >= 2 * COLUMNS  # two output-channel tiles per task, else one (16 channels: tiles 1 and 3 idle)
     by_channels = weight_stationary(s)
     outer, inner = (co_pairs, pairs) if by_channels else (pairs, co_pairs)
     group = group_size(inner, outer)
-    steps, taps = (1, k) if fold else (ci // DEPTH, k * k)
+    depth = step(s)
+    steps, taps = (1, k) if fold else (ci // depth, k * k)
     stride_bytes = (st if by_rows else 1) * ci * 2
     src_len = s.batch * ph * ph * plane * ci
     lanes = DEPTH if ci % DEPTH == 0 else ci
@@ -193,7 +201,7 @@ def kernel(s: AmxSpec) -> tvm.tirx.PrimFunc:
     def window(t, tap, c):  # noqa: ANN001, ANN202 (TIR expressions): where tile t's rows start reading for a step
         kh, kw = (tap, 0) if fold else (tap // k, tap % k)  # folded: a step takes a whole window row
         offset = (kh % st * ph + kw % st) * plane + kh // st * row + kw // st if not by_rows else kh * row
-        return (first(t) + offset) * ci + c * DEPTH
+        return (first(t) + offset) * ci + c * depth
 
     @T.macro
     def fill(x, src, n):  # noqa: ANN001, ANN202 (a TVMScript macro): the image zero-padded, split into phase planes
@@ -221,12 +229,12 @@ def kernel(s: AmxSpec) -> tvm.tirx.PrimFunc:
                 for i in T.unroll(64):  # palette 1; tiles 0-3 accumulators, 4-5 inputs (m rows), 6-7 weights
                     config[i] = T.uint8(0)
                 config[0] = T.uint8(1)
-                for i in T.unroll(8):
-                    config[16 + 2 * i] = T.uint8(64)
+                for i in T.unroll(8):  # bytes per row: 16 float32 accumulators, `depth` bf16 inputs, 16 bf16 pairs
+                    config[16 + 2 * i] = T.uint8(T.if_then_else(4 <= i and i < 6, depth * 2, 64))
                 for i in T.unroll(6):
                     config[48 + i] = T.uint8(m)
-                config[54] = T.uint8(DEPTH // 2)
-                config[55] = T.uint8(DEPTH // 2)
+                config[54] = T.uint8(depth // 2)
+                config[55] = T.uint8(depth // 2)
                 tile("ldtilecfg", T.address_of(config[0]))
                 base: T.let = n * ph * ph * plane
                 acc = T.alloc_buffer((4, ROWS, COLUMNS), "float32", scope=STACK)
@@ -237,7 +245,7 @@ def kernel(s: AmxSpec) -> tvm.tirx.PrimFunc:
                     t0: T.let = pair * 2
                     t1: T.let = T.min(t0 + 1, tiles - 1)
                     ob: T.let = T.min(T.if_then_else(by_channels, task // (inner // group), here) * 2,
-                                      co // COLUMNS - 2)
+                                      max(co // COLUMNS - 2, 0))
                     tile("tilezero", T.uint8(0))
                     tile("tilezero", T.uint8(1))
                     tile("tilezero", T.uint8(2))
@@ -255,16 +263,19 @@ def kernel(s: AmxSpec) -> tvm.tirx.PrimFunc:
                                 tile("tileloadd64", T.uint8(5), T.address_of(flat_x[base * ci + window(t1, tap, c)]),
                                      T.int64(stride_bytes))
                             tile("tileloadd64", T.uint8(6), T.address_of(w[ob, tap, c, 0, 0, 0]), T.int64(64))
-                            tile("tileloadd64", T.uint8(7), T.address_of(w[ob + 1, tap, c, 0, 0, 0]), T.int64(64))
                             tile("tdpbf16ps", T.uint8(0), T.uint8(4), T.uint8(6))
-                            tile("tdpbf16ps", T.uint8(1), T.uint8(4), T.uint8(7))
                             tile("tdpbf16ps", T.uint8(2), T.uint8(5), T.uint8(6))
-                            tile("tdpbf16ps", T.uint8(3), T.uint8(5), T.uint8(7))
+                            if T.bool(two):
+                                tile("tileloadd64", T.uint8(7), T.address_of(w[ob + 1, tap, c, 0, 0, 0]), T.int64(64))
+                                tile("tdpbf16ps", T.uint8(1), T.uint8(4), T.uint8(7))
+                                tile("tdpbf16ps", T.uint8(3), T.uint8(5), T.uint8(7))
                     tile("tilestored64", T.uint8(0), T.address_of(acc[0, 0, 0]), T.int64(64))
-                    tile("tilestored64", T.uint8(1), T.address_of(acc[1, 0, 0]), T.int64(64))
                     tile("tilestored64", T.uint8(2), T.address_of(acc[2, 0, 0]), T.int64(64))
-                    tile("tilestored64", T.uint8(3), T.address_of(acc[3, 0, 0]), T.int64(64))
-                    for i in range(4):
+                    if T.bool(two):
+                        tile("tilestored64", T.uint8(1), T.address_of(acc[1, 0, 0]), T.int64(64))
+                        tile("tilestored64", T.uint8(3), T.address_of(acc[3, 0, 0]), T.int64(64))
+                    for j in range(4 if two else 2):
+                        i: T.let = j if two else j * 2  # the tiles in use: all four, or 0 and 2
                         for r in range(m):
                             oh: T.let = position(T.if_then_else(i < 2, t0, t1), r)[0]
                             ow: T.let = position(T.if_then_else(i < 2, t0, t1), r)[1]

@@ -18,13 +18,16 @@ from sparsefx.backends.tvm.sparse.kernels import LANES, OPAQUE, STACK
 
 TO_TILES, FROM_TILES = "amx_nhwc", "amx_nchw"  # names start with the kind `CompiledModel.profile` files them under
 STEP = 32  # channels are stored in whole steps of a tile's reduction, zero past the tensor's own
+HALF_STEP = 16  # or, up to 16 channels, in one half step (one tile column; pruned MobileNetV2's 8 and 16)
 FEW = 4  # channel counts stored as they are: a stem's input, whose window columns fold into one step
 CONVERT = "llvm.x86.avx512bf16.cvtneps2bf16.512"  # 16 float32 -> 16 bf16 (AMX CPUs all have AVX512-BF16)
 
 
 def stored(channels: int) -> int:
     """The channels a tensor of `channels` has in this layout."""
-    return channels if channels <= FEW else -(-channels // STEP) * STEP
+    if channels <= FEW:
+        return channels
+    return HALF_STEP if channels <= HALF_STEP else -(-channels // STEP) * STEP
 
 
 def to_bf16(value):  # noqa: ANN001, ANN201 (TIR expressions): float32 -> bf16 bits, rounded to nearest even
