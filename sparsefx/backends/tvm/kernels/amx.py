@@ -4,11 +4,12 @@ In bf16 the convs ran on PyTorch's oneDNN kernels, ~30 us of overhead per call o
 convolution (even on a 16-channel 4x4 conv) and the casts around it; OpenVINO ran pruned ResNet-50's
 53 convs in 2.6 ms in all. This kernel calls the tile instructions from TIR (`llvm.x86.tdpbf16ps`
 and friends, LLVM's intrinsics on fixed tile registers) on activations in the tile layout
-(`tile_layout`: NHWC bf16, channels in whole 32-channel steps), so a tile's rows are 16 output
-positions and its columns 32 input channels, read straight from the activation with a row stride of
-the channel count. Each task keeps a 2 x 2 block of 16 x 16 float32 accumulator tiles (32 positions
-x 32 output channels) over the taps and input channels, then adds the bias (and residual), applies
-the activation and stores bf16 (AVX512-BF16's rounding conversion).
+(`tile_layout`: NHWC bf16, channels in whole 32-channel steps or one 16-channel half step), so a
+tile's rows are 16 output positions and its columns 32 (or 16) input channels, read straight from the
+activation with a row stride of the channel count. Each task keeps a 2 x 2 block of 16 x 16 float32
+accumulator tiles (32 positions x 32 output channels; x 16 where the output has 16) over the taps and
+input channels, then adds the bias (and residual), applies the activation and stores bf16
+(AVX512-BF16's rounding conversion).
 
 Positions run over the zero-padded input's flat index (as `direct` does; stride 2 over phase planes),
 the padding columns computed and dropped. A stem's few channels fold the window's columns into the
