@@ -142,6 +142,7 @@ def test_supported_shapes() -> None:
     assert amx.supported((2, 2, 3, 3, 1, 1, 1), ((1, 3, 224, 224), (64, 3, 7, 7)))  # a stem, folded
     assert not amx.supported((1, 1, 5, 5, 1, 1, 1), ((1, 3, 8, 8), (32, 3, 11, 11)))  # 3 x 11 > 32: no fold
     assert not amx.supported((1, 1, 0, 0, 1, 1, 1), ((1, 96, 1, 1), (4, 96, 1, 1)))  # 4 outputs: narrower than a tile
+    assert not amx.supported((1, 1, 0, 0, 1, 1, 1), ((1, 3, 8, 8), (32, 3, 1, 1)))  # 1x1 on 3 channels: no fold
     assert not amx.supported((1, 1, 1, 1, 1, 1, 2), ((1, 64, 8, 8), (32, 32, 3, 3)))  # grouped
 
 

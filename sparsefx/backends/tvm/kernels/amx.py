@@ -77,12 +77,13 @@ class AmxSpec(TileConv):
 def supported(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...]) -> bool:
     """Whether a conv2d workload runs here: no groups or dilation, a square window, equal strides of
     1 or 2 and equal padding; channels are stored in whole 32-channel steps (`tile_layout.stored`), but
-    a stem's few channels only where a window row's fit one step (`folded`), and never as outputs (the
-    layout keeps them unpadded, narrower than a tile)."""
+    a stem's few channels only where a window row's fit one step (`folded`; a window of one column
+    would read its step past the end of an uncopied input), and never as outputs (the layout keeps
+    them unpadded, narrower than a tile)."""
     s0, s1, p0, p1, d0, d1, groups = attrs
     (_, ci, _, _), (co, _, kh, kw) = shapes[:2]
     return groups == 1 and d0 == d1 == 1 and kh == kw and s0 == s1 in (1, 2) and p0 == p1 < kh \
-        and (ci > FEW or ci * kw <= DEPTH) and co > FEW
+        and (ci > FEW or 1 < kw and ci * kw <= DEPTH) and co > FEW
 
 
 def spec_of(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...], activation: str = "none",
@@ -144,7 +145,7 @@ def step(s: AmxSpec) -> int:
 def folded(s: AmxSpec) -> bool:
     """Whether the window's columns go into the reduction with the channels: a stem's 3 channels x 7
     columns are one 32-wide step per window row (of 7), not 49 steps of 3 channels padded to 32."""
-    return s.cin <= FEW and s.cin * s.kernel <= DEPTH
+    return s.cin <= FEW and 1 < s.kernel and s.cin * s.kernel <= DEPTH
 
 
 def weight_stationary(s: AmxSpec) -> bool:
