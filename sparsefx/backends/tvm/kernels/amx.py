@@ -100,8 +100,8 @@ def bf16_bits(values: np.ndarray) -> np.ndarray:
 
 def pack_weight(s: AmxSpec, weight: np.ndarray) -> np.ndarray:
     """PyTorch's (cout, cin, k, k) weight as bf16 tiles, zero for the stored channels past the conv's:
-    [cout/16][tap][cin/32][16 input pairs][16 outputs][2]; `folded`: [cout/16][window row][1][...], the
-    reduction running over (column, channel), zero past them."""
+    [cout/16][tap][cin/step][step/2 input pairs][16 outputs][2] (`step`: 32, or 16); `folded`:
+    [cout/16][window row][1][...], the reduction running over (column, channel), zero past them."""
     if folded(s):
         rows = np.zeros((s.cout_stored, s.kernel, DEPTH), np.float32)
         rows[:s.cout, :, :s.kernel * s.cin] = weight.transpose(0, 2, 3, 1).reshape(s.cout, s.kernel, -1)

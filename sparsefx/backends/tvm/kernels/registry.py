@@ -161,10 +161,15 @@ def layout_kernels(specs: list) -> dict[str, Callable[[], tvm.tirx.PrimFunc]]:
     """The layout conversions AMX kernels of `specs` are called between (`tile_call`), by name."""
     made = {}
     for spec in specs:
-        for shape in [spec.nchw_in, *([spec.nchw_out] if getattr(spec, "residual", False) else [])]:
+        for shape in [spec.nchw_in, *([spec.nchw_out] if fuses_residual(spec) else [])]:
             made[tile_layout.name(tile_layout.TO_TILES, shape)] = lambda shape=shape: tile_layout.to_tiles(shape)
         made[tile_layout.name(tile_layout.FROM_TILES, spec.nchw_out)] = lambda out=spec.nchw_out: tile_layout.from_tiles(out)
     return made
+
+
+def fuses_residual(spec: object) -> bool:
+    """Whether a tile kernel's spec takes a residual (only `amx`'s specs can)."""
+    return getattr(spec, "residual", False)
 
 
 def tile_call(gvars: dict, spec: object, args: list[relax.Expr]) -> relax.Expr:
@@ -175,7 +180,7 @@ def tile_call(gvars: dict, spec: object, args: list[relax.Expr]) -> relax.Expr:
         return relax.call_tir(gvars[tile_layout.name(tile_layout.TO_TILES, shape)], [value],
                               relax.TensorType(tile_layout.tiled(shape), "uint16"))
 
-    args = [into(args[0]), *args[1:3], *([into(args[3])] if len(args) > 3 else [])]
+    args = [into(args[0]), *args[1:3], *([into(args[3])] if fuses_residual(spec) else [])]
     result = relax.call_tir(gvars[spec.name], args, relax.TensorType(spec.out_shape, "uint16"))
     out = spec.nchw_out
     return relax.call_tir(gvars[tile_layout.name(tile_layout.FROM_TILES, out)], [result], relax.TensorType(out, "float32"))

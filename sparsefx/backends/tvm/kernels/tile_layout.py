@@ -14,6 +14,7 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
+from sparsefx.backends.tvm.kernels.depthwise import out_hw
 from sparsefx.backends.tvm.sparse.kernels import LANES, OPAQUE, STACK
 
 TO_TILES, FROM_TILES = "amx_nhwc", "amx_nchw"  # names start with the kind `CompiledModel.profile` files them under
@@ -62,7 +63,7 @@ class TileConv:
 
     @property
     def out_hw(self) -> tuple[int, int]:
-        return tuple((n + 2 * self.padding - self.kernel) // self.stride + 1 for n in (self.height, self.width))
+        return out_hw(self)
 
     @property
     def nchw_in(self) -> tuple[int, int, int, int]:
@@ -83,11 +84,11 @@ class TileConv:
 
     @property
     def in_shape(self) -> tuple[int, int, int, int]:
-        return (self.batch, self.height, self.width, self.cin_stored)
+        return tiled(self.nchw_in)
 
     @property
     def out_shape(self) -> tuple[int, int, int, int]:
-        return (self.batch, *self.out_hw, self.cout_stored)
+        return tiled(self.nchw_out)
 
 
 def name(prefix: str, shape: tuple[int, ...]) -> str:
