@@ -144,11 +144,12 @@ def train_small_resnet(epochs: int, train_limit: int) -> torch.nn.Module:
     return model.eval()
 
 
-def write(out: Path, rows: list[dict], target: object, record: RunRecord) -> None:
+def write(out: Path, rows: list[dict], target: object, record: RunRecord, name: str = "planner") -> None:
     out.mkdir(parents=True, exist_ok=True)
     clean = [{k: v for k, v in r.items() if k != "_models"} for r in rows]
-    record.write_report(out / "planner.json", {"target": str(target), "rows": clean})
-    lines = [f"# Cost-driven plan vs uniform and MACs-driven global pruning ({target})", "", record.markdown_line(), "",
+    record.write_report(out / f"{name}.json", {"target": str(target), "precision": target.precision, "rows": clean})
+    lines = [f"# Cost-driven plan vs uniform and MACs-driven global pruning ({target}, {target.precision})", "",
+             record.markdown_line(), "",
              "Each baseline is taken on both sides of the cost-driven plan's *predicted* latency (its predicted "
              "latency moves in steps); every plan shows its own predicted and measured latency. All are compiled "
              "with `sparsefx.compile` and timed side by side with the dense TVM build: median of the "
@@ -171,7 +172,7 @@ def write(out: Path, rows: list[dict], target: object, record: RunRecord) -> Non
         cells = [f"{r['at_goal'][n]['retained_importance']:.3f} ({r['at_goal'][n]['measured_median_ms']:.3f} ms)"
                  for n in ("cost-driven", "uniform", "MACs-global")]
         lines.append(f"| {r['model']} | {r['requested_speedup']}x | {r['goal_predicted_ms']:.3f} | " + " | ".join(cells) + " |")
-    (out / "planner.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> int:
@@ -184,12 +185,18 @@ def main() -> int:
     parser.add_argument("--fmnist-speedups", default="1.25", help="speedups asked of the Fashion-MNIST model")
     parser.add_argument("--epochs", type=int, default=2, help="dense training and fine-tuning epochs (--fmnist)")
     parser.add_argument("--train-limit", type=int, default=20000)
+    parser.add_argument("--precision", default="fp32", help="what convs and matmuls are priced and compiled in: "
+                        "fp32 or bf16 (CPUs with AVX512-BF16 or AMX)")
+    parser.add_argument("--name", default="planner", help="results file stem")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     from sparsefx.capture.models import load_model
-    from sparsefx.target import resolve_target, with_threads
+    from sparsefx.target import check_precision, resolve_target, with_precision, with_threads
 
     target = with_threads(resolve_target("cpu"), args.threads)
+    if args.precision != "fp32":
+        check_precision(args.precision, target)
+        target = with_precision(target, args.precision)
     torch.set_num_threads(target.cores)
     record = RunRecord(sys.argv)
     speedups = [float(s) for s in args.speedups.split(",")]
@@ -198,7 +205,7 @@ def main() -> int:
         model, inputs = load_model(name if ":" in name or name == "default" else f"torchvision:{name}")
         for s in speedups:
             rows.append({"model": name, **compare(model, inputs, s, target, args.rounds)})
-            write(args.out, rows, target, record)  # a later failure keeps what was measured
+            write(args.out, rows, target, record, args.name)  # a later failure keeps what was measured
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "_models"}, default=str)[:400], file=sys.stderr)
     if args.fmnist:
         dense = train_small_resnet(args.epochs, args.train_limit)
@@ -207,8 +214,8 @@ def main() -> int:
             row = {"model": "fmnist-small-resnet (batch 64)", **compare(dense, inputs, s, target, args.rounds)}
             fmnist_accuracy(row, dense, args.epochs, args.train_limit)
             rows.append(row)
-    write(args.out, rows, target, record)
-    print((args.out / "planner.md").read_text())
+    write(args.out, rows, target, record, args.name)
+    print((args.out / f"{args.name}.md").read_text())
     return 0
 
 
