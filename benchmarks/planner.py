@@ -144,10 +144,10 @@ def train_small_resnet(epochs: int, train_limit: int) -> torch.nn.Module:
     return model.eval()
 
 
-def write(out: Path, rows: list[dict], target: object, record: RunRecord, name: str = "planner") -> None:
+def write(out: Path, rows: list[dict], target: object, record: RunRecord, stem: str = "planner") -> None:
     out.mkdir(parents=True, exist_ok=True)
     clean = [{k: v for k, v in r.items() if k != "_models"} for r in rows]
-    record.write_report(out / f"{name}.json", {"target": str(target), "precision": target.precision, "rows": clean})
+    record.write_report(out / f"{stem}.json", {"target": str(target), "precision": target.precision, "rows": clean})
     lines = [f"# Cost-driven plan vs uniform and MACs-driven global pruning ({target}, {target.precision})", "",
              record.markdown_line(), "",
              "Each baseline is taken on both sides of the cost-driven plan's *predicted* latency (its predicted "
@@ -172,7 +172,7 @@ def write(out: Path, rows: list[dict], target: object, record: RunRecord, name: 
         cells = [f"{r['at_goal'][n]['retained_importance']:.3f} ({r['at_goal'][n]['measured_median_ms']:.3f} ms)"
                  for n in ("cost-driven", "uniform", "MACs-global")]
         lines.append(f"| {r['model']} | {r['requested_speedup']}x | {r['goal_predicted_ms']:.3f} | " + " | ".join(cells) + " |")
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> int:
