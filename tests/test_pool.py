@@ -96,3 +96,30 @@ def test_an_avg_pool_divisor_override_is_refused(private_cache) -> None:
     model = torch.nn.Sequential(torch.nn.AvgPool2d(3, 2, 1, divisor_override=4)).eval()
     with pytest.raises(SparsefxError, match="divisor_override=4"):
         compile(model, (torch.randn(1, 3, 15, 15),), verbose=False, cache=False)
+
+
+
+@pytest.mark.parametrize(("k", "stride", "padding", "attrs", "square", "symmetric", "kernel_runs"), [
+    ((3, 3), (2, 2), (1, 1, 1, 1), {}, (3, 2, 1), True, True),
+    ((3, 3), (2, 2), (1, 1, 1, 1), {"ceil_mode": True}, (3, 2, 1), True, True),
+    ((3, 2), (2, 2), (1, 1, 1, 1), {}, None, True, False),  # a non-square window
+    ((3, 3), (2, 1), (0, 0, 0, 0), {}, None, True, False),  # strides that differ
+    ((3, 3), (2, 2), (0, 0, 1, 1), {}, None, False, False),  # padded on one side only: PyTorch cannot either
+    ((2, 2), (2, 2), (2, 2, 2, 2), {}, (2, 2, 2), False, False),  # padded by more than half the window
+    ((3, 3), (3, 3), (1, 1, 1, 1), {}, (3, 3, 1), True, False),  # stride 3
+    ((3, 3), (1, 1), (1, 1, 1, 1), {"dilation": (2, 2)}, None, True, False),
+])
+def test_one_reading_of_a_pool_window(k: tuple, stride: tuple, padding: tuple, attrs: dict, square: tuple | None,
+                                      symmetric: bool, kernel_runs: bool) -> None:
+    """`pool.window_of` reads a pool's attributes once for every pass that takes pools (the pool kernel,
+    the bf16 chain's PyTorch pool, the tile layout's pool); each asks what its kernel runs of it."""
+    x = relax.Var("x", relax.TensorType((1, 4, 16, 16), "float32"))
+    call = relax.op.nn.max_pool2d(x, k, stride, padding, **attrs)
+    call = relax.BlockBuilder().normalize(call)
+    window = pool.window_of(call)
+    assert (window.size, window.stride, window.padding) == (k, stride, padding)
+    assert window.ceil == attrs.get("ceil_mode", False) and window.dilation == attrs.get("dilation", (1, 1))
+    assert window.square == square and window.symmetric == symmetric
+    assert (pool.spec_of(call) is not None) == kernel_runs
+    assert pool.window_of(call, ("relax.nn.avg_pool2d",)) is None
+    assert pool.window_of(relax.op.nn.max_pool2d(x, k, stride, padding, layout="NHWC")) is None

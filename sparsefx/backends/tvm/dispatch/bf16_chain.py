@@ -26,6 +26,7 @@ from sparsefx.backends.tvm.dispatch.torch_kernels import (
     PRECISIONS,
 )
 from sparsefx.backends.tvm.function_pass import function_pass
+from sparsefx.backends.tvm.kernels.pool import window_of
 
 CONVS = {CONV: (0,), CONV_EPILOGUE: (0,), CONV_RESIDUAL: (0, 3)}  # which of their tensor arguments take activations
 BF16, BF16_OUT = PRECISIONS.index("bf16"), PRECISIONS.index("bf16-out")
@@ -46,13 +47,10 @@ def _bf16_conv(call: relax.Expr) -> bool:
 def _pool_window(call: relax.Expr) -> list[int] | None:
     """The window `torch_kernels.MAX_POOL` takes for a Relax max_pool2d PyTorch can run (NCHW, each
     side padded alike, by at most half the window), else None."""
-    if not (isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.max_pool2d"):
+    window = window_of(call, ("relax.nn.max_pool2d",))
+    if window is None or not window.symmetric:
         return None
-    a = call.attrs
-    (kh, kw), (top, left, bottom, right) = [int(v) for v in a.pool_size], [int(v) for v in a.padding]
-    if a.layout != "NCHW" or a.out_layout != "NCHW" or (top, left) != (bottom, right) or 2 * top > kh or 2 * left > kw:
-        return None
-    return [kh, kw, *(int(v) for v in a.strides), top, left, *(int(v) for v in a.dilation), int(a.ceil_mode)]
+    return [*window.size, *window.stride, *window.padding[:2], *window.dilation, int(window.ceil)]
 
 
 @visitor

@@ -55,20 +55,59 @@ class PoolSpec(PlaneWindow):
                f"p{self.padding}" + ("_ceil" if self.ceil else "") + ("" if self.count_pad else "_nopad")
 
 
+POOLS = ("relax.nn.max_pool2d", "relax.nn.avg_pool2d")
+
+
+@dataclass(frozen=True)
+class Window:
+    """A Relax 2-D pool's window as its attributes give it, in NCHW: every pool-taking pass reads it
+    here (`window_of`) and then asks for what its own kernel can run."""
+
+    size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int, int, int]  # top, left, bottom, right
+    dilation: tuple[int, int]
+    ceil: bool
+
+    @property
+    def square(self) -> tuple[int, int, int] | None:
+        """(window, stride, padding) where both axes share them, every side is padded alike and
+        nothing is dilated, else None."""
+        (kh, kw), (sh, sw) = self.size, self.stride
+        if kh != kw or sh != sw or len(set(self.padding)) != 1 or self.dilation != (1, 1):
+            return None
+        return kh, sh, self.padding[0]
+
+    @property
+    def symmetric(self) -> bool:
+        """Each side padded like its opposite, by at most half the window (what PyTorch's pools take)."""
+        (top, left, bottom, right), (kh, kw) = self.padding, self.size
+        return (top, left) == (bottom, right) and 2 * top <= kh and 2 * left <= kw
+
+
+def window_of(call: relax.Expr, ops: tuple[str, ...] = POOLS) -> Window | None:
+    """The window of a Relax pool call (one of `ops`) in NCHW in and out, else None."""
+    if not (isinstance(call, relax.Call) and getattr(call.op, "name", None) in ops):
+        return None
+    a = call.attrs
+    if a.layout != "NCHW" or a.out_layout != "NCHW":
+        return None
+    size, stride, padding, dilation = (tuple(int(v) for v in x) for x in (a.pool_size, a.strides, a.padding, a.dilation))
+    return Window(size, stride, padding, dilation, bool(a.ceil_mode))
+
+
 def spec_of(call: relax.Call) -> PoolSpec | None:
     """The spec of a Relax max_pool2d or avg_pool2d call this kernel runs, else None."""
-    a = call.attrs
-    average = call.op.name == "relax.nn.avg_pool2d"
-    ty = call.args[0].ty
+    window = window_of(call)
+    ty = call.args[0].ty if window else None
     shape = getattr(ty, "shape", None)
-    if str(ty.dtype) != "float32" or a.layout != "NCHW" or a.out_layout != "NCHW" \
+    if window is None or str(ty.dtype) != "float32" or window.square is None \
             or shape is None or len(shape) != 4 or not all(isinstance(d, tirx.IntImm) for d in shape):
         return None
-    (kh, kw), (sh, sw), (dh, dw), pads = ([int(v) for v in x] for x in (a.pool_size, a.strides, a.dilation, a.padding))
-    n, c, h, w = (int(d) for d in shape)
-    spec = PoolSpec(n, c, h, w, kh, sh, pads[0], bool(a.ceil_mode), average, not average or bool(a.count_include_pad))
-    if kh != kw or sh != sw or sh not in (1, 2) or dh != dw or dh != 1 or len(set(pads)) != 1 \
-            or 2 * spec.padding > kh or min(spec.out_hw) < 1 \
+    (kernel_size, stride, padding), average = window.square, call.op.name == "relax.nn.avg_pool2d"
+    spec = PoolSpec(*(int(d) for d in shape), kernel_size, stride, padding, window.ceil, average,
+                    not average or bool(call.attrs.count_include_pad))
+    if stride not in (1, 2) or 2 * padding > kernel_size or min(spec.out_hw) < 1 \
             or [int(d) for d in call.ty.shape] != list(spec.out_shape):  # output sizes worked out alike
         return None
     return spec

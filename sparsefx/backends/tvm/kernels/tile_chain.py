@@ -21,6 +21,7 @@ import tvm
 from tvm import relax
 
 from sparsefx.backends.tvm.function_pass import swap_calls
+from sparsefx.backends.tvm.kernels.pool import window_of
 from sparsefx.backends.tvm.kernels.tile_layout import (
     FROM_TILES,
     TO_TILES,
@@ -52,14 +53,8 @@ def _shape(expr: relax.Expr) -> tuple[int, ...]:
 
 def _pool_window(call: relax.Expr) -> tuple[int, int, int] | None:
     """(window, stride, padding) of a square NCHW max_pool2d with equal padding and no dilation, else None."""
-    if _op(call) != "relax.nn.max_pool2d":
-        return None
-    a = call.attrs
-    (kh, kw), (sh, sw), pads, (dh, dw) = ([int(v) for v in vs] for vs in (a.pool_size, a.strides, a.padding, a.dilation))
-    if a.layout != "NCHW" or a.out_layout != "NCHW" or kh != kw or sh != sw or len(set(pads)) != 1 or (dh, dw) != (1, 1) \
-            or a.ceil_mode:
-        return None
-    return kh, sh, pads[0]
+    window = window_of(call, ("relax.nn.max_pool2d",))
+    return window.square if window is not None and not window.ceil else None
 
 
 class _Kernels:
