@@ -22,16 +22,23 @@ SPECS = [  # (batch, cin, cout, height, width, kernel, stride, padding, activati
     # stride 2 over even widths of 32 and more: columns split by shuffles (`phase_planes`)
     (1, 3, 5, 7, 36, 3, 2, 1, "relu", False), (1, 2, 9, 6, 32, 3, 2, 0, "none", True),
     (1, 4, 6, 5, 34, 1, 2, 0, "silu", True),
+    # maps with bands of output rows (`banded`): bands of unequal size, stride 2 over shuffled columns, a 7x7
+    # window reaching three phase-plane rows below its band, two images
+    (1, 2, 5, 17, 40, 3, 1, 1, "relu", True), (1, 3, 8, 40, 36, 3, 2, 1, "relu6", False),
+    (1, 3, 8, 30, 30, 7, 2, 3, "relu", False), (2, 4, 9, 24, 20, 3, 1, 1, "silu", True),
+    (1, 5, 7, 21, 23, 5, 1, 2, "none", True),
 ]
 
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 
 
-@pytest.mark.parametrize("by_channel", [True, False])
-def test_kernel_matches_torch_conv_with_stride_padding_bias_residual_and_activation(monkeypatch, by_channel) -> None:
-    monkeypatch.setattr(direct, "INPUT_IN_CACHE", 1 << 30 if by_channel else 0)  # both loop orders
+@pytest.mark.parametrize("order", ["by channel", "by position", "banded"])
+def test_kernel_matches_torch_conv_with_stride_padding_bias_residual_and_activation(monkeypatch, order) -> None:
+    monkeypatch.setattr(direct, "INPUT_IN_CACHE", 1 << 30 if order == "by channel" else 0)  # every loop order
+    monkeypatch.setattr(direct, "WEIGHT_IN_CACHE", 1 << 30 if order == "banded" else 0)
     specs = [direct.DirectSpec(*s) for s in SPECS]
+    assert sum(s.banded for s in specs) == (5 if order == "banded" else 0)
     for s in specs:
         assert direct.supported((s.stride,) * 2 + (s.padding,) * 2 + (1, 1, 1), s.arg_shapes[:2] + (s.out_shape,))
     assert_kernels_match_torch("direct", specs)

@@ -268,7 +268,7 @@ def plane_kernel(s: DepthwiseSpec) -> tvm.tirx.PrimFunc:
             n: T.let = t // s.channels
             c: T.let = t % s.channels
             plane = T.alloc_buffer((1, ph * ph, geometry.size), "float32", scope=STACK)
-            fill(x, plane, n, c, 0)
+            fill(x, plane, n, c, 0, 0)
             for oh in range(ho):
                 prefetch(flat, T.min(t + 1, planes - 1) * plane_size, plane_size, oh, ho)
                 for v in range(nvec):

@@ -50,31 +50,34 @@ class PhasePlanes:
     def size(self) -> int:
         return self.rows * self.row
 
-    def filler(self):  # noqa: ANN201 (a TVMScript macro)
-        """A macro `fill(x, planes, n, c, pc)`: zero `planes[pc]` (phases², size) and copy plane
-        (n, c) of `x` into it."""
-        st, p, wq, ph, size = self.stride, self.padding, self.row, self.phases, self.size
+    def filler(self, rows: int | None = None):  # noqa: ANN201 (a TVMScript macro)
+        """A macro `fill(x, planes, n, c, pc, r0)`: zero `planes[pc]` (phases², `rows` phase-plane rows,
+        default all of them) and copy into it the rows of plane (n, c) of `x` that land in phase-plane
+        rows r0 .. r0 + rows (r0 = 0 and every row: the whole plane)."""
+        st, p, wq, ph = self.stride, self.padding, self.row, self.phases
+        rows = self.rows if rows is None else rows
+        size = rows * wq
         firsts = [(b - p) % st for b in range(2)]  # first input column landing in phase column b
         counts = [-(-(self.width - f) // st) for f in firsts]
         lanes = [min(LANES, n) for n in counts]
         zero_lanes = min(LANES, size)
 
-        def dest(i, b):  # noqa: ANN001, ANN202 (TIR expressions): phase plane and start of row i's columns in it
-            return (i + p) % st * ph + b, (i + p) // st * wq + (firsts[b] + p) // st
+        def dest(i, b, r0):  # noqa: ANN001, ANN202 (TIR expressions): phase plane and start of row i's columns in it
+            return (i + p) % st * ph + b, ((i + p) // st - r0) * wq + (firsts[b] + p) // st
 
         @T.macro
-        def copy_columns(x, planes, n, c, pc, i, b):  # noqa: ANN001, ANN202
-            plane, start = dest(i, b)
+        def copy_columns(x, planes, n, c, pc, i, b, r0):  # noqa: ANN001, ANN202
+            plane, start = dest(i, b, r0)
             for j0 in range(-(-counts[b] // lanes[b])):
                 for jl in T.vectorized(lanes[b]):
                     j: T.let = T.min(j0 * LANES, counts[b] - lanes[b]) + jl
                     planes[pc, plane, start + j] = x[n, c, i, firsts[b] + j * st]
 
         @T.macro
-        def copy_pair(x, planes, n, c, pc, i, b):  # noqa: ANN001, ANN202
+        def copy_pair(x, planes, n, c, pc, i, b, r0):  # noqa: ANN001, ANN202
             # input columns of parity firsts[b], 2 * LANES at a time; the last step shifted back (by an
             # even count: the width is even) rather than made ragged
-            plane, start = dest(i, b)
+            plane, start = dest(i, b, r0)
             for q in range(-(-self.width // (2 * LANES))):
                 first: T.let = T.min(q * 2 * LANES, self.width - 2 * LANES)
                 planes[pc, plane, tirx.Ramp(start + first // 2, 1, LANES)] = tirx.Shuffle(
@@ -84,15 +87,15 @@ class PhasePlanes:
         copy = copy_pair if st == 2 and self.width % 2 == 0 and self.width >= 2 * LANES else copy_columns
 
         @T.macro
-        def fill(x, planes, n, c, pc):  # noqa: ANN001, ANN202
+        def fill(x, planes, n, c, pc, r0):  # noqa: ANN001, ANN202
             for a in range(ph * ph):
                 for q0 in range(-(-size // zero_lanes)):
                     for q in T.vectorized(zero_lanes):
                         planes[pc, a, T.min(q0 * zero_lanes, size - zero_lanes) + q] = T.float32(0)
-            for i in range(self.height):
+            for i in range(T.max(r0 * st - p, 0), T.min((r0 + rows) * st - p, self.height)):
                 if (i + p) % st < ph:
-                    copy(x, planes, n, c, pc, i, 0)
+                    copy(x, planes, n, c, pc, i, 0, r0)
                     if T.bool(ph == 2):
-                        copy(x, planes, n, c, pc, i, 1)
+                        copy(x, planes, n, c, pc, i, 1, r0)
 
         return fill
