@@ -96,3 +96,14 @@ def test_pass_fuses_the_add_and_activation_into_the_second_operand_when_the_firs
     assert "direct_4to6_8x8_k3s1p1_b1_relu_res" in text and "R.nn.relu" not in text
     with torch.no_grad():
         np.testing.assert_allclose(got, model(*inputs).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_bands_where_the_weight_stays_in_cache_and_the_map_makes_enough_of_them() -> None:
+    """ResNet's 3x3 convs: banded on large maps with small weights; not where every band would re-read a
+    large weight, nor where the map makes fewer than `MIN_BANDS` bands (two threads get unequal shares)."""
+    spec = lambda cin, cout, hw, stride=1: direct.DirectSpec(1, cin, cout, hw, hw, 3, stride, 1, "relu")  # noqa: E731
+    assert spec(64, 64, 56).banded and spec(64, 64, 56).bands == direct.BANDS
+    assert spec(128, 128, 28).banded and spec(64, 128, 56, stride=2).banded
+    assert not spec(256, 256, 14).banded  # 2.4 MB of weight
+    assert spec(128, 128, 14).bands < direct.MIN_BANDS and not spec(128, 128, 14).banded
+    assert "_bd" in spec(64, 64, 56).name and "_bd" not in spec(256, 256, 14).name
