@@ -122,10 +122,10 @@ def phases_first_body(s: DirectSpec):  # noqa: ANN201 (a TVMScript macro)
     """Each image's phase planes filled (split by input channels), then its blocks computed (split by
     channel blocks or by position blocks), then written out (split by output channels)."""
     k, st = s.kernel, s.stride
-    ho, wo = s.out_hw
+    ho, _ = s.out_hw
     geometry = PhasePlanes(s.height, s.width, k, st, s.padding, ho)
     fill, wq, ph = geometry.filler(), geometry.row, geometry.phases
-    n_out = ho * wq  # flat positions computed (columns wo..wq-1 of each row are dropped)
+    n_out = ho * wq  # flat positions computed (the columns past each output row's end are dropped)
     rows, pixels = min(ROWS, s.cout), PIXELS
     blocks, pixel_blocks = -(-s.cout // rows), -(-n_out // pixels)
     # channel blocks outermost where the phase planes fit in cache (each block re-reads all of them)
