@@ -22,7 +22,7 @@ from sparsefx.backends.tvm.dispatch.table import (  # noqa: F401
     table_key,
 )
 from sparsefx.backends.tvm.fold import numpy_fold_pass
-from sparsefx.backends.tvm.kernels import pool
+from sparsefx.backends.tvm.kernels import layer_norm, pool
 from sparsefx.backends.tvm.kernels import registry as own_kernels
 from sparsefx.backends.tvm.kernels.registry import own_kernel_pass, own_linear_pass
 from sparsefx.backends.tvm.kernels.tile_chain import tile_chain_pass
@@ -33,7 +33,9 @@ from sparsefx.cost.timing import Timer
 from sparsefx.target import Target
 
 NamedPass = tuple[str, tvm.transform.Pass]
-OWN_LEGALIZE = {"relax.nn.max_pool2d": pool.legalize, "relax.nn.avg_pool2d": pool.legalize}  # CPU: ops lowered to sparsefx's kernels, not TVM's TOPI
+# CPU: ops lowered to sparsefx's kernels, not TVM's TOPI (each falls back to TOPI where its kernel does not apply)
+OWN_LEGALIZE = {"relax.nn.max_pool2d": pool.legalize, "relax.nn.avg_pool2d": pool.legalize,
+                "relax.nn.layer_norm": layer_norm.legalize}
 
 
 def optimize_passes() -> list[NamedPass]:
