@@ -7,11 +7,12 @@ whether it fuses a residual add (`FUSES_RESIDUAL`), PyTorch's weight shape (`spe
 where a spec's weight argument is not in that layout (`arg_shapes[1]` differs), `pack_weight(spec, weight)`,
 applied to the constant weight at compile time; the dispatch times it beside PyTorch and
 records `impl: <name>` where it wins, and the cost model prices the same choice. Matmul kernels
-(`amx_linear`) say the same of a matmul `Kernel` and are swapped in by `own_linear_pass`.
+(`amx_linear`, `linear`) say the same of a matmul `Kernel` and are swapped in by `own_linear_pass`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from types import ModuleType
 
@@ -36,6 +37,7 @@ from sparsefx.backends.tvm.kernels import (
     amx_linear,
     depthwise,
     direct,
+    linear,
     pointwise,
     tile_layout,
 )
@@ -47,7 +49,7 @@ from sparsefx.target import has_tiles
 # where it applies at all
 CONV_KERNELS: dict[str, ModuleType] = {"amx": amx, "amx_depthwise": amx_depthwise, "depthwise": depthwise,
                                        "pointwise": pointwise, "direct": direct}
-MATMUL_KERNELS: dict[str, ModuleType] = {"amx_linear": amx_linear}
+MATMUL_KERNELS: dict[str, ModuleType] = {"amx_linear": amx_linear, "linear": linear}  # first match wins
 KERNELS: dict[str, ModuleType] = {**CONV_KERNELS, **MATMUL_KERNELS}
 BF16_KINDS = ("amx", "amx_depthwise", "amx_linear")  # only for bf16 targets whose CPU has AMX tiles
 TILE_KINDS = ("amx", "amx_depthwise")  # of those, the ones in the tiles' layout (`tile_layout`)
@@ -187,21 +189,23 @@ def tile_call(gvars: dict, spec: object, args: list[relax.Expr]) -> relax.Expr:
 
 
 def own_linear_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
-    """Relax pass: a 2-D matmul by a constant decided for a matmul kernel (`MATMUL_KERNELS`), with the
-    bias added after it and a ReLU where one follows, becomes one `call_tir` of that kernel (runs
-    before the torch epilogue and dispatch passes)."""
+    """Relax pass: a matmul by a constant decided for a matmul kernel (`MATMUL_KERNELS`), with the
+    bias added after it and an activation the kernel applies where one follows, becomes one `call_tir`
+    of that kernel (runs before the torch epilogue and dispatch passes); an input or result of more
+    than two dimensions (tokens, a channels-last map) is taken as rows, reshaped in and out (views)."""
     mp = matmul_epilogue_patterns()
 
-    def spec_for(expr: relax.Expr, matches: dict) -> tuple[str, object] | None:
+    def spec_for(expr: relax.Expr, matches: dict, out_shape: list[int]) -> tuple[str, object] | None:
         k = kernel_of(matches[mp.matmul])
         kind = decisions.get(k.key, {}).get("impl") if k is not None else None
         if kind not in MATMUL_KERNELS:
             return None
         act = activation_of(expr) if mp.b in matches else "none"
         spec = KERNELS[kind].spec_of(k, act)
-        if act not in KERNELS[kind].ACTIVATIONS or shape_of(expr) != list(spec.out_shape) \
-                or (mp.b in matches and shape_of(matches[mp.b])[-1:] != [spec.outputs]) \
-                or len(shape_of(matches[mp.x])) != 2:
+        x_shape = shape_of(matches[mp.x])
+        if act not in KERNELS[kind].ACTIVATIONS or [math.prod(x_shape[:-1]), x_shape[-1]] != list(spec.arg_shapes[0]) \
+                or [math.prod(out_shape[:-1]), out_shape[-1]] != list(spec.out_shape) \
+                or (mp.b in matches and shape_of(matches[mp.b])[-1:] != [spec.outputs]):
             return None
         return kind, spec
 
@@ -209,15 +213,18 @@ def own_linear_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
         for gvar, func in list(mod.functions.items()):
             if isinstance(func, relax.Function):
                 for pattern in (*mp.patterns, mp.matmul):
-                    func = rewrite_fused(pattern, rewriter, func)
+                    func = rewrite_fused(pattern, lambda e, m: rewriter(e, m, shape_of(e)), func)
                 mod[gvar] = func
         return mod
 
-    def call(gvars: dict, kind: str, spec: object, matches: dict) -> relax.Expr:
+    def call(gvars: dict, kind: str, spec: object, matches: dict, out_shape: list[int]) -> relax.Expr:
         bias = matches[mp.b].value.numpy().reshape(-1) if mp.b in matches else np.zeros(spec.outputs, "float32")
         weight = relax.const(KERNELS[kind].pack_weight(spec, matches[mp.w].value.numpy()))
-        return relax.call_tir(gvars[spec.name], [matches[mp.x], weight, relax.const(bias.astype("float32"))],
-                              relax.TensorType(spec.out_shape, "float32"))
+        x = matches[mp.x]
+        rows = x if len(shape_of(x)) == 2 else relax.op.reshape(x, spec.arg_shapes[0])
+        out = relax.call_tir(gvars[spec.name], [rows, weight, relax.const(bias.astype("float32"))],
+                             relax.TensorType(spec.out_shape, "float32"))
+        return out if len(out_shape) == 2 else relax.op.reshape(out, out_shape)
 
     return swapping_pass("FuseOwnLinear", rewrite_all, spec_for, call)
 

@@ -8,7 +8,8 @@ Implementations of one kernel (see `cost.timing` for how they are timed):
   beside `amx_linear` likewise (`PYTORCH_LINEAR_AMID_TILES`);
 - "depthwise", "pointwise", "direct": sparsefx's own TIR kernel for the conv (`kernels.registry`),
   all of one kind in one LLVM build; "amx" in bf16 where the CPU has AMX tiles, timed as chained
-  (NHWC bf16 in and out, as PyTorch's bf16 convs are timed);
+  (NHWC bf16 in and out, as PyTorch's bf16 convs are timed); "linear", "amx_linear" for a matmul
+  by a weight;
 - "tir": TVM's default schedule through the model's pipeline, only where the pre-filter
   (`dispatch.prefilter`) cannot rule it out, or where asked for by name.
 PyTorch's kernels cost the model a call out of the VM beyond their time (`overheads`).
@@ -58,7 +59,7 @@ PYTORCH_CONV_IN_MODEL = 1.17
 # PyTorch's bf16 linear (oneDNN, prepacked) in a model of AMX tile kernels, in-model over timed: a
 # classifier's 1024 -> 1000 0.305 / 0.156 ms, 2048 -> 1000 0.46-0.55 / 0.27-0.34 (pruned and dense
 # ResNet-50, one thread); `amx_linear` ran 0.08 ms in the model against 0.09-0.21 timed (both read a
-# cold weight when timed, at memory's bandwidth: a tie the noise decided). Charged where it competes.
+# cold weight when timed, at memory's bandwidth: a tie the noise decided). Charged where `amx_linear` competes.
 PYTORCH_LINEAR_AMID_TILES = 1.6
 Build = Callable[[tvm.IRModule, tvm.target.Target], object]
 
@@ -248,7 +249,7 @@ class HostTimer:
             times = time_in_turn(rivals, between=self.cold(kernel), stateless=stateless) if rivals else {}
             forget_packed(keys)
         charge = PYTORCH_CONV_IN_MODEL if kernel.op == "conv2d" and self.target.precision == "fp32" else \
-            PYTORCH_LINEAR_AMID_TILES if set(times) & set(own_kernels.MATMUL_KERNELS) else 1.0
+            PYTORCH_LINEAR_AMID_TILES if set(times) & set(own_kernels.BF16_KINDS) else 1.0
         for name in set(times) & set(TORCH_IMPLEMENTATIONS):
             times[name] *= charge
         return times

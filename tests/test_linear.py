@@ -1,0 +1,80 @@
+"""sparsefx's float32 Linear kernel: equals PyTorch's (bias, ReLU, both GELUs), and the pass swaps it in."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import tvm
+from torch import nn
+
+from sparsefx.backends.tvm.kernels import linear
+from sparsefx.backends.tvm.kernels import registry as own_kernels
+from sparsefx.cost.kernel import Kernel
+from sparsefx.target import resolve_target
+
+from .own_kernels_helper import dispatched
+
+ACT = {"none": lambda t: t, "relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
+# (rows, inputs, outputs, activation): ConvNeXt's pruned shapes, counts off the 14-row and 32-output blocks
+SPECS = [(3136, 48, 192, "gelu"), (49, 384, 96, "none"), (37, 40, 70, "relu"), (20, 64, 33, "gelu_tanh"),
+         (14, 5, 32, "gelu"), (100, 17, 95, "none")]
+
+
+@pytest.mark.parametrize(("rows", "inputs", "outputs", "act"), SPECS)
+def test_kernel_equals_torch_linear_with_bias_and_activation(rows: int, inputs: int, outputs: int, act: str) -> None:
+    spec = linear.LinearSpec(rows, inputs, outputs, act)
+    library = tvm.compile(tvm.IRModule({"main": linear.kernel(spec).with_attr("global_symbol", "main")}),
+                          resolve_target("cpu").to_tvm())
+    torch.manual_seed(0)
+    x, w, b = torch.randn(rows, inputs) * 2, torch.randn(inputs, outputs), torch.randn(outputs)
+    out = tvm.runtime.empty(spec.out_shape, "float32")
+    library["main"](*[tvm.runtime.tensor(a) for a in (x.numpy(), linear.pack_weight(spec, w.numpy()), b.numpy())], out)
+    want = ACT[act](x @ w + b)
+    np.testing.assert_allclose(out.numpy(), want.numpy(), rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_erf_matches_torch_where_gelu_needs_it() -> None:
+    """GELU's erf approximation, over and past [-4, 4] (clamped there): within float32's rounding."""
+    spec = linear.LinearSpec(14, 1, 32, "gelu")
+    library = tvm.compile(tvm.IRModule({"main": linear.kernel(spec).with_attr("global_symbol", "main")}),
+                          resolve_target("cpu").to_tvm())
+    x = torch.linspace(-12, 12, 14 * 32).reshape(14, 32)  # each output v = x: a weight of 1, no bias
+    out = tvm.runtime.empty(spec.out_shape, "float32")
+    got = np.empty((14, 32), np.float32)
+    for col in range(32):
+        w = np.zeros((1, 32), np.float32)
+        w[0, col] = 1.0
+        library["main"](tvm.runtime.tensor(x[:, col:col + 1].contiguous().numpy()),
+                        tvm.runtime.tensor(linear.pack_weight(spec, w)), tvm.runtime.tensor(np.zeros(32, np.float32)), out)
+        got[:, col] = out.numpy()[:, col]
+    np.testing.assert_allclose(got, F.gelu(x).numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_supported_takes_weight_matmuls_of_whole_blocks_with_few_inputs() -> None:
+    assert linear.supported(Kernel("matmul", (1, 3136, 48, 192)))
+    assert not linear.supported(Kernel("matmul", (12, 128, 64, 128)))  # both operands activations
+    assert not linear.supported(Kernel("matmul", (1, 13, 48, 192)))  # fewer rows than a block
+    assert not linear.supported(Kernel("matmul", (1, 128, 48, 31)))  # fewer outputs than a block
+    assert not linear.supported(Kernel("matmul", (1, 128, 768, 512)))  # an output block's weight past cache
+    assert own_kernels.own_kernel(Kernel("matmul", (1, 128, 512, 768)))[0] == "linear"
+
+
+def test_pass_runs_a_linear_on_a_channels_last_map_with_its_gelu() -> None:
+    model = nn.Sequential(nn.Linear(24, 64), nn.GELU(), nn.Linear(64, 40)).eval()
+    inputs = (torch.randn(1, 7, 9, 24),)  # ConvNeXt's layout: (n, h, w, c)
+    text, got = dispatched(model, inputs, lambda k: "linear")
+    assert "linear_63x24to64_gelu" in text and "linear_63x64to40_none" in text and "R.nn.gelu" not in text
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(*inputs).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_pass_fuses_the_gelu_after_a_reshape_back_to_tokens() -> None:
+    """A Linear on (batch, tokens, features) imports as a 2-D matmul reshaped back before its GELU (BERT)."""
+    model = nn.Sequential(nn.Linear(24, 64), nn.GELU()).eval()
+    inputs = (torch.randn(1, 20, 24),)
+    text, got = dispatched(model, inputs, lambda k: "linear")
+    assert "linear_20x24to64_gelu" in text and "R.nn.gelu" not in text
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(*inputs).numpy(), rtol=1e-4, atol=1e-5)
