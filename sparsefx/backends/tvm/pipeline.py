@@ -29,13 +29,30 @@ from sparsefx.backends.tvm.kernels.tile_chain import tile_chain_pass
 from sparsefx.backends.tvm.schedule import default_schedule_pass
 from sparsefx.backends.tvm.silu import silu_pass
 from sparsefx.backends.tvm.sparse.relax import sparse_kernel_pass
+from sparsefx.backends.tvm.tvmscript import parsed
 from sparsefx.cost.timing import Timer
 from sparsefx.target import Target
 
 NamedPass = tuple[str, tvm.transform.Pass]
+
+
+def own_legalization(spec_of: Callable[[relax.Call], object | None], kernel: Callable[[object], tvm.tirx.PrimFunc],
+                     operands: int) -> Callable[[relax.BlockBuilder, relax.Call], relax.Expr]:
+    """A `LegalizeOps` entry: the call on `kernel(spec)` (its first `operands` arguments in, `spec.out_shape`
+    out) where `spec_of(call)` gives a spec, else TVM's own legalization."""
+    def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+        spec = spec_of(call)
+        if spec is None:
+            return call.op.get_attr("FLegalize")(bb, call)
+        func = bb.add_func(parsed(kernel, spec), spec.name)
+        return relax.call_tir(func, list(call.args[:operands]), relax.TensorType(spec.out_shape, "float32"))
+    return legalize
+
+
 # CPU: ops lowered to sparsefx's kernels, not TVM's TOPI (each falls back to TOPI where its kernel does not apply)
-OWN_LEGALIZE = {"relax.nn.max_pool2d": pool.legalize, "relax.nn.avg_pool2d": pool.legalize,
-                "relax.nn.layer_norm": layer_norm.legalize}
+OWN_LEGALIZE = {"relax.nn.max_pool2d": own_legalization(pool.spec_of, pool.kernel, 1),
+                "relax.nn.avg_pool2d": own_legalization(pool.spec_of, pool.kernel, 1),
+                "relax.nn.layer_norm": own_legalization(layer_norm.spec_of, layer_norm.kernel, 3)}
 
 
 def optimize_passes() -> list[NamedPass]:

@@ -12,6 +12,7 @@ block) reads one contiguous run, widens each 16 bf16 to float32 as it loads them
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import tvm
@@ -19,6 +20,7 @@ from tvm.script import tirx as T
 
 from sparsefx.backends.tvm.kernels.amx import bf16_bits
 from sparsefx.backends.tvm.kernels.depthwise import activate
+from sparsefx.backends.tvm.kernels.linear import LinearShape
 from sparsefx.backends.tvm.kernels.tile_layout import to_float
 from sparsefx.backends.tvm.sparse.kernels import LANES, OPAQUE, STACK
 from sparsefx.cost.kernel import Kernel
@@ -29,36 +31,13 @@ ACTIVATIONS = ("none", "relu")
 
 
 @dataclass(frozen=True)
-class LinearSpec:
-    rows: int
-    inputs: int
-    outputs: int
-    activation: str = "none"
-
-    @property
-    def blocks(self) -> int:
-        return -(-self.outputs // BLOCK)
-
-    @property
-    def out_shape(self) -> tuple[int, int]:
-        return (self.rows, self.outputs)
-
-    @property
-    def weight_shape(self) -> tuple[int, int]:
-        """The Relax matmul's constant operand: (inputs, outputs)."""
-        return (self.inputs, self.outputs)
-
-    @property
-    def arg_shapes(self) -> tuple[tuple[int, ...], ...]:
-        return ((self.rows, self.inputs), (self.blocks, self.inputs, BLOCK), (self.outputs,), self.out_shape)
+class LinearSpec(LinearShape):
+    block: ClassVar[int] = BLOCK
+    kind: ClassVar[str] = "amx_linear"
 
     @property
     def arg_dtypes(self) -> tuple[str, ...]:
         return ("float32", "uint16", "float32", "float32")
-
-    @property
-    def name(self) -> str:
-        return f"amx_linear_{self.rows}x{self.inputs}to{self.outputs}_{self.activation}"
 
 
 def supported(kernel: Kernel) -> bool:

@@ -23,7 +23,6 @@ from tvm import relax
 from tvm.script import tirx as T
 
 from sparsefx.backends.tvm.sparse.kernels import LANES, OPAQUE, STACK
-from sparsefx.backends.tvm.tvmscript import parsed
 
 TASKS = 16  # parallel tasks at most (blocks of whole rows)
 
@@ -40,6 +39,10 @@ class LayerNormSpec:
     @property
     def rows(self) -> int:
         return math.prod(self.shape[:-1])
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return self.shape
 
     @property
     def name(self) -> str:
@@ -105,12 +108,3 @@ def kernel(s: LayerNormSpec) -> tvm.tirx.PrimFunc:
                     out[r, i] = (x[r, i] - mean) * scale * weight[i] + bias[i]
 
     return f.with_attr({"op_pattern": OPAQUE, "tirx.is_scheduled": True, "tirx.noalias": True})
-
-
-def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    """layer_norm as this kernel where it applies (`spec_of`), else TVM's own legalization."""
-    spec = spec_of(call)
-    if spec is None:
-        return call.op.get_attr("FLegalize")(bb, call)
-    func = bb.add_func(parsed(kernel, spec), spec.name)
-    return relax.call_tir(func, list(call.args[:3]), relax.TensorType(spec.shape, "float32"))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import tvm
@@ -48,36 +49,45 @@ ERF_BETA = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
 
 
 @dataclass(frozen=True)
-class LinearSpec:
+class LinearShape:
+    """A Linear layer as a matmul kernel sees it (this one's spec and `amx_linear`'s): rows (the
+    matmul's m, leading dimensions flattened), inputs, outputs and the activation fused; the kernel's
+    weight in blocks of `block` outputs, [block][input][outputs of the block]."""
+
     rows: int
     inputs: int
     outputs: int
     activation: str = "none"
+    block: ClassVar[int] = BLOCK
+    kind: ClassVar[str] = "linear"
 
     @property
     def blocks(self) -> int:
-        return -(-self.outputs // BLOCK)
-
-    @property
-    def row_blocks(self) -> int:
-        return -(-self.rows // ROWS)
+        return -(-self.outputs // self.block)
 
     @property
     def out_shape(self) -> tuple[int, int]:
         return (self.rows, self.outputs)
 
     @property
+    def arg_shapes(self) -> tuple[tuple[int, ...], ...]:
+        return ((self.rows, self.inputs), (self.blocks, self.inputs, self.block), (self.outputs,), self.out_shape)
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}_{self.rows}x{self.inputs}to{self.outputs}_{self.activation}"
+
+    @property
     def weight_shape(self) -> tuple[int, int]:
         """The Relax matmul's constant operand: (inputs, outputs)."""
         return (self.inputs, self.outputs)
 
-    @property
-    def arg_shapes(self) -> tuple[tuple[int, ...], ...]:
-        return ((self.rows, self.inputs), (self.blocks, self.inputs, BLOCK), (self.outputs,), self.out_shape)
 
+@dataclass(frozen=True)
+class LinearSpec(LinearShape):
     @property
-    def name(self) -> str:
-        return f"linear_{self.rows}x{self.inputs}to{self.outputs}_{self.activation}"
+    def row_blocks(self) -> int:
+        return -(-self.rows // ROWS)
 
 
 def supported(kernel: Kernel) -> bool:

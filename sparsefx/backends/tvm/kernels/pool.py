@@ -26,7 +26,6 @@ from tvm.script import tirx as T
 
 from sparsefx.backends.tvm.kernels.depthwise import PlaneWindow
 from sparsefx.backends.tvm.sparse.kernels import LANES, OPAQUE, STACK
-from sparsefx.backends.tvm.tvmscript import parsed
 
 
 @dataclass(frozen=True)
@@ -172,12 +171,3 @@ def kernel(s: PoolSpec) -> tvm.tirx.PrimFunc:
                             out[n, c, oh, tirx.Ramp(first, 1, out_lanes)] = over_columns(row, first)
 
     return f.with_attr({"op_pattern": OPAQUE, "tirx.is_scheduled": True, "tirx.noalias": True})
-
-
-def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    """max_pool2d / avg_pool2d as this kernel where it applies (`spec_of`), else TVM's own legalization."""
-    spec = spec_of(call)
-    if spec is None:
-        return call.op.get_attr("FLegalize")(bb, call)
-    func = bb.add_func(parsed(kernel, spec), spec.name)
-    return relax.call_tir(func, [call.args[0]], relax.TensorType(spec.out_shape, "float32"))
