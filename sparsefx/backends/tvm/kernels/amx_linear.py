@@ -19,7 +19,7 @@ import tvm
 from tvm.script import tirx as T
 
 from sparsefx.backends.tvm.kernels.amx import bf16_bits
-from sparsefx.backends.tvm.kernels.depthwise import activate
+from sparsefx.backends.tvm.kernels.depthwise import activate, blocks_starting
 from sparsefx.backends.tvm.kernels.linear import LinearShape
 from sparsefx.backends.tvm.kernels.tile_layout import to_float
 from sparsefx.backends.tvm.sparse.kernels import LANES, OPAQUE, STACK
@@ -56,8 +56,7 @@ def spec_of(kernel: Kernel, activation: str = "none") -> LinearSpec:
 def pack_weight(s: LinearSpec, weight: np.ndarray) -> np.ndarray:
     """(inputs, outputs) float32 -> bf16 bits [block][input][64], block b holding outputs from
     min(64 b, outputs - 64) on (the last block shifted back, its overlap computed twice)."""
-    starts = [min(b * BLOCK, s.outputs - BLOCK) for b in range(s.blocks)]
-    return np.ascontiguousarray(np.stack([bf16_bits(weight[:, c:c + BLOCK]) for c in starts]))
+    return np.ascontiguousarray(np.stack([bf16_bits(weight[:, c:c + BLOCK]) for c in blocks_starting(s.outputs, BLOCK)]))
 
 
 def kernel(s: LinearSpec) -> tvm.tirx.PrimFunc:

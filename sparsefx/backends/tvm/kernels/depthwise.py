@@ -39,6 +39,7 @@ MobileNetV2 even (its depthwise inputs are in cache, just written by the 1x1 con
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -160,7 +161,32 @@ def activate(value, activation: str):  # noqa: ANN001, ANN202 (TIR expressions)
         return T.min(T.max(value, T.float32(0)), T.float32(6))
     if activation == "silu":
         return value / (T.float32(1) + _exp(-value))
+    if activation == "gelu":
+        return T.float32(0.5) * value * (T.float32(1) + erf(value * T.float32(1 / math.sqrt(2))))
+    if activation == "gelu_tanh":  # 0.5 v (1 + tanh(u)) = v / (1 + exp(-2u))
+        u = T.float32(math.sqrt(2 / math.pi)) * (value + T.float32(0.044715) * value * value * value)
+        return value / (T.float32(1) + _exp(T.float32(-2) * u))
     return value
+
+
+# erf(x) ~ x p(x^2) / q(x^2) on [-4, 4] (clamped outside, where float32's erf is +-1): Eigen's coefficients
+ERF_ALPHA = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+             -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
+ERF_BETA = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+            -1.42647390514189e-02)
+
+
+def erf(x):  # noqa: ANN001, ANN201 (a TIR expression)
+    """erf that vectorises (libm's is a scalar call per lane): x p(x^2) / q(x^2), clamped to [-4, 4]."""
+    x = T.max(T.min(x, T.float32(4)), T.float32(-4))
+    x2 = x * x
+    p = T.float32(ERF_ALPHA[0])
+    for a in ERF_ALPHA[1:]:
+        p = p * x2 + T.float32(a)
+    q = T.float32(ERF_BETA[0])
+    for b in ERF_BETA[1:]:
+        q = q * x2 + T.float32(b)
+    return x * p / q
 
 
 def _exp(value):  # noqa: ANN001, ANN202 (TIR expressions)

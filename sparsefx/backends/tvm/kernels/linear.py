@@ -9,7 +9,8 @@ accumulators), the weight repacked at compile time as [32-output block][input][3
 vector loads of the block's weights and one broadcast per row, as `pointwise` does on small maps (its
 `channel_vector_body`; rows here are contiguous in the input, outputs contiguous in the result). The
 bias and the activation are applied in registers before the store; GELU's erf as the rational
-approximation TVM's `fast_erf` uses (Eigen's), vectorised, where libm's erf is a scalar call.
+approximation TVM's `fast_erf` uses (Eigen's), vectorised, where libm's erf is a scalar call
+(`depthwise.activate`, the activations every kernel applies).
 The last block of rows and of outputs is shifted back to end at the edge (its overlap computed twice).
 The dispatch times it on the bare matmul beside PyTorch's (MKL, or oneDNN on a prepacked weight).
 
@@ -22,7 +23,6 @@ BERT-base 0.97-1.00.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -30,6 +30,7 @@ import numpy as np
 import tvm
 from tvm.script import tirx as T
 
+from sparsefx.backends.tvm.kernels.depthwise import activate, blocks_starting
 from sparsefx.backends.tvm.sparse.kernels import LANES, OPAQUE, STACK
 from sparsefx.cost.kernel import Kernel
 
@@ -41,11 +42,6 @@ TASKS = 16  # parallel tasks at least, where there are enough row blocks
 # PyTorch 2.41), so the dispatch's near-ties there went the wrong way
 MAX_INPUTS = 512
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh")
-# erf(x) ~ x p(x^2) / q(x^2) on [-4, 4] (clamped outside, where float32's erf is +-1): Eigen's coefficients
-ERF_ALPHA = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
-             -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
-ERF_BETA = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
-            -1.42647390514189e-02)
 
 
 @dataclass(frozen=True)
@@ -106,31 +102,8 @@ def spec_of(kernel: Kernel, activation: str = "none") -> LinearSpec:
 
 def pack_weight(s: LinearSpec, weight: np.ndarray) -> np.ndarray:
     """(inputs, outputs) -> [block][input][32], block b holding outputs from min(32 b, outputs - 32) on."""
-    starts = [min(b * BLOCK, s.outputs - BLOCK) for b in range(s.blocks)]
-    return np.ascontiguousarray(np.stack([weight[:, c:c + BLOCK] for c in starts]), dtype=np.float32)
-
-
-def erf(x):  # noqa: ANN001, ANN201 (a TIR expression)
-    x = T.max(T.min(x, T.float32(4)), T.float32(-4))
-    x2 = x * x
-    p = T.float32(ERF_ALPHA[0])
-    for a in ERF_ALPHA[1:]:
-        p = p * x2 + T.float32(a)
-    q = T.float32(ERF_BETA[0])
-    for b in ERF_BETA[1:]:
-        q = q * x2 + T.float32(b)
-    return x * p / q
-
-
-def activate(v, activation: str):  # noqa: ANN001, ANN201 (a TIR expression)
-    if activation == "relu":
-        return T.max(v, T.float32(0))
-    if activation == "gelu":
-        return T.float32(0.5) * v * (T.float32(1) + erf(v * T.float32(1 / math.sqrt(2))))
-    if activation == "gelu_tanh":  # tanh(u) = 2 / (1 + exp(-2u)) - 1
-        u = T.float32(math.sqrt(2 / math.pi)) * (v + T.float32(0.044715) * v * v * v)
-        return v / (T.float32(1) + T.exp(T.float32(-2) * u))
-    return v
+    return np.ascontiguousarray(np.stack([weight[:, c:c + BLOCK] for c in blocks_starting(s.outputs, BLOCK)]),
+                                dtype=np.float32)
 
 
 def kernel(s: LinearSpec) -> tvm.tirx.PrimFunc:
