@@ -48,6 +48,32 @@ def test_small_maps_vectorise_over_channels_and_match_torch_conv(monkeypatch, ba
     assert_kernels_match_torch("pointwise", specs)
 
 
+PACKED_SPECS = [  # bands copied before their blocks: channel and pixel counts off the blocks, several images
+    (2, 5, 13, 9, 7, "relu", True), (3, 16, 8, 6, 11, "none", False), (1, 9, 20, 13, 5, "relu6", True),
+    (2, 70, 3, 12, 12, "none", True),
+]
+
+
+def test_bands_copied_before_their_blocks_match_torch_conv(monkeypatch) -> None:
+    split_into_bands(monkeypatch, True)
+    monkeypatch.setattr(pointwise, "PACKED_MIN_CIN", 1)
+    monkeypatch.setattr(pointwise, "PACKED_MIN_BLOCKS", 1)
+    monkeypatch.setattr(pointwise, "TASKS", 2)
+    specs = [pointwise.PointwiseSpec(*s) for s in PACKED_SPECS]
+    assert all(s.packs_bands and s.name.endswith("_pk") for s in specs)
+    assert_kernels_match_torch("pointwise", specs)
+
+
+def test_bands_copied_only_for_large_inputs_with_many_channels() -> None:
+    assert pointwise.PointwiseSpec(8, 256, 64, 56, 56).packs_bands  # 26 MB of input from memory
+    assert pointwise.PointwiseSpec(1, 256, 64, 112, 112).packs_bands
+    assert not pointwise.PointwiseSpec(1, 256, 64, 56, 56).packs_bands  # 13 bands: too few tasks for the threads
+    assert not pointwise.PointwiseSpec(8, 32, 96, 112, 112).packs_bands  # too few input channels to pay for the copy
+    assert not pointwise.PointwiseSpec(8, 96, 16, 56, 56).packs_bands  # too few channel blocks to share it
+    assert not pointwise.PointwiseSpec(8, 256, 64, 56, 56, scaled=True).packs_bands
+    assert not pointwise.PointwiseSpec(8, 576, 96, 14, 14).packs_bands  # vectorised over channels
+
+
 def test_bands_only_where_the_input_is_large_and_the_weight_stays_in_cache() -> None:
     mb = 1 << 20
     assert pointwise.bands(98, 3 * mb, 64 << 10) == 12  # 256 -> 64 at 56x56: a quarter MB of input per band

@@ -51,7 +51,7 @@ from sparsefx.target import Target
 # timer (`measure.host`: rivals in turn on cycled weight copies, PyTorch with its bias), decided by
 # `cost.timing.choose`, keyed by `cost.kernel.Kernel`; v7: own kernels in turn with PyTorch's after a
 # cache flush; `direct` since v6, `pointwise` v5
-TABLE_VERSION = 22  # v11: float32 matmuls timed prepacked on oneDNN too; v12, v13: `pointwise`, `depthwise` by channels on small maps; v14: depthwise rows stored directly; v15: only the channel tile's padding zeroed; v16: `pointwise` in bands, `depthwise` prefetching and 3x3 windows straight from the rows, bf16 matmuls on oneDNN's linear with the weight prepacked, PyTorch's fp32 convs charged `PYTORCH_CONV_IN_MODEL`; v17: bf16 convs on AMX tiles (`amx`); v18: PyTorch's bf16 linear charged beside `amx_linear`; v19: tile layout's 16-channel half step; v20: `direct` in bands of output rows; v21: LayerNorm's TIR on `kernels.layer_norm`; v22: float32 Linear layers on `kernels.linear`
+TABLE_VERSION = 23  # v11: float32 matmuls timed prepacked on oneDNN too; v12, v13: `pointwise`, `depthwise` by channels on small maps; v14: depthwise rows stored directly; v15: only the channel tile's padding zeroed; v16: `pointwise` in bands, `depthwise` prefetching and 3x3 windows straight from the rows, bf16 matmuls on oneDNN's linear with the weight prepacked, PyTorch's fp32 convs charged `PYTORCH_CONV_IN_MODEL`; v17: bf16 convs on AMX tiles (`amx`); v18: PyTorch's bf16 linear charged beside `amx_linear`; v19: tile layout's 16-channel half step; v20: `direct` in bands of output rows; v21: LayerNorm's TIR on `kernels.layer_norm`; v22: float32 Linear layers on `kernels.linear`; v23: `pointwise` copies bands of large inputs
 
 
 def table_key(target: Target, threads: int) -> str:
