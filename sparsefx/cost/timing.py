@@ -85,14 +85,16 @@ def choose(times: Times, overheads: Mapping[str, float]) -> str:
 
 def time_in_turn(rivals: Mapping[str, Sequence[Callable[[], object]]], rounds: tuple[int, int] = ROUNDS,
                  budget_s: float = BUDGET_S, between: Callable[[], object] | None = None,
-                 stateless: Collection[str] = (), statistic: Callable[[list[float]], float] = min) -> Times:
+                 stateless: Collection[str] = (), statistic: Callable[[list[float]], float] = min,
+                 before: Mapping[str, Callable[[], object]] | None = None) -> Times:
     """ms of each rival (the `statistic` of its runs), its runs (one per weight copy) taken in turn
     with the other rivals' round after round, after a warm-up and then `between` (the traffic that makes the copies cold
     again, `cold_traffic`; see the module doc). The warm-up runs every run once, as a first run
     with a new weight makes what a rival keeps per weight (a prepacked copy); `stateless` rivals
     keep nothing per weight, and their first run alone warms the code (`between` evicts the data
     either way): a third of ResNet-50's planning time went to warm-ups. By default the fastest run
-    counts: what the kernel can do on a shared CPU."""
+    counts: what the kernel can do on a shared CPU. `before`: rival -> an untimed call before each of
+    its timed runs (what the model does between two of its calls, e.g. `release_freed_memory`)."""
     names = [name for name, runs in rivals.items() if runs]
     for name in names:
         for run in rivals[name][:1] if name in stateless else rivals[name]:
@@ -105,6 +107,8 @@ def time_in_turn(rivals: Mapping[str, Sequence[Callable[[], object]]], rounds: t
         for name in names:
             runs = rivals[name]
             run = runs[done % len(runs)]
+            if before and name in before:
+                before[name]()
             t0 = time.perf_counter()
             run()
             samples[name].append(time.perf_counter() - t0)

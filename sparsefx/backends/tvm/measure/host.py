@@ -4,8 +4,9 @@ Implementations of one kernel (see `cost.timing` for how they are timed):
 - "torch", "torch_prepacked": the PyTorch kernel a dispatched op calls (`dispatch.torch_kernels`),
   a conv plain or on oneDNN with its weight prepacked, with its bias and epilogue, in the
   target's precision (bf16 convs and matmuls cast their input and output as the model's do);
-  a float32 conv charged what it loses inside a model (`PYTORCH_CONV_IN_MODEL`), a bf16 linear
-  beside `amx_linear` likewise (`PYTORCH_LINEAR_AMID_TILES`);
+  in float32 each run on memory the C heap has just handed back to the system, as inside a model
+  (`release_freed_memory`), a bf16 linear beside `amx_linear` charged what it loses there
+  (`PYTORCH_LINEAR_AMID_TILES`);
 - "depthwise", "pointwise", "direct": sparsefx's own TIR kernel for the conv (`kernels.registry`),
   all of one kind in one LLVM build; "amx" in bf16 where the CPU has AMX tiles, timed as chained
   (NHWC bf16 in and out, as PyTorch's bf16 convs are timed); "linear", "amx_linear" for a matmul
@@ -17,6 +18,7 @@ PyTorch's kernels cost the model a call out of the VM beyond their time (`overhe
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import random
@@ -49,19 +51,33 @@ from sparsefx.cost.timing import Times, cold_traffic, time_in_turn, weight_copie
 from sparsefx.target import Target
 
 SLOW_MS = 50.0  # a default-TIR kernel that took longer once is not run again: its time is not in doubt
-# PyTorch's float32 convs ran slower inside compiled models, against their timings here, than the own
-# kernels did: ResNet-50 at one thread (Intel Xeon, AMX), in-model time over timed, 1.43 for its convs on
-# PyTorch (1x1 and 3x3 at 28x28 and 56x56), 1.22 for those on own kernels; what a PyTorch call adds
-# there (a fresh output from its allocator, oneDNN's reorders of NCHW data just written) the timing does
-# not reproduce. They are charged that difference: deciding so (same timings, 8 of ResNet-50's kernels
-# moved to own kernels) made ResNet-50 1.6-2.9% faster, ResNet-18 2.4% at one thread; 1.35 moved the same.
-PYTORCH_CONV_IN_MODEL = 1.17
 # PyTorch's bf16 linear (oneDNN, prepacked) in a model of AMX tile kernels, in-model over timed: a
 # classifier's 1024 -> 1000 0.305 / 0.156 ms, 2048 -> 1000 0.46-0.55 / 0.27-0.34 (pruned and dense
 # ResNet-50, one thread); `amx_linear` ran 0.08 ms in the model against 0.09-0.21 timed (both read a
 # cold weight when timed, at memory's bandwidth: a tie the noise decided). Charged where `amx_linear` competes.
 PYTORCH_LINEAR_AMID_TILES = 1.6
 Build = Callable[[tvm.IRModule, tvm.target.Target], object]
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc
+    except (AttributeError, OSError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand the C heap's free memory back to the system (glibc's `malloc_trim`), as it stands between two
+    calls of one layer in a compiled model, whose other PyTorch calls free their outputs meanwhile: a
+    PyTorch kernel then takes fresh pages for its output and oneDNN's reorders, and faults on each.
+    Timed back to back it reused the pages its last run freed: ResNet-18's stem at 8 images (one
+    thread) 13-15 ms timed so, 29-30 ms after a trim (12,556 page faults a run), 26.6 ms in the model;
+    ResNet-50's 1x1 256 -> 64 at 56x56, one image, 0.53 -> 0.69 ms (the model ran its float32 convs on
+    PyTorch 1.43x their untrimmed timing, the own kernels 1.22x). Where there is no glibc, nothing."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 @functools.cache
@@ -246,12 +262,13 @@ class HostTimer:
             # convs and matmuls and bf16-converted matmul weights (`keys`) do
             stateless = set(rivals) - {"torch_prepacked"} - \
                 ({"torch"} if kernel.op == "matmul" and self.target.precision != "fp32" else set())
-            times = time_in_turn(rivals, between=self.cold(kernel), stateless=stateless) if rivals else {}
+            fresh = dict.fromkeys(set(rivals) & set(TORCH_IMPLEMENTATIONS), release_freed_memory) \
+                if self.target.precision == "fp32" else None
+            times = time_in_turn(rivals, between=self.cold(kernel), stateless=stateless, before=fresh) if rivals else {}
             forget_packed(keys)
-        charge = PYTORCH_CONV_IN_MODEL if kernel.op == "conv2d" and self.target.precision == "fp32" else \
-            PYTORCH_LINEAR_AMID_TILES if set(times) & set(own_kernels.BF16_KINDS) else 1.0
-        for name in set(times) & set(TORCH_IMPLEMENTATIONS):
-            times[name] *= charge
+        if set(times) & set(own_kernels.BF16_KINDS):
+            for name in set(times) & set(TORCH_IMPLEMENTATIONS):
+                times[name] *= PYTORCH_LINEAR_AMID_TILES
         return times
 
     @staticmethod
