@@ -10,7 +10,7 @@ from sparsefx.backends.tvm.dispatch import prefilter
 from sparsefx.backends.tvm.dispatch import table as dispatch
 from sparsefx.backends.tvm.measure import host
 from sparsefx.backends.tvm.pipeline import build_module
-from sparsefx.cost.kernel import conv2d_kernel
+from sparsefx.cost.kernel import conv2d_kernel, matmul_kernel
 from sparsefx.cost.timing import choose, time_in_turn
 from sparsefx.target import resolve_target
 
@@ -184,7 +184,7 @@ def test_own_kernels_are_built_only_where_pytorch_does_not_beat_their_ceiling(mo
     assert "depthwise" in times[1] and len(built) == 1  # memory-bound: never ruled out by GFLOP/s
 
 
-def test_pytorch_float32_runs_take_freshly_released_memory_and_own_kernels_do_not(monkeypatch) -> None:
+def test_pytorch_float32_convs_take_freshly_released_memory_and_own_kernels_and_matmuls_do_not(monkeypatch) -> None:
     timed = {"torch": 1.0, "torch_prepacked": 1.1, "direct": 1.1}
     asked = {}
 
@@ -198,6 +198,9 @@ def test_pytorch_float32_runs_take_freshly_released_memory_and_own_kernels_do_no
     mine = ("direct", lambda *args: None, host.own_kernels.own_kernel(conv)[1])
     assert timer.time_one(conv, None, mine) == timed  # nothing charged on top of the timing
     assert asked == {"torch": host.release_freed_memory, "torch_prepacked": host.release_freed_memory}
+    asked.clear()
+    timer.time_one(matmul_kernel(1, 128, 384, 768, 16), None, None)
+    assert asked == {}  # a matmul's small output: timed as it comes
 
 
 def test_a_release_before_each_run_is_not_timed() -> None:

@@ -4,8 +4,8 @@ Implementations of one kernel (see `cost.timing` for how they are timed):
 - "torch", "torch_prepacked": the PyTorch kernel a dispatched op calls (`dispatch.torch_kernels`),
   a conv plain or on oneDNN with its weight prepacked, with its bias and epilogue, in the
   target's precision (bf16 convs and matmuls cast their input and output as the model's do);
-  in float32 each run on memory the C heap has just handed back to the system, as inside a model
-  (`release_freed_memory`), a bf16 linear beside `amx_linear` charged what it loses there
+  a float32 conv each run on memory the C heap has just handed back to the system, as inside a
+  model (`release_freed_memory`), a bf16 linear beside `amx_linear` charged what it loses there
   (`PYTORCH_LINEAR_AMID_TILES`);
 - "depthwise", "pointwise", "direct": sparsefx's own TIR kernel for the conv (`kernels.registry`),
   all of one kind in one LLVM build; "amx" in bf16 where the CPU has AMX tiles, timed as chained
@@ -74,7 +74,9 @@ def release_freed_memory() -> None:
     Timed back to back it reused the pages its last run freed: ResNet-18's stem at 8 images (one
     thread) 13-15 ms timed so, 29-30 ms after a trim (12,556 page faults a run), 26.6 ms in the model;
     ResNet-50's 1x1 256 -> 64 at 56x56, one image, 0.53 -> 0.69 ms (the model ran its float32 convs on
-    PyTorch 1.43x their untrimmed timing, the own kernels 1.22x). Where there is no glibc, nothing."""
+    PyTorch 1.43x their untrimmed timing, the own kernels 1.22x). Where there is no glibc, nothing.
+    Convs only: a matmul's output is small (BERT-base's, 128 x 768), and released before each run
+    pruned BERT-base's 384 -> 768 went to `linear`, which ran the model 2% slower."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
@@ -263,7 +265,7 @@ class HostTimer:
             stateless = set(rivals) - {"torch_prepacked"} - \
                 ({"torch"} if kernel.op == "matmul" and self.target.precision != "fp32" else set())
             fresh = dict.fromkeys(set(rivals) & set(TORCH_IMPLEMENTATIONS), release_freed_memory) \
-                if self.target.precision == "fp32" else None
+                if self.target.precision == "fp32" and kernel.op == "conv2d" else None
             times = time_in_turn(rivals, between=self.cold(kernel), stateless=stateless, before=fresh) if rivals else {}
             forget_packed(keys)
         if set(times) & set(own_kernels.BF16_KINDS):
