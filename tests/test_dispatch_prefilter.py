@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 
 from sparsefx.backends.tvm.dispatch import prefilter
 from sparsefx.backends.tvm.dispatch import table as dispatch
@@ -184,23 +185,31 @@ def test_own_kernels_are_built_only_where_pytorch_does_not_beat_their_ceiling(mo
     assert "depthwise" in times[1] and len(built) == 1  # memory-bound: never ruled out by GFLOP/s
 
 
-def test_pytorch_float32_convs_take_freshly_released_memory_and_own_kernels_and_matmuls_do_not(monkeypatch) -> None:
+def test_float32_convs_run_on_a_rewritten_input_and_pytorch_s_on_released_memory(monkeypatch) -> None:
     timed = {"torch": 1.0, "torch_prepacked": 1.1, "direct": 1.1}
-    asked = {}
+    asked, released = {}, []
 
     def fake_time_in_turn(rivals, before=None, **_):
-        asked.update(before or {})
+        asked.clear()
+        asked.update({name: (hook, rivals[name][0].args[0]) for name, hook in (before or {}).items()})
         return {name: timed[name] for name in rivals}
 
     monkeypatch.setattr(host, "time_in_turn", fake_time_in_turn)
+    monkeypatch.setattr(host, "release_freed_memory", lambda: released.append(1))
     timer = host.HostTimer(resolve_target("cpu"))
     conv = conv2d_kernel((1, 16, 8, 8), (1, 16, 8, 8), 1, (3, 3), (1, 1), (1, 1), (1, 1), 0)
     mine = ("direct", lambda *args: None, host.own_kernels.own_kernel(conv)[1])
     assert timer.time_one(conv, None, mine) == timed  # nothing charged on top of the timing
-    assert asked == {"torch": host.release_freed_memory, "torch_prepacked": host.release_freed_memory}
-    asked.clear()
+    assert set(asked) == set(timed)
+    for name, (hook, x) in asked.items():
+        x = x if isinstance(x, torch.Tensor) else torch.from_dlpack(x)
+        kept, count = x.clone(), len(released)
+        with torch.inference_mode():  # as `time_one` runs them
+            hook()
+        assert torch.equal(x, kept)  # written, unchanged
+        assert len(released) - count == (name != "direct")  # only PyTorch's runs release memory
     timer.time_one(matmul_kernel(1, 128, 384, 768, 16), None, None)
-    assert asked == {}  # a matmul's small output: timed as it comes
+    assert asked == {}  # a matmul: timed as it comes
 
 
 def test_a_release_before_each_run_is_not_timed() -> None:
