@@ -117,14 +117,18 @@ class PointwiseSpec:
         return wasted_here <= wasted_by_pixels
 
     @property
+    def pixel_bands(self) -> int:
+        """Bands of the map the pixel-vector bodies split it into (`bands`, over `PIXELS`-pixel blocks)."""
+        return bands(-(-self.plane // PIXELS), self.cin * self.plane * 4, self.cin * self.cout * 4)
+
+    @property
     def packs_bands(self) -> bool:
         """Whether each band's input rows are copied together before its blocks run (`packed_band_body`):
         where the map is split into bands, enough of them for the threads (`TASKS`), and the input has
         the channels to pay for the copy."""
         if self.by_channels or self.scaled or self.cin < PACKED_MIN_CIN or -(-self.cout // ROWS) < PACKED_MIN_BLOCKS:
             return False
-        groups = bands(-(-self.plane // PIXELS), self.cin * self.plane * 4, self.cin * self.cout * 4)
-        return groups > 1 and self.batch * groups >= TASKS
+        return self.pixel_bands > 1 and self.batch * self.pixel_bands >= TASKS
 
     @property
     def name(self) -> str:
@@ -217,8 +221,7 @@ def pixel_block_macros(s: PointwiseSpec) -> tuple:
 def pixel_vector_body(s: PointwiseSpec):  # noqa: ANN201 (a TVMScript macro)
     rows, pixels, plane = min(ROWS, s.cout), PIXELS, s.plane
     blocks = -(-s.cout // rows)
-    pixel_blocks = -(-plane // pixels)
-    groups = bands(pixel_blocks, s.cin * plane * 4, s.cin * s.cout * 4)
+    pixel_blocks, groups = -(-plane // pixels), s.pixel_bands
     flat = (s.batch, s.cout, plane)
     k_lanes = min(LANES, s.cin)
     start, accumulate, finish = pixel_block_macros(s)
@@ -268,8 +271,7 @@ def packed_band_body(s: PointwiseSpec):  # noqa: ANN201 (a TVMScript macro)
     1.09x; in MobileNetV2 pruned to half, 8 images, 96 -> 16 at 28x28 1.10x): `packs_bands` says where."""
     rows, pixels, plane = min(ROWS, s.cout), PIXELS, s.plane
     blocks = -(-s.cout // rows)
-    pixel_blocks = -(-plane // pixels)
-    groups = bands(pixel_blocks, s.cin * plane * 4, s.cin * s.cout * 4)
+    pixel_blocks, groups = -(-plane // pixels), s.pixel_bands
     width = -(-pixel_blocks // groups) * pixels + pixels  # a band's pixels at most, its first block shifted back
     flat = (s.batch, s.cout, plane)
     start, accumulate, finish = pixel_block_macros(s)
