@@ -182,19 +182,19 @@ def test_depthwise_1x1_and_dense_convs_are_also_timed_on_sparsefx_kernels(monkey
     monkeypatch.setattr(cost.timer, "time_rivals", torch_absurdly_slow)
     depthwise = conv2d_kernel((1, 32, 16, 16), (1, 32, 16, 16), 32, (3, 3), (1, 1), (1, 1), (1, 1), cost.lanes)
     kind, spec = own_kernel(depthwise.with_epilogue("relu6", False))
-    assert kind == "depthwise" and spec.activation == "relu6"
+    assert kind == "blocked_depthwise" and spec.activation == "relu6"
     assert own_kernel(depthwise.with_epilogue("relu", True)) is None  # a residual stays PyTorch's
     pointwise = conv2d_kernel((1, 32, 16, 16), (1, 24, 16, 16), 1, (1, 1), (1, 1), (0, 0), (1, 1), cost.lanes)
     kind, spec = own_kernel(pointwise.with_epilogue("relu", True))  # fuses the residual
-    assert kind == "pointwise" and spec.residual and spec.activation == "relu"
+    assert kind == "blocked" and spec.residual and spec.activation == "relu" and spec.kernel == 1
     dense = conv2d_kernel((1, 32, 16, 16), (1, 32, 16, 16), 1, (3, 3), (1, 1), (1, 1), (1, 1), cost.lanes)
     kind, spec = own_kernel(dense.with_epilogue("relu", True))
-    assert kind == "direct" and spec.residual and spec.kernel == 3
+    assert kind == "blocked" and spec.residual and spec.kernel == 3
     dilated = conv2d_kernel((1, 32, 16, 16), (1, 32, 16, 16), 1, (3, 3), (1, 1), (2, 2), (2, 2), cost.lanes)
     assert own_kernel(dilated) is None
     for kernel in (depthwise, pointwise.with_epilogue("relu", True), dense):
         assert 0 < cost.time_now(kernel) < 1e3
-    assert cost.implementations([depthwise, pointwise, dense]) == ["depthwise", "pointwise", "direct"]
+    assert cost.implementations([depthwise, pointwise, dense]) == ["blocked_depthwise", "blocked", "blocked"]
     # no own kernel runs a dilated conv: with PyTorch that slow the dispatch builds TVM's default schedule,
     # and the cost model prices what the dispatch picks
     assert cost.implementations([dilated]) == ["tir"] and 0 < cost.time_now(dilated) < 1e3

@@ -88,8 +88,8 @@ def test_table_builds_calibration_and_plausible_tir_wins_only() -> None:
 
 
 @pytest.mark.parametrize("kind, kernel", [
-    ("depthwise", conv2d_kernel((1, 32, 16, 16), (1, 32, 16, 16), 32, (3, 3), (1, 1), (1, 1), (1, 1), 0)),
-    ("pointwise", conv2d_kernel((1, 32, 16, 16), (1, 24, 16, 16), 1, (1, 1), (1, 1), (0, 0), (1, 1), 0)),
+    ("blocked_depthwise", conv2d_kernel((1, 32, 16, 16), (1, 32, 16, 16), 32, (3, 3), (1, 1), (1, 1), (1, 1), 0)),
+    ("blocked", conv2d_kernel((1, 32, 16, 16), (1, 24, 16, 16), 1, (1, 1), (1, 1), (0, 0), (1, 1), 0)),
     ("direct", conv2d_kernel((1, 8, 16, 16), (1, 24, 8, 8), 1, (3, 3), (2, 2), (1, 1), (1, 1), 0)),
 ])
 def test_own_kernel_convs_build_only_sparsefx_kernel_not_the_default_tir(monkeypatch, kind, kernel) -> None:
@@ -173,7 +173,8 @@ def test_time_in_turn_counts_the_statistic_asked_for() -> None:
 
 def test_own_kernels_are_built_only_where_pytorch_does_not_beat_their_ceiling(monkeypatch) -> None:
     # each kind ran at 10 GFLOP/s at best so far; PyTorch takes 0.1 ms on both convs below
-    history = [{"gflop": 1.0, f"{kind}_ms": 100.0, "torch_ms": 1.0} for kind in ("direct", "depthwise") for _ in range(4)]
+    history = [{"gflop": 1.0, f"{kind}_ms": 100.0, "torch_ms": 1.0} for kind in ("blocked", "blocked_depthwise")
+               for _ in range(4)]
     timer = host.HostTimer(resolve_target("cpu"), history=history)
     built = []
     monkeypatch.setattr(host, "build_kernels", lambda pairs, target: {s.name: built.append(s.name) for _, s in pairs})
@@ -181,8 +182,8 @@ def test_own_kernels_are_built_only_where_pytorch_does_not_beat_their_ceiling(mo
     dense = conv2d_kernel((1, 64, 56, 56), (1, 64, 56, 56), 1, (3, 3), (1, 1), (1, 1), (1, 1), 16)  # 2300 GFLOP/s on PyTorch
     depthwise = conv2d_kernel((1, 96, 56, 56), (1, 96, 56, 56), 96, (3, 3), (1, 1), (1, 1), (1, 1), 16)
     times = timer.time_rivals([dense, depthwise], [None, None])
-    assert "direct" not in times[0] and timer.own_ruled_out[dense.key][0] == "direct"
-    assert "depthwise" in times[1] and len(built) == 1  # memory-bound: never ruled out by GFLOP/s
+    assert "blocked" not in times[0] and timer.own_ruled_out[dense.key][0] == "blocked"
+    assert "blocked_depthwise" in times[1] and len(built) == 1  # memory-bound: never ruled out by GFLOP/s
 
 
 def test_float32_convs_run_on_a_rewritten_input_and_pytorch_s_on_released_memory(monkeypatch) -> None:

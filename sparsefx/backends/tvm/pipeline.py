@@ -24,8 +24,8 @@ from sparsefx.backends.tvm.dispatch.table import (  # noqa: F401
 from sparsefx.backends.tvm.fold import numpy_fold_pass
 from sparsefx.backends.tvm.kernels import layer_norm, pool
 from sparsefx.backends.tvm.kernels import registry as own_kernels
+from sparsefx.backends.tvm.kernels.layout_chain import layout_chain_pass
 from sparsefx.backends.tvm.kernels.registry import own_kernel_pass, own_linear_pass
-from sparsefx.backends.tvm.kernels.tile_chain import tile_chain_pass
 from sparsefx.backends.tvm.schedule import default_schedule_pass
 from sparsefx.backends.tvm.silu import silu_pass
 from sparsefx.backends.tvm.sparse.relax import sparse_kernel_pass
@@ -136,7 +136,7 @@ def decide_by_kind(mod: tvm.IRModule) -> dict[str, dict]:
 
 def dispatch(decisions: dict[str, dict], precision: str = "fp32") -> list[NamedPass]:
     passes = [("FuseOwnKernels", own_kernel_pass(decisions)), ("FuseOwnLinear", own_linear_pass(decisions)),
-              ("ChainTiles", tile_chain_pass),
+              ("ChainLayouts", layout_chain_pass),
               ("FuseTorchEpilogue", epilogue_pass(decisions, precision)),
               ("DispatchToTorch", dispatch_pass(decisions, precision))]
     passes += [("ChainBf16", bf16_chain_pass)] if precision == "bf16" else []

@@ -35,6 +35,9 @@ from sparsefx.backends.tvm.kernels import (
     amx,
     amx_depthwise,
     amx_linear,
+    blocked,
+    blocked_depthwise,
+    blocked_layout,
     depthwise,
     direct,
     linear,
@@ -45,21 +48,25 @@ from sparsefx.backends.tvm.tvmscript import parsed
 from sparsefx.cost.kernel import Kernel
 from sparsefx.target import has_tiles
 
-# first match wins (`kind_of`): the float32 kernels' `supported` sets do not overlap; `amx` comes first
-# where it applies at all
-CONV_KERNELS: dict[str, ModuleType] = {"amx": amx, "amx_depthwise": amx_depthwise, "depthwise": depthwise,
-                                       "pointwise": pointwise, "direct": direct}
+# first match wins (`kind_of`): `amx` first where it applies at all, then in float32 the blocked kernels
+# (NCHW16c, `blocked_layout`), then the NCHW ones for what those leave (a stem's few input channels)
+CONV_KERNELS: dict[str, ModuleType] = {"amx": amx, "amx_depthwise": amx_depthwise,
+                                       "blocked_depthwise": blocked_depthwise, "blocked": blocked,
+                                       "depthwise": depthwise, "pointwise": pointwise, "direct": direct}
 MATMUL_KERNELS: dict[str, ModuleType] = {"amx_linear": amx_linear, "linear": linear}  # first match wins
 KERNELS: dict[str, ModuleType] = {**CONV_KERNELS, **MATMUL_KERNELS}
 BF16_KINDS = ("amx", "amx_depthwise", "amx_linear")  # only for bf16 targets whose CPU has AMX tiles
 TILE_KINDS = ("amx", "amx_depthwise")  # of those, the ones in the tiles' layout (`tile_layout`)
+BLOCKED_KINDS = ("blocked", "blocked_depthwise")  # float32 only, in `blocked_layout`
+LAYOUT_KINDS = TILE_KINDS + BLOCKED_KINDS  # called between conversions (`layout_call`) that `layout_chain` drops
 
 
 def kind_of(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...], precision: str = "fp32") -> str | None:
     """The name of the own kernel that runs this conv workload in `precision`, if any."""
     tiles = precision == "bf16" and has_tiles()
     return next((name for name, module in CONV_KERNELS.items()
-                 if (tiles or name not in BF16_KINDS) and module.supported(attrs, shapes)), None)
+                 if (tiles or name not in BF16_KINDS) and (precision == "fp32" or name not in BLOCKED_KINDS)
+                 and module.supported(attrs, shapes)), None)
 
 
 def own_kernel(kernel: Kernel, precision: str = "fp32") -> tuple[str, object] | None:
@@ -147,45 +154,57 @@ def own_kernel_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
         weight = matches[ep.w]
         if repacked(spec):
             weight = relax.const(KERNELS[kind].pack_weight(spec, weight.value.numpy()))
-        if kind in TILE_KINDS:
+        if kind in LAYOUT_KINDS:
             bias = KERNELS[kind].pack_bias(spec, bias)
         args = [matches[unscaled] if scaled else matches[ep.x], weight, relax.const(bias)]
         args += [matches[scale]] if scaled else []
         args += [matches[ep.residual]] if ep.residual in matches else []
-        if kind in TILE_KINDS:
-            return tile_call(gvars, spec, args)
+        if kind in LAYOUT_KINDS:
+            return layout_call(gvars, kind, spec, args)
         return relax.call_tir(gvars[spec.name], args, relax.TensorType(spec.out_shape, "float32"))
 
     return swapping_pass("FuseOwnKernels", rewrite_all, spec_for, call)
 
 
-def layout_kernels(specs: list) -> dict[str, Callable[[], tvm.tirx.PrimFunc]]:
-    """The layout conversions AMX kernels of `specs` are called between (`tile_call`), by name."""
+def conversions(kind: str) -> tuple[str, str, Callable, Callable, Callable, str]:
+    """(name prefix in, prefix out, kernel in, kernel out, stored shape, stored dtype) of the layout a
+    `LAYOUT_KINDS` kernel works in."""
+    if kind in TILE_KINDS:
+        return (tile_layout.TO_TILES, tile_layout.FROM_TILES, tile_layout.to_tiles, tile_layout.from_tiles,
+                tile_layout.tiled, "uint16")
+    return (blocked_layout.TO_BLOCKED, blocked_layout.FROM_BLOCKED, blocked_layout.to_blocked,
+            blocked_layout.from_blocked, blocked_layout.blocked, "float32")
+
+
+def layout_kernels(pairs: list[tuple[str, object]]) -> dict[str, Callable[[], tvm.tirx.PrimFunc]]:
+    """The layout conversions the (kind, spec) kernels of `pairs` are called between (`layout_call`), by name."""
     made = {}
-    for spec in specs:
+    for kind, spec in pairs:
+        into, out_of, to_layout, from_layout, _, _ = conversions(kind)
         for shape in [spec.nchw_in, *([spec.nchw_out] if fuses_residual(spec) else [])]:
-            made[tile_layout.name(tile_layout.TO_TILES, shape)] = lambda shape=shape: tile_layout.to_tiles(shape)
-        made[tile_layout.name(tile_layout.FROM_TILES, spec.nchw_out)] = lambda out=spec.nchw_out: tile_layout.from_tiles(out)
+            made[tile_layout.name(into, shape)] = lambda shape=shape, make=to_layout: make(shape)
+        made[tile_layout.name(out_of, spec.nchw_out)] = lambda out=spec.nchw_out, make=from_layout: make(out)
     return made
 
 
 def fuses_residual(spec: object) -> bool:
-    """Whether a tile kernel's spec takes a residual (only `amx`'s specs can)."""
+    """Whether a layout kernel's spec takes a residual (`amx`'s and `blocked`'s can)."""
     return getattr(spec, "residual", False)
 
 
-def tile_call(gvars: dict, spec: object, args: list[relax.Expr]) -> relax.Expr:
-    """An AMX kernel's call on float32 NCHW tensors: input (and residual) converted in, the result out
-    (`tile_chain.tile_chain_pass` drops the conversions between two such kernels)."""
-    def into(value: relax.Expr) -> relax.Expr:
-        shape = tuple(shape_of(value))
-        return relax.call_tir(gvars[tile_layout.name(tile_layout.TO_TILES, shape)], [value],
-                              relax.TensorType(tile_layout.tiled(shape), "uint16"))
+def layout_call(gvars: dict, kind: str, spec: object, args: list[relax.Expr]) -> relax.Expr:
+    """A `LAYOUT_KINDS` kernel's call on float32 NCHW tensors: input (and residual) converted in, the
+    result out (`layout_chain.layout_chain_pass` drops the conversions between two such kernels)."""
+    into, out_of, _, _, stored_shape, dtype = conversions(kind)
 
-    args = [into(args[0]), *args[1:3], *([into(args[3])] if fuses_residual(spec) else [])]
-    result = relax.call_tir(gvars[spec.name], args, relax.TensorType(spec.out_shape, "uint16"))
+    def converted(value: relax.Expr) -> relax.Expr:
+        shape = tuple(shape_of(value))
+        return relax.call_tir(gvars[tile_layout.name(into, shape)], [value], relax.TensorType(stored_shape(shape), dtype))
+
+    args = [converted(args[0]), *args[1:3], *([converted(args[3])] if fuses_residual(spec) else [])]
+    result = relax.call_tir(gvars[spec.name], args, relax.TensorType(spec.out_shape, dtype))
     out = spec.nchw_out
-    return relax.call_tir(gvars[tile_layout.name(tile_layout.FROM_TILES, out)], [result], relax.TensorType(out, "float32"))
+    return relax.call_tir(gvars[tile_layout.name(out_of, out)], [result], relax.TensorType(out, "float32"))
 
 
 def own_linear_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
@@ -249,7 +268,7 @@ def swapping_pass(name: str, rewrite_all: Callable, spec_for: Callable, call: Ca
             return mod
         bb = relax.BlockBuilder(mod)
         gvars = {name: bb.add_func(parsed(KERNELS[kind].kernel, spec), name) for name, (kind, spec) in specs.items()}
-        for kernel_name, make in layout_kernels([spec for kind, spec in specs.values() if kind in TILE_KINDS]).items():
+        for kernel_name, make in layout_kernels([(kind, spec) for kind, spec in specs.values() if kind in LAYOUT_KINDS]).items():
             gvars[kernel_name] = bb.add_func(make(), kernel_name)
 
         def swap(expr: relax.Expr, matches: dict, *rest: object) -> relax.Expr:

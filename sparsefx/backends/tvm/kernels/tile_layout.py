@@ -3,7 +3,7 @@
 NHWC, bf16 bits as uint16 (TIR's bf16 legalisation is not needed where tiles, bit shifts and
 AVX512-BF16's conversion are all that touch them), channels zero-padded to whole 32-channel steps,
 or to one 16-channel half step (`stored`). Conversions to and from float32 NCHW (`to_tiles`, `from_tiles`), and the max-pool,
-per-channel scale and global mean that `tile_chain` runs in the layout between AMX kernels.
+per-channel scale and global mean that `layout_chain` runs in the layout between AMX kernels.
 """
 
 from __future__ import annotations

@@ -9,10 +9,12 @@ Implementations of one kernel (see `cost.timing` for how they are timed):
   (`PYTORCH_LINEAR_AMID_TILES`);
 - every float32 conv, PyTorch's or own, each run on an input written just before (`rewrite_input`),
   as the layer before leaves it in a model;
-- "depthwise", "pointwise", "direct": sparsefx's own TIR kernel for the conv (`kernels.registry`),
-  all of one kind in one LLVM build; "amx" in bf16 where the CPU has AMX tiles, timed as chained
-  (NHWC bf16 in and out, as PyTorch's bf16 convs are timed); "linear", "amx_linear" for a matmul
-  by a weight;
+- "blocked", "blocked_depthwise", and for what they leave "depthwise", "pointwise", "direct":
+  sparsefx's own TIR kernel for the conv (`kernels.registry`), all of one kind in one LLVM build;
+  "amx" in bf16 where the CPU has AMX tiles; "amx" and the blocked kinds (NCHW16c) timed as chained
+  (in their layout in and out), the rivals that break the chain charged the conversions out of it
+  and back (`add_edge_casts`);
+  "linear", "amx_linear" for a matmul by a weight;
 - "tir": TVM's default schedule through the model's pipeline, only where the pre-filter
   (`dispatch.prefilter`) cannot rule it out, or where asked for by name.
 PyTorch's kernels cost the model a call out of the VM beyond their time (`overheads`).
@@ -43,6 +45,7 @@ from sparsefx.backends.tvm.dispatch.torch_kernels import (
 )
 from sparsefx.backends.tvm.kernels import amx
 from sparsefx.backends.tvm.kernels import registry as own_kernels
+from sparsefx.backends.tvm.kernels.blocked_layout import BLOCK, blocked, stored
 from sparsefx.backends.tvm.kernels.workers import build_kernels
 from sparsefx.backends.tvm.measure.calibrate import calibrate
 from sparsefx.backends.tvm.measure.emit import emit_kernel, operand_shapes
@@ -159,6 +162,14 @@ def torch_rivals(kernel: Kernel, precision: str = "fp32") -> tuple[dict[str, lis
     return rivals, keys
 
 
+def _blocked_edges(x: torch.Tensor, out: torch.Tensor) -> None:
+    """What a PyTorch conv between blocked kernels costs them: its input (n, c/16, h, w, 16) out of
+    the layout, its NCHW output into it."""
+    x.permute(0, 1, 4, 2, 3).contiguous()
+    n, c, h, w = out.shape
+    torch.nn.functional.pad(out, (0, 0, 0, 0, 0, stored(c) - c)).view(n, -1, BLOCK, h, w).permute(0, 1, 3, 4, 2).contiguous()
+
+
 def _edge_casts(x: torch.Tensor, out: torch.Tensor) -> None:
     """What a float32 kernel between bf16 convs costs them: its input back to float32, its output to bf16."""
     x.to(torch.float32, memory_format=torch.contiguous_format)
@@ -221,13 +232,14 @@ class HostTimer:
         with running_with(self.target.cores):
             times = self.time_rivals(kernels, wanted)
             self.add_default_tir(kernels, times, wanted)
-            if self.target.precision == "bf16":
-                self.add_edge_casts(kernels, times)
+            self.add_edge_casts(kernels, times, self.target.precision)
         return times
 
     @staticmethod
-    def add_edge_casts(kernels: list[Kernel], times: list[Times]) -> None:
-        """In bf16, a conv left in float32 TIR breaks a chain of bf16 convs (`bf16_chain`): the conv
+    def add_edge_casts(kernels: list[Kernel], times: list[Times], precision: str) -> None:
+        """In float32, a conv the blocked kernels can run is in their chain (`blocked_layout`), which
+        PyTorch breaks: its times pay the conversion of the input out of the layout and the output
+        back. In bf16, a conv left in float32 TIR breaks a chain of bf16 convs (`bf16_chain`): the conv
         before it returns float32 and the one after casts back. PyTorch's times are chained (no casts),
         so the float32 kernels pay those two casts here, else MobileNetV2's small convs stayed in TIR by
         a few microseconds each and the casts around them made the bf16 build slower than fp32. Where
@@ -235,6 +247,14 @@ class HostTimer:
         pays the casts instead (ResNet-50's stem: 0.31 ms timed chained, 1.56 ms in the model)."""
         for kernel, kernel_times in zip(kernels, times, strict=True):
             names = set(kernel_times)
+            if precision == "fp32":
+                if kernel.op == "conv2d" and names & set(own_kernels.BLOCKED_KINDS):
+                    x_shape, _, out_shape = kernel.shapes
+                    edges = functools.partial(_blocked_edges, torch.randn(blocked(x_shape)), torch.randn(out_shape))
+                    cost = time_in_turn({"edges": [edges]})["edges"]
+                    for name in names - set(own_kernels.BLOCKED_KINDS):
+                        kernel_times[name] += cost
+                continue
             tiled = names & set(own_kernels.TILE_KINDS)
             breakers = names - set(own_kernels.TILE_KINDS) if tiled else names - set(TORCH_IMPLEMENTATIONS)
             if kernel.op != "conv2d" or not breakers:

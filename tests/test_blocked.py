@@ -1,0 +1,154 @@
+"""float32 convs on channel-blocked activations (`kernels.blocked`, `blocked_depthwise`, NCHW16c):
+each shape kind against PyTorch's conv, the layout's conversions and ops against PyTorch, which
+convs the registry gives them, what the timer charges PyTorch between them, and a model whose chain
+of blocked convs converts its layout only at the ends."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import tvm
+from torch import nn
+
+from sparsefx.backends.tvm.kernels import blocked, blocked_depthwise, blocked_layout
+from sparsefx.backends.tvm.kernels import registry as own_kernels
+from sparsefx.backends.tvm.measure import host
+from sparsefx.cost.kernel import conv2d_kernel
+from sparsefx.target import resolve_target
+
+from .own_kernels_helper import ACT, dispatched, with_random_bn_stats
+
+
+def to_layout(t: torch.Tensor) -> np.ndarray:
+    """An NCHW tensor as NCHW16c, channels zero-padded as the layout stores them."""
+    n, c, h, w = t.shape
+    padded = F.pad(t, (0, 0, 0, 0, 0, blocked_layout.stored(c) - c))
+    return padded.view(n, -1, blocked_layout.BLOCK, h, w).permute(0, 1, 3, 4, 2).contiguous().numpy()
+
+
+def from_layout(a: np.ndarray) -> torch.Tensor:
+    """NCHW16c -> NCHW with every stored channel (the padding included)."""
+    n, cb, h, w, lanes = a.shape
+    return torch.from_numpy(a).permute(0, 1, 4, 2, 3).reshape(n, cb * lanes, h, w)
+
+
+def run(func: tvm.tirx.PrimFunc, *args: np.ndarray, out_shape: tuple[int, ...]) -> np.ndarray:
+    library = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), resolve_target("cpu").to_tvm())
+    out = tvm.runtime.empty(out_shape, "float32")
+    library["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a, "float32")) for a in args], out)
+    return out.numpy()
+
+
+@pytest.mark.parametrize("spec", [
+    blocked.BlockedSpec(1, 64, 64, 14, 14, activation="relu"),
+    blocked.BlockedSpec(2, 24, 40, 13, 11, activation="relu6", residual=True),  # channels padded to 32 and 48
+    blocked.BlockedSpec(1, 20, 72, 15, 15, 3, 1, 1, "relu"),
+    blocked.BlockedSpec(2, 16, 32, 14, 14, 3, 2, 1, "none", True),
+    blocked.BlockedSpec(1, 32, 80, 17, 17, 5, 2, 2, "silu"),
+    blocked.BlockedSpec(1, 64, 128, 16, 16, 1, 2, 0),
+])
+def test_conv_matches_torch_and_keeps_the_padding_channels_zero(spec: blocked.BlockedSpec) -> None:
+    torch.manual_seed(0)
+    x, w, b = torch.randn(spec.nchw_in), torch.randn(spec.weight_shape), torch.randn(spec.cout)
+    res = torch.randn(spec.nchw_out)
+    want = F.conv2d(x, w, b, spec.stride, spec.padding)
+    want = ACT[spec.activation](want + res if spec.residual else want)
+    args = [to_layout(x), blocked.pack_weight(spec, w.numpy()), blocked.pack_bias(spec, b.numpy())]
+    args += [to_layout(res)] if spec.residual else []
+    got = from_layout(run(blocked.kernel(spec), *args, out_shape=spec.out_shape))
+    scale = float(want.abs().max())
+    assert scale > 1  # outputs that depend on the input
+    np.testing.assert_allclose(got[:, :spec.cout].numpy(), want.numpy(), rtol=1e-5, atol=1e-5 * scale)
+    assert not got[:, spec.cout:].any()
+
+
+@pytest.mark.parametrize("spec", [
+    blocked_depthwise.BlockedDepthwiseSpec(1, 20, 15, 13, 3, 1, 1, "relu"),
+    blocked_depthwise.BlockedDepthwiseSpec(2, 32, 14, 14, 5, 2, 2, "none"),
+    blocked_depthwise.BlockedDepthwiseSpec(1, 48, 7, 9, 3, 2, 1, "relu6"),
+])
+def test_depthwise_matches_torch(spec: blocked_depthwise.BlockedDepthwiseSpec) -> None:
+    torch.manual_seed(0)
+    x, w, b = torch.randn(spec.nchw_in), torch.randn(spec.weight_shape), torch.randn(spec.channels)
+    want = ACT[spec.activation](F.conv2d(x, w, b, spec.stride, spec.padding, groups=spec.channels))
+    args = [to_layout(x), blocked_depthwise.pack_weight(spec, w.numpy()), blocked_depthwise.pack_bias(spec, b.numpy())]
+    got = from_layout(run(blocked_depthwise.kernel(spec), *args, out_shape=spec.out_shape))
+    assert float(want.abs().max()) > 1
+    np.testing.assert_allclose(got[:, :spec.channels].numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+    assert not got[:, spec.channels:].any()
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 5, 7), (2, 40, 9, 4)])
+def test_layout_conversions_and_ops_match_torch(shape: tuple[int, int, int, int]) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    n, c, h, w = shape
+    into = run(blocked_layout.to_blocked(shape), x.numpy(), out_shape=blocked_layout.blocked(shape))
+    np.testing.assert_array_equal(into, to_layout(x))
+    np.testing.assert_array_equal(run(blocked_layout.from_blocked(shape), into, out_shape=shape), x.numpy())
+    pooled = F.max_pool2d(x, 3, 2, 1)
+    got = run(blocked_layout.max_pool(shape, pooled.shape[2:], 3, 2, 1), into,
+              out_shape=blocked_layout.blocked(tuple(pooled.shape)))
+    np.testing.assert_array_equal(from_layout(got)[:, :c].numpy(), pooled.numpy())
+    s = torch.rand(n, c, 1, 1)
+    got = run(blocked_layout.scale(shape), into, s.numpy(), out_shape=into.shape)
+    np.testing.assert_allclose(from_layout(got)[:, :c].numpy(), (x * s).numpy(), rtol=1e-6)
+    got = run(blocked_layout.mean(shape), into, out_shape=(n, c, 1, 1))
+    np.testing.assert_allclose(got, x.mean((2, 3), keepdim=True).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_registry_gives_float32_convs_to_the_blocked_kernels_but_stems_and_tiny_maps() -> None:
+    def kind(x: tuple, out: tuple, groups: int, k: int, stride: int, padding: int, precision: str = "fp32") -> str | None:
+        found = own_kernels.own_kernel(conv2d_kernel(x, out, groups, (k, k), (stride, stride), (padding, padding),
+                                                     (1, 1), 0), precision)
+        return found and found[0]
+
+    assert kind((1, 64, 56, 56), (1, 64, 56, 56), 1, 3, 1, 1) == "blocked"
+    assert kind((1, 256, 56, 56), (1, 512, 28, 28), 1, 1, 2, 0) == "blocked"
+    assert kind((1, 96, 56, 56), (1, 96, 56, 56), 96, 3, 1, 1) == "blocked_depthwise"
+    assert kind((1, 3, 224, 224), (1, 64, 112, 112), 1, 7, 2, 3) == "direct"  # 3 channels stored as 16: 5x the work
+    assert kind((1, 64, 2, 2), (1, 64, 2, 2), 1, 1, 1, 0) is None  # fewer positions than a register block
+    assert kind((1, 64, 56, 56), (1, 64, 56, 56), 1, 3, 1, 1, "bf16") != "blocked"  # float32 only
+
+
+class Bottlenecks(nn.Module):
+    """A ResNet in small: stem, max-pool, two residual blocks (one strided, with a projection), pooling head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.a = nn.Sequential(nn.Conv2d(16, 24, 1), nn.ReLU(), nn.Conv2d(24, 16, 3, padding=1))
+        self.b = nn.Sequential(nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 32, 1))
+        self.project = nn.Conv2d(16, 32, 1, 2)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.pool(self.stem(x))
+        y = F.relu(self.a(y) + y)
+        y = F.relu(self.b(y) + self.project(y))
+        return self.head(F.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
+def test_chain_converts_only_at_its_ends_and_matches_eager() -> None:
+    model, inputs = with_random_bn_stats(Bottlenecks()), (torch.randn(2, 3, 32, 32),)
+    text, got = dispatched(model, inputs, lambda w: own_kernels.kind_of(w.conv_attrs, w.shapes) if w.op == "conv2d" else "tir")
+    calls = [line for line in text.splitlines() if "R.call_tir" in line]
+    assert sum(blocked_layout.TO_BLOCKED in line for line in calls) == 1, text  # the pool's output, read twice
+    assert not any(blocked_layout.FROM_BLOCKED in line for line in calls), text  # the head's mean reads the layout
+    assert any("direct_3to16" in line for line in calls) and not any("blocked_max_pool" in line for line in calls)
+    assert sum("blocked_mean" in line for line in calls) == 1
+    assert sum("_res," in line for line in calls) == 2  # both residual adds fused
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(*inputs).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_pytorch_between_blocked_convs_is_charged_the_conversions(monkeypatch: pytest.MonkeyPatch) -> None:
+    conv = conv2d_kernel((1, 32, 16, 16), (1, 32, 16, 16), 1, (3, 3), (1, 1), (1, 1), (1, 1), 0)
+    stem = conv2d_kernel((1, 3, 16, 16), (1, 32, 16, 16), 1, (3, 3), (1, 1), (1, 1), (1, 1), 0)
+    monkeypatch.setattr(host, "time_in_turn", lambda rivals, **_: {name: 0.5 for name in rivals})
+    times = [{"torch": 1.0, "blocked": 1.0}, {"torch": 1.0, "direct": 1.0}]
+    host.HostTimer.add_edge_casts([conv, stem], times, "fp32")
+    assert times == [{"torch": 1.5, "blocked": 1.0}, {"torch": 1.0, "direct": 1.0}]
