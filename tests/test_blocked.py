@@ -152,3 +152,8 @@ def test_pytorch_between_blocked_convs_is_charged_the_conversions(monkeypatch: p
     times = [{"torch": 1.0, "blocked": 1.0}, {"torch": 1.0, "direct": 1.0}]
     host.HostTimer.add_edge_casts([conv, stem], times, "fp32")
     assert times == [{"torch": 1.5, "blocked": 1.0}, {"torch": 1.0, "direct": 1.0}]
+
+
+def test_register_blocks_hold_two_vectors_or_more_unless_the_output_has_one_block() -> None:
+    vectors = {cout: blocked.BlockedSpec(1, 32, cout, 8, 8).vectors for cout in (16, 32, 48, 64, 80, 112, 208)}
+    assert vectors == {16: 1, 32: 2, 48: 3, 64: 4, 80: 3, 112: 4, 208: 2}
