@@ -48,6 +48,8 @@ def run(func: tvm.tirx.PrimFunc, *args: np.ndarray, out_shape: tuple[int, ...]) 
     blocked.BlockedSpec(2, 16, 32, 14, 14, 3, 2, 1, "none", True),
     blocked.BlockedSpec(1, 32, 80, 17, 17, 5, 2, 2, "silu"),
     blocked.BlockedSpec(1, 64, 128, 16, 16, 1, 2, 0),
+    blocked.BlockedSpec(1, 3, 64, 32, 32, 7, 2, 3, "relu"),  # a stem: NCHW in, the layout out
+    blocked.BlockedSpec(2, 3, 40, 17, 15, 3, 2, 1, "relu6"),
 ])
 def test_conv_matches_torch_and_keeps_the_padding_channels_zero(spec: blocked.BlockedSpec) -> None:
     torch.manual_seed(0)
@@ -55,7 +57,8 @@ def test_conv_matches_torch_and_keeps_the_padding_channels_zero(spec: blocked.Bl
     res = torch.randn(spec.nchw_out)
     want = F.conv2d(x, w, b, spec.stride, spec.padding)
     want = ACT[spec.activation](want + res if spec.residual else want)
-    args = [to_layout(x), blocked.pack_weight(spec, w.numpy()), blocked.pack_bias(spec, b.numpy())]
+    args = [x.numpy() if spec.nchw_input else to_layout(x), blocked.pack_weight(spec, w.numpy()),
+            blocked.pack_bias(spec, b.numpy())]
     args += [to_layout(res)] if spec.residual else []
     got = from_layout(run(blocked.kernel(spec), *args, out_shape=spec.out_shape))
     scale = float(want.abs().max())
@@ -108,7 +111,8 @@ def test_registry_gives_float32_convs_to_the_blocked_kernels_but_stems_and_tiny_
     assert kind((1, 64, 56, 56), (1, 64, 56, 56), 1, 3, 1, 1) == "blocked"
     assert kind((1, 256, 56, 56), (1, 512, 28, 28), 1, 1, 2, 0) == "blocked"
     assert kind((1, 96, 56, 56), (1, 96, 56, 56), 96, 3, 1, 1) == "blocked_depthwise"
-    assert kind((1, 3, 224, 224), (1, 64, 112, 112), 1, 7, 2, 3) == "direct"  # 3 channels stored as 16: 5x the work
+    assert kind((1, 3, 224, 224), (1, 64, 112, 112), 1, 7, 2, 3) == "blocked"  # a stem: its image read as it is
+    assert kind((1, 8, 56, 56), (1, 64, 56, 56), 1, 3, 1, 1) == "direct"  # 8 channels stored as 16: twice the work
     assert kind((1, 64, 2, 2), (1, 64, 2, 2), 1, 1, 1, 0) is None  # fewer positions than a register block
     assert kind((1, 64, 56, 56), (1, 64, 56, 56), 1, 3, 1, 1, "bf16") != "blocked"  # float32 only
 
@@ -136,9 +140,9 @@ def test_chain_converts_only_at_its_ends_and_matches_eager() -> None:
     model, inputs = with_random_bn_stats(Bottlenecks()), (torch.randn(2, 3, 32, 32),)
     text, got = dispatched(model, inputs, lambda w: own_kernels.kind_of(w.conv_attrs, w.shapes) if w.op == "conv2d" else "tir")
     calls = [line for line in text.splitlines() if "R.call_tir" in line]
-    assert sum(blocked_layout.TO_BLOCKED in line for line in calls) == 1, text  # the pool's output, read twice
-    assert not any(blocked_layout.FROM_BLOCKED in line for line in calls), text  # the head's mean reads the layout
-    assert any("direct_3to16" in line for line in calls) and not any("blocked_max_pool" in line for line in calls)
+    # the stem reads the image as it is, the pool runs in the layout, the head's mean reads it: no conversion
+    assert not any(blocked_layout.TO_BLOCKED in line or blocked_layout.FROM_BLOCKED in line for line in calls), text
+    assert any("blocked_3to16" in line for line in calls) and sum("blocked_max_pool" in line for line in calls) == 1
     assert sum("blocked_mean" in line for line in calls) == 1
     assert sum("_res," in line for line in calls) == 2  # both residual adds fused
     with torch.no_grad():
@@ -147,11 +151,19 @@ def test_chain_converts_only_at_its_ends_and_matches_eager() -> None:
 
 def test_pytorch_between_blocked_convs_is_charged_the_conversions(monkeypatch: pytest.MonkeyPatch) -> None:
     conv = conv2d_kernel((1, 32, 16, 16), (1, 32, 16, 16), 1, (3, 3), (1, 1), (1, 1), (1, 1), 0)
+    narrow = conv2d_kernel((1, 8, 16, 16), (1, 32, 16, 16), 1, (3, 3), (1, 1), (1, 1), (1, 1), 0)
     stem = conv2d_kernel((1, 3, 16, 16), (1, 32, 16, 16), 1, (3, 3), (1, 1), (1, 1), (1, 1), 0)
-    monkeypatch.setattr(host, "time_in_turn", lambda rivals, **_: {name: 0.5 for name in rivals})
-    times = [{"torch": 1.0, "blocked": 1.0}, {"torch": 1.0, "direct": 1.0}]
-    host.HostTimer.add_edge_casts([conv, stem], times, "fp32")
-    assert times == [{"torch": 1.5, "blocked": 1.0}, {"torch": 1.0, "direct": 1.0}]
+    converted = []
+
+    def timed(rivals, **_):  # noqa: ANN001, ANN202
+        converted.append(rivals["edges"][0].args[0] is not None)  # the input converted out of the layout
+        return {"edges": 0.5}
+
+    monkeypatch.setattr(host, "time_in_turn", timed)
+    times = [{"torch": 1.0, "blocked": 1.0}, {"torch": 1.0, "direct": 1.0}, {"torch": 1.0, "blocked": 1.0}]
+    host.HostTimer.add_edge_casts([conv, narrow, stem], times, "fp32")
+    assert times == [{"torch": 1.5, "blocked": 1.0}, {"torch": 1.0, "direct": 1.0}, {"torch": 1.5, "blocked": 1.0}]
+    assert converted == [True, False]  # the stem's image is not in the layout
 
 
 def test_register_blocks_hold_two_vectors_or_more_unless_the_output_has_one_block() -> None:

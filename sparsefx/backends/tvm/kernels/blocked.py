@@ -20,6 +20,7 @@ zero: their weights and bias are zero, as is a residual's padding.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +35,7 @@ from sparsefx.backends.tvm.sparse.kernels import OPAQUE, STACK
 FUSES_RESIDUAL = True
 POSITIONS = 6  # output positions per register block, each times `groups_of` 16-channel vectors (24 accumulators)
 MAX_VECTORS = 4
+FEW = 4  # input channels taken in NCHW as they are (a stem's image), not padded to a block of 16
 TASKS = 16  # parallel tasks at least, where there are position blocks for them
 
 
@@ -65,8 +67,24 @@ class BlockedSpec:
         return (self.batch, self.cout, *self.out_hw)
 
     @property
+    def nchw_input(self) -> bool:
+        """A stem: its few input channels read from NCHW as they are, each phase-plane position
+        holding them (stored as a block of 16, 3 channels made 5 times the work: 7.6 ms against
+        `direct`'s 2.0 for ResNet's 7x7 stem)."""
+        return self.cin <= FEW
+
+    @property
+    def in_lanes(self) -> int:
+        """Input channels per step of the reduction: a block, or a stem's few."""
+        return self.cin if self.nchw_input else BLOCK
+
+    @property
+    def in_blocks(self) -> int:
+        return 1 if self.nchw_input else stored(self.cin) // BLOCK
+
+    @property
     def in_shape(self) -> tuple[int, ...]:
-        return blocked(self.nchw_in)
+        return self.nchw_in if self.nchw_input else blocked(self.nchw_in)
 
     @property
     def out_shape(self) -> tuple[int, ...]:
@@ -81,7 +99,7 @@ class BlockedSpec:
     def arg_shapes(self) -> tuple[tuple[int, ...], ...]:
         """Input (NCHW16c), packed weight, bias (stored channels), [residual (NCHW16c),] output (NCHW16c)."""
         k = self.kernel
-        weight = (self.groups, stored(self.cin) // BLOCK, k, k, BLOCK, self.vectors, BLOCK)
+        weight = (self.groups, self.in_blocks, k, k, self.in_lanes, self.vectors, BLOCK)
         residual = (self.out_shape,) if self.residual else ()
         return (self.in_shape, weight, (stored(self.cout),), *residual, self.out_shape)
 
@@ -103,7 +121,7 @@ class BlockedSpec:
     @property
     def direct_read(self) -> bool:
         """An unstrided, unpadded 1x1 conv reads its input as it is; others read phase planes."""
-        return self.kernel == 1 and self.stride == 1 and self.padding == 0
+        return self.kernel == 1 and self.stride == 1 and self.padding == 0 and not self.nchw_input
 
     @property
     def name(self) -> str:
@@ -114,13 +132,13 @@ class BlockedSpec:
 def supported(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...]) -> bool:
     """Whether a conv2d workload (dispatch's attrs and shapes) is one this kernel runs: no groups or
     dilation, a square window, equal strides of 1 or 2 and equal padding, at least one whole block
-    of output positions, and an input of a block of channels or more (a stem's 3 channels stored as
-    16 would make 5 times the work: `direct` runs those)."""
+    of output positions, and an input of a block of channels or more, or of a stem's few (`FEW`):
+    between, padded to 16 they would make up to 3 times the work (`direct` runs those)."""
     s0, s1, p0, p1, d0, d1, groups = attrs
     (_, cin, h, w), (_, _, kh, kw) = shapes[:2]
     ho, wo = (h + 2 * p0 - kh) // s0 + 1, (w + 2 * p0 - kw) // s0 + 1
     return groups == 1 and d0 == d1 == 1 and kh == kw and s0 == s1 in (1, 2) and p0 == p1 < kh \
-        and ho * wo >= POSITIONS and cin >= BLOCK
+        and ho * wo >= POSITIONS and (cin >= BLOCK or cin <= FEW)
 
 
 def spec_of(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...], activation: str = "none",
@@ -134,10 +152,10 @@ def pack_weight(s: BlockedSpec, weight: np.ndarray) -> np.ndarray:
     zero past the conv's channels: a register block's weights one stream, in the order it reads them
     (ResNet-50's 512 -> 512 3x3 convs at 7x7, whose weight comes from memory: 2.29 ms a call with the
     4 output blocks apart, 2.20 as one stream, 1.66 with the weight in cache; one thread)."""
-    padded = np.zeros((stored(s.cout), stored(s.cin), s.kernel, s.kernel), "float32")
+    padded = np.zeros((stored(s.cout), s.in_blocks * s.in_lanes, s.kernel, s.kernel), "float32")
     padded[:s.cout, :s.cin] = weight
-    cob, cib, k = stored(s.cout) // BLOCK, stored(s.cin) // BLOCK, s.kernel
-    blocks = padded.reshape(cob, BLOCK, cib, BLOCK, k, k).transpose(0, 2, 4, 5, 3, 1)  # [cob][cib][kh][kw][ci][co]
+    cob, k = stored(s.cout) // BLOCK, s.kernel
+    blocks = padded.reshape(cob, BLOCK, s.in_blocks, s.in_lanes, k, k).transpose(0, 2, 4, 5, 3, 1)  # [cob][cib][kh][kw][ci][co]
     grouped = [blocks[g0:g0 + s.vectors] for g0 in blocks_starting(cob, s.vectors)]
     return np.ascontiguousarray(np.stack([g.transpose(1, 2, 3, 4, 0, 5) for g in grouped]))
 
@@ -157,7 +175,7 @@ def block_macro(s: BlockedSpec, row: int, phases: int):  # noqa: ANN201 (a TVMSc
     positions q0..q0+6 (flat over the output map) of image n, over image sn of `src` (images, input
     blocks, phase, flat position, 16), whose rows are `row` positions long."""
     k, st = s.kernel, s.stride
-    vectors, cib = s.vectors, stored(s.cin) // BLOCK
+    vectors, cib = s.vectors, s.in_blocks
     _, wo = s.out_hw
 
     @T.macro
@@ -171,7 +189,7 @@ def block_macro(s: BlockedSpec, row: int, phases: int):  # noqa: ANN201 (a TVMSc
             # taps in loops, not unrolled: unrolled, LLVM kept the columns' shared loads in registers and spilled
             for kh in range(k):
                 for kw in range(k):
-                    for ci in T.unroll(BLOCK):
+                    for ci in T.unroll(s.in_lanes):
                         for j in T.unroll(vectors):
                             for p in T.unroll(POSITIONS):
                                 for lane in T.vectorized(BLOCK):
@@ -224,28 +242,34 @@ def phase_plane_kernel(s: BlockedSpec) -> tvm.tirx.PrimFunc:
     ho, wo = s.out_hw
     geometry = PhasePlanes(s.height, s.width, k, st, pad, ho)
     row, ph, size = geometry.row, geometry.phases, geometry.size
-    cib = stored(s.cin) // BLOCK
+    cib, lanes = s.in_blocks, s.in_lanes
     positions = ho * wo
     groups, blocks, chunks = task_split(s, positions)
     last_group = stored(s.cout) // BLOCK - s.vectors
     block = block_macro(s, row, ph)
 
+    def at(n, cb, i, j, lane):  # noqa: ANN001, ANN202 (TIR expressions): input (n, channel cb * 16 + lane, i, j)'s flat index
+        if s.nchw_input:
+            return ((n * s.cin + lane) * s.height + i) * s.width + j
+        return (((n * cib + cb) * s.height + i) * s.width + j) * BLOCK + lane
+
     @T.macro
     def body(x, w, bias, res, out):  # noqa: ANN001, ANN202
-        planes = T.alloc_buffer((1, cib, ph * ph, size, BLOCK), "float32")
+        flat = T.decl_buffer((math.prod(s.in_shape),), "float32", data=x.data)
+        planes = T.alloc_buffer((1, cib, ph * ph, size, lanes), "float32")
         for n in range(s.batch):
             for cb in T.parallel(cib):
                 for a in range(ph * ph):
                     for q in range(size):
-                        for lane in T.vectorized(BLOCK):
+                        for lane in T.vectorized(lanes):
                             planes[0, cb, a, q, lane] = T.float32(0)
                 for i in range(s.height):
                     if (i + pad) % st < ph:
                         for j in range(s.width):
                             if (j + pad) % st < ph:
-                                for lane in T.vectorized(BLOCK):
+                                for lane in T.vectorized(lanes):
                                     planes[0, cb, (i + pad) % st * ph + (j + pad) % st,
-                                           (i + pad) // st * row + (j + pad) // st, lane] = x[n, cb, i, j, lane]
+                                           (i + pad) // st * row + (j + pad) // st, lane] = flat[at(n, cb, i, j, lane)]
             for t in T.parallel(groups * chunks):
                 g: T.let = t // chunks
                 c: T.let = t % chunks

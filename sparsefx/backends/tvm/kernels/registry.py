@@ -181,7 +181,8 @@ def layout_kernels(pairs: list[tuple[str, object]]) -> dict[str, Callable[[], tv
     made = {}
     for kind, spec in pairs:
         into, out_of, to_layout, from_layout, _, _ = conversions(kind)
-        for shape in [spec.nchw_in, *([spec.nchw_out] if fuses_residual(spec) else [])]:
+        ins = [] if getattr(spec, "nchw_input", False) else [spec.nchw_in]
+        for shape in [*ins, *([spec.nchw_out] if fuses_residual(spec) else [])]:
             made[tile_layout.name(into, shape)] = lambda shape=shape, make=to_layout: make(shape)
         made[tile_layout.name(out_of, spec.nchw_out)] = lambda out=spec.nchw_out, make=from_layout: make(out)
     return made
@@ -193,15 +194,17 @@ def fuses_residual(spec: object) -> bool:
 
 
 def layout_call(gvars: dict, kind: str, spec: object, args: list[relax.Expr]) -> relax.Expr:
-    """A `LAYOUT_KINDS` kernel's call on float32 NCHW tensors: input (and residual) converted in, the
-    result out (`layout_chain.layout_chain_pass` drops the conversions between two such kernels)."""
+    """A `LAYOUT_KINDS` kernel's call on float32 NCHW tensors: input (unless the kernel reads NCHW, a
+    stem's image) and residual converted in, the result out (`layout_chain.layout_chain_pass` drops
+    the conversions between two such kernels)."""
     into, out_of, _, _, stored_shape, dtype = conversions(kind)
 
     def converted(value: relax.Expr) -> relax.Expr:
         shape = tuple(shape_of(value))
         return relax.call_tir(gvars[tile_layout.name(into, shape)], [value], relax.TensorType(stored_shape(shape), dtype))
 
-    args = [converted(args[0]), *args[1:3], *([converted(args[3])] if fuses_residual(spec) else [])]
+    x = args[0] if getattr(spec, "nchw_input", False) else converted(args[0])
+    args = [x, *args[1:3], *([converted(args[3])] if fuses_residual(spec) else [])]
     result = relax.call_tir(gvars[spec.name], args, relax.TensorType(spec.out_shape, dtype))
     out = spec.nchw_out
     return relax.call_tir(gvars[tile_layout.name(out_of, out)], [result], relax.TensorType(out, "float32"))

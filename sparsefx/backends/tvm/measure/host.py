@@ -44,6 +44,7 @@ from sparsefx.backends.tvm.dispatch.torch_kernels import (
     matmul,
 )
 from sparsefx.backends.tvm.kernels import amx
+from sparsefx.backends.tvm.kernels import blocked as blocked_conv
 from sparsefx.backends.tvm.kernels import registry as own_kernels
 from sparsefx.backends.tvm.kernels.blocked_layout import BLOCK, blocked, stored
 from sparsefx.backends.tvm.kernels.workers import build_kernels
@@ -162,10 +163,11 @@ def torch_rivals(kernel: Kernel, precision: str = "fp32") -> tuple[dict[str, lis
     return rivals, keys
 
 
-def _blocked_edges(x: torch.Tensor, out: torch.Tensor) -> None:
+def _blocked_edges(x: torch.Tensor | None, out: torch.Tensor) -> None:
     """What a PyTorch conv between blocked kernels costs them: its input (n, c/16, h, w, 16) out of
-    the layout, its NCHW output into it."""
-    x.permute(0, 1, 4, 2, 3).contiguous()
+    the layout (none for a stem's image), its NCHW output into it."""
+    if x is not None:
+        x.permute(0, 1, 4, 2, 3).contiguous()
     n, c, h, w = out.shape
     torch.nn.functional.pad(out, (0, 0, 0, 0, 0, stored(c) - c)).view(n, -1, BLOCK, h, w).permute(0, 1, 3, 4, 2).contiguous()
 
@@ -250,7 +252,8 @@ class HostTimer:
             if precision == "fp32":
                 if kernel.op == "conv2d" and names & set(own_kernels.BLOCKED_KINDS):
                     x_shape, _, out_shape = kernel.shapes
-                    edges = functools.partial(_blocked_edges, torch.randn(blocked(x_shape)), torch.randn(out_shape))
+                    x = None if x_shape[1] <= blocked_conv.FEW else torch.randn(blocked(x_shape))  # a stem reads NCHW
+                    edges = functools.partial(_blocked_edges, x, torch.randn(out_shape))
                     cost = time_in_turn({"edges": [edges]})["edges"]
                     for name in names - set(own_kernels.BLOCKED_KINDS):
                         kernel_times[name] += cost
