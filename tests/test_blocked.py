@@ -166,6 +166,11 @@ def test_pytorch_between_blocked_convs_is_charged_the_conversions(monkeypatch: p
     assert converted == [True, False]  # the stem's image is not in the layout
 
 
-def test_register_blocks_hold_two_vectors_or_more_unless_the_output_has_one_block() -> None:
-    vectors = {cout: blocked.BlockedSpec(1, 32, cout, 8, 8).vectors for cout in (16, 32, 48, 64, 80, 112, 208)}
-    assert vectors == {16: 1, 32: 2, 48: 3, 64: 4, 80: 3, 112: 4, 208: 2}
+def test_register_blocks_hold_two_vectors_or_more_and_compute_each_block_once() -> None:
+    for cout in range(1, 400, 7):
+        sizes = blocked.BlockedSpec(1, 32, cout, 8, 8).group_sizes
+        assert sum(size * count for size, count in sizes) == blocked_layout.stored(cout) // blocked_layout.BLOCK
+        assert len(sizes) <= 2 and all(2 <= size <= 4 for size, _ in sizes) or sizes == ((1, 1),), (cout, sizes)
+    assert blocked.BlockedSpec(1, 32, 80, 8, 8).group_sizes == ((3, 1), (2, 1))
+    assert blocked.BlockedSpec(1, 32, 144, 8, 8).group_sizes == ((3, 3),)  # 9 blocks: 3 + 3 + 3
+    assert blocked.BlockedSpec(1, 32, 208, 8, 8).group_sizes == ((4, 1), (3, 3))  # 13: 4 + 3 + 3 + 3

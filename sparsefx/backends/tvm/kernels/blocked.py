@@ -28,12 +28,12 @@ import tvm
 from tvm.script import tirx as T
 
 from sparsefx.backends.tvm.kernels.blocked_layout import BLOCK, blocked, stored
-from sparsefx.backends.tvm.kernels.depthwise import activate, blocks_starting, out_hw
+from sparsefx.backends.tvm.kernels.depthwise import activate, out_hw
 from sparsefx.backends.tvm.kernels.phase_planes import PhasePlanes
 from sparsefx.backends.tvm.sparse.kernels import OPAQUE, STACK
 
 FUSES_RESIDUAL = True
-POSITIONS = 6  # output positions per register block, each times `groups_of` 16-channel vectors (24 accumulators)
+POSITIONS = 6  # output positions per register block, each times up to 4 16-channel vectors (24 accumulators)
 MAX_VECTORS = 4
 FEW = 4  # input channels taken in NCHW as they are (a stem's image), not padded to a block of 16
 TASKS = 16  # parallel tasks at least, where there are position blocks for them
@@ -99,24 +99,31 @@ class BlockedSpec:
     def arg_shapes(self) -> tuple[tuple[int, ...], ...]:
         """Input (NCHW16c), packed weight, bias (stored channels), [residual (NCHW16c),] output (NCHW16c)."""
         k = self.kernel
-        weight = (self.groups, self.in_blocks, k, k, self.in_lanes, self.vectors, BLOCK)
+        weight = (stored(self.cout) // BLOCK * self.in_blocks * k * k * self.in_lanes * BLOCK,)
         residual = (self.out_shape,) if self.residual else ()
         return (self.in_shape, weight, (stored(self.cout),), *residual, self.out_shape)
 
     @property
-    def vectors(self) -> int:
-        """16-channel output vectors per register block: of 4, 3 and 2 the one that wastes least on the
-        output's blocks (the last group is shifted back to end at the last block), the most on a tie;
-        one only where the output has one block. One vector holds 6 accumulators, too few to hide the
-        multiply-adds' latency: 80 -> 80 channels 3x3 at 14x14 took 0.170 ms as 5 groups of one
-        vector, 0.087 for 64 -> 64 as one group of 4."""
-        blocks = stored(self.cout) // BLOCK
-        return min(range(min(MAX_VECTORS, blocks), min(2, blocks) - 1, -1), key=lambda j: -(-blocks // j) * j)
+    def group_sizes(self) -> tuple[tuple[int, int], ...]:
+        """The output's 16-channel blocks in groups a register block holds, as (vectors, groups) runs:
+        groups of 4, and a rest of 3, or 3 + 3 in place of a 4 and a rest of 2, or 3 + 3 + 3 in place
+        of two 4s and a rest of 1 (3 + 2 for 5 blocks), so that no
+        block is computed twice and no group holds one vector where the output has more (one vector's
+        6 accumulators are too few to hide the multiply-adds' latency: 80 -> 80 channels 3x3 at 14x14
+        took 0.170 ms as 5 groups of one vector, 0.087 for 64 -> 64 as one group of 4), and the time
+        grows by the block, as the cost model's interpolation between channel counts assumes."""
+        fours, rest = divmod(stored(self.cout) // BLOCK, MAX_VECTORS)
+        if fours == 0 or rest in (0, 3):
+            runs = ((MAX_VECTORS, fours), (rest, 1 if rest else 0))
+        elif rest == 2:  # 3 + 3 ran 96 -> 96 3x3 at 14x14 in 0.183 ms, 4 + 2 in 0.198
+            runs = ((MAX_VECTORS, fours - 1), (3, 2))
+        else:
+            runs = ((3, 1), (2, 1)) if fours == 1 else ((MAX_VECTORS, fours - 2), (3, 3))
+        return tuple(run for run in runs if run[1])
 
     @property
     def groups(self) -> int:
-        """Groups of `vectors` output vectors, the last shifted back to end at the last."""
-        return -(-(stored(self.cout) // BLOCK) // self.vectors)
+        return sum(count for _, count in self.group_sizes)
 
     @property
     def direct_read(self) -> bool:
@@ -148,16 +155,21 @@ def spec_of(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...], activat
 
 
 def pack_weight(s: BlockedSpec, weight: np.ndarray) -> np.ndarray:
-    """PyTorch's (cout, cin, k, k) weight as [group][input block][kh][kw][16 input][vector][16 output],
-    zero past the conv's channels: a register block's weights one stream, in the order it reads them
-    (ResNet-50's 512 -> 512 3x3 convs at 7x7, whose weight comes from memory: 2.29 ms a call with the
-    4 output blocks apart, 2.20 as one stream, 1.66 with the weight in cache; one thread)."""
+    """PyTorch's (cout, cin, k, k) weight as one array of groups (`group_sizes`), each
+    [input block][kh][kw][input channel][vector][16 output], zero past the conv's channels: a register
+    block's weights one stream, in the order it reads them (ResNet-50's 512 -> 512 3x3 convs at 7x7,
+    whose weight comes from memory: 2.29 ms a call with the 4 output blocks apart, 2.20 as one stream,
+    1.66 with the weight in cache; one thread)."""
     padded = np.zeros((stored(s.cout), s.in_blocks * s.in_lanes, s.kernel, s.kernel), "float32")
     padded[:s.cout, :s.cin] = weight
     cob, k = stored(s.cout) // BLOCK, s.kernel
     blocks = padded.reshape(cob, BLOCK, s.in_blocks, s.in_lanes, k, k).transpose(0, 2, 4, 5, 3, 1)  # [cob][cib][kh][kw][ci][co]
-    grouped = [blocks[g0:g0 + s.vectors] for g0 in blocks_starting(cob, s.vectors)]
-    return np.ascontiguousarray(np.stack([g.transpose(1, 2, 3, 4, 0, 5) for g in grouped]))
+    groups, first = [], 0
+    for size, count in s.group_sizes:
+        for _ in range(count):
+            groups.append(blocks[first:first + size].transpose(1, 2, 3, 4, 0, 5).reshape(-1))
+            first += size
+    return np.ascontiguousarray(np.concatenate(groups))
 
 
 def pack_bias(s: BlockedSpec, bias: np.ndarray) -> np.ndarray:
@@ -170,16 +182,17 @@ def kernel(s: BlockedSpec) -> tvm.tirx.PrimFunc:
     return f.with_attr({"op_pattern": OPAQUE, "tirx.is_scheduled": True, "tirx.noalias": True})
 
 
-def block_macro(s: BlockedSpec, row: int, phases: int):  # noqa: ANN201 (a TVMScript macro)
-    """`block(src, sn, w, bias, res, out, n, g, g0, q0)`: output vectors g0.. (weight group g) x output
+def block_macro(s: BlockedSpec, row: int, phases: int, vectors: int):  # noqa: ANN201 (a TVMScript macro)
+    """`block(src, sn, w, bias, res, out, n, g0, q0)`: `vectors` output vectors from g0 x output
     positions q0..q0+6 (flat over the output map) of image n, over image sn of `src` (images, input
-    blocks, phase, flat position, 16), whose rows are `row` positions long."""
+    blocks, phase, flat position, 16), whose rows are `row` positions long; the group's weights start
+    at g0's share of the flat weight."""
     k, st = s.kernel, s.stride
-    vectors, cib = s.vectors, s.in_blocks
+    cib, lanes = s.in_blocks, s.in_lanes
     _, wo = s.out_hw
 
     @T.macro
-    def block(src, sn, w, bias, res, out, n, g, g0, q0):  # noqa: ANN001, ANN202
+    def block(src, sn, w, bias, res, out, n, g0, q0):  # noqa: ANN001, ANN202
         acc = T.alloc_buffer((vectors, POSITIONS, BLOCK), "float32", scope=STACK)
         for j in T.unroll(vectors):
             for p in T.unroll(POSITIONS):
@@ -189,14 +202,15 @@ def block_macro(s: BlockedSpec, row: int, phases: int):  # noqa: ANN201 (a TVMSc
             # taps in loops, not unrolled: unrolled, LLVM kept the columns' shared loads in registers and spilled
             for kh in range(k):
                 for kw in range(k):
-                    for ci in T.unroll(s.in_lanes):
+                    for ci in T.unroll(lanes):
                         for j in T.unroll(vectors):
                             for p in T.unroll(POSITIONS):
                                 for lane in T.vectorized(BLOCK):
                                     acc[j, p, lane] = acc[j, p, lane] + src[
                                         sn, cb, kh % st * phases + kw % st,
                                         (q0 + p) // wo * row + (q0 + p) % wo + kh // st * row + kw // st, ci
-                                    ] * w[g, cb, kh, kw, ci, j, lane]
+                                    ] * w[g0 * cib * k * k * lanes * BLOCK
+                                          + ((((cb * k + kh) * k + kw) * lanes + ci) * vectors + j) * BLOCK + lane]
         for p in T.unroll(POSITIONS):
             for j in T.unroll(vectors):
                 for lane in T.vectorized(BLOCK):
@@ -205,6 +219,29 @@ def block_macro(s: BlockedSpec, row: int, phases: int):  # noqa: ANN201 (a TVMSc
                     out[n, g0 + j, (q0 + p) // wo, (q0 + p) % wo, lane] = activate(acc[j, p, lane], s.activation)
 
     return block
+
+
+def group_blocks(s: BlockedSpec, row: int, phases: int):  # noqa: ANN201 (a TVMScript macro)
+    """`blocks(src, sn, w, bias, res, out, n, g, q0)`: group g's register block (`group_sizes`): a
+    `block_macro` per group size, the first size's groups first."""
+    (main, mains), *rest = s.group_sizes
+    first = block_macro(s, row, phases, main)
+    if not rest:  # one size: one block parsed (parsing is most of what making a kernel takes)
+        @T.macro
+        def alike(src, sn, w, bias, res, out, n, g, q0):  # noqa: ANN001, ANN202
+            first(src, sn, w, bias, res, out, n, g * main, q0)
+        return alike
+    tail = rest[0][0]
+    other = block_macro(s, row, phases, tail)
+
+    @T.macro
+    def blocks(src, sn, w, bias, res, out, n, g, q0):  # noqa: ANN001, ANN202
+        if g < mains:
+            first(src, sn, w, bias, res, out, n, g * main, q0)
+        else:
+            other(src, sn, w, bias, res, out, n, mains * main + (g - mains) * tail, q0)
+
+    return blocks
 
 
 def task_split(s: BlockedSpec, positions: int) -> tuple[int, int, int]:
@@ -218,8 +255,7 @@ def direct_read_kernel(s: BlockedSpec) -> tvm.tirx.PrimFunc:
     the group outermost so a task's weight rows stay in cache while its positions run."""
     plane = s.height * s.width
     groups, blocks, chunks = task_split(s, plane)
-    last_group = stored(s.cout) // BLOCK - s.vectors
-    block = block_macro(s, s.width, 1)
+    block = group_blocks(s, s.width, 1)
     x_view = (s.batch, stored(s.cin) // BLOCK, 1, plane, BLOCK)
 
     @T.macro
@@ -230,7 +266,7 @@ def direct_read_kernel(s: BlockedSpec) -> tvm.tirx.PrimFunc:
             g: T.let = t // chunks % groups
             c: T.let = t % chunks
             for i in range(c * blocks // chunks, (c + 1) * blocks // chunks):
-                block(x, n, w, bias, res, out, n, g, T.min(g * s.vectors, last_group), T.min(i * POSITIONS, plane - POSITIONS))
+                block(x, n, w, bias, res, out, n, g, T.min(i * POSITIONS, plane - POSITIONS))
 
     return prim_func(s, body)
 
@@ -245,8 +281,7 @@ def phase_plane_kernel(s: BlockedSpec) -> tvm.tirx.PrimFunc:
     cib, lanes = s.in_blocks, s.in_lanes
     positions = ho * wo
     groups, blocks, chunks = task_split(s, positions)
-    last_group = stored(s.cout) // BLOCK - s.vectors
-    block = block_macro(s, row, ph)
+    block = group_blocks(s, row, ph)
 
     def at(n, cb, i, j, lane):  # noqa: ANN001, ANN202 (TIR expressions): input (n, channel cb * 16 + lane, i, j)'s flat index
         if s.nchw_input:
@@ -274,7 +309,7 @@ def phase_plane_kernel(s: BlockedSpec) -> tvm.tirx.PrimFunc:
                 g: T.let = t // chunks
                 c: T.let = t % chunks
                 for b in range(c * blocks // chunks, (c + 1) * blocks // chunks):
-                    block(planes, 0, w, bias, res, out, n, g, T.min(g * s.vectors, last_group), T.min(b * POSITIONS, positions - POSITIONS))
+                    block(planes, 0, w, bias, res, out, n, g, T.min(b * POSITIONS, positions - POSITIONS))
 
     return prim_func(s, body)
 
