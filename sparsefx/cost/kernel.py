@@ -115,7 +115,8 @@ def conv2d_kernel(x: tuple[int, ...], out: tuple[int, ...], groups: int, kernel:
     n, cin, ih, iw = x
     _, cout, oh, ow = out
     ci, co = cin // groups, cout // groups
-    steps = (lanes if ci == 1 else 0, 0 if ci == 1 else lanes, 0 if ci == 1 else lanes, 0, 0, 0, 0, 0)
+    # channel-like dims round up to the lanes (`cost.model`): a depthwise conv's groups, else both channel counts
+    steps = (0, lanes if ci == 1 else 0, 0 if ci == 1 else lanes, 0 if ci == 1 else lanes, 0, 0, 0, 0)
     return Kernel("conv2d", (n, groups, ci, co, oh, ow, ih, iw), (*kernel, *stride, *padding, *dilation), steps)
 
 
