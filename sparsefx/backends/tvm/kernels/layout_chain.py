@@ -38,6 +38,7 @@ class Layout:
     out_of: str
     dtype: str
     shape: Callable[[Shape], tuple[int, ...]]
+    to_layout: Callable[[Shape], tvm.tirx.PrimFunc]
     from_layout: Callable[[Shape], tvm.tirx.PrimFunc]
     max_pool: Callable[[Shape, tuple[int, int], int, int, int], tvm.tirx.PrimFunc]
     scale: Callable[[Shape], tvm.tirx.PrimFunc]
@@ -45,12 +46,13 @@ class Layout:
 
 
 LAYOUTS = (
-    Layout("amx", tile_layout.TO_TILES, tile_layout.FROM_TILES, "uint16", tile_layout.tiled, tile_layout.from_tiles,
+    Layout("amx", tile_layout.TO_TILES, tile_layout.FROM_TILES, "uint16", tile_layout.tiled, tile_layout.to_tiles,
+           tile_layout.from_tiles,
            lambda shape, out_hw, *window: tile_layout.max_pool(tile_layout.tiled(shape), out_hw, *window),
            lambda shape: tile_layout.scale(tile_layout.tiled(shape), shape[1]),
            lambda shape: tile_layout.mean(tile_layout.tiled(shape), shape[1])),
     Layout("blocked", blocked_layout.TO_BLOCKED, blocked_layout.FROM_BLOCKED, "float32", blocked_layout.blocked,
-           blocked_layout.from_blocked, blocked_layout.max_pool, blocked_layout.scale, blocked_layout.mean),
+           blocked_layout.to_blocked, blocked_layout.from_blocked, blocked_layout.max_pool, blocked_layout.scale, blocked_layout.mean),
 )
 
 

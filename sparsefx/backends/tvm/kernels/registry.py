@@ -37,13 +37,13 @@ from sparsefx.backends.tvm.kernels import (
     amx_linear,
     blocked,
     blocked_depthwise,
-    blocked_layout,
     depthwise,
     direct,
     linear,
     pointwise,
     tile_layout,
 )
+from sparsefx.backends.tvm.kernels.layout_chain import LAYOUTS, Layout
 from sparsefx.backends.tvm.tvmscript import parsed
 from sparsefx.cost.kernel import Kernel
 from sparsefx.target import has_tiles
@@ -166,25 +166,20 @@ def own_kernel_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
     return swapping_pass("FuseOwnKernels", rewrite_all, spec_for, call)
 
 
-def conversions(kind: str) -> tuple[str, str, Callable, Callable, Callable, str]:
-    """(name prefix in, prefix out, kernel in, kernel out, stored shape, stored dtype) of the layout a
-    `LAYOUT_KINDS` kernel works in."""
-    if kind in TILE_KINDS:
-        return (tile_layout.TO_TILES, tile_layout.FROM_TILES, tile_layout.to_tiles, tile_layout.from_tiles,
-                tile_layout.tiled, "uint16")
-    return (blocked_layout.TO_BLOCKED, blocked_layout.FROM_BLOCKED, blocked_layout.to_blocked,
-            blocked_layout.from_blocked, blocked_layout.blocked, "float32")
+def layout_of(kind: str) -> Layout:
+    """The layout a `LAYOUT_KINDS` kernel works in (`layout_chain.LAYOUTS`)."""
+    return next(layout for layout in LAYOUTS if kind.startswith(layout.kind))
 
 
 def layout_kernels(pairs: list[tuple[str, object]]) -> dict[str, Callable[[], tvm.tirx.PrimFunc]]:
     """The layout conversions the (kind, spec) kernels of `pairs` are called between (`layout_call`), by name."""
     made = {}
     for kind, spec in pairs:
-        into, out_of, to_layout, from_layout, _, _ = conversions(kind)
+        layout = layout_of(kind)
         ins = [] if getattr(spec, "nchw_input", False) else [spec.nchw_in]
         for shape in [*ins, *([spec.nchw_out] if fuses_residual(spec) else [])]:
-            made[tile_layout.name(into, shape)] = lambda shape=shape, make=to_layout: make(shape)
-        made[tile_layout.name(out_of, spec.nchw_out)] = lambda out=spec.nchw_out, make=from_layout: make(out)
+            made[tile_layout.name(layout.into, shape)] = lambda shape=shape, make=layout.to_layout: make(shape)
+        made[tile_layout.name(layout.out_of, spec.nchw_out)] = lambda out=spec.nchw_out, make=layout.from_layout: make(out)
     return made
 
 
@@ -197,17 +192,18 @@ def layout_call(gvars: dict, kind: str, spec: object, args: list[relax.Expr]) ->
     """A `LAYOUT_KINDS` kernel's call on float32 NCHW tensors: input (unless the kernel reads NCHW, a
     stem's image) and residual converted in, the result out (`layout_chain.layout_chain_pass` drops
     the conversions between two such kernels)."""
-    into, out_of, _, _, stored_shape, dtype = conversions(kind)
+    layout = layout_of(kind)
 
     def converted(value: relax.Expr) -> relax.Expr:
         shape = tuple(shape_of(value))
-        return relax.call_tir(gvars[tile_layout.name(into, shape)], [value], relax.TensorType(stored_shape(shape), dtype))
+        return relax.call_tir(gvars[tile_layout.name(layout.into, shape)], [value],
+                              relax.TensorType(layout.shape(shape), layout.dtype))
 
     x = args[0] if getattr(spec, "nchw_input", False) else converted(args[0])
     args = [x, *args[1:3], *([converted(args[3])] if fuses_residual(spec) else [])]
-    result = relax.call_tir(gvars[spec.name], args, relax.TensorType(spec.out_shape, dtype))
+    result = relax.call_tir(gvars[spec.name], args, relax.TensorType(spec.out_shape, layout.dtype))
     out = spec.nchw_out
-    return relax.call_tir(gvars[tile_layout.name(out_of, out)], [result], relax.TensorType(out, "float32"))
+    return relax.call_tir(gvars[tile_layout.name(layout.out_of, out)], [result], relax.TensorType(out, "float32"))
 
 
 def own_linear_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
