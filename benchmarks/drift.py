@@ -1,7 +1,9 @@
 """Do the planner's drift warnings fire when, and only when, the machine's speed changed?
 
 Plans a small conv net `--plans` times in a row, each with a fresh cost model over one table file
-(as separate `sparsefx plan` runs would), and counts the "cost tables ... re-measure" warnings; then
+(as separate `sparsefx plan` runs would), with 20 calls of a compiled ResNet-18 between plans (as a
+session that plans, compiles and runs does: a probe that allocated its output each call moved 20-45%
+after them), and counts the "cost tables ... re-measure" warnings; then
 starts one memory-streaming process per core (a real change: another job on the machine) and plans `--busy-plans`
 more times. On a quiet machine the first phase should warn never and the second every time (the
 neighbours stream memory: see `_stream`). Also
@@ -21,6 +23,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torchvision
 from common import RunRecord
 from torch import nn
 
@@ -64,9 +67,15 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         table = Path(tmp) / "table.json"
+        image = torch.randn(1, 3, 224, 224)
+        between = None
         for i in range(args.plans):
             rows.append({"phase": "quiet", "plan": i, **plan_once(model, inputs, table, args.threads)})
             print(rows[-1], flush=True)
+            between = between or sparsefx.compile(torchvision.models.resnet18().eval(), (image,),
+                                                  threads=args.threads, verbose=False)
+            for _ in range(20):
+                between(image)
         stop = multiprocessing.Event()
         busy = [multiprocessing.Process(target=_stream, args=(stop,)) for _ in range(multiprocessing.cpu_count())]
         for p in busy:

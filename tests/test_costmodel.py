@@ -22,6 +22,7 @@ from sparsefx.cost.fusion import EPILOGUE_RULES
 from sparsefx.cost.kernel import Kernel, conv2d_kernel, matmul_kernel
 from sparsefx.cost.latency import analyze_fusion, annotate_latency, dense_kernels
 from sparsefx.cost.model import PROBE_PREFIX, CostModel, grid
+from sparsefx.cost.timing import PROBES
 from sparsefx.planning import planner as planner_module
 from sparsefx.planning.plan import Plan
 from sparsefx.planning.pricing import RULES, cost_model
@@ -239,8 +240,7 @@ def test_a_plan_warns_when_the_machine_no_longer_runs_at_the_speed_its_tables_sa
     probes = cost.drift()  # a new table takes its probes into it: nothing has moved yet
     assert len(probes) == 2 and all(then == now for _, then, now in probes) and len(cost.table) == 2
     now = {name: ms for name, _, ms in probes}
-    # 43x the MACs, yet PyTorch's memory-bound depthwise conv came within 2.9x of it at two threads of the Xeon
-    assert now["3x3 conv"] > 1.5 * now["depthwise conv"]  # both really timed, each its own kernel
+    assert set(now) == set(PROBES) and now["matmul"] != now["memory add"]  # both really timed, each its own op
     cost.save()
     stale = cost_model("cpu", path=path)
     for key in stale.table:
@@ -250,7 +250,7 @@ def test_a_plan_warns_when_the_machine_no_longer_runs_at_the_speed_its_tables_sa
 
 
 class RefusingTimer:
-    """A timer that must not be asked: the drift probes time PyTorch's conv themselves."""
+    """A timer that must not be asked: the drift probes time PyTorch's ops themselves."""
 
     device = ""
     free_epilogues: dict = {}
@@ -267,15 +267,27 @@ class RefusingTimer:
 
 def test_drift_probes_keep_references_of_their_own_apart_from_the_timer(tmp_path):
     cost = CostModel("cpu", path=tmp_path / "table.json", timer=RefusingTimer())
-    probe = conv2d_kernel((1, 96, 56, 56), (1, 96, 56, 56), 96, (3, 3), (1, 1), (1, 1), (1, 1), cost.lanes)
-    cost.table[probe.key] = 123.0  # the kernel's own entry, as a batch of interpolation corners timed it
     first = cost.drift()
-    assert [name for name, _, _ in first] == ["3x3 conv", "depthwise conv"]
+    assert [name for name, _, _ in first] == list(PROBES)
     assert all(then == now > 0 for _, then, now in first)  # a new table takes its references now
+    assert all(key.startswith(PROBE_PREFIX) for key in cost.table)
     cost.save()
     again = CostModel("cpu", path=tmp_path / "table.json", timer=RefusingTimer())
     assert [then for _, then, _ in again.drift()] == [now for _, _, now in first]  # compared with those
-    assert again.table[probe.key] == 123.0 and again.table[PROBE_PREFIX + probe.key] == first[1][2]
+
+
+def test_drift_probes_do_not_move_after_a_compiled_model_ran(tmp_path):
+    # a probe that allocated its output each call (PyTorch's depthwise conv) took 20-45% longer once a
+    # compiled model had run in the process: every plan after a compile warned on a quiet machine
+    cost = CostModel("cpu", path=tmp_path / "table.json", timer=RefusingTimer())
+    first = {name: now for name, _, now in cost.drift()}
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1)).eval()
+    compiled = sparsefx.compile(model, (torch.randn(1, 3, 56, 56),), verbose=False)
+    for _ in range(20):
+        compiled(torch.randn(1, 3, 56, 56))
+    again = CostModel("cpu", path=tmp_path / "table.json", timer=RefusingTimer())
+    moved = {name: now / first[name] for name, _, now in again.drift()}
+    assert all(abs(ratio - 1) < 0.2 for ratio in moved.values()), moved
 
 
 class SqueezeExcite(nn.Module):

@@ -36,8 +36,8 @@ import numpy as np
 
 from sparsefx.cache import Table, cache_dir
 from sparsefx.cost.fusion import EPILOGUE_RULES, FusionRules
-from sparsefx.cost.kernel import CALIBRATED, Kernel, conv2d_kernel
-from sparsefx.cost.timing import Timer, Times, charged, choose, probe_ms
+from sparsefx.cost.kernel import CALIBRATED, Kernel
+from sparsefx.cost.timing import PROBES, Timer, Times, charged, choose, probe_ms
 from sparsefx.errors import SparsefxError
 from sparsefx.target import Target, resolve_target, with_measured_peaks
 
@@ -105,28 +105,22 @@ class CostModel:
         return self._interpolated(kernel, reference or kernel)
 
     def drift(self) -> list[tuple[str, float, float]]:
-        """(probe, ms in the table, ms now) for two probe kernels timed afresh: a dense 3x3 conv
-        (compute-bound) and a depthwise one (memory-bound). On a shared host the same kernels run
-        tens of percent faster or slower an hour later (tables measured while this VM's host was
-        busier over-predicted MobileNetV2 by 32-53% in a quieter spell); a table whose probes
-        moved no longer describes the machine. Each probe's reference is an entry of its own
-        (PROBE_PREFIX + key), timed alone as it is timed here; under the kernel's own key it may
-        have been timed in a batch with other kernels (interpolation corners measured together),
-        which is not what the probe times now. A table without them takes them now.
-        A probe is PyTorch's plain conv, timed here (`timing.probe_ms`, the median of its runs): a
-        change of speed shows on any implementation, and no kernel is built for it (timing every
-        rival through the timer took 1 s of a 9 s warm plan).
+        """(probe, ms in the table, ms now) for the drift probes (`timing.PROBES`: a compute-bound
+        matmul and a memory-bound add) timed afresh. On a shared host the same kernels run tens of
+        percent faster or slower an hour later (tables measured while this VM's host was busier
+        over-predicted MobileNetV2 by 32-53% in a quieter spell); a table whose probes moved no longer
+        describes the machine. Each probe's reference is an entry of its own (PROBE_PREFIX + name);
+        a table without them takes them now. A probe is a plain PyTorch op timed here
+        (`timing.probe_ms`): a change of speed shows on any implementation, and no kernel is built for
+        it (timing every rival through the timer took 1 s of a 9 s warm plan).
         Timed once per CostModel: a planning run that plans several times asks again."""
         if self._drift is not None:
             return self._drift
         self._drift = []
         if not self.measure or self.device:
             return self._drift
-        probes = {"3x3 conv": conv2d_kernel((1, 64, 56, 56), (1, 64, 56, 56), 1, (3, 3), (1, 1), (1, 1), (1, 1), self.lanes),
-                  "depthwise conv": conv2d_kernel((1, 96, 56, 56), (1, 96, 56, 56), 96, (3, 3), (1, 1), (1, 1), (1, 1),
-                                                  self.lanes)}
-        for name, kernel in probes.items():
-            now, key = probe_ms(kernel, self.target.cores), PROBE_PREFIX + kernel.key
+        for name, shapes in PROBES.items():
+            now, key = probe_ms(name, self.target.cores), f"{PROBE_PREFIX}{name}|{shapes}"
             if key not in self.table:
                 self.table[key], self._dirty = now, True
             self._drift.append((name, self.table[key], now))

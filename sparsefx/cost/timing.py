@@ -116,22 +116,38 @@ def time_in_turn(rivals: Mapping[str, Sequence[Callable[[], object]]], rounds: t
     return {name: statistic(runs) * 1e3 for name, runs in samples.items()}
 
 
-def probe_ms(kernel: Kernel, threads: int) -> float:
-    """Median ms of PyTorch's plain conv2d on the conv `kernel`, at `threads` threads (put back after),
-    timed as `time_in_turn` times, every round: a drift probe (`CostModel.drift`). The median, not the
-    fastest run, so that a neighbour taking the CPU shows (with one memory-streaming process per core,
-    the fastest of 15 runs moved 5-15%, inside the drift tolerance)."""
-    x_shape, w_shape, _ = kernel.shapes
-    s0, s1, p0, p1, d0, d1, groups = kernel.conv_attrs
-    x = torch.randn(x_shape)
-    runs = [functools.partial(torch.nn.functional.conv2d, x, w, None, (s0, s1), (p0, p1), (d0, d1), groups)
-            for w in weight_copies(tuple(w_shape))]
+# Drift probes (`CostModel.drift`): name -> (what it runs, its shapes). Both write into buffers made
+# once (`out=`): PyTorch's conv allocates its output each call, and whether that memory came back from
+# the allocator or was faulted in afresh depended on what the process had run before. A depthwise conv
+# probe took 0.33 ms in a fresh process and 0.41 after 20 calls of a compiled ResNet-18 in the same one
+# (1.2 with glibc's mmap threshold at 64 KB): it warned of drift 10 times in one quiet planner run.
+PROBES = {
+    "matmul": "3136x576 @ 576x64",  # compute-bound: a 64 -> 64 3x3 conv at 56x56 as a matmul (115.6 M MACs)
+    "memory add": "3 x 1M floats",  # memory-bound: two 4 MB operands and a 4 MB result, past L2
+}
+WARM_PROBE_RUNS = 5  # a process's first matmul ran 1.4x slower with one warm-up run (MKL's first calls)
+
+
+def probe_ms(name: str, threads: int) -> float:
+    """Median ms of the drift probe `name` (`PROBES`) at `threads` threads (put back after), over
+    `ROUNDS[1]` runs after a warm-up. The median, not the fastest run, so that a neighbour taking the
+    CPU shows (with one memory-streaming process per core, the fastest of 15 runs moved 5-15%, inside
+    the drift tolerance)."""
+    if name == "matmul":
+        a, b, out = torch.randn(3136, 576), torch.randn(576, 64), torch.empty(3136, 64)
+        run = functools.partial(torch.mm, a, b, out=out)
+    else:
+        n, gap = 1 << 20, 256  # operands apart by a 1 KB stagger: their offsets mod 4 KB fixed, not the allocator's
+        pool = torch.randn(3 * (n + gap))
+        a, b, out = (pool[i * (n + gap):i * (n + gap) + n] for i in range(3))
+        run = functools.partial(torch.add, a, b, out=out)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with torch.inference_mode():
-            return time_in_turn({"probe": runs}, rounds=(ROUNDS[1], ROUNDS[1]), between=cold_traffic(tuple(w_shape)),
-                                stateless={"probe"}, statistic=statistics.median)["probe"]
+            for _ in range(WARM_PROBE_RUNS):
+                run()
+            return time_in_turn({"probe": [run]}, rounds=(ROUNDS[1], ROUNDS[1]), statistic=statistics.median)["probe"]
     finally:
         torch.set_num_threads(before)
 
