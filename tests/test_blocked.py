@@ -50,6 +50,8 @@ def run(func: tvm.tirx.PrimFunc, *args: np.ndarray, out_shape: tuple[int, ...]) 
     blocked.BlockedSpec(1, 64, 128, 16, 16, 1, 2, 0),
     blocked.BlockedSpec(1, 3, 64, 32, 32, 7, 2, 3, "relu"),  # a stem: NCHW in, the layout out
     blocked.BlockedSpec(2, 3, 40, 17, 15, 3, 2, 1, "relu6"),
+    blocked.BlockedSpec(2, 48, 80, 7, 7, activation="relu", residual=True),  # 49 positions: 8 blocks and one of 1
+    blocked.BlockedSpec(1, 32, 48, 9, 9, 3, 1, 1, "relu"),  # 81: 13 blocks and one of 3
 ])
 def test_conv_matches_torch_and_keeps_the_padding_channels_zero(spec: blocked.BlockedSpec) -> None:
     torch.manual_seed(0)

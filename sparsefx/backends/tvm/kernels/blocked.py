@@ -182,20 +182,20 @@ def kernel(s: BlockedSpec) -> tvm.tirx.PrimFunc:
     return f.with_attr({"op_pattern": OPAQUE, "tirx.is_scheduled": True, "tirx.noalias": True})
 
 
-def block_macro(s: BlockedSpec, row: int, phases: int, vectors: int):  # noqa: ANN201 (a TVMScript macro)
+def block_macro(s: BlockedSpec, row: int, phases: int, vectors: int, count: int):  # noqa: ANN201 (a TVMScript macro)
     """`block(src, sn, w, bias, res, out, n, g0, q0)`: `vectors` output vectors from g0 x output
-    positions q0..q0+6 (flat over the output map) of image n, over image sn of `src` (images, input
-    blocks, phase, flat position, 16), whose rows are `row` positions long; the group's weights start
-    at g0's share of the flat weight."""
+    positions q0..q0+count (flat over the output map) of image n, over image sn of `src` (images,
+    input blocks, phase, flat position, 16), whose rows are `row` positions long; the group's weights
+    start at g0's share of the flat weight."""
     k, st = s.kernel, s.stride
     cib, lanes = s.in_blocks, s.in_lanes
     _, wo = s.out_hw
 
     @T.macro
     def block(src, sn, w, bias, res, out, n, g0, q0):  # noqa: ANN001, ANN202
-        acc = T.alloc_buffer((vectors, POSITIONS, BLOCK), "float32", scope=STACK)
+        acc = T.alloc_buffer((vectors, count, BLOCK), "float32", scope=STACK)
         for j in T.unroll(vectors):
-            for p in T.unroll(POSITIONS):
+            for p in T.unroll(count):
                 for lane in T.vectorized(BLOCK):
                     acc[j, p, lane] = bias[(g0 + j) * BLOCK + lane]
         for cb in range(cib):
@@ -204,14 +204,14 @@ def block_macro(s: BlockedSpec, row: int, phases: int, vectors: int):  # noqa: A
                 for kw in range(k):
                     for ci in T.unroll(lanes):
                         for j in T.unroll(vectors):
-                            for p in T.unroll(POSITIONS):
+                            for p in T.unroll(count):
                                 for lane in T.vectorized(BLOCK):
                                     acc[j, p, lane] = acc[j, p, lane] + src[
                                         sn, cb, kh % st * phases + kw % st,
                                         (q0 + p) // wo * row + (q0 + p) % wo + kh // st * row + kw // st, ci
                                     ] * w[g0 * cib * k * k * lanes * BLOCK
                                           + ((((cb * k + kh) * k + kw) * lanes + ci) * vectors + j) * BLOCK + lane]
-        for p in T.unroll(POSITIONS):
+        for p in T.unroll(count):
             for j in T.unroll(vectors):
                 for lane in T.vectorized(BLOCK):
                     if T.bool(s.residual):
@@ -221,18 +221,18 @@ def block_macro(s: BlockedSpec, row: int, phases: int, vectors: int):  # noqa: A
     return block
 
 
-def group_blocks(s: BlockedSpec, row: int, phases: int):  # noqa: ANN201 (a TVMScript macro)
-    """`blocks(src, sn, w, bias, res, out, n, g, q0)`: group g's register block (`group_sizes`): a
-    `block_macro` per group size, the first size's groups first."""
+def group_blocks(s: BlockedSpec, row: int, phases: int, count: int = POSITIONS):  # noqa: ANN201 (a TVMScript macro)
+    """`blocks(src, sn, w, bias, res, out, n, g, q0)`: group g's register block (`group_sizes`) of
+    `count` positions: a `block_macro` per group size, the first size's groups first."""
     (main, mains), *rest = s.group_sizes
-    first = block_macro(s, row, phases, main)
+    first = block_macro(s, row, phases, main, count)
     if not rest:  # one size: one block parsed (parsing is most of what making a kernel takes)
         @T.macro
         def alike(src, sn, w, bias, res, out, n, g, q0):  # noqa: ANN001, ANN202
             first(src, sn, w, bias, res, out, n, g * main, q0)
         return alike
     tail = rest[0][0]
-    other = block_macro(s, row, phases, tail)
+    other = block_macro(s, row, phases, tail, count)
 
     @T.macro
     def blocks(src, sn, w, bias, res, out, n, g, q0):  # noqa: ANN001, ANN202
@@ -244,9 +244,46 @@ def group_blocks(s: BlockedSpec, row: int, phases: int):  # noqa: ANN201 (a TVMS
     return blocks
 
 
+def positions_macro(s: BlockedSpec, row: int, phases: int, positions: int):  # noqa: ANN201 (a TVMScript macro)
+    """`run(src, sn, w, bias, res, out, n, g, c)`: chunk c of group g's position blocks of image n
+    (`task_split`), the last chunk also the map's last few positions (`tail_positions`) where they have a
+    block of their own; elsewhere the last block starts early to end at the map's end (its overlap
+    computed twice)."""
+    block = group_blocks(s, row, phases)
+    _, blocks, chunks = task_split(s, positions)
+    left = tail_positions(positions)
+
+    @T.macro
+    def run(src, sn, w, bias, res, out, n, g, c):  # noqa: ANN001, ANN202
+        for b in range(c * blocks // chunks, (c + 1) * blocks // chunks):
+            block(src, sn, w, bias, res, out, n, g, T.min(b * POSITIONS, positions - POSITIONS))
+
+    if not left:
+        return run
+    last = group_blocks(s, row, phases, left)
+
+    @T.macro
+    def run_and_tail(src, sn, w, bias, res, out, n, g, c):  # noqa: ANN001, ANN202
+        run(src, sn, w, bias, res, out, n, g, c)
+        if c == chunks - 1:
+            last(src, sn, w, bias, res, out, n, g, positions - left)
+
+    return run_and_tail
+
+
+def tail_positions(positions: int) -> int:
+    """Positions past the last whole block that get a block of their own: where the last block
+    started early would repeat more than 2% of the map (ResNet's 7x7 maps: 49 positions as 8
+    blocks and one of 1, not 9 blocks, 10% of the work twice; a block of one position runs its
+    4 accumulators at half the rate, a third of a whole block's time)."""
+    left = positions % POSITIONS
+    return left if left and (POSITIONS - left) * 50 > positions else 0
+
+
 def task_split(s: BlockedSpec, positions: int) -> tuple[int, int, int]:
-    """(groups of output vectors, position blocks, chunks of position blocks per group) for the tasks."""
-    blocks = -(-positions // POSITIONS)
+    """(groups of output vectors, position blocks, chunks of position blocks per group) for the tasks:
+    whole blocks, and one more ending at the map's end unless the positions left have their own (`tail_positions`)."""
+    blocks = positions // POSITIONS if tail_positions(positions) else -(-positions // POSITIONS)
     return s.groups, blocks, min(blocks, max(1, -(-TASKS // (s.batch * s.groups))))
 
 
@@ -254,8 +291,8 @@ def direct_read_kernel(s: BlockedSpec) -> tvm.tirx.PrimFunc:
     """An unstrided 1x1 conv: tasks take (image, group of output vectors, chunk of position blocks),
     the group outermost so a task's weight rows stay in cache while its positions run."""
     plane = s.height * s.width
-    groups, blocks, chunks = task_split(s, plane)
-    block = group_blocks(s, s.width, 1)
+    groups, _, chunks = task_split(s, plane)
+    run = positions_macro(s, s.width, 1, plane)
     x_view = (s.batch, stored(s.cin) // BLOCK, 1, plane, BLOCK)
 
     @T.macro
@@ -265,8 +302,7 @@ def direct_read_kernel(s: BlockedSpec) -> tvm.tirx.PrimFunc:
             n: T.let = t // (groups * chunks)
             g: T.let = t // chunks % groups
             c: T.let = t % chunks
-            for i in range(c * blocks // chunks, (c + 1) * blocks // chunks):
-                block(x, n, w, bias, res, out, n, g, T.min(i * POSITIONS, plane - POSITIONS))
+            run(x, n, w, bias, res, out, n, g, c)
 
     return prim_func(s, body)
 
@@ -280,8 +316,8 @@ def phase_plane_kernel(s: BlockedSpec) -> tvm.tirx.PrimFunc:
     row, ph, size = geometry.row, geometry.phases, geometry.size
     cib, lanes = s.in_blocks, s.in_lanes
     positions = ho * wo
-    groups, blocks, chunks = task_split(s, positions)
-    block = group_blocks(s, row, ph)
+    groups, _, chunks = task_split(s, positions)
+    run = positions_macro(s, row, ph, positions)
 
     def at(n, cb, i, j, lane):  # noqa: ANN001, ANN202 (TIR expressions): input (n, channel cb * 16 + lane, i, j)'s flat index
         if s.nchw_input:
@@ -308,8 +344,7 @@ def phase_plane_kernel(s: BlockedSpec) -> tvm.tirx.PrimFunc:
             for t in T.parallel(groups * chunks):
                 g: T.let = t // chunks
                 c: T.let = t % chunks
-                for b in range(c * blocks // chunks, (c + 1) * blocks // chunks):
-                    block(planes, 0, w, bias, res, out, n, g, T.min(b * POSITIONS, positions - POSITIONS))
+                run(planes, 0, w, bias, res, out, n, g, c)
 
     return prim_func(s, body)
 
