@@ -19,7 +19,7 @@ from .own_kernels_helper import dispatched
 ACT = {"none": lambda t: t, "relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
 # (rows, inputs, outputs, activation): ConvNeXt's pruned shapes, counts off the 14-row and 32-output blocks
 SPECS = [(3136, 48, 192, "gelu"), (49, 384, 96, "none"), (37, 40, 70, "relu"), (20, 64, 33, "gelu_tanh"),
-         (14, 5, 32, "gelu"), (100, 17, 95, "none")]
+         (14, 5, 32, "gelu"), (100, 17, 95, "none"), (1, 512, 1000, "none"), (8, 700, 40, "relu")]  # classifiers: one row block
 
 
 @pytest.mark.parametrize(("rows", "inputs", "outputs", "act"), SPECS)
@@ -52,10 +52,11 @@ def test_erf_matches_torch_where_gelu_needs_it() -> None:
     np.testing.assert_allclose(got, F.gelu(x).numpy(), rtol=1e-6, atol=1e-6)
 
 
-def test_supported_takes_weight_matmuls_of_whole_blocks_with_few_inputs() -> None:
+def test_supported_takes_weight_matmuls_of_whole_blocks_with_few_inputs_or_rows() -> None:
     assert linear.supported(Kernel("matmul", (1, 3136, 48, 192)))
     assert not linear.supported(Kernel("matmul", (12, 128, 64, 128)))  # both operands activations
-    assert not linear.supported(Kernel("matmul", (1, 13, 48, 192)))  # fewer rows than a block
+    assert linear.supported(Kernel("matmul", (1, 1, 2048, 1000)))  # a classifier: one row block, each weight read once
+    assert not linear.supported(Kernel("matmul", (1, 15, 2048, 1000)))  # two row blocks: the weight read twice, from memory
     assert not linear.supported(Kernel("matmul", (1, 128, 48, 31)))  # fewer outputs than a block
     assert not linear.supported(Kernel("matmul", (1, 128, 768, 512)))  # an output block's weight past cache
     assert own_kernels.own_kernel(Kernel("matmul", (1, 128, 512, 768)))[0] == "linear"
