@@ -17,9 +17,10 @@ from sparsefx.target import resolve_target
 from .own_kernels_helper import dispatched
 
 ACT = {"none": lambda t: t, "relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
-# (rows, inputs, outputs, activation): ConvNeXt's pruned shapes, counts off the 14-row and 32-output blocks
+# (rows, inputs, outputs, activation): ConvNeXt's pruned shapes, counts off the row and output blocks
 SPECS = [(3136, 48, 192, "gelu"), (49, 384, 96, "none"), (37, 40, 70, "relu"), (20, 64, 33, "gelu_tanh"),
-         (14, 5, 32, "gelu"), (100, 17, 95, "none"), (1, 512, 1000, "none"), (8, 700, 40, "relu")]  # classifiers: one row block
+         (14, 5, 32, "gelu"), (100, 17, 95, "none"), (1, 512, 1000, "none"), (8, 700, 40, "relu"),  # classifiers: one row block
+         (45, 301, 256, "gelu")]  # wide blocks (64 outputs x 6 rows), a reduction not a multiple of the unroll
 
 
 @pytest.mark.parametrize(("rows", "inputs", "outputs", "act"), SPECS)
@@ -58,8 +59,8 @@ def test_supported_takes_weight_matmuls_of_whole_blocks_with_few_inputs_or_rows(
     assert linear.supported(Kernel("matmul", (1, 1, 2048, 1000)))  # a classifier: one row block, each weight read once
     assert not linear.supported(Kernel("matmul", (1, 15, 2048, 1000)))  # two row blocks: the weight read twice, from memory
     assert not linear.supported(Kernel("matmul", (1, 128, 48, 31)))  # fewer outputs than a block
-    assert not linear.supported(Kernel("matmul", (1, 128, 768, 512)))  # an output block's weight past cache
-    assert own_kernels.own_kernel(Kernel("matmul", (1, 128, 512, 768)))[0] == "linear"
+    assert not linear.supported(Kernel("matmul", (1, 128, 3072, 768)))  # an output block's weight past cache
+    assert own_kernels.own_kernel(Kernel("matmul", (1, 128, 768, 768)))[0] == "linear"
 
 
 def test_pass_runs_a_linear_on_a_channels_last_map_with_its_gelu() -> None:
@@ -79,3 +80,10 @@ def test_pass_fuses_the_gelu_after_a_reshape_back_to_tokens() -> None:
     assert "linear_20x24to64_gelu" in text and "R.nn.gelu" not in text
     with torch.no_grad():
         np.testing.assert_allclose(got, model(*inputs).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_blocks_are_four_vectors_wide_unless_two_waste_fewer_outputs() -> None:
+    assert linear.LinearSpec(197, 768, 2304).block == 64 and linear.LinearSpec(197, 768, 2304).block_rows == 6
+    assert linear.LinearSpec(1, 2048, 1000).block == 64  # 16 wide blocks or 32 narrow: 24 outputs wasted either way
+    assert linear.LinearSpec(784, 384, 96).block == 32 and linear.LinearSpec(784, 384, 96).block_rows == 14
+    assert linear.LinearSpec(37, 40, 70).block == 32 and linear.LinearSpec(20, 64, 33).block == 32

@@ -56,8 +56,9 @@ ROOFLINE_EFFICIENCY = 0.5  # what a tuned kernel reaches of the peak, for unmeas
 # v27: PyTorch's float32 kernels timed on freshly released memory, `measure.host.release_freed_memory`; v28: convs only; v29: float32 convs on a just-written input;
 # v30: float32 convs on the blocked kernels (NCHW16c); v31: no one-vector register blocks in `blocked`;
 # v32: stems on `blocked`; v33: `blocked` output groups of 4, 3 and 2 vectors; v34: conv steps aligned with their dims;
-# v35: `blocked` maps' last few positions in a block of their own; v36: `linear` for fewer rows than a block)
-TABLE_VERSION = 36
+# v35: `blocked` maps' last few positions in a block of their own; v36: `linear` for fewer rows than a block;
+# v37: `linear` blocks of 6 rows x 64 outputs, up to 768 inputs)
+TABLE_VERSION = 37
 PROBE_PREFIX = "probe-median|"  # the drift probes' own entries (`drift`), apart from the kernels' timings
 CALIBRATION_VERSION = 5  # v3: timed in turn (`cost.timing`), no "dispatch" entry (the timer's overheads); v4: no "cold_write"; v5: max_pool2d on sparsefx's kernel
 

@@ -4,10 +4,13 @@ map), bias and ReLU/GELU fused.
 ConvNeXt's blocks run their two 1x1 convs as Linear layers on a channels-last map, and pruning leaves
 them few input channels: at 56x56 and half the channels, 3136 rows x 48 -> 192 with its GELU took
 0.94 ms on PyTorch in the model, one thread (31 GMAC/s: MKL's matmul, then the bias, then GELU as a
-pass of its own over the output). Here each task keeps 14 rows x 32 outputs in registers (28 AVX-512
-accumulators), the weight repacked at compile time as [32-output block][input][32]: per input, two
-vector loads of the block's weights and one broadcast per row, as `pointwise` does on small maps (its
-`channel_vector_body`; rows here are contiguous in the input, outputs contiguous in the result). The
+pass of its own over the output). Here each task keeps 6 rows x 64 outputs in registers (24 AVX-512
+accumulators, as the blocked conv does; 14 rows x 32 where 64-output blocks would waste more), the
+weight repacked at compile time as [output block][input][64]: per input, four vector loads of the
+block's weights and one broadcast per row, the reduction unrolled by 4. 6 x 64 against 14 x 32, one
+thread, alone: ViT's 197 x 768 -> 2304 4.49 against 5.06 ms (MKL's addmm 4.81), 3136 x 48 -> 192
+0.34 against 0.46, 128 x 768 -> 3072 4.32 against 5.11; in the model ViT-B/16 0.979 (one thread)
+and 0.961 (two), ConvNeXt-T pruned 0.935 (one). The
 bias and the activation are applied in registers before the store; GELU's erf as the rational
 approximation TVM's `fast_erf` uses (Eigen's), vectorised, where libm's erf is a scalar call
 (`depthwise.activate`, the activations every kernel applies).
@@ -37,13 +40,15 @@ from sparsefx.backends.tvm.kernels.depthwise import activate, blocks_starting
 from sparsefx.backends.tvm.sparse.kernels import LANES, OPAQUE, STACK
 from sparsefx.cost.kernel import Kernel
 
-BLOCK = 2 * LANES  # outputs per block, in registers (two vectors)
-ROWS = 14  # rows per block: 28 accumulators, two weight vectors, one broadcast of 32 registers
+BLOCK = 2 * LANES  # outputs per block where a wide block would waste more of its outputs (two vectors)
+WIDE = 4 * LANES  # outputs per block otherwise (four vectors)
+ROWS = {BLOCK: 14, WIDE: 6}  # rows per block by its width: 28 or 24 accumulators
+UNROLL = 4  # inputs per step of the reduction loop
 TASKS = 16  # parallel tasks at least, where there are enough row blocks
-# each row block re-reads its output block's weight (inputs x 32 floats): past 512 inputs (64 KB) it ran
-# 15-17% slower in the model than timed (pruned BERT-base's 768 -> 1536 at one thread: 2.65 ms against 2.26,
-# PyTorch 2.41), so the dispatch's near-ties there went the wrong way
-MAX_INPUTS = 512
+# each row block re-reads its output block's weight (inputs x block floats): past 768 inputs it ran slower
+# than PyTorch's (ViT's 3072 -> 768 at 197 rows: 7.1 ms against 6.4, one thread) and, past 512 on the
+# narrow block, 15-17% slower in the model than timed (pruned BERT-base's 768 -> 1536)
+MAX_INPUTS = 768
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh")
 
 
@@ -85,9 +90,17 @@ class LinearShape:
 @dataclass(frozen=True)
 class LinearSpec(LinearShape):
     @property
+    def block(self) -> int:  # type: ignore[override]
+        """Outputs per block: four vectors (6 rows x 64, the blocked conv's register block), unless
+        two waste fewer outputs past the layer's (96 outputs are 3 narrow blocks, 2 wide ones a
+        third wasted: 784 x 384 -> 96 0.37 ms narrow, 0.45 wide)."""
+        waste = {width: -(-self.outputs // width) * width - self.outputs for width in (WIDE, BLOCK)}
+        return WIDE if waste[WIDE] <= waste[BLOCK] and self.outputs >= WIDE else BLOCK
+
+    @property
     def block_rows(self) -> int:
-        """Rows in registers: `ROWS`, or all of them when fewer (a classifier's batch)."""
-        return min(ROWS, self.rows)
+        """Rows in registers: the block width's, or all of them when fewer (a classifier's batch)."""
+        return min(ROWS[self.block], self.rows)
 
     @property
     def row_blocks(self) -> int:
@@ -101,7 +114,7 @@ def supported(kernel: Kernel) -> bool:
     if kernel.op != "matmul":
         return False
     batch, m, k, n = kernel.dims
-    return batch == 1 and n >= BLOCK and (m <= ROWS or k <= MAX_INPUTS)
+    return batch == 1 and n >= BLOCK and (m <= ROWS[BLOCK] or k <= MAX_INPUTS)
 
 
 def spec_of(kernel: Kernel, activation: str = "none") -> LinearSpec:
@@ -110,36 +123,44 @@ def spec_of(kernel: Kernel, activation: str = "none") -> LinearSpec:
 
 
 def pack_weight(s: LinearSpec, weight: np.ndarray) -> np.ndarray:
-    """(inputs, outputs) -> [block][input][32], block b holding outputs from min(32 b, outputs - 32) on."""
-    return np.ascontiguousarray(np.stack([weight[:, c:c + BLOCK] for c in blocks_starting(s.outputs, BLOCK)]),
+    """(inputs, outputs) -> [block][input][width], block b holding outputs from min(width b, outputs - width) on."""
+    return np.ascontiguousarray(np.stack([weight[:, c:c + s.block] for c in blocks_starting(s.outputs, s.block)]),
                                 dtype=np.float32)
 
 
 def kernel(s: LinearSpec) -> tvm.tirx.PrimFunc:
     """out = act(x @ w + bias)."""
     m, k, n = s.rows, s.inputs, s.outputs
-    blocks, row_blocks, rows = s.blocks, s.row_blocks, s.block_rows
+    blocks, row_blocks, rows, width = s.blocks, s.row_blocks, s.block_rows, s.block
     groups = min(row_blocks, -(-TASKS // blocks))  # row groups per output block
+    steps = k // UNROLL * UNROLL
+
+    @T.macro
+    def step(acc, x, w, r0, b, j):  # noqa: ANN001, ANN202
+        for r in T.unroll(rows):
+            for lane in T.vectorized(width):
+                acc[r, lane] = acc[r, lane] + x[r0 + r, j] * w[b, j, lane]
 
     @T.prim_func(private=True)
-    def f(x: T.Buffer((m, k), "float32"), w: T.Buffer((blocks, k, BLOCK), "float32"),
+    def f(x: T.Buffer((m, k), "float32"), w: T.Buffer((blocks, k, width), "float32"),
           bias: T.Buffer((n,), "float32"), out: T.Buffer((m, n), "float32")):
         for t in T.parallel(groups * blocks):
             g: T.let = t // blocks
             b: T.let = t % blocks
-            c0: T.let = T.min(b * BLOCK, n - BLOCK)
+            c0: T.let = T.min(b * width, n - width)
             for i in range(g * row_blocks // groups, (g + 1) * row_blocks // groups):
                 r0: T.let = T.min(i * rows, m - rows)
-                acc = T.alloc_buffer((rows, BLOCK), "float32", scope=STACK)
+                acc = T.alloc_buffer((rows, width), "float32", scope=STACK)
                 for r in T.unroll(rows):
-                    for lane in T.vectorized(BLOCK):
+                    for lane in T.vectorized(width):
                         acc[r, lane] = bias[c0 + lane]
-                for j in range(k):
-                    for r in T.unroll(rows):
-                        for lane in T.vectorized(BLOCK):
-                            acc[r, lane] = acc[r, lane] + x[r0 + r, j] * w[b, j, lane]
+                for j0 in range(steps // UNROLL):
+                    for ju in T.unroll(UNROLL):
+                        step(acc, x, w, r0, b, j0 * UNROLL + ju)
+                for j in range(steps, k):
+                    step(acc, x, w, r0, b, j)
                 for r in T.unroll(rows):
-                    for lane in T.vectorized(BLOCK):
+                    for lane in T.vectorized(width):
                         out[r0 + r, c0 + lane] = activate(acc[r, lane], s.activation)
 
     return f.with_attr({"op_pattern": OPAQUE, "tirx.is_scheduled": True, "tirx.noalias": True})
