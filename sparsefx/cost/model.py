@@ -121,7 +121,7 @@ class CostModel:
         self._drift = []
         if not self.measure or self.device:
             return self._drift
-        for name, shapes in PROBES.items():
+        for name, (shapes, _) in PROBES.items():
             now, key = probe_ms(name, self.target.cores), f"{PROBE_PREFIX}{name}|{shapes}"
             if key not in self.table:
                 self.table[key], self._dirty = now, True

@@ -116,14 +116,26 @@ def time_in_turn(rivals: Mapping[str, Sequence[Callable[[], object]]], rounds: t
     return {name: statistic(runs) * 1e3 for name, runs in samples.items()}
 
 
-# Drift probes (`CostModel.drift`): name -> (what it runs, its shapes). Both write into buffers made
+def _matmul_probe() -> Callable[[], object]:
+    a, b, out = torch.randn(3136, 576), torch.randn(576, 64), torch.empty(3136, 64)
+    return functools.partial(torch.mm, a, b, out=out)
+
+
+def _add_probe() -> Callable[[], object]:
+    n, gap = 1 << 20, 256  # operands apart by a 1 KB stagger: their offsets mod 4 KB fixed, not the allocator's
+    pool = torch.randn(3 * (n + gap))
+    a, b, out = (pool[i * (n + gap):i * (n + gap) + n] for i in range(3))
+    return functools.partial(torch.add, a, b, out=out)
+
+
+# Drift probes (`CostModel.drift`): name -> (its shapes, what makes its run). Both write into buffers made
 # once (`out=`): PyTorch's conv allocates its output each call, and whether that memory came back from
 # the allocator or was faulted in afresh depended on what the process had run before. A depthwise conv
 # probe took 0.33 ms in a fresh process and 0.41 after 20 calls of a compiled ResNet-18 in the same one
 # (1.2 with glibc's mmap threshold at 64 KB): it warned of drift 10 times in one quiet planner run.
-PROBES = {
-    "matmul": "3136x576 @ 576x64",  # compute-bound: a 64 -> 64 3x3 conv at 56x56 as a matmul (115.6 M MACs)
-    "memory add": "3 x 1M floats",  # memory-bound: two 4 MB operands and a 4 MB result, past L2
+PROBES: dict[str, tuple[str, Callable[[], Callable[[], object]]]] = {
+    "matmul": ("3136x576 @ 576x64", _matmul_probe),  # compute-bound: a 64 -> 64 3x3 conv at 56x56 as a matmul
+    "memory add": ("3 x 1M floats", _add_probe),  # memory-bound: two 4 MB operands and a 4 MB result, past L2
 }
 WARM_PROBE_RUNS = 5  # a process's first matmul ran 1.4x slower with one warm-up run (MKL's first calls)
 
@@ -133,14 +145,7 @@ def probe_ms(name: str, threads: int) -> float:
     `ROUNDS[1]` runs after a warm-up. The median, not the fastest run, so that a neighbour taking the
     CPU shows (with one memory-streaming process per core, the fastest of 15 runs moved 5-15%, inside
     the drift tolerance)."""
-    if name == "matmul":
-        a, b, out = torch.randn(3136, 576), torch.randn(576, 64), torch.empty(3136, 64)
-        run = functools.partial(torch.mm, a, b, out=out)
-    else:
-        n, gap = 1 << 20, 256  # operands apart by a 1 KB stagger: their offsets mod 4 KB fixed, not the allocator's
-        pool = torch.randn(3 * (n + gap))
-        a, b, out = (pool[i * (n + gap):i * (n + gap) + n] for i in range(3))
-        run = functools.partial(torch.add, a, b, out=out)
+    run = PROBES[name][1]()
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
