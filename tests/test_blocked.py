@@ -34,16 +34,18 @@ def from_layout(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(a).permute(0, 1, 4, 2, 3).reshape(n, cb * lanes, h, w)
 
 
-def run(func: tvm.tirx.PrimFunc, *args: np.ndarray, out_shape: tuple[int, ...]) -> np.ndarray:
+def run(func: tvm.tirx.PrimFunc, *args: np.ndarray, out_shape: tuple[int, ...], into: np.ndarray | None = None) -> np.ndarray:
+    """`func` on `args` and an output of `out_shape`, holding `into` on the way in (a residual written over)."""
     library = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), resolve_target("cpu").to_tvm())
-    out = tvm.runtime.empty(out_shape, "float32")
+    out = tvm.runtime.tensor(np.ascontiguousarray(into, "float32")) if into is not None else tvm.runtime.empty(out_shape, "float32")
     library["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a, "float32")) for a in args], out)
     return out.numpy()
 
 
 @pytest.mark.parametrize("spec", [
     blocked.BlockedSpec(1, 64, 64, 14, 14, activation="relu"),
-    blocked.BlockedSpec(2, 24, 40, 13, 11, activation="relu6", residual=True),  # channels padded to 32 and 48
+    blocked.BlockedSpec(2, 24, 40, 13, 11, activation="relu6", residual=True),  # channels padded to 32 and 48;
+    # 143 positions: 23 blocks and one of 5 (a block ending at the map's end would add its overlap's residual twice)
     blocked.BlockedSpec(1, 20, 72, 15, 15, 3, 1, 1, "relu"),
     blocked.BlockedSpec(2, 16, 32, 14, 14, 3, 2, 1, "none", True),
     blocked.BlockedSpec(1, 32, 80, 17, 17, 5, 2, 2, "silu"),
@@ -61,8 +63,8 @@ def test_conv_matches_torch_and_keeps_the_padding_channels_zero(spec: blocked.Bl
     want = ACT[spec.activation](want + res if spec.residual else want)
     args = [x.numpy() if spec.nchw_input else to_layout(x), blocked.pack_weight(spec, w.numpy()),
             blocked.pack_bias(spec, b.numpy())]
-    args += [to_layout(res)] if spec.residual else []
-    got = from_layout(run(blocked.kernel(spec), *args, out_shape=spec.out_shape))
+    got = from_layout(run(blocked.kernel(spec), *args, out_shape=spec.out_shape,
+                          into=to_layout(res) if spec.residual else None))  # the residual written over
     scale = float(want.abs().max())
     assert scale > 1  # outputs that depend on the input
     np.testing.assert_allclose(got[:, :spec.cout].numpy(), want.numpy(), rtol=1e-5, atol=1e-5 * scale)
@@ -149,6 +151,32 @@ def test_chain_converts_only_at_its_ends_and_matches_eager() -> None:
     assert sum("_res," in line for line in calls) == 2  # both residual adds fused
     with torch.no_grad():
         np.testing.assert_allclose(got, model(*inputs).numpy(), rtol=1e-4, atol=1e-4)
+
+
+class SharedResidual(nn.Module):
+    """One tensor the input of a conv, its residual, and the residual of a later conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.a, self.b = nn.Conv2d(16, 16, 1), nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.first(x))
+        z = F.relu(self.a(y) + y)
+        return F.relu(self.b(z) + y)
+
+
+def test_a_residual_read_later_is_copied_before_a_kernel_writes_over_it() -> None:
+    model, inputs = SharedResidual(), (torch.randn(2, 16, 12, 12),)
+    text, got = dispatched(model, inputs, lambda w: "blocked")
+    calls = [line for line in text.splitlines() if "R.call_tir" in line]
+    assert sum("R.call_tir_inplace" in line for line in calls) == 2
+    # the image in, and y again for `a`'s residual: `a` reads y and `b` adds it after `a` has run
+    assert sum(blocked_layout.TO_BLOCKED in line for line in calls) == 2, text
+    with torch.no_grad():
+        want = model(*inputs)
+    assert float(want.abs().max()) > 1
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
 
 
 def test_pytorch_between_blocked_convs_is_charged_the_conversions(monkeypatch: pytest.MonkeyPatch) -> None:

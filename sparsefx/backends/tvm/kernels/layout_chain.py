@@ -10,7 +10,9 @@ fits anywhere. This pass then, for each layout,
   head, squeeze-and-excitation's squeeze), which leaves that conversion unread;
 - drops each conversion out that goes straight back in: out and back in is exact (bf16 widened to
   float32 and rounded back is the same bf16; the blocked layout holds the float32 values themselves).
-A ResNet, MobileNetV2 or EfficientNet then converts once after its input and nowhere else.
+A ResNet, MobileNetV2 or EfficientNet then converts once after its input and nowhere else. A
+conversion into a kernel that writes over it (`call_tir_inplace`: `blocked`'s residual) stays where
+the tensor it would be dropped for is read after that kernel.
 Rewrites Relax bindings and adds the layouts' kernels; invalidates nothing else.
 """
 
@@ -151,8 +153,33 @@ def _drop_round_trips(func: relax.Function, layout: Layout) -> relax.Function:
         for binding in block.bindings:
             if binding.var not in remap and _callee(binding.value).startswith(layout.into):
                 remap.setdefault(binding.var, first.setdefault((_callee(binding.value), _source(binding.value)), binding.var))
-    remap = {var: to for var, to in remap.items() if not to.same_as(var)}
+    remap = _keep_overwritten({var: to for var, to in remap.items() if not to.same_as(var)}, func)
     return relax.analysis.remove_all_unused(_Remap(remap).visit_expr(func) if remap else func)
+
+
+def _keep_overwritten(remap: dict[relax.Var, relax.Expr], func: relax.Function) -> dict[relax.Var, relax.Expr]:
+    """`remap` less what would let a kernel that writes over an argument (`call_tir_inplace`: a
+    residual) destroy a tensor read afterwards: such an argument, and those read later that would be
+    read from the same tensor, keep their conversion (a copy of their own)."""
+    bindings = [b for block in func.body.blocks for b in block.bindings]
+    returned = set(relax.analysis.free_vars(func.body.body))
+    changed = True
+    while changed:
+        changed = False
+        for i, binding in enumerate(bindings):
+            if _op(binding.value) != "relax.call_tir_inplace":
+                continue
+            args = list(binding.value.args[1].fields)
+            for index in binding.value.attrs.inplace_indices:
+                written = args[int(index)]
+                tensor = remap.get(written, written)
+                later = {var for b in bindings[i + 1:] for var in relax.analysis.free_vars(b.value)}
+                later |= returned | {a for j, a in enumerate(args) if j != int(index)}
+                clash = [var for var in later if remap.get(var, var).same_as(tensor) and not var.same_as(written)]
+                if clash:
+                    for var in ([written] if written in remap else clash):
+                        changed |= remap.pop(var, None) is not None
+    return remap
 
 
 @tvm.transform.module_pass(opt_level=0, name="ChainLayouts")

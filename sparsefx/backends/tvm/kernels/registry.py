@@ -3,7 +3,8 @@
 Each conv kernel module (`depthwise`, `pointwise` for 1x1, `direct` for dense k x k; in bf16 on CPUs
 with AMX tiles `amx` and `amx_depthwise`) says which conv workloads it runs (`supported`), builds a
 spec for one (`spec_of`) and its PrimFunc (`kernel`),
-whether it fuses a residual add (`FUSES_RESIDUAL`), PyTorch's weight shape (`spec.weight_shape`) and,
+whether it fuses a residual add (`FUSES_RESIDUAL`; `RESIDUAL_IN_PLACE` where it writes its result
+over the residual, called by `call_tir_inplace`), PyTorch's weight shape (`spec.weight_shape`) and,
 where a spec's weight argument is not in that layout (`arg_shapes[1]` differs), `pack_weight(spec, weight)`,
 applied to the constant weight at compile time; the dispatch times it beside PyTorch and
 records `impl: <name>` where it wins, and the cost model prices the same choice. Matmul kernels
@@ -183,6 +184,9 @@ def layout_kernels(pairs: list[tuple[str, object]]) -> dict[str, Callable[[], tv
     return made
 
 
+RESIDUAL = 3  # a layout kernel's residual argument (after input, weight and bias)
+
+
 def fuses_residual(spec: object) -> bool:
     """Whether a layout kernel's spec takes a residual (`amx`'s and `blocked`'s can)."""
     return getattr(spec, "residual", False)
@@ -201,7 +205,11 @@ def layout_call(gvars: dict, kind: str, spec: object, args: list[relax.Expr]) ->
 
     x = args[0] if getattr(spec, "nchw_input", False) else converted(args[0])
     args = [x, *args[1:3], *([converted(args[3])] if fuses_residual(spec) else [])]
-    result = relax.call_tir(gvars[spec.name], args, relax.TensorType(spec.out_shape, layout.dtype))
+    ty = relax.TensorType(spec.out_shape, layout.dtype)
+    if fuses_residual(spec) and getattr(KERNELS[kind], "RESIDUAL_IN_PLACE", False):
+        result = relax.call_tir_inplace(gvars[spec.name], args, RESIDUAL, ty)  # into the converted residual
+    else:
+        result = relax.call_tir(gvars[spec.name], args, ty)
     out = spec.nchw_out
     return relax.call_tir(gvars[tile_layout.name(layout.out_of, out)], [result], relax.TensorType(out, "float32"))
 
