@@ -42,6 +42,16 @@ def run(func: tvm.tirx.PrimFunc, *args: np.ndarray, out_shape: tuple[int, ...], 
     return out.numpy()
 
 
+# small maps with big weights, run input block by input block (`blocked.sliced`): groups of 3 and 2
+# vectors, 10 blocks and one of 4, a residual; and stride 2
+SLICED = [blocked.BlockedSpec(1, 320, 80, 8, 8, 3, 1, 1, "relu", True), blocked.BlockedSpec(1, 256, 64, 13, 13, 3, 2, 1)]
+
+
+def test_the_sliced_specs_run_sliced() -> None:
+    assert all(blocked.sliced(spec) for spec in SLICED)
+    assert not blocked.sliced(blocked.BlockedSpec(1, 256, 64, 14, 14, 3, 1, 1))  # 196 positions
+
+
 @pytest.mark.parametrize("spec", [
     blocked.BlockedSpec(1, 64, 64, 14, 14, activation="relu"),
     blocked.BlockedSpec(2, 24, 40, 13, 11, activation="relu6", residual=True),  # channels padded to 32 and 48;
@@ -54,6 +64,7 @@ def run(func: tvm.tirx.PrimFunc, *args: np.ndarray, out_shape: tuple[int, ...], 
     blocked.BlockedSpec(2, 3, 40, 17, 15, 3, 2, 1, "relu6"),
     blocked.BlockedSpec(2, 48, 80, 7, 7, activation="relu", residual=True),  # 49 positions: 8 blocks and one of 1
     blocked.BlockedSpec(1, 32, 48, 9, 9, 3, 1, 1, "relu"),  # 81: 13 blocks and one of 3
+    *SLICED,
 ])
 def test_conv_matches_torch_and_keeps_the_padding_channels_zero(spec: blocked.BlockedSpec) -> None:
     torch.manual_seed(0)
