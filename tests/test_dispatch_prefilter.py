@@ -220,3 +220,22 @@ def test_a_release_before_each_run_is_not_timed() -> None:
     assert calls == ["run"] + ["release", "run"] * 3  # the warm-up run, then a release before each timed run
     assert times["a"] < 40  # ms: the release's sleep is outside the timing
     host.release_freed_memory()  # callable here, glibc or not
+
+
+def test_a_matrix_vector_product_is_timed_after_cold_traffic_before_every_run(monkeypatch) -> None:
+    asked = {}
+
+    def fake_time_in_turn(rivals, before=None, between=None, **_):
+        asked.update(rivals=set(rivals), before=before, between=between)
+        return {name: 1.0 for name in rivals}
+
+    monkeypatch.setattr(host, "time_in_turn", fake_time_in_turn)
+    timer = host.HostTimer(resolve_target("cpu"))
+    gemv = matmul_kernel(1, 1, 256, 512, 16)  # a classifier at batch 1
+    mine = ("linear", lambda *args: None, host.own_kernels.own_kernel(gemv)[1])
+    timer.time_one(gemv, None, mine)
+    assert {"torch", "linear"} <= asked["rivals"] and set(asked["before"]) == asked["rivals"]
+    cold = asked["before"]["linear"]
+    assert cold.func is asked["between"].func and cold.args == asked["between"].args  # the traffic that evicts the weights
+    timer.time_one(matmul_kernel(1, 128, 256, 512, 16), None, None)
+    assert asked["before"] is None  # rows that reuse each weight: timed as they come
