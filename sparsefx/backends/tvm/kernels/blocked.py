@@ -207,13 +207,18 @@ def reduce_macro(s: BlockedSpec, row: int, phases: int, vectors: int, count: int
     _, wo = s.out_hw
     per_vector = s.in_blocks * k * k * lanes * BLOCK  # weight floats per output vector
     last_line = s.arg_shapes[1][0] - BLOCK
+    # a stem's few input channels make a tap's body short (3 x its FMAs): its window's columns unrolled
+    # where the group leaves registers for them (up to 3 vectors: 18 accumulators): 7x7 stride 2 from 224x224,
+    # one thread, 3 -> 32 0.902 -> 0.808 ms, 3 -> 48 1.238 -> 1.134, 3x3 3 -> 32 0.290 -> 0.226; 3 -> 64's
+    # 24 accumulators spilled (1.58 -> 2.48)
+    kw_loop = T.unroll if s.nchw_input and vectors < MAX_VECTORS else T.serial
 
     @T.macro
     def reduce(acc, src, sn, w, g0, q0, cb0, cb1, ahead, step0):  # noqa: ANN001, ANN202
         for cb in range(cb0, cb1):
             # taps in loops, not unrolled: unrolled, LLVM kept the columns' shared loads in registers and spilled
             for kh in range(k):
-                for kw in range(k):
+                for kw in kw_loop(k):
                     for line in T.unroll(lines):  # a prefetch past the weight's end clamped to its last line
                         T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch", T.address_of(w[T.min(
                             ahead + ((step0 + ((cb - cb0) * k + kh) * k + kw) * lines + line) * BLOCK, last_line)]),
