@@ -109,11 +109,15 @@ class BlockedSpec:
         return (self.cout, self.cin, self.kernel, self.kernel)
 
     @property
+    def vector_floats(self) -> int:
+        """Packed weight floats per 16-channel output vector: every input block's k x k taps x its lanes x 16."""
+        return self.in_blocks * self.kernel ** 2 * self.in_lanes * BLOCK
+
+    @property
     def arg_shapes(self) -> tuple[tuple[int, ...], ...]:
         """Input (NCHW16c), packed weight, bias (stored channels), and the output (NCHW16c): the
         residual where there is one, written over."""
-        k = self.kernel
-        weight = (stored(self.cout) // BLOCK * self.in_blocks * k * k * self.in_lanes * BLOCK,)
+        weight = (stored(self.cout) // BLOCK * self.vector_floats,)
         return (self.in_shape, weight, (stored(self.cout),), self.out_shape)
 
     @property
@@ -205,7 +209,7 @@ def reduce_macro(s: BlockedSpec, row: int, phases: int, vectors: int, count: int
     k, st = s.kernel, s.stride
     lanes = s.in_lanes
     _, wo = s.out_hw
-    per_vector = s.in_blocks * k * k * lanes * BLOCK  # weight floats per output vector
+    per_vector = s.vector_floats
     last_line = s.arg_shapes[1][0] - BLOCK
     # a stem's few input channels make a tap's body short (3 x its FMAs): its window's columns unrolled
     # where the group leaves registers for them (up to 3 vectors: 18 accumulators): 7x7 stride 2 from 224x224,
@@ -270,7 +274,6 @@ def block_macro(s: BlockedSpec, row: int, phases: int, vectors: int, count: int)
     group's weight (`prefetch_lines`)."""
     lines = prefetch_lines(s, vectors) if count == POSITIONS else 0
     steps = s.in_blocks * s.kernel ** 2
-    per_vector = steps * s.in_lanes * BLOCK
     start, reduce, finish = start_macro(vectors, count), reduce_macro(s, row, phases, vectors, count, lines), \
         finish_macro(s, vectors, count)
 
@@ -278,7 +281,7 @@ def block_macro(s: BlockedSpec, row: int, phases: int, vectors: int, count: int)
     def block(src, sn, w, bias, res, out, n, g0, q0):  # noqa: ANN001, ANN202
         acc = T.alloc_buffer((vectors, count, BLOCK), "float32", scope=STACK)
         start(acc, bias, g0)
-        reduce(acc, src, sn, w, g0, q0, 0, s.in_blocks, (g0 + vectors) * per_vector, q0 // POSITIONS * steps)
+        reduce(acc, src, sn, w, g0, q0, 0, s.in_blocks, (g0 + vectors) * s.vector_floats, q0 // POSITIONS * steps)
         finish(acc, res, out, n, g0, q0)
 
     return block
@@ -292,7 +295,7 @@ def prefetch_lines(s: BlockedSpec, vectors: int) -> int:
     1.011 -> 0.862 ms, 512 -> 2048 with its residual 0.984 -> 0.829; on 1024 -> 256 at 14x14, 33 blocks
     a group, 0.709 -> 0.729). 0 elsewhere (`PREFETCH_POSITIONS`, `PREFETCH_GROUP_BYTES`)."""
     ho, wo = s.out_hw
-    group_floats = vectors * s.in_blocks * s.kernel ** 2 * s.in_lanes * BLOCK
+    group_floats = vectors * s.vector_floats
     if ho * wo > PREFETCH_POSITIONS or group_floats * 4 > PREFETCH_GROUP_BYTES:
         return 0
     steps = ho * wo // POSITIONS * s.in_blocks * s.kernel ** 2  # of all the group's whole position blocks
@@ -304,8 +307,7 @@ def sliced(s: BlockedSpec) -> bool:
     on maps of up to 64 positions, where a group's weight is past what two side by side in L2 allow
     (`PREFETCH_GROUP_BYTES`: there the next group's fetched weight would push out this one's)."""
     ho, wo = s.out_hw
-    vectors = s.group_sizes[0][0]
-    return ho * wo <= PREFETCH_POSITIONS and vectors * s.in_blocks * s.kernel ** 2 * s.in_lanes * BLOCK * 4 > PREFETCH_GROUP_BYTES
+    return ho * wo <= PREFETCH_POSITIONS and s.group_sizes[0][0] * s.vector_floats * 4 > PREFETCH_GROUP_BYTES
 
 
 def sliced_group(s: BlockedSpec, row: int, phases: int, vectors: int, positions: int):  # noqa: ANN201 (a TVMScript macro)
@@ -319,7 +321,6 @@ def sliced_group(s: BlockedSpec, row: int, phases: int, vectors: int, positions:
     taps = s.kernel ** 2
     slice_floats = vectors * taps * s.in_lanes * BLOCK
     lines = -(-slice_floats // BLOCK // (whole * taps))
-    per_vector = s.in_blocks * slice_floats // vectors
     steps = {count: (start_macro(vectors, count), reduce_macro(s, row, phases, vectors, count, lines if count == POSITIONS else 0),
                      finish_macro(s, vectors, count)) for count in {POSITIONS, left} - {0}}
 
@@ -336,7 +337,7 @@ def sliced_group(s: BlockedSpec, row: int, phases: int, vectors: int, positions:
                     for p in T.unroll(count):
                         for lane in T.vectorized(BLOCK):
                             acc[j, p, lane] = partial[b, j, p, lane]
-            reduce(acc, src, sn, w, g0, b * POSITIONS, cb, cb + 1, g0 * per_vector + (cb + 1) * slice_floats, b * taps)
+            reduce(acc, src, sn, w, g0, b * POSITIONS, cb, cb + 1, g0 * s.vector_floats + (cb + 1) * slice_floats, b * taps)
             if cb == s.in_blocks - 1:
                 finish(acc, res, out, n, g0, b * POSITIONS)
             else:
@@ -392,14 +393,8 @@ def positions_macro(s: BlockedSpec, row: int, phases: int, positions: int):  # n
     (`task_split`), the last chunk also the map's last few positions (`tail_positions`) where they have a
     block of their own; elsewhere the last block starts early to end at the map's end (its overlap
     computed twice). A `sliced` spec's group is one task, all its blocks input block by input block."""
-    if sliced(s):
-        group = group_blocks(s, row, phases, make=lambda vectors: sliced_group(s, row, phases, vectors, positions))
-
-        @T.macro
-        def whole_group(src, sn, w, bias, res, out, n, g, c):  # noqa: ANN001, ANN202
-            group(src, sn, w, bias, res, out, n, g, c)
-
-        return whole_group
+    if sliced(s):  # its run's last argument, the chunk, is 0 (`task_split`) and unused
+        return group_blocks(s, row, phases, make=lambda vectors: sliced_group(s, row, phases, vectors, positions))
     block = group_blocks(s, row, phases)
     _, blocks, chunks = task_split(s, positions)
     left = tail_positions(s, positions)

@@ -162,7 +162,9 @@ def _keep_overwritten(remap: dict[relax.Var, relax.Expr], func: relax.Function) 
     residual) destroy a tensor read afterwards: such an argument, and those read later that would be
     read from the same tensor, keep their conversion (a copy of their own)."""
     bindings = [b for block in func.body.blocks for b in block.bindings]
-    returned = set(relax.analysis.free_vars(func.body.body))
+    read_after = [set(relax.analysis.free_vars(func.body.body))]  # read_after[-1 - i]: by bindings past i, or returned
+    for binding in reversed(bindings[1:]):
+        read_after.append(read_after[-1] | set(relax.analysis.free_vars(binding.value)))
     changed = True
     while changed:
         changed = False
@@ -173,8 +175,7 @@ def _keep_overwritten(remap: dict[relax.Var, relax.Expr], func: relax.Function) 
             for index in binding.value.attrs.inplace_indices:
                 written = args[int(index)]
                 tensor = remap.get(written, written)
-                later = {var for b in bindings[i + 1:] for var in relax.analysis.free_vars(b.value)}
-                later |= returned | {a for j, a in enumerate(args) if j != int(index)}
+                later = read_after[-1 - i] | {a for j, a in enumerate(args) if j != int(index)}
                 clash = [var for var in later if remap.get(var, var).same_as(tensor) and not var.same_as(written)]
                 if clash:
                     for var in ([written] if written in remap else clash):

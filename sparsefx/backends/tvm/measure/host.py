@@ -328,11 +328,12 @@ class HostTimer:
             # convs and matmuls and bf16-converted matmul weights (`keys`) do
             stateless = set(rivals) - {"torch_prepacked"} - \
                 ({"torch"} if kernel.op == "matmul" and self.target.precision != "fp32" else set())
+            cold = self.cold(kernel)
             fresh = {name: before_run(name, runs) for name, runs in rivals.items()} \
                 if self.target.precision == "fp32" and kernel.op == "conv2d" else None
             if self.target.precision == "fp32" and matrix_vector(kernel):
-                fresh = dict.fromkeys(rivals, self.cold(kernel))
-            times = time_in_turn(rivals, between=self.cold(kernel), stateless=stateless, before=fresh) if rivals else {}
+                fresh = dict.fromkeys(rivals, cold)
+            times = time_in_turn(rivals, between=cold, stateless=stateless, before=fresh) if rivals else {}
             forget_packed(keys)
         if set(times) & set(own_kernels.BF16_KINDS):
             for name in set(times) & set(TORCH_IMPLEMENTATIONS):
