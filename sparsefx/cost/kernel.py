@@ -12,7 +12,8 @@ import math
 from dataclasses import dataclass
 
 EPILOGUE_ACTIVATIONS = ("none", "relu", "relu6", "silu")  # codes in conv attrs and dispatched convs' calls
-CALIBRATED = ("elementwise", "reduce", "pool")  # kernels whose only dimension is the bytes they move
+LAYOUT_IN, LAYOUT_OUT = "layout_in", "layout_out"  # activations into and out of a backend's own layout (`cost.layouts`)
+CALIBRATED = ("elementwise", "reduce", "pool", LAYOUT_IN, LAYOUT_OUT)  # kernels whose only dimension is the bytes they move
 CONV_GEOMETRY = 8  # conv attrs: kh, kw, sh, sw, ph, pw, dh, dw; an epilogue (activation code, residual) follows
 
 
@@ -25,8 +26,8 @@ class Kernel:
     [, activation code, residual]); matmul: dims (batch, m, k, n), batch > 1 when both operands are
     activations; attention (PyTorch's SDPA): dims (batch, seq, heads, head dim, seq_kv, value dim),
     attrs (scale or 0, causal, adds a bias); another math op the dispatch may hand to PyTorch (gelu,
-    softmax, ...): dims its input's shape, attrs its numeric attributes; element-wise/reduce/pool:
-    dims (bytes moved,)."""
+    softmax, ...): dims its input's shape, attrs its numeric attributes; element-wise/reduce/pool and
+    layout conversions: dims (bytes moved,)."""
 
     op: str
     dims: tuple[int, ...]

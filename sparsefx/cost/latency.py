@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 from sparsefx.capture import ops
@@ -144,7 +145,8 @@ KERNELS.add(_kind("pool"), nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.
 KERNELS.add(_free, nn.Dropout, nn.Identity, nn.Flatten, nn.Unflatten, operator.getitem, getattr, "dim", ops.SIZE,
             ops.DROPOUT, ops.RESHAPE, ops.FLATTEN, ops.UNFLATTEN, ops.SQUEEZE, ops.UNSQUEEZE, ops.EXPAND, ops.CAST,
             ops.CHUNK, ops.SPLIT, ops.DETACH, ops.CLONE, ops.CONTIGUOUS, aten.alias, aten.slice, aten.select,
-            aten.lift_fresh_copy, aten._assert_tensor_metadata)
+            aten.lift_fresh_copy, aten._assert_tensor_metadata,
+            torchvision.ops.stochastic_depth)  # identity at inference (EfficientNet's residual branches)
 
 
 def node_kernels(node: torch.fx.Node, gm: torch.fx.GraphModule, shape_of: ShapeOf, lanes: int) -> list[Kernel]:
@@ -188,10 +190,12 @@ class Fusion:
     A convolution runs on PyTorch with an epilogue (bias, residual add, activation); anything
     else after it starts a TIR kernel, into which following element-wise ops fuse, as they do
     after matmuls (whose bias add is a TIR kernel), reductions and pools. `epilogues` gives each
-    convolution's (activation, residual) for `Kernel.with_epilogue`."""
+    convolution's (activation, residual) for `Kernel.with_epilogue`; `hosts` the node whose kernel
+    each fused node runs in."""
 
     fused: set[torch.fx.Node] = field(default_factory=set)
     epilogues: dict[torch.fx.Node, tuple[str, bool]] = field(default_factory=dict)
+    hosts: dict[torch.fx.Node, torch.fx.Node] = field(default_factory=dict)
 
 
 def analyze_fusion(gm: torch.fx.GraphModule, kernels: dict[torch.fx.Node, list[Kernel]],
@@ -209,6 +213,7 @@ def analyze_fusion(gm: torch.fx.GraphModule, kernels: dict[torch.fx.Node, list[K
             continue
         if _folds_into_conv(node, gm, kernels, rules):
             fusion.fused.add(node)  # its only user is the conv: nothing rides in it
+            fusion.hosts[node] = next(iter(node.users))
             continue
         where = _producer_host(node, kinds, host)
         step = _epilogue_step(node, gm)
@@ -216,10 +221,12 @@ def analyze_fusion(gm: torch.fx.GraphModule, kernels: dict[torch.fx.Node, list[K
             step = None
         if where and where[0] == "tir" and not _broadcasts_up(node, where[1]):
             fusion.fused.add(node)
+            fusion.hosts[node] = where[1]
             host[node] = where
         elif where and where[0] == "conv" and step and (step[0] > where[2] or step[0] == where[2] == _BIAS):
             conv, (stage, act) = where[1], step
             fusion.fused.add(node)
+            fusion.hosts[node] = conv
             host[node] = ("conv", conv, stage)
             old_act, residual = fusion.epilogues.get(conv, ("none", False))
             fusion.epilogues[conv] = (act or old_act, residual or stage == _ADD)

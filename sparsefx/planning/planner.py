@@ -35,6 +35,7 @@ from sparsefx.channels.select import under
 from sparsefx.cost.fusion import FusionRules
 from sparsefx.cost.kernel import Kernel
 from sparsefx.cost.latency import analyze_fusion, dense_kernels, priced_kernels
+from sparsefx.cost.layouts import InLayout, conversions, writers
 from sparsefx.cost.model import CostModel
 from sparsefx.cost.shrink import ShrinkModel, removal_order
 from sparsefx.cost.timing import neighbours_cores
@@ -58,26 +59,45 @@ class _Search:
 
     def __init__(self, gm: torch.fx.GraphModule, shrink: ShrinkModel, price: Callable[[Kernel, Kernel], float],
                  lanes: int, rules: FusionRules,
-                 prefetch: Callable[[list[tuple[Kernel, Kernel]]], None] = lambda pairs: None) -> None:
+                 prefetch: Callable[[list[tuple[Kernel, Kernel]]], None] = lambda pairs: None,
+                 in_layout: InLayout | None = None) -> None:
         """`prefetch` gets every (kernel, reference) pair a batch of trials is about to `price`, first
-        (`CostModel.prefetch`: what they read is measured together)."""
+        (`CostModel.prefetch`: what they read is measured together); with `in_layout` (`CostModel.in_layout`)
+        each node is priced with the layout conversions of what it writes (`cost.layouts`)."""
         self.gm, self.shrink, self.price, self.lanes, self.prefetch = gm, shrink, price, lanes, prefetch
+        self.in_layout = in_layout
         self.refs = dense_kernels(gm, lanes)
         self.fusion = analyze_fusion(gm, self.refs, rules)
         self.removed: dict[int, int] = {}
         self.chosen: dict[torch.fx.Node, SparseOption] = {}  # layers running a sparse kernel
         self.batch: dict[tuple[object, tuple], list[tuple[Kernel, Kernel]]] = {}  # the last prefetch's `pairs`
+        self.touched: dict[int, set[torch.fx.Node]] = {}  # `affected`'s answers
         self.prefetch_trials([({}, list(gm.graph.nodes))])
         self.ms = {n: self.node_ms(n, self.removed) for n in gm.graph.nodes}
 
     def pairs(self, node: object, removed: dict[int, int]) -> list[tuple[Kernel, Kernel]]:
-        """(kernel, dense reference) of each kernel `node` runs with `removed` units gone."""
-        if node in self.chosen or not self.refs[node]:
+        """(kernel, dense reference) of each kernel `node` runs with `removed` units gone, and of the
+        conversions of what it writes (their own references: priced by their bytes)."""
+        if node in self.chosen:
             return []
         found = self.batch.get((node, _state(removed)))
         if found is None:  # not among the trials just prefetched (a commit of an older move)
-            kernels = priced_kernels(node, self.gm, lambda x: self.shrink.shape(x, removed), self.lanes, self.fusion)
-            found = list(zip(kernels, self.refs[node]))
+            shape = lambda x: self.shrink.shape(x, removed)
+            found = list(zip(priced_kernels(node, self.gm, shape, self.lanes, self.fusion), self.refs[node]))
+            if self.in_layout is not None:
+                found += [(k, k) for k in conversions(node, self.gm, shape, self.lanes, self.fusion, self.in_layout)]
+        return found
+
+    def affected(self, gid: int) -> set[torch.fx.Node]:
+        """The nodes whose price may change with group `gid`: those whose shapes do (`ShrinkModel.affected`)
+        and, where layouts are priced, the writers of their inputs (a reader's layout sets their conversions)."""
+        found = self.touched.get(gid)
+        if found is None:
+            found = self.shrink.affected(gid)
+            if self.in_layout is not None:
+                shape = lambda n: n.meta.get("sfx_shape")
+                found = found | {w for node in found for w in writers(node, self.gm, shape, self.fusion)}
+            self.touched[gid] = found
         return found
 
     def node_ms(self, node: object, removed: dict[int, int]) -> float:
@@ -93,7 +113,7 @@ class _Search:
 
     def prefetch_moves(self, moves: Iterable[tuple[int, int]]) -> None:
         """`prefetch_trials` for (group, units removed) moves from the current state (`delta`'s)."""
-        self.prefetch_trials(({**self.removed, gid: units}, self.shrink.affected(gid)) for gid, units in moves)
+        self.prefetch_trials(({**self.removed, gid: units}, self.affected(gid)) for gid, units in moves)
 
     @property
     def total(self) -> float:
@@ -101,11 +121,11 @@ class _Search:
 
     def delta(self, gid: int, units: int) -> float:
         trial = {**self.removed, gid: units}
-        return sum(self.node_ms(n, trial) - self.ms[n] for n in self.shrink.affected(gid))
+        return sum(self.node_ms(n, trial) - self.ms[n] for n in self.affected(gid))
 
     def commit(self, gid: int, units: int) -> None:
         self.removed[gid] = units
-        for node in self.shrink.affected(gid):
+        for node in self.affected(gid):
             self.ms[node] = self.node_ms(node, self.removed)
 
     def choose(self, option: SparseOption) -> None:
@@ -180,7 +200,7 @@ class Planner:
         self.shrink = ShrinkModel(self.gm, self.coupling, self.orders)
         price = (lambda k, ref: k.flops / 2) if by_macs else self.cost.latency
         self.search = _Search(self.gm, self.shrink, price, self.cost.lanes, self.cost.fusion,
-                              **({} if by_macs else {"prefetch": self.cost.prefetch}))
+                              **({} if by_macs else {"prefetch": self.cost.prefetch, "in_layout": self.cost.in_layout}))
         self.dense = self.search.total
         # every Linear/Conv weight, counted once per coupled dimension as the losses count it
         self.total_importance = 2 * sum(w.numel() for _, _, w in layer_weights(self.gm).values())
@@ -343,12 +363,12 @@ def _greedy(search: _Search, groups: list[ChannelGroup], losses: dict[int, np.nd
     allowed = {g.id: _allowed_removals(g, lanes, max_ratio) for g in groups}
     groups_of: dict[torch.fx.Node, set[int]] = {}
     for g in groups:
-        for node in search.shrink.affected(g.id):
+        for node in search.affected(g.id):
             groups_of.setdefault(node, set()).add(g.id)
 
     def trials(gid: int) -> list[int]:
         """The units-removed counts a channel move of `gid` weighs (none where a layer went sparse)."""
-        if any(node in search.chosen for node in search.shrink.affected(gid)):
+        if any(node in search.chosen for node in search.affected(gid)):
             return []
         return [u for u in allowed[gid] if u > search.removed.get(gid, 0)][:LOOKAHEAD]
 
@@ -391,7 +411,7 @@ def _greedy(search: _Search, groups: list[ChannelGroup], losses: dict[int, np.nd
         kind, what = key
         if kind == "g":
             search.commit(what, live[key][1])
-            touched = search.shrink.affected(what)
+            touched = search.affected(what)
             stale = {("g", h) for n in touched for h in groups_of.get(n, ())} | {("s", n) for n in touched if n in options}
         else:
             search.choose(live[key][1])
@@ -407,7 +427,7 @@ def _as_plan(model: nn.Module, planner: Planner, budget: dict) -> Plan:
         units = search.removed.get(group.id, 0)
         if not units:
             continue
-        touched = search.shrink.affected(group.id)
+        touched = search.affected(group.id)
         before = sum(search.node_ms(n, {}) for n in touched)
         after = sum(search.ms[n] for n in touched)
         entries.append(Entry(group_name(group), "channel", group.layers, group.size,

@@ -5,7 +5,8 @@ On this host the timer starts from the dispatch table's earlier decisions (its p
 new TIR builds where the compiler already measured); with `rpc=("HOST:PORT", key)` kernels are
 timed on the device a TVM RPC tracker serves under `key` (pure TIR, as a `dispatch=False` build
 runs there), in a table of their own. GPU targets without RPC, and `measure=False`, price by the
-roofline. On this host the latency pass fuses as the TVM backend does (`RULES`).
+roofline. On this host the latency pass fuses as the TVM backend does (`RULES`), and in float32 prices
+the conversions around its blocked layout (`FLOAT32_RULES`).
 
 The TVM backend loads TVM, which `import sparsefx` must not, and which a plan whose kernels are
 all in the cost table never needs (importing it took 2.1 s of a 6.3 s warm plan of ResNet-50):
@@ -30,7 +31,15 @@ def folds_scale(conv: Kernel) -> bool:
     return backend_folds_scale(conv)
 
 
+def blocked_layout(conv: Kernel) -> tuple[bool, bool]:
+    """The TVM backend's float32 blocked layout (`backends.tvm.fusion.blocked_layout`)."""
+    from sparsefx.backends.tvm.fusion import blocked_layout as backend_blocked_layout
+
+    return backend_blocked_layout(conv)
+
+
 RULES = replace(EPILOGUE_RULES, scale_fold=folds_scale)  # what the TVM backend fuses
+FLOAT32_RULES = replace(RULES, layout=blocked_layout)  # and where its float32 kernels keep their layout
 
 
 class HostTimerOnDemand:
@@ -64,4 +73,5 @@ def cost_model(target: object = "cpu", measure: bool = True, rpc: tuple[str, str
         from sparsefx.backends.tvm.measure.remote_kernels import RemoteTimer
 
         return CostModel(spec, path=path, timer=RemoteTimer(*rpc, spec))
-    return CostModel(spec, path=path, timer=HostTimerOnDemand(spec), fusion=RULES)
+    return CostModel(spec, path=path, timer=HostTimerOnDemand(spec),
+                     fusion=FLOAT32_RULES if spec.precision == "fp32" else RULES)

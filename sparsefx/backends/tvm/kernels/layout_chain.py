@@ -7,7 +7,7 @@ fits anywhere. This pass then, for each layout,
   stem) and a per-channel scale (squeeze-and-excitation's `x * s`, EfficientNet), where only
   conversions back into the layout read their result;
 - runs a global average pool of a converted-out tensor on the layout (`mean`: a classifier's pooling
-  head, squeeze-and-excitation's squeeze), which leaves that conversion unread;
+  head, squeeze-and-excitation's squeeze, or `x.mean(dim=(2, 3))`), which leaves that conversion unread;
 - drops each conversion out that goes straight back in: out and back in is exact (bf16 widened to
   float32 and rounded back is the same bf16; the blocked layout holds the float32 values themselves).
 A ResNet, MobileNetV2 or EfficientNet then converts once after its input and nowhere else. A
@@ -139,7 +139,18 @@ def _in_layout(func: relax.Function, kernels: _Kernels, layout: Layout) -> dict[
             shape = _shape(value.args[0])
             gvar = kernels(tile_layout.name(f"{layout.kind}_mean", shape), lambda shape=shape: layout.mean(shape))
             swaps[value] = relax.call_tir(gvar, [source], relax.TensorType(_shape(value), "float32"))
+        elif op == "relax.mean" and (source := held(value.args[0])) is not None and _spatial_mean(value):
+            shape = _shape(value.args[0])
+            gvar = kernels(tile_layout.name(f"{layout.kind}_mean", shape), lambda shape=shape: layout.mean(shape))
+            pooled = relax.call_tir(gvar, [source], relax.TensorType((*shape[:2], 1, 1), "float32"))
+            swaps[value] = pooled if value.attrs.keepdims else relax.op.reshape(pooled, _shape(value))
     return swaps
+
+
+def _spatial_mean(call: relax.Call) -> bool:
+    """Whether a `mean` call averages an NCHW tensor over its positions (`x.mean(dim=(2, 3))`)."""
+    axes = call.attrs.axis
+    return len(_shape(call.args[0])) == 4 and axes is not None and sorted(int(a) % 4 for a in axes) == [2, 3]
 
 
 def _drop_round_trips(func: relax.Function, layout: Layout) -> relax.Function:
