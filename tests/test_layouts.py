@@ -11,7 +11,7 @@ from sparsefx.backends.tvm.fusion import blocked_layout
 from sparsefx.backends.tvm.kernels.blocked_layout import FROM_BLOCKED, TO_BLOCKED
 from sparsefx.cost.kernel import LAYOUT_IN, LAYOUT_OUT
 from sparsefx.cost.latency import analyze_fusion, dense_kernels
-from sparsefx.cost.layouts import conversions
+from sparsefx.cost.layouts import Conversions
 from sparsefx.planning.planner import Planner
 from sparsefx.planning.pricing import FLOAT32_RULES, cost_model
 from sparsefx.recovery.zoo import SmallResNet
@@ -35,11 +35,23 @@ class Inverted(nn.Module):
         return self.head(x.mean(dim=(2, 3)))
 
 
+class Flat(nn.Module):
+    """A conv whose map a classifier reads flattened (NCHW), past a max-pool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.head = nn.Linear(32 * 16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(self.stem(x), 1))
+
+
 def _predicted(model: nn.Module, inputs: tuple) -> list[tuple[str, tuple]]:
     gm = sparsefx.trace(model, inputs)
-    fusion = analyze_fusion(gm, dense_kernels(gm, 16), FLOAT32_RULES)
+    conversions = Conversions(gm, analyze_fusion(gm, dense_kernels(gm, 16), FLOAT32_RULES))
     shape = lambda n: n.meta.get("sfx_shape")
-    return sorted((k.op, shape(n)) for n in gm.graph.nodes for k in conversions(n, gm, shape, 16, fusion, blocked_layout))
+    return sorted((k.op, shape(n)) for n in gm.graph.nodes for k in conversions(n, shape, 16, blocked_layout))
 
 
 def _compiled(model: nn.Module, inputs: tuple) -> list[tuple[str, tuple]]:
@@ -57,9 +69,10 @@ def _compiled(model: nn.Module, inputs: tuple) -> list[tuple[str, tuple]]:
     return sorted(found)
 
 
-@pytest.mark.parametrize("make, ratio, side", [(SmallResNet, 0.0, 28), (SmallResNet, 0.5, 28),
-                                               (Inverted, 0.0, 32), (Inverted, 0.6, 32)])
-def test_the_conversions_priced_are_the_ones_the_compiled_model_runs(make, ratio, side):
+@pytest.mark.parametrize("make, ratio, side, converts", [
+    (SmallResNet, 0.0, 28, False), (SmallResNet, 0.5, 28, True), (Inverted, 0.0, 32, False),
+    (Inverted, 0.6, 32, True), (Flat, 0.0, 8, True)])
+def test_the_conversions_priced_are_the_ones_the_compiled_model_runs(make, ratio, side, converts):
     torch.manual_seed(0)
     model = make().eval()
     inputs = (torch.randn(2, model.stem[0].in_channels, side, side),)
@@ -67,9 +80,10 @@ def test_the_conversions_priced_are_the_ones_the_compiled_model_runs(make, ratio
         model = sparsefx.prune(model, inputs, ratio=ratio)
     predicted = _predicted(model, inputs)
     assert predicted == _compiled(model, inputs)
-    # a dense model runs in the layout from its stem to its pooling head; channels pruned under a block
-    # of 16 leave it (SmallResNet: 16 -> 8 puts the first stage on the NCHW kernel)
-    assert bool(predicted) == bool(ratio)
+    # a dense ResNet or MobileNetV2 runs in the layout from its stem to its pooling head; channels pruned
+    # under a block of 16 leave it (SmallResNet: 16 -> 8 puts the first stage on the NCHW kernel), and a
+    # flatten reads NCHW
+    assert bool(predicted) == converts
 
 
 def test_a_plan_prices_the_conversions_a_reader_changing_layout_brings(monkeypatch, tmp_path):

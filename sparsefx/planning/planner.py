@@ -35,7 +35,7 @@ from sparsefx.channels.select import under
 from sparsefx.cost.fusion import FusionRules
 from sparsefx.cost.kernel import Kernel
 from sparsefx.cost.latency import analyze_fusion, dense_kernels, priced_kernels
-from sparsefx.cost.layouts import InLayout, conversions, writers
+from sparsefx.cost.layouts import Conversions, InLayout
 from sparsefx.cost.model import CostModel
 from sparsefx.cost.shrink import ShrinkModel, removal_order
 from sparsefx.cost.timing import neighbours_cores
@@ -68,6 +68,7 @@ class _Search:
         self.in_layout = in_layout
         self.refs = dense_kernels(gm, lanes)
         self.fusion = analyze_fusion(gm, self.refs, rules)
+        self.conversions = Conversions(gm, self.fusion) if in_layout is not None else None
         self.removed: dict[int, int] = {}
         self.chosen: dict[torch.fx.Node, SparseOption] = {}  # layers running a sparse kernel
         self.batch: dict[tuple[object, tuple], list[tuple[Kernel, Kernel]]] = {}  # the last prefetch's `pairs`
@@ -84,19 +85,21 @@ class _Search:
         if found is None:  # not among the trials just prefetched (a commit of an older move)
             shape = lambda x: self.shrink.shape(x, removed)
             found = list(zip(priced_kernels(node, self.gm, shape, self.lanes, self.fusion), self.refs[node]))
-            if self.in_layout is not None:
-                found += [(k, k) for k in conversions(node, self.gm, shape, self.lanes, self.fusion, self.in_layout)]
+            if self.conversions is not None:
+                found += [(k, k) for k in self.conversions(node, shape, self.lanes, self.in_layout)]
         return found
 
     def affected(self, gid: int) -> set[torch.fx.Node]:
         """The nodes whose price may change with group `gid`: those whose shapes do (`ShrinkModel.affected`)
-        and, where layouts are priced, the writers of their inputs (a reader's layout sets their conversions)."""
+        and, where layouts are priced, the writers of their inputs (a reader's layout sets their
+        conversions). A move is weighed on the first (`delta`: a residual's writer, whose conversion
+        changes where the conv adding it leaves the layout, is the one it misses) and committed on all,
+        so the running total stays what `Planner.evaluate` gives."""
         found = self.touched.get(gid)
         if found is None:
             found = self.shrink.affected(gid)
-            if self.in_layout is not None:
-                shape = lambda n: n.meta.get("sfx_shape")
-                found = found | {w for node in found for w in writers(node, self.gm, shape, self.fusion)}
+            if self.conversions is not None:
+                found = found | {w for node in found for w in self.conversions.writers(node)}
             self.touched[gid] = found
         return found
 
@@ -113,7 +116,7 @@ class _Search:
 
     def prefetch_moves(self, moves: Iterable[tuple[int, int]]) -> None:
         """`prefetch_trials` for (group, units removed) moves from the current state (`delta`'s)."""
-        self.prefetch_trials(({**self.removed, gid: units}, self.affected(gid)) for gid, units in moves)
+        self.prefetch_trials(({**self.removed, gid: units}, self.shrink.affected(gid)) for gid, units in moves)
 
     @property
     def total(self) -> float:
@@ -121,7 +124,7 @@ class _Search:
 
     def delta(self, gid: int, units: int) -> float:
         trial = {**self.removed, gid: units}
-        return sum(self.node_ms(n, trial) - self.ms[n] for n in self.affected(gid))
+        return sum(self.node_ms(n, trial) - self.ms[n] for n in self.shrink.affected(gid))
 
     def commit(self, gid: int, units: int) -> None:
         self.removed[gid] = units
@@ -363,12 +366,12 @@ def _greedy(search: _Search, groups: list[ChannelGroup], losses: dict[int, np.nd
     allowed = {g.id: _allowed_removals(g, lanes, max_ratio) for g in groups}
     groups_of: dict[torch.fx.Node, set[int]] = {}
     for g in groups:
-        for node in search.affected(g.id):
+        for node in search.shrink.affected(g.id):
             groups_of.setdefault(node, set()).add(g.id)
 
     def trials(gid: int) -> list[int]:
         """The units-removed counts a channel move of `gid` weighs (none where a layer went sparse)."""
-        if any(node in search.chosen for node in search.affected(gid)):
+        if any(node in search.chosen for node in search.shrink.affected(gid)):
             return []
         return [u for u in allowed[gid] if u > search.removed.get(gid, 0)][:LOOKAHEAD]
 
@@ -411,7 +414,7 @@ def _greedy(search: _Search, groups: list[ChannelGroup], losses: dict[int, np.nd
         kind, what = key
         if kind == "g":
             search.commit(what, live[key][1])
-            touched = search.affected(what)
+            touched = search.shrink.affected(what)
             stale = {("g", h) for n in touched for h in groups_of.get(n, ())} | {("s", n) for n in touched if n in options}
         else:
             search.choose(live[key][1])
