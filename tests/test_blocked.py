@@ -60,6 +60,7 @@ def test_the_sliced_specs_run_sliced() -> None:
     blocked.BlockedSpec(2, 16, 32, 14, 14, 3, 2, 1, "none", True),
     blocked.BlockedSpec(1, 32, 80, 17, 17, 5, 2, 2, "silu"),
     blocked.BlockedSpec(1, 64, 128, 16, 16, 1, 2, 0),
+    blocked.BlockedSpec(2, 12, 72, 10, 10, activation="relu6"),  # a 1x1 on 12 channels, padded to 16
     blocked.BlockedSpec(1, 3, 64, 32, 32, 7, 2, 3, "relu"),  # a stem: NCHW in, the layout out
     blocked.BlockedSpec(2, 3, 40, 17, 15, 3, 2, 1, "relu6"),
     blocked.BlockedSpec(2, 48, 80, 7, 7, activation="relu", residual=True),  # 49 positions: 8 blocks and one of 1
@@ -128,6 +129,8 @@ def test_registry_gives_float32_convs_to_the_blocked_kernels_but_stems_and_tiny_
     assert kind((1, 96, 56, 56), (1, 96, 56, 56), 96, 3, 1, 1) == "blocked_depthwise"
     assert kind((1, 3, 224, 224), (1, 64, 112, 112), 1, 7, 2, 3) == "blocked"  # a stem: its image read as it is
     assert kind((1, 8, 56, 56), (1, 64, 56, 56), 1, 3, 1, 1) == "direct"  # 8 channels stored as 16: twice the work
+    assert kind((1, 8, 112, 112), (1, 48, 112, 112), 1, 1, 1, 0) == "blocked"  # a 1x1 pads its input only
+    assert kind((1, 7, 112, 112), (1, 48, 112, 112), 1, 1, 1, 0) == "pointwise"
     assert kind((1, 64, 2, 2), (1, 64, 2, 2), 1, 1, 1, 0) is None  # fewer positions than a register block
     assert kind((1, 64, 56, 56), (1, 64, 56, 56), 1, 3, 1, 1, "bf16") != "blocked"  # float32 only
 

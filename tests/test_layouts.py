@@ -71,7 +71,7 @@ def _compiled(model: nn.Module, inputs: tuple) -> list[tuple[str, tuple]]:
 
 @pytest.mark.parametrize("make, ratio, side, converts", [
     (SmallResNet, 0.0, 28, False), (SmallResNet, 0.5, 28, True), (Inverted, 0.0, 32, False),
-    (Inverted, 0.6, 32, True), (Flat, 0.0, 8, True)])
+    (Inverted, 0.8, 32, True), (Flat, 0.0, 8, True)])
 def test_the_conversions_priced_are_the_ones_the_compiled_model_runs(make, ratio, side, converts):
     torch.manual_seed(0)
     model = make().eval()
@@ -81,8 +81,8 @@ def test_the_conversions_priced_are_the_ones_the_compiled_model_runs(make, ratio
     predicted = _predicted(model, inputs)
     assert predicted == _compiled(model, inputs)
     # a dense ResNet or MobileNetV2 runs in the layout from its stem to its pooling head; channels pruned
-    # under a block of 16 leave it (SmallResNet: 16 -> 8 puts the first stage on the NCHW kernel), and a
-    # flatten reads NCHW
+    # under a block of 16 into a 3x3 conv, or under half a block into a 1x1, leave it (SmallResNet: 16 -> 8
+    # puts the first stage on the NCHW kernel), and a flatten reads NCHW
     assert bool(predicted) == converts
 
 

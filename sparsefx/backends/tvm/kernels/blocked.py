@@ -43,6 +43,12 @@ RESIDUAL_IN_PLACE = True  # the result written over the residual, the kernel's l
 POSITIONS = 6  # output positions per register block, each times up to 4 16-channel vectors (24 accumulators)
 MAX_VECTORS = 4
 FEW = 4  # input channels taken in NCHW as they are (a stem's image), not padded to a block of 16
+# a 1x1 conv with fewer input channels than a block but at least this many pads them to one block: a
+# pruned MobileNetV2's expansions (8 -> 48 at 112x112, 12 -> 72 at 56x56) ran NCHW between blocked
+# kernels, 0.37 ms of conversions around them; padded, the model took 2.04 ms against 2.41 (EfficientNet-B0
+# 3.93 against 4.30). A 3x3 pads its window's work as well: Fashion-MNIST's small ResNet with 8-channel
+# 3x3 convs at batch 64 took 2.39 ms padded against 1.80 NCHW with its conversions.
+HALF_BLOCK = BLOCK // 2
 TASKS = 16  # parallel tasks at least, where there are position blocks for them
 # the next group's weight fetched ahead (`prefetch_lines`) on maps of up to 64 output positions, where a
 # group's weight is reused by 11 position blocks at most, and where a group's weight is up to 512 KB:
@@ -156,13 +162,14 @@ class BlockedSpec:
 def supported(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...]) -> bool:
     """Whether a conv2d workload (dispatch's attrs and shapes) is one this kernel runs: no groups or
     dilation, a square window, equal strides of 1 or 2 and equal padding, at least one whole block
-    of output positions, and an input of a block of channels or more, or of a stem's few (`FEW`):
-    between, padded to 16 they would make up to 3 times the work (`direct` runs those)."""
+    of output positions, and an input of a block of channels or more, or of a stem's few (`FEW`), or of
+    half a block or more into a 1x1 conv (`HALF_BLOCK`): between, padded to 16 they would make up to 3
+    times the work (`direct` and `pointwise` run those)."""
     s0, s1, p0, p1, d0, d1, groups = attrs
     (_, cin, h, w), (_, _, kh, kw) = shapes[:2]
     ho, wo = (h + 2 * p0 - kh) // s0 + 1, (w + 2 * p0 - kw) // s0 + 1
     return groups == 1 and d0 == d1 == 1 and kh == kw and s0 == s1 in (1, 2) and p0 == p1 < kh \
-        and ho * wo >= POSITIONS and (cin >= BLOCK or cin <= FEW)
+        and ho * wo >= POSITIONS and (cin >= BLOCK or cin <= FEW or (kh == 1 and cin >= HALF_BLOCK))
 
 
 def spec_of(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...], activation: str = "none",
