@@ -44,9 +44,9 @@ class Conversions:
     def __init__(self, gm: torch.fx.GraphModule, fusion: Fusion) -> None:
         self.gm, self.fusion = gm, fusion
         self.layouts: dict[tuple, tuple[bool, bool]] = {}  # `_layout`'s answers
-        shape = lambda n: n.meta.get("sfx_shape")
+        self.shape = shape = lambda n: n.meta.get("sfx_shape")  # the traced shapes: the structure
         self.convs = {node for node in gm.graph.nodes if _is_conv(node, gm, shape)}
-        # writer -> [(reader, reads it as a fused epilogue's operand, or ANY / OUTPUT)]
+        # writer -> [(reader, reads it as a fused epilogue's operand (True) or its conv's input (False), or ANY / NCHW)]
         self.readers: dict[torch.fx.Node, list[tuple[torch.fx.Node, bool | str]]] = {}
         for node in gm.graph.nodes:
             out = shape(node)  # a (n, c, 1, 1) tensor (a squeeze-excite scale) is read as it is
@@ -75,10 +75,9 @@ class Conversions:
     def writers(self, node: torch.fx.Node) -> set[torch.fx.Node]:
         """The nodes whose conversions depend on how `node` reads: those writing its inputs (a plan
         re-prices them when `node`'s shapes change)."""
-        shape = lambda n: n.meta.get("sfx_shape")
         found = set()
         for arg in node.all_input_nodes:
-            while arg in self.fusion.fused or _hands_on(arg, self.gm, shape, self.fusion):
+            while arg in self.fusion.fused or _hands_on(arg, self.gm, self.shape, self.fusion):
                 arg = self.fusion.hosts[arg] if arg in self.fusion.fused else arg.all_input_nodes[0]
             found.add(arg)
         return found

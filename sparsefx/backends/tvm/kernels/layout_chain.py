@@ -115,6 +115,10 @@ def _in_layout(func: relax.Function, kernels: _Kernels, layout: Layout) -> dict[
     def stored(shape: Shape) -> relax.TensorType:
         return relax.TensorType(layout.shape(shape), layout.dtype)
 
+    def mean(source: relax.Expr, shape: Shape) -> relax.Expr:  # float32 (n, c, 1, 1) of a tensor held in the layout
+        gvar = kernels(tile_layout.name(f"{layout.kind}_mean", shape), lambda: layout.mean(shape))
+        return relax.call_tir(gvar, [source], relax.TensorType((*shape[:2], 1, 1), "float32"))
+
     swaps = {}
     for var, value in values.items():
         op = _op(value)
@@ -136,13 +140,9 @@ def _in_layout(func: relax.Function, kernels: _Kernels, layout: Layout) -> dict[
         elif op == "relax.nn.adaptive_avg_pool2d" and (source := held(value.args[0])) is not None \
                 and value.attrs.layout == "NCHW" and value.attrs.out_layout == "NCHW" \
                 and _shape(value)[2:] == (1, 1):
-            shape = _shape(value.args[0])
-            gvar = kernels(tile_layout.name(f"{layout.kind}_mean", shape), lambda shape=shape: layout.mean(shape))
-            swaps[value] = relax.call_tir(gvar, [source], relax.TensorType(_shape(value), "float32"))
+            swaps[value] = mean(source, _shape(value.args[0]))
         elif op == "relax.mean" and (source := held(value.args[0])) is not None and _spatial_mean(value):
-            shape = _shape(value.args[0])
-            gvar = kernels(tile_layout.name(f"{layout.kind}_mean", shape), lambda shape=shape: layout.mean(shape))
-            pooled = relax.call_tir(gvar, [source], relax.TensorType((*shape[:2], 1, 1), "float32"))
+            pooled = mean(source, _shape(value.args[0]))
             swaps[value] = pooled if value.attrs.keepdims else relax.op.reshape(pooled, _shape(value))
     return swaps
 

@@ -53,13 +53,11 @@ def _emit(bb: relax.BlockBuilder, op: str, name: str, shapes: list[tuple[int, ..
                 out = bb.emit(relax.op.nn.softmax(params[0], axis=-1))
             elif op == "reduce_torch":
                 out = bb.emit(relax.call_pure_packed(BY_NAME["softmax"].packed, params[0], ty_args=params[0].ty))
-            elif op == LAYOUT_IN:
-                convert = bb.add_func(blocked_layout.to_blocked(shapes[0]), f"{name}_tir")
-                out = bb.emit(relax.call_tir(convert, [params[0]], relax.TensorType(blocked_layout.blocked(shapes[0]),
-                                                                                    "float32")))
-            elif op == LAYOUT_OUT:
-                convert = bb.add_func(blocked_layout.from_blocked(shapes[0]), f"{name}_tir")
-                out = bb.emit(relax.call_tir(convert, [params[0]], relax.TensorType(shapes[0], "float32")))
+            elif op in (LAYOUT_IN, LAYOUT_OUT):
+                convert, out_shape = ((blocked_layout.to_blocked, blocked_layout.blocked(shapes[0])) if op == LAYOUT_IN
+                                      else (blocked_layout.from_blocked, shapes[0]))
+                gvar = bb.add_func(convert(shapes[0]), f"{name}_tir")
+                out = bb.emit(relax.call_tir(gvar, [params[0]], relax.TensorType(out_shape, "float32")))
             else:
                 out = bb.emit(relax.op.nn.max_pool2d(params[0], (3, 3), (2, 2), (1, 1, 1, 1)))
             result = bb.emit_output(out)
