@@ -368,3 +368,49 @@ def test_a_plan_warns_when_other_processes_take_the_cores_it_plans_for(monkeypat
             warnings.simplefilter("always")
             sparsefx.plan(model, inputs, speedup=1.1, cost=cost, verbose=False)
         assert any("other processes keep" in str(w.message) for w in caught) == warned
+
+
+class CountingFlopsTimer(FlopsTimer):
+    """`FlopsTimer`, counting the kernels it times: a kernel's time falls more slowly than its work."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timed = 0
+
+    def time(self, kernels, implementations=None):  # noqa: ANN001, ANN201
+        self.timed += len(kernels)
+        return super().time(kernels, implementations)
+
+
+def test_an_estimate_measures_nothing_guesses_low_and_is_the_latency_once_measured(tmp_path):
+    timer = CountingFlopsTimer()
+    cost = CostModel("cpu", path=tmp_path / "table.json", timer=timer)
+    conv = lambda cout: conv2d_kernel((1, 256, 14, 14), (1, cout, 14, 14), 1, (3, 3), (1, 1), (1, 1), (1, 1), 16)
+    ref, half, less = conv(256), conv(128), conv(96)
+    dense = cost.latency(ref)
+    timed = timer.timed
+    guess, exact = cost.estimate(half, ref)
+    assert not exact and timer.timed == timed  # nothing measured for a guess
+    assert guess == pytest.approx(dense * half.flops / ref.flops)  # scaled from the nearest measured: the reference
+    assert guess < cost.latency(half, ref)  # a kernel's fixed costs do not shrink: the guess is low
+    assert cost.estimate(half, ref) == (cost.latency(half, ref), True)
+    guess, exact = cost.estimate(less, ref)  # now scaled from the 128-channel point, nearer above it
+    assert not exact and guess == pytest.approx(cost.latency(half, ref) * less.flops / half.flops)
+
+
+def test_a_search_on_guesses_takes_the_moves_a_fully_measured_one_takes_and_measures_less(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 96, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(96, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 32, 1)).eval()
+    inputs = (torch.randn(1, 3, 16, 16),)
+    plans, timed = [], []
+    for guessing in (True, False):
+        timer = CountingFlopsTimer()
+        cost = CostModel("cpu", path=tmp_path / f"table{guessing}.json", timer=timer)
+        if not guessing:  # every move measured before it is weighed
+            cost.estimate = lambda kernel, reference=None, cost=cost: (cost.latency(kernel, reference), True)
+        plan = sparsefx.plan(model, inputs, speedup=1.6, cost=cost, verbose=False)
+        plans.append([(e.name, e.ratio) for e in plan.entries])
+        timed.append(timer.timed)
+    assert plans[0] == plans[1] and plans[0]
+    assert timed[0] < timed[1]

@@ -186,6 +186,26 @@ def test_own_kernels_are_built_only_where_pytorch_does_not_beat_their_ceiling(mo
     assert "blocked_depthwise" in times[1] and len(built) == 1  # memory-bound: never ruled out by GFLOP/s
 
 
+@pytest.mark.parametrize("own_ms, in_turn", [(0.02, False), (0.09, True)])
+def test_an_own_kernel_not_ruled_out_is_timed_alone_and_again_with_pytorch_near_a_tie(monkeypatch, own_ms,
+                                                                                      in_turn) -> None:
+    history = [{"gflop": 1.0, "blocked_ms": 1.0, "torch_ms": 1.0}] * 4  # 1000 GFLOP/s: PyTorch at 580 does not beat it
+    timer = host.HostTimer(resolve_target("cpu"), history=history)
+    asked = []
+    monkeypatch.setattr(host, "build_kernels", lambda pairs, target: {s.name: None for _, s in pairs})
+
+    def time_one(kernel, allowed, mine):  # noqa: ANN001, ANN202
+        asked.append(allowed if mine else "pytorch")
+        return {name: ms for name, ms in {"torch": 0.1, "blocked": own_ms}.items()
+                if (mine or name == "torch") and (allowed is None or name in allowed)}
+
+    monkeypatch.setattr(timer, "time_one", time_one)
+    conv = conv2d_kernel((1, 64, 28, 28), (1, 64, 28, 28), 1, (3, 3), (1, 1), (1, 1), (1, 1), 16)
+    times = timer.time_rivals([conv], [None])
+    assert times[0] == {"torch": 0.1, "blocked": own_ms}
+    assert asked == ["pytorch", {"blocked"}] + ([None] if in_turn else [])  # PyTorch timed twice only near a tie
+
+
 def test_float32_convs_run_on_a_rewritten_input_and_pytorch_s_on_released_memory(monkeypatch) -> None:
     timed = {"torch": 1.0, "torch_prepacked": 1.1, "direct": 1.1}
     asked, released = {}, []

@@ -157,6 +157,9 @@ class _UniformPlanner:
         self.priced.append(removed[0])
         return 10 - 0.1 * removed[0]
 
+    def within(self, removed: dict[int, int], goal: float) -> bool:
+        return self.evaluate(removed) <= goal
+
 
 @pytest.mark.parametrize("greedy_units, adopted", [(40, 30), (20, 20)])
 def test_uniform_second_opinion_prices_only_ratios_that_keep_more(greedy_units, adopted):

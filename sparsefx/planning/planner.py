@@ -48,6 +48,7 @@ from sparsefx.sparse.sparsify import sparsify
 from sparsefx.target import resolve_target, with_precision
 
 LOOKAHEAD = 4  # moves considered per group: the next few fast sizes, to see past flat steps
+MEASURED_TOGETHER = 2  # guessed moves measured at once, best first: their kernels built in one batch (`CostModel.prefetch`)
 
 
 def group_name(group: ChannelGroup) -> str:
@@ -60,11 +61,14 @@ class _Search:
     def __init__(self, gm: torch.fx.GraphModule, shrink: ShrinkModel, price: Callable[[Kernel, Kernel], float],
                  lanes: int, rules: FusionRules,
                  prefetch: Callable[[list[tuple[Kernel, Kernel]]], None] = lambda pairs: None,
-                 in_layout: InLayout | None = None) -> None:
+                 in_layout: InLayout | None = None,
+                 estimate: Callable[[Kernel, Kernel], tuple[float, bool]] | None = None) -> None:
         """`prefetch` gets every (kernel, reference) pair a batch of trials is about to `price`, first
         (`CostModel.prefetch`: what they read is measured together); with `in_layout` (`CostModel.in_layout`)
-        each node is priced with the layout conversions of what it writes (`cost.layouts`)."""
+        each node is priced with the layout conversions of what it writes (`cost.layouts`). `estimate`
+        (`CostModel.estimate`: (ms, exact), measuring nothing) weighs moves before they are measured."""
         self.gm, self.shrink, self.price, self.lanes, self.prefetch = gm, shrink, price, lanes, prefetch
+        self.estimate = estimate or (lambda k, ref: (price(k, ref), True))
         self.in_layout = in_layout
         self.refs = dense_kernels(gm, lanes)
         self.fusion = analyze_fusion(gm, self.refs, rules)
@@ -92,7 +96,7 @@ class _Search:
     def affected(self, gid: int) -> set[torch.fx.Node]:
         """The nodes whose price may change with group `gid`: those whose shapes do (`ShrinkModel.affected`)
         and, where layouts are priced, the writers of their inputs (a reader's layout sets their
-        conversions). A move is weighed on the first (`delta`: a residual's writer, whose conversion
+        conversions). A move is weighed on the first (`saving`: a residual's writer, whose conversion
         changes where the conv adding it leaves the layout, is the one it misses) and committed on all,
         so the running total stays what `Planner.evaluate` gives."""
         found = self.touched.get(gid)
@@ -108,23 +112,43 @@ class _Search:
             return self.chosen[node].ms
         return sum(self.price(k, ref) for k, ref in self.pairs(node, removed))
 
-    def prefetch_trials(self, trials: Iterable[tuple[dict[int, int], Iterable[object]]]) -> None:
-        """Hand `prefetch` what pricing these (units removed, nodes) trials will read, and keep their
-        `pairs` for the pricing that follows (working them out was 40% of a warm ResNet-50 plan)."""
+    def prefetch_trials(self, trials: Iterable[tuple[dict[int, int], Iterable[object]]], measure: bool = True) -> None:
+        """Keep the `pairs` of these (units removed, nodes) trials for the pricing that follows (working
+        them out was 40% of a warm ResNet-50 plan) and, with `measure`, hand `prefetch` what they read."""
         self.batch = {(node, _state(removed)): self.pairs(node, removed) for removed, nodes in trials for node in nodes}
-        self.prefetch([pair for pairs in self.batch.values() for pair in pairs])
+        if measure:
+            self.prefetch([pair for pairs in self.batch.values() for pair in pairs])
 
-    def prefetch_moves(self, moves: Iterable[tuple[int, int]]) -> None:
-        """`prefetch_trials` for (group, units removed) moves from the current state (`delta`'s)."""
-        self.prefetch_trials(({**self.removed, gid: units}, self.shrink.affected(gid)) for gid, units in moves)
+    def trial_moves(self, moves: Iterable[tuple[int, int]]) -> None:
+        """`prefetch_trials`, unmeasured, for (group, units removed) moves from the current state (`saving`'s)."""
+        self.prefetch_trials((({**self.removed, gid: units}, self.shrink.affected(gid)) for gid, units in moves),
+                             measure=False)
+
+    def measure_moves(self, moves: Iterable[tuple[int, int]]) -> None:
+        """Measure what pricing these (group, units removed) moves from the current state reads."""
+        self.prefetch([pair for gid, units in moves for node in self.shrink.affected(gid)
+                       for pair in self.pairs(node, {**self.removed, gid: units})])
+
+    def guessed(self, removed: dict[int, int]) -> float:
+        """The model's ms with `removed` units gone, guessed where its kernels are not measured (`estimate`)."""
+        self.prefetch_trials([(removed, self.gm.graph.nodes)], measure=False)
+        return sum(self.chosen[n].ms if n in self.chosen else sum(self.estimate(k, ref)[0] for k, ref in self.pairs(n, removed))
+                   for n in self.gm.graph.nodes)
 
     @property
     def total(self) -> float:
         return sum(self.ms.values())
 
-    def delta(self, gid: int, units: int) -> float:
-        trial = {**self.removed, gid: units}
-        return sum(self.node_ms(n, trial) - self.ms[n] for n in self.shrink.affected(gid))
+    def saving(self, gid: int, units: int) -> tuple[float, bool]:
+        """(ms saved, exact) by moving group `gid` to `units` removed, guessed where its kernels are
+        not measured yet (`estimate`)."""
+        trial, saved, exact = {**self.removed, gid: units}, 0.0, True
+        for node in self.shrink.affected(gid):
+            for k, ref in ([] if node in self.chosen else self.pairs(node, trial)):
+                ms, known = self.estimate(k, ref)
+                saved, exact = saved - ms, exact and known
+            saved += self.ms[node] - (self.chosen[node].ms if node in self.chosen else 0.0)
+        return saved, exact
 
     def commit(self, gid: int, units: int) -> None:
         self.removed[gid] = units
@@ -203,7 +227,8 @@ class Planner:
         self.shrink = ShrinkModel(self.gm, self.coupling, self.orders)
         price = (lambda k, ref: k.flops / 2) if by_macs else self.cost.latency
         self.search = _Search(self.gm, self.shrink, price, self.cost.lanes, self.cost.fusion,
-                              **({} if by_macs else {"prefetch": self.cost.prefetch, "in_layout": self.cost.in_layout}))
+                              **({} if by_macs else {"prefetch": self.cost.prefetch, "in_layout": self.cost.in_layout,
+                                                     "estimate": self.cost.estimate}))
         self.dense = self.search.total
         # every Linear/Conv weight, counted once per coupled dimension as the losses count it
         self.total_importance = 2 * sum(w.numel() for _, _, w in layer_weights(self.gm).values())
@@ -220,6 +245,11 @@ class Planner:
         """Predicted cost (ms, or MACs) of the model with `removed` units gone."""
         self.search.prefetch_trials([(removed, self.gm.graph.nodes)])
         return sum(self.search.node_ms(n, removed) for n in self.gm.graph.nodes)
+
+    def within(self, removed: dict[int, int], goal: float) -> bool:
+        """Whether `evaluate(removed)` is at most `goal`, measured only where the guess (optimistic,
+        measuring nothing: `_Search.guessed`) does not already say no."""
+        return self.search.guessed(removed) <= goal and self.evaluate(removed) <= goal
 
     def uniform(self, ratio: float) -> dict[int, int]:
         """What `prune(ratio=...)` removes: the same fraction of every group."""
@@ -327,7 +357,7 @@ def uniform_if_better(planner: Planner, goal: float, lanes: int, max_ratio: floa
     search = planner.search
     kept = planner.retained(search.removed)
     better = lambda ratio: planner.retained(_aligned_uniform(planner, ratio, allowed)) > kept
-    meets = lambda ratio: planner.evaluate(_aligned_uniform(planner, ratio, allowed)) <= goal
+    meets = lambda ratio: planner.within(_aligned_uniform(planner, ratio, allowed), goal)
     lo, hi = 0.0, max_ratio
     if not better(hi):
         for _ in range(2 * steps):
@@ -362,7 +392,10 @@ def _greedy(search: _Search, groups: list[ChannelGroup], losses: dict[int, np.nd
             options: dict[torch.fx.Node, list[SparseOption]], goal: float, lanes: int, max_ratio: float) -> None:
     """Take the move with the least importance lost per millisecond saved until `goal`:
     "remove more of group g" or "run layer n on a sparser kernel". A layer is either
-    channel-pruned or sparse, never both (the kernels are measured at the layer's full size)."""
+    channel-pruned or sparse, never both (the kernels are measured at the layer's full size).
+    Moves are weighed on guessed times where their kernels are not measured (`_Search.saving`), and
+    the best one is measured (with the next few guessed ones, `MEASURED_TOGETHER`) and weighed again
+    until the best is measured: only it is taken."""
     allowed = {g.id: _allowed_removals(g, lanes, max_ratio) for g in groups}
     groups_of: dict[torch.fx.Node, set[int]] = {}
     for g in groups:
@@ -375,16 +408,17 @@ def _greedy(search: _Search, groups: list[ChannelGroup], losses: dict[int, np.nd
             return []
         return [u for u in allowed[gid] if u > search.removed.get(gid, 0)][:LOOKAHEAD]
 
-    def channel_move(gid: int) -> tuple[float, object] | None:
+    def channel_move(gid: int) -> tuple[float, object, bool] | None:
+        """(importance lost per ms saved, units removed, measured) of group `gid`'s best move."""
         now, best = search.removed.get(gid, 0), None
         for units in trials(gid):
-            saved = -search.delta(gid, units)
+            saved, exact = search.saving(gid, units)
             rate = (losses[gid][units] - losses[gid][now]) / saved if saved > 1e-9 else None
             if rate is not None and (best is None or rate < best[0]):
-                best = (rate, units)
+                best = (rate, units, exact)
         return best
 
-    def sparse_move(node: torch.fx.Node) -> tuple[float, object] | None:
+    def sparse_move(node: torch.fx.Node) -> tuple[float, object, bool] | None:
         if any(search.removed.get(gid, 0) for gid in groups_of.get(node, ())):
             return None
         current = search.chosen.get(node)
@@ -395,29 +429,35 @@ def _greedy(search: _Search, groups: list[ChannelGroup], losses: dict[int, np.nd
             if option.loss > lost_now and saved > 1e-9:
                 rate = (option.loss - lost_now) / saved
                 if best is None or rate < best[0]:
-                    best = (rate, option)
+                    best = (rate, option, True)  # a sparse kernel is measured with its options
         return best
 
     def refresh(keys: Iterable[tuple[str, object]]) -> None:
         keys = list(keys)
-        search.prefetch_moves((gid, units) for kind, gid in keys if kind == "g" for units in trials(gid))
+        search.trial_moves((gid, units) for kind, gid in keys if kind == "g" for units in trials(gid))
         for k in keys:
             moves[k] = channel_move(k[1]) if k[0] == "g" else sparse_move(k[1])
 
-    moves: dict[tuple[str, object], tuple[float, object] | None] = {}
+    moves: dict[tuple[str, object], tuple[float, object, bool] | None] = {}
     refresh([("g", g.id) for g in groups] + [("s", n) for n in options])
     while search.total > goal:
-        live = {key: move for key, move in moves.items() if move is not None}
+        live = sorted(((move[0], key) for key, move in moves.items() if move is not None), key=lambda m: m[0])
         if not live:
             return
-        key = min(live, key=lambda k: live[k][0])
+        key = live[0][1]
+        if not moves[key][2]:  # guessed: measured with the next few guessed moves, all weighed again
+            guessed = [k for _, k in live if not moves[k][2]][:MEASURED_TOGETHER]
+            search.measure_moves((k[1], moves[k][1]) for k in guessed)
+            for k in guessed:
+                moves[k] = channel_move(k[1])
+            continue
         kind, what = key
         if kind == "g":
-            search.commit(what, live[key][1])
+            search.commit(what, moves[key][1])
             touched = search.shrink.affected(what)
             stale = {("g", h) for n in touched for h in groups_of.get(n, ())} | {("s", n) for n in touched if n in options}
         else:
-            search.choose(live[key][1])
+            search.choose(moves[key][1])
             stale = {("s", what)} | {("g", h) for h in groups_of.get(what, ())}
         refresh(stale)
 

@@ -28,7 +28,7 @@ from sparsefx.errors import one_line
 from sparsefx.log import get_logger
 
 LOG = get_logger("tvm")
-PER_WORKER = 2  # fewer kernels than this per worker are built here (4 kernels: 0.33 s in two workers, 0.46 here)
+PER_WORKER = 1  # fewer kernels than this per worker are built here (3 blocked convs: 0.65 s in two workers, 0.94 in one)
 _pools: dict[tuple[int, int], ProcessPoolExecutor] = {}  # (pid, workers) -> a pool: a forked child makes its own
 
 
