@@ -186,24 +186,31 @@ def test_own_kernels_are_built_only_where_pytorch_does_not_beat_their_ceiling(mo
     assert "blocked_depthwise" in times[1] and len(built) == 1  # memory-bound: never ruled out by GFLOP/s
 
 
-@pytest.mark.parametrize("own_ms, in_turn", [(0.02, False), (0.09, True)])
-def test_an_own_kernel_not_ruled_out_is_timed_alone_and_again_with_pytorch_near_a_tie(monkeypatch, own_ms,
-                                                                                      in_turn) -> None:
-    history = [{"gflop": 1.0, "blocked_ms": 1.0, "torch_ms": 1.0}] * 4  # 1000 GFLOP/s: PyTorch at 580 does not beat it
+@pytest.mark.parametrize("torch_best_ms, own_ms, asked", [
+    (0.5, 0.02, ["pytorch", {"blocked"}]),  # PyTorch's ceiling the higher: timed first, the two apart
+    (0.5, 0.09, ["pytorch", {"blocked"}, None]),  # near a tie: timed again in turn
+    (2.0, 0.02, [{"blocked"}]),  # the own kernel's the higher, and it beats PyTorch's: PyTorch left out
+    (2.0, 0.12, [{"blocked"}, "pytorch", None])])
+def test_the_side_with_the_lower_ceiling_is_timed_first_and_the_other_only_where_it_may_win(
+        monkeypatch, torch_best_ms, own_ms, asked) -> None:
+    # the blocked kernel's ceiling 1000 GFLOP/s, PyTorch's 2000 or 500; the conv is 0.058 GFLOP, PyTorch 0.1 ms on it
+    history = [{"gflop": 1.0, "blocked_ms": 1.0, "torch_ms": torch_best_ms}] * 4
     timer = host.HostTimer(resolve_target("cpu"), history=history)
-    asked = []
+    seen = []
     monkeypatch.setattr(host, "build_kernels", lambda pairs, target: {s.name: None for _, s in pairs})
 
     def time_one(kernel, allowed, mine):  # noqa: ANN001, ANN202
-        asked.append(allowed if mine else "pytorch")
+        seen.append(allowed if mine else "pytorch")
         return {name: ms for name, ms in {"torch": 0.1, "blocked": own_ms}.items()
                 if (mine or name == "torch") and (allowed is None or name in allowed)}
 
     monkeypatch.setattr(timer, "time_one", time_one)
     conv = conv2d_kernel((1, 64, 28, 28), (1, 64, 28, 28), 1, (3, 3), (1, 1), (1, 1), (1, 1), 16)
     times = timer.time_rivals([conv], [None])
-    assert times[0] == {"torch": 0.1, "blocked": own_ms}
-    assert asked == ["pytorch", {"blocked"}] + ([None] if in_turn else [])  # PyTorch timed twice only near a tie
+    assert seen == asked
+    assert times[0] == ({"blocked": own_ms} if len(asked) == 1 else {"torch": 0.1, "blocked": own_ms})
+    assert (conv.key in timer.torch_ruled_out) == (len(asked) == 1)
+    assert len(timer.history) == 5 and timer.history[-1]["blocked_ms"] == own_ms  # its ceiling's measurements
 
 
 def test_float32_convs_run_on_a_rewritten_input_and_pytorch_s_on_released_memory(monkeypatch) -> None:

@@ -86,6 +86,8 @@ class DispatchTable:
                 if kernel.key in ruled_out:  # an own kernel runs it, left out by its ceiling
                     kind, ceiling = ruled_out[kernel.key]
                     entry[f"{kind}_ceiling_gflops"] = round(ceiling, 2)
+                elif kernel.key in getattr(timer, "torch_ruled_out", {}):  # PyTorch left out by its ceiling
+                    entry["torch_ceiling_gflops"] = round(timer.torch_ruled_out[kernel.key], 2)
                 elif entry["decided_by"] == "prefilter" and entry["op_class"] in ceilings:
                     entry["tir_ceiling_gflops"] = round(ceilings[entry["op_class"]][0], 2)
             self.table.save()

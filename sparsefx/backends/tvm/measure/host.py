@@ -239,6 +239,7 @@ class HostTimer:
         self.build = build or (lambda mod, tvm_target: build_module(mod, tvm_target, target))
         self.history = list(history)
         self.own_ruled_out: dict[str, tuple[str, float]] = {}  # kernel key -> (own kind, its ceiling GFLOP/s)
+        self.torch_ruled_out: dict[str, float] = {}  # kernel key -> PyTorch's ceiling GFLOP/s
         self.progress: Callable[[int], object] | None = None  # told of each kernel `time` has timed
 
     def overheads(self) -> dict[str, float]:
@@ -291,17 +292,19 @@ class HostTimer:
 
     def time_rivals(self, kernels: list[Kernel], wanted: list[set | None]) -> list[Times]:
         """Each kernel on PyTorch's kernels and its own kernel (`own_kernels.own_kernel`), in turn, the
-        own kernels built together (`build_kernels`). Where the own kernel's kind has a ceiling
-        (`prefilter.own_ceilings`), PyTorch is timed first and the own kernel left out where PyTorch
-        beats it (`prefilter.OWN_MARGIN`), recorded in `own_ruled_out`; elsewhere the own kernel is timed
-        alone, and again in turn with PyTorch's where the two are within `NEAR_TIE` (timing PyTorch
-        twice took a sixth of a cold plan of ResNet-50, where the blocked kernels ran 2-6x faster)."""
+        own kernels built together (`build_kernels`). Where both the own kernel's kind and PyTorch have
+        a ceiling (`prefilter`), the side whose ceiling is lower is timed first, and the other left out
+        where it beats that side's ceiling by `prefilter.OWN_MARGIN` (recorded in `own_ruled_out` or
+        `torch_ruled_out`); elsewhere the two are timed apart, and again in turn where they are within
+        `NEAR_TIE` (timing PyTorch twice took a sixth of a cold plan of ResNet-50)."""
         own = [self.own_kernel(kernel, allowed) for kernel, allowed in zip(kernels, wanted, strict=True)]
         ceilings = prefilter.own_ceilings(self.history, prefilter.OWN_FILTERED)
-        first = [i for i, mine in enumerate(own) if mine and wanted[i] is None
-                 and ceilings.get(mine[0], (0.0, 0))[1] >= prefilter.OWN_CALIBRATE]
+        pytorch = prefilter.torch_ceiling(self.history)
+        filtered = [i for i, mine in enumerate(own) if mine and wanted[i] is None and pytorch[1] >= prefilter.OWN_CALIBRATE
+                    and ceilings.get(mine[0], (0.0, 0))[1] >= prefilter.OWN_CALIBRATE]
+        own_first = {i for i in filtered if ceilings[own[i][0]][0] >= pytorch[0]}
         times: list[Times | None] = [None] * len(kernels)
-        for i in first:
+        for i in set(filtered) - own_first:
             times[i] = self.time_one(kernels[i], None, None)
             candidate = prefilter.Candidate(kernels[i].key, own[i][0], prefilter.gflop(kernels[i]),
                                             min(times[i].values()))
@@ -312,18 +315,28 @@ class HostTimer:
         built = build_kernels([mine for mine in own if mine], self.target.to_tvm())
         for i, kernel in enumerate(kernels):
             mine = own[i] and (own[i][0], built[own[i][1].name], own[i][1])
-            if times[i] is None:
-                times[i] = self.time_one(kernel, wanted[i], mine)
-            elif mine:  # PyTorch's timed first: the own kernel alone, in turn with PyTorch's again near a tie
+            if i in own_first:
                 alone = self.time_one(kernel, {mine[0]}, mine)
-                pair = sorted((alone[mine[0]], min(times[i].values())))
-                times[i] = self.time_one(kernel, None, mine) if pair[1] < NEAR_TIE * pair[0] else {**times[i], **alone}
-                if own[i] and own[i][0] in times[i] and wanted[i] is None:
-                    self.history.append({"gflop": prefilter.gflop(kernel), f"{own[i][0]}_ms": times[i][own[i][0]],
-                                         "torch_ms": min(times[i].get(t, math.inf) for t in TORCH_IMPLEMENTATIONS)})
+                if prefilter.gflop(kernel) / alone[mine[0]] * 1e3 > prefilter.OWN_MARGIN * pytorch[0]:
+                    times[i] = alone
+                    self.torch_ruled_out[kernel.key] = pytorch[0]
+                else:
+                    times[i] = self.in_turn_near_tie(kernel, mine, self.time_one(kernel, None, None), alone)
+            elif times[i] is None:
+                times[i] = self.time_one(kernel, wanted[i], mine)
+            elif mine:  # PyTorch's timed first
+                times[i] = self.in_turn_near_tie(kernel, mine, times[i], self.time_one(kernel, {mine[0]}, mine))
+            if mine and mine[0] in times[i] and wanted[i] is None:
+                self.history.append({"gflop": prefilter.gflop(kernel), f"{mine[0]}_ms": times[i][mine[0]],
+                                     "torch_ms": min(times[i].get(t, math.inf) for t in TORCH_IMPLEMENTATIONS)})
             if self.progress:
                 self.progress(1)
         return times
+
+    def in_turn_near_tie(self, kernel: Kernel, mine: tuple[str, Callable, object], pytorch: Times, alone: Times) -> Times:
+        """PyTorch's and the own kernel's times taken apart, or, where they are within `NEAR_TIE`, all timed again in turn."""
+        pair = sorted((alone[mine[0]], min(pytorch.values())))
+        return self.time_one(kernel, None, mine) if pair[1] < NEAR_TIE * pair[0] else {**pytorch, **alone}
 
     def own_kernel(self, kernel: Kernel, allowed: set | None) -> tuple[str, object] | None:
         found = own_kernels.own_kernel(kernel, self.target.precision)
