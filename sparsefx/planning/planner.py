@@ -129,11 +129,17 @@ class _Search:
         self.prefetch([pair for gid, units in moves for node in self.shrink.affected(gid)
                        for pair in self.pairs(node, {**self.removed, gid: units})])
 
+    def node_guess(self, node: object, removed: dict[int, int]) -> tuple[float, bool]:
+        """(ms, exact): `node_ms`, guessed where its kernels are not measured yet (`estimate`)."""
+        if node in self.chosen:
+            return self.chosen[node].ms, True
+        guesses = [self.estimate(k, ref) for k, ref in self.pairs(node, removed)]
+        return sum(ms for ms, _ in guesses), all(exact for _, exact in guesses)
+
     def guessed(self, removed: dict[int, int]) -> float:
         """The model's ms with `removed` units gone, guessed where its kernels are not measured (`estimate`)."""
         self.prefetch_trials([(removed, self.gm.graph.nodes)], measure=False)
-        return sum(self.chosen[n].ms if n in self.chosen else sum(self.estimate(k, ref)[0] for k, ref in self.pairs(n, removed))
-                   for n in self.gm.graph.nodes)
+        return sum(self.node_guess(n, removed)[0] for n in self.gm.graph.nodes)
 
     @property
     def total(self) -> float:
@@ -142,13 +148,9 @@ class _Search:
     def saving(self, gid: int, units: int) -> tuple[float, bool]:
         """(ms saved, exact) by moving group `gid` to `units` removed, guessed where its kernels are
         not measured yet (`estimate`)."""
-        trial, saved, exact = {**self.removed, gid: units}, 0.0, True
-        for node in self.shrink.affected(gid):
-            for k, ref in ([] if node in self.chosen else self.pairs(node, trial)):
-                ms, known = self.estimate(k, ref)
-                saved, exact = saved - ms, exact and known
-            saved += self.ms[node] - (self.chosen[node].ms if node in self.chosen else 0.0)
-        return saved, exact
+        trial = {**self.removed, gid: units}
+        guesses = {node: self.node_guess(node, trial) for node in self.shrink.affected(gid)}
+        return sum(self.ms[node] - ms for node, (ms, _) in guesses.items()), all(exact for _, exact in guesses.values())
 
     def commit(self, gid: int, units: int) -> None:
         self.removed[gid] = units

@@ -13,8 +13,8 @@ sigmoid from fusing with the conv, so the sigmoid fuses into the broadcast multi
 runs once per pixel instead of once per channel (pruned EfficientNet-B0: 0.6 -> 2.7 ms).
 
 sparsefx's compute-bound own kernels (`kernels.registry`: `OWN_FILTERED`) are filtered the same
-way with a ceiling per kind (`own_ceilings`) and a smaller margin (`OWN_MARGIN`): where the kind's
-ceiling is below PyTorch's (`torch_ceiling`), PyTorch is timed first and the own kernel built only
+way with a ceiling per kind (`ceilings`) and a smaller margin (`OWN_MARGIN`): where the kind's
+ceiling is below PyTorch's, PyTorch is timed first and the own kernel built only
 where PyTorch does not beat the kind's ceiling; where it is above, the own kernel is timed first and
 PyTorch only where the own kernel does not beat PyTorch's ceiling (on an Intel Xeon with AMX, at two
 threads, the blocked kernels ran ResNet-50's convs at a median 224 GFLOP/s, PyTorch at 198 at best).
@@ -76,26 +76,17 @@ def tir_ceilings(entries: Iterable[dict]) -> dict[str, tuple[float, int]]:
     return best
 
 
-def own_ceilings(entries: Iterable[dict], kinds: Iterable[str]) -> dict[str, tuple[float, int]]:
-    """Per own-kernel kind: the best GFLOP/s it has run at (entries' `<kind>_ms`, as the dispatch
-    table records them) and how many measurements back it."""
+def ceilings(entries: Iterable[dict], kinds: Iterable[str]) -> dict[str, tuple[float, int]]:
+    """Per kind (an own kernel's, or "torch" for PyTorch's): the best GFLOP/s it has run at (entries'
+    `<kind>_ms`, as the dispatch table records them; PyTorch left out of a conv has no time) and how
+    many measurements back it."""
     best: dict[str, tuple[float, int]] = {}
     for entry in entries:
         for kind in kinds:
             ms = entry.get(f"{kind}_ms")
-            if ms and entry.get("torch_ms", 0.0) >= TINY_MS:
+            if ms and ms < math.inf and entry.get("torch_ms", 0.0) >= TINY_MS:
                 _raise_ceiling(best, kind, entry["gflop"] / ms * 1e3)
     return best
-
-
-def torch_ceiling(entries: Iterable[dict]) -> tuple[float, int]:
-    """The best GFLOP/s PyTorch has run a conv or matmul at so far (entries' `torch_ms`), and how
-    many measurements back it."""
-    best: dict[str, tuple[float, int]] = {}
-    for entry in entries:
-        if entry.get("gflop") and TINY_MS <= entry.get("torch_ms", 0.0) < math.inf:
-            _raise_ceiling(best, "torch", entry["gflop"] / entry["torch_ms"] * 1e3)
-    return best.get("torch", (0.0, 0))
 
 
 def _raise_ceiling(best: dict[str, tuple[float, int]], key: str, gflops: float) -> None:

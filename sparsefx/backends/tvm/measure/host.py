@@ -298,8 +298,8 @@ class HostTimer:
         `torch_ruled_out`); elsewhere the two are timed apart, and again in turn where they are within
         `NEAR_TIE` (timing PyTorch twice took a sixth of a cold plan of ResNet-50)."""
         own = [self.own_kernel(kernel, allowed) for kernel, allowed in zip(kernels, wanted, strict=True)]
-        ceilings = prefilter.own_ceilings(self.history, prefilter.OWN_FILTERED)
-        pytorch = prefilter.torch_ceiling(self.history)
+        ceilings = prefilter.ceilings(self.history, (*prefilter.OWN_FILTERED, "torch"))
+        pytorch = ceilings.get("torch", (0.0, 0))
         filtered = [i for i, mine in enumerate(own) if mine and wanted[i] is None and pytorch[1] >= prefilter.OWN_CALIBRATE
                     and ceilings.get(mine[0], (0.0, 0))[1] >= prefilter.OWN_CALIBRATE]
         own_first = {i for i in filtered if ceilings[own[i][0]][0] >= pytorch[0]}
