@@ -11,7 +11,7 @@ fits anywhere. This pass then, for each layout,
 - drops each conversion out that goes straight back in: out and back in is exact (bf16 widened to
   float32 and rounded back is the same bf16; the blocked layout holds the float32 values themselves).
 A ResNet, MobileNetV2 or EfficientNet then converts once after its input and nowhere else. A
-conversion into a kernel that writes over it (`call_tir_inplace`: `blocked`'s residual) stays where
+conversion into a kernel that writes over it (`call_tir_inplace`: `blocked`'s and `amx`'s residual) stays where
 the tensor it would be dropped for is read after that kernel.
 Rewrites Relax bindings and adds the layouts' kernels; invalidates nothing else.
 """
