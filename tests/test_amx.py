@@ -46,6 +46,7 @@ def test_bf16_bits_round_as_pytorch_does() -> None:
     (32, 64, 10, 3, 2, False, "relu6"),  # stride 2: positions within output rows
     (64, 32, 7, 1, 2, True, "relu"),  # strided 1x1 (a downsample), rows of 4
     (96, 32, 3, 3, 1, False, "none"),  # fewer positions than a tile; weight-stationary task order
+    (128, 64, 5, 3, 1, True, "relu"),  # weight-stationary with images inside, 3 tiles: the last pair one tile twice
     (3, 32, 16, 7, 2, False, "relu"),  # a stem: window columns folded into the reduction
     (3, 32, 11, 3, 1, True, "none"),  # folded, stride 1; an odd tile count: the last pair is one tile twice
     (24, 40, 9, 3, 1, True, "relu6"),  # channels stored padded to 32 in and out

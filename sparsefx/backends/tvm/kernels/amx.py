@@ -11,7 +11,12 @@ accumulator tiles (32 positions x 32 output channels; x 16 where the output has 
 input channels, then adds the bias (and residual), applies the activation and stores bf16
 (AVX512-BF16's rounding conversion) a position's 32 channels (a cache line) at a time: one tile's rows
 after another's wrote half lines 16 positions apart (ResNet-50's 64 -> 256 1x1 at 56x56, 8 images, one
-thread: 1.59 -> 1.41 ms). A residual is read where the result is then written (`call_tir_inplace`:
+thread: 1.59 -> 1.41 ms). That epilogue runs a few rows per step of the next block's reduction, on the
+vector units while the tile unit multiplies (as oneDNN's AMX kernels interleave theirs): run after the
+block, it left the tiles idle (8 images, one thread: 64 -> 64 3x3 at 56x56 1.90 -> 1.58 ms, 128 -> 128
+3x3 at 28x28 1.73 -> 1.43). Where output channels are outermost (`weight_stationary`) the images are
+inside them, so a slice of the weight is read from L2 for all of them (512 -> 512 3x3 at 7x7, 8 images:
+2.25 -> 1.53 ms; the image loop outside read the 4.7 MB weight from L3 per image). A residual is read where the result is then written (`call_tir_inplace`:
 oneDNN's sum post-op does so too): a fresh output cost ResNet-50's 64 -> 256 with its residual 3.4 ms
 in the model against 2.0 ms without one, OpenVINO's 1.7-2.3 ms.
 
@@ -43,9 +48,11 @@ from sparsefx.errors import SparsefxError
 FUSES_RESIDUAL = True
 RESIDUAL_IN_PLACE = True  # the result written over the residual, the kernel's last argument
 ROWS, COLUMNS, DEPTH = 16, 16, 32  # a tile: output positions x output channels; input channels per step
-# inner steps are grouped per task until about this many tasks remain: each task loads the tile config
-# (pruned ResNet-50's 1x1 and 3x3 convs at 14x14-56x56, one thread: 32 tasks 0.217 ms in all, 8 0.195;
-# two threads even). Tiles are not released after a task (`tilerelease`: 0.217 -> 0.205 ms).
+# blocks (32 positions x 32 output channels) are split into this many tasks of consecutive blocks: each
+# task loads the tile config (pruned ResNet-50's 1x1 and 3x3 convs at 14x14-56x56, one thread: 32 tasks
+# 0.217 ms in all, 8 0.195; two threads even), and a block's epilogue runs during the next block's
+# multiplies, so longer runs hide more of it. Tiles are not released after a task (`tilerelease`:
+# 0.217 -> 0.205 ms).
 TASKS = 8
 SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 158, 0x1023, 18
 
@@ -136,12 +143,6 @@ def tile(name: str, *args):  # noqa: ANN201 (a TIR statement)
     return T.evaluate(T.call_llvm_intrin("void", f"llvm.x86.{name}", *args))
 
 
-def group_size(count: int, outer: int) -> int:
-    """Inner steps per task: the largest divisor of `count` that leaves about `TASKS` tasks with `outer`."""
-    wanted = max(1, count * outer // TASKS)
-    return max(d for d in range(1, count + 1) if count % d == 0 and d <= wanted)
-
-
 def step(s: AmxSpec) -> int:
     """Input channels per step of the reduction: 32, or 16 on a 16-channel input (`tile_layout.stored`)."""
     return s.cin_stored if s.cin_stored < DEPTH and not folded(s) else DEPTH
@@ -187,9 +188,12 @@ def kernel(s: AmxSpec) -> tvm.tirx.PrimFunc:
     cols = 2 if two else 1
     by_channels = weight_stationary(s)
     outer, inner = (co_pairs, pairs) if by_channels else (pairs, co_pairs)
-    group = group_size(inner, outer)
+    images = 1 if by_channels else s.batch  # passes over the images; the rest are blocks of a pass
+    blocks = outer * inner * s.batch // images
+    group = -(-blocks // min(TASKS, blocks))  # blocks per task, in (outer, inner) order; the last task's fewer
     depth = step(s)
     steps, taps = (1, k) if fold else (ci // depth, k * k)
+    per_step = -(-2 * m // (taps * steps))  # the previous block's rows finished per step
     stride_bytes = (st if by_rows else 1) * ci * 2
     src_len = s.batch * ph * ph * plane * ci
     lanes = DEPTH if ci % DEPTH == 0 else ci
@@ -233,14 +237,55 @@ def kernel(s: AmxSpec) -> tvm.tirx.PrimFunc:
                                                x[n, T.min(T.max(ih, 0), s.height - 1), T.min(T.max(iw, 0), s.width - 1),
                                                  l0 * lanes + lane], T.uint16(0))
 
+    def block(n0, task, g):  # noqa: ANN001, ANN202 (TIR expressions): (image, position pair, output channel pair) of a task's g-th block
+        b = task * group + g
+        if by_channels:  # output channels outermost, then images, then positions: a weight slice read for all
+            return b // inner % (s.batch // images) + n0, b % inner, b // (inner * s.batch // images)
+        return b // (outer * inner) + n0, b // inner % outer, b % inner
+
+    def image(n0, task, g):  # noqa: ANN001, ANN202
+        return block(n0, task, g)[0]
+
+    def block_t0(n0, task, g):  # noqa: ANN001, ANN202 (TIR expressions): the first position tile of the block
+        return block(n0, task, g)[1] * 2
+
+    def block_ob(n0, task, g):  # noqa: ANN001, ANN202 (TIR expressions): its first 16-channel output block
+        return T.min(block(n0, task, g)[2] * 2, max(co // COLUMNS - 2, 0))
+
+    @T.macro
+    def finish(acc, done, bias, res, out, n0, task, g, j):  # noqa: ANN001, ANN202 (a TVMScript macro)
+        """Row j of the task's g-th block (tile t0's rows, then t1's): bias, residual, activation, stored."""
+        h: T.let = j // m
+        r: T.let = j % m
+        n: T.let = image(n0, task, g)
+        t0: T.let = block_t0(n0, task, g)
+        t1: T.let = T.min(t0 + 1, tiles - 1)
+        ob: T.let = block_ob(n0, task, g)
+        oh: T.let = position(T.if_then_else(h == 0, t0, t1), r)[0]
+        ow: T.let = position(T.if_then_else(h == 0, t0, t1), r)[1]
+        if ow >= 0 and stores(h, t0, t1, r):
+            for c in T.unroll(cols):  # a row's output channels, both tiles' (one cache line)
+                for lane in T.vectorized(COLUMNS):
+                    if T.bool(s.residual):
+                        done[c * COLUMNS + lane] = activate(
+                            acc[g % 2, h * 2 + c, r, lane] + bias[ob * COLUMNS + c * COLUMNS + lane]
+                            + to_float(res[n, oh, ow, ob * COLUMNS + c * COLUMNS + lane]), s.activation)
+                    else:
+                        done[c * COLUMNS + lane] = activate(
+                            acc[g % 2, h * 2 + c, r, lane] + bias[ob * COLUMNS + c * COLUMNS + lane], s.activation)
+            for c in T.unroll(cols):
+                out[n, oh, ow, tirx.Ramp(ob * COLUMNS + c * COLUMNS, 1, COLUMNS)] = to_bf16_vector(
+                    done[tirx.Ramp(c * COLUMNS, 1, COLUMNS)])
+
     @T.macro
     def body(x, w, bias, res, out):  # noqa: ANN001, ANN202
         flat_x = T.decl_buffer((src_len,), "uint16", data=x.data)
         src = T.alloc_buffer((src_len,) if copied else (1,), "uint16")
-        for n in range(s.batch):
+        for n0 in range(0, s.batch, s.batch // images):
             if T.bool(copied):
-                fill(x, src, n)
-            for task in T.parallel(outer * (inner // group)):
+                for n in range(n0, n0 + s.batch // images):
+                    fill(x, src, n)
+            for task in T.parallel(-(-blocks // group)):
                 config = T.alloc_buffer((64,), "uint8", scope=STACK)
                 for i in T.unroll(64):  # palette 1; tiles 0-3 accumulators, 4-5 inputs (m rows), 6-7 weights
                     config[i] = T.uint8(0)
@@ -252,16 +297,14 @@ def kernel(s: AmxSpec) -> tvm.tirx.PrimFunc:
                 config[54] = T.uint8(depth // 2)
                 config[55] = T.uint8(depth // 2)
                 tile("ldtilecfg", T.address_of(config[0]))
-                base: T.let = n * ph * ph * plane
-                acc = T.alloc_buffer((4, ROWS, COLUMNS), "float32", scope=STACK)
+                acc = T.alloc_buffer((2, 4, ROWS, COLUMNS), "float32", scope=STACK)  # two blocks' accumulators
                 done = T.alloc_buffer((2 * COLUMNS,), "float32", scope=STACK)  # a row, to round to bf16 at once
-                for g in range(group):
-                    here: T.let = task % (inner // group) * group + g
-                    pair: T.let = T.if_then_else(by_channels, here, task // (inner // group))
-                    t0: T.let = pair * 2
+                count: T.let = T.min(group, blocks - task * group)
+                for g in range(count):
+                    base: T.let = image(n0, task, g) * ph * ph * plane
+                    t0: T.let = block_t0(n0, task, g)
                     t1: T.let = T.min(t0 + 1, tiles - 1)
-                    ob: T.let = T.min(T.if_then_else(by_channels, task // (inner // group), here) * 2,
-                                      max(co // COLUMNS - 2, 0))
+                    ob: T.let = block_ob(n0, task, g)
                     tile("tilezero", T.uint8(0))
                     tile("tilezero", T.uint8(1))
                     tile("tilezero", T.uint8(2))
@@ -285,28 +328,17 @@ def kernel(s: AmxSpec) -> tvm.tirx.PrimFunc:
                                 tile("tileloadd64", T.uint8(7), T.address_of(w[ob + 1, tap, c, 0, 0, 0]), T.int64(64))
                                 tile("tdpbf16ps", T.uint8(1), T.uint8(4), T.uint8(7))
                                 tile("tdpbf16ps", T.uint8(3), T.uint8(5), T.uint8(7))
-                    tile("tilestored64", T.uint8(0), T.address_of(acc[0, 0, 0]), T.int64(64))
-                    tile("tilestored64", T.uint8(2), T.address_of(acc[2, 0, 0]), T.int64(64))
+                            if g > 0:  # the previous block's rows, a share per step, while the tiles multiply
+                                for j in range(per_step):
+                                    if (tap * steps + c) * per_step + j < 2 * m:
+                                        finish(acc, done, bias, res, out, n0, task, g - 1, (tap * steps + c) * per_step + j)
+                    tile("tilestored64", T.uint8(0), T.address_of(acc[g % 2, 0, 0, 0]), T.int64(64))
+                    tile("tilestored64", T.uint8(2), T.address_of(acc[g % 2, 2, 0, 0]), T.int64(64))
                     if T.bool(two):
-                        tile("tilestored64", T.uint8(1), T.address_of(acc[1, 0, 0]), T.int64(64))
-                        tile("tilestored64", T.uint8(3), T.address_of(acc[3, 0, 0]), T.int64(64))
-                    for h in range(2):  # tile t0's rows (accumulators 0, 1), then t1's (2, 3)
-                        for r in range(m):
-                            oh: T.let = position(T.if_then_else(h == 0, t0, t1), r)[0]
-                            ow: T.let = position(T.if_then_else(h == 0, t0, t1), r)[1]
-                            if ow >= 0 and stores(h, t0, t1, r):
-                                for c in T.unroll(cols):  # a row's output channels, both tiles' (one cache line)
-                                    for lane in T.vectorized(COLUMNS):
-                                        if T.bool(s.residual):
-                                            done[c * COLUMNS + lane] = activate(
-                                                acc[h * 2 + c, r, lane] + bias[ob * COLUMNS + c * COLUMNS + lane]
-                                                + to_float(res[n, oh, ow, ob * COLUMNS + c * COLUMNS + lane]), s.activation)
-                                        else:
-                                            done[c * COLUMNS + lane] = activate(
-                                                acc[h * 2 + c, r, lane] + bias[ob * COLUMNS + c * COLUMNS + lane], s.activation)
-                                for c in T.unroll(cols):
-                                    out[n, oh, ow, tirx.Ramp(ob * COLUMNS + c * COLUMNS, 1, COLUMNS)] = to_bf16_vector(
-                                        done[tirx.Ramp(c * COLUMNS, 1, COLUMNS)])
+                        tile("tilestored64", T.uint8(1), T.address_of(acc[g % 2, 1, 0, 0]), T.int64(64))
+                        tile("tilestored64", T.uint8(3), T.address_of(acc[g % 2, 3, 0, 0]), T.int64(64))
+                for j in range(2 * m):
+                    finish(acc, done, bias, res, out, n0, task, count - 1, j)
 
     x_shape, w_shape, b_shape = s.arg_shapes[:3]
 
