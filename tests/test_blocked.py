@@ -83,6 +83,18 @@ def test_conv_matches_torch_and_keeps_the_padding_channels_zero(spec: blocked.Bl
     assert not got[:, spec.cout:].any()
 
 
+@pytest.mark.parametrize("planes_bytes", [1, 1 << 30])  # one image's planes at a time, or all three at once
+def test_images_copied_in_turns_or_at_once_give_the_same_result(planes_bytes: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(blocked, "PLANES_BYTES", planes_bytes)
+    spec = blocked.BlockedSpec(3, 16, 32, 10, 10, 3, 2, 1, "relu", True)
+    torch.manual_seed(0)
+    x, w, b, res = torch.randn(spec.nchw_in), torch.randn(spec.weight_shape), torch.randn(spec.cout), torch.randn(spec.nchw_out)
+    want = F.relu(F.conv2d(x, w, b, 2, 1) + res)
+    got = from_layout(run(blocked.kernel(spec), to_layout(x), blocked.pack_weight(spec, w.numpy()),
+                          blocked.pack_bias(spec, b.numpy()), out_shape=spec.out_shape, into=to_layout(res)))
+    np.testing.assert_allclose(got[:, :spec.cout].numpy(), want.numpy(), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("spec", [
     blocked_depthwise.BlockedDepthwiseSpec(1, 20, 15, 13, 3, 1, 1, "relu"),
     blocked_depthwise.BlockedDepthwiseSpec(2, 32, 14, 14, 5, 2, 2, "none"),
