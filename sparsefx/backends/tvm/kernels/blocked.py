@@ -61,7 +61,11 @@ TASKS = 16  # parallel tasks at least, where there are position blocks for them
 # 512 -> 512 3x3 at 7x7, 1.18 MB a group: 2.28 -> 2.38 ms)
 PREFETCH_POSITIONS = 64
 PREFETCH_GROUP_BYTES = 512 << 10
-PLANES_BYTES = 16 << 20  # phase planes copied at once, for as many images as fit (`phase_plane_kernel`)
+# phase planes copied at once, for as many images as fit (`phase_plane_kernel`): about L2, so they are
+# still there when read. ResNet-18 at 8 images, this Xeon, in the model, one image / 2 MB / 16 MB at a
+# time: two threads, dense 103.3 / 104.0 / 106.5 ms, pruned 30.5 / 28.9 / 29.2; one thread, dense
+# 204.3 / 208.7 / 209.5, pruned 56.4 / 56.6 / 57.2
+PLANES_BYTES = 2 << 20
 
 
 @dataclass(frozen=True)
@@ -475,8 +479,8 @@ def direct_read_kernel(s: BlockedSpec) -> tvm.tirx.PrimFunc:
 def phase_plane_kernel(s: BlockedSpec) -> tvm.tirx.PrimFunc:
     """The images' inputs copied, zero-padded, into phase planes (tasks by image and input block), then
     their outputs computed over them (tasks as in `direct_read_kernel`): two parallel regions for up to
-    `PLANES_BYTES` of planes, where one image at a time took two per image (8 images, two threads:
-    pruned ResNet-18's 3x3 stride-2 convs 0.93-1.02 -> 0.78-0.87 ms, its 1x1 stride 2 0.147 -> 0.112)."""
+    `PLANES_BYTES` of planes, where one image at a time took two per image (8 images, two threads, all
+    at once: pruned ResNet-18's 3x3 stride-2 convs 0.93-1.02 -> 0.78-0.87 ms, its 1x1 stride 2 0.147 -> 0.112)."""
     k, st, pad = s.kernel, s.stride, s.padding
     ho, wo = s.out_hw
     geometry = PhasePlanes(s.height, s.width, k, st, pad, ho)
