@@ -185,12 +185,17 @@ def tile_convs(calls: list[str]) -> list[str]:
         (tile_layout.TO_TILES, tile_layout.FROM_TILES, "amx_linear", "amx_mean"))]
 
 
-def test_chain_converts_only_at_its_ends() -> None:
-    torch.manual_seed(0)
-    model, inputs = Blocks().eval(), (torch.randn(1, 3, 64, 64),)
+def compiled_in_bf16(model: nn.Module, inputs: tuple) -> tuple[object, object, list[str]]:
+    """The reference output, the model compiled in bf16 on one thread, and the calls one run makes."""
     expected = check_reference(model, inputs)
     compiled = compile(model, inputs, precision="bf16", threads=1, verbose=False)
-    calls = [row["name"] for row in compiled.profile(*inputs, repeat=1)]
+    return expected, compiled, [row["name"] for row in compiled.profile(*inputs, repeat=1)]
+
+
+def test_chain_converts_only_at_its_ends() -> None:
+    torch.manual_seed(0)
+    inputs = (torch.randn(1, 3, 64, 64),)
+    expected, compiled, calls = compiled_in_bf16(Blocks().eval(), inputs)
     assert len(tile_convs(calls)) == 7, calls  # six convs and the pool
     assert sum(name.endswith("_res") for name in calls) == 2, calls  # both residual adds fused
     assert sum(name.startswith("amx_linear") for name in calls) == 1, calls
@@ -203,10 +208,8 @@ def test_chain_converts_only_at_its_ends() -> None:
 
 def test_a_conv_on_its_own_residual_reads_a_copy() -> None:
     torch.manual_seed(0)
-    model, inputs = SelfResidual().eval(), (torch.randn(1, 32, 20, 20),)
-    expected = check_reference(model, inputs)
-    compiled = compile(model, inputs, precision="bf16", threads=1, verbose=False)
-    calls = [row["name"] for row in compiled.profile(*inputs, repeat=1)]
+    inputs = (torch.randn(1, 32, 20, 20),)
+    expected, compiled, calls = compiled_in_bf16(SelfResidual().eval(), inputs)
     assert any(name.endswith("_res") for name in tile_convs(calls)), calls
     error = output_error(expected, compiled(*inputs))
     assert 1e-5 < error.relative_l2 < 3e-2, error  # wrong by far where the conv read its overwritten input
@@ -240,10 +243,8 @@ class Excited(nn.Module):
 
 def test_squeeze_excitation_and_pooling_head_stay_in_the_layout() -> None:
     torch.manual_seed(0)
-    model, inputs = Excited().eval(), (torch.randn(1, 32, 20, 20),)
-    expected = check_reference(model, inputs)
-    compiled = compile(model, inputs, precision="bf16", threads=1, verbose=False)
-    calls = [row["name"] for row in compiled.profile(*inputs, repeat=1)]
+    inputs = (torch.randn(1, 32, 20, 20),)
+    expected, compiled, calls = compiled_in_bf16(Excited().eval(), inputs)
     assert any(name.startswith("amx_scale") for name in calls), calls
     assert sum(name.startswith("amx_mean") for name in calls) == 2, calls  # the squeeze and the head
     big = [name for name in calls if name.startswith(tile_layout.FROM_TILES) and not name.endswith("x1x1")]
