@@ -188,8 +188,9 @@ def kernel(s: AmxSpec) -> tvm.tirx.PrimFunc:
     cols = 2 if two else 1
     by_channels = weight_stationary(s)
     outer, inner = (co_pairs, pairs) if by_channels else (pairs, co_pairs)
-    images = 1 if by_channels else s.batch  # passes over the images; the rest are blocks of a pass
-    blocks = outer * inner * s.batch // images
+    # weight-stationary: one pass, every image's blocks in it; else a pass per image (its input copied first)
+    passes = 1 if by_channels else s.batch
+    blocks = outer * inner * s.batch // passes
     group = -(-blocks // min(TASKS, blocks))  # blocks per task, in (outer, inner) order; the last task's fewer
     depth = step(s)
     steps, taps = (1, k) if fold else (ci // depth, k * k)
@@ -238,10 +239,10 @@ def kernel(s: AmxSpec) -> tvm.tirx.PrimFunc:
                                                  l0 * lanes + lane], T.uint16(0))
 
     def block(n0, task, g):  # noqa: ANN001, ANN202 (TIR expressions): (image, position pair, output channel pair) of a task's g-th block
-        b = task * group + g
+        b = task * group + g  # in pass n0 (the image itself where a pass takes one)
         if by_channels:  # output channels outermost, then images, then positions: a weight slice read for all
-            return b // inner % (s.batch // images) + n0, b % inner, b // (inner * s.batch // images)
-        return b // (outer * inner) + n0, b // inner % outer, b % inner
+            return b // inner % s.batch, b % inner, b // (inner * s.batch)
+        return n0, b // inner, b % inner
 
     def image(n0, task, g):  # noqa: ANN001, ANN202
         return block(n0, task, g)[0]
@@ -281,10 +282,10 @@ def kernel(s: AmxSpec) -> tvm.tirx.PrimFunc:
     def body(x, w, bias, res, out):  # noqa: ANN001, ANN202
         flat_x = T.decl_buffer((src_len,), "uint16", data=x.data)
         src = T.alloc_buffer((src_len,) if copied else (1,), "uint16")
-        for n0 in range(0, s.batch, s.batch // images):
+        for n0 in range(passes):
             if T.bool(copied):
-                for n in range(n0, n0 + s.batch // images):
-                    fill(x, src, n)
+                for n in range(s.batch // passes):
+                    fill(x, src, n0 + n)
             for task in T.parallel(-(-blocks // group)):
                 config = T.alloc_buffer((64,), "uint8", scope=STACK)
                 for i in T.unroll(64):  # palette 1; tiles 0-3 accumulators, 4-5 inputs (m rows), 6-7 weights
