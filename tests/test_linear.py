@@ -20,7 +20,8 @@ ACT = {"none": lambda t: t, "relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda 
 # (rows, inputs, outputs, activation): ConvNeXt's pruned shapes, counts off the row and output blocks
 SPECS = [(3136, 48, 192, "gelu"), (49, 384, 96, "none"), (37, 40, 70, "relu"), (20, 64, 33, "gelu_tanh"),
          (14, 5, 32, "gelu"), (100, 17, 95, "none"), (1, 512, 1000, "none"), (8, 700, 40, "relu"),  # classifiers: one row block
-         (45, 301, 256, "gelu")]  # wide blocks (64 outputs x 6 rows), a reduction not a multiple of the unroll
+         (45, 301, 256, "gelu"),  # wide blocks (64 outputs x 6 rows), a reduction not a multiple of the unroll
+         (13, 1536, 128, "none")]  # the most inputs it takes (pruned BERT-base's second FFN layer)
 
 
 @pytest.mark.parametrize(("rows", "inputs", "outputs", "act"), SPECS)
@@ -59,6 +60,7 @@ def test_supported_takes_weight_matmuls_of_whole_blocks_with_few_inputs_or_rows(
     assert linear.supported(Kernel("matmul", (1, 1, 2048, 1000)))  # a classifier: one row block, each weight read once
     assert not linear.supported(Kernel("matmul", (1, 15, 2048, 1000)))  # two row blocks: the weight read twice, from memory
     assert not linear.supported(Kernel("matmul", (1, 128, 48, 31)))  # fewer outputs than a block
+    assert linear.supported(Kernel("matmul", (1, 128, 1536, 768)))
     assert not linear.supported(Kernel("matmul", (1, 128, 3072, 768)))  # an output block's weight past cache
     assert own_kernels.own_kernel(Kernel("matmul", (1, 128, 768, 768)))[0] == "linear"
 

@@ -45,10 +45,13 @@ WIDE = 4 * LANES  # outputs per block otherwise (four vectors)
 ROWS = {BLOCK: 14, WIDE: 6}  # rows per block by its width: 28 or 24 accumulators
 UNROLL = 4  # inputs per step of the reduction loop
 TASKS = 16  # parallel tasks at least, where there are enough row blocks
-# each row block re-reads its output block's weight (inputs x block floats): past 768 inputs it ran slower
+# each row block re-reads its output block's weight (inputs x block floats): past 1536 inputs it ran slower
 # than PyTorch's (ViT's 3072 -> 768 at 197 rows: 7.1 ms against 6.4, one thread) and, past 512 on the
-# narrow block, 15-17% slower in the model than timed (pruned BERT-base's 768 -> 1536)
-MAX_INPUTS = 768
+# narrow block, 15-17% slower in the model than timed (pruned BERT-base's 768 -> 1536). Up to 1536 the
+# dispatch times both: pruned BERT-base's 1536 -> 768 at 128 rows, two threads, took 1.31 ms here against
+# PyTorch's addmm 1.69 alone, and 1.233 against PyTorch's prepacked 1.267 in the model (one thread:
+# 2.34 against 2.21 alone, and PyTorch's is chosen)
+MAX_INPUTS = 1536
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh")
 
 
