@@ -83,6 +83,52 @@ def test_conv_matches_torch_and_keeps_the_padding_channels_zero(spec: blocked.Bl
     assert not got[:, spec.cout:].any()
 
 
+# 3x3 convs read in place (`window_kernel`) or from phase planes, whichever `windowed` picks: forced
+# each way, with borders on every side (stride 1), on the top and left only (stride 2, even sizes) or
+# on all four (stride 2, odd), columns left over after whole blocks, and a residual written over
+WINDOWS = [blocked.BlockedSpec(2, 32, 48, 15, 13, 3, 1, 1, "relu", True), blocked.BlockedSpec(1, 16, 64, 7, 7, 3, 1, 1),
+           blocked.BlockedSpec(1, 48, 16, 9, 11, 3, 2, 1, "relu6", True), blocked.BlockedSpec(2, 16, 32, 20, 16, 3, 2, 1, "relu")]
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+@pytest.mark.parametrize("spec", WINDOWS)
+def test_a_3x3_read_in_place_matches_torch(spec: blocked.BlockedSpec, in_place: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(blocked, "INSIDE_SHARE", 0 if in_place else 2)
+    assert blocked.windowed(spec) == in_place
+    torch.manual_seed(0)
+    x, w, b, res = torch.randn(spec.nchw_in), torch.randn(spec.weight_shape), torch.randn(spec.cout), torch.randn(spec.nchw_out)
+    want = F.conv2d(x, w, b, spec.stride, spec.padding)
+    want = ACT[spec.activation](want + res if spec.residual else want)
+    got = from_layout(run(blocked.kernel(spec), to_layout(x), blocked.pack_weight(spec, w.numpy()), blocked.pack_bias(spec, b.numpy()),
+                          out_shape=spec.out_shape, into=to_layout(res) if spec.residual else None))
+    scale = float(want.abs().max())
+    assert scale > 1
+    np.testing.assert_allclose(got[:, :spec.cout].numpy(), want.numpy(), rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("spec", WINDOWS)
+def test_border_runs_and_the_inside_cover_each_position_once_with_its_valid_taps(spec: blocked.BlockedSpec) -> None:
+    ho, wo = spec.out_hw
+    y0, y1, x0, x1 = blocked.inside(spec)
+    seen = [(oy, ox) for oy in range(y0, y1 + 1) for ox in range(x0, x1 + 1)]
+    for oy, ox, dy, dx, length, kh0, kh1, kw0, kw1 in blocked.border_segments(spec):
+        for t in range(length):
+            y, x = oy + t * dy, ox + t * dx
+            seen.append((y, x))
+            valid = [(kh, kw) for kh in range(3) for kw in range(3)
+                     if 0 <= y * spec.stride - 1 + kh < spec.height and 0 <= x * spec.stride - 1 + kw < spec.width]
+            assert valid == [(kh, kw) for kh in range(kh0, kh1) for kw in range(kw0, kw1)]
+    assert sorted(seen) == [(oy, ox) for oy in range(ho) for ox in range(wo)]
+
+
+def test_windowed_takes_3x3_convs_whose_windows_mostly_lie_inside() -> None:
+    assert blocked.windowed(blocked.BlockedSpec(1, 64, 64, 56, 56, 3, 1, 1))
+    assert blocked.windowed(blocked.BlockedSpec(1, 128, 256, 14, 14, 3, 2, 1))  # 36 of 49 positions inside
+    assert not blocked.windowed(blocked.BlockedSpec(1, 128, 128, 7, 7, 3, 1, 1))  # 25 of 49
+    assert not blocked.windowed(blocked.BlockedSpec(1, 3, 64, 224, 224, 7, 2, 3))  # a stem
+    assert not blocked.windowed(blocked.BlockedSpec(1, 512, 512, 7, 7, 3, 1, 1))  # sliced
+
+
 @pytest.mark.parametrize("planes_bytes", [1, 1 << 30])  # one image's planes at a time, or all three at once
 def test_images_copied_in_turns_or_at_once_give_the_same_result(planes_bytes: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(blocked, "PLANES_BYTES", planes_bytes)

@@ -11,11 +11,13 @@ read 6 x 16 floats at a time, the weight packed at compile time as [16 output][1
 ResNet-50's 256 -> 64 at 56x56 0.77 / 1.26 ms in NCHW, 0.61 / 0.68 blocked; 512 -> 128 at 28x28
 0.72 / 0.86 against 0.61 / 0.66.
 
-Strided and k x k convs first copy the image's input, zero-padded, into phase planes (`PhasePlanes`'
-geometry, each position a 16-channel vector, so a stride-2 copy moves whole vectors), then compute
-over the planes' flat index as `direct` does, the positions past each output row's end computed and
-not stored. Output channels past the conv's own (the layout stores whole 16-channel blocks) come out
-zero: their weights and bias are zero, as is a residual's padding.
+3x3 convs padded by 1 read their input in place too (`window_kernel`): the output positions whose
+windows lie inside the input flat over their own rectangle, the border in runs that read only the taps
+inside. Other strided and k x k convs (a stem, small maps) first copy the input, zero-padded, into
+phase planes (`PhasePlanes`' geometry, each position a 16-channel vector, so a stride-2 copy moves
+whole vectors), then compute over the planes' flat index as `direct` does. Output channels past the
+conv's own (the layout stores whole 16-channel blocks) come out zero: their weights and bias are zero,
+as is a residual's padding.
 
 A fused residual takes the result in place (`call_tir_inplace`; `layout_chain` keeps a copy where
 the residual is read later): each output vector is written where its residual vector was just read,
@@ -27,6 +29,7 @@ conv without a residual 0.667); 128 -> 512 at 28x28 0.671 against 0.644.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,6 +69,16 @@ PREFETCH_GROUP_BYTES = 512 << 10
 # time: two threads, dense 103.3 / 104.0 / 106.5 ms, pruned 30.5 / 28.9 / 29.2; one thread, dense
 # 204.3 / 208.7 / 209.5, pruned 56.4 / 56.6 / 57.2
 PLANES_BYTES = 2 << 20
+# a 3x3 conv reads its input in place (`windowed`) where at least this share of its output positions have
+# their windows inside the input: 8 images, one thread, 96 -> 96 at 14x14 (144 of 196 inside) 1.70 -> 1.42 ms,
+# 128 -> 256 stride 2 from 14x14 (36 of 49) 1.81 -> 1.48; 128 -> 128 at 7x7 (25 of 49) 0.86 -> 0.97
+INSIDE_SHARE = 2 / 3
+# a block of `window_kernel` at stride 2 from maps this wide or wider fetches the input row its window
+# reads last this many blocks on (the prefetchers follow a stride-1 window's rows, not a stride-2 one's):
+# 8 images, one thread, 64 -> 128 from 28x28 1.65 -> 1.52 ms, 32 -> 64 from 56x56 1.58 -> 1.50; at stride 1
+# it was as fast or slower (64 -> 64 at 14x14 0.63 -> 0.67), and at stride 2 from 14x14 slower (1.43 -> 1.49)
+FETCH_WIDTH = 28
+FETCH_BLOCKS = 2
 
 
 @dataclass(frozen=True)
@@ -212,20 +225,43 @@ def pack_bias(s: BlockedSpec, bias: np.ndarray) -> np.ndarray:
 
 def kernel(s: BlockedSpec) -> tvm.tirx.PrimFunc:
     """The scheduled PrimFunc: out = act(conv(x, w) + bias), or res = act(conv(x, w) + bias + res), all NCHW16c."""
-    f = direct_read_kernel(s) if s.direct_read else phase_plane_kernel(s)
+    f = direct_read_kernel(s) if s.direct_read else window_kernel(s) if windowed(s) else phase_plane_kernel(s)
     return f.with_attr({"op_pattern": OPAQUE, "tirx.is_scheduled": True, "tirx.noalias": True})
 
 
-def reduce_macro(s: BlockedSpec, row: int, phases: int, vectors: int, count: int, lines: int):  # noqa: ANN201 (a TVMScript macro)
-    """`reduce(acc, src, sn, w, g0, q0, cb0, cb1, ahead, step0)`: into the accumulators `acc` (vectors x
-    count positions x 16), input blocks cb0..cb1 of `vectors` output vectors from g0 x output
-    positions q0..q0+count (flat over the output map) over image sn of `src` (images, input blocks,
-    phase, flat position, 16), whose rows are `row` positions long, the group's weights from g0's
+@dataclass(frozen=True)
+class Placement:
+    """Where a register block's positions read and store (TIR expressions of its first position `q0`,
+    an index or a tuple, and a position p in the block): `origin(q0, p)` is the flat position in the
+    source of its window's first tap, `tap(kh, kw)` a tap's (phase, offset from the origin), and
+    `place(q0, p)` its output (row, column)."""
+
+    origin: Callable
+    tap: Callable
+    place: Callable
+    taps: Callable  # q0 -> (kh0, kh1, kw0, kw1): the window's taps the block's positions all read
+    first_block: Callable  # q0 -> its index among the map's blocks (where `prefetch_lines` fetches from)
+    ahead: Callable | None = None  # q0 -> the source position of the input row a block fetches ahead
+
+
+def plane_placement(s: BlockedSpec, row: int, phases: int) -> Placement:
+    """Positions flat over the output map, read from phase planes of rows `row` long."""
+    k, st, (_, wo) = s.kernel, s.stride, s.out_hw
+    return Placement(lambda q0, p: (q0 + p) // wo * row + (q0 + p) % wo,
+                     lambda kh, kw: (kh % st * phases + kw % st, kh // st * row + kw // st),
+                     lambda q0, p: ((q0 + p) // wo, (q0 + p) % wo),
+                     lambda _q0: (0, k, 0, k), lambda q0: q0 // POSITIONS)
+
+
+def reduce_macro(s: BlockedSpec, at: Placement, vectors: int, count: int, lines: int):  # noqa: ANN201 (a TVMScript macro)
+    """`reduce(acc, src, sn, w, g0, q0, cb0, cb1, ahead, step0, taps)`: into the accumulators `acc`
+    (vectors x count positions x 16), input blocks cb0..cb1 of `vectors` output vectors from g0 x
+    the block of positions from q0 on (`at`) over image sn of `src` (images, input blocks, phase,
+    flat position, 16), over the taps (kh0, kh1, kw0, kw1) of its window, the group's weights from g0's
     share of the flat weight on; each step (input block and tap) also fetches `lines` cache lines
     ahead (to L2), from flat weight index `ahead`, the step0-th step's first."""
-    k, st = s.kernel, s.stride
+    k = s.kernel
     lanes = s.in_lanes
-    _, wo = s.out_hw
     per_vector = s.vector_floats
     last_line = s.arg_shapes[1][0] - BLOCK
     # a stem's few input channels make a tap's body short (3 x its FMAs): its window's columns unrolled
@@ -236,11 +272,11 @@ def reduce_macro(s: BlockedSpec, row: int, phases: int, vectors: int, count: int
     unrolled = CI_UNROLL if lanes % CI_UNROLL == 0 else lanes  # a stem's 3 channels all unrolled
 
     @T.macro
-    def reduce(acc, src, sn, w, g0, q0, cb0, cb1, ahead, step0):  # noqa: ANN001, ANN202
+    def reduce(acc, src, sn, w, g0, q0, cb0, cb1, ahead, step0, taps):  # noqa: ANN001, ANN202
         for cb in range(cb0, cb1):
             # taps in loops, not unrolled: unrolled, LLVM kept the columns' shared loads in registers and spilled
-            for kh in range(k):
-                for kw in kw_loop(k):
+            for kh in range(taps[0], taps[1]):
+                for kw in kw_loop(taps[2], taps[3]):
                     for line in T.unroll(lines):  # a prefetch past the weight's end clamped to its last line
                         T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch", T.address_of(w[T.min(
                             ahead + ((step0 + ((cb - cb0) * k + kh) * k + kw) * lines + line) * BLOCK, last_line)]),
@@ -251,9 +287,7 @@ def reduce_macro(s: BlockedSpec, row: int, phases: int, vectors: int, count: int
                                 for p in T.unroll(count):
                                     for lane in T.vectorized(BLOCK):
                                         acc[j, p, lane] = acc[j, p, lane] + src[
-                                            sn, cb, kh % st * phases + kw % st,
-                                            (q0 + p) // wo * row + (q0 + p) % wo + kh // st * row + kw // st,
-                                            c0 * unrolled + c1
+                                            sn, cb, at.tap(kh, kw)[0], at.origin(q0, p) + at.tap(kh, kw)[1], c0 * unrolled + c1
                                         ] * w[g0 * per_vector + ((((cb * k + kh) * k + kw) * lanes + c0 * unrolled + c1)
                                                                  * vectors + j) * BLOCK + lane]
 
@@ -272,9 +306,8 @@ def start_macro(vectors: int, count: int):  # noqa: ANN201 (a TVMScript macro)
     return start
 
 
-def finish_macro(s: BlockedSpec, vectors: int, count: int):  # noqa: ANN201 (a TVMScript macro)
+def finish_macro(s: BlockedSpec, at: Placement, vectors: int, count: int):  # noqa: ANN201 (a TVMScript macro)
     """`finish(acc, res, out, n, g0, q0)`: the residual added, the activation applied, the block stored."""
-    _, wo = s.out_hw
 
     @T.macro
     def finish(acc, res, out, n, g0, q0):  # noqa: ANN001, ANN202
@@ -282,29 +315,52 @@ def finish_macro(s: BlockedSpec, vectors: int, count: int):  # noqa: ANN201 (a T
             for j in T.unroll(vectors):
                 for lane in T.vectorized(BLOCK):
                     if T.bool(s.residual):
-                        acc[j, p, lane] = acc[j, p, lane] + res[n, g0 + j, (q0 + p) // wo, (q0 + p) % wo, lane]
-                    out[n, g0 + j, (q0 + p) // wo, (q0 + p) % wo, lane] = activate(acc[j, p, lane], s.activation)
+                        acc[j, p, lane] = acc[j, p, lane] + res[n, g0 + j, at.place(q0, p)[0], at.place(q0, p)[1], lane]
+                    out[n, g0 + j, at.place(q0, p)[0], at.place(q0, p)[1], lane] = activate(acc[j, p, lane], s.activation)
 
     return finish
 
 
-def block_macro(s: BlockedSpec, row: int, phases: int, vectors: int, count: int):  # noqa: ANN201 (a TVMScript macro)
+def block_macro(s: BlockedSpec, at: Placement, vectors: int, count: int):  # noqa: ANN201 (a TVMScript macro)
     """`block(src, sn, w, bias, res, out, n, g0, q0)`: a register block (`reduce_macro`) over all input
     blocks, from the bias to the stored output; a whole block also fetches its share of the next
-    group's weight (`prefetch_lines`)."""
+    group's weight (`prefetch_lines`), and where `at` says, the input row its window reads last
+    `FETCH_BLOCKS` blocks on (`window_kernel`)."""
     lines = prefetch_lines(s, vectors) if count == POSITIONS else 0
     steps = s.in_blocks * s.kernel ** 2
-    start, reduce, finish = start_macro(vectors, count), reduce_macro(s, row, phases, vectors, count, lines), \
-        finish_macro(s, vectors, count)
+    start, reduce, finish = start_macro(vectors, count), reduce_macro(s, at, vectors, count, lines), \
+        finish_macro(s, at, vectors, count)
+    fetch = input_fetch_macro(s, at)
 
     @T.macro
     def block(src, sn, w, bias, res, out, n, g0, q0):  # noqa: ANN001, ANN202
         acc = T.alloc_buffer((vectors, count, BLOCK), "float32", scope=STACK)
+        fetch(src, sn, q0)
         start(acc, bias, g0)
-        reduce(acc, src, sn, w, g0, q0, 0, s.in_blocks, (g0 + vectors) * s.vector_floats, q0 // POSITIONS * steps)
+        reduce(acc, src, sn, w, g0, q0, 0, s.in_blocks, (g0 + vectors) * s.vector_floats, at.first_block(q0) * steps, at.taps(q0))
         finish(acc, res, out, n, g0, q0)
 
     return block
+
+
+def input_fetch_macro(s: BlockedSpec, at: Placement):  # noqa: ANN201 (a TVMScript macro)
+    """`fetch(src, sn, q0)`: each input block's cache lines of the row `at.ahead(q0)` on that the
+    block's window will read (a window's span of positions), to L1; nothing where `at` fetches none."""
+    span = POSITIONS * s.stride + s.kernel - 1
+    last = s.height * s.width - 1
+
+    @T.macro
+    def fetch(src, sn, q0):  # noqa: ANN001, ANN202
+        for cb in range(s.in_blocks):
+            for line in T.unroll(span):
+                T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch", T.address_of(
+                    src[sn, cb, 0, T.min(at.ahead(q0) + line, last), 0]), T.int32(0), T.int32(3), T.int32(1)))
+
+    @T.macro
+    def none(src, sn, q0):  # noqa: ANN001, ANN202
+        T.evaluate(0)
+
+    return none if at.ahead is None else fetch
 
 
 def prefetch_lines(s: BlockedSpec, vectors: int) -> int:
@@ -330,7 +386,7 @@ def sliced(s: BlockedSpec) -> bool:
     return ho * wo <= PREFETCH_POSITIONS and s.group_sizes[0][0] * s.vector_floats * 4 > PREFETCH_GROUP_BYTES
 
 
-def sliced_group(s: BlockedSpec, row: int, phases: int, vectors: int, positions: int):  # noqa: ANN201 (a TVMScript macro)
+def sliced_group(s: BlockedSpec, at: Placement, vectors: int, positions: int):  # noqa: ANN201 (a TVMScript macro)
     """`run(src, sn, w, bias, res, out, n, g0, _)`: group g0's output over all its position blocks, one
     input block's weight (k x k x 16 x its vectors x 16 floats, in L1) at a time, the partial sums
     kept in memory between input blocks, and each step fetching its share of the next input block's
@@ -341,8 +397,8 @@ def sliced_group(s: BlockedSpec, row: int, phases: int, vectors: int, positions:
     taps = s.kernel ** 2
     slice_floats = vectors * taps * s.in_lanes * BLOCK
     lines = -(-slice_floats // BLOCK // (whole * taps))
-    steps = {count: (start_macro(vectors, count), reduce_macro(s, row, phases, vectors, count, lines if count == POSITIONS else 0),
-                     finish_macro(s, vectors, count)) for count in {POSITIONS, left} - {0}}
+    steps = {count: (start_macro(vectors, count), reduce_macro(s, at, vectors, count, lines if count == POSITIONS else 0),
+                     finish_macro(s, at, vectors, count)) for count in {POSITIONS, left} - {0}}
 
     def step_macro(count: int):  # noqa: ANN202 (a TVMScript macro)
         start, reduce, finish = steps[count]
@@ -357,7 +413,8 @@ def sliced_group(s: BlockedSpec, row: int, phases: int, vectors: int, positions:
                     for p in T.unroll(count):
                         for lane in T.vectorized(BLOCK):
                             acc[j, p, lane] = partial[b, j, p, lane]
-            reduce(acc, src, sn, w, g0, b * POSITIONS, cb, cb + 1, g0 * s.vector_floats + (cb + 1) * slice_floats, b * taps)
+            reduce(acc, src, sn, w, g0, b * POSITIONS, cb, cb + 1, g0 * s.vector_floats + (cb + 1) * slice_floats, b * taps,
+                   at.taps(b))
             if cb == s.in_blocks - 1:
                 finish(acc, res, out, n, g0, b * POSITIONS)
             else:
@@ -383,11 +440,11 @@ def sliced_group(s: BlockedSpec, row: int, phases: int, vectors: int, positions:
     return run
 
 
-def group_blocks(s: BlockedSpec, row: int, phases: int, count: int = POSITIONS, make: object = None):  # noqa: ANN201 (a TVMScript macro)
+def group_blocks(s: BlockedSpec, at: Placement, count: int = POSITIONS, make: object = None):  # noqa: ANN201 (a TVMScript macro)
     """`blocks(src, sn, w, bias, res, out, n, g, q0)`: group g's register block (`group_sizes`) of
     `count` positions: a `block_macro` per group size, the first size's groups first (`make(vectors)`
     in place of `block_macro` where given: `sliced_group`)."""
-    make = make or (lambda vectors: block_macro(s, row, phases, vectors, count))
+    make = make or (lambda vectors: block_macro(s, at, vectors, count))
     (main, mains), *rest = s.group_sizes
     first = make(main)
     if not rest:  # one size: one block parsed (parsing is most of what making a kernel takes)
@@ -408,14 +465,14 @@ def group_blocks(s: BlockedSpec, row: int, phases: int, count: int = POSITIONS, 
     return blocks
 
 
-def positions_macro(s: BlockedSpec, row: int, phases: int, positions: int):  # noqa: ANN201 (a TVMScript macro)
+def positions_macro(s: BlockedSpec, at: Placement, positions: int):  # noqa: ANN201 (a TVMScript macro)
     """`run(src, sn, w, bias, res, out, n, g, c)`: chunk c of group g's position blocks of image n
     (`task_split`), the last chunk also the map's last few positions (`tail_positions`) where they have a
     block of their own; elsewhere the last block starts early to end at the map's end (its overlap
     computed twice). A `sliced` spec's group is one task, all its blocks input block by input block."""
     if sliced(s):  # its run's last argument, the chunk, is 0 (`task_split`) and unused
-        return group_blocks(s, row, phases, make=lambda vectors: sliced_group(s, row, phases, vectors, positions))
-    block = group_blocks(s, row, phases)
+        return group_blocks(s, at, make=lambda vectors: sliced_group(s, at, vectors, positions))
+    block = group_blocks(s, at)
     _, blocks, chunks = task_split(s, positions)
     left = tail_positions(s, positions)
 
@@ -426,7 +483,7 @@ def positions_macro(s: BlockedSpec, row: int, phases: int, positions: int):  # n
 
     if not left:
         return run
-    last = group_blocks(s, row, phases, left)
+    last = group_blocks(s, at, left)
 
     @T.macro
     def run_and_tail(src, sn, w, bias, res, out, n, g, c):  # noqa: ANN001, ANN202
@@ -461,7 +518,7 @@ def direct_read_kernel(s: BlockedSpec) -> tvm.tirx.PrimFunc:
     the group outermost so a task's weight rows stay in cache while its positions run."""
     plane = s.height * s.width
     groups, _, chunks = task_split(s, plane)
-    run = positions_macro(s, s.width, 1, plane)
+    run = positions_macro(s, plane_placement(s, s.width, 1), plane)
     x_view = (s.batch, stored(s.cin) // BLOCK, 1, plane, BLOCK)
 
     @T.macro
@@ -488,7 +545,7 @@ def phase_plane_kernel(s: BlockedSpec) -> tvm.tirx.PrimFunc:
     cib, lanes = s.in_blocks, s.in_lanes
     positions = ho * wo
     groups, _, chunks = task_split(s, positions)
-    run = positions_macro(s, row, ph, positions)
+    run = positions_macro(s, plane_placement(s, row, ph), positions)
     image_bytes = cib * ph * ph * size * lanes * 4
     images = max(d for d in range(1, s.batch + 1) if s.batch % d == 0 and (d == 1 or d * image_bytes <= PLANES_BYTES))
 
@@ -521,6 +578,115 @@ def phase_plane_kernel(s: BlockedSpec) -> tvm.tirx.PrimFunc:
                 g: T.let = t // chunks % groups
                 c: T.let = t % chunks
                 run(planes, sn, w, bias, res, out, n0 + sn, g, c)
+
+    return prim_func(s, body)
+
+
+def inside(s: BlockedSpec) -> tuple[int, int, int, int]:
+    """The output rows y0..y1 and columns x0..x1 (inclusive) whose windows lie within the input."""
+    k, st, pad = s.kernel, s.stride, s.padding
+    return -(-pad // st), (s.height - k + pad) // st, -(-pad // st), (s.width - k + pad) // st
+
+
+def border_segments(s: BlockedSpec) -> list[tuple[int, ...]]:
+    """The output positions outside `inside`'s, as runs (row, column, row step, column step, length,
+    kh0, kh1, kw0, kw1) whose positions read the same taps kh0..kh1 x kw0..kw1 of their windows: the
+    border rows' middles, the border columns within the inside rows, and each corner on its own."""
+    k, st, pad = s.kernel, s.stride, s.padding
+    ho, wo = s.out_hw
+    y0, y1, x0, x1 = inside(s)
+
+    def taps(o: int, extent: int) -> tuple[int, int]:
+        return max(0, pad - o * st), min(k, extent + pad - o * st)
+
+    runs = []
+    for oy in [*range(y0), *range(y1 + 1, ho)]:
+        for ox in [*range(x0), *range(x1 + 1, wo)]:
+            runs.append((oy, ox, 0, 1, 1, *taps(oy, s.height), *taps(ox, s.width)))
+        runs.append((oy, x0, 0, 1, x1 - x0 + 1, *taps(oy, s.height), 0, k))
+    for ox in [*range(x0), *range(x1 + 1, wo)]:
+        runs.append((y0, ox, 1, 0, y1 - y0 + 1, 0, k, *taps(ox, s.width)))
+    return runs
+
+
+def windowed(s: BlockedSpec) -> bool:
+    """Whether a k x k conv reads its input where it is (`window_kernel`), not from phase planes:
+    3x3 windows padded by 1 (a stem's NCHW input aside), where the positions whose windows lie inside
+    the input are `INSIDE_SHARE` of the map or more, and its groups are not `sliced`."""
+    ho, wo = s.out_hw
+    y0, y1, x0, x1 = inside(s)
+    return not s.nchw_input and s.kernel == 3 and s.padding == 1 and not sliced(s) \
+        and (y1 - y0 + 1) * (x1 - x0 + 1) >= max(POSITIONS, INSIDE_SHARE * ho * wo)
+
+
+def window_kernel(s: BlockedSpec) -> tvm.tirx.PrimFunc:
+    """A 3x3 conv reading its input where it is: the positions whose windows lie inside the input
+    (`inside`) flat over their own rectangle, as `direct_read_kernel`'s tasks do (fetching ahead where
+    `FETCH_WIDTH` says); the border's runs (`border_segments`), which read only some of their windows'
+    taps, in one more task per image and group. Over phase planes, whose copy of the whole input came
+    first (MLAS reads in place too), 8 images, one thread / two: ResNet-18's 64 -> 64 at 56x56
+    11.64 -> 10.87 ms / 5.76 -> 5.43, pruned 32 -> 32 3.21 -> 2.77 / 1.59 -> 1.38, 32 -> 64 stride 2
+    1.81 -> 1.50 / 0.92 -> 0.75, 128 -> 128 at 28x28 11.37 -> 10.26 / 5.75 -> 5.19; one image, two
+    threads: pruned 32 -> 32 0.238 -> 0.202, 32 -> 64 stride 2 0.149 -> 0.120."""
+    k, st, pad, width = s.kernel, s.stride, s.padding, s.width
+    y0, y1, x0, x1 = inside(s)
+    cols = x1 - x0 + 1
+    positions = (y1 - y0 + 1) * cols
+    groups, _, chunks = task_split(s, positions)
+    runs = border_segments(s)
+
+    def origin(oy, ox):  # noqa: ANN001, ANN202 (TIR expressions): the input position of output (oy, ox)'s window's first tap
+        return (oy * st - pad) * width + ox * st - pad
+
+    def tap(kh, kw):  # noqa: ANN001, ANN202
+        return 0, kh * width + kw
+
+    interior = Placement(lambda q0, p: origin(y0 + (q0 + p) // cols, x0 + (q0 + p) % cols), tap,
+                         lambda q0, p: (y0 + (q0 + p) // cols, x0 + (q0 + p) % cols),
+                         lambda _q0: (0, k, 0, k), lambda q0: q0 // POSITIONS,
+                         (lambda q0: origin(y0 + (q0 + FETCH_BLOCKS * POSITIONS) // cols,
+                                            x0 + (q0 + FETCH_BLOCKS * POSITIONS) % cols) + (k - 1) * width)
+                         if st == 2 and width >= FETCH_WIDTH else None)
+    # a run's block's first position q0: (row, column, row step, column step, kh0, kh1, kw0, kw1)
+    border = Placement(lambda q0, p: origin(q0[0] + p * q0[2], q0[1] + p * q0[3]), tap,
+                       lambda q0, p: (q0[0] + p * q0[2], q0[1] + p * q0[3]),
+                       lambda q0: q0[4:], lambda _q0: 0)
+    run = positions_macro(s, interior, positions)
+    whole, single = group_blocks(s, border), group_blocks(s, border, 1)
+
+    def pick(r, field):  # noqa: ANN001, ANN202 (a TIR expression): run r's field
+        value = runs[-1][field]
+        for i in range(len(runs) - 2, -1, -1):
+            value = T.Select(r == i, runs[i][field], value)
+        return value
+
+    @T.macro
+    def edges(x, n, w, bias, res, out, g):  # noqa: ANN001, ANN202
+        for r in range(len(runs)):
+            oy: T.let = pick(r, 0)
+            ox: T.let = pick(r, 1)
+            dy: T.let = pick(r, 2)
+            dx: T.let = pick(r, 3)
+            length: T.let = pick(r, 4)
+            taps = (pick(r, 5), pick(r, 6), pick(r, 7), pick(r, 8))
+            for b in range(length // POSITIONS):
+                whole(x, n, w, bias, res, out, n, g, (oy + b * POSITIONS * dy, ox + b * POSITIONS * dx, dy, dx, *taps))
+            for t in range(length // POSITIONS * POSITIONS, length):
+                single(x, n, w, bias, res, out, n, g, (oy + t * dy, ox + t * dx, dy, dx, *taps))
+
+    x_view = (s.batch, s.in_blocks, 1, s.height * width, BLOCK)
+
+    @T.macro
+    def body(x_in, w, bias, res, out):  # noqa: ANN001, ANN202
+        x = T.decl_buffer(x_view, "float32", data=x_in.data)
+        for t in T.parallel(s.batch * groups * (chunks + 1)):
+            n: T.let = t // (groups * (chunks + 1))
+            g: T.let = t // (chunks + 1) % groups
+            c: T.let = t % (chunks + 1)
+            if c < chunks:
+                run(x, n, w, bias, res, out, n, g, c)
+            else:
+                edges(x, n, w, bias, res, out, g)
 
     return prim_func(s, body)
 
