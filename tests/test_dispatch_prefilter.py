@@ -266,3 +266,31 @@ def test_a_matrix_vector_product_is_timed_after_cold_traffic_before_every_run(mo
     assert cold.func is asked["between"].func and cold.args == asked["between"].args  # the traffic that evicts the weights
     timer.time_one(matmul_kernel(1, 128, 256, 512, 16), None, None)
     assert asked["before"] is None  # rows that reuse each weight: timed as they come
+
+
+def test_pytorch_s_ceiling_for_a_conv_is_its_best_on_the_conv_s_family(monkeypatch) -> None:
+    # PyTorch's best over all convs 2000 GFLOP/s, the blocked kernel's 2500: the own kernel is timed first;
+    # on the conv's family (the same window and maps, 48 channels) PyTorch ran at 200 GFLOP/s
+    conv = conv2d_kernel((1, 64, 28, 28), (1, 64, 28, 28), 1, (3, 3), (1, 1), (1, 1), (1, 1), 16)
+    sibling = conv2d_kernel((1, 48, 28, 28), (1, 48, 28, 28), 1, (3, 3), (1, 1), (1, 1), (1, 1), 16)
+    strided = conv2d_kernel((1, 64, 56, 56), (1, 64, 28, 28), 1, (3, 3), (2, 2), (1, 1), (1, 1), 16)
+    assert prefilter.family(conv) == prefilter.family(sibling) != prefilter.family(strided)
+    history = [{"gflop": 1.0, "blocked_ms": 0.4, "torch_ms": 0.5}] * 4
+    family_entry = {"gflop": prefilter.gflop(sibling), "torch_ms": prefilter.gflop(sibling) / 200 * 1e3,
+                    "family": prefilter.family(sibling)}
+    assert prefilter.family_ceilings([*history, family_entry]) == {prefilter.family(conv): pytest.approx(200)}
+    monkeypatch.setattr(host, "build_kernels", lambda pairs, target: {s.name: None for _, s in pairs})
+    for extra, torch_timed in (([], True), ([family_entry], False)):
+        timer = host.HostTimer(resolve_target("cpu"), history=[*history, *extra])
+        seen = []
+
+        def time_one(kernel, allowed, mine, seen=seen):  # noqa: ANN001, ANN202
+            seen.append(allowed if mine else "pytorch")
+            return {"blocked": 0.12} if allowed == {"blocked"} else {"torch": 0.5, "blocked": 0.12}
+
+        monkeypatch.setattr(timer, "time_one", time_one)
+        timer.time_rivals([conv], [None])  # the own kernel at 482 GFLOP/s: past 1.25 x 200, short of 1.25 x 2000
+        assert ("pytorch" in seen) == torch_timed
+        assert (conv.key in timer.torch_ruled_out) != torch_timed
+    assert timer.torch_ruled_out[conv.key] == pytest.approx(200)
+    assert timer.history[-1]["family"] == prefilter.family(conv)  # recorded for the next convs of its family

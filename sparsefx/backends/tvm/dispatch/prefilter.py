@@ -18,6 +18,11 @@ ceiling is below PyTorch's, PyTorch is timed first and the own kernel built only
 where PyTorch does not beat the kind's ceiling; where it is above, the own kernel is timed first and
 PyTorch only where the own kernel does not beat PyTorch's ceiling (on an Intel Xeon with AMX, at two
 threads, the blocked kernels ran ResNet-50's convs at a median 224 GFLOP/s, PyTorch at 198 at best).
+PyTorch's ceiling for a conv is its best over the conv's `family` (the same window, stride and maps,
+other channel counts: a pruned layer's variants) where PyTorch has run one: its best over all convs
+came from the shapes it runs fastest, and small or odd ones never beat it. In a cold plan of
+ResNet-50 (AMD EPYC Zen 4, 2 threads) PyTorch was timed beside 91 own-first convs, won none (its
+time 1.15-28x the own kernel's, median 3.5x), and the family's ceiling would have left out 86.
 """
 
 from __future__ import annotations
@@ -62,6 +67,14 @@ def op_class(kernel: Kernel) -> str:
     return kernel.op
 
 
+def family(kernel: Kernel) -> str | None:
+    """A conv's key without its channel counts (the variants pruning makes of one layer); None for other ops."""
+    if kernel.op != "conv2d":
+        return None
+    n, groups, _, _, *maps = kernel.dims
+    return f"{n},{groups},{','.join(map(str, maps))}|{','.join(map(str, kernel.attrs[:8]))}"
+
+
 def gflop(kernel: Kernel) -> float:
     """GFLOPs of a conv or matmul; for a math op (`math_ops`) its output's element count, in billions."""
     return (kernel.flops or math.prod(kernel.dims)) / 1e9
@@ -86,6 +99,16 @@ def ceilings(entries: Iterable[dict], kinds: Iterable[str]) -> dict[str, tuple[f
             ms = entry.get(f"{kind}_ms")
             if ms and ms < math.inf and entry.get("torch_ms", 0.0) >= TINY_MS:
                 _raise_ceiling(best, kind, entry["gflop"] / ms * 1e3)
+    return best
+
+
+def family_ceilings(entries: Iterable[dict]) -> dict[str, float]:
+    """Per conv family (`family`): the best GFLOP/s PyTorch has run one of its convs at."""
+    best: dict[str, float] = {}
+    for entry in entries:
+        ms = entry.get("torch_ms")
+        if entry.get("family") and ms and ms < math.inf and ms >= TINY_MS:
+            best[entry["family"]] = max(best.get(entry["family"], 0.0), entry["gflop"] / ms * 1e3)
     return best
 
 

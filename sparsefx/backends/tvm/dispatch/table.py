@@ -102,7 +102,7 @@ def decision(kernel: Kernel, times: Times, overheads: dict[str, float]) -> dict:
     entry = {"impl": "torch" if choice in TORCH_IMPLEMENTATIONS else choice, "choice": choice,
              "prepack": times.get("torch_prepacked", math.inf) < times.get("torch", math.inf),
              "torch_ms": min(times.get(t, math.inf) for t in TORCH_IMPLEMENTATIONS), "tir_ms": times.get("tir"),
-             "gflop": prefilter.gflop(kernel), "op_class": prefilter.op_class(kernel),
+             "gflop": prefilter.gflop(kernel), "op_class": prefilter.op_class(kernel), "family": prefilter.family(kernel),
              "decided_by": own or ("measured" if "tir" in times else "prefilter")}
     if own:
         entry[f"{own}_ms"] = times[own]

@@ -294,12 +294,14 @@ class HostTimer:
         """Each kernel on PyTorch's kernels and its own kernel (`own_kernels.own_kernel`), in turn, the
         own kernels built together (`build_kernels`). Where both the own kernel's kind and PyTorch have
         a ceiling (`prefilter`), the side whose ceiling is lower is timed first, and the other left out
-        where it beats that side's ceiling by `prefilter.OWN_MARGIN` (recorded in `own_ruled_out` or
+        where it beats that side's ceiling by `prefilter.OWN_MARGIN` (PyTorch's: its best on the conv's
+        family where it has one, `prefilter.family_ceilings`; recorded in `own_ruled_out` or
         `torch_ruled_out`); elsewhere the two are timed apart, and again in turn where they are within
         `NEAR_TIE` (timing PyTorch twice took a sixth of a cold plan of ResNet-50)."""
         own = [self.own_kernel(kernel, allowed) for kernel, allowed in zip(kernels, wanted, strict=True)]
         ceilings = prefilter.ceilings(self.history, (*prefilter.OWN_FILTERED, "torch"))
         pytorch = ceilings.get("torch", (0.0, 0))
+        families = prefilter.family_ceilings(self.history)
         filtered = [i for i, mine in enumerate(own) if mine and wanted[i] is None and pytorch[1] >= prefilter.OWN_CALIBRATE
                     and ceilings.get(mine[0], (0.0, 0))[1] >= prefilter.OWN_CALIBRATE]
         own_first = {i for i in filtered if ceilings[own[i][0]][0] >= pytorch[0]}
@@ -317,9 +319,10 @@ class HostTimer:
             mine = own[i] and (own[i][0], built[own[i][1].name], own[i][1])
             if i in own_first:
                 alone = self.time_one(kernel, {mine[0]}, mine)
-                if prefilter.gflop(kernel) / alone[mine[0]] * 1e3 > prefilter.OWN_MARGIN * pytorch[0]:
+                ceiling = families.get(prefilter.family(kernel), pytorch[0])
+                if prefilter.gflop(kernel) / alone[mine[0]] * 1e3 > prefilter.OWN_MARGIN * ceiling:
                     times[i] = alone
-                    self.torch_ruled_out[kernel.key] = pytorch[0]
+                    self.torch_ruled_out[kernel.key] = ceiling
                 else:
                     times[i] = self.in_turn_near_tie(kernel, mine, self.time_one(kernel, None, None), alone)
             elif times[i] is None:
@@ -328,7 +331,8 @@ class HostTimer:
                 times[i] = self.in_turn_near_tie(kernel, mine, times[i], self.time_one(kernel, {mine[0]}, mine))
             if mine and mine[0] in times[i] and wanted[i] is None:
                 self.history.append({"gflop": prefilter.gflop(kernel), f"{mine[0]}_ms": times[i][mine[0]],
-                                     "torch_ms": min(times[i].get(t, math.inf) for t in TORCH_IMPLEMENTATIONS)})
+                                     "torch_ms": min(times[i].get(t, math.inf) for t in TORCH_IMPLEMENTATIONS),
+                                     "family": prefilter.family(kernel)})
             if self.progress:
                 self.progress(1)
         return times
