@@ -47,9 +47,23 @@ def run(func: tvm.tirx.PrimFunc, *args: np.ndarray, out_shape: tuple[int, ...], 
 SLICED = [blocked.BlockedSpec(1, 320, 80, 8, 8, 3, 1, 1, "relu", True), blocked.BlockedSpec(1, 256, 64, 13, 13, 3, 2, 1)]
 
 
+# unstrided 1x1 convs whose group's weight is past L1, reduced in passes of input blocks (`blocked.chunked`):
+# 20 input blocks (passes of 8, 8, 4), groups of 3 and 2 vectors, a residual, 143 positions (23 blocks and one of 5)
+# in chunks across tasks; and one image whose blocks split into chunks, its map's last 4 positions with the last
+CHUNKED = [blocked.BlockedSpec(2, 320, 80, 13, 11, activation="relu", residual=True),
+           blocked.BlockedSpec(1, 256, 64, 10, 10, activation="relu6")]
+
+
 def test_the_sliced_specs_run_sliced() -> None:
     assert all(blocked.sliced(spec) for spec in SLICED)
     assert not blocked.sliced(blocked.BlockedSpec(1, 256, 64, 14, 14, 3, 1, 1))  # 196 positions
+
+
+def test_1x1_convs_with_a_group_weight_past_l1_reduce_in_passes() -> None:
+    assert all(blocked.chunked(spec) and not blocked.sliced(spec) for spec in CHUNKED)
+    assert blocked.task_split(CHUNKED[1], 100) == (1, 16, 16)  # one image, one group: its blocks in 16 tasks
+    assert not blocked.chunked(blocked.BlockedSpec(1, 128, 512, 14, 14))  # 32 KB a group: in L1
+    assert not blocked.chunked(blocked.BlockedSpec(1, 256, 64, 28, 28, 1, 2, 0))  # strided: on phase planes
 
 
 @pytest.mark.parametrize("spec", [
@@ -66,6 +80,7 @@ def test_the_sliced_specs_run_sliced() -> None:
     blocked.BlockedSpec(2, 48, 80, 7, 7, activation="relu", residual=True),  # 49 positions: 8 blocks and one of 1
     blocked.BlockedSpec(1, 32, 48, 9, 9, 3, 1, 1, "relu"),  # 81: 13 blocks and one of 3
     *SLICED,
+    *CHUNKED,
 ])
 def test_conv_matches_torch_and_keeps_the_padding_channels_zero(spec: blocked.BlockedSpec) -> None:
     torch.manual_seed(0)

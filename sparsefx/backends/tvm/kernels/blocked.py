@@ -79,6 +79,11 @@ INSIDE_SHARE = 2 / 3
 # it was as fast or slower (64 -> 64 at 14x14 0.63 -> 0.67), and at stride 2 from 14x14 slower (1.43 -> 1.49)
 FETCH_WIDTH = 28
 FETCH_BLOCKS = 2
+# an unstrided 1x1 conv whose group's weight is past this many bytes reduces in passes of PASS_BLOCKS input
+# blocks (`chunked`): a pass's weight 32 KB for 4 vectors, in L1 (32 KB here, 48 KB on the Xeon). 128 -> 512
+# (32 KB a group) ran as fast as ONNX Runtime's as it was; 256 -> 64 (64 KB) 1.41x its time (8 images, one thread)
+CHUNKED_GROUP_BYTES = 32 << 10
+PASS_BLOCKS = 8
 
 
 @dataclass(frozen=True)
@@ -379,24 +384,40 @@ def prefetch_lines(s: BlockedSpec, vectors: int) -> int:
 
 
 def sliced(s: BlockedSpec) -> bool:
-    """Whether a group runs input block by input block over all its position blocks (`sliced_macro`):
+    """Whether a group runs input block by input block over all its position blocks (`sliced_group`):
     on maps of up to 64 positions, where a group's weight is past what two side by side in L2 allow
     (`PREFETCH_GROUP_BYTES`: there the next group's fetched weight would push out this one's)."""
     ho, wo = s.out_hw
     return ho * wo <= PREFETCH_POSITIONS and s.group_sizes[0][0] * s.vector_floats * 4 > PREFETCH_GROUP_BYTES
 
 
-def sliced_group(s: BlockedSpec, at: Placement, vectors: int, positions: int):  # noqa: ANN201 (a TVMScript macro)
-    """`run(src, sn, w, bias, res, out, n, g0, _)`: group g0's output over all its position blocks, one
-    input block's weight (k x k x 16 x its vectors x 16 floats, in L1) at a time, the partial sums
-    kept in memory between input blocks, and each step fetching its share of the next input block's
-    weight (the next group's first after the last). ResNet's 512 -> 512 3x3 at 7x7, one thread, the
-    weights cycled from memory as in the model: 2.34 -> 1.72 ms; stride 2 from 14x14 2.72 -> 2.24;
-    the same at 14x14 and 28x28 (33 and 131 position blocks) within 1% or slower."""
+def chunked(s: BlockedSpec) -> bool:
+    """Whether an unstrided 1x1 conv's groups reduce in passes of `PASS_BLOCKS` input blocks over a
+    task's position blocks (`sliced_group`), not over all input blocks in each register block: where a
+    group's weight is past `CHUNKED_GROUP_BYTES`, each position block read all of it from L2."""
+    return s.direct_read and not sliced(s) and s.group_sizes[0][0] * s.vector_floats * 4 > CHUNKED_GROUP_BYTES
+
+
+def sliced_group(s: BlockedSpec, at: Placement, vectors: int, positions: int, pass_blocks: int = 1,
+                 chunks: int = 1):  # noqa: ANN201 (a TVMScript macro)
+    """`run(src, sn, w, bias, res, out, n, g0, c)`: group g0's output over chunk c of `chunks` of its
+    position blocks (the last chunk also the map's last few positions), the reduction in passes of
+    `pass_blocks` input blocks' weight (k x k x 16 x its vectors x 16 floats each), the partial sums
+    kept in memory between passes, and each step fetching its share of the next pass's weight (the
+    next group's first after the last). One input block a pass (`sliced`), ResNet's 512 -> 512 3x3 at
+    7x7, one thread, the weights cycled from memory as in the model: 2.34 -> 1.72 ms; stride 2 from
+    14x14 2.72 -> 2.24; the same at 14x14 and 28x28 (33 and 131 position blocks) within 1% or slower.
+    Eight a pass (`chunked`), 8 images, one thread, AMD EPYC Zen 4: 256 -> 64 at 28x28 2.51 -> 2.11 ms,
+    512 -> 128 at 14x14 2.32 -> 2.02, 1024 -> 256 at 7x7 2.68 -> 2.26, 256 -> 1024 at 7x7 with its
+    residual 2.58 -> 2.23."""
     whole, left = divmod(positions, POSITIONS)
     taps = s.kernel ** 2
     slice_floats = vectors * taps * s.in_lanes * BLOCK
-    lines = -(-slice_floats // BLOCK // (whole * taps))
+    passes = -(-s.in_blocks // pass_blocks)
+    span = -(-whole // chunks)  # the most whole blocks a chunk holds
+    # passes of several input blocks fetch nothing ahead: 8 images, one thread, 256 -> 64 at 28x28 2.79 ms
+    # fetching against 2.34 not (a pass's weight is read by each of the chunk's blocks, from L1)
+    lines = -(-slice_floats // BLOCK // (max(1, whole // chunks) * taps)) if pass_blocks == 1 else 0
     steps = {count: (start_macro(vectors, count), reduce_macro(s, at, vectors, count, lines if count == POSITIONS else 0),
                      finish_macro(s, at, vectors, count)) for count in {POSITIONS, left} - {0}}
 
@@ -404,24 +425,25 @@ def sliced_group(s: BlockedSpec, at: Placement, vectors: int, positions: int):  
         start, reduce, finish = steps[count]
 
         @T.macro
-        def step(src, sn, w, bias, res, out, n, g0, cb, b, partial):  # noqa: ANN001, ANN202
+        def step(src, sn, w, bias, res, out, n, g0, cp, b, slot, partial):  # noqa: ANN001, ANN202
             acc = T.alloc_buffer((vectors, count, BLOCK), "float32", scope=STACK)
-            if cb == 0:
+            if cp == 0:
                 start(acc, bias, g0)
             else:
                 for j in T.unroll(vectors):
                     for p in T.unroll(count):
                         for lane in T.vectorized(BLOCK):
-                            acc[j, p, lane] = partial[b, j, p, lane]
-            reduce(acc, src, sn, w, g0, b * POSITIONS, cb, cb + 1, g0 * s.vector_floats + (cb + 1) * slice_floats, b * taps,
-                   at.taps(b))
-            if cb == s.in_blocks - 1:
+                            acc[j, p, lane] = partial[slot, j, p, lane]
+            reduce(acc, src, sn, w, g0, b * POSITIONS, cp * pass_blocks, T.min(cp * pass_blocks + pass_blocks, s.in_blocks),
+                   g0 * s.vector_floats + T.min(cp * pass_blocks + pass_blocks, s.in_blocks) * slice_floats,
+                   slot * pass_blocks * taps, at.taps(b))
+            if cp == passes - 1:
                 finish(acc, res, out, n, g0, b * POSITIONS)
             else:
                 for j in T.unroll(vectors):
                     for p in T.unroll(count):
                         for lane in T.vectorized(BLOCK):
-                            partial[b, j, p, lane] = acc[j, p, lane]
+                            partial[slot, j, p, lane] = acc[j, p, lane]
 
         return step
 
@@ -429,13 +451,16 @@ def sliced_group(s: BlockedSpec, at: Placement, vectors: int, positions: int):  
     tail = step_macro(left) if left else full
 
     @T.macro
-    def run(src, sn, w, bias, res, out, n, g0, _q0):  # noqa: ANN001, ANN202 (q0: `group_blocks`' call, all positions here)
-        partial = T.alloc_buffer((whole + 1, vectors, POSITIONS, BLOCK), "float32")
-        for cb in range(s.in_blocks):
-            for b in range(whole):
-                full(src, sn, w, bias, res, out, n, g0, cb, b, partial)
+    def run(src, sn, w, bias, res, out, n, g0, c):  # noqa: ANN001, ANN202
+        partial = T.alloc_buffer((span + 1, vectors, POSITIONS, BLOCK), "float32")
+        b0: T.let = c * whole // chunks
+        b1: T.let = (c + 1) * whole // chunks
+        for cp in range(passes):
+            for b in range(b0, b1):
+                full(src, sn, w, bias, res, out, n, g0, cp, b, b - b0, partial)
             if T.bool(left > 0):
-                tail(src, sn, w, bias, res, out, n, g0, cb, whole, partial)
+                if c == chunks - 1:
+                    tail(src, sn, w, bias, res, out, n, g0, cp, whole, span, partial)
 
     return run
 
@@ -469,9 +494,12 @@ def positions_macro(s: BlockedSpec, at: Placement, positions: int):  # noqa: ANN
     """`run(src, sn, w, bias, res, out, n, g, c)`: chunk c of group g's position blocks of image n
     (`task_split`), the last chunk also the map's last few positions (`tail_positions`) where they have a
     block of their own; elsewhere the last block starts early to end at the map's end (its overlap
-    computed twice). A `sliced` spec's group is one task, all its blocks input block by input block."""
-    if sliced(s):  # its run's last argument, the chunk, is 0 (`task_split`) and unused
-        return group_blocks(s, at, make=lambda vectors: sliced_group(s, at, vectors, positions))
+    computed twice). A `sliced` spec's group is one task, all its blocks input block by input block; a
+    `chunked` spec's chunks reduce in passes of input blocks (`sliced_group`)."""
+    if sliced(s) or chunked(s):
+        _, _, chunks = task_split(s, positions)
+        passes_of = PASS_BLOCKS if chunked(s) else 1
+        return group_blocks(s, at, make=lambda vectors: sliced_group(s, at, vectors, positions, passes_of, chunks))
     block = group_blocks(s, at)
     _, blocks, chunks = task_split(s, positions)
     left = tail_positions(s, positions)
@@ -510,6 +538,9 @@ def task_split(s: BlockedSpec, positions: int) -> tuple[int, int, int]:
     blocks = positions // POSITIONS if tail_positions(s, positions) else -(-positions // POSITIONS)
     if sliced(s):
         return s.groups, blocks, 1
+    if chunked(s):  # whole blocks in chunks, the last few positions with the last chunk (`sliced_group`)
+        blocks = positions // POSITIONS
+        return s.groups, blocks, min(blocks, max(1, -(-TASKS // (s.batch * s.groups))))
     return s.groups, blocks, min(blocks, max(1, -(-TASKS // (s.batch * s.groups))))
 
 
