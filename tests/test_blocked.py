@@ -49,7 +49,7 @@ SLICED = [blocked.BlockedSpec(1, 320, 80, 8, 8, 3, 1, 1, "relu", True), blocked.
 
 # unstrided 1x1 convs whose group's weight is past L1, reduced in passes of input blocks (`blocked.chunked`):
 # 20 input blocks (passes of 8, 8, 4), groups of 3 and 2 vectors, a residual, 143 positions (23 blocks and one of 5)
-# in chunks across tasks; and one image whose blocks split into chunks, its map's last 4 positions with the last
+# in chunks across tasks; and one image whose 17 blocks split into 16 chunks, the last block starting early
 CHUNKED = [blocked.BlockedSpec(2, 320, 80, 13, 11, activation="relu", residual=True),
            blocked.BlockedSpec(1, 256, 64, 10, 10, activation="relu6")]
 
@@ -61,7 +61,7 @@ def test_the_sliced_specs_run_sliced() -> None:
 
 def test_1x1_convs_with_a_group_weight_past_l1_reduce_in_passes() -> None:
     assert all(blocked.chunked(spec) and not blocked.sliced(spec) for spec in CHUNKED)
-    assert blocked.task_split(CHUNKED[1], 100) == (1, 16, 16)  # one image, one group: its blocks in 16 tasks
+    assert blocked.task_split(CHUNKED[1], 100) == (1, 17, 16)  # one image, one group: 17 blocks (the last starting early) in 16 tasks
     assert not blocked.chunked(blocked.BlockedSpec(1, 128, 512, 14, 14))  # 32 KB a group: in L1
     assert not blocked.chunked(blocked.BlockedSpec(1, 256, 64, 28, 28, 1, 2, 0))  # strided: on phase planes
 

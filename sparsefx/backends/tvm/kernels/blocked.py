@@ -411,6 +411,8 @@ def sliced_group(s: BlockedSpec, at: Placement, vectors: int, positions: int, pa
     512 -> 128 at 14x14 2.32 -> 2.02, 1024 -> 256 at 7x7 2.68 -> 2.26, 256 -> 1024 at 7x7 with its
     residual 2.58 -> 2.23."""
     whole, left = divmod(positions, POSITIONS)
+    if pass_blocks > 1 and left and not tail_positions(s, positions):
+        whole, left = whole + 1, 0  # the last block starts early to end at the map's end: no tail body to build
     taps = s.kernel ** 2
     slice_floats = vectors * taps * s.in_lanes * BLOCK
     passes = -(-s.in_blocks // pass_blocks)
@@ -425,7 +427,7 @@ def sliced_group(s: BlockedSpec, at: Placement, vectors: int, positions: int, pa
         start, reduce, finish = steps[count]
 
         @T.macro
-        def step(src, sn, w, bias, res, out, n, g0, cp, b, slot, partial):  # noqa: ANN001, ANN202
+        def step(src, sn, w, bias, res, out, n, g0, cp, b, q0, slot, partial):  # noqa: ANN001, ANN202
             acc = T.alloc_buffer((vectors, count, BLOCK), "float32", scope=STACK)
             if cp == 0:
                 start(acc, bias, g0)
@@ -434,11 +436,11 @@ def sliced_group(s: BlockedSpec, at: Placement, vectors: int, positions: int, pa
                     for p in T.unroll(count):
                         for lane in T.vectorized(BLOCK):
                             acc[j, p, lane] = partial[slot, j, p, lane]
-            reduce(acc, src, sn, w, g0, b * POSITIONS, cp * pass_blocks, T.min(cp * pass_blocks + pass_blocks, s.in_blocks),
+            reduce(acc, src, sn, w, g0, q0, cp * pass_blocks, T.min(cp * pass_blocks + pass_blocks, s.in_blocks),
                    g0 * s.vector_floats + T.min(cp * pass_blocks + pass_blocks, s.in_blocks) * slice_floats,
                    slot * pass_blocks * taps, at.taps(b))
             if cp == passes - 1:
-                finish(acc, res, out, n, g0, b * POSITIONS)
+                finish(acc, res, out, n, g0, q0)
             else:
                 for j in T.unroll(vectors):
                     for p in T.unroll(count):
@@ -457,10 +459,10 @@ def sliced_group(s: BlockedSpec, at: Placement, vectors: int, positions: int, pa
         b1: T.let = (c + 1) * whole // chunks
         for cp in range(passes):
             for b in range(b0, b1):
-                full(src, sn, w, bias, res, out, n, g0, cp, b, b - b0, partial)
+                full(src, sn, w, bias, res, out, n, g0, cp, b, T.min(b * POSITIONS, positions - POSITIONS), b - b0, partial)
             if T.bool(left > 0):
                 if c == chunks - 1:
-                    tail(src, sn, w, bias, res, out, n, g0, cp, whole, span, partial)
+                    tail(src, sn, w, bias, res, out, n, g0, cp, whole, whole * POSITIONS, span, partial)
 
     return run
 
@@ -538,8 +540,7 @@ def task_split(s: BlockedSpec, positions: int) -> tuple[int, int, int]:
     blocks = positions // POSITIONS if tail_positions(s, positions) else -(-positions // POSITIONS)
     if sliced(s):
         return s.groups, blocks, 1
-    if chunked(s):  # whole blocks in chunks, the last few positions with the last chunk (`sliced_group`)
-        blocks = positions // POSITIONS
+    if chunked(s):  # the last few positions with the last chunk where they have a block of their own (`sliced_group`)
         return s.groups, blocks, min(blocks, max(1, -(-TASKS // (s.batch * s.groups))))
     return s.groups, blocks, min(blocks, max(1, -(-TASKS // (s.batch * s.groups))))
 
