@@ -31,7 +31,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sparsefx.cost.kernel import Kernel
+from sparsefx.cost.kernel import CONV_GEOMETRY, Kernel
 
 MARGIN = 2.0  # TIR's GFLOP/s varies with shape; only skip when PyTorch wins by more than this
 # sparsefx's own kernels run closer to their best: in a cold plan of ResNet-50 (AMD EPYC, 2 threads), skipping
@@ -72,7 +72,7 @@ def family(kernel: Kernel) -> str | None:
     if kernel.op != "conv2d":
         return None
     n, groups, _, _, *maps = kernel.dims
-    return f"{n},{groups},{','.join(map(str, maps))}|{','.join(map(str, kernel.attrs[:8]))}"
+    return f"{n},{groups},{','.join(map(str, maps))}|{','.join(map(str, kernel.attrs[:CONV_GEOMETRY]))}"
 
 
 def gflop(kernel: Kernel) -> float:

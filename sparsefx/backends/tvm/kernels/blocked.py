@@ -173,6 +173,11 @@ class BlockedSpec:
         return tuple(run for run in runs if run[1])
 
     @property
+    def group_bytes(self) -> int:
+        """The packed weight of the largest group (`group_sizes`' first), in bytes."""
+        return self.group_sizes[0][0] * self.vector_floats * 4
+
+    @property
     def groups(self) -> int:
         return sum(count for _, count in self.group_sizes)
 
@@ -388,14 +393,14 @@ def sliced(s: BlockedSpec) -> bool:
     on maps of up to 64 positions, where a group's weight is past what two side by side in L2 allow
     (`PREFETCH_GROUP_BYTES`: there the next group's fetched weight would push out this one's)."""
     ho, wo = s.out_hw
-    return ho * wo <= PREFETCH_POSITIONS and s.group_sizes[0][0] * s.vector_floats * 4 > PREFETCH_GROUP_BYTES
+    return ho * wo <= PREFETCH_POSITIONS and s.group_bytes > PREFETCH_GROUP_BYTES
 
 
 def chunked(s: BlockedSpec) -> bool:
     """Whether an unstrided 1x1 conv's groups reduce in passes of `PASS_BLOCKS` input blocks over a
     task's position blocks (`sliced_group`), not over all input blocks in each register block: where a
     group's weight is past `CHUNKED_GROUP_BYTES`, each position block read all of it from L2."""
-    return s.direct_read and not sliced(s) and s.group_sizes[0][0] * s.vector_floats * 4 > CHUNKED_GROUP_BYTES
+    return s.direct_read and not sliced(s) and s.group_bytes > CHUNKED_GROUP_BYTES
 
 
 def sliced_group(s: BlockedSpec, at: Placement, vectors: int, positions: int, pass_blocks: int = 1,
@@ -403,13 +408,13 @@ def sliced_group(s: BlockedSpec, at: Placement, vectors: int, positions: int, pa
     """`run(src, sn, w, bias, res, out, n, g0, c)`: group g0's output over chunk c of `chunks` of its
     position blocks (the last chunk also the map's last few positions), the reduction in passes of
     `pass_blocks` input blocks' weight (k x k x 16 x its vectors x 16 floats each), the partial sums
-    kept in memory between passes, and each step fetching its share of the next pass's weight (the
-    next group's first after the last). One input block a pass (`sliced`), ResNet's 512 -> 512 3x3 at
+    kept in memory between passes. One input block a pass (`sliced`), each step also fetching its
+    share of the next pass's weight (the next group's first after the last): ResNet's 512 -> 512 3x3 at
     7x7, one thread, the weights cycled from memory as in the model: 2.34 -> 1.72 ms; stride 2 from
     14x14 2.72 -> 2.24; the same at 14x14 and 28x28 (33 and 131 position blocks) within 1% or slower.
-    Eight a pass (`chunked`), 8 images, one thread, AMD EPYC Zen 4: 256 -> 64 at 28x28 2.51 -> 2.11 ms,
-    512 -> 128 at 14x14 2.32 -> 2.02, 1024 -> 256 at 7x7 2.68 -> 2.26, 256 -> 1024 at 7x7 with its
-    residual 2.58 -> 2.23."""
+    Eight a pass (`chunked`), 8 images, one thread, AMD EPYC Zen 4: 256 -> 64 at 28x28 2.49 -> 2.05 ms,
+    512 -> 128 at 14x14 2.37 -> 2.01, 1024 -> 256 at 7x7 2.36 -> 2.08, 256 -> 1024 at 7x7 with its
+    residual 2.20 -> 2.08."""
     whole, left = divmod(positions, POSITIONS)
     if pass_blocks > 1 and left and not tail_positions(s, positions):
         whole, left = whole + 1, 0  # the last block starts early to end at the map's end: no tail body to build
@@ -540,8 +545,6 @@ def task_split(s: BlockedSpec, positions: int) -> tuple[int, int, int]:
     blocks = positions // POSITIONS if tail_positions(s, positions) else -(-positions // POSITIONS)
     if sliced(s):
         return s.groups, blocks, 1
-    if chunked(s):  # the last few positions with the last chunk where they have a block of their own (`sliced_group`)
-        return s.groups, blocks, min(blocks, max(1, -(-TASKS // (s.batch * s.groups))))
     return s.groups, blocks, min(blocks, max(1, -(-TASKS // (s.batch * s.groups))))
 
 
