@@ -50,8 +50,8 @@ class Target:
 
         if self.kind == "llvm":
             config = {"kind": "llvm", "mcpu": self.arch, "num-cores": self.cores}
-            if self.precision == "bf16" and has_tiles():  # LLVM may not name the CPU (this Xeon: "rocketlake")
-                config["mattr"] = list(TILE_MATTR)
+            if self.precision == "bf16" and has_bf16():  # LLVM may not name the CPU (this Xeon: "rocketlake")
+                config["mattr"] = list(TILE_MATTR if has_tiles() else BF16_MATTR)
             return tvm.target.Target(config)
         return tvm.target.Target({"kind": "cuda", "arch": self.arch},
                                  host={"kind": "llvm", "mcpu": _host_cpu(), "num-cores": _host_cores()})
@@ -203,6 +203,7 @@ MIN_CUDA_SM = {"fp16": 70, "bf16": 80}
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of the instructions bf16 kernels need
 TILE_FLAGS = ("amx_tile", "amx_bf16")  # AMX with bf16 tiles (`kernels.amx`)
 TILE_MATTR = ("+amx-tile", "+amx-bf16", "+avx512bf16")  # what LLVM needs enabled to emit them
+BF16_MATTR = ("+avx512bf16",)  # and without tiles (`kernels.dpbf16`)
 
 
 class TargetError(SparsefxError):
@@ -220,6 +221,11 @@ def cpu_flags() -> frozenset[str]:
 def has_tiles() -> bool:
     """Whether this CPU has AMX with bf16 tiles."""
     return set(TILE_FLAGS) <= cpu_flags()
+
+
+def has_bf16() -> bool:
+    """Whether this CPU has AVX512-BF16 (every CPU with AMX bf16 tiles has it too)."""
+    return "avx512_bf16" in cpu_flags()
 
 
 def check_threads(threads: int | None, target: Target | None = None) -> int:

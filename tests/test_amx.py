@@ -1,6 +1,7 @@
-"""bf16 convs on AMX tiles (`kernels.amx`): each shape kind against PyTorch's conv, the weight packing
-and rounding against PyTorch's bf16, and a bf16 build whose chain of AMX convs converts its layout
-only at the ends."""
+"""bf16 convs on AMX tiles (`kernels.amx`) and on AVX512-BF16 (`kernels.dpbf16`): each shape kind
+against PyTorch's conv, the weight packing and rounding against PyTorch's bf16, the tile layout's other
+kernels, and a bf16 build whose chain of convs converts its layout only at the ends (on `amx` where
+the CPU has tiles, else on `dpbf16`)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ import tvm
 from torch import nn
 
 from sparsefx.backends.tvm import compile, compiler, load
-from sparsefx.backends.tvm.kernels import amx, amx_depthwise, amx_linear, tile_layout
+from sparsefx.backends.tvm.kernels import amx, amx_depthwise, amx_linear, dpbf16, tile_layout
 from sparsefx.capture.compare import check_reference, output_error
 from sparsefx.errors import SparsefxError
-from sparsefx.target import has_tiles, host_cpu, with_precision
+from sparsefx.target import has_bf16, has_tiles, host_cpu, with_precision
 
 pytestmark = [pytest.mark.usefixtures("private_cache"),
-              pytest.mark.skipif(not has_tiles(), reason="this CPU has no AMX bf16 tiles")]
+              pytest.mark.skipif(not has_bf16(), reason="this CPU has no AVX512-BF16")]
+needs_tiles = pytest.mark.skipif(not has_tiles(), reason="this CPU has no AMX bf16 tiles")
 ACT = {"none": lambda t: t, "relu": F.relu, "relu6": lambda t: t.clamp(0, 6)}
 
 
@@ -40,7 +42,7 @@ def test_bf16_bits_round_as_pytorch_does() -> None:
     assert np.array_equal(amx.bf16_bits(x.numpy()), x.bfloat16().view(torch.int16).numpy().view(np.uint16))
 
 
-@pytest.mark.parametrize(("cin", "cout", "size", "kernel", "stride", "residual", "act"), [
+CONVS = [
     (32, 32, 8, 3, 1, False, "relu"),  # padded flat positions, padding columns dropped
     (64, 48, 9, 1, 1, True, "none"),  # unpadded 1x1, the last tile moved back over its predecessor
     (32, 64, 10, 3, 2, False, "relu6"),  # stride 2: positions within output rows
@@ -57,13 +59,32 @@ def test_bf16_bits_round_as_pytorch_does() -> None:
     (48, 8, 9, 1, 2, False, "none"),  # 8 outputs stored as 16
     (3, 16, 12, 7, 2, False, "relu"),  # a folded stem with one output tile
     (3, 32, (12, 17), 7, 2, False, "none"),  # a folded stem, not square
-])
+    (4, 32, 11, 3, 1, True, "none"),  # folded, stride 1 on 4 channels (whole pairs for `dpbf16`)
+]
+
+
+@needs_tiles
+@pytest.mark.parametrize(("cin", "cout", "size", "kernel", "stride", "residual", "act"), CONVS)
 def test_kernel_matches_pytorch(cin: int, cout: int, size: int | tuple[int, int], kernel: int, stride: int,
                                 residual: bool, act: str) -> None:
     amx.enable()
+    check_conv(amx, amx.AmxSpec, cin, cout, size, kernel, stride, residual, act)
+
+
+@pytest.mark.parametrize(("cin", "cout", "size", "kernel", "stride", "residual", "act"),
+                         [c for c in CONVS if c[0] * c[4] % 2 == 0])  # a stem's positions on whole pairs
+def test_dpbf16_kernel_matches_pytorch(cin: int, cout: int, size: int | tuple[int, int], kernel: int, stride: int,
+                                       residual: bool, act: str) -> None:
+    check_conv(dpbf16, dpbf16.Dpbf16Spec, cin, cout, size, kernel, stride, residual, act)
+
+
+def check_conv(module: object, spec_type: type, cin: int, cout: int, size: int | tuple[int, int], kernel: int,
+               stride: int, residual: bool, act: str) -> None:
     height, width = size if isinstance(size, tuple) else (size, size)
-    spec = amx.AmxSpec(2, cin, cout, height, width, kernel, stride, kernel // 2, act, residual)
-    library = tvm.compile(tvm.IRModule({"main": amx.kernel(spec).with_attr("global_symbol", "main")}),
+    attrs = (stride, stride, kernel // 2, kernel // 2, 1, 1, 1)
+    assert module.supported(attrs, ((2, cin, height, width), (cout, cin, kernel, kernel)))
+    spec = spec_type(2, cin, cout, height, width, kernel, stride, kernel // 2, act, residual)
+    library = tvm.compile(tvm.IRModule({"main": module.kernel(spec).with_attr("global_symbol", "main")}),
                           with_precision(host_cpu(), "bf16").to_tvm())
     torch.manual_seed(0)
     x, w, b = torch.randn(2, cin, height, width), torch.randn(cout, cin, kernel, kernel) * 0.1, torch.randn(cout)
@@ -73,7 +94,7 @@ def test_kernel_matches_pytorch(cin: int, cout: int, size: int | tuple[int, int]
     want = ACT[act](want + add if residual else want)
     # with a residual the result is written over it (`call_tir_inplace`): each position added to it once
     out = tvm.runtime.tensor(bits(add)) if residual else tvm.runtime.empty(spec.out_shape, "uint16")
-    args = [bits(x), amx.pack_weight(spec, w.numpy()), amx.pack_bias(spec, b.numpy())]
+    args = [bits(x), module.pack_weight(spec, w.numpy()), module.pack_bias(spec, b.numpy())]
     library["main"](*[tvm.runtime.tensor(a) for a in args], out)
     stored = from_bits(out.numpy())
     assert not stored[:, cout:].any()  # the layout's channels past the conv's stay zero
@@ -147,6 +168,8 @@ def test_supported_shapes() -> None:
     assert not amx.supported((1, 1, 0, 0, 1, 1, 1), ((1, 96, 1, 1), (4, 96, 1, 1)))  # 4 outputs: narrower than a tile
     assert not amx.supported((1, 1, 0, 0, 1, 1, 1), ((1, 3, 8, 8), (32, 3, 1, 1)))  # 1x1 on 3 channels: no fold
     assert not amx.supported((1, 1, 1, 1, 1, 1, 2), ((1, 64, 8, 8), (32, 32, 3, 3)))  # grouped
+    assert dpbf16.supported((2, 2, 3, 3, 1, 1, 1), ((1, 3, 224, 224), (64, 3, 7, 7)))  # a stem, stride 2: pairs
+    assert not dpbf16.supported((1, 1, 1, 1, 1, 1, 1), ((1, 3, 8, 8), (32, 3, 3, 3)))  # stride 1 on 3: odd starts
 
 
 class Blocks(nn.Module):
@@ -181,7 +204,7 @@ class SelfResidual(nn.Module):
 
 
 def tile_convs(calls: list[str]) -> list[str]:
-    return [name for name in calls if name.startswith("amx_") and not name.startswith(
+    return [name for name in calls if name.startswith(("amx_", "dpbf16_")) and not name.startswith(
         (tile_layout.TO_TILES, tile_layout.FROM_TILES, "amx_linear", "amx_mean"))]
 
 
@@ -220,7 +243,8 @@ def test_artifact_with_tiles_is_refused_on_a_cpu_without(tmp_path: Path, monkeyp
     model, inputs = Blocks().eval(), (torch.randn(1, 3, 64, 64),)
     compile(model, inputs, precision="bf16", threads=1, verbose=False).export(tmp_path / "m.sfx")
     monkeypatch.setattr(compiler, "has_tiles", lambda: False)
-    with pytest.raises(SparsefxError, match="no AMX"):
+    monkeypatch.setattr(compiler, "has_bf16", lambda: False)
+    with pytest.raises(SparsefxError, match="which this CPU lacks"):
         load(tmp_path / "m.sfx")
     monkeypatch.undo()
     assert torch.equal(load(tmp_path / "m.sfx")(*inputs), load(tmp_path / "m.sfx")(*inputs))  # the file is intact

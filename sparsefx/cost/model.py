@@ -67,8 +67,8 @@ ROOFLINE_EFFICIENCY = 0.5  # what a tuned kernel reaches of the peak, for unmeas
 # channels a step, own kernels timed apart from PyTorch's unless near a tie; v41: `amx` writes over its residual,
 # `amx_linear` takes up to 16 rows; v42: `blocked` copies several images' phase planes at once; v43: up to 2 MB;
 # v44: `linear` up to 1536 inputs; v45: `blocked` 3x3 convs read their input in place; v46: `blocked` 1x1 convs
-# with big group weights reduce in passes)
-TABLE_VERSION = 46
+# with big group weights reduce in passes; v47: bf16 convs on AVX512-BF16, `kernels.dpbf16`)
+TABLE_VERSION = 47
 PROBE_PREFIX = "probe-median|"  # the drift probes' own entries (`drift`), apart from the kernels' timings
 LAYOUT_PREFIX = "layout|"  # `in_layout`'s answers (reads + 2 * writes), kept so a warm plan needs no backend
 CALIBRATION_VERSION = 6  # v3: timed in turn (`cost.timing`), no "dispatch" entry (the timer's overheads); v4: no "cold_write"; v5: max_pool2d on sparsefx's kernel; v6: layout conversions

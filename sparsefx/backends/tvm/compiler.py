@@ -34,7 +34,7 @@ from sparsefx.backends.tvm.tvmscript import cheap_frames
 from sparsefx.capture.trace import as_inputs
 from sparsefx.errors import SparsefxError, one_line
 from sparsefx.log import get_logger
-from sparsefx.target import Target, check_threads, compile_target, has_tiles, host_cpu
+from sparsefx.target import Target, check_threads, compile_target, has_bf16, has_tiles, host_cpu
 from sparsefx.version import __version__
 
 ARTIFACT_VERSION = 5  # v2: dispatched PyTorch kernels take a precision index (and matmuls a weight key); v3: Linear layers call `matmul_bias`; v4: a residual conv may call `conv2d_bias_residual_`; v5: AMX tile kernels (the loader asks Linux for the tile state)
@@ -318,10 +318,13 @@ def load(path: str | Path, threads: int | None = None) -> CompiledModel:
     if manifest["version"] < 2 and any(d.get("impl") == "torch" for d in manifest.get("dispatch", {}).values()):
         raise SparsefxError(f"{path} (artifact v{manifest['version']}) calls PyTorch kernels by an older signature; "
                             "compile the model again with this sparsefx")
-    tiled = sorted({d.get("impl") for d in manifest.get("dispatch", {}).values()} & set(own_kernels.BF16_KINDS))
-    if tiled and not has_tiles():
-        raise SparsefxError(f"{path} runs bf16 on AMX tiles ({', '.join(tiled)}) and this CPU has no AMX; "
-                            "compile the model again on this machine, or with precision='fp32'")
+    impls = {d.get("impl") for d in manifest.get("dispatch", {}).values()}
+    for kinds, runs, lacks in ((own_kernels.AMX_KINDS, has_tiles, "AMX"),
+                               (own_kernels.BF16_KINDS, has_bf16, "AVX512-BF16")):
+        if impls & set(kinds) and not runs():
+            raise SparsefxError(f"{path} runs bf16 kernels ({', '.join(sorted(impls & set(kinds)))}) that need "
+                                f"{lacks}, which this CPU lacks; compile the model again on this machine, "
+                                "or with precision='fp32'")
     try:
         with quiet_native_stderr():
             library = tvm.runtime.load_module(str(extract / "model.so"))

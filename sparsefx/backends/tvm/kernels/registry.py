@@ -1,8 +1,8 @@
 """sparsefx's own TIR kernels for convolutions and matmuls, and the Relax passes that swap them in.
 
-Each conv kernel module (`depthwise`, `pointwise` for 1x1, `direct` for dense k x k; in bf16 on CPUs
-with AMX tiles `amx` and `amx_depthwise`) says which conv workloads it runs (`supported`), builds a
-spec for one (`spec_of`) and its PrimFunc (`kernel`),
+Each conv kernel module (`depthwise`, `pointwise` for 1x1, `direct` for dense k x k; in bf16 `amx` on
+CPUs with AMX tiles, else `dpbf16` on AVX512-BF16, and `amx_depthwise`) says which conv workloads it
+runs (`supported`), builds a spec for one (`spec_of`) and its PrimFunc (`kernel`),
 whether it fuses a residual add (`FUSES_RESIDUAL`; `RESIDUAL_IN_PLACE` where it writes its result
 over the residual, called by `call_tir_inplace`), PyTorch's weight shape (`spec.weight_shape`) and,
 where a spec's weight argument is not in that layout (`arg_shapes[1]` differs), `pack_weight(spec, weight)`,
@@ -40,6 +40,7 @@ from sparsefx.backends.tvm.kernels import (
     blocked_depthwise,
     depthwise,
     direct,
+    dpbf16,
     linear,
     pointwise,
     tile_layout,
@@ -47,36 +48,43 @@ from sparsefx.backends.tvm.kernels import (
 from sparsefx.backends.tvm.kernels.layout_chain import LAYOUTS, Layout
 from sparsefx.backends.tvm.tvmscript import parsed
 from sparsefx.cost.kernel import Kernel
-from sparsefx.target import has_tiles
+from sparsefx.target import has_bf16, has_tiles
 
-# first match wins (`kind_of`): `amx` first where it applies at all, then in float32 the blocked kernels
-# (NCHW16c, `blocked_layout`), then the NCHW ones for what those leave (a stem's few input channels)
-CONV_KERNELS: dict[str, ModuleType] = {"amx": amx, "amx_depthwise": amx_depthwise,
+# first match wins (`kind_of`): in bf16 `amx` first where it applies at all (else `dpbf16`), then in
+# float32 the blocked kernels (NCHW16c, `blocked_layout`), then the NCHW ones for what those leave (a
+# stem's few input channels)
+CONV_KERNELS: dict[str, ModuleType] = {"amx": amx, "dpbf16": dpbf16, "amx_depthwise": amx_depthwise,
                                        "blocked_depthwise": blocked_depthwise, "blocked": blocked,
                                        "depthwise": depthwise, "pointwise": pointwise, "direct": direct}
 MATMUL_KERNELS: dict[str, ModuleType] = {"amx_linear": amx_linear, "linear": linear}  # first match wins
 KERNELS: dict[str, ModuleType] = {**CONV_KERNELS, **MATMUL_KERNELS}
-BF16_KINDS = ("amx", "amx_depthwise", "amx_linear")  # only for bf16 targets whose CPU has AMX tiles
-TILE_KINDS = ("amx", "amx_depthwise")  # of those, the ones in the tiles' layout (`tile_layout`)
+BF16_KINDS = ("amx", "dpbf16", "amx_depthwise", "amx_linear")  # only for bf16 targets on CPUs with AVX512-BF16
+AMX_KINDS = ("amx",)  # of those, the ones on AMX tiles, which also need the CPU to have them
+TILE_KINDS = ("amx", "dpbf16", "amx_depthwise")  # of those, the ones in the tiles' layout (`tile_layout`)
 BLOCKED_KINDS = ("blocked", "blocked_depthwise")  # float32 only, in `blocked_layout`
 LAYOUT_KINDS = TILE_KINDS + BLOCKED_KINDS  # called between conversions (`layout_call`) that `layout_chain` drops
 
 
+def runs_here(name: str, precision: str) -> bool:
+    """Whether the own kernel kind `name` may run in `precision` on this CPU: the bf16 kinds only in bf16
+    on CPUs with AVX512-BF16 (AMX's with tiles too), the blocked ones only in float32."""
+    if name in BF16_KINDS:
+        return precision == "bf16" and has_bf16() and (name not in AMX_KINDS or has_tiles())
+    return precision == "fp32" or name not in BLOCKED_KINDS
+
+
 def kind_of(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...], precision: str = "fp32") -> str | None:
     """The name of the own kernel that runs this conv workload in `precision`, if any."""
-    tiles = precision == "bf16" and has_tiles()
     return next((name for name, module in CONV_KERNELS.items()
-                 if (tiles or name not in BF16_KINDS) and (precision == "fp32" or name not in BLOCKED_KINDS)
-                 and module.supported(attrs, shapes)), None)
+                 if runs_here(name, precision) and module.supported(attrs, shapes)), None)
 
 
 def own_kernel(kernel: Kernel, precision: str = "fp32") -> tuple[str, object] | None:
     """(kind, spec) of the sparsefx TIR kernel that runs this conv or matmul in `precision` with its bias
     and epilogue fused, else None."""
     if kernel.op == "matmul":
-        tiles = precision == "bf16" and has_tiles()
         kind = next((name for name, module in MATMUL_KERNELS.items()
-                     if (tiles or name not in BF16_KINDS) and module.supported(kernel)), None)
+                     if runs_here(name, precision) and module.supported(kernel)), None)
         return (kind, MATMUL_KERNELS[kind].spec_of(kernel)) if kind else None
     if kernel.op != "conv2d":
         return None
@@ -168,8 +176,8 @@ def own_kernel_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
 
 
 def layout_of(kind: str) -> Layout:
-    """The layout a `LAYOUT_KINDS` kernel works in (`layout_chain.LAYOUTS`)."""
-    return next(layout for layout in LAYOUTS if kind.startswith(layout.kind))
+    """The layout a `LAYOUT_KINDS` kernel works in (`layout_chain.LAYOUTS`): the tiles' or the blocked one."""
+    return next(layout for layout in LAYOUTS if layout.kind == ("amx" if kind in TILE_KINDS else "blocked"))
 
 
 def layout_kernels(pairs: list[tuple[str, object]]) -> dict[str, Callable[[], tvm.tirx.PrimFunc]]:

@@ -11,7 +11,8 @@ Implementations of one kernel (see `cost.timing` for how they are timed):
   as the layer before leaves it in a model;
 - "blocked", "blocked_depthwise", and for what they leave "depthwise", "pointwise", "direct":
   sparsefx's own TIR kernel for the conv (`kernels.registry`), all of one kind in one LLVM build;
-  "amx" in bf16 where the CPU has AMX tiles; "amx" and the blocked kinds (NCHW16c) timed as chained
+  "amx" in bf16 where the CPU has AMX tiles, else "dpbf16" (AVX512-BF16); those and the blocked kinds
+  (NCHW16c) timed as chained
   (in their layout in and out), the rivals that break the chain charged the conversions out of it
   and back (`add_edge_casts`);
   "linear", "amx_linear" for a matmul by a weight;
@@ -344,7 +345,7 @@ class HostTimer:
 
     def own_kernel(self, kernel: Kernel, allowed: set | None) -> tuple[str, object] | None:
         found = own_kernels.own_kernel(kernel, self.target.precision)
-        if found and found[0] in own_kernels.TILE_KINDS:
+        if found and found[0] in own_kernels.AMX_KINDS:
             amx.enable()
         return found if found and (allowed is None or found[0] in allowed) else None
 
