@@ -101,7 +101,7 @@ def kernel(s: Dpbf16Spec) -> tvm.tirx.PrimFunc:
     reach = (k - 1) // st
     # one spare row: the last block's windows run past the last output row
     rows_in, row = (ho + reach + 1, -(-(s.width + 2 * p) // st)) if copied else (s.height, s.width)
-    n_out = ho * row  # flat positions: the padding columns computed and dropped
+    n_out = ho * wo
     vecs = vectors(s)
     m = min(POSITIONS[vecs], n_out)
     pos_blocks, groups = -(-n_out // m), co // LANES // vecs
@@ -122,6 +122,9 @@ def kernel(s: Dpbf16Spec) -> tvm.tirx.PrimFunc:
         if by_channels:
             return b // pos_blocks % s.batch, b % pos_blocks, b // (s.batch * pos_blocks)
         return b // (pos_blocks * groups), b // groups % pos_blocks, b % groups
+
+    def flat(q):  # noqa: ANN001, ANN202 (TIR expressions): output position q's place in the padded rows
+        return q // wo * row + q % wo
 
     def tap_offset(tap):  # noqa: ANN001, ANN202 (TIR expressions): where a tap's inputs start, from a position's, in pairs
         if fold:
@@ -176,26 +179,26 @@ def kernel(s: Dpbf16Spec) -> tvm.tirx.PrimFunc:
                     for lane in T.vectorized(LANES):
                         acc[i, v, lane] = T.float32(0)
             for tap in range(taps):
-                start: T.let = n * planes * plane * ci // 2 + q0 * step + tap_offset(tap)
+                start: T.let = n * planes * plane * ci // 2 + tap_offset(tap)
                 for j in range(pairs):
                     for i in T.unroll(m):
                         for v in T.unroll(vecs):
                             acc[i, v, tirx.Ramp(0, 1, LANES)] = dot(
                                 acc[i, v, tirx.Ramp(0, 1, LANES)],
                                 w32[tirx.Ramp((((ob + v) * taps + tap) * stored_pairs + j) * LANES, 1, LANES)],
-                                src32[start + i * step + j])
+                                src32[start + flat(q0 + i) * step + j])
             for i in T.unroll(m):
                 q: T.let = q0 + i
-                if q >= nominal and q % row < wo:  # stored once, and not a padding column
+                if q >= nominal:  # stored once (a residual is written over)
                     for v in T.unroll(vecs):
                         c0: T.let = (ob + v) * LANES
                         for lane in T.vectorized(LANES):
                             if T.bool(s.residual):
                                 done[lane] = activate(acc[i, v, lane] + bias[c0 + lane]
-                                                      + to_float(out[n, q // row, q % row, c0 + lane]), s.activation)
+                                                      + to_float(out[n, q // wo, q % wo, c0 + lane]), s.activation)
                             else:
                                 done[lane] = activate(acc[i, v, lane] + bias[c0 + lane], s.activation)
-                        out[n, q // row, q % row, tirx.Ramp(c0, 1, LANES)] = to_bf16_vector(
+                        out[n, q // wo, q % wo, tirx.Ramp(c0, 1, LANES)] = to_bf16_vector(
                             done[tirx.Ramp(0, 1, LANES)])
 
     x_shape, w_shape, b_shape = s.arg_shapes[:3]
