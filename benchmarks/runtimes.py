@@ -127,7 +127,7 @@ def markdown(rows: list[dict], runtimes: list[str], record: RunRecord) -> str:
              "`vs best fp32`: sparsefx time over the fastest of ONNX Runtime, OpenVINO fp32 and torch.compile "
              "(<= 1.00 meets the goal). `pruned speedup / bound`: sparsefx dense/pruned over the bound the goal "
              "names (>= 0.8): the op-class bound for MobileNetV2 and EfficientNet-B0, the MACs bound for the rest. "
-             "OpenVINO default runs bf16 where the CPU has AMX (its precision is `precision` in the "
+             "OpenVINO default runs bf16 where the CPU has AMX or AVX512-BF16 (its precision is `precision` in the "
              "JSON). `bf16 vs OpenVINO`: sparsefx-bf16 over OpenVINO's default precision (goal <= 1.10).", "",
              "| model | batch | threads | " + " | ".join(runtimes) +
              " | vs best fp32 dense / pruned | bf16 vs OpenVINO dense / pruned | sparsefx pruned speedup | "
