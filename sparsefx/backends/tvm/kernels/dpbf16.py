@@ -9,13 +9,14 @@ pruned shapes (pruned ResNet-50, batch 1, one thread, this session's Zen 4: 16.4
 
 `vdpbf16ps` multiplies 16 pairs of bf16 and adds each pair's two products to one float32 lane: one
 instruction does two input channels for 16 outputs. A task holds a register block of `POSITIONS`
-output positions x `VECTORS` vectors of 16 output channels and runs over the taps and input channel
-pairs: per pair it loads the block's weight vectors (packed at compile time as `amx.pack_weight`
-does: [16 outputs][2 inputs] per pair, the instruction's operand) and broadcasts each position's two
-input channels (one 32-bit load, folded into the instruction as an embedded broadcast). Positions
-run over the zero-padded input's flat index as `amx` does (stride 2 over phase planes), the padding
-columns computed and dropped, and a map's last block starts early over its predecessor's positions
-(stored once: a residual is written over in place).
+output positions x `vectors` of 16 output channels and runs over the taps and input channel pairs:
+per pair it loads the block's weight vectors (packed at compile time as `amx.pack_weight` does:
+[16 outputs][2 inputs] per pair, the instruction's operand) and broadcasts each position's two input
+channels (one 32-bit load, folded into the instruction as an embedded broadcast). The input is read
+from a zero-padded copy (stride 2: phase planes) where the window needs one; a block's positions are
+the output's own, each read from its row and column (the padded rows' flat index, as `amx` runs over,
+computed 63 positions for a 7x7 map's 49), and a map's last block starts early over its
+predecessor's positions (stored once: a residual is written over in place).
 
 TVM lowers bf16 values to float32 (`BF16ComputeLegalize`) and its LLVM code generator has no bf16
 vectors, while LLVM's intrinsic takes `<32 x bfloat>`: the call goes through `sfx_dpbf16`, four lines
@@ -99,8 +100,8 @@ def kernel(s: Dpbf16Spec) -> tvm.tirx.PrimFunc:
     fold = folded(s)
     copied = k > 1 or p > 0 or st > 1  # else the input is read as it is
     reach = (k - 1) // st
-    # one spare row: the last block's windows run past the last output row
-    rows_in, row = (ho + reach + 1, -(-(s.width + 2 * p) // st)) if copied else (s.height, s.width)
+    # a folded tap's last pair reads a value past its row's end (its weight zero): a spare zero row
+    rows_in, row = (ho + reach + fold, -(-(s.width + 2 * p) // st)) if copied else (s.height, s.width)
     n_out = ho * wo
     vecs = vectors(s)
     m = min(POSITIONS[vecs], n_out)
@@ -115,7 +116,7 @@ def kernel(s: Dpbf16Spec) -> tvm.tirx.PrimFunc:
     planes = ph if fold else ph * ph
     # output channels outermost where the weight outweighs the input (read from L2 for all positions)
     by_channels = co * ci * taps > s.height * s.width * ci * s.batch
-    src_len = s.batch * planes * plane * ci + 2 * stored_pairs  # a folded tap's last pairs read past the rows
+    src_len = s.batch * planes * plane * ci
     lanes = LANES if ci % LANES == 0 else ci
 
     def block(b):  # noqa: ANN001, ANN202 (TIR expressions): (image, position block, output vector group) of block b
