@@ -218,12 +218,13 @@ def test_a_bf16_stem_with_its_pool_on_pytorch_is_within_the_bound() -> None:
 
 def test_own_conv_kernel_kinds_follow_the_cpu_and_precision(monkeypatch: pytest.MonkeyPatch) -> None:
     """One rule (`registry.runs_here`): bf16 convs on `amx` where the CPU has tiles, else on `dpbf16` where it
-    has AVX512-BF16, else on no own kernel; float32 never on a bf16 kind."""
+    has AVX512-BF16, else on no bf16 kind (the NCHW float32 kernel `direct`, timed against PyTorch's bf16);
+    float32 never on a bf16 kind."""
     from sparsefx.backends.tvm.kernels import registry
 
-    stem = ((2, 2, 3, 3, 1, 1, 1), ((1, 3, 224, 224), (64, 3, 7, 7)))
-    block = ((1, 1, 1, 1, 1, 1, 1), ((1, 64, 56, 56), (64, 64, 3, 3)))
-    for tiles, bf16, want in ((True, True, "amx"), (False, True, "dpbf16"), (False, False, None)):
+    stem = ((2, 2, 3, 3, 1, 1, 1), ((1, 3, 224, 224), (64, 3, 7, 7), (1, 64, 112, 112)))
+    block = ((1, 1, 1, 1, 1, 1, 1), ((1, 64, 56, 56), (64, 64, 3, 3), (1, 64, 56, 56)))
+    for tiles, bf16, want in ((True, True, "amx"), (False, True, "dpbf16"), (False, False, "direct")):
         monkeypatch.setattr(registry, "has_tiles", lambda tiles=tiles: tiles)
         monkeypatch.setattr(registry, "has_bf16", lambda bf16=bf16: bf16)
         assert registry.kind_of(*stem, precision="bf16") == want
