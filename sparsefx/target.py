@@ -202,8 +202,8 @@ PRECISIONS = ("fp32", "fp16", "bf16")  # what compile accepts by name
 MIN_CUDA_SM = {"fp16": 70, "bf16": 80}
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of the instructions bf16 kernels need
 TILE_FLAGS = ("amx_tile", "amx_bf16")  # AMX with bf16 tiles (`kernels.amx`)
-TILE_MATTR = ("+amx-tile", "+amx-bf16", "+avx512bf16")  # what LLVM needs enabled to emit them
-BF16_MATTR = ("+avx512bf16",)  # and without tiles (`kernels.dpbf16`)
+BF16_MATTR = ("+avx512bf16",)  # what LLVM needs enabled to emit AVX512-BF16 (`kernels.dpbf16`)
+TILE_MATTR = ("+amx-tile", "+amx-bf16", *BF16_MATTR)  # and AMX's tiles
 
 
 class TargetError(SparsefxError):

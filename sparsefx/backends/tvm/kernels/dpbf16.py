@@ -32,6 +32,7 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
+from sparsefx.backends.tvm.kernels import amx
 from sparsefx.backends.tvm.kernels.amx import AmxSpec, folded, pack_bias, pack_weight
 from sparsefx.backends.tvm.kernels.depthwise import activate
 from sparsefx.backends.tvm.kernels.tile_layout import FEW, STEP, to_bf16_vector, to_float
@@ -67,13 +68,10 @@ class Dpbf16Spec(AmxSpec):
 
 
 def supported(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...]) -> bool:
-    """Whether a conv2d workload runs here: no groups or dilation, a square window, equal strides of 1
-    or 2 and equal padding; a stem's few channels where a window row's fit one step (`amx.folded`) and
-    its positions start on whole pairs (stride x channels even)."""
-    s0, s1, p0, p1, d0, d1, groups = attrs
-    (_, ci, _, _), (co, _, kh, kw) = shapes[:2]
-    return groups == 1 and d0 == d1 == 1 and kh == kw and s0 == s1 in (1, 2) and p0 == p1 < kh \
-        and (ci > FEW or 1 < kw and ci * kw <= STEP and s0 * ci % 2 == 0) and co > FEW
+    """Whether a conv2d workload runs here: where `amx` runs it, a folded stem's positions starting on
+    whole pairs (stride x channels even)."""
+    ci = shapes[0][1]
+    return amx.supported(attrs, shapes) and (ci > FEW or attrs[0] * ci % 2 == 0)
 
 
 def spec_of(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...], activation: str = "none",
