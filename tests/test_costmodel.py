@@ -174,8 +174,8 @@ def test_depthwise_1x1_and_dense_convs_are_also_timed_on_sparsefx_kernels(monkey
     monkeypatch.setattr(cost, "_calibration", lambda entry: [1e-6, 1e3])
     measure = cost.timer.time_rivals
 
-    def torch_absurdly_slow(kernels, wanted):
-        times = measure(kernels, wanted)
+    def torch_absurdly_slow(kernels, wanted, ahead=()):
+        times = measure(kernels, wanted, ahead)
         for t in times:
             t.update({impl: ms + 1e3 for impl, ms in t.items() if impl.startswith("torch")})
         return times
@@ -255,7 +255,7 @@ class RefusingTimer:
     device = ""
     free_epilogues: dict = {}
 
-    def time(self, kernels, implementations=None):  # noqa: ANN001, ANN201
+    def time(self, kernels, implementations=None, ahead=()):  # noqa: ANN001, ANN201
         raise AssertionError("a drift probe went through the timer")
 
     def overheads(self) -> dict[str, float]:
@@ -315,7 +315,7 @@ class RecordingTimer:
     def __init__(self) -> None:
         self.asked: list[list[str]] = []
 
-    def time(self, kernels, implementations=None):  # noqa: ANN001, ANN201
+    def time(self, kernels, implementations=None, ahead=()):  # noqa: ANN001, ANN201
         self.asked.append([k.key for k in kernels])
         offered = {"torch": 1.0, "pointwise": 0.5}
         return [{name: ms + 0.25 * kernel.epilogue[1] for name, ms in offered.items()
@@ -353,7 +353,7 @@ def test_neighbours_cores_sees_a_process_spinning_beside_it():
 class FlopsTimer(RecordingTimer):
     """PyTorch alone, at a millisecond per GFLOP: pruning pays as the planner expects."""
 
-    def time(self, kernels, implementations=None):  # noqa: ANN001, ANN201
+    def time(self, kernels, implementations=None, ahead=()):  # noqa: ANN001, ANN201
         return [{"torch": (kernel.flops + 1e6) / 1e9} for kernel in kernels]
 
 
@@ -377,7 +377,7 @@ class CountingFlopsTimer(FlopsTimer):
         super().__init__()
         self.timed = 0
 
-    def time(self, kernels, implementations=None):  # noqa: ANN001, ANN201
+    def time(self, kernels, implementations=None, ahead=()):  # noqa: ANN001, ANN201
         self.timed += len(kernels)
         return super().time(kernels, implementations)
 

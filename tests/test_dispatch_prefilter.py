@@ -57,8 +57,8 @@ def _counting_timer(built: list[int], torch_ms=None) -> host.HostTimer:
     if torch_ms is not None:
         measure = timer.time_rivals
 
-        def rigged(kernels, wanted):
-            times = measure(kernels, wanted)
+        def rigged(kernels, wanted, ahead=()):
+            times = measure(kernels, wanted, ahead)
             for kernel, t in zip(kernels, times):
                 t.update({impl: torch_ms(kernel) for impl in t if impl.startswith("torch")})
             return times
@@ -294,3 +294,20 @@ def test_pytorch_s_ceiling_for_a_conv_is_its_best_on_the_conv_s_family(monkeypat
         assert (conv.key in timer.torch_ruled_out) != torch_timed
     assert timer.torch_ruled_out[conv.key] == pytest.approx(200)
     assert timer.history[-1]["family"] == prefilter.family(conv)  # recorded for the next convs of its family
+
+
+def test_a_kernel_asked_ahead_is_built_with_the_call_and_never_again(monkeypatch) -> None:
+    timer = host.HostTimer(resolve_target("cpu"))
+    batches = []
+    monkeypatch.setattr(host, "build_kernels",
+                        lambda pairs, target: batches.append([s.name for _, s in pairs]) or {s.name: None for _, s in pairs})
+    monkeypatch.setattr(timer, "time_one", lambda kernel, allowed, mine: {
+        name: ms for name, ms in {"torch": 0.1, **({mine[0]: 0.05} if mine else {})}.items() if not allowed or name in allowed})
+    monkeypatch.setattr(timer, "add_default_tir", lambda *_: None)
+    conv = conv2d_kernel((1, 64, 28, 28), (1, 256, 28, 28), 1, (1, 1), (1, 1), (0, 0), (1, 1), 16)
+    with_residual = conv.with_epilogue("relu", True)
+    timer.time([conv], ahead=[with_residual])
+    assert len(batches) == 1 and len(batches[0]) == 2 and batches[0][1].endswith("_relu_res")
+    assert timer.time([with_residual], [["blocked"]]) == [{"blocked": 0.05}]
+    timer.time([conv])
+    assert len(batches) == 1  # both were built by the first call

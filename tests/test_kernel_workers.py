@@ -6,7 +6,8 @@ import numpy as np
 import torch
 import tvm
 
-from sparsefx.backends.tvm.kernels import direct, pointwise, workers
+from sparsefx.backends.tvm.build_config import build_context
+from sparsefx.backends.tvm.kernels import blocked, blocked_depthwise, direct, pointwise, workers
 from sparsefx.target import resolve_target
 
 PAIRS = [("pointwise", pointwise.PointwiseSpec(1, 16 + 8 * i, 32, 8, 8, "relu")) for i in range(3)] + \
@@ -49,3 +50,19 @@ def test_a_failing_worker_means_building_here(monkeypatch, caplog) -> None:
 
 def _broken_share(pairs: list, target: dict, path: str) -> str:
     raise RuntimeError("no C compiler")
+
+
+def test_window_convs_are_dealt_evenly_and_each_kernel_once() -> None:
+    # in model order a window conv every other kernel: dealt round-robin, all of them went to one worker
+    pairs = [("blocked", blocked.BlockedSpec(1, 16 * (i + 1), 32, 14, 14, k, 1, k // 2)) for i, k in enumerate((3, 1) * 4)]
+    shares = workers.dealt(pairs, 2)
+    assert sorted(spec.name for share in shares for _, spec in share) == sorted(spec.name for _, spec in pairs)
+    assert [sum(spec.kernel > 1 for _, spec in share) for share in shares] == [2, 2]
+    assert [len(share) for share in shares] == [4, 4]
+    depthwise = blocked_depthwise.BlockedDepthwiseSpec(1, 32, 14, 14, 3, 1, 1)
+    assert workers.build_weight(depthwise) == 1 < workers.build_weight(pairs[0][1])  # as cheap to build as a 1x1
+
+
+def test_cpu_builds_leave_out_tir_cse_and_gpu_builds_are_tvms_own() -> None:
+    assert build_context(resolve_target("cpu").to_tvm()).config["tirx.disable_cse_tir"]
+    assert "tirx.disable_cse_tir" not in build_context(tvm.target.Target({"kind": "cuda", "arch": "sm_90"})).config

@@ -38,7 +38,7 @@ class FakeTimer:
     def __init__(self) -> None:
         self.asked: list[set[str]] = []
 
-    def time(self, kernels: list[Kernel], implementations=None) -> list[Times]:
+    def time(self, kernels: list[Kernel], implementations=None, ahead=()) -> list[Times]:
         self.asked.append({k.bare.key for k in kernels})
         times = []
         for i, kernel in enumerate(kernels):
@@ -122,7 +122,7 @@ class Once(HostTimer):
         super().__init__(resolve_target("cpu"))
         self.seen: dict[tuple, Times] = {}
 
-    def time(self, kernels: list[Kernel], implementations=None) -> list[Times]:
+    def time(self, kernels: list[Kernel], implementations=None, ahead=()) -> list[Times]:
         asks = [(k.key, tuple(sorted(implementations[i])) if implementations is not None else None)
                 for i, k in enumerate(kernels)]
         missing = [i for i, ask in enumerate(asks) if ask not in self.seen]

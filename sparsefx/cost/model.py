@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -67,8 +67,9 @@ ROOFLINE_EFFICIENCY = 0.5  # what a tuned kernel reaches of the peak, for unmeas
 # channels a step, own kernels timed apart from PyTorch's unless near a tie; v41: `amx` writes over its residual,
 # `amx_linear` takes up to 16 rows; v42: `blocked` copies several images' phase planes at once; v43: up to 2 MB;
 # v44: `linear` up to 1536 inputs; v45: `blocked` 3x3 convs read their input in place; v46: `blocked` 1x1 convs
-# with big group weights reduce in passes; v47: bf16 convs on AVX512-BF16, `kernels.dpbf16`)
-TABLE_VERSION = 47
+# with big group weights reduce in passes; v47: bf16 convs on AVX512-BF16, `kernels.dpbf16`; v48: kernels built
+# without TIR's CSE, `backends.tvm.build_config`)
+TABLE_VERSION = 48
 PROBE_PREFIX = "probe-median|"  # the drift probes' own entries (`drift`), apart from the kernels' timings
 LAYOUT_PREFIX = "layout|"  # `in_layout`'s answers (reads + 2 * writes), kept so a warm plan needs no backend
 CALIBRATION_VERSION = 6  # v3: timed in turn (`cost.timing`), no "dispatch" entry (the timer's overheads); v4: no "cold_write"; v5: max_pool2d on sparsefx's kernel; v6: layout conversions
@@ -251,10 +252,11 @@ class CostModel:
         """The implementation the compiler's dispatch picks for each kernel (see `_decide`)."""
         return self._decide(kernels)[0]
 
-    def _decide(self, kernels: list[Kernel]) -> tuple[list[str], list[Times]]:
+    def _decide(self, kernels: list[Kernel], ahead: Sequence[Kernel] = ()) -> tuple[list[str], list[Times]]:
         """Each kernel's implementation and the times it was chosen from: timed by the backend's
-        timer and decided by `choose`, on the kernel without its epilogue, as the dispatch decides."""
-        times = self.timer.time([k.bare for k in kernels])  # the timer runs them on target.cores threads
+        timer and decided by `choose`, on the kernel without its epilogue, as the dispatch decides
+        (`ahead`: the timer's, kernels timed next)."""
+        times = self.timer.time([k.bare for k in kernels], ahead=ahead)  # on target.cores threads
         overheads = self.timer.overheads()
         return [choose(t, overheads) for t in times], times
 
@@ -263,7 +265,7 @@ class CostModel:
         the dispatch picks (`implementations`) with the kernel's epilogue fused (timed so, unless the
         implementation applies that epilogue in the bare kernel's time: the timer's `free_epilogues`),
         plus its call overhead."""
-        chosen, bare = self._decide(kernels)
+        chosen, bare = self._decide(kernels, ahead=[k for k in kernels if k.bare != k and k.epilogue[1]])
         times = [{impl: t[impl]} for impl, t in zip(chosen, bare, strict=True)]
         free = self.timer.free_epilogues  # epilogues that cost the chosen implementation nothing: not timed again
         dressed = [i for i, k in enumerate(kernels)

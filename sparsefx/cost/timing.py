@@ -54,9 +54,12 @@ class Timer(Protocol):
     device: str
     free_epilogues: Mapping[str, Collection[str]]
 
-    def time(self, kernels: list[Kernel], implementations: Sequence[Sequence[str]] | None = None) -> list[Times]:
+    def time(self, kernels: list[Kernel], implementations: Sequence[Sequence[str]] | None = None,
+             ahead: Sequence[Kernel] = ()) -> list[Times]:
         """ms of each implementation that can run each kernel (only those in `implementations[i]`
-        where given; an implementation that cannot run a kernel is left out of its Times)."""
+        where given; an implementation that cannot run a kernel is left out of its Times). `ahead`:
+        kernels a later call will likely time (a conv with its residual add, once its bare conv has
+        been decided); a timer that builds kernels may build theirs with this call's."""
         ...
 
     def overheads(self) -> dict[str, float]:

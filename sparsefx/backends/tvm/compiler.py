@@ -21,6 +21,7 @@ from tvm import relax
 
 from sparsefx.backends import artifacts
 from sparsefx.backends.tvm import pipeline
+from sparsefx.backends.tvm.build_config import build_context
 from sparsefx.backends.tvm.bundle import export_bundle
 from sparsefx.backends.tvm.expand_attention import expand_attention_pass
 from sparsefx.backends.tvm.half import half_passes
@@ -142,7 +143,8 @@ def build(model: nn.Module, inputs: tuple, spec: Target, tune: int, dispatch: bo
         tuned, tuning = tune_module(mod, spec, tvm_target, tune, log)
     log(f"building for {spec}")
     lowering = pipeline.lowering_passes(spec, tvm_target, tuned)
-    executable = tvm.compile(mod, tvm_target, relax_pipeline=pipeline.as_pipeline(lowering))
+    with build_context(tvm_target):
+        executable = tvm.compile(mod, tvm_target, relax_pipeline=pipeline.as_pipeline(lowering))
     manifest = {
         "format": "sparsefx-tvm", "version": ARTIFACT_VERSION, "sparsefx": __version__, "tvm": tvm.__version__,
         "target": spec.as_dict(), "threads": threads, "precision": precision, "import_route": route,

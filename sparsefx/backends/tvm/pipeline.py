@@ -12,6 +12,7 @@ from tvm import relax
 from tvm.relax.backend import gpu_generic
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
+from sparsefx.backends.tvm.build_config import build_context
 from sparsefx.backends.tvm.dispatch.bf16_chain import bf16_chain_pass
 from sparsefx.backends.tvm.dispatch.residual_in_place import residual_in_place_pass
 from sparsefx.backends.tvm.dispatch.table import (  # noqa: F401
@@ -101,7 +102,8 @@ def as_pipeline(passes: list[NamedPass]) -> tvm.transform.Pass:
 
 def build_module(mod: tvm.IRModule, tvm_target: tvm.target.Target, target: Target) -> tvm.runtime.Executable:
     """Lower an (already optimised) Relax module with sparsefx's untuned pipeline and build it."""
-    return tvm.compile(mod, tvm_target, relax_pipeline=as_pipeline(lowering_passes(target, tvm_target, None)))
+    with build_context(tvm_target):
+        return tvm.compile(mod, tvm_target, relax_pipeline=as_pipeline(lowering_passes(target, tvm_target, None)))
 
 
 def decide_dispatch(mod: tvm.IRModule, target: Target, timer_for: Callable[[Iterable[dict]], Timer],

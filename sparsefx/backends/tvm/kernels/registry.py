@@ -22,6 +22,7 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_op, wildcard
 
+from sparsefx.backends.tvm.build_config import build_context
 from sparsefx.backends.tvm.dispatch.patterns import (
     EpiloguePatterns,
     activation_of,
@@ -106,7 +107,8 @@ def repacked(spec: object) -> bool:
 
 def build(kind: str, specs: list, target: tvm.target.Target) -> tvm.runtime.Module:
     """One library holding the `kind` kernels of `specs` (one LLVM build), each under its spec's `name`."""
-    return tvm.compile(kernel_module([(kind, s) for s in specs]), target)
+    with build_context(target):
+        return tvm.compile(kernel_module([(kind, s) for s in specs]), target)
 
 
 def kernel_module(pairs: list[tuple[str, object]]) -> tvm.IRModule:

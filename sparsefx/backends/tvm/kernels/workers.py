@@ -23,12 +23,18 @@ from pathlib import Path
 
 import tvm
 
+from sparsefx.backends.tvm.build_config import build_context
 from sparsefx.backends.tvm.kernels.registry import kernel_module
 from sparsefx.errors import one_line
 from sparsefx.log import get_logger
 
 LOG = get_logger("tvm")
 PER_WORKER = 1  # fewer kernels than this per worker are built here (3 blocked convs: 0.65 s in two workers, 0.94 in one)
+# a dense conv over a k x k window (k > 1) took 2-4x as long to make as a 1x1 one (blocked, ResNet-50's
+# shapes, 2-core AMD EPYC: 3x3 0.45-1.1 s, 1x1 0.14-0.41 s; depthwise ones as cheap as 1x1): dealt
+# round-robin in model order, a bottleneck's 3x3s all went to one worker (a cold plan's first batch of
+# 24 kernels: 6.9 s in one worker, 3.6 in the other; 15 of a cold plan's 61 s of building idled so)
+WINDOW_WEIGHT = 3
 _pools: dict[tuple[int, int], ProcessPoolExecutor] = {}  # (pid, workers) -> a pool: a forked child makes its own
 
 
@@ -45,7 +51,8 @@ def build_kernels(pairs: list[tuple[str, object]], target: tvm.target.Target) ->
             if broken is not None:
                 broken.shutdown(cancel_futures=True)
             LOG.warning("building kernels in worker processes failed (%s); building them here", one_line(error))
-    library = tvm.compile(kernel_module(unique), target)
+    with build_context(target):
+        library = tvm.compile(kernel_module(unique), target)
     return {spec.name: library[spec.name] for _, spec in unique}
 
 
@@ -55,7 +62,7 @@ def usable_cores() -> int:
 
 def build_in_workers(pairs: list[tuple[str, object]], target: tvm.target.Target,
                 workers: int) -> dict[str, Callable[..., object]]:
-    shares = [pairs[i::workers] for i in range(workers)]  # dealt round-robin: each gets every kind
+    shares = dealt(pairs, workers)
     with tempfile.TemporaryDirectory(prefix="sfx-kernels-") as tmp:
         paths = [str(Path(tmp) / f"share{i}.so") for i in range(workers)]
         list(pool(workers).map(build_share, shares, [target.export()] * workers, paths))
@@ -64,6 +71,24 @@ def build_in_workers(pairs: list[tuple[str, object]], target: tvm.target.Target,
             library = tvm.runtime.load_module(path)  # loaded: the file may go
             kernels.update({spec.name: library[spec.name] for _, spec in share})
     return kernels
+
+
+def dealt(pairs: list[tuple[str, object]], workers: int) -> list[list[tuple[str, object]]]:
+    """`pairs` in `workers` shares of about equal build time: heaviest first, each to the lightest
+    share so far (weights: `build_weight`)."""
+    shares: list[list[tuple[str, object]]] = [[] for _ in range(workers)]
+    loads = [0] * workers
+    for pair in sorted(pairs, key=lambda pair: -build_weight(pair[1])):
+        lightest = loads.index(min(loads))
+        shares[lightest].append(pair)
+        loads[lightest] += build_weight(pair[1])
+    return shares
+
+
+def build_weight(spec: object) -> int:
+    """A kernel's build time, relative: `WINDOW_WEIGHT` for a dense conv over a window, else 1."""
+    depthwise = hasattr(spec, "channels")
+    return WINDOW_WEIGHT if getattr(spec, "kernel", 1) > 1 and not depthwise else 1
 
 
 def pool(workers: int) -> ProcessPoolExecutor:
@@ -76,5 +101,7 @@ def pool(workers: int) -> ProcessPoolExecutor:
 
 
 def build_share(pairs: list[tuple[str, object]], target: dict, path: str) -> str:
-    tvm.compile(kernel_module(pairs), tvm.target.Target(target)).export_library(path)
+    target = tvm.target.Target(target)
+    with build_context(target):
+        tvm.compile(kernel_module(pairs), target).export_library(path)
     return path

@@ -242,6 +242,7 @@ class HostTimer:
         self.own_ruled_out: dict[str, tuple[str, float]] = {}  # kernel key -> (own kind, its ceiling GFLOP/s)
         self.torch_ruled_out: dict[str, float] = {}  # kernel key -> PyTorch's ceiling GFLOP/s
         self.progress: Callable[[int], object] | None = None  # told of each kernel `time` has timed
+        self.built: dict[str, Callable] = {}  # spec name -> own kernel built (`built_kernels`)
 
     def overheads(self) -> dict[str, float]:
         return dict.fromkeys(TORCH_IMPLEMENTATIONS, call_overhead_ms())
@@ -250,12 +251,14 @@ class HostTimer:
         with running_with(self.target.cores):
             return calibrate(self.target)
 
-    def time(self, kernels: list[Kernel], implementations: Sequence[Sequence[str]] | None = None) -> list[Times]:
+    def time(self, kernels: list[Kernel], implementations: Sequence[Sequence[str]] | None = None,
+             ahead: Sequence[Kernel] = ()) -> list[Times]:
         """Times on `target.cores` threads of PyTorch's and TVM's pools, as the compiled model runs them
-        (set for the call, as `CompiledModel` sets them: nothing process-wide changes)."""
+        (set for the call, as `CompiledModel` sets them: nothing process-wide changes); the own kernels
+        of `ahead` are built with this call's (`built`)."""
         wanted = [set(names) for names in implementations] if implementations is not None else [None] * len(kernels)
         with running_with(self.target.cores):
-            times = self.time_rivals(kernels, wanted)
+            times = self.time_rivals(kernels, wanted, [mine for k in ahead if (mine := self.own_kernel(k, None))])
             self.add_default_tir(kernels, times, wanted)
             self.add_edge_casts(kernels, times, self.target.precision)
         return times
@@ -291,14 +294,16 @@ class HostTimer:
             for name in breakers:
                 kernel_times[name] += cast
 
-    def time_rivals(self, kernels: list[Kernel], wanted: list[set | None]) -> list[Times]:
+    def time_rivals(self, kernels: list[Kernel], wanted: list[set | None],
+                    ahead: list[tuple[str, object]] = ()) -> list[Times]:
         """Each kernel on PyTorch's kernels and its own kernel (`own_kernels.own_kernel`), in turn, the
         own kernels built together (`build_kernels`). Where both the own kernel's kind and PyTorch have
         a ceiling (`prefilter`), the side whose ceiling is lower is timed first, and the other left out
         where it beats that side's ceiling by `prefilter.OWN_MARGIN` (PyTorch's: its best on the conv's
         family where it has one, `prefilter.family_ceilings`; recorded in `own_ruled_out` or
         `torch_ruled_out`); elsewhere the two are timed apart, and again in turn where they are within
-        `NEAR_TIE` (timing PyTorch twice took a sixth of a cold plan of ResNet-50)."""
+        `NEAR_TIE` (timing PyTorch twice took a sixth of a cold plan of ResNet-50). The (kind, spec)
+        pairs `ahead` are built with them, for a later call."""
         own = [self.own_kernel(kernel, allowed) for kernel, allowed in zip(kernels, wanted, strict=True)]
         ceilings = prefilter.ceilings(self.history, (*prefilter.OWN_FILTERED, "torch"))
         pytorch = ceilings.get("torch", (0.0, 0))
@@ -315,7 +320,7 @@ class HostTimer:
             if ceiling is not None:
                 self.own_ruled_out[kernels[i].key] = (own[i][0], ceiling)
                 own[i] = None
-        built = build_kernels([mine for mine in own if mine], self.target.to_tvm())
+        built = self.built_kernels([mine for mine in own if mine] + list(ahead))
         for i, kernel in enumerate(kernels):
             mine = own[i] and (own[i][0], built[own[i][1].name], own[i][1])
             if i in own_first:
@@ -337,6 +342,15 @@ class HostTimer:
             if self.progress:
                 self.progress(1)
         return times
+
+    def built_kernels(self, pairs: list[tuple[str, object]]) -> dict[str, Callable]:
+        """The built kernels of these (kind, spec) pairs by spec name, those this timer has not built
+        yet built together (`build_kernels`); a residual conv's kernel is asked for after its bare
+        conv's (`CostModel.time_all`), ResNet-50's 1x1s one at a time, each built while a core idled."""
+        new = [pair for pair in pairs if pair[1].name not in self.built]
+        if new:
+            self.built.update(build_kernels(new, self.target.to_tvm()))
+        return self.built
 
     def in_turn_near_tie(self, kernel: Kernel, mine: tuple[str, Callable, object], pytorch: Times, alone: Times) -> Times:
         """PyTorch's and the own kernel's times taken apart, or, where they are within `NEAR_TIE`, all timed again in turn."""

@@ -46,7 +46,8 @@ class RemoteTimer:
         self.free_epilogues: dict[str, tuple[str, ...]] = {}
         self._session = None
 
-    def time(self, kernels: list[Kernel], implementations: Sequence[Sequence[str]] | None = None) -> list[Times]:
+    def time(self, kernels: list[Kernel], implementations: Sequence[Sequence[str]] | None = None,
+             ahead: Sequence[Kernel] = ()) -> list[Times]:  # noqa: ARG002 (each kernel is built as it is timed)
         wanted = implementations if implementations is not None else [("tir",)] * len(kernels)
         return [{"tir": self.time_one(k)} if "tir" in names else {} for k, names in zip(kernels, wanted, strict=True)]
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import tvm
 from tvm.script import tirx as T
 
+from sparsefx.backends.tvm.build_config import build_context
 from sparsefx.backends.tvm.tvmscript import parse
 
 OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps must not fuse into a hand-scheduled kernel
@@ -80,7 +81,8 @@ def kernel(spec: KernelSpec, target: tvm.target.Target) -> tvm.tirx.PrimFunc:
 def build(specs: list[KernelSpec], target: tvm.target.Target) -> tvm.runtime.Module:
     """One library holding the kernels of `specs` (one LLVM/NVCC build), each under its `name`."""
     funcs = {s.name: parse(kernel, s, target).with_attr("global_symbol", s.name) for s in dict.fromkeys(specs)}
-    return tvm.compile(tvm.IRModule(funcs), target)
+    with build_context(target):
+        return tvm.compile(tvm.IRModule(funcs), target)
 
 
 def _row_tile(br: int, vectors: int) -> int:
