@@ -40,8 +40,9 @@ def _reduce(group: ChannelGroup, coupling: Coupling, per_position: Callable[[int
         values = per_position(s)
         if values is None:
             continue
-        for i, root in enumerate(group.classes):
-            scores[i] += values[group.members[root][s]].sum()
+        positions = [group.members[root][s] for root in group.classes]
+        owner = np.repeat(np.arange(len(positions)), [len(p) for p in positions])
+        scores += np.bincount(owner, weights=values[np.concatenate(positions)], minlength=len(positions))
     return scores
 
 

@@ -79,6 +79,10 @@ class ShrinkModel:
             out[count.axis] = kept
         return tuple(out)
 
+    def groups_at(self, node: torch.fx.Node) -> set[int]:
+        """The groups whose removals change `node`'s shape (the only ones `shape` reads)."""
+        return {gid for count in self.axes.get(node, ()) for gid in count.ranks}
+
     def affected(self, gid: int) -> set[torch.fx.Node]:
         """Nodes whose own shape or whose inputs' shapes change with group `gid`."""
         nodes = set(self.touched.get(gid, ()))
