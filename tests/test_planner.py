@@ -186,3 +186,25 @@ def test_a_plan_priced_from_the_tables_alone_does_not_load_tvm(tmp_path):
     loaded = [subprocess.run([sys.executable, "-c", PLAN_ONCE], env=env, capture_output=True, text=True,
                              check=True).stdout.split()[-1] for _ in range(2)]
     assert loaded == ["True", "False"]  # the first plan measured its kernels on TVM; the second read them
+
+
+@pytest.mark.parametrize("name", ["residual", "concat", "depthwise", "squeeze_excite", "attention"])
+def test_kernels_kept_per_node_are_those_worked_out_afresh_for_every_state_a_plan_visits(name, monkeypatch):
+    """`_Search.pairs` keeps a node's kernels by the groups whose shapes it reads: never stale."""
+    from sparsefx.planning import planner as planner_module
+
+    kept = planner_module._Search.pairs
+    checked = []
+
+    def checking(search, node, removed):  # noqa: ANN001, ANN202
+        found = kept(search, node, removed)
+        if node not in search.chosen:
+            fresh = search.work_out(node, lambda x: search.shrink.shape(x, removed))
+            assert [(k.key, r.key) for k, r in found] == [(k.key, r.key) for k, r in fresh]
+            checked.append(bool(removed))
+        return found
+
+    monkeypatch.setattr(planner_module._Search, "pairs", checking)
+    model, inputs = _case(name)
+    plan(model, inputs, macs_ratio=0.6, verbose=False)
+    assert sum(checked) > 20  # states with channels removed were priced
