@@ -1,6 +1,6 @@
 """How long a first plan and a first compile take: `sparsefx plan MODEL --speedup S` and `sparsefx
-compile MODEL` on empty caches (cold), then again (warm), and `sparsefx compile MODEL --no-cache`
-with the warm caches (compiled afresh, not reused).
+compile MODEL` on empty caches (cold), then again (warm), and each with `--no-cache` on the warm
+caches (planned or compiled afresh, not reused).
 
 Each run is the CLI in its own process, as a user starts it, with `SPARSEFX_CACHE` pointing at a
 fresh directory for each cold run and the same directory for the warm ones after it; the wall time
@@ -60,10 +60,11 @@ def main() -> None:
             rows += [{"command": command, "run": "cold", **run_cli(cli_args, args.threads, cache)}]
             rows += [{"command": command, "run": "warm", **run_cli(cli_args, args.threads, cache)}
                      for _ in range(args.warm_runs)]
-        # the same model compiled afresh from warm tables: what a changed model (new weights) costs
-        rows += [{"command": "compile --no-cache", "run": "warm", **run_cli(commands["compile"] + ["--no-cache"],
-                                                                          args.threads, Path(tmp) / "cache-compile")}
-                 for _ in range(args.warm_runs)]
+        # the same model planned and compiled afresh from warm tables: what a changed model (new weights) costs
+        for command in commands:
+            rows += [{"command": f"{command} --no-cache", "run": "warm",
+                      **run_cli(commands[command] + ["--no-cache"], args.threads, Path(tmp) / f"cache-{command}")}
+                     for _ in range(args.warm_runs)]
     for row in rows:
         row["goal_s"] = GOALS_S[row["run"]]
         row["met"] = row["returncode"] == 0 and row["seconds"] <= row["goal_s"]
@@ -73,8 +74,10 @@ def main() -> None:
              "", f"Threads: {args.threads or 'all cores'}. Cold: empty `SPARSEFX_CACHE` (one per command); warm: the "
              "same cache again. Wall time of the CLI process (Python start and imports included).", "",
              "A warm `compile` reuses the artifact the cold one kept (`sparsefx.backends.artifacts`: same code, "
-             "weights, inputs and options); `compile --no-cache` compiles the same model afresh from the warm "
-             "measurement tables, as a model with changed weights would be.", "",
+             "weights, inputs and options), a warm `plan` the plan (`sparsefx.planning.kept`: the same, on the same "
+             "cost tables); `--no-cache` plans or compiles the same model afresh from the warm measurement tables, "
+             "as a model with changed weights would be (a plan afresh may take other moves than the cold one and "
+             "measure their kernels).", "",
              "`in the call`: the seconds `sparsefx.plan` / `sparsefx.compile` took as the CLI reports them, without "
              "starting Python, importing torch, torchvision and TVM, loading the model or writing the plan or artifact; "
              "the goal is judged on the whole process.", "",

@@ -190,10 +190,10 @@ def test_a_plan_priced_from_the_tables_alone_does_not_load_tvm(tmp_path):
 
 @pytest.mark.parametrize("name", ["residual", "concat", "depthwise", "squeeze_excite", "attention"])
 def test_kernels_kept_per_node_are_those_worked_out_afresh_for_every_state_a_plan_visits(name, monkeypatch):
-    """`_Search.pairs` keeps a node's kernels by the groups whose shapes it reads: never stale."""
+    """`Search.pairs` keeps a node's kernels by the groups whose shapes it reads: never stale."""
     from sparsefx.planning import planner as planner_module
 
-    kept = planner_module._Search.pairs
+    kept = planner_module.Search.pairs
     checked = []
 
     def checking(search, node, removed):  # noqa: ANN001, ANN202
@@ -204,7 +204,37 @@ def test_kernels_kept_per_node_are_those_worked_out_afresh_for_every_state_a_pla
             checked.append(bool(removed))
         return found
 
-    monkeypatch.setattr(planner_module._Search, "pairs", checking)
+    monkeypatch.setattr(planner_module.Search, "pairs", checking)
     model, inputs = _case(name)
-    plan(model, inputs, macs_ratio=0.6, verbose=False)
+    plan(model, inputs, macs_ratio=0.6, verbose=False, cache=False)
     assert sum(checked) > 20  # states with channels removed were priced
+
+
+def test_a_plan_is_kept_and_given_back_for_the_same_model_options_and_tables(monkeypatch, tmp_path, caplog):
+    from sparsefx.planning import kept
+    from sparsefx.planning import planner as planner_module
+
+    monkeypatch.setenv("SPARSEFX_CACHE", str(tmp_path / "cache"))
+    model, inputs = _case("residual")
+    first = plan(model, inputs, macs_ratio=0.6, verbose=False)
+    searched = []
+
+    class Counted(Planner):
+        def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+            searched.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(planner_module, "Planner", Counted)
+    again = plan(model, inputs, macs_ratio=0.6, verbose=False)
+    assert not searched and again.to_dict() == first.to_dict()  # given back, not planned
+    plan(model, inputs, macs_ratio=0.6, verbose=False, cache=False)
+    plan(model, inputs, macs_ratio=0.5, verbose=False)  # another budget
+    with torch.no_grad():
+        next(model.parameters()).mul_(2)  # other weights: another model
+    plan(model, inputs, macs_ratio=0.6, verbose=False)
+    assert len(searched) == 3  # cache=False, the other budget and the other weights were planned
+    for path in (tmp_path / "cache" / "plans").glob("*.json"):
+        path.write_text("{ damaged")
+    plan(model, inputs, macs_ratio=0.6, verbose=False)
+    assert len(searched) == 4 and "kept plan could not be read" in caplog.text
+    assert len(list((tmp_path / "cache" / "plans").glob("*.json"))) <= kept.KEPT

@@ -4,12 +4,11 @@ compile exported instead of compiling again, as ccache does for C and torch.comp
 for inductor. A warm compile of ResNet-50 spent 4 s in TVM's passes and LLVM and 2 s exporting the
 library with its weights, on top of 4 s of imports; a hit needs neither TVM nor the export.
 
-The key hashes what decides the compiled code: every parameter and buffer (values, dtypes,
-shapes), the module tree (its repr, every module's class and the source file that defines it, the
-plain attributes a forward may read), the input shapes and dtypes, the options, the target, and the
-sources of sparsefx itself. A model changed anywhere (fine-tuned weights, an edited forward) misses.
-What it cannot see: the dispatch tables the first compile decided from (an artifact keeps the
-decisions it was compiled with) and globals a forward reads; `cache=False` compiles afresh.
+The key hashes what decides the compiled code: the model as `capture.identity` sees it (weights,
+module tree, sparsefx's sources), the input shapes and dtypes, the options, the target and TVM's
+version. A model changed anywhere (fine-tuned weights, an edited forward) misses. What it cannot
+see: the dispatch tables the first compile decided from (an artifact keeps the decisions it was
+compiled with) and globals a forward reads; `cache=False` compiles afresh.
 
 Artifacts live in `cache_dir()/artifacts/<key>.sfx`, written by `CompiledModel.export`; the least
 recently used go beyond `SPARSEFX_ARTIFACTS_GB` (default 4) GB. One that cannot be loaded is
@@ -18,51 +17,31 @@ deleted and the model compiled again. Nothing here imports TVM.
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import inspect
 import json
 import os
 import shutil
 import tarfile
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from sparsefx.cache import cache_dir
+from sparsefx.capture.identity import model_key
 from sparsefx.log import get_logger
 from sparsefx.target import Target, tvm_version
 
 LOG = get_logger("artifacts")
-PLAIN = (bool, int, float, str, type(None))
 
 
 def compile_key(model: nn.Module, inputs: tuple, target: Target, threads: int, precision: str, dispatch: bool | str,
                 tune: int) -> str | None:
-    """The key `model` compiled from `inputs` with these (checked) options is kept under; None where the
-    model's state cannot be read as bytes (packed quantized weights, the meta device): it is not kept."""
+    """The key `model` compiled from `inputs` with these (checked) options is kept under
+    (`capture.identity.model_key`); None where the model cannot be keyed: it is not kept."""
     measured = ("peak_gflops", "bandwidth_gbs")  # filled in once measured: the same target before and after
     options = {"target": {k: v for k, v in target.as_dict().items() if k not in measured}, "threads": threads,
                "precision": precision, "dispatch": dispatch, "tune": tune}
-    digest = hashlib.sha256()
-    head = {"options": options, "inputs": [(tuple(x.shape), str(x.dtype)) for x in inputs],
-            "versions": [_sources_digest(), torch.__version__, tvm_version()], "tree": _tree(model)}
-    digest.update(json.dumps(head, sort_keys=True, default=str).encode())
-    try:
-        for name, tensor in model.state_dict().items():
-            if not isinstance(tensor, torch.Tensor):  # extra state: a plain value or a dtype stands for itself
-                if not isinstance(tensor, (*PLAIN, torch.dtype)):
-                    return None  # packed parameters (quantized modules): their repr elides values
-                digest.update(f"{name}|{tensor!r}".encode())
-                continue
-            tensor = tensor.detach().cpu()
-            tensor = (tensor.to_dense() if tensor.layout != torch.strided else tensor).contiguous()
-            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
-    except (RuntimeError, NotImplementedError, TypeError):
-        return None
-    return digest.hexdigest()[:32]
+    return model_key(model, {"options": options, "inputs": [(tuple(x.shape), str(x.dtype)) for x in inputs],
+                             "tvm": tvm_version()})
 
 
 def cached(key: str) -> Path | None:
@@ -131,30 +110,3 @@ def _trim(root: Path, budget: float) -> None:
         total += path.stat().st_size
         if total > budget and path != files[0]:  # the newest stays, however large
             path.unlink(missing_ok=True)
-
-
-def _tree(model: nn.Module) -> list:
-    """The module tree as far as it decides the code: repr, classes and their source, plain attributes."""
-    modules = [[name, type(m).__module__, type(m).__qualname__, _file_digest(type(m)),
-                {k: v for k, v in vars(m).items() if not k.startswith("_") and isinstance(v, PLAIN)}]
-               for name, m in model.named_modules()]
-    return [repr(model), modules]
-
-
-@functools.cache
-def _file_digest(cls: type) -> str:
-    try:
-        return hashlib.sha256(Path(inspect.getfile(cls)).read_bytes()).hexdigest()
-    except (TypeError, OSError):  # defined in a notebook or at the prompt: its name stands for it
-        return ""
-
-
-@functools.cache
-def _sources_digest() -> str:
-    """sparsefx's own code: an edit to a pass changes what compiling produces."""
-    digest = hashlib.sha256()
-    package = Path(__file__).resolve().parents[1]
-    for path in sorted(package.rglob("*.py")):
-        digest.update(str(path.relative_to(package)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()

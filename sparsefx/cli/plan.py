@@ -84,6 +84,8 @@ def _add_plan_args(parser: argparse.ArgumentParser) -> None:
     add_precision_arg(parser)  # priced and compiled at it
     parser.add_argument("--ignore", nargs="+", action="extend", default=[], metavar="NAME",
                         help="module names whose channels must not be pruned")
+    parser.add_argument("--no-cache", dest="cache", action="store_false",
+                        help="plan afresh even if this model was planned with these options on the same cost tables")
 
 
 def _target(args: argparse.Namespace) -> Target:
@@ -100,7 +102,7 @@ def _make_plan(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple, 
     LOG.info(f"planning for {target} (kernel latencies are measured once and cached)")
     started = time.perf_counter()
     options = dict(granularities=[g.strip() for g in args.granularity.split(",") if g.strip()],
-                   importance=args.importance, ignore=tuple(args.ignore), max_ratio=args.max_ratio)
+                   importance=args.importance, ignore=tuple(args.ignore), max_ratio=args.max_ratio, cache=args.cache)
     calibration = read_calibration(args, model, inputs)
     if calibration is not None:
         options["calibration"] = calibration

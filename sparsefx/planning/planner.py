@@ -28,10 +28,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from sparsefx.capture.trace import as_inputs
 from sparsefx.channels.coupling import ChannelGroup, Coupling
 from sparsefx.channels.prune import score_groups
 from sparsefx.channels.record import fingerprint
-from sparsefx.channels.select import under
+from sparsefx.channels.select import as_names, under
 from sparsefx.cost.fusion import FusionRules
 from sparsefx.cost.kernel import Kernel
 from sparsefx.cost.latency import analyze_fusion, dense_kernels, priced_kernels
@@ -40,6 +41,8 @@ from sparsefx.cost.model import CostModel
 from sparsefx.cost.shrink import ShrinkModel, removal_order
 from sparsefx.cost.timing import neighbours_cores
 from sparsefx.errors import SparsefxError
+from sparsefx.log import get_logger
+from sparsefx.planning import kept
 from sparsefx.planning.plan import GRANULARITIES, Entry, Plan, PlanError
 from sparsefx.planning.pricing import cost_model
 from sparsefx.planning.sparse_options import SparseOption, candidates, layer_weights, sparse_options
@@ -47,6 +50,7 @@ from sparsefx.sparse.masks import Sparsity
 from sparsefx.sparse.sparsify import sparsify
 from sparsefx.target import resolve_target, with_precision
 
+LOG = get_logger("planner")
 LOOKAHEAD = 4  # moves considered per group: the next few fast sizes, to see past flat steps
 MEASURED_TOGETHER = 2  # guessed moves measured at once, best first: their kernels built in one batch (`CostModel.prefetch`)
 
@@ -55,7 +59,7 @@ def group_name(group: ChannelGroup) -> str:
     return group.producers()[0].layer
 
 
-class _Search:
+class Search:
     """Greedy latency-saliency search over units removed per group."""
 
     def __init__(self, gm: torch.fx.GraphModule, shrink: ShrinkModel, price: Callable[[Kernel, Kernel], float],
@@ -225,7 +229,7 @@ class Planner:
         self.by_macs = by_macs
         self.shrink = ShrinkModel(self.gm, self.coupling, self.orders)
         price = (lambda k, ref: k.flops / 2) if by_macs else self.cost.latency
-        self.search = _Search(self.gm, self.shrink, price, self.cost.lanes, self.cost.fusion,
+        self.search = Search(self.gm, self.shrink, price, self.cost.lanes, self.cost.fusion,
                               **({} if by_macs else {"prefetch": self.cost.prefetch, "in_layout": self.cost.in_layout,
                                                      "estimate": self.cost.estimate}))
         self.dense = self.search.total
@@ -247,7 +251,7 @@ class Planner:
 
     def within(self, removed: dict[int, int], goal: float) -> bool:
         """Whether `evaluate(removed)` is at most `goal`, measured only where the guess (optimistic,
-        measuring nothing: `_Search.guessed`) does not already say no."""
+        measuring nothing: `Search.guessed`) does not already say no."""
         return self.search.guessed(removed) <= goal and self.evaluate(removed) <= goal
 
     def uniform(self, ratio: float) -> dict[int, int]:
@@ -259,7 +263,7 @@ def plan(model: nn.Module, example_inputs: object, target: object = "cpu", speed
          latency_ms: float | None = None, macs_ratio: float | None = None, sparsity: float | None = None,
          granularities: Iterable[str] = ("channel",), importance: str = "l1", ignore: Iterable[str] = (),
          max_ratio: float = 0.9, cost: CostModel | None = None, verbose: bool = True,
-         calibration: object | None = None, precision: str | None = None) -> Plan:
+         calibration: object | None = None, precision: str | None = None, cache: bool = True) -> Plan:
     """Choose what to do to each group or layer of `model` so that it meets one budget on `target`.
 
     `speedup` and `latency_ms` are predicted by the target's cost model (measured kernel
@@ -268,7 +272,9 @@ def plan(model: nn.Module, example_inputs: object, target: object = "cpu", speed
     granularity fits (block, N:M), or of channels from every group when only "channel" is
     given. `calibration` batches feed data-aware importance ("wanda", "taylor"; pass the same
     to `apply`). `precision` ("bf16" on CPUs that have it) prices the kernels the model compiled at
-    that precision runs. The model is not changed; `apply(model, plan, example_inputs)` carries it out."""
+    that precision runs. The model is not changed; `apply(model, plan, example_inputs)` carries it out.
+    A channel plan is kept (`planning.kept`): the same model, budget and options on the same cost
+    tables get it back; `cache=False` plans afresh."""
     if precision is not None:
         target = with_precision(resolve_target(target), precision)
     budget = _budget(speedup=speedup, latency_ms=latency_ms, macs_ratio=macs_ratio, sparsity=sparsity)
@@ -282,6 +288,17 @@ def plan(model: nn.Module, example_inputs: object, target: object = "cpu", speed
         raise SparsefxError(f"max_ratio={max_ratio!r} must be in (0, 1): the most of one group that may go")
     if "macs_ratio" in budget and "channel" not in granularities:
         raise SparsefxError("a macs_ratio budget needs 'channel' among the granularities: sparse kernels keep MACs")
+    key = None
+    if cache and cost is None and calibration is None and isinstance(importance, str) and granularities == ("channel",):
+        cost = cost_model(target)
+        asked = {"budget": budget, "importance": importance, "ignore": sorted(as_names(ignore)), "max_ratio": max_ratio}
+        key = kept.plan_key(model, as_inputs(example_inputs), cost, asked)
+        found = kept.cached(key) if key else None
+        if found is not None:
+            if "speedup" in budget or "latency_ms" in budget:
+                _warn_if_drifted(cost)
+            LOG.info("reused the plan made before (same model, budget, options and cost tables; cache=False plans afresh)")
+            return found
     cost = cost or cost_model(target)
     sparse = tuple(g for g in granularities if g != "channel")
     if sparse and cost.device:
@@ -318,7 +335,12 @@ def plan(model: nn.Module, example_inputs: object, target: object = "cpu", speed
                                     "raise max_ratio or allow more granularities")
         cost.save()
         cost.progress = None
-    return _as_plan(model, planner, budget)
+    result = _as_plan(model, planner, budget)
+    if key is not None:
+        key = kept.plan_key(model, planner.inputs, cost, asked)  # on the tables as this plan left them
+        if key is not None:
+            kept.keep(key, result)
+    return result
 
 
 def _warn_if_drifted(cost: CostModel, tolerance: float = 0.2) -> None:
@@ -387,12 +409,12 @@ def _force(planner: Planner, options: dict, sparsity: float, granularities: tupl
             planner.search.commit(gid, units)
 
 
-def _greedy(search: _Search, groups: list[ChannelGroup], losses: dict[int, np.ndarray],
+def _greedy(search: Search, groups: list[ChannelGroup], losses: dict[int, np.ndarray],
             options: dict[torch.fx.Node, list[SparseOption]], goal: float, lanes: int, max_ratio: float) -> None:
     """Take the move with the least importance lost per millisecond saved until `goal`:
     "remove more of group g" or "run layer n on a sparser kernel". A layer is either
     channel-pruned or sparse, never both (the kernels are measured at the layer's full size).
-    Moves are weighed on guessed times where their kernels are not measured (`_Search.saving`), and
+    Moves are weighed on guessed times where their kernels are not measured (`Search.saving`), and
     the best one is measured (with the next few guessed ones, `MEASURED_TOGETHER`) and weighed again
     until the best is measured: only it is taken."""
     allowed = {g.id: _allowed_removals(g, lanes, max_ratio) for g in groups}
@@ -481,7 +503,7 @@ def _as_plan(model: nn.Module, planner: Planner, budget: dict) -> Plan:
                              m=spec.m if spec.pattern == "nm" else None,
                              importance_lost=round(option.loss / total_weights, 5) if total_weights else 0.0,
                              latency_ms=[round(_dense_ms(search, node), 4), round(option.ms, 4)]))
-    macs = _Search(search.gm, search.shrink, lambda k, ref: k.flops / 2, search.lanes, planner.cost.fusion)
+    macs = Search(search.gm, search.shrink, lambda k, ref: k.flops / 2, search.lanes, planner.cost.fusion)
     macs_dense = macs.total
     for gid, units in search.removed.items():
         macs.commit(gid, units)
@@ -496,7 +518,7 @@ def _as_plan(model: nn.Module, planner: Planner, budget: dict) -> Plan:
     return Plan(model_info, planner.cost.target.as_dict(), budget, importance, entries, predicted)
 
 
-def _dense_ms(search: _Search, node: torch.fx.Node) -> float:
+def _dense_ms(search: Search, node: torch.fx.Node) -> float:
     """What a sparse layer costs dense (its dense kernels, priced as if no choice was made)."""
     option = search.chosen.pop(node)
     try:
