@@ -94,8 +94,9 @@ class Search:
             return []
         if node not in self.reads:  # the groups whose removals change the shapes working them out reads
             read: set[object] = set()
-            self.known[(node, ())] = self.work_out(node, lambda x: read.add(x) or self.shrink.shape(x, {}))
+            dense = self.work_out(node, lambda x: read.add(x) or self.shrink.shape(x, {}))
             self.reads[node] = tuple(sorted({gid for x in read for gid in self.shrink.groups_at(x)}))
+            self.known[(node, (0,) * len(self.reads[node]))] = dense
         key = (node, tuple(removed.get(gid, 0) for gid in self.reads[node]))
         found = self.known.get(key)
         if found is None:
