@@ -129,7 +129,7 @@ class CostModel:
         `GUESS_MARGIN`. A kernel's time mostly shrinks more slowly than its work, so a guessed saving
         is optimistic, and a search that measures its best-looking moves before taking them
         (`planning.planner`) seldom passes over a move it would have taken on measured times. A cold
-        plan of ResNet-50 at 2x measured 332 kernels where the moves it took read 103; guessing, ~220."""
+        plan of ResNet-50 at 2x measured 332 kernels where the moves it took read 103; guessing, ~160."""
         if kernel.op not in MEASURED or kernel.op in CALIBRATED or not self.measure:
             return self.latency(kernel, reference), True
         reference = reference or kernel
