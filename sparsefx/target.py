@@ -63,6 +63,11 @@ class Target:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def as_key(self) -> dict:
+        """`as_dict` without the peaks filled in once measured: the same target before and after (what
+        keys kept work, `backends.artifacts` and `planning.kept`)."""
+        return {k: v for k, v in self.as_dict().items() if k not in ("peak_gflops", "bandwidth_gbs")}
+
     @classmethod
     def from_dict(cls, data: dict) -> Target:
         return cls(**data)

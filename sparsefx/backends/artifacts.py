@@ -37,9 +37,8 @@ def compile_key(model: nn.Module, inputs: tuple, target: Target, threads: int, p
                 tune: int) -> str | None:
     """The key `model` compiled from `inputs` with these (checked) options is kept under
     (`capture.identity.model_key`); None where the model cannot be keyed: it is not kept."""
-    measured = ("peak_gflops", "bandwidth_gbs")  # filled in once measured: the same target before and after
-    options = {"target": {k: v for k, v in target.as_dict().items() if k not in measured}, "threads": threads,
-               "precision": precision, "dispatch": dispatch, "tune": tune}
+    options = {"target": target.as_key(), "threads": threads, "precision": precision, "dispatch": dispatch,
+               "tune": tune}
     return model_key(model, {"options": options, "inputs": [(tuple(x.shape), str(x.dtype)) for x in inputs],
                              "tvm": tvm_version()})
 

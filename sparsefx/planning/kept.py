@@ -31,19 +31,18 @@ LOG = get_logger("plans")
 KEPT = 256  # plans kept, the most recently used
 
 
-def plan_key(model: nn.Module, inputs: tuple, cost: CostModel, options: dict) -> str | None:
-    """The key a plan of `model` with these options, priced by `cost`, is kept under (None: not kept)."""
-    measured = ("peak_gflops", "bandwidth_gbs")  # filled in once measured: the same target before and after
-    target = {k: v for k, v in cost.target.as_dict().items() if k not in measured}
-    return model_key(model, {"plan": options, "target": target, "tables": tables_digest(cost),
+def model_part(model: nn.Module, inputs: tuple, cost: CostModel, options: dict) -> str | None:
+    """What keys a plan of `model` with these options on `cost`'s target, but the tables (None: not kept)."""
+    return model_key(model, {"plan": options, "target": cost.target.as_key(),
                              "inputs": [(tuple(x.shape), str(x.dtype)) for x in inputs]})
 
 
-def tables_digest(cost: CostModel) -> str:
-    digest = hashlib.sha256()
+def plan_key(part: str, cost: CostModel) -> str:
+    """The key a plan is kept under: its `model_part` and the bytes of `cost`'s table files now."""
+    digest = hashlib.sha256(part.encode())
     for table in cost.tables:
         digest.update(table.path.read_bytes() if table.path.is_file() else b"absent")
-    return digest.hexdigest()
+    return digest.hexdigest()[:32]
 
 
 def cached(key: str) -> Plan | None:

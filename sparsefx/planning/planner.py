@@ -289,12 +289,12 @@ def plan(model: nn.Module, example_inputs: object, target: object = "cpu", speed
         raise SparsefxError(f"max_ratio={max_ratio!r} must be in (0, 1): the most of one group that may go")
     if "macs_ratio" in budget and "channel" not in granularities:
         raise SparsefxError("a macs_ratio budget needs 'channel' among the granularities: sparse kernels keep MACs")
-    key = None
+    part = None
     if cache and cost is None and calibration is None and isinstance(importance, str) and granularities == ("channel",):
         cost = cost_model(target)
         asked = {"budget": budget, "importance": importance, "ignore": sorted(as_names(ignore)), "max_ratio": max_ratio}
-        key = kept.plan_key(model, as_inputs(example_inputs), cost, asked)
-        found = kept.cached(key) if key else None
+        part = kept.model_part(model, as_inputs(example_inputs), cost, asked)  # hashed once: the weights are read
+        found = kept.cached(kept.plan_key(part, cost)) if part else None
         if found is not None:
             if "speedup" in budget or "latency_ms" in budget:
                 _warn_if_drifted(cost)
@@ -337,10 +337,8 @@ def plan(model: nn.Module, example_inputs: object, target: object = "cpu", speed
         cost.save()
         cost.progress = None
     result = _as_plan(model, planner, budget)
-    if key is not None:
-        key = kept.plan_key(model, planner.inputs, cost, asked)  # on the tables as this plan left them
-        if key is not None:
-            kept.keep(key, result)
+    if part is not None:
+        kept.keep(kept.plan_key(part, cost), result)  # on the tables as this plan left them
     return result
 
 
