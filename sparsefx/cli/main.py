@@ -355,14 +355,15 @@ def _runtimes(text: str) -> list[str]:
 def _peer_runners(runtimes: list[str], sources: dict[str, nn.Module], inputs: tuple, threads: int) -> dict:
     """'RUNTIME dense' / 'RUNTIME pruned' runners of each installed peer runtime, at `threads`."""
     runners = {}
+    peers = {variant: Peers(source, inputs, threads) for variant, source in sources.items()}  # one ONNX export each
     for runtime in runtimes:
         if not available(runtime):
             LOG.warning(f"--vs {runtime}: not installed, skipped (pip install -e '.[dev]')")
             continue
-        for variant, source in sources.items():
+        for variant in sources:
             LOG.info(f"building {runtime} ({variant}, {threads} threads)")
             try:
-                runners[f"{runtime} {variant}"] = Peers(source, inputs, threads).build(runtime)
+                runners[f"{runtime} {variant}"] = peers[variant].build(runtime)
             except PeerError as error:  # a peer that cannot take the model is reported, not fatal
                 LOG.warning(f"--vs {runtime}: {error}")
     return runners

@@ -26,7 +26,7 @@ from sparsefx.backends.tvm.fold import numpy_fold_pass
 from sparsefx.backends.tvm.kernels import layer_norm, pool
 from sparsefx.backends.tvm.kernels import registry as own_kernels
 from sparsefx.backends.tvm.kernels.layout_chain import layout_chain_pass
-from sparsefx.backends.tvm.kernels.registry import own_kernel_pass, own_linear_pass
+from sparsefx.backends.tvm.kernels.registry import own_attention_pass, own_kernel_pass, own_linear_pass
 from sparsefx.backends.tvm.schedule import default_schedule_pass
 from sparsefx.backends.tvm.silu import silu_pass
 from sparsefx.backends.tvm.sparse.relax import sparse_kernel_pass
@@ -138,6 +138,7 @@ def decide_by_kind(mod: tvm.IRModule) -> dict[str, dict]:
 
 def dispatch(decisions: dict[str, dict], precision: str = "fp32") -> list[NamedPass]:
     passes = [("FuseOwnKernels", own_kernel_pass(decisions)), ("FuseOwnLinear", own_linear_pass(decisions)),
+              ("FuseOwnAttention", own_attention_pass(decisions)),
               ("ChainLayouts", layout_chain_pass),
               ("FuseTorchEpilogue", epilogue_pass(decisions, precision)),
               ("DispatchToTorch", dispatch_pass(decisions, precision))]

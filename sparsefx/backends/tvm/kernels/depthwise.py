@@ -160,12 +160,12 @@ def activate(value, activation: str):  # noqa: ANN001, ANN202 (TIR expressions)
     if activation == "relu6":
         return T.min(T.max(value, T.float32(0)), T.float32(6))
     if activation == "silu":
-        return value / (T.float32(1) + _exp(-value))
+        return value / (T.float32(1) + fast_exp(-value))
     if activation == "gelu":
         return T.float32(0.5) * value * (T.float32(1) + erf(value * T.float32(1 / math.sqrt(2))))
     if activation == "gelu_tanh":  # 0.5 v (1 + tanh(u)) = v / (1 + exp(-2u))
         u = T.float32(math.sqrt(2 / math.pi)) * (value + T.float32(0.044715) * value * value * value)
-        return value / (T.float32(1) + _exp(T.float32(-2) * u))
+        return value / (T.float32(1) + fast_exp(T.float32(-2) * u))
     return value
 
 
@@ -189,7 +189,7 @@ def erf(x):  # noqa: ANN001, ANN201 (a TIR expression)
     return x * p / q
 
 
-def _exp(value):  # noqa: ANN001, ANN202 (TIR expressions)
+def fast_exp(value):  # noqa: ANN001, ANN202 (TIR expressions)
     """exp that vectorises: LLVM turns `T.exp` into one libm call per lane, which made a fused SiLU
     cost 3-5x the convolution. Cephes' expf: n = round(x·log2 e), a degree-5 polynomial on the
     remainder (within 2 ulp), times 2^n built in the exponent bits; |x| clamped to 88.38 (no inf)."""

@@ -8,7 +8,8 @@ over the residual, called by `call_tir_inplace`), PyTorch's weight shape (`spec.
 where a spec's weight argument is not in that layout (`arg_shapes[1]` differs), `pack_weight(spec, weight)`,
 applied to the constant weight at compile time; the dispatch times it beside PyTorch and
 records `impl: <name>` where it wins, and the cost model prices the same choice. Matmul kernels
-(`amx_linear`, `linear`) say the same of a matmul `Kernel` and are swapped in by `own_linear_pass`.
+(`amx_linear`, `linear`) say the same of a matmul `Kernel` and are swapped in by `own_linear_pass`,
+and `attention` of an attention `Kernel` (PyTorch's SDPA), swapped in by `own_attention_pass`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from sparsefx.backends.tvm.kernels import (
     amx,
     amx_depthwise,
     amx_linear,
+    attention,
     blocked,
     blocked_depthwise,
     depthwise,
@@ -58,7 +60,8 @@ CONV_KERNELS: dict[str, ModuleType] = {"amx": amx, "dpbf16": dpbf16, "amx_depthw
                                        "blocked_depthwise": blocked_depthwise, "blocked": blocked,
                                        "depthwise": depthwise, "pointwise": pointwise, "direct": direct}
 MATMUL_KERNELS: dict[str, ModuleType] = {"amx_linear": amx_linear, "linear": linear}  # first match wins
-KERNELS: dict[str, ModuleType] = {**CONV_KERNELS, **MATMUL_KERNELS}
+ATTENTION_KERNELS: dict[str, ModuleType] = {"attention": attention}  # float32, also in bf16 builds (softmax stays float32)
+KERNELS: dict[str, ModuleType] = {**CONV_KERNELS, **MATMUL_KERNELS, **ATTENTION_KERNELS}
 BF16_KINDS = ("amx", "dpbf16", "amx_depthwise", "amx_linear")  # only for bf16 targets on CPUs with AVX512-BF16
 AMX_KINDS = ("amx",)  # of those, the ones on AMX tiles, which also need the CPU to have them
 TILE_KINDS = ("amx", "dpbf16", "amx_depthwise")  # of those, the ones in the tiles' layout (`tile_layout`)
@@ -81,12 +84,13 @@ def kind_of(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...], precisi
 
 
 def own_kernel(kernel: Kernel, precision: str = "fp32") -> tuple[str, object] | None:
-    """(kind, spec) of the sparsefx TIR kernel that runs this conv or matmul in `precision` with its bias
-    and epilogue fused, else None."""
-    if kernel.op == "matmul":
-        kind = next((name for name, module in MATMUL_KERNELS.items()
+    """(kind, spec) of the sparsefx TIR kernel that runs this conv, matmul or attention in `precision`
+    with its bias and epilogue fused, else None."""
+    if kernel.op in ("matmul", "attention"):
+        kernels = MATMUL_KERNELS if kernel.op == "matmul" else ATTENTION_KERNELS
+        kind = next((name for name, module in kernels.items()
                      if runs_here(name, precision) and module.supported(kernel)), None)
-        return (kind, MATMUL_KERNELS[kind].spec_of(kernel)) if kind else None
+        return (kind, kernels[kind].spec_of(kernel)) if kind else None
     if kernel.op != "conv2d":
         return None
     attrs, shapes = kernel.conv_attrs, kernel.shapes
@@ -263,6 +267,32 @@ def own_linear_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
         return out if len(out_shape) == 2 else relax.op.reshape(out, out_shape)
 
     return swapping_pass("FuseOwnLinear", rewrite_all, spec_for, call)
+
+
+def own_attention_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
+    """Relax pass: an attention (`nn.attention`, with or without a bias) decided for an attention kernel
+    (`ATTENTION_KERNELS`) becomes one `call_tir` of it on the same operands (runs before the dispatch
+    pass, which hands the rest to PyTorch's SDPA)."""
+    patterns = [is_op("relax.nn.attention")(wildcard(), wildcard(), wildcard()),
+                is_op("relax.nn.attention_bias")(wildcard(), wildcard(), wildcard(), wildcard())]
+
+    def spec_for(expr: relax.Expr, _matches: dict) -> tuple[str, object] | None:
+        k = kernel_of(expr)
+        kind = decisions.get(k.key, {}).get("impl") if k is not None else None
+        return (kind, ATTENTION_KERNELS[kind].spec_of(k)) if kind in ATTENTION_KERNELS else None
+
+    def rewrite_all(mod: tvm.IRModule, rewriter: Callable) -> tvm.IRModule:
+        for gvar, func in list(mod.functions.items()):
+            if isinstance(func, relax.Function):
+                for pattern in patterns:
+                    func = rewrite_fused(pattern, lambda e, m, p=pattern: rewriter(e, {**m, "call": m[p]}), func)
+                mod[gvar] = func
+        return mod
+
+    def call(gvars: dict, _kind: str, spec: object, matches: dict) -> relax.Expr:
+        return relax.call_tir(gvars[spec.name], list(matches["call"].args), relax.TensorType(spec.out_shape, "float32"))
+
+    return swapping_pass("FuseOwnAttention", rewrite_all, spec_for, call)
 
 
 def swapping_pass(name: str, rewrite_all: Callable, spec_for: Callable, call: Callable) -> tvm.transform.Pass:

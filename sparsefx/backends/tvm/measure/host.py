@@ -368,7 +368,7 @@ class HostTimer:
         with torch.inference_mode():
             rivals, keys = torch_rivals(kernel, self.target.precision)
             if mine:
-                rivals[mine[0]] = self.own_runs(mine[1], mine[2])
+                rivals[mine[0]] = self.own_runs(mine[1], mine[2], has_weight(kernel))
             rivals = {name: runs for name, runs in rivals.items() if allowed is None or name in allowed}
             # PyTorch's plain conv and matmul and the own kernels keep nothing per weight; prepacked
             # convs and matmuls and bf16-converted matmul weights (`keys`) do
@@ -392,10 +392,11 @@ class HostTimer:
         return cold_traffic(tuple(kernel.shapes[1])) if has_weight(kernel) else None
 
     @staticmethod
-    def own_runs(run: Callable[..., object], spec: object) -> list[Callable[[], object]]:
+    def own_runs(run: Callable[..., object], spec: object, weighted: bool = True) -> list[Callable[[], object]]:
+        """Runs of an own kernel on random arguments, through the timed copies of its weight where it has one."""
         dtypes = getattr(spec, "arg_dtypes", ("float32",) * len(spec.arg_shapes))
-        return cycled_weight_runs(run, [random_tensor(shape, dtype) for shape, dtype in zip(spec.arg_shapes, dtypes,
-                                                                                          strict=True)])
+        args = [random_tensor(shape, dtype) for shape, dtype in zip(spec.arg_shapes, dtypes, strict=True)]
+        return cycled_weight_runs(run, args) if weighted else [functools.partial(run, *args)]
 
     def add_default_tir(self, kernels: list[Kernel], times: list[Times], wanted: list[set | None]) -> None:
         """Time TVM's default schedule where asked for by name, or (unasked) for kernels no own kernel
