@@ -71,3 +71,17 @@ def test_pass_swaps_the_kernel_in_and_the_model_matches_eager(impl: str) -> None
     assert ("attention_1x40x3x16_40x16_sd" in text) == (impl == "attention")
     with torch.no_grad():
         np.testing.assert_allclose(got, model(*inputs).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_grouped_query_attention_is_not_a_dispatch_workload() -> None:
+    """Relax's attention takes fewer key/value heads than query heads; the attention kernel and SDPA's
+    dispatched call index them as equal, so such a call is left to TVM."""
+    from tvm import relax
+
+    from sparsefx.backends.tvm.dispatch.patterns import kernel_of
+
+    q, k, v = (relax.Var(name, relax.TensorType(shape, "float32"))
+               for name, shape in (("q", (1, 40, 8, 16)), ("k", (1, 40, 2, 16)), ("v", (1, 40, 2, 16))))
+    typed = relax.BlockBuilder().normalize
+    assert kernel_of(typed(relax.op.nn.attention(q, k, v))) is None
+    assert kernel_of(typed(relax.op.nn.attention(q, q, q))).dims == (1, 40, 8, 16, 40, 16)

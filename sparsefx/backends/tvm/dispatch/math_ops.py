@@ -61,11 +61,14 @@ def _layer_norm_attrs(call: relax.Call, rank: int) -> tuple[float, ...] | None:
 
 def _attention_attrs(call: relax.Call, rank: int) -> tuple[float, ...] | None:
     """(scale, 0 = default 1/sqrt(head dim); 1.0 if causal from the top left; 1.0 if it adds a bias of
-    the full (batch, heads, seq, seq_kv) shape): what `backends.tvm.importer` emits for PyTorch's SDPA."""
+    the full (batch, heads, seq, seq_kv) shape): what `backends.tvm.importer` emits for PyTorch's SDPA;
+    None for fewer key/value heads than query heads (Relax takes them, the dispatched kernels do not)."""
     a, args = call.attrs, call.args
     if a.window_size is not None or (a.causal_mask or "TopLeft") != "TopLeft":
         return None
     dims = [tuple(int(d) for d in x.ty.shape) for x in args[:3]]
+    if not dims[0][2] == dims[1][2] == dims[2][2]:  # grouped-query heads: the workload's dims and SDPA's call assume equal
+        return None
     if len(args) > 3:
         b, s, n = dims[0][:3]
         if tuple(int(d) for d in args[3].ty.shape) != (b, n, s, dims[1][1]):
