@@ -28,7 +28,7 @@ GOALS_S = {"cold": 60.0, "warm": 5.0}
 
 
 def run_cli(args: list[str], threads: int | None, cache: Path) -> dict:
-    command = [sys.executable, "-m", "sparsefx.cli.main", *args] + (["--threads", str(threads)] if threads else [])
+    command = [sys.executable, "-m", "sparsefx.cli", *args] + (["--threads", str(threads)] if threads else [])
     started = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, env={**os.environ, "SPARSEFX_CACHE": str(cache)},
                           capture_output=True, text=True)
@@ -74,8 +74,8 @@ def main() -> None:
              "", f"Threads: {args.threads or 'all cores'}. Cold: empty `SPARSEFX_CACHE` (one per command); warm: the "
              "same cache again. Wall time of the CLI process (Python start and imports included).", "",
              "A warm `compile` reuses the artifact the cold one kept (`sparsefx.backends.artifacts`: same code, "
-             "weights, inputs and options), a warm `plan` the plan (`sparsefx.planning.kept`: the same, on the same "
-             "cost tables); `--no-cache` plans or compiles the same model afresh from the warm measurement tables, "
+             "weights, inputs and options), a warm `plan` the plan kept for the same command on the same cost tables "
+             "(`sparsefx.cli.recipe`, without importing PyTorch: no `in the call`); `--no-cache` plans or compiles the same model afresh from the warm measurement tables, "
              "as a model with changed weights would be (a plan afresh may take other moves than the cold one and "
              "measure their kernels).", "",
              "`in the call`: the seconds `sparsefx.plan` / `sparsefx.compile` took as the CLI reports them, without "

@@ -16,8 +16,6 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import torch
-
 from sparsefx.cache import Table, cache_dir
 from sparsefx.errors import SparsefxError
 
@@ -54,7 +52,7 @@ class Target:
                 config["mattr"] = list(TILE_MATTR if has_tiles() else BF16_MATTR)
             return tvm.target.Target(config)
         return tvm.target.Target({"kind": "cuda", "arch": self.arch},
-                                 host={"kind": "llvm", "mcpu": _host_cpu(), "num-cores": _host_cores()})
+                                 host={"kind": "llvm", "mcpu": _host_cpu(), "num-cores": host_cores()})
 
     @property
     def is_gpu(self) -> bool:
@@ -127,7 +125,7 @@ def tvm_version() -> str:
         return "unknown"
 
 
-def _host_cores() -> int:
+def host_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -151,7 +149,7 @@ def cpu_model() -> str:
 
 
 def host_cpu() -> Target:
-    return Target("cpu", "llvm", _host_cpu(), _host_cores(), _vector_bits(), device_name=cpu_model())
+    return Target("cpu", "llvm", _host_cpu(), host_cores(), _vector_bits(), device_name=cpu_model())
 
 
 def with_measured_peaks(target: Target) -> Target:
@@ -173,6 +171,8 @@ def peaks_table() -> Table:
 
 
 def measure_cpu_peaks() -> tuple[float, float]:
+    import torch  # here only: targets are resolved without PyTorch (`cli.recipe`)
+
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     src, dst = torch.randn(32 * 2**20 // 4), torch.empty(32 * 2**20 // 4)
     flops, copies = [], []
@@ -237,13 +237,13 @@ def check_threads(threads: int | None, target: Target | None = None) -> int:
     """The thread count a model for `target` runs with: `threads`, or all of the target's cores when None
     (of the host's for a GPU target, whose host code runs on them, or no target)."""
     if threads is None:
-        return (target.cores if target else 0) or _host_cores()
+        return (target.cores if target else 0) or host_cores()
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise TargetError(f"threads must be a whole number of cores >= 1, got {threads!r}; "
-                          f"use 1..{_host_cores()} or None (all cores)")
-    if threads > _host_cores():
-        raise TargetError(f"threads={threads} is more than the {_host_cores()} cores this process may use; "
-                          f"use 1..{_host_cores()} or None (all cores)")
+                          f"use 1..{host_cores()} or None (all cores)")
+    if threads > host_cores():
+        raise TargetError(f"threads={threads} is more than the {host_cores()} cores this process may use; "
+                          f"use 1..{host_cores()} or None (all cores)")
     return threads
 
 

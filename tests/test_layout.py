@@ -35,7 +35,10 @@ LAYERS = {
 # its top, so importing the backend lazily is the same thing); transformers, which takes seconds
 # to import and serves `hf:` model specs only; onnxruntime and openvino, optional, for checking an
 # export and as the peers benchmarks measure against (backends/peers.py).
-LAZY = ("tvm", "tvm_ffi", f"{PACKAGE}.backends.tvm", "transformers", "onnxruntime", "openvino")
+LAZY = ("tvm", "tvm_ffi", f"{PACKAGE}.backends.tvm", "transformers", "onnxruntime", "openvino",
+        # a plan kept for its command is answered without PyTorch (`cli.recipe`): the command line's
+        # entry loads the full CLI, and the target module PyTorch, only when that does not answer
+        "torch", f"{PACKAGE}.cli.main")
 # The runtime-only script shipped in bundles as run.py: it runs outside sparsefx, and imports
 # numpy and tvm_ffi only once Model() has unpacked them.
 SCRIPTS = {f"{PACKAGE}.backends.tvm.bundle_run"}

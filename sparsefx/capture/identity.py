@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sparsefx.version import sources_digest
+
 PLAIN = (bool, int, float, str, type(None))
 
 
@@ -56,14 +58,3 @@ def file_digest(cls: type) -> str:
         return hashlib.sha256(Path(inspect.getfile(cls)).read_bytes()).hexdigest()
     except (TypeError, OSError):  # defined in a notebook or at the prompt: its name stands for it
         return ""
-
-
-@functools.cache
-def sources_digest() -> str:
-    """sparsefx's own code: an edit to a pass changes what compiling or planning produces."""
-    digest = hashlib.sha256()
-    package = Path(__file__).resolve().parents[1]
-    for path in sorted(package.rglob("*.py")):
-        digest.update(str(path.relative_to(package)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()

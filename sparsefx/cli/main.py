@@ -48,6 +48,7 @@ from sparsefx.target import Target, check_threads, compile_target
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.command_line = list(sys.argv[1:] if argv is None else argv)  # `plan` keeps its plan for it (`recipe`)
     try:
         if getattr(args, "threads", None) is not None:  # 0 or too many: a one-line error, not torch's
             torch.set_num_threads(check_threads(args.threads))

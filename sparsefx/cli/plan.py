@@ -13,6 +13,7 @@ import torch
 
 import sparsefx
 from sparsefx.backends.eager import measure_latencies
+from sparsefx.cli import recipe
 from sparsefx.cli.calibration import add_calibration_args, read_calibration
 from sparsefx.cli.common import (
     LOG,
@@ -25,6 +26,7 @@ from sparsefx.cli.common import (
     progress_bars,
     save,
 )
+from sparsefx.cost.model import table_paths
 from sparsefx.errors import SparsefxError
 from sparsefx.planning.measured import plan_measured
 from sparsefx.planning.plan import GRANULARITIES, Plan
@@ -131,8 +133,8 @@ def _plan(args: argparse.Namespace) -> int:
     check_out(args.out)
     model, inputs = load(args)
     result = _make_plan(args, model, inputs)
-    print(result.explain())
-    print(f"wrote {result.save(args.out)} (edit ratios/densities, then `sparsefx apply {args.model} {args.out}`)")
+    recipe.keep(args.command_line, result, table_paths(_target(args)))
+    recipe.report(result, args.model, args.out)
     return 0
 
 

@@ -78,6 +78,14 @@ LAYOUT_PREFIX = "layout|"  # `in_layout`'s answers (reads + 2 * writes), kept so
 CALIBRATION_VERSION = 6  # v3: timed in turn (`cost.timing`), no "dispatch" entry (the timer's overheads); v4: no "cold_write"; v5: max_pool2d on sparsefx's kernel; v6: layout conversions
 
 
+def table_paths(target: Target, device: str = "") -> tuple[Path, Path]:
+    """Where the cost tables of `target` (timed on `device`, "" for this host) are kept: kernel times and
+    the element-wise calibration."""
+    suffix = (f"-{device}" if device else "") + ("" if target.precision == "fp32" else f"-{target.precision}")
+    path = cache_dir() / "costmodel" / f"{target.arch}-{target.cores}{suffix}.json"
+    return path, path.with_name(f"{path.stem}.calibration.json")
+
+
 class CostModel:
     """Predicted latency (ms) of kernels on `target`, from measurements where it can."""
 
@@ -96,12 +104,10 @@ class CostModel:
                                 "sparsefx.planning.pricing.cost_model(target), or pass measure=False for the roofline")
         self.measure = measure and timer is not None and (bool(self.device) or not self.target.is_gpu)
         self.lanes = max(1, (self.target.vector_bits or 128) // 32) if not self.target.is_gpu else 8
-        device = f"-{self.device}" if self.device else ""
-        precision = "" if self.target.precision == "fp32" else f"-{self.target.precision}"
-        self.path = path or cache_dir() / "costmodel" / f"{self.target.arch}-{self.target.cores}{device}{precision}.json"
+        self.path, calibration = (path, path.with_name(f"{path.stem}.calibration.json")) if path else \
+            table_paths(self.target, self.device)
         # calibrations are re-fitted when either version changes, kernels re-measured with TABLE_VERSION
-        self.tables = (Table(self.path, TABLE_VERSION), Table(self.path.with_name(f"{self.path.stem}.calibration.json"),
-                                                              f"{TABLE_VERSION}.{CALIBRATION_VERSION}"))
+        self.tables = (Table(self.path, TABLE_VERSION), Table(calibration, f"{TABLE_VERSION}.{CALIBRATION_VERSION}"))
         self.table: dict[str, float] = self.tables[0].entries
         self.calibration: dict[str, list[float]] = self.tables[1].entries
         self.sources: dict[str, int] = {}

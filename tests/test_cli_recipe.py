@@ -1,0 +1,70 @@
+"""A `plan` command answered from the plan kept for the same command (`cli.recipe`): without PyTorch,
+the same plan and output, and never where the command, its cost tables or the entry differ."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sparsefx.cli import recipe
+from sparsefx.cli.main import main
+
+pytestmark = pytest.mark.usefixtures("private_cache")
+
+
+def test_only_plans_of_named_models_without_calibration_or_sparse_kernels_are_kept_by_command() -> None:
+    words, out, model = recipe.command_of(["-q", "plan", "torchvision:resnet18", "--speedup", "2", "--out", "p.json"])
+    assert words == ["-q", "plan", "torchvision:resnet18", "--speedup", "2", "--out"] and out == Path("p.json")
+    assert model == "torchvision:resnet18"
+    assert recipe.command_of(["plan", "default", "--granularity", "channel", "--macs-ratio", "0.5", "--out", "p"])
+    for argv in (["plan", "net.py:build", "--speedup", "2", "--out", "p"],  # a file: its code may change
+                 ["plan", "saved_dir", "--speedup", "2", "--out", "p"],
+                 ["plan", "default", "--speedup", "2", "--out", "p", "--no-cache"],
+                 ["plan", "default", "--speedup", "2", "--out", "p", "--calibration", "data.pt"],
+                 ["plan", "default", "--granularity", "channel,block", "--speedup", "2", "--out", "p"],
+                 ["plan", "--speedup", "2", "default", "--out", "p"],  # options before the model
+                 ["plan", "default", "--speedup", "2"],  # no --out
+                 ["compile", "default", "--out", "m.sfx"]):
+        assert recipe.command_of(argv) is None, argv
+
+
+def test_a_kept_plan_is_written_again_without_importing_pytorch(tmp_path: Path, capsys) -> None:
+    argv = ["plan", "default", "--macs-ratio", "0.5", "--out"]
+    assert main([*argv, str(tmp_path / "a.json")]) == 0
+    first = capsys.readouterr().out.replace(str(tmp_path / "a.json"), "OUT")
+    script = ("import sys; from sparsefx.cli import console; "
+              f"code = console({[*argv, str(tmp_path / 'b.json')]!r}); "
+              "assert code == 0 and 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:3]")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=os.environ)
+    assert done.returncode == 0, done.stderr
+    assert "its plan is given back" in done.stderr
+    assert done.stdout.replace(str(tmp_path / "b.json"), "OUT") == first
+    assert (tmp_path / "b.json").read_bytes() == (tmp_path / "a.json").read_bytes()
+
+
+def test_a_changed_cost_table_or_a_damaged_entry_plans_again(tmp_path: Path, caplog) -> None:
+    argv = ["plan", "default", "--macs-ratio", "0.5", "--out", str(tmp_path / "a.json")]
+    assert main(argv) == 0
+    assert recipe.kept(argv) is not None
+    entry = next((recipe.cache_dir() / "plans" / "commands").glob("*.json"))
+    tables = list(json.loads(entry.read_text())["entries"]["tables"])
+    Path(tables[0]).parent.mkdir(parents=True, exist_ok=True)
+    saved = Path(tables[0]).read_bytes() if Path(tables[0]).is_file() else None
+    Path(tables[0]).write_text("{}")  # another measurement (or any change) since the plan
+    assert recipe.kept(argv) is None
+    if saved is None:
+        Path(tables[0]).unlink()
+    else:
+        Path(tables[0]).write_bytes(saved)
+    assert recipe.kept(argv) is not None
+    data = json.loads(entry.read_text())
+    data["entries"]["plan"]["entries"] = [{"granularity": "channel"}]  # no name: not a plan
+    entry.write_text(json.dumps(data))
+    assert recipe.kept(argv) is None and not entry.exists()
+    assert "could not be read" in caplog.text
+    assert main(argv) == 0 and recipe.kept(argv) is not None  # planned again and kept again
