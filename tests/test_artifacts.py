@@ -14,6 +14,7 @@ import torch
 from sparsefx.backends import artifacts
 from sparsefx.backends.tvm import compile
 from sparsefx.capture.compare import check_reference, output_error
+from sparsefx.capture.identity import compile_key
 from sparsefx.capture.models import TinyResNet
 from sparsefx.cli.main import main
 from sparsefx.target import compile_target
@@ -28,7 +29,7 @@ def _model() -> tuple[torch.nn.Module, tuple[torch.Tensor]]:
 
 def _key(model: torch.nn.Module, inputs: tuple, threads: int = 1, dispatch: bool | str = "own") -> str:
     spec, threads, precision = compile_target("cpu", threads, None)
-    return artifacts.compile_key(model, inputs, spec, threads, precision, dispatch, 0)
+    return compile_key(model, inputs, spec, threads, precision, dispatch, 0)
 
 
 def test_the_key_follows_weights_buffers_attributes_inputs_and_options():
@@ -47,12 +48,12 @@ def test_the_key_follows_weights_buffers_attributes_inputs_and_options():
     assert key not in changed and len(set(changed)) == len(changed)
     spec, threads, precision = compile_target("cpu", 1, None)
     peaks = replace(spec, peak_gflops=100.0, bandwidth_gbs=10.0)  # measured later in the process: the same CPU
-    assert artifacts.compile_key(model, inputs, peaks, threads, precision, "own", 0) == key
+    assert compile_key(model, inputs, peaks, threads, precision, "own", 0) == key
 
 
 def test_state_that_cannot_be_read_as_bytes_is_never_kept_and_sparse_buffers_are():
     spec, threads, precision = compile_target("cpu", 1, None)
-    key = lambda m: artifacts.compile_key(m, (torch.randn(1, 4),), spec, threads, precision, True, 0)  # noqa: E731
+    key = lambda m: compile_key(m, (torch.randn(1, 4),), spec, threads, precision, True, 0)  # noqa: E731
     assert key(torch.nn.Linear(4, 4, device="meta")) is None
     torch.manual_seed(0)
     sparse = [torch.nn.Linear(4, 4)]

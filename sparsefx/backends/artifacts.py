@@ -12,7 +12,8 @@ compiled with) and globals a forward reads; `cache=False` compiles afresh.
 
 Artifacts live in `cache_dir()/artifacts/<key>.sfx`, written by `CompiledModel.export`; the least
 recently used go beyond `SPARSEFX_ARTIFACTS_GB` (default 4) GB. One that cannot be loaded is
-deleted and the model compiled again. Nothing here imports TVM.
+deleted and the model compiled again. Nothing here imports TVM or PyTorch (the key is
+`capture.identity.compile_key`).
 """
 
 from __future__ import annotations
@@ -23,24 +24,10 @@ import shutil
 import tarfile
 from pathlib import Path
 
-from torch import nn
-
 from sparsefx.cache import cache_dir
-from sparsefx.capture.identity import model_key
 from sparsefx.log import get_logger
-from sparsefx.target import Target, tvm_version
 
 LOG = get_logger("artifacts")
-
-
-def compile_key(model: nn.Module, inputs: tuple, target: Target, threads: int, precision: str, dispatch: bool | str,
-                tune: int) -> str | None:
-    """The key `model` compiled from `inputs` with these (checked) options is kept under
-    (`capture.identity.model_key`); None where the model cannot be keyed: it is not kept."""
-    options = {"target": target.as_key(), "threads": threads, "precision": precision, "dispatch": dispatch,
-               "tune": tune}
-    return model_key(model, {"options": options, "inputs": [(tuple(x.shape), str(x.dtype)) for x in inputs],
-                             "tvm": tvm_version()})
 
 
 def cached(key: str) -> Path | None:

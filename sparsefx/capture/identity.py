@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sparsefx.target import Target, tvm_version
 from sparsefx.version import sources_digest
 
 PLAIN = (bool, int, float, str, type(None))
@@ -42,6 +43,16 @@ def model_key(model: nn.Module, head: dict) -> str | None:
     except (RuntimeError, NotImplementedError, TypeError):
         return None
     return digest.hexdigest()[:32]
+
+
+def compile_key(model: nn.Module, inputs: tuple, target: Target, threads: int, precision: str, dispatch: bool | str,
+                tune: int) -> str | None:
+    """The key `model` compiled from `inputs` with these (checked) options is kept under
+    (`model_key`; `backends.artifacts` keeps it); None where the model cannot be keyed: it is not kept."""
+    options = {"target": target.as_key(), "threads": threads, "precision": precision, "dispatch": dispatch,
+               "tune": tune}
+    return model_key(model, {"options": options, "inputs": [(tuple(x.shape), str(x.dtype)) for x in inputs],
+                             "tvm": tvm_version()})
 
 
 def tree(model: nn.Module) -> list:

@@ -6,7 +6,6 @@ import argparse
 import importlib.util
 import logging
 import os
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -22,8 +21,10 @@ from sparsefx.backends.eager import measure_latencies
 from sparsefx.backends.export import FORMATS, onnx_error
 from sparsefx.backends.peers import RUNTIMES, PeerError, Peers, available, check
 from sparsefx.capture.compare import VacuousComparisonError
+from sparsefx.capture.identity import compile_key
 from sparsefx.capture.models import load_model
 from sparsefx.capture.trace import as_inputs
+from sparsefx.cli import recipe
 from sparsefx.cli.calibration import add_calibration_args, read_calibration
 from sparsefx.cli.common import (
     LOG,
@@ -43,7 +44,7 @@ from sparsefx.cli.plan import add_commands
 from sparsefx.errors import SparsefxError
 from sparsefx.io import is_saved_model
 from sparsefx.recovery.data import fashion_mnist
-from sparsefx.target import Target, check_threads, compile_target
+from sparsefx.target import check_threads, compile_target
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -279,17 +280,17 @@ def _compile(args: argparse.Namespace) -> int:
     key = _compile_key(model, inputs, args) if args.cache else None
     kept = artifacts.cached(key) if key and not args.bundle else None  # a bundle is made from a compiled model
     if kept is not None:  # compiled before: copied, without importing TVM
-        shutil.copyfile(kept, args.out)
-        manifest = artifacts.manifest_of(kept)
-        print(_compile_summary(manifest, manifest["threads"], reused=True))
-        print(f"wrote {args.out} (load with sparsefx.load(path))")
+        recipe.keep(args.command_line, artifact=kept)
+        recipe.copy_artifact(kept, args.out)
         return 0
     compiled = sparsefx.compile(model, inputs, target=args.target, tune=args.tune, dispatch=args.dispatch,
                                 threads=args.threads, precision=args.precision, verbose=progress_bars(args),
                                 cache=False)  # looked up above: the weights are hashed once
     compiled.cache_key = key  # the export below keeps it
-    print(_compile_summary(compiled.manifest, compiled.threads))
+    print(recipe.compile_summary(compiled.manifest, compiled.threads))
     print(f"wrote {compiled.export(args.out)} (load with sparsefx.load(path))")
+    if key and (kept := artifacts.cached(key)) is not None:  # the export kept it
+        recipe.keep(args.command_line, artifact=kept)
     if args.bundle:
         print(f"wrote {compiled.export_bundle(args.bundle)} (run it with: python run.py [inputs.npy])")
     return 0
@@ -298,21 +299,7 @@ def _compile(args: argparse.Namespace) -> int:
 def _compile_key(model: nn.Module, inputs: tuple, args: argparse.Namespace) -> str | None:
     """The key `sparsefx.compile` keeps this model's artifact under, for these arguments (`backends.artifacts`)."""
     spec, threads, precision = compile_target(args.target, args.threads, args.precision)
-    return artifacts.compile_key(model, as_inputs(inputs), spec, threads, precision, args.dispatch, args.tune)
-
-
-def _compile_summary(manifest: dict, threads: int, reused: bool = False) -> str:
-    m, tuning = manifest, manifest["tuning"]
-    built = (f"reused the artifact compiled in {m['compile_seconds']:.1f} s (same model and options; --no-cache "
-             "compiles afresh)" if reused else f"compile {m['compile_seconds']:.1f} s")
-    return (f"target: {Target.from_dict(m['target'])}, {threads} thread(s)\nimport route: {m['import_route']}, {built}\n"
-            f"{_kernel_summary(m)}\n"
-            f"tuning: {tuning['tuned_tasks']}/{tuning['tasks']} workloads tuned, {tuning['seconds']:.0f} s")
-
-
-def _kernel_summary(manifest: dict) -> str:
-    on_torch = sum(d["impl"] == "torch" for d in manifest["dispatch"].values())
-    return f"kernels: {on_torch}/{len(manifest['dispatch'])} conv/matmul/math-op workloads dispatched to PyTorch (measured faster)"
+    return compile_key(model, as_inputs(inputs), spec, threads, precision, args.dispatch, args.tune)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -460,7 +447,7 @@ def _demo(args: argparse.Namespace) -> int:
             compiled = sparsefx.compile(source, inputs, target="cpu", verbose=False)
             with torch.inference_mode():
                 error = (compiled(*inputs) - source(*inputs)).abs().max().item()
-            print(f"TVM {label}: {_kernel_summary(compiled.manifest)}; max abs error vs eager {error:.1e}")
+            print(f"TVM {label}: {recipe.kernel_summary(compiled.manifest)}; max abs error vs eager {error:.1e}")
             timed[f"tvm {label}"] = compiled
         latency = measure_latencies(timed, inputs, repeat=args.repeat)
         base = latency["eager dense"]

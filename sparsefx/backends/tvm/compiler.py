@@ -32,6 +32,7 @@ from sparsefx.backends.tvm.measure.host import HostTimer
 from sparsefx.backends.tvm.threads import running_with
 from sparsefx.backends.tvm.tuning import tune_module
 from sparsefx.backends.tvm.tvmscript import cheap_frames
+from sparsefx.capture.identity import compile_key
 from sparsefx.capture.trace import as_inputs
 from sparsefx.errors import SparsefxError, one_line
 from sparsefx.log import get_logger
@@ -88,7 +89,7 @@ def compile(model: nn.Module, example_inputs: object, target: object = "cpu", tu
     if precision != "fp32" and not spec.is_gpu and dispatch is not True:
         raise SparsefxError(f"precision={precision!r} on a CPU runs convs and matmuls on PyTorch's bf16 kernels, "
                             f"which dispatch={dispatch!r} never calls; use dispatch=True or precision='fp32'")
-    key = artifacts.compile_key(model, inputs, spec, threads, precision, dispatch, tune) if cache else None
+    key = compile_key(model, inputs, spec, threads, precision, dispatch, tune) if cache else None
     reused = reuse(key, threads, LOG.info if verbose else LOG.debug) if key else None
     if reused is not None:
         return reused
