@@ -73,9 +73,9 @@ def main() -> None:
              f"`sparsefx compile {args.model}`", "", record.markdown_line(),
              "", f"Threads: {args.threads or 'all cores'}. Cold: empty `SPARSEFX_CACHE` (one per command); warm: the "
              "same cache again. Wall time of the CLI process (Python start and imports included).", "",
-             "A warm `compile` reuses the artifact the cold one kept (`sparsefx.backends.artifacts`: same code, "
-             "weights, inputs and options), a warm `plan` the plan kept for the same command on the same cost tables "
-             "(`sparsefx.cli.recipe`, without importing PyTorch: no `in the call`); `--no-cache` plans or compiles the same model afresh from the warm measurement tables, "
+             "A warm `plan` or `compile` is answered from what the cold one kept for the same command "
+             "(`sparsefx.cli.recipe`: the plan, on unchanged cost tables, or the compiled artifact; without importing "
+             "PyTorch, so no `in the call`); `--no-cache` plans or compiles the same model afresh from the warm measurement tables, "
              "as a model with changed weights would be (a plan afresh may take other moves than the cold one and "
              "measure their kernels).", "",
              "`in the call`: the seconds `sparsefx.plan` / `sparsefx.compile` took as the CLI reports them, without "
