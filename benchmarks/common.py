@@ -14,7 +14,6 @@ Timing side by side uses sparsefx.backends.eager.measure_latencies: alternating 
 from __future__ import annotations
 
 import datetime
-import importlib.metadata
 import json
 import os
 import platform
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 from sparsefx import target
+from sparsefx.version import library_versions as versions_of
 
 LIBRARIES = ("sparsefx", "torch", "torchvision", "apache-tvm", "transformers", "numpy", "torch-pruning")
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,10 +96,4 @@ def cpu_model() -> str:
 
 
 def library_versions() -> dict:
-    versions = {}
-    for name in LIBRARIES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
+    return versions_of(LIBRARIES)

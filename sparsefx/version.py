@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
+from collections.abc import Iterable
 from pathlib import Path
 
 __version__ = "0.1.0"
@@ -19,3 +21,14 @@ def sources_digest() -> str:
         digest.update(str(path.relative_to(package)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+def library_versions(names: Iterable[str]) -> dict[str, str | None]:
+    """The installed versions of these distributions (None where one is not installed), read without importing them."""
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions

@@ -19,7 +19,6 @@ damaged entry) runs the full command.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import logging
 import os
@@ -33,7 +32,7 @@ from sparsefx.cache import Table, cache_dir
 from sparsefx.log import get_logger, to_stderr
 from sparsefx.planning.plan import Plan, PlanError
 from sparsefx.target import Target, cpu_flags, cpu_model, host_cores, tvm_version
-from sparsefx.version import sources_digest
+from sparsefx.version import library_versions, sources_digest
 
 LOG = get_logger("cli")
 VERSION = 1
@@ -65,13 +64,7 @@ def command_of(argv: Sequence[str]) -> tuple[list[str], Path, str] | None:
 
 
 def key_of(words: list[str]) -> str:
-    versions = {}
-    for library in LIBRARIES:
-        try:
-            versions[library] = importlib.metadata.version(library)
-        except importlib.metadata.PackageNotFoundError:
-            versions[library] = None
-    head = {"words": words, "versions": versions, "python": sys.version, "tvm": tvm_version(),
+    head = {"words": words, "versions": library_versions(LIBRARIES), "python": sys.version, "tvm": tvm_version(),
             "sparsefx": sources_digest(), "cache": str(cache_dir()),
             # the host CPU as the target is made from it (LLVM's name for it is asked of TVM: not here)
             "cpu": [cpu_model(), sorted(cpu_flags()), host_cores()]}

@@ -113,14 +113,18 @@ def kernel(s: AttentionSpec) -> tvm.tirx.PrimFunc:
     factor = s.factor
 
     @T.macro
+    def cleared(acc, count):  # noqa: ANN001, ANN202 (a TVMScript macro): a register block of `count` rows x the query vectors, zeroed
+        for r in T.unroll(count):
+            for v in T.unroll(vecs):
+                for lane in T.vectorized(LANES):
+                    acc[r, v, lane] = T.float32(0)
+
+    @T.macro
     def scores(q0, n, h, k, st, qt, bias):  # noqa: ANN001, ANN202 (a TVMScript macro): st = (q k^T) [+ bias], [key][query]
         for kb in range(k_blocks):
             k0: T.let = T.min(kb * rows, s_kv - rows)
             acc = T.alloc_buffer((rows, vecs, LANES), "float32", scope=STACK)
-            for r in T.unroll(rows):
-                for v in T.unroll(vecs):
-                    for lane in T.vectorized(LANES):
-                        acc[r, v, lane] = T.float32(0)
+            cleared(acc, rows)
             for j in range(d):
                 for r in T.unroll(rows):
                     for v in T.unroll(vecs):
@@ -158,10 +162,7 @@ def kernel(s: AttentionSpec) -> tvm.tirx.PrimFunc:
         for cb in range(v_blocks):
             c0: T.let = T.min(cb * cols, d_v - cols)
             acc = T.alloc_buffer((cols, vecs, LANES), "float32", scope=STACK)
-            for c in T.unroll(cols):
-                for w in T.unroll(vecs):
-                    for lane in T.vectorized(LANES):
-                        acc[c, w, lane] = T.float32(0)
+            cleared(acc, cols)
             for key in range(s_kv):
                 for c in T.unroll(cols):
                     for w in T.unroll(vecs):
