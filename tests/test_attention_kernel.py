@@ -85,3 +85,16 @@ def test_grouped_query_attention_is_not_a_dispatch_workload() -> None:
     typed = relax.BlockBuilder().normalize
     assert kernel_of(typed(relax.op.nn.attention(q, k, v))) is None
     assert kernel_of(typed(relax.op.nn.attention(q, q, q))).dims == (1, 40, 8, 16, 40, 16)
+
+
+def test_own_dispatch_keeps_attention_whole_for_the_kernel_and_matches_eager() -> None:
+    """`dispatch="own"` (bundles, other CPUs: nothing on PyTorch) runs the attention kernel where it takes
+    the call, instead of writing attention out as matmuls and a softmax."""
+    from sparsefx.backends.tvm import compile as compile_
+
+    torch.manual_seed(0)
+    model, inputs = SelfAttention().eval(), (torch.randn(1, 40, 48),)
+    compiled = compile_(model, inputs, dispatch="own", threads=1, verbose=False, cache=False)
+    assert [d["impl"] for k, d in compiled.manifest["dispatch"].items() if k.startswith("attention")] == ["attention"]
+    with torch.no_grad():
+        np.testing.assert_allclose(compiled(*inputs).numpy(), model(*inputs).numpy(), rtol=1e-4, atol=1e-5)

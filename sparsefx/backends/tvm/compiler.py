@@ -23,6 +23,7 @@ from sparsefx.backends import artifacts
 from sparsefx.backends.tvm import pipeline
 from sparsefx.backends.tvm.build_config import build_context
 from sparsefx.backends.tvm.bundle import export_bundle
+from sparsefx.backends.tvm.dispatch.patterns import kernel_of
 from sparsefx.backends.tvm.expand_attention import expand_attention_pass
 from sparsefx.backends.tvm.half import half_passes
 from sparsefx.backends.tvm.importer import to_relax
@@ -117,6 +118,12 @@ def reuse(key: str, threads: int, log: Callable[[str], None]) -> CompiledModel |
     return compiled
 
 
+def own_attention(call: relax.Call) -> bool:
+    """Whether sparsefx's attention kernel takes this attention call (`dispatch="own"` keeps it whole for it)."""
+    k = kernel_of(call)
+    return k is not None and own_kernels.own_kernel(k) is not None
+
+
 def build(model: nn.Module, inputs: tuple, spec: Target, tune: int, dispatch: bool | str, verbose: bool,
           threads: int, precision: str) -> CompiledModel:
     """`compile` after its arguments are checked, run with the model's threads."""
@@ -127,7 +134,8 @@ def build(model: nn.Module, inputs: tuple, spec: Target, tune: int, dispatch: bo
     mod, route = to_relax(model, inputs)
     ran = pipeline.optimize_passes()
     if spec.is_gpu or dispatch is not True:  # nothing will run attention on PyTorch's SDPA
-        ran.append(("ExpandAttention", expand_attention_pass))
+        ran.append(("ExpandAttention", expand_attention_pass(own_attention if dispatch == "own" and not spec.is_gpu
+                                                             else lambda call: False)))
     if precision != "fp32" and spec.is_gpu:  # after BN folding, which is best done in fp32
         ran += half_passes(precision)
     mod = pipeline.run(ran, mod, tvm_target)

@@ -1,8 +1,9 @@
 """Relax pass: Relax's attention op written out as two matmuls and a softmax.
 
 The importer keeps PyTorch's scaled-dot-product attention as one `attention` op so that the CPU
-dispatch can run it on PyTorch's fused SDPA (`importer._attention`). Where nothing will (CUDA
-targets, `dispatch=False` or `"own"`), TVM would lower it to one generic TIR kernel, which DLight's
+dispatch can run it on PyTorch's fused SDPA or sparsefx's attention kernel (`importer._attention`,
+`kernels.attention`). Where nothing will (CUDA targets, `dispatch=False`, and with `"own"` the
+attentions that kernel does not take), TVM would lower it to one generic TIR kernel, which DLight's
 matmul rules (tensor cores in fp16) and the CPU's default schedules do not know; written out, the
 matmuls and the softmax compile as they did before attention was kept whole.
 """
@@ -10,8 +11,10 @@ matmuls and the softmax compile as they did before attention was kept whole.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
+import tvm
 from tvm import relax
 
 from sparsefx.backends.tvm.function_pass import function_pass
@@ -37,17 +40,19 @@ def expanded(call: relax.Call) -> relax.Expr:
     return relax.op.permute_dims(out, [0, 2, 1, 3])
 
 
-def _rewritten(func: relax.Function) -> relax.Function:
-    @relax.expr_functor.mutator
-    class _Expand(relax.PyExprMutator):
-        def visit_call_(self, call: relax.Call) -> relax.Expr:
-            call = super().visit_call_(call)
-            name = getattr(call.op, "name", "")
-            if name not in ATTENTION_OPS or call.attrs.window_size is not None:
-                return call
-            return self.builder_.normalize(expanded(call))
+def expand_attention_pass(kept: Callable[[relax.Call], bool] = lambda call: False) -> tvm.transform.Pass:
+    """Every attention call written out, but those `kept` (an own kernel runs them)."""
 
-    return _Expand().visit_expr(func)
+    def rewritten(func: relax.Function) -> relax.Function:
+        @relax.expr_functor.mutator
+        class _Expand(relax.PyExprMutator):
+            def visit_call_(self, call: relax.Call) -> relax.Expr:
+                call = super().visit_call_(call)
+                name = getattr(call.op, "name", "")
+                if name not in ATTENTION_OPS or call.attrs.window_size is not None or kept(call):
+                    return call
+                return self.builder_.normalize(expanded(call))
 
+        return _Expand().visit_expr(func)
 
-expand_attention_pass = function_pass("ExpandAttention", _rewritten)
+    return function_pass("ExpandAttention", rewritten)
