@@ -1,5 +1,5 @@
-"""The `sparsefx` command line (`cli.main`); a `plan` command answered by a plan kept for it runs
-without importing PyTorch (`cli.recipe`)."""
+"""The `sparsefx` command line (`cli.main`); a `plan` or `compile` command answered by what the same
+command kept runs without importing PyTorch (`cli.recipe`)."""
 
 from __future__ import annotations
 

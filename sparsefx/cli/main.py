@@ -49,7 +49,7 @@ from sparsefx.target import check_threads, compile_target
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    args.command_line = list(sys.argv[1:] if argv is None else argv)  # `plan` keeps its plan for it (`recipe`)
+    args.command_line = list(sys.argv[1:] if argv is None else argv)  # `plan` and `compile` keep their results for it (`recipe`)
     try:
         if getattr(args, "threads", None) is not None:  # 0 or too many: a one-line error, not torch's
             torch.set_num_threads(check_threads(args.threads))

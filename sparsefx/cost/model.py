@@ -78,11 +78,11 @@ LAYOUT_PREFIX = "layout|"  # `in_layout`'s answers (reads + 2 * writes), kept so
 CALIBRATION_VERSION = 6  # v3: timed in turn (`cost.timing`), no "dispatch" entry (the timer's overheads); v4: no "cold_write"; v5: max_pool2d on sparsefx's kernel; v6: layout conversions
 
 
-def table_paths(target: Target, device: str = "") -> tuple[Path, Path]:
-    """Where the cost tables of `target` (timed on `device`, "" for this host) are kept: kernel times and
-    the element-wise calibration."""
+def table_paths(target: Target, device: str = "", path: Path | None = None) -> tuple[Path, Path]:
+    """Where the cost tables of `target` (timed on `device`, "" for this host) are kept, at `path` where
+    given: kernel times and, beside them, the element-wise calibration."""
     suffix = (f"-{device}" if device else "") + ("" if target.precision == "fp32" else f"-{target.precision}")
-    path = cache_dir() / "costmodel" / f"{target.arch}-{target.cores}{suffix}.json"
+    path = path or cache_dir() / "costmodel" / f"{target.arch}-{target.cores}{suffix}.json"
     return path, path.with_name(f"{path.stem}.calibration.json")
 
 
@@ -104,8 +104,7 @@ class CostModel:
                                 "sparsefx.planning.pricing.cost_model(target), or pass measure=False for the roofline")
         self.measure = measure and timer is not None and (bool(self.device) or not self.target.is_gpu)
         self.lanes = max(1, (self.target.vector_bits or 128) // 32) if not self.target.is_gpu else 8
-        self.path, calibration = (path, path.with_name(f"{path.stem}.calibration.json")) if path else \
-            table_paths(self.target, self.device)
+        self.path, calibration = table_paths(self.target, self.device, path)
         # calibrations are re-fitted when either version changes, kernels re-measured with TABLE_VERSION
         self.tables = (Table(self.path, TABLE_VERSION), Table(calibration, f"{TABLE_VERSION}.{CALIBRATION_VERSION}"))
         self.table: dict[str, float] = self.tables[0].entries

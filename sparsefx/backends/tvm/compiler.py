@@ -134,8 +134,8 @@ def build(model: nn.Module, inputs: tuple, spec: Target, tune: int, dispatch: bo
     mod, route = to_relax(model, inputs)
     ran = pipeline.optimize_passes()
     if spec.is_gpu or dispatch is not True:  # nothing will run attention on PyTorch's SDPA
-        ran.append(("ExpandAttention", expand_attention_pass(own_attention if dispatch == "own" and not spec.is_gpu
-                                                             else lambda call: False)))
+        own = dispatch == "own" and not spec.is_gpu
+        ran.append(("ExpandAttention", expand_attention_pass(own_attention) if own else expand_attention_pass()))
     if precision != "fp32" and spec.is_gpu:  # after BN folding, which is best done in fp32
         ran += half_passes(precision)
     mod = pipeline.run(ran, mod, tvm_target)

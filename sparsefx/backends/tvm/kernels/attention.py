@@ -64,8 +64,8 @@ class AttentionSpec:
 
     @property
     def value_rows(self) -> int:
-        """Value-dim rows per register block: the widest that divides the value dim, unless one that
-        does not (its last block shifted back) is half as wide again."""
+        """Value-dim rows per register block: the widest that divides the value dim, unless the widest
+        block (its last one shifted back) is more than twice as wide."""
         widest = KEY_ROWS[self.vectors]
         dividing = max(r for r in range(1, widest + 1) if self.dim_v % r == 0)
         return dividing if 2 * dividing >= widest or dividing == self.dim_v else min(widest, self.dim_v)

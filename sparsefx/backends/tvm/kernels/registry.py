@@ -285,7 +285,7 @@ def own_attention_pass(decisions: dict[str, dict]) -> tvm.transform.Pass:
         for gvar, func in list(mod.functions.items()):
             if isinstance(func, relax.Function):
                 for pattern in patterns:
-                    func = rewrite_fused(pattern, lambda e, m, p=pattern: rewriter(e, {**m, "call": m[p]}), func)
+                    func = rewrite_fused(pattern, lambda e, m: rewriter(e, {**m, "call": e}), func)
                 mod[gvar] = func
         return mod
 
