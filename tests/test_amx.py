@@ -26,9 +26,10 @@ needs_tiles = pytest.mark.skipif(not has_tiles(), reason="this CPU has no AMX bf
 ACT = {"none": lambda t: t, "relu": F.relu, "relu6": lambda t: t.clamp(0, 6)}
 
 
-def bits(t: torch.Tensor) -> np.ndarray:
-    """A float NCHW tensor as NHWC bf16 bit patterns, channels zero-padded as the layout stores them."""
-    padded = F.pad(t, (0, 0, 0, 0, 0, tile_layout.stored(t.shape[1]) - t.shape[1]))
+def bits(t: torch.Tensor, step: int | None = None) -> np.ndarray:
+    """A float NCHW tensor as NHWC bf16 bit patterns, channels zero-padded as the layout stores them
+    (in steps of `step`, default this CPU's)."""
+    padded = F.pad(t, (0, 0, 0, 0, 0, tile_layout.stored(t.shape[1], step) - t.shape[1]))
     return padded.permute(0, 2, 3, 1).contiguous().bfloat16().view(torch.int16).numpy().view(np.uint16)
 
 
@@ -60,6 +61,8 @@ CONVS = [
     (3, 16, 12, 7, 2, False, "relu"),  # a folded stem with one output tile
     (3, 32, (12, 17), 7, 2, False, "none"),  # a folded stem, not square
     (4, 32, 11, 3, 1, True, "none"),  # folded, stride 1 on 4 channels (whole pairs for `dpbf16`)
+    (48, 80, 9, 1, 1, True, "relu6"),  # `dpbf16`: 48 in, 16-channel steps; 80 out, blocks of five vectors
+    (72, 144, 8, 3, 2, False, "relu6"),  # `dpbf16`: 72 stored as 80; 144 out, blocks of three vectors
 ]
 
 
@@ -68,22 +71,23 @@ CONVS = [
 def test_kernel_matches_pytorch(cin: int, cout: int, size: int | tuple[int, int], kernel: int, stride: int,
                                 residual: bool, act: str) -> None:
     amx.enable()
-    check_conv(amx, amx.AmxSpec, cin, cout, size, kernel, stride, residual, act)
+    check_conv(amx, amx.AmxSpec, cin, cout, size, kernel, stride, residual, act, tile_layout.STEP)
 
 
 @pytest.mark.parametrize(("cin", "cout", "size", "kernel", "stride", "residual", "act"),
                          [c for c in CONVS if c[0] * c[4] % 2 == 0])  # a stem's positions on whole pairs
 def test_dpbf16_kernel_matches_pytorch(cin: int, cout: int, size: int | tuple[int, int], kernel: int, stride: int,
                                        residual: bool, act: str) -> None:
-    check_conv(dpbf16, dpbf16.Dpbf16Spec, cin, cout, size, kernel, stride, residual, act)
+    check_conv(dpbf16, dpbf16.Dpbf16Spec, cin, cout, size, kernel, stride, residual, act, tile_layout.HALF_STEP)
 
 
 def check_conv(module: object, spec_type: type, cin: int, cout: int, size: int | tuple[int, int], kernel: int,
-               stride: int, residual: bool, act: str) -> None:
+               stride: int, residual: bool, act: str, step: int) -> None:
+    """The kernel against PyTorch, channels stored in steps of `step` (the layout's on the CPUs it runs on)."""
     height, width = size if isinstance(size, tuple) else (size, size)
     attrs = (stride, stride, kernel // 2, kernel // 2, 1, 1, 1)
     assert module.supported(attrs, ((2, cin, height, width), (cout, cin, kernel, kernel)))
-    spec = spec_type(2, cin, cout, height, width, kernel, stride, kernel // 2, act, residual)
+    spec = spec_type(2, cin, cout, height, width, kernel, stride, kernel // 2, act, residual, step=step)
     library = tvm.compile(tvm.IRModule({"main": module.kernel(spec).with_attr("global_symbol", "main")}),
                           with_precision(host_cpu(), "bf16").to_tvm())
     torch.manual_seed(0)
@@ -93,8 +97,8 @@ def check_conv(module: object, spec_type: type, cin: int, cout: int, size: int |
     want = F.conv2d(x, w, b, stride, kernel // 2)
     want = ACT[act](want + add if residual else want)
     # with a residual the result is written over it (`call_tir_inplace`): each position added to it once
-    out = tvm.runtime.tensor(bits(add)) if residual else tvm.runtime.empty(spec.out_shape, "uint16")
-    args = [bits(x), module.pack_weight(spec, w.numpy()), module.pack_bias(spec, b.numpy())]
+    out = tvm.runtime.tensor(bits(add, step)) if residual else tvm.runtime.empty(spec.out_shape, "uint16")
+    args = [bits(x, step), module.pack_weight(spec, w.numpy()), module.pack_bias(spec, b.numpy())]
     library["main"](*[tvm.runtime.tensor(a) for a in args], out)
     stored = from_bits(out.numpy())
     assert not stored[:, cout:].any()  # the layout's channels past the conv's stay zero
@@ -105,7 +109,7 @@ def check_conv(module: object, spec_type: type, cin: int, cout: int, size: int |
 
 @pytest.mark.parametrize(("channels", "size", "kernel", "stride", "act"), [
     (32, 10, 3, 1, "relu6"), (40, 9, 3, 2, "relu"), (96, 12, 5, 2, "none"), (64, 5, 3, 1, "relu6"),
-    (48, (7, 11), 3, 2, "relu6"), (8, 9, 3, 1, "relu6"),
+    (48, (7, 11), 3, 2, "relu6"), (8, 9, 3, 1, "relu6"), (72, 8, 3, 1, "relu6"),  # 72: stored as 80 or 96
 ])
 def test_depthwise_matches_pytorch(channels: int, size: int | tuple[int, int], kernel: int, stride: int,
                                    act: str) -> None:
@@ -170,6 +174,21 @@ def test_supported_shapes() -> None:
     assert not amx.supported((1, 1, 1, 1, 1, 1, 2), ((1, 64, 8, 8), (32, 32, 3, 3)))  # grouped
     assert dpbf16.supported((2, 2, 3, 3, 1, 1, 1), ((1, 3, 224, 224), (64, 3, 7, 7)))  # a stem, stride 2: pairs
     assert not dpbf16.supported((1, 1, 1, 1, 1, 1, 1), ((1, 3, 8, 8), (32, 3, 3, 3)))  # stride 1 on 3: odd starts
+
+
+def test_channels_are_stored_in_the_cpus_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With AMX a tile's 32-channel steps; without, 16 (`dpbf16`'s pairs in, vectors out): a pruned
+    72 channels take 80, not 96. A spec keeps the step it was made with (its kernel's cache key)."""
+    counts = (3, 8, 16, 24, 48, 72, 80, 144)
+    monkeypatch.setattr(tile_layout, "has_tiles", lambda: True)
+    assert [tile_layout.stored(c) for c in counts] == [3, 16, 16, 32, 64, 96, 96, 160]
+    with_tiles = dpbf16.Dpbf16Spec(8, 72, 144, 56, 56, 1, 1, 0)
+    monkeypatch.setattr(tile_layout, "has_tiles", lambda: False)
+    assert [tile_layout.stored(c) for c in counts] == [3, 16, 16, 32, 48, 80, 80, 144]
+    spec = dpbf16.Dpbf16Spec(8, 72, 144, 56, 56, 1, 1, 0)
+    assert (spec.cin_stored, spec.cout_stored, dpbf16.vectors(spec)) == (80, 144, 3)
+    assert (with_tiles.cin_stored, with_tiles.cout_stored, dpbf16.vectors(with_tiles)) == (96, 160, 5)
+    assert spec != with_tiles and spec.in_shape == (8, 56, 56, 80)
 
 
 class Blocks(nn.Module):

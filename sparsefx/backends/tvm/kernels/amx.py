@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -144,8 +145,10 @@ def tile(name: str, *args):  # noqa: ANN201 (a TIR statement)
 
 
 def step(s: AmxSpec) -> int:
-    """Input channels per step of the reduction: 32, or 16 on a 16-channel input (`tile_layout.stored`)."""
-    return s.cin_stored if s.cin_stored < DEPTH and not folded(s) else DEPTH
+    """Input channels per step of the reduction: 32, or 16 where the input is stored in 16s
+    (`tile_layout.stored`: a 16-channel input with AMX, 48 channels on `dpbf16`, for which a step's
+    pairs are simply the next ones)."""
+    return DEPTH if folded(s) else math.gcd(s.cin_stored, DEPTH)
 
 
 def folded(s: AmxSpec) -> bool:

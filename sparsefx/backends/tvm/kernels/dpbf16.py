@@ -1,7 +1,7 @@
 """A CPU TIR kernel for bf16 convolutions on AVX512-BF16 (`vdpbf16ps`), bias, residual add and activation fused.
 
 For CPUs with AVX512-BF16 but no AMX tiles (AMD Zen 4 and later, Intel Cooper Lake), in the tile
-kernels' layout (`tile_layout`: NHWC bf16 bits, channels in 32-channel steps), so the chain of
+kernels' layout (`tile_layout`: NHWC bf16 bits, channels in 16-channel steps on these CPUs), so the chain of
 `amx_depthwise`, max-pools and `amx_linear` around it is the same as on AMX CPUs. Without it bf16
 convs ran on PyTorch's oneDNN, whose calls and casts cost more than their bf16 arithmetic saved on
 pruned shapes (pruned ResNet-50, batch 1, one thread, this session's Zen 4: 16.4 ms in bf16 against
@@ -42,10 +42,10 @@ __all__ = ["Dpbf16Spec", "kernel", "pack_bias", "pack_weight", "spec_of", "suppo
 
 FUSES_RESIDUAL = True
 RESIDUAL_IN_PLACE = True  # the result written over the residual, the kernel's last argument
-# register blocks by output vectors: positions held for 4, 2 or 1 vectors of 16 output channels
-# (accumulators plus the pair's weight vectors within AVX-512's 32 registers; the input is broadcast
-# from memory inside the instruction)
-POSITIONS = {4: 6, 2: 12, 1: 14}
+# register blocks by output vectors, in order of preference: positions held for 4, 5, 3, 2 or 1
+# vectors of 16 output channels (accumulators plus the pair's weight vectors within AVX-512's 32
+# registers; the input is broadcast from memory inside the instruction, one load per position and pair)
+POSITIONS = {4: 6, 5: 5, 3: 8, 2: 12, 1: 14}
 DOT = "sfx_dpbf16"
 DOT_IR = f"""
 declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, <32 x bfloat>, <32 x bfloat>)
@@ -81,9 +81,11 @@ def spec_of(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...], activat
 
 
 def vectors(s: Dpbf16Spec) -> int:
-    """Output vectors per register block: 4 where the stored outputs come in fours, else 2, else 1."""
+    """Output vectors per register block: the first of `POSITIONS`' counts that divides the stored
+    outputs' (each position's input pair is read once for all of them: 3 vectors for 144 channels,
+    not 1)."""
     count = s.cout_stored // LANES
-    return next(v for v in (4, 2, 1) if count % v == 0)
+    return next(v for v in POSITIONS if count % v == 0)
 
 
 def dot(acc, weight, pair):  # noqa: ANN001, ANN201 (TIR expressions): acc + weight . pair, 16 lanes

@@ -1,14 +1,17 @@
 """The layout sparsefx's bf16 tile kernels take and give, and its kernels for the ops between them.
 
 NHWC, bf16 bits as uint16 (TIR's bf16 legalisation is not needed where tiles, bit shifts and
-AVX512-BF16's conversion are all that touch them), channels zero-padded to whole 32-channel steps,
-or to one 16-channel half step (`stored`). Conversions to and from float32 NCHW (`to_tiles`, `from_tiles`), and the max-pool,
+AVX512-BF16's conversion are all that touch them), channels zero-padded to whole steps (`stored`):
+32 channels, a tile's reduction step, on CPUs with AMX, or one 16-channel half step up to 16
+channels; 16 on CPUs with only AVX512-BF16, whose `dpbf16` kernel takes input channels in pairs and
+outputs in vectors of 16 (pruned MobileNetV2's 72, 48 and 80 channels stored as 80, 48 and 80, not
+96, 64 and 96). Conversions to and from float32 NCHW (`to_tiles`, `from_tiles`), and the max-pool,
 per-channel scale and global mean that `layout_chain` runs in the layout between AMX kernels.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import tvm
 from tvm import tirx
@@ -16,19 +19,26 @@ from tvm.script import tirx as T
 
 from sparsefx.backends.tvm.kernels.depthwise import out_hw
 from sparsefx.backends.tvm.sparse.kernels import LANES, OPAQUE, STACK
+from sparsefx.target import has_tiles
 
 TO_TILES, FROM_TILES = "amx_nhwc", "amx_nchw"  # names start with the kind `CompiledModel.profile` files them under
-STEP = 32  # channels are stored in whole steps of a tile's reduction, zero past the tensor's own
+STEP = 32  # with AMX, channels are stored in whole steps of a tile's reduction, zero past the tensor's own
 HALF_STEP = 16  # or, up to 16 channels, in one half step (one tile column; pruned MobileNetV2's 8 and 16)
 FEW = 4  # channel counts stored as they are: a stem's input, whose window columns fold into one step
 CONVERT = "llvm.x86.avx512bf16.cvtneps2bf16.512"  # 16 float32 -> 16 bf16 (AMX CPUs all have AVX512-BF16)
 
 
-def stored(channels: int) -> int:
-    """The channels a tensor of `channels` has in this layout."""
+def channel_step() -> int:
+    """The step channels are stored in on this CPU: a tile's 32 with AMX, else 16."""
+    return STEP if has_tiles() else HALF_STEP
+
+
+def stored(channels: int, step: int | None = None) -> int:
+    """The channels a tensor of `channels` has in this layout, in steps of `step` (default: this CPU's)."""
     if channels <= FEW:
         return channels
-    return HALF_STEP if channels <= HALF_STEP else -(-channels // STEP) * STEP
+    step = step or channel_step()
+    return HALF_STEP if channels <= HALF_STEP else -(-channels // step) * step
 
 
 def to_bf16(value):  # noqa: ANN001, ANN201 (TIR expressions): float32 -> bf16 bits, rounded to nearest even
@@ -60,6 +70,7 @@ class TileConv:
     stride: int
     padding: int
     activation: str = "none"
+    step: int = field(default_factory=channel_step, kw_only=True)  # `stored`'s, part of the spec's key
 
     @property
     def out_hw(self) -> tuple[int, int]:
@@ -76,19 +87,19 @@ class TileConv:
 
     @property
     def cin_stored(self) -> int:
-        return stored(self.cin)
+        return stored(self.cin, self.step)
 
     @property
     def cout_stored(self) -> int:
-        return stored(self.cout)
+        return stored(self.cout, self.step)
 
     @property
     def in_shape(self) -> tuple[int, int, int, int]:
-        return tiled(self.nchw_in)
+        return tiled(self.nchw_in, self.step)
 
     @property
     def out_shape(self) -> tuple[int, int, int, int]:
-        return tiled(self.nchw_out)
+        return tiled(self.nchw_out, self.step)
 
 
 def name(prefix: str, shape: tuple[int, ...]) -> str:
@@ -96,10 +107,10 @@ def name(prefix: str, shape: tuple[int, ...]) -> str:
     return f"{prefix}_{'x'.join(map(str, shape))}"
 
 
-def tiled(shape: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+def tiled(shape: tuple[int, int, int, int], step: int | None = None) -> tuple[int, int, int, int]:
     """The shape of an NCHW tensor in this layout."""
     n, c, h, w = shape
-    return (n, h, w, stored(c))
+    return (n, h, w, stored(c, step))
 
 
 def to_tiles(shape: tuple[int, int, int, int]) -> tvm.tirx.PrimFunc:
