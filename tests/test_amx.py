@@ -63,6 +63,7 @@ CONVS = [
     (4, 32, 11, 3, 1, True, "none"),  # folded, stride 1 on 4 channels (whole pairs for `dpbf16`)
     (48, 80, 9, 1, 1, True, "relu6"),  # `dpbf16`: 48 in, 16-channel steps; 80 out, blocks of five vectors
     (72, 144, 8, 3, 2, False, "relu6"),  # `dpbf16`: 72 stored as 80; 144 out, blocks of three vectors
+    (64, 64, 7, 3, 1, True, "relu"),  # `dpbf16`: 49 positions in blocks of 5, the last moved back over a residual
 ]
 
 
@@ -174,6 +175,14 @@ def test_supported_shapes() -> None:
     assert not amx.supported((1, 1, 1, 1, 1, 1, 2), ((1, 64, 8, 8), (32, 32, 3, 3)))  # grouped
     assert dpbf16.supported((2, 2, 3, 3, 1, 1, 1), ((1, 3, 224, 224), (64, 3, 7, 7)))  # a stem, stride 2: pairs
     assert not dpbf16.supported((1, 1, 1, 1, 1, 1, 1), ((1, 3, 8, 8), (32, 3, 3, 3)))  # stride 1 on 3: odd starts
+
+
+def test_dpbf16_register_blocks_fit_the_map() -> None:
+    """One position short of `POSITIONS` where that computes less (4 or 3 vectors), never more than the map."""
+    assert [dpbf16.positions(4, n) for n in (3, 25, 49, 196, 3136)] == [3, 5, 5, 6, 6]
+    assert [dpbf16.positions(3, n) for n in (49, 784)] == [7, 8]
+    assert [dpbf16.positions(2, n) for n in (49, 196)] == [12, 12]  # 2 vectors: 12 always
+    assert dpbf16.positions(1, 9) == 9
 
 
 def test_channels_are_stored_in_the_cpus_step(monkeypatch: pytest.MonkeyPatch) -> None:
