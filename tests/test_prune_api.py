@@ -137,7 +137,7 @@ def _disagreeing() -> tuple[torch.nn.Module, tuple[torch.Tensor]]:
 
 def _kept(pruned: torch.nn.Module) -> set[int]:
     first_column = [1.0, 2.5, 0.1, 0.5]  # tells the four channels apart
-    return {first_column.index(round(float(w), 4)) for w in pruned[0].weight[:, 0].flatten()}
+    return {first_column.index(round(float(w), 4)) for w in pruned[0].weight[:, 0].detach().flatten()}
 
 
 @pytest.mark.parametrize(("importance", "kept"), [("l1", {0, 2}), ("l2", {1, 2}), ("bn_scale", {2, 3})])
