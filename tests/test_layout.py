@@ -215,6 +215,12 @@ def test_all_is_the_public_api() -> None:
     assert {"compile", "load", "CompiledModel", "prune", "plan", "apply", "analyze"} <= set(sparsefx.__all__)
     assert public <= set(sparsefx.__all__), f"imported by sparsefx/__init__ but not in __all__: {public - set(sparsefx.__all__)}"
     assert len(set(sparsefx.__all__)) == len(sparsefx.__all__)
+    # the names are imported on first use (`EXPORTS`): the imports type checkers see, under
+    # `if typing.TYPE_CHECKING:`, name the same modules, and `__all__` the same names
+    checked = {a.asname or a.name: node.module for block in tree.body if isinstance(block, ast.If)
+               for node in block.body if isinstance(node, ast.ImportFrom) for a in node.names}
+    assert checked == sparsefx.HOME
+    assert set(sparsefx.__all__) - {"__version__"} == set(sparsefx.HOME)
     for name in sparsefx.__all__:
         assert getattr(sparsefx, name) is not None, name
     with pytest.raises(AttributeError):
