@@ -229,4 +229,4 @@ def test_own_conv_kernel_kinds_follow_the_cpu_and_precision(monkeypatch: pytest.
         monkeypatch.setattr(registry, "has_bf16", lambda bf16=bf16: bf16)
         assert registry.kind_of(*stem, precision="bf16") == want
         assert registry.kind_of(*block, precision="bf16") == want
-        assert registry.kind_of(*block) == "blocked"
+        assert registry.kind_of(*block) == "winograd"  # float32: an unstrided 3x3 on Winograd

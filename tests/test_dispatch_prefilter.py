@@ -173,7 +173,7 @@ def test_time_in_turn_counts_the_statistic_asked_for() -> None:
 
 def test_own_kernels_are_built_only_where_pytorch_does_not_beat_their_ceiling(monkeypatch) -> None:
     # each kind ran at 10 GFLOP/s at best so far; PyTorch takes 0.1 ms on both convs below
-    history = [{"gflop": 1.0, f"{kind}_ms": 100.0, "torch_ms": 1.0} for kind in ("blocked", "blocked_depthwise")
+    history = [{"gflop": 1.0, f"{kind}_ms": 100.0, "torch_ms": 1.0} for kind in ("winograd", "blocked_depthwise")
                for _ in range(4)]
     timer = host.HostTimer(resolve_target("cpu"), history=history)
     built = []
@@ -182,35 +182,35 @@ def test_own_kernels_are_built_only_where_pytorch_does_not_beat_their_ceiling(mo
     dense = conv2d_kernel((1, 64, 56, 56), (1, 64, 56, 56), 1, (3, 3), (1, 1), (1, 1), (1, 1), 16)  # 2300 GFLOP/s on PyTorch
     depthwise = conv2d_kernel((1, 96, 56, 56), (1, 96, 56, 56), 96, (3, 3), (1, 1), (1, 1), (1, 1), 16)
     times = timer.time_rivals([dense, depthwise], [None, None])
-    assert "blocked" not in times[0] and timer.own_ruled_out[dense.key][0] == "blocked"
+    assert "winograd" not in times[0] and timer.own_ruled_out[dense.key][0] == "winograd"
     assert "blocked_depthwise" in times[1] and len(built) == 1  # memory-bound: never ruled out by GFLOP/s
 
 
 @pytest.mark.parametrize("torch_best_ms, own_ms, asked", [
-    (0.5, 0.02, ["pytorch", {"blocked"}]),  # PyTorch's ceiling the higher: timed first, the two apart
-    (0.5, 0.09, ["pytorch", {"blocked"}, None]),  # near a tie: timed again in turn
-    (2.0, 0.02, [{"blocked"}]),  # the own kernel's the higher, and it beats PyTorch's: PyTorch left out
-    (2.0, 0.12, [{"blocked"}, "pytorch", None])])
+    (0.5, 0.02, ["pytorch", {"winograd"}]),  # PyTorch's ceiling the higher: timed first, the two apart
+    (0.5, 0.09, ["pytorch", {"winograd"}, None]),  # near a tie: timed again in turn
+    (2.0, 0.02, [{"winograd"}]),  # the own kernel's the higher, and it beats PyTorch's: PyTorch left out
+    (2.0, 0.12, [{"winograd"}, "pytorch", None])])
 def test_the_side_with_the_lower_ceiling_is_timed_first_and_the_other_only_where_it_may_win(
         monkeypatch, torch_best_ms, own_ms, asked) -> None:
-    # the blocked kernel's ceiling 1000 GFLOP/s, PyTorch's 2000 or 500; the conv is 0.058 GFLOP, PyTorch 0.1 ms on it
-    history = [{"gflop": 1.0, "blocked_ms": 1.0, "torch_ms": torch_best_ms}] * 4
+    # the winograd kernel's ceiling 1000 GFLOP/s, PyTorch's 2000 or 500; the conv is 0.058 GFLOP, PyTorch 0.1 ms on it
+    history = [{"gflop": 1.0, "winograd_ms": 1.0, "torch_ms": torch_best_ms}] * 4
     timer = host.HostTimer(resolve_target("cpu"), history=history)
     seen = []
     monkeypatch.setattr(host, "build_kernels", lambda pairs, target: {s.name: None for _, s in pairs})
 
     def time_one(kernel, allowed, mine):  # noqa: ANN001, ANN202
         seen.append(allowed if mine else "pytorch")
-        return {name: ms for name, ms in {"torch": 0.1, "blocked": own_ms}.items()
+        return {name: ms for name, ms in {"torch": 0.1, "winograd": own_ms}.items()
                 if (mine or name == "torch") and (allowed is None or name in allowed)}
 
     monkeypatch.setattr(timer, "time_one", time_one)
     conv = conv2d_kernel((1, 64, 28, 28), (1, 64, 28, 28), 1, (3, 3), (1, 1), (1, 1), (1, 1), 16)
     times = timer.time_rivals([conv], [None])
     assert seen == asked
-    assert times[0] == ({"blocked": own_ms} if len(asked) == 1 else {"torch": 0.1, "blocked": own_ms})
+    assert times[0] == ({"winograd": own_ms} if len(asked) == 1 else {"torch": 0.1, "winograd": own_ms})
     assert (conv.key in timer.torch_ruled_out) == (len(asked) == 1)
-    assert len(timer.history) == 5 and timer.history[-1]["blocked_ms"] == own_ms  # its ceiling's measurements
+    assert len(timer.history) == 5 and timer.history[-1]["winograd_ms"] == own_ms  # its ceiling's measurements
 
 
 def test_float32_convs_run_on_a_rewritten_input_and_pytorch_s_on_released_memory(monkeypatch) -> None:
@@ -269,13 +269,13 @@ def test_a_matrix_vector_product_is_timed_after_cold_traffic_before_every_run(mo
 
 
 def test_pytorch_s_ceiling_for_a_conv_is_its_best_on_the_conv_s_family(monkeypatch) -> None:
-    # PyTorch's best over all convs 2000 GFLOP/s, the blocked kernel's 2500: the own kernel is timed first;
+    # PyTorch's best over all convs 2000 GFLOP/s, the winograd kernel's 2500: the own kernel is timed first;
     # on the conv's family (the same window and maps, 48 channels) PyTorch ran at 200 GFLOP/s
     conv = conv2d_kernel((1, 64, 28, 28), (1, 64, 28, 28), 1, (3, 3), (1, 1), (1, 1), (1, 1), 16)
     sibling = conv2d_kernel((1, 48, 28, 28), (1, 48, 28, 28), 1, (3, 3), (1, 1), (1, 1), (1, 1), 16)
     strided = conv2d_kernel((1, 64, 56, 56), (1, 64, 28, 28), 1, (3, 3), (2, 2), (1, 1), (1, 1), 16)
     assert prefilter.family(conv) == prefilter.family(sibling) != prefilter.family(strided)
-    history = [{"gflop": 1.0, "blocked_ms": 0.4, "torch_ms": 0.5}] * 4
+    history = [{"gflop": 1.0, "winograd_ms": 0.4, "torch_ms": 0.5}] * 4
     family_entry = {"gflop": prefilter.gflop(sibling), "torch_ms": prefilter.gflop(sibling) / 200 * 1e3,
                     "family": prefilter.family(sibling)}
     assert prefilter.family_ceilings([*history, family_entry]) == {prefilter.family(conv): pytest.approx(200)}
@@ -286,7 +286,7 @@ def test_pytorch_s_ceiling_for_a_conv_is_its_best_on_the_conv_s_family(monkeypat
 
         def time_one(kernel, allowed, mine, seen=seen):  # noqa: ANN001, ANN202
             seen.append(allowed if mine else "pytorch")
-            return {"blocked": 0.12} if allowed == {"blocked"} else {"torch": 0.5, "blocked": 0.12}
+            return {"winograd": 0.12} if allowed == {"winograd"} else {"torch": 0.5, "winograd": 0.12}
 
         monkeypatch.setattr(timer, "time_one", time_one)
         timer.time_rivals([conv], [None])  # the own kernel at 482 GFLOP/s: past 1.25 x 200, short of 1.25 x 2000

@@ -41,7 +41,7 @@ OWN_MARGIN = 1.25
 # only the compute-bound kinds: a depthwise conv's GFLOP/s says little of what it can do (memory-bound, and
 # its first timings in a process ran 1.7x slow: a ceiling of two such runs ruled out kernels that won), and a
 # kind needs this many measurements before its ceiling rules anything out
-OWN_FILTERED, OWN_CALIBRATE = ("blocked", "pointwise", "direct"), 4
+OWN_FILTERED, OWN_CALIBRATE = ("winograd", "blocked", "pointwise", "direct"), 4
 CALIBRATE = 2  # TIR measurements a class needs before its ceiling is trusted
 TINY_MS = 0.05  # PyTorch time below which a workload is always built in TIR
 

@@ -47,6 +47,7 @@ from sparsefx.backends.tvm.kernels import (
     linear,
     pointwise,
     tile_layout,
+    winograd,
 )
 from sparsefx.backends.tvm.kernels.layout_chain import LAYOUTS, Layout
 from sparsefx.backends.tvm.tvmscript import parsed
@@ -57,7 +58,7 @@ from sparsefx.target import has_bf16, has_tiles
 # float32 the blocked kernels (NCHW16c, `blocked_layout`), then the NCHW ones for what those leave (a
 # stem's few input channels)
 CONV_KERNELS: dict[str, ModuleType] = {"amx": amx, "dpbf16": dpbf16, "amx_depthwise": amx_depthwise,
-                                       "blocked_depthwise": blocked_depthwise, "blocked": blocked,
+                                       "blocked_depthwise": blocked_depthwise, "winograd": winograd, "blocked": blocked,
                                        "depthwise": depthwise, "pointwise": pointwise, "direct": direct}
 MATMUL_KERNELS: dict[str, ModuleType] = {"amx_linear": amx_linear, "linear": linear}  # first match wins
 ATTENTION_KERNELS: dict[str, ModuleType] = {"attention": attention}  # float32, also in bf16 builds (softmax stays float32)
@@ -65,7 +66,7 @@ KERNELS: dict[str, ModuleType] = {**CONV_KERNELS, **MATMUL_KERNELS, **ATTENTION_
 BF16_KINDS = ("amx", "dpbf16", "amx_depthwise", "amx_linear")  # only for bf16 targets on CPUs with AVX512-BF16
 AMX_KINDS = ("amx",)  # of those, the ones on AMX tiles, which also need the CPU to have them
 TILE_KINDS = ("amx", "dpbf16", "amx_depthwise")  # of those, the ones in the tiles' layout (`tile_layout`)
-BLOCKED_KINDS = ("blocked", "blocked_depthwise")  # float32 only, in `blocked_layout`
+BLOCKED_KINDS = ("winograd", "blocked", "blocked_depthwise")  # float32 only, in `blocked_layout`
 LAYOUT_KINDS = TILE_KINDS + BLOCKED_KINDS  # called between conversions (`layout_call`) that `layout_chain` drops
 
 
