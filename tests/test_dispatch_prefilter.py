@@ -9,6 +9,7 @@ import torch
 
 from sparsefx.backends.tvm.dispatch import prefilter
 from sparsefx.backends.tvm.dispatch import table as dispatch
+from sparsefx.backends.tvm.kernels import registry as own_kernels
 from sparsefx.backends.tvm.measure import host
 from sparsefx.backends.tvm.pipeline import build_module
 from sparsefx.cost.kernel import conv2d_kernel, matmul_kernel
@@ -172,6 +173,7 @@ def test_time_in_turn_counts_the_statistic_asked_for() -> None:
 
 
 def test_own_kernels_are_built_only_where_pytorch_does_not_beat_their_ceiling(monkeypatch) -> None:
+    monkeypatch.setattr(host.own_kernels, "ALTERNATIVES", {})  # winograd alone (alternatives: below)
     # each kind ran at 10 GFLOP/s at best so far; PyTorch takes 0.1 ms on both convs below
     history = [{"gflop": 1.0, f"{kind}_ms": 100.0, "torch_ms": 1.0} for kind in ("winograd", "blocked_depthwise")
                for _ in range(4)]
@@ -193,6 +195,7 @@ def test_own_kernels_are_built_only_where_pytorch_does_not_beat_their_ceiling(mo
     (2.0, 0.12, [{"winograd"}, "pytorch", None])])
 def test_the_side_with_the_lower_ceiling_is_timed_first_and_the_other_only_where_it_may_win(
         monkeypatch, torch_best_ms, own_ms, asked) -> None:
+    monkeypatch.setattr(host.own_kernels, "ALTERNATIVES", {})  # winograd alone (alternatives: below)
     # the winograd kernel's ceiling 1000 GFLOP/s, PyTorch's 2000 or 500; the conv is 0.058 GFLOP, PyTorch 0.1 ms on it
     history = [{"gflop": 1.0, "winograd_ms": 1.0, "torch_ms": torch_best_ms}] * 4
     timer = host.HostTimer(resolve_target("cpu"), history=history)
@@ -269,6 +272,7 @@ def test_a_matrix_vector_product_is_timed_after_cold_traffic_before_every_run(mo
 
 
 def test_pytorch_s_ceiling_for_a_conv_is_its_best_on_the_conv_s_family(monkeypatch) -> None:
+    monkeypatch.setattr(host.own_kernels, "ALTERNATIVES", {})  # winograd alone (alternatives: below)
     # PyTorch's best over all convs 2000 GFLOP/s, the winograd kernel's 2500: the own kernel is timed first;
     # on the conv's family (the same window and maps, 48 channels) PyTorch ran at 200 GFLOP/s
     conv = conv2d_kernel((1, 64, 28, 28), (1, 64, 28, 28), 1, (3, 3), (1, 1), (1, 1), (1, 1), 16)
@@ -311,3 +315,25 @@ def test_a_kernel_asked_ahead_is_built_with_the_call_and_never_again(monkeypatch
     assert timer.time([with_residual], [["blocked"]]) == [{"blocked": 0.05}]
     timer.time([conv])
     assert len(batches) == 1  # both were built by the first call
+
+
+@pytest.mark.parametrize("blocked_ms, timed", [(1.0, True), (100.0, False)])
+def test_blocked_is_timed_beside_winograd_where_its_ceiling_may_win(monkeypatch, blocked_ms, timed) -> None:
+    # the blocked kernel's ceiling 1000 or 10 GFLOP/s; winograd runs the 0.058 GFLOP conv in 0.1 ms (580 GFLOP/s)
+    history = [{"gflop": 1.0, "blocked_ms": blocked_ms, "torch_ms": 10.0}] * 4
+    timer = host.HostTimer(resolve_target("cpu"), history=history)
+    seen = []
+    monkeypatch.setattr(host, "build_kernels", lambda pairs, target: {s.name: None for _, s in pairs})
+
+    def time_one(kernel, allowed, mine):  # noqa: ANN001, ANN202
+        seen.append(allowed if mine else "pytorch")
+        return {name: ms for name, ms in {"torch": 0.5, "winograd": 0.1, "blocked": 0.08}.items()
+                if (allowed is None and name in ("torch", mine and mine[0])) or (allowed and name in allowed)}
+
+    monkeypatch.setattr(timer, "time_one", time_one)
+    conv = conv2d_kernel((1, 64, 28, 28), (1, 64, 28, 28), 1, (3, 3), (1, 1), (1, 1), (1, 1), 16)
+    assert [kind for kind, _ in own_kernels.own_kernels(conv)] == ["winograd", "blocked"]
+    times = timer.time_rivals([conv], [None])
+    assert ({"blocked"} in seen) == timed
+    assert choose(times[0], {}) == ("blocked" if timed else "winograd")
+    assert timer.own_kernel(conv, {"blocked"})[0] == "blocked"  # asked for by name: the kind after the first

@@ -104,8 +104,9 @@ def decision(kernel: Kernel, times: Times, overheads: dict[str, float]) -> dict:
              "torch_ms": min(times.get(t, math.inf) for t in TORCH_IMPLEMENTATIONS), "tir_ms": times.get("tir"),
              "gflop": prefilter.gflop(kernel), "op_class": prefilter.op_class(kernel), "family": prefilter.family(kernel),
              "decided_by": own or ("measured" if "tir" in times else "prefilter")}
-    if own:
-        entry[f"{own}_ms"] = times[own]
+    for kind in times:
+        if kind in own_kernels.KERNELS:  # the first own kind, and those also timed (`own_kernels.ALTERNATIVES`)
+            entry[f"{kind}_ms"] = times[kind]
     return entry
 
 

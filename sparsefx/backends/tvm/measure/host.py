@@ -339,6 +339,7 @@ class HostTimer:
                 self.history.append({"gflop": prefilter.gflop(kernel), f"{mine[0]}_ms": times[i][mine[0]],
                                      "torch_ms": min(times[i].get(t, math.inf) for t in TORCH_IMPLEMENTATIONS),
                                      "family": prefilter.family(kernel)})
+                self.add_alternatives(kernel, times[i], ceilings)
             if self.progress:
                 self.progress(1)
         return times
@@ -358,10 +359,25 @@ class HostTimer:
         return self.time_one(kernel, None, mine) if pair[1] < NEAR_TIE * pair[0] else {**pytorch, **alone}
 
     def own_kernel(self, kernel: Kernel, allowed: set | None) -> tuple[str, object] | None:
-        found = own_kernels.own_kernel(kernel, self.target.precision)
+        """The first own kernel that runs `kernel` (of those `allowed`)."""
+        found = next((pair for pair in own_kernels.own_kernels(kernel, self.target.precision)
+                      if allowed is None or pair[0] in allowed), None)
         if found and found[0] in own_kernels.AMX_KINDS:
             amx.enable()
-        return found if found and (allowed is None or found[0] in allowed) else None
+        return found
+
+    def add_alternatives(self, kernel: Kernel, times: Times, ceilings: dict[str, tuple[float, int]]) -> None:
+        """The own kernels after the first that run `kernel` (`own_kernels.ALTERNATIVES`), each timed
+        alone and added to `times` unless its kind's ceiling says it cannot beat the best so far."""
+        for kind, spec in own_kernels.own_kernels(kernel, self.target.precision)[1:]:
+            best = prefilter.Candidate(kernel.key, kind, prefilter.gflop(kernel), min(times.values()))
+            if prefilter.skip(best, ceilings, prefilter.OWN_MARGIN) is None:
+                built = self.built_kernels([(kind, spec)])[spec.name]
+                times.update(self.time_one(kernel, {kind}, (kind, built, spec)))
+                if kind in times:
+                    self.history.append({"gflop": best.gflop, f"{kind}_ms": times[kind],
+                                         "torch_ms": min(times.get(t, math.inf) for t in TORCH_IMPLEMENTATIONS),
+                                         "family": prefilter.family(kernel)})
 
     def time_one(self, kernel: Kernel, allowed: set | None, mine: tuple[str, Callable, object] | None) -> Times:
         """`kernel` on PyTorch's kernels (those `allowed`), and on `mine` (kind, built kernel, spec), in turn."""
