@@ -232,7 +232,7 @@ class SelfResidual(nn.Module):
 
 
 def tile_convs(calls: list[str]) -> list[str]:
-    return [name for name in calls if name.startswith(("amx_", "dpbf16_")) and not name.startswith(
+    return [name for name in calls if name.startswith(("amx_", "dpbf16_", "winogradbf16_")) and not name.startswith(
         (tile_layout.TO_TILES, tile_layout.FROM_TILES, "amx_linear", "amx_mean"))]
 
 

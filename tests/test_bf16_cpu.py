@@ -217,7 +217,7 @@ def test_a_bf16_stem_with_its_pool_on_pytorch_is_within_the_bound() -> None:
 
 
 def test_own_conv_kernel_kinds_follow_the_cpu_and_precision(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One rule (`registry.runs_here`): bf16 convs on `amx` where the CPU has tiles, else on `dpbf16` where it
+    """One rule (`registry.runs_here`): bf16 convs on `amx` where the CPU has tiles, else on `dpbf16` (or Winograd) where it
     has AVX512-BF16, else on no bf16 kind (the NCHW float32 kernel `direct`, timed against PyTorch's bf16);
     float32 never on a bf16 kind."""
     from sparsefx.backends.tvm.kernels import registry
@@ -228,5 +228,6 @@ def test_own_conv_kernel_kinds_follow_the_cpu_and_precision(monkeypatch: pytest.
         monkeypatch.setattr(registry, "has_tiles", lambda tiles=tiles: tiles)
         monkeypatch.setattr(registry, "has_bf16", lambda bf16=bf16: bf16)
         assert registry.kind_of(*stem, precision="bf16") == want
-        assert registry.kind_of(*block, precision="bf16") == want
+        # an unstrided 3x3 on Winograd where `dpbf16` would run it (test_winograd_bf16)
+        assert registry.kind_of(*block, precision="bf16") == ("winogradbf16" if want == "dpbf16" else want)
         assert registry.kind_of(*block) == "winograd"  # float32: an unstrided 3x3 on Winograd

@@ -73,8 +73,9 @@ ROOFLINE_EFFICIENCY = 0.5  # what a tuned kernel reaches of the peak, for unmeas
 # with big group weights reduce in passes; v47: bf16 convs on AVX512-BF16, `kernels.dpbf16`; v48: kernels built
 # without TIR's CSE, `backends.tvm.build_config`; v49: attention on `kernels.attention`; v50: the tile layout in
 # 16-channel steps without AMX, `dpbf16` blocks of 5 and 3 vectors; v51: `dpbf16` blocks one position short where
-# that computes less, `dpbf16.positions`; v52: float32 3x3 convs on Winograd F(4x4, 3x3), `kernels.winograd`)
-TABLE_VERSION = 52
+# that computes less, `dpbf16.positions`; v52: float32 3x3 convs on Winograd F(4x4, 3x3), `kernels.winograd`;
+# v53: bf16 ones on F(2x2, 3x3), `kernels.winogradbf16`, the direct kernels timed beside them)
+TABLE_VERSION = 53
 PROBE_PREFIX = "probe-median|"  # the drift probes' own entries (`drift`), apart from the kernels' timings
 LAYOUT_PREFIX = "layout|"  # `in_layout`'s answers (reads + 2 * writes), kept so a warm plan needs no backend
 CALIBRATION_VERSION = 6  # v3: timed in turn (`cost.timing`), no "dispatch" entry (the timer's overheads); v4: no "cold_write"; v5: max_pool2d on sparsefx's kernel; v6: layout conversions

@@ -48,27 +48,29 @@ from sparsefx.backends.tvm.kernels import (
     pointwise,
     tile_layout,
     winograd,
+    winogradbf16,
 )
 from sparsefx.backends.tvm.kernels.layout_chain import LAYOUTS, Layout
 from sparsefx.backends.tvm.tvmscript import parsed
 from sparsefx.cost.kernel import Kernel
 from sparsefx.target import has_bf16, has_tiles
 
-# first match wins (`kind_of`): in bf16 `amx` first where it applies at all (else `dpbf16`), then in
-# float32 the blocked kernels (NCHW16c, `blocked_layout`), then the NCHW ones for what those leave (a
-# stem's few input channels)
-CONV_KERNELS: dict[str, ModuleType] = {"amx": amx, "dpbf16": dpbf16, "amx_depthwise": amx_depthwise,
-                                       "blocked_depthwise": blocked_depthwise, "winograd": winograd, "blocked": blocked,
-                                       "depthwise": depthwise, "pointwise": pointwise, "direct": direct}
+# first match wins (`kind_of`): in bf16 `amx` first where it applies at all (else Winograd's unstrided 3x3s,
+# else `dpbf16`), then in float32 the blocked kernels (NCHW16c, `blocked_layout`; Winograd's 3x3s first),
+# then the NCHW ones for what those leave (a stem's few input channels)
+CONV_KERNELS: dict[str, ModuleType] = {"amx": amx, "winogradbf16": winogradbf16, "dpbf16": dpbf16,
+                                       "amx_depthwise": amx_depthwise, "blocked_depthwise": blocked_depthwise,
+                                       "winograd": winograd, "blocked": blocked, "depthwise": depthwise,
+                                       "pointwise": pointwise, "direct": direct}
 MATMUL_KERNELS: dict[str, ModuleType] = {"amx_linear": amx_linear, "linear": linear}  # first match wins
 ATTENTION_KERNELS: dict[str, ModuleType] = {"attention": attention}  # float32, also in bf16 builds (softmax stays float32)
 KERNELS: dict[str, ModuleType] = {**CONV_KERNELS, **MATMUL_KERNELS, **ATTENTION_KERNELS}
 # kinds also timed where a kind wins `kind_of`: one image's 128 -> 128 3x3 at 14x14 (16 tiles) ran on `blocked`
 # in 0.280 ms, on `winograd` 0.303 (two threads, AMD EPYC Zen 4), while 64 -> 64 at 28x28 took 0.494 and 0.229
-ALTERNATIVES: dict[str, tuple[str, ...]] = {"winograd": ("blocked",)}
-BF16_KINDS = ("amx", "dpbf16", "amx_depthwise", "amx_linear")  # only for bf16 targets on CPUs with AVX512-BF16
+ALTERNATIVES: dict[str, tuple[str, ...]] = {"winograd": ("blocked",), "winogradbf16": ("dpbf16",)}
+BF16_KINDS = ("amx", "winogradbf16", "dpbf16", "amx_depthwise", "amx_linear")  # only for bf16 targets on CPUs with AVX512-BF16
 AMX_KINDS = ("amx",)  # of those, the ones on AMX tiles, which also need the CPU to have them
-TILE_KINDS = ("amx", "dpbf16", "amx_depthwise")  # of those, the ones in the tiles' layout (`tile_layout`)
+TILE_KINDS = ("amx", "winogradbf16", "dpbf16", "amx_depthwise")  # of those, the ones in the tiles' layout (`tile_layout`)
 BLOCKED_KINDS = ("winograd", "blocked", "blocked_depthwise")  # float32 only, in `blocked_layout`
 LAYOUT_KINDS = TILE_KINDS + BLOCKED_KINDS  # called between conversions (`layout_call`) that `layout_chain` drops
 
