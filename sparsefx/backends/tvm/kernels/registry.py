@@ -65,8 +65,9 @@ CONV_KERNELS: dict[str, ModuleType] = {"amx": amx, "winogradbf16": winogradbf16,
 MATMUL_KERNELS: dict[str, ModuleType] = {"amx_linear": amx_linear, "linear": linear}  # first match wins
 ATTENTION_KERNELS: dict[str, ModuleType] = {"attention": attention}  # float32, also in bf16 builds (softmax stays float32)
 KERNELS: dict[str, ModuleType] = {**CONV_KERNELS, **MATMUL_KERNELS, **ATTENTION_KERNELS}
-# kinds also timed where a kind wins `kind_of`: one image's 128 -> 128 3x3 at 14x14 (16 tiles) ran on `blocked`
-# in 0.280 ms, on `winograd` 0.303 (two threads, AMD EPYC Zen 4), while 64 -> 64 at 28x28 took 0.494 and 0.229
+# kinds also timed where a kind wins `kind_of` and its module says the conv is `contested`: one image's
+# 128 -> 128 3x3 at 14x14 (16 tiles) ran on `blocked` in 0.280 ms, on `winograd` 0.303 (two threads, AMD EPYC
+# Zen 4), while 64 -> 64 at 28x28 took 0.494 and 0.229
 ALTERNATIVES: dict[str, tuple[str, ...]] = {"winograd": ("blocked",), "winogradbf16": ("dpbf16",)}
 BF16_KINDS = ("amx", "winogradbf16", "dpbf16", "amx_depthwise", "amx_linear")  # only for bf16 targets on CPUs with AVX512-BF16
 AMX_KINDS = ("amx",)  # of those, the ones on AMX tiles, which also need the CPU to have them
@@ -97,8 +98,8 @@ def own_kernel(kernel: Kernel, precision: str = "fp32") -> tuple[str, object] | 
 
 def own_kernels(kernel: Kernel, precision: str = "fp32") -> list[tuple[str, object]]:
     """(kind, spec) of each sparsefx TIR kernel that runs this workload in `precision`, the first match
-    (`own_kernel`) first: a conv's first kind, and where it is `winograd`, the blocked direct conv after it,
-    which the timer also times where its ceiling says it may win (`ALTERNATIVES`)."""
+    (`own_kernel`) first: a conv's first kind, and where that kind's module says the conv is `contested`, the
+    kinds after it (`ALTERNATIVES`), which the timer also times where their ceiling says they may win."""
     if kernel.op in ("matmul", "attention"):
         kernels = MATMUL_KERNELS if kernel.op == "matmul" else ATTENTION_KERNELS
         kind = next((name for name, module in kernels.items()
@@ -108,7 +109,10 @@ def own_kernels(kernel: Kernel, precision: str = "fp32") -> list[tuple[str, obje
         return []
     attrs, shapes = kernel.conv_attrs, kernel.shapes
     kind = kind_of(attrs, shapes, precision)
-    kinds = [kind, *ALTERNATIVES.get(kind, ())] if kind else []
+    if kind is None:
+        return []
+    others = ALTERNATIVES.get(kind, ())
+    kinds = [kind, *(others if others and KERNELS[kind].contested(attrs, shapes) else ())]
     act, residual = kernel.epilogue
     return [(name, KERNELS[name].spec_of(attrs, shapes, act, residual=True) if residual
              else KERNELS[name].spec_of(attrs, shapes, act))

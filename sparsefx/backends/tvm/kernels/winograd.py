@@ -37,6 +37,9 @@ POINTS = WINDOW * WINDOW  # transform positions: one matrix product each
 TILES = 6  # tiles per register block, each times up to 4 16-channel vectors (24 accumulators)
 CI_UNROLL = 4  # input channels a reduction step unrolls, as `blocked`'s
 MIN_TILES = 8  # tiles a batch's map has at least (below, the weight's reads outweigh the work saved)
+# below this many tiles `blocked` is timed too (`contested`): each such timing is a kernel built and run, and
+# a cold plan of ResNet-50 at 2x took 63.9 s with every conv contested against 52.9 with none (goal 60)
+CONTESTED_TILES = 32
 # the transformed inputs and products of as many images at a time as fit this many bytes, or the transformed
 # weight's where that is more (each group of images reads all of it): 8 images, two threads, AMD EPYC Zen 4,
 # ResNet-18's 64 -> 64 at 56x56 (3.6 MB an image) 5.24 ms all at once, 4.50 in 16 MB, 6.49 in 4 MB against
@@ -133,6 +136,12 @@ def supported(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...]) -> bo
     tiles = n * -(-h // TILE) * -(-w // TILE)
     return groups == 1 and d0 == d1 == 1 and kh == kw == 3 and s0 == s1 == 1 and p0 == p1 == 1 \
         and cin >= BLOCK and tiles >= MIN_TILES
+
+
+def contested(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...]) -> bool:
+    """Whether `blocked` may beat it on this conv (`registry.ALTERNATIVES`): fewer than `CONTESTED_TILES` tiles."""
+    (n, _, h, w) = shapes[0]
+    return n * -(-h // TILE) * -(-w // TILE) < CONTESTED_TILES
 
 
 def spec_of(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...], activation: str = "none",
