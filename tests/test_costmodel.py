@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import sparsefx
-from sparsefx.backends.tvm.kernels.registry import own_kernel
+from sparsefx.backends.tvm.kernels.registry import own_kernel, own_kernels
 from sparsefx.backends.tvm.measure.host import HostTimer
 from sparsefx.capture.compare import TOLERANCE, check_reference, output_error
 from sparsefx.capture.models import load_model
@@ -195,7 +195,10 @@ def test_depthwise_1x1_and_dense_convs_are_also_timed_on_sparsefx_kernels(monkey
     assert own_kernel(dilated) is None
     for kernel in (depthwise, pointwise.with_epilogue("relu", True), dense):
         assert 0 < cost.time_now(kernel) < 1e3
-    assert cost.implementations([depthwise, pointwise, dense]) == ["blocked_depthwise", "blocked", "winograd"]
+    picked = cost.implementations([depthwise, pointwise, dense])
+    assert picked[:2] == ["blocked_depthwise", "blocked"]
+    # 16 tiles: contested, `blocked` timed beside `winograd` and the faster taken (`registry.ALTERNATIVES`)
+    assert [kind for kind, _ in own_kernels(dense)] == ["winograd", "blocked"] and picked[2] in ("winograd", "blocked")
     # no own kernel runs a dilated conv: with PyTorch that slow the dispatch builds TVM's default schedule,
     # and the cost model prices what the dispatch picks
     assert cost.implementations([dilated]) == ["tir"] and 0 < cost.time_now(dilated) < 1e3
