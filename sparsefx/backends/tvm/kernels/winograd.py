@@ -114,8 +114,7 @@ class WinogradSpec:
         """Images transformed and multiplied at a time: the most that divide the batch and whose
         transformed inputs and products fit `SCRATCH_BYTES` or the transformed weight's bytes."""
         per_image = POINTS * (stored(self.cin) + stored(self.cout)) * self.tile_rows * self.tile_cols * 4
-        room = max(SCRATCH_BYTES, self.arg_shapes[1][0] * 4)
-        return max(d for d in range(1, self.batch + 1) if self.batch % d == 0 and (d == 1 or d * per_image <= room))
+        return images_at_once(self.batch, per_image, self.arg_shapes[1][0] * 4)
 
     @property
     def group_sizes(self) -> tuple[tuple[int, int], ...]:
@@ -128,20 +127,35 @@ class WinogradSpec:
                + ("_res" if self.residual else "")
 
 
-def supported(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...]) -> bool:
-    """Whether a conv2d workload (dispatch's attrs and shapes) is one this kernel runs: 3x3, stride 1,
-    padding 1, no groups or dilation, a block of input channels or more, and `MIN_TILES` tiles."""
+def images_at_once(batch: int, per_image: int, weight_bytes: int) -> int:
+    """The most images, dividing the batch, whose `per_image` scratch bytes fit `SCRATCH_BYTES` or the
+    transformed weight's bytes (at least one)."""
+    room = max(SCRATCH_BYTES, weight_bytes)
+    return max(d for d in range(1, batch + 1) if batch % d == 0 and (d == 1 or d * per_image <= room))
+
+
+def tile_count(shapes: tuple[tuple[int, ...], ...], tile: int = TILE) -> int:
+    """Tiles of `tile` x `tile` outputs over a batch's maps (an unstrided, padded conv's input shape first)."""
+    n, _, h, w = shapes[0]
+    return n * -(-h // tile) * -(-w // tile)
+
+
+def unstrided_3x3(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...]) -> bool:
+    """A 3x3 conv, stride 1, padding 1, no groups or dilation."""
     s0, s1, p0, p1, d0, d1, groups = attrs
-    (n, cin, h, w), (_, _, kh, kw) = shapes[:2]
-    tiles = n * -(-h // TILE) * -(-w // TILE)
-    return groups == 1 and d0 == d1 == 1 and kh == kw == 3 and s0 == s1 == 1 and p0 == p1 == 1 \
-        and cin >= BLOCK and tiles >= MIN_TILES
+    kh, kw = shapes[1][2:]
+    return groups == 1 and d0 == d1 == 1 and kh == kw == 3 and s0 == s1 == 1 and p0 == p1 == 1
+
+
+def supported(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...]) -> bool:
+    """Whether a conv2d workload (dispatch's attrs and shapes) is one this kernel runs: `unstrided_3x3`,
+    a block of input channels or more, and `MIN_TILES` tiles."""
+    return unstrided_3x3(attrs, shapes) and shapes[0][1] >= BLOCK and tile_count(shapes) >= MIN_TILES
 
 
 def contested(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...]) -> bool:
     """Whether `blocked` may beat it on this conv (`registry.ALTERNATIVES`): fewer than `CONTESTED_TILES` tiles."""
-    (n, _, h, w) = shapes[0]
-    return n * -(-h // TILE) * -(-w // TILE) < CONTESTED_TILES
+    return tile_count(shapes) < CONTESTED_TILES
 
 
 def spec_of(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...], activation: str = "none",

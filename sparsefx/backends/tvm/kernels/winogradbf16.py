@@ -27,7 +27,7 @@ from sparsefx.backends.tvm.kernels import dpbf16
 from sparsefx.backends.tvm.kernels.amx import AmxSpec, bf16_bits, pack_bias
 from sparsefx.backends.tvm.kernels.depthwise import activate
 from sparsefx.backends.tvm.kernels.tile_layout import to_bf16_vector, to_float
-from sparsefx.backends.tvm.kernels.winograd import SCRATCH_BYTES, dot
+from sparsefx.backends.tvm.kernels.winograd import dot, images_at_once, tile_count, unstrided_3x3
 from sparsefx.backends.tvm.sparse.kernels import LANES, OPAQUE, STACK
 
 __all__ = ["WinogradBf16Spec", "contested", "kernel", "pack_bias", "pack_weight", "spec_of", "supported"]
@@ -74,8 +74,7 @@ class WinogradBf16Spec(AmxSpec):
     def images(self) -> int:
         """Images transformed and multiplied at a time (as `winograd.WinogradSpec.images`)."""
         per_image = POINTS * (self.cin_stored * 2 + self.cout_stored * 4) * self.tile_rows * self.tile_cols
-        room = max(SCRATCH_BYTES, self.arg_shapes[1][0] * 2)
-        return max(d for d in range(1, self.batch + 1) if self.batch % d == 0 and (d == 1 or d * per_image <= room))
+        return images_at_once(self.batch, per_image, self.arg_shapes[1][0] * 2)
 
     @property
     def name(self) -> str:
@@ -84,17 +83,13 @@ class WinogradBf16Spec(AmxSpec):
 
 
 def supported(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...]) -> bool:
-    """3x3, stride 1, padding 1, no groups or dilation, 16 input channels or more, `MIN_TILES` tiles."""
-    s0, s1, p0, p1, d0, d1, groups = attrs
-    (n, cin, h, w), (_, _, kh, kw) = shapes[:2]
-    return groups == 1 and d0 == d1 == 1 and kh == kw == 3 and s0 == s1 == 1 and p0 == p1 == 1 \
-        and cin >= LANES and n * -(-h // TILE) * -(-w // TILE) >= MIN_TILES
+    """`unstrided_3x3`, 16 input channels or more, `MIN_TILES` tiles."""
+    return unstrided_3x3(attrs, shapes) and shapes[0][1] >= LANES and tile_count(shapes, TILE) >= MIN_TILES
 
 
 def contested(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...]) -> bool:
     """Whether `dpbf16` may beat it on this conv (`registry.ALTERNATIVES`): fewer than `CONTESTED_TILES` tiles."""
-    (n, _, h, w) = shapes[0]
-    return n * -(-h // TILE) * -(-w // TILE) < CONTESTED_TILES
+    return tile_count(shapes, TILE) < CONTESTED_TILES
 
 
 def spec_of(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...], activation: str = "none",
