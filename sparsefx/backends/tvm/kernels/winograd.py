@@ -164,9 +164,10 @@ def spec_of(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...], activat
     return WinogradSpec(n, ci, co, h, w, activation, residual)
 
 
-def transformed_weight(weight: np.ndarray) -> np.ndarray:
-    """U = G g G^T for each (output, input) pair: (cout, cin, 3, 3) -> (cout, cin, 6, 6), in float64."""
-    g = np.asarray(G, "float64")
+def transformed_weight(weight: np.ndarray, g: tuple = G) -> np.ndarray:
+    """U = G g G^T for each (output, input) pair, in float64: (cout, cin, 3, 3) -> (cout, cin, 6, 6) with this
+    module's G, or the window of the `g` given (`winogradbf16`'s 4x4)."""
+    g = np.asarray(g, "float64")
     return np.einsum("ij,ocjk,lk->ocil", g, weight.astype("float64"), g)
 
 

@@ -27,7 +27,13 @@ from sparsefx.backends.tvm.kernels import dpbf16
 from sparsefx.backends.tvm.kernels.amx import AmxSpec, bf16_bits, pack_bias
 from sparsefx.backends.tvm.kernels.depthwise import activate
 from sparsefx.backends.tvm.kernels.tile_layout import to_bf16_vector, to_float
-from sparsefx.backends.tvm.kernels.winograd import dot, images_at_once, tile_count, unstrided_3x3
+from sparsefx.backends.tvm.kernels.winograd import (
+    dot,
+    images_at_once,
+    tile_count,
+    transformed_weight,
+    unstrided_3x3,
+)
 from sparsefx.backends.tvm.sparse.kernels import LANES, OPAQUE, STACK
 
 __all__ = ["WinogradBf16Spec", "contested", "kernel", "pack_bias", "pack_weight", "spec_of", "supported"]
@@ -99,11 +105,10 @@ def spec_of(attrs: tuple[int, ...], shapes: tuple[tuple[int, ...], ...], activat
 
 
 def pack_weight(s: WinogradBf16Spec, weight: np.ndarray) -> np.ndarray:
-    """PyTorch's (cout, cin, 3, 3) weight transformed (U = G g G^T, in float64) and rounded to bf16, as
-    [transform position][16 outputs][input pair][16 outputs][2 inputs], zero past the conv's channels."""
-    g = np.asarray(G, "float64")
+    """PyTorch's (cout, cin, 3, 3) weight transformed (`winograd.transformed_weight` with this G) and rounded
+    to bf16, as [transform position][16 outputs][input pair][16 outputs][2 inputs], zero past the conv's channels."""
     u = np.zeros((s.cout_stored, s.cin_stored, WINDOW, WINDOW), "float64")
-    u[:s.cout, :s.cin] = np.einsum("ij,ocjk,lk->ocil", g, weight.astype("float64"), g)
+    u[:s.cout, :s.cin] = transformed_weight(weight, G)
     by_point = u.reshape(s.cout_stored // LANES, LANES, s.cin_stored // 2, 2, POINTS).transpose(4, 0, 2, 1, 3)
     return np.ascontiguousarray(bf16_bits(by_point.astype("float32")).reshape(-1))
 
@@ -114,7 +119,7 @@ def kernel(s: WinogradBf16Spec) -> tvm.tirx.PrimFunc:
     rows, cols, images = s.tile_rows, s.tile_cols, s.images
     h, w = s.height, s.width
     tiles = images * rows * cols
-    vecs = next(v for v in dpbf16.POSITIONS if cob % v == 0)
+    vecs = dpbf16.vectors(s)
     m = min(dpbf16.POSITIONS[vecs], tiles)
     padded = -(-tiles // m) * m
     groups = cob // vecs

@@ -336,9 +336,7 @@ class HostTimer:
             elif mine:  # PyTorch's timed first
                 times[i] = self.in_turn_near_tie(kernel, mine, times[i], self.time_one(kernel, {mine[0]}, mine))
             if mine and mine[0] in times[i] and wanted[i] is None:
-                self.history.append({"gflop": prefilter.gflop(kernel), f"{mine[0]}_ms": times[i][mine[0]],
-                                     "torch_ms": min(times[i].get(t, math.inf) for t in TORCH_IMPLEMENTATIONS),
-                                     "family": prefilter.family(kernel)})
+                self.remember(kernel, mine[0], times[i])
                 self.add_alternatives(kernel, times[i], ceilings)
             if self.progress:
                 self.progress(1)
@@ -375,9 +373,13 @@ class HostTimer:
                 built = self.built_kernels([(kind, spec)])[spec.name]
                 times.update(self.time_one(kernel, {kind}, (kind, built, spec)))
                 if kind in times:
-                    self.history.append({"gflop": best.gflop, f"{kind}_ms": times[kind],
-                                         "torch_ms": min(times.get(t, math.inf) for t in TORCH_IMPLEMENTATIONS),
-                                         "family": prefilter.family(kernel)})
+                    self.remember(kernel, kind, times)
+
+    def remember(self, kernel: Kernel, kind: str, times: Times) -> None:
+        """An own kind's time on `kernel` beside PyTorch's, in `history` (its ceiling, `prefilter`)."""
+        self.history.append({"gflop": prefilter.gflop(kernel), f"{kind}_ms": times[kind],
+                             "torch_ms": min(times.get(t, math.inf) for t in TORCH_IMPLEMENTATIONS),
+                             "family": prefilter.family(kernel)})
 
     def time_one(self, kernel: Kernel, allowed: set | None, mine: tuple[str, Callable, object] | None) -> Times:
         """`kernel` on PyTorch's kernels (those `allowed`), and on `mine` (kind, built kernel, spec), in turn."""
